@@ -1,0 +1,544 @@
+#!/usr/bin/env python
+"""Regenerate every sample checkpoint in this folder.
+
+Run as ``python sample_models/make_samples.py``; files are written next to
+this script. Everything is produced by real torch / safetensors APIs with a
+fixed seed, and the models are tiny (tens of thousands of parameters) so the
+whole folder stays well under 5 MB.
+
+Some samples must be pickled from a class that lives somewhere specific
+(``__main__.Net``, or a package that is deleted afterwards); those are made in
+child processes (see ``NOTEBOOK_SCRIPT`` and ``GONE_PACKAGE_NETS``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+SEED = 1234
+
+
+def seed(offset: int = 0) -> None:
+    torch.manual_seed(SEED + offset)
+
+
+# --------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------
+
+
+class SmallCNN(nn.Module):
+    """Conv2d + BatchNorm2d + Linear, about 3k parameters."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, kernel_size=3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, kernel_size=3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.classifier = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+class ScriptableCNN(SmallCNN):
+    """SmallCNN plus a plain registered buffer, for the TorchScript sample."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(num_classes)
+        self.register_buffer("input_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x - self.input_mean
+        x = self.features(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+class TinyTransformerLM(nn.Module):
+    """Embedding + positional embedding + N encoder blocks + LayerNorm + tied lm_head."""
+
+    def __init__(self, vocab: int = 128, d_model: int = 32, n_layers: int = 2,
+                 n_heads: int = 4, d_ff: int = 64, max_len: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos_embed = nn.Embedding(max_len, d_model)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward=d_ff, dropout=0.0,
+                                       batch_first=True, norm_first=True)
+            for _ in range(n_layers)
+        )
+        self.ln_f = nn.LayerNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight  # tie: one Parameter, two names
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.embed(idx) + self.pos_embed(pos)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def make_cnn() -> SmallCNN:
+    seed(0)
+    model = SmallCNN()
+    # Run a couple of forward passes in train mode so the BatchNorm running
+    # stats and num_batches_tracked are not just their initial values.
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(4, 3, 8, 8))
+    model.eval()
+    return model
+
+
+def make_transformer() -> TinyTransformerLM:
+    seed(1)
+    return TinyTransformerLM().eval()
+
+
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, sched, steps: int, kind: str) -> None:
+    model.train()
+    for _ in range(steps):
+        if kind == "cnn":
+            x = torch.randn(8, 3, 8, 8)
+            y = torch.randint(0, 10, (8,))
+            loss = F.cross_entropy(model(x), y)
+        else:
+            x = torch.randn(8, 16)
+            y = torch.randint(0, 4, (8,))
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    model.eval()
+
+
+# --------------------------------------------------------------------------
+# Writers
+# --------------------------------------------------------------------------
+
+
+def write_cnn_state_dict() -> None:
+    torch.save(make_cnn().state_dict(), HERE / "cnn_state_dict.pt")
+
+
+def write_transformer_tied() -> None:
+    sd = make_transformer().state_dict()
+    assert sd["lm_head.weight"].data_ptr() == sd["embed.weight"].data_ptr()
+    torch.save(sd, HERE / "transformer_tied.pt")
+
+
+def write_train_checkpoint() -> None:
+    seed(2)
+    model = SmallCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    train_steps(model, opt, sched, 3, "cnn")
+    ckpt = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "epoch": 3,
+        "step": 120,
+        "best_acc": 0.875,
+        "config": {"lr": 1e-3, "batch_size": 32, "arch": "cnn"},
+    }
+    torch.save(ckpt, HERE / "train_checkpoint.pt")
+
+
+class LitMLP(nn.Module):
+    def __init__(self, in_dim: int = 16, hidden: int = 32, out_dim: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def write_lightning_ckpt() -> None:
+    """A checkpoint laid out like pytorch_lightning.Trainer.save_checkpoint() writes it."""
+    seed(3)
+    inner = LitMLP()
+    opt = torch.optim.Adam(inner.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.1)
+    train_steps(inner, opt, sched, 1, "mlp")
+    # A LightningModule holding ``self.model`` prefixes every key with "model.".
+    state_dict = OrderedDict(("model." + k, v) for k, v in inner.state_dict().items())
+
+    def progress(n: int) -> dict:
+        return {"ready": n, "completed": n, "started": n, "processed": n}
+
+    mc_key = ("ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, "
+              "'every_n_epochs': 1, 'train_time_interval': None}")
+    ckpt = {
+        "epoch": 2,
+        "global_step": 120,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": state_dict,
+        "loops": {
+            "fit_loop": {
+                "state_dict": {},
+                "epoch_loop.state_dict": {"_batches_that_stepped": 120},
+                "epoch_loop.batch_progress": {
+                    "total": progress(120), "current": progress(40), "is_last_batch": True,
+                },
+                "epoch_progress": {"total": progress(3), "current": progress(3)},
+            },
+            "validate_loop": {"state_dict": {}, "batch_progress": {"total": progress(8), "current": progress(8)}},
+            "test_loop": {"state_dict": {}},
+            "predict_loop": {"state_dict": {}},
+        },
+        "callbacks": {
+            mc_key: {
+                "monitor": "val_loss",
+                "best_model_score": torch.tensor(0.4321),
+                "best_model_path": "/tmp/lightning_logs/version_0/checkpoints/epoch=2-step=120.ckpt",
+                "current_score": torch.tensor(0.4321),
+                "dirpath": "/tmp/lightning_logs/version_0/checkpoints",
+                "best_k_models": {},
+                "kth_best_model_path": "",
+                "kth_value": torch.tensor(float("inf")),
+                "last_model_path": "",
+            }
+        },
+        "optimizer_states": [opt.state_dict()],
+        "lr_schedulers": [sched.state_dict()],
+        "hparams_name": "kwargs",
+        "hyper_parameters": {"lr": 1e-3, "hidden": 32, "in_dim": 16, "out_dim": 4, "dropout": 0.1},
+    }
+    torch.save(ckpt, HERE / "lightning.ckpt")
+
+
+def write_legacy() -> None:
+    torch.save(make_cnn().state_dict(), HERE / "legacy_cnn.pt", _use_new_zipfile_serialization=False)
+    seed(4)
+    model = SmallCNN()
+    torch.save({"model": model.state_dict(), "epoch": 5}, HERE / "legacy_train_checkpoint.pt",
+               _use_new_zipfile_serialization=False)
+
+
+def write_scripted() -> None:
+    seed(5)
+    model = ScriptableCNN().eval()
+    for p in model.features[0].parameters():
+        p.requires_grad_(False)  # frozen first conv
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript deprecation notices
+        scripted = torch.jit.script(model)
+        torch.jit.save(scripted, str(HERE / "scripted_cnn.pt"))
+
+
+def untied_transformer_sd() -> "OrderedDict[str, torch.Tensor]":
+    sd = make_transformer().state_dict()
+    return OrderedDict((k, v.detach().clone().contiguous()) for k, v in sd.items())
+
+
+def write_transformer_safetensors() -> None:
+    from safetensors.torch import save_file
+
+    save_file(untied_transformer_sd(), str(HERE / "transformer.safetensors"),
+              metadata={"format": "pt", "model": "tiny-transformer"})
+
+
+def _split_in_two(names: list[str], sizes: dict[str, int]) -> tuple[list[str], list[str]]:
+    total = sum(sizes.values())
+    first: list[str] = []
+    acc = 0
+    for name in names:
+        if acc >= total / 2:
+            break
+        first.append(name)
+        acc += sizes[name]
+    return first, [n for n in names if n not in first]
+
+
+def write_sharded_hf() -> None:
+    """Like transformers' save_pretrained(max_shard_size=...) with safetensors.
+
+    HF drops the tied ``lm_head.weight`` from safetensors checkpoints and
+    records ``tie_word_embeddings: true`` in config.json instead.
+    """
+    from safetensors.torch import save_file
+
+    out = HERE / "sharded_hf"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    sd = untied_transformer_sd()
+    del sd["lm_head.weight"]
+    sizes = {k: v.numel() * v.element_size() for k, v in sd.items()}
+    shards = _split_in_two(list(sd), sizes)
+    weight_map = {}
+    for i, names in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: sd[n] for n in names}, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in names})
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    config = {
+        "architectures": ["TinyTransformerLM"],
+        "model_type": "tiny-transformer",
+        "vocab_size": 128,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 16,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+        "transformers_version": "4.46.0",
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_sharded_bin() -> None:
+    """Like save_pretrained(safe_serialization=False, max_shard_size=...).
+
+    Here the tied pair is kept (as older transformers did for .bin): tensors
+    sharing storage are grouped into the same shard, so shard 1 holds
+    ``embed.weight`` and ``lm_head.weight`` on one storage.
+    """
+    out = HERE / "sharded_bin"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    sd = make_transformer().state_dict()
+    names = list(sd)
+    # Group by storage so tied tensors land in the same shard; count each storage once.
+    groups: "OrderedDict[int, list[str]]" = OrderedDict()
+    for n in names:
+        groups.setdefault(sd[n].untyped_storage().data_ptr(), []).append(n)
+    group_names = [tuple(g) for g in groups.values()]
+    gsize = {g: sd[g[0]].untyped_storage().nbytes() for g in group_names}
+    first_g, second_g = _split_in_two(group_names, gsize)  # type: ignore[arg-type]
+    weight_map = {}
+    for i, gs in enumerate((first_g, second_g), 1):
+        fname = f"pytorch_model-{i:05d}-of-00002.bin"
+        shard = OrderedDict((n, sd[n]) for g in gs for n in g)
+        torch.save(shard, out / fname)
+        weight_map.update({n: fname for n in shard})
+    index = {"metadata": {"total_size": sum(gsize.values())}, "weight_map": weight_map}
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    config = json.loads((HERE / "sharded_hf" / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_dcp() -> None:
+    import torch.distributed.checkpoint as dcp
+
+    out = HERE / "dcp_checkpoint"
+    shutil.rmtree(out, ignore_errors=True)
+    state = {"model": make_transformer().state_dict(), "step": 7}
+    with warnings.catch_warnings():
+        # "torch.distributed is disabled, unavailable or uninitialized, assuming
+        # the intent is to save in a single process."
+        warnings.simplefilter("ignore")
+        # DCP pickles checkpoint_id into .metadata (StorageMeta); use a relative
+        # path so the committed file does not embed this machine's absolute path.
+        cwd = os.getcwd()
+        os.chdir(HERE)
+        try:
+            dcp.save(state, checkpoint_id=out.name)
+        finally:
+            os.chdir(cwd)
+
+
+def write_dtypes() -> None:
+    seed(6)
+    t: "OrderedDict[str, object]" = OrderedDict()
+    t["float32"] = torch.randn(2, 3, dtype=torch.float32)
+    t["float64"] = torch.randn(2, 3, dtype=torch.float64)
+    t["float16"] = torch.randn(2, 3).to(torch.float16)
+    t["bfloat16"] = torch.randn(2, 3).to(torch.bfloat16)
+    for name in ("float8_e4m3fn", "float8_e5m2"):
+        if hasattr(torch, name):
+            t[name] = torch.randn(2, 3).to(getattr(torch, name))
+    t["complex64"] = torch.randn(2, 3, dtype=torch.complex64)
+    t["complex128"] = torch.randn(2, 3, dtype=torch.complex128)
+    t["bool"] = torch.tensor([[True, False, True], [False, False, True]])
+    t["int8"] = torch.randint(-128, 128, (2, 3), dtype=torch.int8)
+    t["uint8"] = torch.randint(0, 256, (2, 3), dtype=torch.uint8)
+    t["int16"] = torch.randint(-1000, 1000, (2, 3), dtype=torch.int16)
+    t["int32"] = torch.randint(-100000, 100000, (2, 3), dtype=torch.int32)
+    t["int64"] = torch.randint(-(2**40), 2**40, (2, 3), dtype=torch.int64)
+    # Layouts / storage sharing.
+    t["transposed"] = torch.randn(3, 4).t()  # shape (4, 3), stride (1, 4), not contiguous
+    base = torch.arange(10, dtype=torch.float32)
+    t["base"] = base
+    t["base_slice"] = base[3:7]  # storage_offset 3, shares base's storage
+    t["base_view"] = base.view(2, 5)  # same storage, different shape
+    t["scalar"] = torch.tensor(3.5)  # 0-dim
+    t["empty"] = torch.empty(0, 4)
+    t["param_trainable"] = nn.Parameter(torch.randn(3), requires_grad=True)
+    t["param_frozen"] = nn.Parameter(torch.randn(3), requires_grad=False)
+    torch.save(t, HERE / "dtypes.pt")
+
+
+# --------------------------------------------------------------------------
+# Samples written by child processes
+# --------------------------------------------------------------------------
+
+NOTEBOOK_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(
+                nn.Conv2d(1, 8, 3, padding=1),
+                nn.BatchNorm2d(8),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            )
+            self.body = nn.Sequential(
+                nn.Conv2d(8, 16, 3, padding=1),
+                nn.BatchNorm2d(16),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1),
+            )
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
+
+        def forward(self, x):
+            return self.head(self.body(self.stem(x)))
+
+    torch.manual_seed(int(sys.argv[2]))
+    model = Net()
+    with torch.no_grad():
+        model(torch.randn(4, 1, 8, 8))  # update BatchNorm running stats
+    model.eval()
+    for p in model.stem[0].parameters():
+        p.requires_grad = False  # frozen first conv
+    torch.save(model, sys.argv[1])
+    """
+)
+
+GONE_PACKAGE_NETS = textwrap.dedent(
+    """
+    import torch
+    import torch.nn as nn
+
+
+    class Block(nn.Module):
+        def __init__(self, d, n_heads):
+            super().__init__()
+            self.ln_1 = nn.LayerNorm(d)
+            self.attn = nn.MultiheadAttention(d, n_heads, batch_first=True)
+            self.ln_2 = nn.LayerNorm(d)
+            self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+        def forward(self, x):
+            h = self.ln_1(x)
+            x = x + self.attn(h, h, h, need_weights=False)[0]
+            return x + self.mlp(self.ln_2(x))
+
+
+    class TinyTransformer(nn.Module):
+        def __init__(self, vocab=96, d=32, n_layers=2, n_heads=4, max_len=16):
+            super().__init__()
+            self.tok = nn.Embedding(vocab, d)
+            self.pos = nn.Parameter(torch.zeros(1, max_len, d))
+            self.blocks = nn.ModuleList(Block(d, n_heads) for _ in range(n_layers))
+            self.ln_f = nn.LayerNorm(d)
+            self.head = nn.Linear(d, vocab, bias=False)
+            self.register_buffer("causal_mask", torch.triu(torch.ones(max_len, max_len, dtype=torch.bool), 1))
+
+        def forward(self, idx):
+            x = self.tok(idx) + self.pos[:, : idx.shape[1]]
+            for b in self.blocks:
+                x = b(x)
+            return self.head(self.ln_f(x))
+    """
+)
+
+GONE_SAVE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from mscope_gone_models.nets import TinyTransformer
+
+    torch.manual_seed(int(sys.argv[2]))
+    torch.save(TinyTransformer().eval(), sys.argv[1])
+    """
+)
+
+
+def _run_child(args: list[str], env_extra: dict[str, str] | None = None) -> None:
+    env = dict(os.environ)
+    if env_extra:
+        env.update(env_extra)
+    subprocess.run([sys.executable, *args], check=True, env=env)
+
+
+def write_notebook_full() -> None:
+    # ``python -c`` runs the code as __main__, so the pickle refers to __main__.Net.
+    _run_child(["-c", NOTEBOOK_SCRIPT, str(HERE / "notebook_full.pt"), str(SEED + 7)])
+
+
+def write_gone_module_full() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="mscope_gone_"))
+    try:
+        pkg = tmp / "mscope_gone_models"
+        pkg.mkdir()
+        (pkg / "__init__.py").write_text("")
+        (pkg / "nets.py").write_text(GONE_PACKAGE_NETS)
+        _run_child(["-c", GONE_SAVE_SCRIPT, str(HERE / "gone_module_full.pt"), str(SEED + 8)],
+                   {"PYTHONPATH": str(tmp), "PYTHONDONTWRITEBYTECODE": "1"})
+    finally:
+        shutil.rmtree(tmp)
+
+
+def main() -> None:
+    # TorchScript writes class constants in set-iteration order, which depends on
+    # str hash randomization; pin it so scripted_cnn.pt is byte-reproducible.
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        env = dict(os.environ, PYTHONHASHSEED="0")
+        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]], env)
+    writers = [
+        write_cnn_state_dict,
+        write_transformer_tied,
+        write_notebook_full,
+        write_gone_module_full,
+        write_train_checkpoint,
+        write_lightning_ckpt,
+        write_legacy,
+        write_scripted,
+        write_transformer_safetensors,
+        write_sharded_hf,
+        write_sharded_bin,
+        write_dcp,
+        write_dtypes,
+    ]
+    for w in writers:
+        w()
+        print(f"ok  {w.__name__}")
+
+
+if __name__ == "__main__":
+    main()
