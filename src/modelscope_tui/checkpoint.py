@@ -1,0 +1,454 @@
+"""The neutral description of a checkpoint: tensor records, the module tree, non-tensor entries.
+
+Readers fill these in from metadata alone; nothing here reads tensor bytes or imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+# Element sizes of every dtype torch can serialise, by torch's own dtype name.
+DTYPE_ITEMSIZE: dict[str, int] = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "complex128": 16,
+    "complex64": 8,
+    "complex32": 4,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint64": 8,
+    "uint32": 4,
+    "uint16": 2,
+    "uint8": 1,
+    "bool": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+    "float4_e2m1fn_x2": 1,
+    "qint8": 1,
+    "quint8": 1,
+    "qint32": 4,
+    "quint4x2": 1,
+    "quint2x4": 1,
+}
+
+FLOATING_DTYPES = frozenset(
+    {
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "float8_e4m3fnuz",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+    }
+)
+COMPLEX_DTYPES = frozenset({"complex128", "complex64", "complex32"})
+
+# Names a state_dict uses for buffers; without a module in the file this is how we tell them apart.
+BUFFER_LEAF_NAMES = frozenset(
+    {
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+        "position_ids",
+        "inv_freq",
+        "masked_bias",
+        "token_type_ids",
+    }
+)
+
+PARAMETER = "parameter"
+BUFFER = "buffer"
+TENSOR = "tensor"
+
+
+def can_require_grad(dtype: str) -> bool:
+    """Only floating-point and complex tensors can require grad (torch's own rule)."""
+    return dtype in FLOATING_DTYPES or dtype in COMPLEX_DTYPES
+
+
+def prod(shape: tuple[int, ...]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+@dataclass(eq=False, slots=True)
+class StorageRecord:
+    """One serialised storage: where its bytes are and how many there should be."""
+
+    key: str
+    dtype: str
+    numel: int
+    location: str = "cpu"
+    file: Path | None = None
+    data_offset: int | None = None  # absolute offset of the first byte in `file`; None: not found
+    data_size: int | None = None  # bytes actually present at data_offset
+    compressed: bool = False
+    byteorder: str = "little"
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_ITEMSIZE.get(self.dtype, 1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+@dataclass(eq=False, slots=True)
+class TensorRecord:
+    """A tensor as the file describes it. `name` is relative to its section (the model's names
+    are the ones `load_state_dict` expects)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    stride: tuple[int, ...] = ()
+    storage_offset: int = 0
+    storage: StorageRecord | None = None
+    requires_grad: bool = False
+    kind: str = TENSOR
+    kind_from_file: bool = False  # True when the file itself says parameter/buffer
+    section: str = ""  # "" = the model; otherwise the section path, e.g. "optimizer"
+    shard: str | None = None  # file holding the bytes, for sharded checkpoints
+    persistent: bool = True
+    note: str | None = None  # e.g. "quantized", "sparse": kinds we describe but cannot load
+    tied_to: str | None = None  # first tensor (by order) whose storage this one shares
+    alias_of: str | None = None  # same storage, offset, shape and stride: counted once
+    numel: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.numel = prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_ITEMSIZE.get(self.dtype, 1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    @property
+    def location(self) -> str:
+        return self.storage.location if self.storage is not None else "cpu"
+
+    @property
+    def is_model(self) -> bool:
+        return self.section == ""
+
+    @property
+    def trainable(self) -> bool:
+        """Whether this tensor trains when the checkpoint is loaded into its model.
+
+        A state_dict stores detached tensors, so `requires_grad` there says nothing: loading into
+        the model makes parameters trainable. Files that keep the Parameter (full modules,
+        TorchScript, saved Parameters) are taken at their word.
+        """
+        if self.kind != PARAMETER or not can_require_grad(self.dtype):
+            return False
+        return self.requires_grad if self.kind_from_file else True
+
+    @property
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for size, stride in zip(reversed(self.shape), reversed(self.stride)):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.section}/{self.name}" if self.section else self.name
+
+
+@dataclass(slots=True)
+class Entry:
+    """A non-tensor value in the file (epoch, step, hyper-parameters, versions)."""
+
+    path: str
+    type: str
+    value: Any  # bool/int/float/str/None, or a short string rendering for anything else
+
+
+@dataclass(slots=True)
+class GlobalRef:
+    """A global the pickle names. We never import it; this is all we know about it."""
+
+    module: str
+    name: str
+    safety: str  # "safe" (allowlisted) | "unsafe" (weights_only would refuse) | "dangerous"
+    count: int = 0
+    calls: list[str] = field(default_factory=list)  # what it would have been called with
+    pickle: str = ""  # archive member or file it appears in
+    reason: str = ""
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+@dataclass(eq=False)
+class ModuleNode:
+    """A module in the tree: real (class and attributes from the file) or implied by names."""
+
+    name: str  # full dotted name; "" for the root
+    class_path: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+    children: dict[str, ModuleNode] = field(default_factory=dict)
+    tensors: list[TensorRecord] = field(default_factory=list)
+    training: bool | None = None
+
+    @property
+    def short_name(self) -> str:
+        return self.name.rsplit(".", 1)[-1] if self.name else ""
+
+    @property
+    def class_name(self) -> str | None:
+        return self.class_path.rsplit(".", 1)[-1] if self.class_path else None
+
+    def child(self, part: str) -> ModuleNode:
+        node = self.children.get(part)
+        if node is None:
+            node = ModuleNode(f"{self.name}.{part}" if self.name else part)
+            self.children[part] = node
+        return node
+
+    def walk(self):
+        """Depth-first, parents before children, without recursion (names can be deep)."""
+        stack = [self]
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(reversed(list(node.children.values())))
+
+    def all_tensors(self):
+        for node in self.walk():
+            yield from node.tensors
+
+    @cached_property
+    def stats(self) -> ModuleStats:
+        """Aggregates over the subtree; aliased tensors count once."""
+        stats = ModuleStats()
+        for t in self.all_tensors():
+            stats.tensors += 1
+            if t.alias_of is not None:
+                continue
+            stats.nbytes += t.nbytes
+            if t.kind == PARAMETER:
+                stats.params += t.numel
+                if t.trainable:
+                    stats.trainable += t.numel
+            else:
+                stats.buffers += t.numel
+        return stats
+
+
+@dataclass(slots=True)
+class ModuleStats:
+    tensors: int = 0
+    params: int = 0
+    trainable: int = 0
+    buffers: int = 0
+    nbytes: int = 0
+
+
+@dataclass(slots=True)
+class Totals:
+    tensors: int
+    parameters: int  # elements of parameters, aliases counted once
+    trainable: int
+    frozen: int
+    buffers: int  # elements of buffers and plain tensors
+    nbytes: int  # bytes of the model's tensors, aliases counted once
+    bytes_by_dtype: dict[str, int]
+    bytes_by_location: dict[str, int]
+    sections: dict[str, dict[str, int]]  # other sections: {"optimizer": {"tensors": n, "bytes": b}}
+    file_bytes: int  # unique storage bytes of everything in the file
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / self.parameters if self.parameters else 0.0
+
+
+@dataclass(eq=False)
+class Checkpoint:
+    path: Path
+    format: str  # torch-zip | torch-legacy | torchscript | safetensors | sharded | dcp
+    kind: str = "state_dict"  # state_dict | training_checkpoint | lightning | full_module | ...
+    tensors: list[TensorRecord] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
+    globals: list[GlobalRef] = field(default_factory=list)
+    model_path: str = ""  # where the model sits in the file: "", "model", "state_dict", ...
+    sections: dict[str, str] = field(default_factory=dict)  # section path -> role
+    metadata: dict[str, Any] = field(default_factory=dict)  # format-level facts
+    files: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # structural defects (missing/short bytes)
+    module_root: ModuleNode | None = None  # real hierarchy, when the file has one
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+
+    # -- views ---------------------------------------------------------------------------------
+    @property
+    def model_tensors(self) -> list[TensorRecord]:
+        return [t for t in self.tensors if t.section == ""]
+
+    @property
+    def has_real_hierarchy(self) -> bool:
+        return self.module_root is not None
+
+    @cached_property
+    def tree(self) -> ModuleNode:
+        """The model's module tree: the file's own when it has one, else implied by dotted names."""
+        if self.module_root is not None:
+            return self.module_root
+        root = ModuleNode("")
+        for t in self.model_tensors:
+            node = root
+            parts = t.name.split(".")
+            for part in parts[:-1]:
+                node = node.child(part)
+            node.tensors.append(t)
+        return root
+
+    @property
+    def unsafe_globals(self) -> list[GlobalRef]:
+        return [g for g in self.globals if g.safety != "safe"]
+
+    @property
+    def dangerous_globals(self) -> list[GlobalRef]:
+        return [g for g in self.globals if g.safety == "dangerous"]
+
+    def tensor(self, name: str, section: str = "") -> TensorRecord | None:
+        return self._by_name.get((section, name))
+
+    @cached_property
+    def _by_name(self) -> dict[tuple[str, str], TensorRecord]:
+        return {(t.section, t.name): t for t in self.tensors}
+
+    # -- derived facts -------------------------------------------------------------------------
+    def link_shared_storages(self) -> None:
+        """Mark tensors that share a storage (tied weights). Readers call this once at the end."""
+        first_by_storage: dict[int, TensorRecord] = {}
+        first_by_view: dict[tuple, TensorRecord] = {}
+        for t in self.tensors:
+            if t.storage is None:
+                continue
+            sid = id(t.storage)
+            first = first_by_storage.setdefault(sid, t)
+            if first is t:
+                continue
+            t.tied_to = first.qualified_name
+            if not first_by_view.get((sid,)):
+                first_by_view[(sid,)] = first
+                first_by_view[(sid, first.storage_offset, first.shape, first.stride, first.dtype)] = first
+            view = (sid, t.storage_offset, t.shape, t.stride, t.dtype)
+            original = first_by_view.setdefault(view, t)
+            if original is not t and original.section == t.section:
+                t.alias_of = original.qualified_name
+
+    def check_storage_bounds(self) -> None:
+        """Record every tensor whose bytes are not all in the file. Readers call this last."""
+        reported: set[int] = set()
+        for t in self.tensors:
+            s = t.storage
+            if s is None:
+                continue
+            if id(s) not in reported:
+                if s.data_offset is None:
+                    reported.add(id(s))
+                    self.problems.append(f"storage {s.key!r} of tensor {t.qualified_name!r} is missing from the file")
+                    continue
+                if s.data_size is not None and not s.compressed and s.data_size < s.nbytes:
+                    reported.add(id(s))
+                    self.problems.append(
+                        f"storage {s.key!r} of tensor {t.qualified_name!r} holds {s.data_size:,} bytes "
+                        f"but declares {s.nbytes:,}"
+                    )
+                    continue
+            numel = t.numel
+            if numel == 0:
+                continue
+            shape = t.shape
+            if len(shape) == 1:
+                last = t.storage_offset + (shape[0] - 1) * t.stride[0]
+            else:
+                last = t.storage_offset + sum((n - 1) * st for n, st in zip(shape, t.stride))
+            needed = (last + 1) * t.itemsize
+            if needed > s.nbytes:
+                self.problems.append(
+                    f"tensor {t.qualified_name!r} {list(t.shape)} needs {needed:,} bytes "
+                    f"but its storage {s.key!r} holds {s.nbytes:,}"
+                )
+
+    def totals(self) -> Totals:
+        params = trainable = buffers = nbytes = 0
+        by_dtype: Counter[str] = Counter()
+        by_location: Counter[str] = Counter()
+        sections: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0})
+        model_count = 0
+        for t in self.tensors:
+            if t.section != "":
+                sec = sections[t.section.split(".", 1)[0]]
+                sec["tensors"] += 1
+                if t.alias_of is None:
+                    sec["bytes"] += t.nbytes
+                continue
+            model_count += 1
+            if t.alias_of is not None:
+                continue
+            size = t.nbytes
+            nbytes += size
+            by_dtype[t.dtype] += size
+            by_location[t.location] += size
+            if t.kind == PARAMETER:
+                params += t.numel
+                if t.trainable:
+                    trainable += t.numel
+            else:
+                buffers += t.numel
+        seen: set[int] = set()
+        file_bytes = 0
+        for t in self.tensors:
+            s = t.storage
+            if s is None:
+                if t.alias_of is None:
+                    file_bytes += t.nbytes
+            elif id(s) not in seen:
+                seen.add(id(s))
+                file_bytes += s.nbytes
+        return Totals(
+            tensors=model_count,
+            parameters=params,
+            trainable=trainable,
+            frozen=params - trainable,
+            buffers=buffers,
+            nbytes=nbytes,
+            bytes_by_dtype=dict(by_dtype.most_common()),
+            bytes_by_location=dict(by_location.most_common()),
+            sections=dict(sections),
+            file_bytes=file_bytes,
+        )
+
+
+def infer_kind(name: str, dtype: str) -> str:
+    """Parameter or buffer for a state_dict entry, from its name and dtype."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in BUFFER_LEAF_NAMES or not can_require_grad(dtype):
+        return BUFFER
+    return PARAMETER

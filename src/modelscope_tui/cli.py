@@ -1,0 +1,95 @@
+"""Command line: `mscope FILE`, `mscope summary FILE`. Errors are one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import MscopeError
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mscope",
+        description="Look inside PyTorch checkpoints without running code from them.",
+    )
+    parser.add_argument("--version", action="version", version=f"mscope {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    summary = sub.add_parser("summary", help="print the module tree, totals, entries and unsafe globals")
+    summary.add_argument("file", help="checkpoint file or directory (sharded / DCP)")
+    summary.add_argument("--json", action="store_true", help="machine-readable output (schema in README)")
+    summary.add_argument("--depth", type=int, default=None, metavar="N", help="show modules down to depth N")
+    summary.add_argument("--filter", default=None, metavar="GLOB", help="only tensors whose name matches GLOB")
+    summary.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    # `mscope FILE` opens the default view; until the explorer lands that is the summary.
+    if argv and not argv[0].startswith("-") and argv[0] not in ("summary",):
+        argv = ["summary", *argv]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return run(args)
+    except MscopeError as exc:
+        if debug:
+            raise
+        _error(exc.line())
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_OK
+    except Exception as exc:  # last resort: still one line, never a traceback without --debug
+        if debug:
+            raise
+        _error(f"internal error: {type(exc).__name__}: {exc} (run again with --debug and report it)")
+        return EXIT_INTERNAL
+
+
+def run(args: argparse.Namespace) -> int:
+    from .readers import open_checkpoint
+
+    if args.command == "summary":
+        if args.depth is not None and args.depth < 0:
+            raise MscopeError("--depth must be 0 or more")
+        ckpt = open_checkpoint(args.file)
+        if args.json:
+            from .summary import summary_dict
+
+            json.dump(summary_dict(ckpt, args.depth, args.filter), sys.stdout, separators=(",", ":"))
+            sys.stdout.write("\n")
+        else:
+            from rich.console import Console
+
+            from .summary import render_summary
+
+            render_summary(ckpt, Console(highlight=False), args.depth, args.filter)
+        return EXIT_OK
+    raise MscopeError(f"unknown command {args.command!r}")
+
+
+def _error(line: str) -> None:
+    print(f"mscope: error: {line}", file=sys.stderr)
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass

@@ -1,0 +1,40 @@
+"""Named errors. Each carries the one line the CLI prints (what, which file, what to do)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MscopeError(Exception):
+    """Base class: anything mscope expects to go wrong with user input."""
+
+    def __init__(self, message: str, path: str | Path | None = None, hint: str | None = None):
+        self.message = message
+        self.path = str(path) if path is not None else None
+        self.hint = hint
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        tip = f" ({self.hint})" if self.hint else ""
+        return f"{where}{self.message}{tip}"
+
+
+class NotFoundError(MscopeError):
+    """The path does not exist or cannot be read."""
+
+
+class UnsupportedFormatError(MscopeError):
+    """The bytes are not any checkpoint format we know."""
+
+
+class CorruptCheckpointError(MscopeError):
+    """The file claims a known format but its structure is broken or inconsistent."""
+
+
+class UnsafePickleError(MscopeError):
+    """A pickle exceeded our parsing limits (depth, size, objects) or is malformed."""
+
+
+class TensorDataError(MscopeError):
+    """A tensor's bytes cannot be read (missing, truncated, compressed, unsupported dtype)."""

@@ -1,0 +1,174 @@
+"""Readers: pick the format from the bytes, return a metadata-only Checkpoint.
+
+No reader imports torch, reads tensor bytes, or runs code from the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+from pathlib import Path
+
+from ..checkpoint import Checkpoint
+from ..errors import CorruptCheckpointError, MscopeError, NotFoundError, UnsupportedFormatError
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+SAFETENSORS_MAX_HEADER = 100 << 20
+
+FORMAT_LABELS = {
+    "torch-zip": "torch.save zip archive",
+    "torch-legacy": "torch.save legacy (pre-1.6) file",
+    "torchscript": "TorchScript archive",
+    "pickle": "plain pickle",
+    "safetensors": "safetensors",
+    "sharded-safetensors": "sharded safetensors",
+    "sharded-torch": "sharded torch .bin",
+    "dcp": "torch.distributed.checkpoint directory",
+}
+
+
+def sniff(path: Path) -> str:
+    """The format name of a file or directory, decided by content (never by extension alone)."""
+    if path.is_dir():
+        return _sniff_directory(path)
+    head = _read_head(path, 16)
+    if not head:
+        raise UnsupportedFormatError("file is empty", path, "the save was interrupted or the download failed")
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    if head[:4] == b"\x80\x02\x8a\x0a" and int.from_bytes(head[4:14], "little") == LEGACY_MAGIC:
+        return "torch-legacy"
+    if len(head) >= 9 and head[8:9] == b"{":
+        n = struct.unpack("<Q", head[:8])[0]
+        if 2 <= n <= SAFETENSORS_MAX_HEADER:
+            return "safetensors"
+        raise CorruptCheckpointError(
+            f"safetensors header length {n:,} is impossible for a {path.stat().st_size:,}-byte file", path
+        )
+    if head[:1] == b"{" and path.name.endswith(".json"):
+        return "index-json"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    if path.name == ".metadata":
+        return "dcp"
+    if len(head) >= 8 and head[:5] in (b"\x1f\x8b\x08\x00\x00",) or _is_tar(path):
+        raise UnsupportedFormatError(
+            "this is a compressed or tar file, not a checkpoint", path, "extract it first"
+        )
+    raise UnsupportedFormatError(
+        "not a PyTorch checkpoint (unknown file format)", path,
+        "mscope reads torch.save, TorchScript, safetensors, sharded HF and DCP checkpoints",
+    )  # fmt: skip
+
+
+def _sniff_directory(path: Path) -> str:
+    if (path / ".metadata").is_file():
+        return "dcp"
+    indexes = sorted(path.glob("*.index.json"))
+    if indexes:
+        return "index-dir"
+    singles = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file())
+    if len(singles) == 1:
+        return "single-in-dir"
+    raise UnsupportedFormatError(
+        "directory holds no checkpoint (no *.index.json, no DCP .metadata, no single weights file)", path
+    )
+
+
+def _read_head(path: Path, n: int) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(n)
+
+
+def _is_tar(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(257)
+        return fh.read(5) == b"ustar"
+
+
+def open_checkpoint(path: str | os.PathLike, strict: bool = True) -> Checkpoint:
+    """Read any supported checkpoint's metadata.
+
+    strict: raise CorruptCheckpointError when tensor bytes are missing or short (the CLI's
+    summary); audits pass False and report `checkpoint.problems` as findings instead.
+    """
+    path = Path(path)
+    try:
+        ckpt = _dispatch(path)
+    except MscopeError as exc:
+        if exc.path is None:
+            exc.path = str(path)
+        raise
+    except FileNotFoundError as exc:
+        raise NotFoundError("no such file or directory", path) from exc
+    except PermissionError as exc:
+        raise NotFoundError("permission denied", path, "check the file's permissions") from exc
+    except IsADirectoryError as exc:
+        raise NotFoundError("is a directory", path) from exc
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise NotFoundError("no such file or directory", path) from exc
+        raise NotFoundError(f"cannot read: {exc.strerror or exc}", path) from exc
+    ckpt.link_shared_storages()
+    ckpt.check_storage_bounds()
+    if strict and ckpt.problems:
+        more = f" (and {len(ckpt.problems) - 1} more problems)" if len(ckpt.problems) > 1 else ""
+        raise CorruptCheckpointError(
+            ckpt.problems[0] + more, path, "the file is truncated or corrupt; `mscope audit` lists everything"
+        )
+    return ckpt
+
+
+def _dispatch(path: Path) -> Checkpoint:
+    if not path.exists():
+        raise NotFoundError("no such file or directory", path)
+    kind = sniff(path)
+    if kind == "zip":
+        from .torchzip import read_torch_zip
+        from .ziparchive import ZipArchive
+
+        with ZipArchive(path) as archive:
+            return read_torch_zip(path, archive)
+    if kind == "torch-legacy":
+        from .legacy import read_legacy
+
+        return read_legacy(path)
+    if kind == "pickle":
+        from .legacy import read_plain_pickle
+
+        return read_plain_pickle(path)
+    if kind == "safetensors":
+        from .safetensors import read_safetensors
+
+        return read_safetensors(path)
+    if kind == "index-json":
+        from .sharded import read_sharded
+
+        return read_sharded(path)
+    if kind == "index-dir":
+        from .sharded import read_sharded
+
+        indexes = sorted(path.glob("*.index.json"))
+        preferred = [p for p in indexes if p.name.endswith(".safetensors.index.json")]
+        return read_sharded((preferred or indexes)[0])
+    if kind == "single-in-dir":
+        single = next(p for p in sorted(path.iterdir()) if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+        return _dispatch(single)
+    if kind == "dcp":
+        from .dcp import read_dcp
+
+        return read_dcp(path if path.is_dir() else path.parent)
+    raise UnsupportedFormatError(f"unsupported format {kind}", path)
+
+
+def read_json_limited(path: Path, limit: int = 64 << 20) -> object:
+    """JSON from a small side file (indexes, configs), refusing huge or malformed ones."""
+    size = path.stat().st_size
+    if size > limit:
+        raise CorruptCheckpointError(f"JSON file is {size:,} bytes, more than the {limit:,} allowed", path)
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"malformed JSON ({str(exc)[:80]})", path) from exc

@@ -1,0 +1,99 @@
+"""The pre-1.6 torch.save format, and plain pickles.
+
+Legacy layout: pickled magic number, protocol version, sys_info, the object (storages as
+persistent ids), the sorted list of storage keys, then per key an int64 element count followed by
+the raw bytes. Offsets are computed by walking those headers; no storage is read.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from pathlib import Path
+
+from ..checkpoint import Checkpoint
+from ..errors import CorruptCheckpointError
+from .torchzip import StorageTable
+from .unpickler import safe_load
+from .walk import Walker
+
+
+def read_legacy(path: Path) -> Checkpoint:
+    with open(path, "rb") as fh:
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return _read_legacy(path, buf)
+    finally:
+        buf.close()
+
+
+def _read_legacy(path: Path, buf: mmap.mmap) -> Checkpoint:
+    source = path.name
+    pos = 0
+    header: list[object] = []
+    for _ in range(3):  # magic, protocol version, sys_info
+        value, _, pos = safe_load(buf, source=source, start=pos)
+        header.append(value)
+    if header[1] != 1001:
+        raise CorruptCheckpointError(f"unsupported legacy protocol version {header[1]!r}", path)
+    sys_info = header[2] if isinstance(header[2], dict) else {}
+    if sys_info.get("little_endian") is False:
+        byteorder = "big"
+    else:
+        byteorder = "little"
+    storages = StorageTable(path, None, "", byteorder)
+    root, globals_, pos = safe_load(buf, source=source, start=pos, persistent_load=_legacy_pid(storages, path))
+    keys, _, pos = safe_load(buf, source=source, start=pos)
+    ckpt = Checkpoint(path, "torch-legacy", files=[path])
+    ckpt.globals = globals_
+    ckpt.metadata["byteorder"] = byteorder
+    ckpt.metadata["sys_info"] = {k: v for k, v in sys_info.items() if isinstance(v, (int, bool, str, dict))}
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise CorruptCheckpointError("legacy storage key list is malformed", path)
+    size = len(buf)
+    order = "<" if byteorder == "little" else ">"
+    for key in keys:
+        record = storages.records.get(key)
+        if pos + 8 > size:
+            if record is not None:
+                record.data_offset = None
+            ckpt.problems.append(f"storage {key!r} is missing: the file ends at byte {size:,}")
+            break
+        count = struct.unpack_from(order + "q", buf, pos)[0]
+        pos += 8
+        if record is None:
+            ckpt.problems.append(f"storage {key!r} is listed but no tensor uses it")
+            break
+        if count != record.numel:
+            ckpt.problems.append(f"storage {key!r} holds {count:,} elements, the pickle says {record.numel:,}")
+        nbytes = max(count, 0) * record.itemsize
+        record.data_offset = pos
+        record.data_size = max(0, min(nbytes, size - pos))
+        pos += nbytes
+    Walker(ckpt).walk_root(root)
+    return ckpt
+
+
+def _legacy_pid(storages: StorageTable, path: Path):
+    def load(pid: object):
+        if isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage":
+            if pid[5] is not None:
+                raise CorruptCheckpointError("storage views of the pre-0.4 format are not supported", path)
+            pid = pid[:5]
+        return storages(pid)
+
+    return load
+
+
+def read_plain_pickle(path: Path) -> Checkpoint:
+    """A pickle not written by torch.save (e.g. `pickle.dump` of numpy weights): entries only."""
+    with open(path, "rb") as fh:
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        root, globals_, _ = safe_load(buf, source=path.name)
+    finally:
+        buf.close()
+    ckpt = Checkpoint(path, "pickle", files=[path])
+    ckpt.globals = globals_
+    Walker(ckpt).walk_root(root)
+    return ckpt

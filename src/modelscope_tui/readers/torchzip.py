@@ -1,0 +1,242 @@
+"""torch.save zip archives (`.pt`, `.pth`, `.bin`, `.ckpt`) and TorchScript archives."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import BUFFER, PARAMETER, TENSOR, Checkpoint, ModuleNode, StorageRecord
+from ..errors import CorruptCheckpointError
+from .unpickler import Device, Inert, StorageType, TensorRef, safe_load
+from .walk import Walker, is_plain
+from .ziparchive import STORED, ZipArchive
+
+MAX_PICKLE_BYTES = 1 << 31
+MAX_CODE_BYTES = 16 << 20
+
+
+def archive_prefix(archive: ZipArchive) -> str | None:
+    """The record folder torch writes everything under (`archive/`, or the file's stem)."""
+    for name in archive.entries:
+        if name.endswith("data.pkl") and name.count("/") == 1:
+            return name[: -len("data.pkl")]
+    return None
+
+
+def is_torchscript(archive: ZipArchive, prefix: str) -> bool:
+    return f"{prefix}constants.pkl" in archive.entries and any(n.startswith(f"{prefix}code/") for n in archive.entries)
+
+
+class StorageTable:
+    """persistent_load for archive storages: one StorageRecord per key, shared by its tensors."""
+
+    def __init__(self, path: Path, archive: ZipArchive | None, folder: str, byteorder: str = "little"):
+        self.path = path
+        self.archive = archive
+        self.folder = folder
+        self.byteorder = byteorder
+        self.records: dict[str, StorageRecord] = {}
+
+    def __call__(self, pid: Any) -> StorageRecord:
+        if type(pid) is tuple and len(pid) == 5:
+            record = self.records.get(pid[2])
+            if record is not None and pid[0] == "storage":
+                return record
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            raise CorruptCheckpointError(f"unexpected persistent id {str(pid)[:80]}", self.path)
+        _, storage_type, key, location, numel = pid[:5]
+        if not isinstance(storage_type, StorageType):
+            raise CorruptCheckpointError(f"unknown storage type {str(storage_type)[:60]}", self.path)
+        if type(key) is not str or len(key) > 256 or type(numel) is not int or not 0 <= numel < 1 << 62:
+            raise CorruptCheckpointError(f"malformed storage reference {str(pid)[:80]}", self.path)
+        record = StorageRecord(
+            key,
+            storage_type.dtype,
+            numel,
+            location[:64] if isinstance(location, str) else "cpu",
+            self.path,
+            None,
+            None,
+            False,
+            self.byteorder,
+        )
+        if self.archive is not None:
+            entry = self.archive.entries.get(self.folder + key)
+            if entry is not None:
+                record.data_offset = self.archive.data_offset(entry)
+                record.data_size = entry.size if entry.method == STORED else entry.compressed_size
+                record.compressed = entry.method != STORED
+        self.records[key] = record
+        return record
+
+
+def read_torch_zip(path: Path, archive: ZipArchive) -> Checkpoint:
+    prefix = archive_prefix(archive)
+    if prefix is None:
+        raise CorruptCheckpointError(
+            "zip archive without a data.pkl: not a torch checkpoint", path, "was it written by torch.save?"
+        )
+    if is_torchscript(archive, prefix):
+        return read_torchscript(path, archive, prefix)
+    byteorder = _byteorder(archive, prefix)
+    storages = StorageTable(path, archive, f"{prefix}data/", byteorder)
+    data = archive.read(f"{prefix}data.pkl", MAX_PICKLE_BYTES)
+    root, globals_, _ = safe_load(data, source=f"{path.name}:{prefix}data.pkl", persistent_load=storages)
+    ckpt = Checkpoint(path, "torch-zip", files=[path])
+    ckpt.globals = globals_
+    ckpt.metadata["archive_prefix"] = prefix.rstrip("/")
+    ckpt.metadata["byteorder"] = byteorder
+    version = archive.entries.get(f"{prefix}version")
+    if version is not None and version.size < 64:
+        ckpt.metadata["archive_version"] = archive.read(version.name, 64).decode("ascii", "replace").strip()
+    if archive.duplicates:
+        ckpt.problems.append(f"archive has duplicate members: {', '.join(archive.duplicates[:3])}")
+    Walker(ckpt).walk_root(root)
+    return ckpt
+
+
+def _byteorder(archive: ZipArchive, prefix: str) -> str:
+    entry = archive.entries.get(f"{prefix}byteorder")
+    if entry is None or entry.size > 16:
+        return "little"
+    value = archive.read(entry.name, 16).decode("ascii", "replace").strip()
+    return "big" if value == "big" else "little"
+
+
+# ----------------------------------------------------------------------------------------------
+# TorchScript
+# ----------------------------------------------------------------------------------------------
+_CLASS = re.compile(r"^class (\w+)\((\w+)\):\s*$", re.M)
+_LIST_ATTR = re.compile(r"^\s+(__parameters__|__buffers__) = \[(.*?)\]\s*$", re.M)
+_FINAL = re.compile(r"^\s+(\w+) : Final\[[\w\[\], ]+\] = (.+)$", re.M)
+_MANGLE = re.compile(r"___torch_mangle_\d+\.")
+
+
+class ScriptClass:
+    __slots__ = ("parameters", "buffers", "constants", "has_setstate")
+
+    def __init__(self) -> None:
+        self.parameters: set[str] = set()
+        self.buffers: set[str] = set()
+        self.constants: dict[str, Any] = {}
+        self.has_setstate = False
+
+
+def parse_script_code(archive: ZipArchive, prefix: str) -> dict[str, ScriptClass]:
+    """Class facts from the archive's `code/` sources, read as text (never compiled)."""
+    classes: dict[str, ScriptClass] = {}
+    code_dir = f"{prefix}code/"
+    for name, entry in archive.entries.items():
+        if not (name.startswith(code_dir) and name.endswith(".py")) or entry.size > MAX_CODE_BYTES:
+            continue
+        module = name[len(code_dir) : -3].replace("/", ".")
+        text = archive.read(name, MAX_CODE_BYTES).decode("utf-8", "replace")
+        matches = list(_CLASS.finditer(text))
+        for i, match in enumerate(matches):
+            body = text[match.end() : matches[i + 1].start() if i + 1 < len(matches) else len(text)]
+            info = ScriptClass()
+            for attr in _LIST_ATTR.finditer(body):
+                names = {n.strip().strip('"') for n in attr.group(2).split(",") if n.strip()}
+                (info.parameters if attr.group(1) == "__parameters__" else info.buffers).update(names)
+            for const in _FINAL.finditer(body):
+                info.constants[const.group(1)] = _literal(const.group(2).strip())
+            info.has_setstate = "def __setstate__(" in body
+            classes[f"{module}.{match.group(1)}"] = info
+    return classes
+
+
+def _literal(text: str) -> Any:
+    if text in ("True", "False"):
+        return text == "True"
+    if text == "None":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text[:120]
+
+
+def script_class_path(qualname: str) -> str:
+    """`__torch__.torch.nn.modules.conv.___torch_mangle_3.Conv2d` -> `torch.nn.modules.conv.Conv2d`."""
+    name = _MANGLE.sub("", qualname)
+    return name[len("__torch__.") :] if name.startswith("__torch__.") else name
+
+
+def read_torchscript(path: Path, archive: ZipArchive, prefix: str) -> Checkpoint:
+    byteorder = _byteorder(archive, prefix)
+    classes = parse_script_code(archive, prefix)
+    storages = StorageTable(path, archive, f"{prefix}data/", byteorder)
+    data = archive.read(f"{prefix}data.pkl", MAX_PICKLE_BYTES)
+
+    def scripted(module: str, name: str) -> bool:
+        return module == "__torch__" or module.startswith("__torch__.")
+
+    root, globals_, _ = safe_load(
+        data, source=f"{path.name}:{prefix}data.pkl", persistent_load=storages, known_schema=scripted
+    )
+    ckpt = Checkpoint(path, "torchscript", kind="torchscript", files=[path])
+    for ref in globals_:
+        info = classes.get(ref.qualname)
+        if info is not None and info.has_setstate and ref.safety == "safe":
+            ref.safety, ref.reason = "unsafe", "scripted __setstate__ runs on torch.jit.load"
+    ckpt.globals = globals_
+    const_storages = StorageTable(path, archive, f"{prefix}constants/", byteorder)
+    const_name = f"{prefix}constants.pkl"
+    if const_name in archive.entries:
+        constants, const_globals, _ = safe_load(
+            archive.read(const_name, MAX_PICKLE_BYTES), source=f"{path.name}:{const_name}",
+            persistent_load=const_storages, known_schema=scripted,
+        )  # fmt: skip
+        ckpt.globals.extend(const_globals)
+        walker = Walker(ckpt)
+        if isinstance(constants, tuple):
+            for i, value in enumerate(constants):
+                if isinstance(value, TensorRef):
+                    walker.add_tensor(value, f"c{i}", "constants", TENSOR)
+            if constants:
+                ckpt.sections["constants"] = "constants"
+    ckpt.metadata["byteorder"] = byteorder
+    ckpt.metadata["code_files"] = sorted(n[len(prefix) :] for n in archive.entries if n.startswith(f"{prefix}code/") and n.endswith(".py"))
+    if isinstance(root, Inert):
+        ckpt.module_root = _walk_script_module(ckpt, root, classes)
+    else:
+        ckpt.problems.append("TorchScript archive whose data.pkl is not a module")
+    return ckpt
+
+
+def _walk_script_module(ckpt: Checkpoint, root_obj: Inert, classes: dict[str, ScriptClass]) -> ModuleNode:
+    walker = Walker(ckpt)
+    root = ModuleNode("")
+    stack: list[tuple[Inert, ModuleNode, int]] = [(root_obj, root, 0)]
+    seen = {id(root_obj)}
+    while stack:
+        obj, node, depth = stack.pop()
+        info = classes.get(obj.qualname, ScriptClass())
+        node.class_path = script_class_path(obj.qualname)
+        node.attributes.update(info.constants)
+        state = obj.state_dict() or {}
+        prefix = f"{node.name}." if node.name else ""
+        children = []
+        for key, value in state.items():
+            if not isinstance(key, str):
+                continue
+            if key == "training":
+                node.training = value if isinstance(value, bool) else None
+            elif isinstance(value, TensorRef):
+                kind = PARAMETER if key in info.parameters else BUFFER if key in info.buffers else TENSOR
+                node.tensors.append(walker.add_tensor(value, prefix + key, "", kind, True))
+            elif isinstance(value, Inert) and value.qualname.startswith("__torch__"):
+                if id(value) not in seen and depth < 200:
+                    seen.add(id(value))
+                    children.append((value, node.child(key), depth + 1))
+            elif key.startswith("_"):
+                continue
+            elif is_plain(value):
+                node.attributes[key] = value
+            else:
+                node.attributes[key] = walker.describe(value)[1]
+        stack.extend(reversed(children))
+    return root

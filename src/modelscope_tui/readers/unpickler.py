@@ -1,0 +1,655 @@
+"""Parse pickles without executing them.
+
+Two steps. `scan_pickle` walks the opcodes once, checks every length and memo index against the
+bytes actually present (so no number read from the file can make us allocate), and finds STOP.
+Then CPython's C unpickler builds the object graph with `find_class` overridden: a short allowlist
+of torch rebuild functions and containers maps to pure-data constructors defined here, and every
+other global becomes an inert class whose instances only record the arguments they were given.
+No module named in the file is ever imported; nothing from the file is ever called.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import pickletools
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from ..checkpoint import GlobalRef, StorageRecord
+from ..errors import MscopeError, UnsafePickleError
+
+# ----------------------------------------------------------------------------------------------
+# Opcode scan
+# ----------------------------------------------------------------------------------------------
+_INVALID, _NEWLINE, _COUNT1, _COUNT4S, _COUNT4U, _COUNT8 = -9, -1, -2, -3, -4, -5
+_LONG_BINPUT, _PUT, _STOP, _TWO_LINES = -6, -7, -8, -10
+
+
+def _opcode_table() -> list[int]:
+    table = [_INVALID] * 256
+    for op in pickletools.opcodes:
+        code = op.code.encode("latin-1")[0]
+        table[code] = 0 if op.arg is None else op.arg.n
+        if op.name == "STOP":
+            table[code] = _STOP
+        elif op.name == "LONG_BINPUT":
+            table[code] = _LONG_BINPUT
+        elif op.name == "PUT":
+            table[code] = _PUT
+        elif op.name in ("GLOBAL", "INST"):
+            table[code] = _TWO_LINES
+    return table
+
+
+_OPCODES = _opcode_table()
+_U32 = struct.Struct("<I")
+_I32 = struct.Struct("<i")
+_U64 = struct.Struct("<Q")
+
+def scan_pickle(data: bytes | memoryview, start: int = 0, source: str = "pickle") -> int:
+    """Validate the pickle starting at `start` and return the offset just past its STOP.
+
+    Raises UnsafePickleError for unknown opcodes, lengths past the end, memo indices larger than
+    the data could legitimately need (the C unpickler would size its memo array by them), or a
+    pickle with no STOP. The op count is bounded by the data size, so no separate limit is needed.
+    """
+    table = _OPCODES
+    end = len(data)
+    pos = start
+    limit = end - start
+    u32 = _U32.unpack_from
+    try:
+        while pos < end:
+            k = table[data[pos]]
+            pos += 1
+            if k >= 0:
+                pos += k
+            elif k == _COUNT4U:
+                pos += 4 + u32(data, pos)[0]
+            elif k == _TWO_LINES:
+                first = data.find(b"\n", pos, pos + 4096)
+                second = data.find(b"\n", first + 1, first + 4097) if first >= 0 else -1
+                if second < 0:
+                    raise UnsafePickleError(f"{source}: malformed global name", hint="corrupt pickle")
+                pos = second + 1
+            elif k == _COUNT1:
+                pos += 1 + data[pos]
+            elif k == _LONG_BINPUT:
+                if u32(data, pos)[0] > limit:
+                    raise UnsafePickleError(f"{source}: memo index out of range", hint="corrupt or hostile pickle")
+                pos += 4
+            elif k == _STOP:
+                return pos
+            elif k == _NEWLINE or k == _PUT:
+                nl = data.find(b"\n", pos, pos + 4096)
+                if nl < 0:
+                    raise UnsafePickleError(f"{source}: unterminated text argument", hint="corrupt pickle")
+                if k == _PUT:
+                    text = bytes(data[pos:nl])
+                    if not text.isdigit() or int(text) > limit:
+                        raise UnsafePickleError(f"{source}: memo index out of range", hint="corrupt or hostile pickle")
+                pos = nl + 1
+            elif k == _COUNT4S:
+                n = _I32.unpack_from(data, pos)[0]
+                if n < 0:
+                    raise UnsafePickleError(f"{source}: negative length", hint="corrupt pickle")
+                pos += 4 + n
+            elif k == _COUNT8:
+                pos += 8 + _U64.unpack_from(data, pos)[0]
+            else:
+                raise UnsafePickleError(
+                    f"{source}: unknown pickle opcode 0x{data[pos - 1]:02x} at byte {pos - 1}",
+                    hint="not a pickle, or corrupt",
+                )
+    except (IndexError, struct.error):
+        pass
+    raise UnsafePickleError(f"{source}: pickle data is truncated", hint="the file is incomplete or corrupt")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inert stand-ins for globals we refuse to import
+# ----------------------------------------------------------------------------------------------
+class Inert:
+    """An object of a class (or result of a call) the pickle named. It only records."""
+
+    _global: GlobalRef  # set on each generated subclass
+    __slots__ = ("args", "kwargs", "state", "items", "listitems", "called", "__weakref__")
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Inert:
+        self = object.__new__(cls)
+        self.args = args
+        self.kwargs = kwargs
+        self.state = None
+        self.items = None
+        self.listitems = None
+        self.called = False
+        return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if self.items is None:
+            self.items = {}
+        try:
+            self.items[key] = value
+        except TypeError:
+            self.items[repr(key)] = value
+
+    def append(self, value: Any) -> None:
+        if self.listitems is None:
+            self.listitems = []
+        self.listitems.append(value)
+
+    def extend(self, values: Any) -> None:
+        for value in values:
+            self.append(value)
+
+    def add(self, value: Any) -> None:
+        self.append(value)
+
+    @property
+    def qualname(self) -> str:
+        return type(self)._global.qualname
+
+    def state_dict(self) -> dict | None:
+        """The instance dict the object was built with, when it is one (nn.Module, Namespace...)."""
+        state = self.state
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+            state = state[0]  # (dict, slotstate)
+        return state if isinstance(state, dict) else None
+
+    def __repr__(self) -> str:
+        return f"<{self.qualname}>"
+
+
+class Call(Inert):
+    """Marker base for inert results of calling a global (REDUCE on a function)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure-data stand-ins for the torch pieces we understand
+# ----------------------------------------------------------------------------------------------
+_STORAGE_DTYPES = {
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexDoubleStorage": "complex128",
+    "ComplexFloatStorage": "complex64",
+    "QUInt8Storage": "quint8",
+    "QInt8Storage": "qint8",
+    "QInt32Storage": "qint32",
+    "QUInt4x2Storage": "quint4x2",
+    "QUInt2x4Storage": "quint2x4",
+    "UntypedStorage": "uint8",
+}
+
+_TORCH_DTYPES = {
+    "float64": "float64", "double": "float64", "float32": "float32", "float": "float32",
+    "float16": "float16", "half": "float16", "bfloat16": "bfloat16",
+    "complex128": "complex128", "cdouble": "complex128", "complex64": "complex64",
+    "cfloat": "complex64", "complex32": "complex32", "chalf": "complex32",
+    "int64": "int64", "long": "int64", "int32": "int32", "int": "int32", "int16": "int16",
+    "short": "int16", "int8": "int8", "uint8": "uint8", "uint16": "uint16", "uint32": "uint32",
+    "uint64": "uint64", "bool": "bool", "float8_e4m3fn": "float8_e4m3fn",
+    "float8_e5m2": "float8_e5m2", "float8_e4m3fnuz": "float8_e4m3fnuz",
+    "float8_e5m2fnuz": "float8_e5m2fnuz", "float8_e8m0fnu": "float8_e8m0fnu",
+    "float4_e2m1fn_x2": "float4_e2m1fn_x2", "qint8": "qint8", "quint8": "quint8",
+    "qint32": "qint32", "quint4x2": "quint4x2", "quint2x4": "quint2x4",
+}  # fmt: skip
+
+MAX_DIMS = 64
+MAX_DIM = 1 << 62
+
+
+class DType(str):
+    """A torch dtype named by the pickle (`torch.float16`), kept as its name."""
+
+
+class StorageType:
+    __slots__ = ("dtype", "name")
+
+    def __init__(self, name: str, dtype: str):
+        self.name = name
+        self.dtype = dtype
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+
+class TorchSize(tuple):
+    __slots__ = ()
+
+
+class Device(str):
+    """torch.device('cuda', 1) -> 'cuda:1'."""
+
+
+class TensorRef:
+    """A tensor as the pickle describes it. `storage` is whatever persistent_load returned."""
+
+    __slots__ = (
+        "storage", "offset", "shape", "stride", "requires_grad", "is_parameter",
+        "dtype", "note", "subclass", "__weakref__",
+    )  # fmt: skip
+
+    def __init__(self, storage: Any, offset: Any, shape: Any, stride: Any, requires_grad: Any, dtype: str | None = None):
+        self.storage = storage
+        self.shape = _check_dims(shape, "shape")
+        self.stride = _check_dims(stride, "stride") if stride is not None else _contiguous(self.shape)
+        if len(self.stride) != len(self.shape):
+            raise UnsafePickleError(f"tensor stride {self.stride} does not match its shape {self.shape}")
+        if type(offset) is not int or not 0 <= offset < MAX_DIM:
+            raise UnsafePickleError(f"tensor has an invalid storage offset {offset!r}")
+        self.offset = offset
+        self.requires_grad = requires_grad is True or (type(requires_grad) is int and requires_grad != 0)
+        self.is_parameter = False
+        self.dtype = dtype or (storage.dtype if type(storage) is StorageRecord else None)
+        self.note: str | None = None
+        self.subclass: str | None = None
+
+    def __repr__(self) -> str:
+        return f"TensorRef({self.dtype}, {list(self.shape)})"
+
+
+def _check_dims(values: Any, what: str) -> tuple[int, ...]:
+    values = tuple(values) if type(values) in (tuple, list, TorchSize) else None
+    if values is None or len(values) > MAX_DIMS:
+        raise UnsafePickleError(f"tensor has an invalid {what}")
+    if values and (set(map(type, values)) != {int} or min(values) < 0 or max(values) >= MAX_DIM):
+        raise UnsafePickleError(f"tensor has an invalid {what} {_short(values)}")
+    return values
+
+
+def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for size in reversed(shape):
+        stride.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    return TensorRef(storage, storage_offset, size, stride, requires_grad)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, dtype=None, metadata=None):
+    dtype_name = str(dtype) if isinstance(dtype, DType) else None
+    return TensorRef(storage, storage_offset, size, stride, requires_grad, dtype=dtype_name)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    return TensorRef(storage, storage_offset, size, stride, False)
+
+
+def _rebuild_parameter(data, requires_grad=True, backward_hooks=None, state=None):
+    if isinstance(data, TensorRef):
+        data.is_parameter = True
+        data.requires_grad = bool(requires_grad) if isinstance(requires_grad, (bool, int)) else True
+    return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    result = func(*args) if callable(func) and isinstance(args, tuple) else None
+    if isinstance(result, TensorRef):
+        if new_type is PARAMETER_TYPE:
+            result.is_parameter = True
+        elif new_type is not TENSOR_TYPE:
+            result.subclass = getattr(getattr(new_type, "_global", None), "qualname", repr(new_type))
+    return result
+
+
+def _rebuild_without_storage(kind: str) -> Callable[..., TensorRef | None]:
+    """Quantized, sparse, meta and other exotic tensors: shape and dtype when the args say so."""
+
+    def rebuild(*args: Any, **kwargs: Any) -> TensorRef | None:
+        storage = args[0] if args and isinstance(args[0], StorageRecord) else None
+        if kind == "meta" and len(args) >= 3 and isinstance(args[0], DType):
+            ref = TensorRef(None, 0, args[1], args[2], False, dtype=str(args[0]))
+        elif storage is not None and len(args) >= 4:
+            ref = TensorRef(storage, args[1], args[2], args[3], False)
+        else:
+            return None
+        ref.note = kind
+        return ref
+
+    return rebuild
+
+
+class _TypeMarker:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+TENSOR_TYPE = _TypeMarker("torch.Tensor")
+PARAMETER_TYPE = _TypeMarker("torch.nn.parameter.Parameter")
+
+
+def _torch_device(*args: Any) -> Device:
+    if len(args) == 1 and isinstance(args[0], str):
+        return Device(args[0][:64])
+    if len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], int):
+        return Device(f"{args[0][:32]}:{args[1]}")
+    raise UnsafePickleError(f"invalid torch.device arguments {_short(args)}")
+
+
+def _codecs_encode(text: Any, encoding: str = "utf-8") -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
+        raise UnsafePickleError(f"unexpected _codecs.encode arguments {_short((text, encoding))}")
+    return text.encode(encoding, errors="surrogatepass")
+
+
+def _data_only(kind: type) -> Callable[..., Any]:
+    """set/frozenset/etc. built only from pickle data (never from a count)."""
+
+    def build(*args: Any) -> Any:
+        if args and not isinstance(args[0], (list, tuple, set, frozenset, dict, str, bytes)):
+            raise UnsafePickleError(f"unexpected {kind.__name__} arguments {_short(args)}")
+        return kind(*args)
+
+    return build
+
+
+def _bytes_from_text(kind: type) -> Callable[..., Any]:
+    """Protocol-2 pickles write bytes/bytearray as (text, 'latin-1'); never accept a count."""
+
+    def build(*args: Any) -> Any:
+        if not args:
+            return kind()
+        if isinstance(args[0], (bytes, bytearray)) and len(args) == 1:
+            return kind(args[0])
+        if isinstance(args[0], str) and len(args) == 2 and args[1] in ("latin-1", "latin1", "utf-8"):
+            return kind(args[0], args[1])
+        raise UnsafePickleError(f"unexpected {kind.__name__} arguments {_short(args)}")
+
+    return build
+
+
+def _reconstructor(cls: Any, base: Any = None, state: Any = None) -> Any:
+    """copyreg._reconstructor as protocol 0/1 pickles use it: an empty object of `cls`."""
+    if isinstance(cls, type) and issubclass(cls, Inert):
+        return cls.__new__(cls)
+    raise UnsafePickleError(f"unexpected copyreg._reconstructor target {_short(cls)}")
+
+
+def _passthrough(value: Any = None, *rest: Any) -> Any:
+    return value
+
+
+SAFE_FUNCTIONS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): _data_only(set),
+    ("builtins", "frozenset"): _data_only(frozenset),
+    ("builtins", "complex"): complex,
+    ("builtins", "slice"): slice,
+    ("builtins", "bytes"): _bytes_from_text(bytes),
+    ("builtins", "bytearray"): _bytes_from_text(bytearray),
+    ("copyreg", "_reconstructor"): _reconstructor,
+    ("_codecs", "encode"): _codecs_encode,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch._utils", "_rebuild_qtensor"): _rebuild_without_storage("quantized"),
+    ("torch._utils", "_rebuild_sparse_tensor"): _rebuild_without_storage("sparse"),
+    ("torch._utils", "_rebuild_meta_tensor_no_storage"): _rebuild_without_storage("meta"),
+    ("torch._utils", "_rebuild_wrapper_subclass"): _rebuild_without_storage("wrapper subclass"),
+    ("torch._utils", "_rebuild_nested_tensor"): _rebuild_without_storage("nested"),
+    ("torch._utils", "_rebuild_device_tensor_from_numpy"): _rebuild_without_storage("numpy"),
+    ("torch", "Size"): TorchSize,
+    ("torch", "device"): _torch_device,
+    ("torch", "Tensor"): TENSOR_TYPE,
+    ("torch._tensor", "Tensor"): TENSOR_TYPE,
+    ("torch.nn.parameter", "Parameter"): PARAMETER_TYPE,
+    # TorchScript pickles wrap lists in these; they only tag types.
+    ("torch.jit._pickle", "restore_type_tag"): _passthrough,
+    ("torch.jit._pickle", "build_intlist"): _passthrough,
+    ("torch.jit._pickle", "build_tensorlist"): _passthrough,
+    ("torch.jit._pickle", "build_doublelist"): _passthrough,
+    ("torch.jit._pickle", "build_boollist"): _passthrough,
+    ("torch.jit._pickle", "build_tensor_from_id"): _passthrough,
+}
+
+_TORCH_NAMED_CONSTANTS = {
+    "contiguous_format", "channels_last", "channels_last_3d", "preserve_format",
+    "strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn",
+    "jagged",
+}  # fmt: skip
+
+# ----------------------------------------------------------------------------------------------
+# What a global could do
+# ----------------------------------------------------------------------------------------------
+_DANGEROUS_MODULES = (
+    "os", "posix", "nt", "subprocess", "sys", "runpy", "importlib", "pickle", "_pickle",
+    "cPickle", "pickletools", "copyreg", "copy_reg", "dill", "cloudpickle", "joblib", "marshal",
+    "ctypes", "_ctypes", "shutil", "socket", "code", "codeop", "pty", "commands", "webbrowser",
+    "multiprocessing", "asyncio", "threading", "_thread", "signal", "pdb", "bdb", "timeit",
+    "trace", "profile", "cProfile", "doctest", "pydoc", "platform", "urllib", "urllib2", "http",
+    "httplib", "ftplib", "smtplib", "telnetlib", "requests", "zipimport", "imp", "types",
+    "inspect", "gc", "pip", "setuptools", "distutils", "venv", "ensurepip", "site", "tempfile",
+    "glob", "fileinput", "linecache", "io", "_io", "codecs", "shelve", "dbm", "sqlite3", "tarfile",
+    "zipfile", "operator", "_operator", "functools", "_functools",
+    "torch.hub", "torch.utils.cpp_extension", "torch._dynamo", "torch._inductor", "torch.jit",
+    "torch._C", "torch.ops", "torch.package", "torch.distributed.rpc", "torch.multiprocessing",
+    "numpy.testing", "numpy.f2py", "numpy.distutils", "numpy.ctypeslib", "IPython", "ipykernel",
+)  # fmt: skip
+
+_DANGEROUS_NAMES = {
+    "builtins": {
+        "eval", "exec", "compile", "open", "__import__", "getattr", "setattr", "delattr",
+        "globals", "locals", "vars", "input", "breakpoint", "help", "exit", "quit", "memoryview",
+        "type", "object", "classmethod", "staticmethod", "property", "super", "print",
+        "range", "map", "filter", "zip", "iter", "next", "apply",
+        "execfile", "reload", "file", "dir", "id", "hasattr", "callable", "__build_class__",
+    },
+    "__builtin__": {"eval", "exec", "execfile", "compile", "open", "file", "__import__", "getattr", "apply", "reload", "input"},
+    "torch": {"load", "save", "from_file", "_load_global_deps", "compile", "set_default_device"},
+    "torch.serialization": None,  # every name: load, _load, ...
+    "torch.storage": {"_load_from_bytes"},
+    "torch._weights_only_unpickler": None,
+    "numpy": {"load", "loadtxt", "genfromtxt", "fromfile", "memmap", "save", "savez", "frombuffer"},
+    "numpy.lib.npyio": None,
+}  # fmt: skip
+
+_EFFECTS = {
+    "os.system": "run a shell command",
+    "posix.system": "run a shell command",
+    "nt.system": "run a shell command",
+    "subprocess": "start a process",
+    "builtins.eval": "evaluate Python code",
+    "builtins.exec": "execute Python code",
+    "builtins.compile": "compile Python code",
+    "builtins.__import__": "import a module",
+    "builtins.getattr": "fetch an arbitrary attribute",
+    "builtins.open": "open a file",
+    "runpy": "run a Python module or file",
+    "importlib": "import a module",
+    "pickle": "unpickle nested data (with no restrictions)",
+    "_pickle": "unpickle nested data (with no restrictions)",
+    "torch.load": "load a nested torch pickle",
+    "torch.serialization": "load a nested torch pickle",
+    "torch.storage._load_from_bytes": "load a nested torch pickle",
+    "operator.attrgetter": "fetch an arbitrary attribute",
+    "operator.methodcaller": "call an arbitrary method",
+    "functools.partial": "wrap a call to an arbitrary function",
+    "shutil": "copy, move or delete files",
+    "socket": "open a network connection",
+    "webbrowser": "open a URL",
+    "ctypes": "call native code",
+    "marshal": "load compiled code",
+    "types": "build functions or code objects",
+}
+
+
+def classify_global(module: str, name: str) -> tuple[str, str]:
+    """('safe'|'unsafe'|'dangerous', reason) for a global a pickle names."""
+    if (module, name) in SAFE_FUNCTIONS or _torch_data_global(module, name) is not None:
+        return "safe", "allowlisted"
+    qual = f"{module}.{name}"
+    names = _DANGEROUS_NAMES.get(module, ())
+    if names is None or name in names or _dangerous_module(module):
+        return "dangerous", _effect(module, name)
+    return "unsafe", "not in the weights_only allowlist; would be imported by a plain torch.load"
+
+
+def _dangerous_module(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in _DANGEROUS_MODULES)
+
+
+def _effect(module: str, name: str) -> str:
+    qual = f"{module}.{name}"
+    for key in (qual, module, module.split(".", 1)[0]):
+        if key in _EFFECTS:
+            return f"can {_EFFECTS[key]}"
+    return "can execute code when loaded"
+
+
+def _torch_data_global(module: str, name: str) -> Any:
+    """dtypes, storage types and layout constants torch pickles as plain globals."""
+    if module == "torch":
+        if name in _TORCH_DTYPES:
+            return DType(_TORCH_DTYPES[name])
+        if name in _TORCH_NAMED_CONSTANTS:
+            return f"torch.{name}"
+    if module in ("torch", "torch.storage", "torch.cuda") and name.endswith("Storage"):
+        dtype = _STORAGE_DTYPES.get(name)
+        if dtype is None and name != "TypedStorage":
+            guess = name[: -len("Storage")].lower()
+            dtype = _TORCH_DTYPES.get(guess)
+        if dtype is not None:
+            return StorageType(name, dtype)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The unpickler
+# ----------------------------------------------------------------------------------------------
+MAX_CALLS_SHOWN = 3
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """C unpickler whose globals all resolve to data-only stand-ins (see module docstring)."""
+
+    def __init__(
+        self,
+        data: bytes | memoryview,
+        *,
+        source: str,
+        persistent_load: Callable[[Any], Any] | None = None,
+        known_schema: Callable[[str, str], bool] | None = None,
+    ):
+        super().__init__(io.BytesIO(data), encoding="utf-8", errors="surrogateescape")
+        self.source = source
+        if persistent_load is not None:
+            self.persistent_load = persistent_load
+        self._known_schema = known_schema
+        self.globals: dict[tuple[str, str], GlobalRef] = {}
+        self._inert_classes: dict[tuple[str, str], type] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        module, name = str(module)[:256], str(name)[:256]
+        key = (module, name)
+        ref = self.globals.get(key)
+        if ref is None:
+            safety, reason = classify_global(module, name)
+            if safety == "unsafe" and self._known_schema is not None and self._known_schema(module, name):
+                safety, reason = "safe", "format schema"
+            ref = GlobalRef(module, name, safety, pickle=self.source, reason=reason)
+            self.globals[key] = ref
+        ref.count += 1
+        if ref.safety == "safe":
+            value = SAFE_FUNCTIONS.get(key)
+            if value is None:
+                value = _torch_data_global(module, name)
+            if value is not None:
+                return value
+        cls = self._inert_classes.get(key)
+        if cls is None:
+            cls = self._make_inert(ref)
+            self._inert_classes[key] = cls
+        return cls
+
+    def _make_inert(self, ref: GlobalRef) -> type:
+        def record_call(cls: type, *args: Any, **kwargs: Any) -> Inert:
+            obj = Inert.__new__(cls, *args, **kwargs)
+            if (args or kwargs) and len(ref.calls) < MAX_CALLS_SHOWN:
+                ref.calls.append(render_call(ref.qualname, args, kwargs))
+            return obj
+
+        safe_name = "".join(c if c.isalnum() or c == "_" else "_" for c in ref.name) or "_"
+        return type(safe_name, (Inert,), {"__slots__": (), "_global": ref, "__new__": record_call})
+
+
+def render_call(qualname: str, args: tuple, kwargs: dict | None = None, limit: int = 160) -> str:
+    """`os.system('touch /tmp/x')`: what a payload would have done, shortened for one line."""
+    parts = [_render_arg(a) for a in args]
+    parts += [f"{k}={_render_arg(v)}" for k, v in (kwargs or {}).items()]
+    text = f"{qualname}({', '.join(parts)})"
+    return text if len(text) <= limit else text[: limit - 4] + "...)"
+
+
+def _render_arg(value: Any, depth: int = 0) -> str:
+    if isinstance(value, Inert):
+        inner = ", ".join(_render_arg(a, depth + 1) for a in value.args[:4]) if depth < 3 else "..."
+        return f"{value.qualname}({inner})" if value.args else value.qualname
+    if isinstance(value, type) and issubclass(value, Inert):
+        return value._global.qualname
+    if isinstance(value, (tuple, list)) and depth < 3:
+        inner = ", ".join(_render_arg(a, depth + 1) for a in value[:6])
+        return f"({inner})" if isinstance(value, tuple) else f"[{inner}]"
+    return _short(value, 120)
+
+
+def safe_load(
+    data: bytes | memoryview,
+    *,
+    source: str,
+    persistent_load: Callable[[Any], Any] | None = None,
+    known_schema: Callable[[str, str], bool] | None = None,
+    start: int = 0,
+) -> tuple[Any, list[GlobalRef], int]:
+    """Unpickle one pickle from `data[start:]` safely: (object, globals it named, end offset)."""
+    end = scan_pickle(data, start, source)
+    unpickler = SafeUnpickler(
+        data[start:end], source=source, persistent_load=persistent_load, known_schema=known_schema
+    )
+    try:
+        obj = unpickler.load()
+    except UnsafePickleError as exc:
+        if not exc.message.startswith(source):
+            exc.message = f"{source}: {exc.message}"
+        raise
+    except RecursionError as exc:
+        raise UnsafePickleError(f"{source}: pickle nests too deeply") from exc
+    except MemoryError as exc:
+        raise UnsafePickleError(f"{source}: pickle asks for more memory than it can hold") from exc
+    except MscopeError:
+        raise
+    except Exception as exc:  # a malformed pickle can raise almost anything from the C unpickler
+        raise UnsafePickleError(f"{source}: malformed pickle ({type(exc).__name__}: {_short(str(exc), 100)})") from exc
+    return obj, list(unpickler.globals.values()), end

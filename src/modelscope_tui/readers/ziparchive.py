@@ -1,0 +1,156 @@
+"""A minimal, strict zip reader over mmap: the central directory and where each member's bytes are.
+
+torch archives store members uncompressed and aligned, so a member is just a byte range of the
+file. We parse the directory ourselves (instead of `zipfile`) to see duplicates, overlaps and
+compression, to stay fast on 100k-member archives, and to never read a member we do not need.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CorruptCheckpointError
+
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD64_LOCATOR = struct.Struct("<4sLQL")
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")
+_CENTRAL = struct.Struct("<4s6H3L5H2L")
+_LOCAL = struct.Struct("<4s5H3L2H")
+_MAX_COMMENT = 0xFFFF
+STORED, DEFLATED = 0, 8
+
+
+@dataclass(slots=True)
+class ZipEntry:
+    name: str
+    header_offset: int
+    method: int
+    compressed_size: int
+    size: int
+    crc: int
+    flags: int
+
+
+class ZipArchive:
+    """Read-only view of a zip file. `buffer` is the mmap; members are byte ranges of it."""
+
+    def __init__(self, path: Path, buffer: mmap.mmap | bytes | None = None):
+        self.path = Path(path)
+        self._own = buffer is None
+        if buffer is None:
+            with open(self.path, "rb") as fh:
+                buffer = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self.buffer = buffer
+        self.size = len(buffer)
+        self.entries: dict[str, ZipEntry] = {}
+        self.duplicates: list[str] = []
+        self._parse_directory()
+
+    def close(self) -> None:
+        if self._own and isinstance(self.buffer, mmap.mmap):
+            self.buffer.close()
+
+    def __enter__(self) -> ZipArchive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _corrupt(self, what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"corrupt zip archive: {what}", self.path, "the file is truncated or damaged; re-download or re-save it"
+        )
+
+    def _parse_directory(self) -> None:
+        buf, size = self.buffer, self.size
+        tail_start = max(0, size - _EOCD.size - _MAX_COMMENT)
+        pos = buf.rfind(b"PK\x05\x06", tail_start)
+        if pos < 0:
+            raise self._corrupt("end-of-central-directory record not found")
+        _, _, _, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(buf, pos)
+        locator = pos - _EOCD64_LOCATOR.size
+        if locator >= 0 and buf[locator : locator + 4] == b"PK\x06\x07":
+            _, _, eocd64_offset, _ = _EOCD64_LOCATOR.unpack_from(buf, locator)
+            if eocd64_offset + _EOCD64.size > size or buf[eocd64_offset : eocd64_offset + 4] != b"PK\x06\x06":
+                raise self._corrupt("bad zip64 end record")
+            fields = _EOCD64.unpack_from(buf, eocd64_offset)
+            count, cd_size, cd_offset = fields[7], fields[8], fields[9]
+        if cd_offset + cd_size > size or count * _CENTRAL.size > cd_size:
+            raise self._corrupt("central directory lies outside the file")
+        entries = self.entries
+        p = cd_offset
+        end = cd_offset + cd_size
+        unpack = _CENTRAL.unpack_from
+        for _ in range(count):
+            if p + _CENTRAL.size > end:
+                raise self._corrupt("central directory is truncated")
+            (sig, _, _, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _, offset) = unpack(buf, p)
+            if sig != b"PK\x01\x02":
+                raise self._corrupt("bad central directory entry")
+            name_start = p + _CENTRAL.size
+            name = bytes(buf[name_start : name_start + nlen]).decode("utf-8", "replace")
+            if 0xFFFFFFFF in (csize, usize, offset):
+                usize, csize, offset = self._zip64_extra(name_start + nlen, xlen, usize, csize, offset)
+            p = name_start + nlen + xlen + clen
+            if name in entries:
+                self.duplicates.append(name)
+            entries[name] = ZipEntry(name, offset, method, csize, usize, crc, flags)
+        if p > end:
+            raise self._corrupt("central directory is truncated")
+
+    def _zip64_extra(self, start: int, length: int, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
+        buf, p, end = self.buffer, start, start + length
+        while p + 4 <= end:
+            tag, size = struct.unpack_from("<2H", buf, p)
+            if tag == 1:
+                q = p + 4
+                values = []
+                for wanted in (usize, csize, offset):
+                    if wanted == 0xFFFFFFFF:
+                        if q + 8 > p + 4 + size:
+                            raise self._corrupt("bad zip64 extra field")
+                        values.append(struct.unpack_from("<Q", buf, q)[0])
+                        q += 8
+                    else:
+                        values.append(wanted)
+                return values[0], values[1], values[2]
+            p += 4 + size
+        raise self._corrupt("zip64 sizes missing")
+
+    # -- members -------------------------------------------------------------------------------
+    def data_offset(self, entry: ZipEntry) -> int:
+        """Absolute offset of the member's first byte (after its local header)."""
+        pos = entry.header_offset
+        if pos + _LOCAL.size > self.size or self.buffer[pos : pos + 4] != b"PK\x03\x04":
+            raise self._corrupt(f"local header of {entry.name!r} is missing")
+        fields = _LOCAL.unpack_from(self.buffer, pos)
+        start = pos + _LOCAL.size + fields[9] + fields[10]
+        if start + entry.compressed_size > self.size:
+            raise self._corrupt(f"member {entry.name!r} runs past the end of the file")
+        return start
+
+    def read(self, name: str, limit: int) -> bytes:
+        """The member's bytes, refusing members (or decompressed output) larger than `limit`."""
+        entry = self.entries.get(name)
+        if entry is None:
+            raise self._corrupt(f"member {name!r} is missing")
+        if entry.size > limit:
+            raise self._corrupt(f"member {name!r} is {entry.size:,} bytes, more than the {limit:,} allowed")
+        start = self.data_offset(entry)
+        raw = self.buffer[start : start + entry.compressed_size]
+        if entry.method == STORED:
+            return bytes(raw)
+        if entry.method == DEFLATED:
+            inflater = zlib.decompressobj(-15)
+            out = inflater.decompress(raw, limit + 1)
+            if len(out) > limit:
+                raise self._corrupt(f"member {name!r} inflates past {limit:,} bytes")
+            return out
+        raise self._corrupt(f"member {name!r} uses unsupported compression method {entry.method}")
+
+    def check_crc(self, name: str, limit: int = 1 << 62) -> bool:
+        return zlib.crc32(self.read(name, limit)) & 0xFFFFFFFF == self.entries[name].crc

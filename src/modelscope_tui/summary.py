@@ -1,0 +1,296 @@
+"""`mscope summary`: the checkpoint as JSON (versioned schema) or as a rich text report."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from .checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord
+from .readers import FORMAT_LABELS
+
+SCHEMA = "mscope.summary"
+SCHEMA_VERSION = 1
+AUTO_DEPTH_TENSORS = 400  # above this many tensors the text report stops listing every tensor
+
+
+def fmt_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def fmt_count(n: int) -> str:
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def matches(name: str, pattern: str | None) -> bool:
+    return pattern is None or fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"{pattern}.*")
+
+
+def totals_line(ckpt: Checkpoint) -> str:
+    t = ckpt.totals()
+    return f"trainable params: {t.trainable:,} || all params: {t.parameters:,} || trainable%: {t.trainable_percent:.2f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON
+# ----------------------------------------------------------------------------------------------
+def tensor_dict(t: TensorRecord) -> dict[str, Any]:
+    return {
+        "name": t.name,
+        "section": t.section,
+        "shape": list(t.shape),
+        "dtype": t.dtype,
+        "kind": t.kind,
+        "requires_grad": t.requires_grad,
+        "trainable": t.trainable,
+        "numel": t.numel,
+        "bytes": t.nbytes,
+        "stride": list(t.stride),
+        "storage_offset": t.storage_offset,
+        "storage": t.storage.key if t.storage is not None else None,
+        "location": t.location,
+        "shard": t.shard,
+        "tied_to": t.tied_to,
+        "alias_of": t.alias_of,
+        "note": t.note,
+    }
+
+
+def summary_dict(ckpt: Checkpoint, depth: int | None = None, pattern: str | None = None) -> dict[str, Any]:
+    totals = ckpt.totals()
+    modules = []
+    for node in ckpt.tree.walk():
+        level = node.name.count(".") + 1 if node.name else 0
+        if depth is not None and level > depth:
+            continue
+        if pattern is not None and node.name and not any(matches(t.name, pattern) for t in node.all_tensors()):
+            continue
+        stats = node.stats
+        modules.append(
+            {
+                "name": node.name,
+                "class": node.class_path,
+                "training": node.training,
+                "attributes": {k: _jsonable(v) for k, v in node.attributes.items()},
+                "tensors": stats.tensors,
+                "parameters": stats.params,
+                "trainable": stats.trainable,
+                "bytes": stats.nbytes,
+            }
+        )
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "file": str(ckpt.path),
+        "format": ckpt.format,
+        "format_label": FORMAT_LABELS.get(ckpt.format, ckpt.format),
+        "kind": ckpt.kind,
+        "model_path": ckpt.model_path,
+        "hierarchy": "file" if ckpt.has_real_hierarchy else "names",
+        "totals": {
+            "tensors": totals.tensors,
+            "parameters": totals.parameters,
+            "trainable": totals.trainable,
+            "frozen": totals.frozen,
+            "trainable_percent": round(totals.trainable_percent, 4),
+            "buffers": totals.buffers,
+            "bytes": totals.nbytes,
+            "file_tensor_bytes": totals.file_bytes,
+            "bytes_by_dtype": totals.bytes_by_dtype,
+            "bytes_by_location": totals.bytes_by_location,
+        },
+        "sections": {
+            name: {"role": role, **totals.sections.get(name, {"tensors": 0, "bytes": 0})}
+            for name, role in ckpt.sections.items()
+            if role != "model"
+        },
+        "modules": modules,
+        "tensors": [tensor_dict(t) for t in ckpt.tensors if matches(t.name, pattern)],
+        "entries": [{"path": e.path, "type": e.type, "value": _jsonable(e.value)} for e in ckpt.entries],
+        "globals": [
+            {
+                "module": g.module,
+                "name": g.name,
+                "safety": g.safety,
+                "reason": g.reason,
+                "count": g.count,
+                "calls": g.calls,
+                "pickle": g.pickle,
+            }
+            for g in ckpt.globals
+        ],
+        "metadata": {k: _jsonable(v) for k, v in ckpt.metadata.items()},
+        "warnings": ckpt.warnings,
+        "problems": ckpt.problems,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else repr(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value[:64]]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in list(value.items())[:256]}
+    return repr(value)[:200]
+
+
+# ----------------------------------------------------------------------------------------------
+# Text
+# ----------------------------------------------------------------------------------------------
+def render_summary(ckpt: Checkpoint, console: Any, depth: int | None = None, pattern: str | None = None) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    totals = ckpt.totals()
+    label = FORMAT_LABELS.get(ckpt.format, ckpt.format)
+    where = f" (model at [bold]{escape(ckpt.model_path)}[/])" if ckpt.model_path else ""
+    console.print(f"[bold]{escape(ckpt.path.name)}[/] · {label} · {ckpt.kind.replace('_', ' ')}{where}")
+    dtypes = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in totals.bytes_by_dtype.items()) or "no tensors"
+    console.print(f"{totals.tensors:,} tensors · {fmt_bytes(totals.nbytes)} · {dtypes}")
+
+    show_tensors = depth is None and (pattern is not None or totals.tensors <= AUTO_DEPTH_TENSORS)
+    if depth is None and not show_tensors:
+        depth = 2
+    table = Table(box=None, pad_edge=False, show_edge=False, expand=False, header_style="bold")
+    table.add_column("Module / tensor", overflow="ellipsis", no_wrap=True, max_width=34)
+    table.add_column("Shape", overflow="ellipsis", no_wrap=True, max_width=16)
+    table.add_column("Dtype", no_wrap=True, max_width=9, overflow="ellipsis")
+    table.add_column("Train", no_wrap=True)
+    table.add_column("Params", justify="right", no_wrap=True)
+    table.add_column("Bytes", justify="right", no_wrap=True)
+
+    for node, prefix, level in _visible_nodes(ckpt.tree, depth, pattern):
+        stats = node.stats
+        if node.name or node.class_path or node.children:
+            name = node.short_name or "(root)"
+            cls = f" {node.class_name}" if node.class_name else ""
+            mark = _module_mark(stats.trainable, stats.params)
+            table.add_row(
+                Text(prefix) + Text(name, style="bold") + Text(cls, style="cyan"),
+                "", "", mark, fmt_count(stats.params) if stats.params else "-", fmt_bytes(stats.nbytes),
+            )  # fmt: skip
+        if not show_tensors and (depth is not None and level >= depth):
+            continue
+        if show_tensors or depth is None or level < depth:
+            child_prefix = _child_prefix(prefix, bool(node.name or node.class_path or node.children))
+            for t in node.tensors:
+                if not matches(t.name, pattern):
+                    continue
+                leaf = t.name.rsplit(".", 1)[-1]
+                style = "" if t.kind == PARAMETER else "dim"
+                extra = f" = {t.alias_of}" if t.alias_of else ""
+                table.add_row(
+                    Text(child_prefix + leaf + extra, style=style),
+                    "×".join(map(str, t.shape)) or "scalar",
+                    t.dtype,
+                    _tensor_mark(t),
+                    f"{t.numel:,}" if t.kind == PARAMETER else f"({t.kind})",
+                    fmt_bytes(t.nbytes),
+                )
+    console.print(table)
+    if not show_tensors:
+        console.print(f"[dim]{totals.tensors:,} tensors; showing modules to depth {depth} (--depth N, --filter GLOB to see tensors)[/]")
+    console.print(f"[bold]{totals_line(ckpt)}[/]")
+    if totals.buffers:
+        console.print(f"buffers and other tensors: {totals.buffers:,} elements")
+
+    locations = totals.bytes_by_location
+    if locations:
+        text = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in locations.items())
+        console.print(f"stored on: {text}")
+        if any(not loc.startswith("cpu") for loc in locations):
+            console.print("[yellow]tensors were saved on an accelerator: on a CPU-only machine load with map_location='cpu'[/]")
+
+    other = {k: v for k, v in ckpt.sections.items() if v != "model"}
+    if other:
+        console.print("[bold]Sections[/]")
+        for name, role in other.items():
+            sec = totals.sections.get(name)
+            detail = f"{sec['tensors']:,} tensors, {fmt_bytes(sec['bytes'])}" if sec else "no tensors"
+            console.print(f"  {escape(name)} [dim]({role})[/]: {detail}")
+    if ckpt.entries:
+        console.print("[bold]Entries[/]")
+        shown = ckpt.entries[:40]
+        for e in shown:
+            console.print(Text(f"  {e.path} = {_short_value(e.value)}", overflow="ellipsis", no_wrap=True))
+        if len(ckpt.entries) > len(shown):
+            console.print(f"  [dim]... {len(ckpt.entries) - len(shown):,} more (--json lists all)[/]")
+    if ckpt.metadata.get("safetensors_metadata"):
+        console.print("[bold]Metadata[/]")
+        for k, v in ckpt.metadata["safetensors_metadata"].items():
+            console.print(Text(f"  {k} = {v}", overflow="ellipsis", no_wrap=True))
+    _render_globals(ckpt, console)
+    for w in ckpt.warnings:
+        console.print(f"[yellow]warning:[/] {escape(w)}")
+    for p in ckpt.problems:
+        console.print(f"[red]problem:[/] {escape(p)}")
+
+
+def _render_globals(ckpt: Checkpoint, console: Any) -> None:
+    from rich.markup import escape
+
+    unsafe = ckpt.unsafe_globals
+    if not unsafe:
+        if ckpt.globals:
+            console.print("[green]pickle globals: all allowlisted (loads with weights_only=True)[/]")
+        return
+    dangerous = [g for g in unsafe if g.safety == "dangerous"]
+    if dangerous:
+        console.print(f"[bold red]DANGEROUS: {len(dangerous)} global(s) that can run code when loaded with torch.load(weights_only=False)[/]")
+    console.print(f"[bold]Globals outside the weights_only allowlist ({len(unsafe)})[/]")
+    for g in unsafe:
+        tag = "[bold red]dangerous[/]" if g.safety == "dangerous" else "[yellow]unsafe[/]"
+        console.print(f"  {tag} {escape(g.qualname)} [dim]{escape(g.reason)}[/]")
+        for call in g.calls:
+            console.print(f"    [red]would call {escape(call)}[/]" if g.safety == "dangerous" else f"    [dim]{escape(call)}[/]")
+
+
+def _short_value(value: Any, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _module_mark(trainable: int, params: int) -> str:
+    if not params:
+        return ""
+    if trainable == params:
+        return "yes"
+    return "no" if trainable == 0 else "mixed"
+
+
+def _tensor_mark(t: TensorRecord) -> str:
+    if t.kind != PARAMETER:
+        return ""
+    return "yes" if t.trainable else "no"
+
+
+def _child_prefix(prefix: str, node_has_row: bool) -> str:
+    return prefix.replace("├─ ", "│  ").replace("└─ ", "   ") + "  " if node_has_row else prefix
+
+
+def _visible_nodes(root: ModuleNode, depth: int | None, pattern: str | None):
+    """(node, tree prefix, level) in display order, depth-limited and filtered, no recursion."""
+    stack: list[tuple[ModuleNode, str, int]] = [(root, "", 0)]
+    while stack:
+        node, prefix, level = stack.pop()
+        yield node, prefix, level
+        if depth is not None and level >= depth:
+            continue
+        children = [c for c in node.children.values() if pattern is None or any(matches(t.name, pattern) for t in c.all_tensors())]
+        base = prefix.replace("├─ ", "│  ").replace("└─ ", "   ")
+        items = []
+        for i, child in enumerate(children):
+            branch = "└─ " if i == len(children) - 1 else "├─ "
+            items.append((child, base + branch, level + 1))
+        stack.extend(reversed(items))
