@@ -212,24 +212,23 @@ def render_summary(ckpt: Checkpoint, console: Any, depth: int | None = None, pat
         if any(not loc.startswith("cpu") for loc in locations):
             console.print("[yellow]tensors were saved on an accelerator: on a CPU-only machine load with map_location='cpu'[/]")
 
-    other = {k: v for k, v in ckpt.sections.items() if v != "model"}
+    other = {k: v for k, v in ckpt.sections.items() if v != "model" and k in totals.sections}
     if other:
-        console.print("[bold]Sections[/]")
+        console.print("[bold]Other tensors[/] [dim](not counted above)[/]")
         for name, role in other.items():
-            sec = totals.sections.get(name)
-            detail = f"{sec['tensors']:,} tensors, {fmt_bytes(sec['bytes'])}" if sec else "no tensors"
-            console.print(f"  {escape(name)} [dim]({role})[/]: {detail}")
+            sec = totals.sections[name]
+            console.print(f"  {escape(name)} [dim]({role})[/]: {sec['tensors']:,} tensors, {fmt_bytes(sec['bytes'])}")
     if ckpt.entries:
         console.print("[bold]Entries[/]")
         shown = ckpt.entries[:40]
         for e in shown:
-            console.print(Text(f"  {e.path} = {_short_value(e.value)}", overflow="ellipsis", no_wrap=True))
+            console.print(Text(f"  {e.path} = {_short_value(e.value)}"), overflow="ellipsis", no_wrap=True, crop=True)
         if len(ckpt.entries) > len(shown):
             console.print(f"  [dim]... {len(ckpt.entries) - len(shown):,} more (--json lists all)[/]")
     if ckpt.metadata.get("safetensors_metadata"):
         console.print("[bold]Metadata[/]")
         for k, v in ckpt.metadata["safetensors_metadata"].items():
-            console.print(Text(f"  {k} = {v}", overflow="ellipsis", no_wrap=True))
+            console.print(Text(f"  {k} = {v}"), overflow="ellipsis", no_wrap=True, crop=True)
     _render_globals(ckpt, console)
     for w in ckpt.warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}")
@@ -247,13 +246,19 @@ def _render_globals(ckpt: Checkpoint, console: Any) -> None:
         return
     dangerous = [g for g in unsafe if g.safety == "dangerous"]
     if dangerous:
-        console.print(f"[bold red]DANGEROUS: {len(dangerous)} global(s) that can run code when loaded with torch.load(weights_only=False)[/]")
-    console.print(f"[bold]Globals outside the weights_only allowlist ({len(unsafe)})[/]")
-    for g in unsafe:
-        tag = "[bold red]dangerous[/]" if g.safety == "dangerous" else "[yellow]unsafe[/]"
-        console.print(f"  {tag} {escape(g.qualname)} [dim]{escape(g.reason)}[/]")
-        for call in g.calls:
-            console.print(f"    [red]would call {escape(call)}[/]" if g.safety == "dangerous" else f"    [dim]{escape(call)}[/]")
+        console.print(
+            f"[bold red]DANGEROUS: {len(dangerous)} global(s) can run code when this file is loaded "
+            "with torch.load(weights_only=False)[/]"
+        )
+        for g in dangerous:
+            console.print(f"  [bold red]{escape(g.qualname)}[/] [dim]{escape(g.reason)}[/]", overflow="ellipsis", no_wrap=True, crop=True)
+            for call in g.calls:
+                console.print(f"    [red]would call {escape(call)}[/]", overflow="ellipsis", no_wrap=True, crop=True)
+    rest = [g for g in unsafe if g.safety != "dangerous"]
+    if rest:
+        console.print(f"[yellow]{len(rest)} global(s) outside the weights_only allowlist[/] [dim](a plain torch.load would import them)[/]")
+        for g in rest:
+            console.print(f"  {escape(g.qualname)}", overflow="ellipsis", no_wrap=True, crop=True)
 
 
 def _short_value(value: Any, limit: int = 60) -> str:

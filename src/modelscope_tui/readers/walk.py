@@ -40,7 +40,6 @@ MODEL_KEYS = (
 )
 MAX_ENTRIES = 20_000
 MAX_DEPTH = 200
-MAX_LIST_AS_ONE = 16  # lists of plain values longer than this become one entry
 
 
 def section_role(key: str) -> str:
@@ -222,8 +221,8 @@ class Walker:
             for k, v in mapping_items(item):
                 yield join(k), v
         elif isinstance(item, (list, tuple)) and not isinstance(item, (DType, Device)):
-            if len(item) > MAX_LIST_AS_ONE and not any(isinstance(v, (TensorRef, dict, list, tuple, Inert)) for v in item):
-                return
+            if not any(isinstance(v, (TensorRef, dict, list, tuple, Inert)) for v in item):
+                return  # a list of plain values is one entry
             for i, v in enumerate(item):
                 yield join(i), v
         elif isinstance(item, Inert):

@@ -1,0 +1,125 @@
+"""Tensor bytes on demand: the only module that materialises tensor data, and imports torch.
+
+A record's storage is a byte range of a file (zip member stored uncompressed, safetensors data
+region, legacy storage, DCP item). We mmap the file copy-on-write, view the range with
+`torch.frombuffer`, and apply the record's shape/stride/offset. Memory is bounded by the tensor:
+`copy=False` returns a view of the page cache, `copy=True` only the elements the tensor covers.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .checkpoint import TensorRecord
+from .errors import TensorDataError
+
+if TYPE_CHECKING:
+    import torch
+
+UNLOADABLE_DTYPES = frozenset({"qint8", "quint8", "qint32", "quint4x2", "quint2x4"})
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or name in UNLOADABLE_DTYPES:
+        raise TensorDataError(f"dtype {name} cannot be read by this torch ({torch.__version__})")
+    return dtype
+
+
+class TensorData:
+    """Opens each file once (mmap) and hands out tensors for records. Use as a context manager."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def __enter__(self) -> TensorData:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for buf in self._maps.values():
+            try:
+                buf.close()
+            except BufferError:
+                pass  # a copy=False tensor still views it; the mapping goes when that tensor does
+        self._maps.clear()
+
+    def _map(self, path: Path) -> mmap.mmap:
+        buf = self._maps.get(path)
+        if buf is None:
+            try:
+                with open(path, "rb") as fh:
+                    if os.fstat(fh.fileno()).st_size == 0:
+                        raise TensorDataError("file is empty", path)
+                    # ACCESS_COPY: writable for torch.frombuffer, never written back to the file.
+                    buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            except OSError as exc:
+                raise TensorDataError(f"cannot read tensor data: {exc.strerror or exc}", path) from exc
+            self._maps[path] = buf
+        return buf
+
+    def storage_bytes(self, record: TensorRecord) -> memoryview:
+        """The raw bytes of the record's whole storage, checked against the file."""
+        s = record.storage
+        where = record.qualified_name
+        if s is None or s.file is None:
+            raise TensorDataError(f"tensor {where!r} has no stored data ({record.note or 'no storage'})")
+        if s.data_offset is None:
+            raise TensorDataError(f"storage {s.key!r} of tensor {where!r} is missing from the file", s.file)
+        if s.compressed:
+            raise TensorDataError(f"storage {s.key!r} of tensor {where!r} is compressed; torch stores it raw", s.file)
+        buf = self._map(Path(s.file))
+        end = s.data_offset + s.nbytes
+        available = s.data_offset + (s.data_size if s.data_size is not None else s.nbytes)
+        if end > min(len(buf), available):
+            raise TensorDataError(
+                f"storage {s.key!r} of tensor {where!r} is truncated "
+                f"({max(0, min(len(buf), available) - s.data_offset):,} of {s.nbytes:,} bytes)",
+                s.file,
+            )
+        return memoryview(buf)[s.data_offset : end]
+
+    def tensor(self, record: TensorRecord, copy: bool = True) -> torch.Tensor:
+        """The tensor exactly as torch.load would give it (values, dtype, shape, stride)."""
+        import torch
+
+        s = record.storage
+        dtype = torch_dtype(record.dtype)
+        raw = self.storage_bytes(record)
+        itemsize = record.itemsize
+        count = len(raw) // itemsize
+        if record.numel == 0:
+            return torch.empty_strided(record.shape, record.stride or (), dtype=dtype)
+        flat = torch.frombuffer(raw, dtype=torch.uint8, count=count * itemsize)
+        if s is not None and s.byteorder == "big" and itemsize > 1:
+            flat = flat.view(-1, itemsize).flip(1).reshape(-1)
+        flat = flat.view(dtype)
+        try:
+            view = flat.as_strided(record.shape, record.stride, record.storage_offset)
+        except RuntimeError as exc:
+            raise TensorDataError(f"tensor {record.qualified_name!r} does not fit its storage: {exc}") from exc
+        return view.clone() if copy else view
+
+    def chunks(self, record: TensorRecord, chunk_bytes: int = 16 << 20) -> Iterator[torch.Tensor]:
+        """The tensor's elements, flattened, in pieces of at most `chunk_bytes` (for streaming)."""
+        view = self.tensor(record, copy=False)
+        if not view.is_contiguous():
+            view = view.reshape(-1)  # copies only when the view has gaps; bounded by the tensor
+        flat = view.reshape(-1)
+        step = max(1, chunk_bytes // max(1, record.itemsize))
+        for start in range(0, flat.numel(), step):
+            yield flat[start : start + step]
+
+
+def load_tensor(record: TensorRecord) -> torch.Tensor:
+    """One tensor (a copy), reading only its bytes."""
+    with TensorData() as data:
+        return data.tensor(record, copy=True)
