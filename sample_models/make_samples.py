@@ -80,14 +80,27 @@ class ScriptableCNN(SmallCNN):
 class TinyTransformerLM(nn.Module):
     """Embedding + positional embedding + N encoder blocks + LayerNorm + tied lm_head."""
 
-    def __init__(self, vocab: int = 128, d_model: int = 32, n_layers: int = 2,
-                 n_heads: int = 4, d_ff: int = 64, max_len: int = 16) -> None:
+    def __init__(
+        self,
+        vocab: int = 128,
+        d_model: int = 32,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        d_ff: int = 64,
+        max_len: int = 16,
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
         self.pos_embed = nn.Embedding(max_len, d_model)
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward=d_ff, dropout=0.0,
-                                       batch_first=True, norm_first=True)
+            nn.TransformerEncoderLayer(
+                d_model,
+                n_heads,
+                dim_feedforward=d_ff,
+                dropout=0.0,
+                batch_first=True,
+                norm_first=True,
+            )
             for _ in range(n_layers)
         )
         self.ln_f = nn.LayerNorm(d_model)
@@ -194,8 +207,10 @@ def write_lightning_ckpt() -> None:
     def progress(n: int) -> dict:
         return {"ready": n, "completed": n, "started": n, "processed": n}
 
-    mc_key = ("ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, "
-              "'every_n_epochs': 1, 'train_time_interval': None}")
+    mc_key = (
+        "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, "
+        "'every_n_epochs': 1, 'train_time_interval': None}"
+    )
     ckpt = {
         "epoch": 2,
         "global_step": 120,
@@ -206,11 +221,16 @@ def write_lightning_ckpt() -> None:
                 "state_dict": {},
                 "epoch_loop.state_dict": {"_batches_that_stepped": 120},
                 "epoch_loop.batch_progress": {
-                    "total": progress(120), "current": progress(40), "is_last_batch": True,
+                    "total": progress(120),
+                    "current": progress(40),
+                    "is_last_batch": True,
                 },
                 "epoch_progress": {"total": progress(3), "current": progress(3)},
             },
-            "validate_loop": {"state_dict": {}, "batch_progress": {"total": progress(8), "current": progress(8)}},
+            "validate_loop": {
+                "state_dict": {},
+                "batch_progress": {"total": progress(8), "current": progress(8)},
+            },
             "test_loop": {"state_dict": {}},
             "predict_loop": {"state_dict": {}},
         },
@@ -236,11 +256,16 @@ def write_lightning_ckpt() -> None:
 
 
 def write_legacy() -> None:
-    torch.save(make_cnn().state_dict(), HERE / "legacy_cnn.pt", _use_new_zipfile_serialization=False)
+    torch.save(
+        make_cnn().state_dict(), HERE / "legacy_cnn.pt", _use_new_zipfile_serialization=False
+    )
     seed(4)
     model = SmallCNN()
-    torch.save({"model": model.state_dict(), "epoch": 5}, HERE / "legacy_train_checkpoint.pt",
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {"model": model.state_dict(), "epoch": 5},
+        HERE / "legacy_train_checkpoint.pt",
+        _use_new_zipfile_serialization=False,
+    )
 
 
 def write_scripted() -> None:
@@ -254,7 +279,7 @@ def write_scripted() -> None:
         torch.jit.save(scripted, str(HERE / "scripted_cnn.pt"))
 
 
-def untied_transformer_sd() -> "OrderedDict[str, torch.Tensor]":
+def untied_transformer_sd() -> OrderedDict[str, torch.Tensor]:
     sd = make_transformer().state_dict()
     return OrderedDict((k, v.detach().clone().contiguous()) for k, v in sd.items())
 
@@ -262,8 +287,11 @@ def untied_transformer_sd() -> "OrderedDict[str, torch.Tensor]":
 def write_transformer_safetensors() -> None:
     from safetensors.torch import save_file
 
-    save_file(untied_transformer_sd(), str(HERE / "transformer.safetensors"),
-              metadata={"format": "pt", "model": "tiny-transformer"})
+    save_file(
+        untied_transformer_sd(),
+        str(HERE / "transformer.safetensors"),
+        metadata={"format": "pt", "model": "tiny-transformer"},
+    )
 
 
 def _split_in_two(names: list[str], sizes: dict[str, int]) -> tuple[list[str], list[str]]:
@@ -299,7 +327,9 @@ def write_sharded_hf() -> None:
         save_file({n: sd[n] for n in names}, str(out / fname), metadata={"format": "pt"})
         weight_map.update({n: fname for n in names})
     index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps(index, indent=2, sort_keys=True) + "\n"
+    )
     config = {
         "architectures": ["TinyTransformerLM"],
         "model_type": "tiny-transformer",
@@ -329,7 +359,7 @@ def write_sharded_bin() -> None:
     sd = make_transformer().state_dict()
     names = list(sd)
     # Group by storage so tied tensors land in the same shard; count each storage once.
-    groups: "OrderedDict[int, list[str]]" = OrderedDict()
+    groups: OrderedDict[int, list[str]] = OrderedDict()
     for n in names:
         groups.setdefault(sd[n].untyped_storage().data_ptr(), []).append(n)
     group_names = [tuple(g) for g in groups.values()]
@@ -342,7 +372,9 @@ def write_sharded_bin() -> None:
         torch.save(shard, out / fname)
         weight_map.update({n: fname for n in shard})
     index = {"metadata": {"total_size": sum(gsize.values())}, "weight_map": weight_map}
-    (out / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (out / "pytorch_model.bin.index.json").write_text(
+        json.dumps(index, indent=2, sort_keys=True) + "\n"
+    )
     config = json.loads((HERE / "sharded_hf" / "config.json").read_text())
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -369,7 +401,7 @@ def write_dcp() -> None:
 
 def write_dtypes() -> None:
     seed(6)
-    t: "OrderedDict[str, object]" = OrderedDict()
+    t: OrderedDict[str, object] = OrderedDict()
     t["float32"] = torch.randn(2, 3, dtype=torch.float32)
     t["float64"] = torch.randn(2, 3, dtype=torch.float64)
     t["float16"] = torch.randn(2, 3).to(torch.float16)
@@ -508,8 +540,10 @@ def write_gone_module_full() -> None:
         pkg.mkdir()
         (pkg / "__init__.py").write_text("")
         (pkg / "nets.py").write_text(GONE_PACKAGE_NETS)
-        _run_child(["-c", GONE_SAVE_SCRIPT, str(HERE / "gone_module_full.pt"), str(SEED + 8)],
-                   {"PYTHONPATH": str(tmp), "PYTHONDONTWRITEBYTECODE": "1"})
+        _run_child(
+            ["-c", GONE_SAVE_SCRIPT, str(HERE / "gone_module_full.pt"), str(SEED + 8)],
+            {"PYTHONPATH": str(tmp), "PYTHONDONTWRITEBYTECODE": "1"},
+        )
     finally:
         shutil.rmtree(tmp)
 
@@ -519,7 +553,9 @@ def main() -> None:
     # str hash randomization; pin it so scripted_cnn.pt is byte-reproducible.
     if os.environ.get("PYTHONHASHSEED") != "0":
         env = dict(os.environ, PYTHONHASHSEED="0")
-        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]], env)
+        os.execve(
+            sys.executable, [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]], env
+        )
     writers = [
         write_cnn_state_dict,
         write_transformer_tied,
