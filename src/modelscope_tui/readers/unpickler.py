@@ -10,6 +10,7 @@ No module named in the file is ever imported; nothing from the file is ever call
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
 import pickletools
@@ -573,6 +574,11 @@ class SafeUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         module, name = str(module)[:256], str(name)[:256]
+        # Python 2 names (protocol 2 writes `__builtin__.set`); the C find_class we replace maps them.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         key = (module, name)
         ref = self.globals.get(key)
         if ref is None:
