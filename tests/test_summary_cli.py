@@ -1,0 +1,75 @@
+"""`mscope summary` as a user runs it: text that fits 80 columns, JSON with a stable schema."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+ALL_SAMPLES = sorted(
+    p.name for p in SAMPLES.iterdir() if p.name not in ("README.md", "make_samples.py") and not p.name.startswith(".")
+)
+
+
+def mscope(*args: str, columns: int = 80) -> subprocess.CompletedProcess:
+    env = {"COLUMNS": str(columns), "PATH": "/usr/bin:/bin", "TERM": "dumb"}
+    return subprocess.run(
+        [sys.executable, "-m", "modelscope_tui", *args], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+@pytest.mark.parametrize("sample", ALL_SAMPLES)
+def test_text_summary_fits_80_columns(sample):
+    result = mscope("summary", str(SAMPLES / sample))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines and max(len(line) for line in lines) <= 80
+    assert any(line.startswith("trainable params: ") for line in lines)
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("sample", ALL_SAMPLES)
+def test_json_summary_schema(sample):
+    result = mscope("summary", "--json", str(SAMPLES / sample))
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["schema"] == "mscope.summary" and doc["schema_version"] == 1
+    for key in ("file", "format", "kind", "totals", "modules", "tensors", "entries", "globals", "sections"):
+        assert key in doc
+    model = [t for t in doc["tensors"] if t["section"] == ""]
+    assert doc["totals"]["tensors"] == len(model)
+    unique_params = sum(t["numel"] for t in model if t["kind"] == "parameter" and t["alias_of"] is None)
+    assert doc["totals"]["parameters"] == unique_params
+    assert doc["modules"][0]["name"] == ""
+    assert doc["modules"][0]["parameters"] == doc["totals"]["parameters"]
+
+
+def test_totals_line_matches_torch_counts():
+    sd = torch.load(SAMPLES / "transformer_tied.pt", weights_only=True)
+    unique = {t.untyped_storage().data_ptr(): t.numel() for t in sd.values() if t.is_floating_point()}
+    result = mscope("summary", str(SAMPLES / "transformer_tied.pt"))
+    total = sum(unique.values())
+    assert f"all params: {total:,}" in result.stdout
+
+
+def test_filter_and_depth():
+    result = mscope("summary", "--json", "--filter", "blocks.0.*", str(SAMPLES / "transformer_tied.pt"))
+    names = [t["name"] for t in json.loads(result.stdout)["tensors"]]
+    assert names and all(n.startswith("blocks.0.") for n in names)
+    text = mscope("summary", "--depth", "1", str(SAMPLES / "transformer_tied.pt")).stdout
+    assert "blocks" in text and "blocks.0.attn" not in text and "weight " not in text.split("trainable params")[0].split("\n", 3)[-1]
+
+
+def test_mixed_trainable_full_module_totals():
+    result = mscope("summary", str(SAMPLES / "notebook_full.pt"))
+    doc = json.loads(mscope("summary", "--json", str(SAMPLES / "notebook_full.pt")).stdout)
+    frozen = sum(t["numel"] for t in doc["tensors"] if t["kind"] == "parameter" and not t["trainable"])
+    assert frozen > 0 and doc["totals"]["frozen"] == frozen
+    pct = 100 * doc["totals"]["trainable"] / doc["totals"]["parameters"]
+    assert f"trainable%: {pct:.2f}" in result.stdout
+    assert "__main__.Net" in result.stdout
