@@ -8,7 +8,7 @@ from typing import Any
 
 from ..checkpoint import BUFFER, PARAMETER, TENSOR, Checkpoint, ModuleNode, StorageRecord
 from ..errors import CorruptCheckpointError
-from .unpickler import Device, Inert, StorageType, TensorRef, safe_load
+from .unpickler import Inert, StorageType, TensorRef, safe_load
 from .walk import Walker, is_plain
 from .ziparchive import STORED, ZipArchive
 

@@ -511,7 +511,6 @@ def classify_global(module: str, name: str) -> tuple[str, str]:
     """('safe'|'unsafe'|'dangerous', reason) for a global a pickle names."""
     if (module, name) in SAFE_FUNCTIONS or _torch_data_global(module, name) is not None:
         return "safe", "allowlisted"
-    qual = f"{module}.{name}"
     names = _DANGEROUS_NAMES.get(module, ())
     if names is None or name in names or _dangerous_module(module):
         return "dangerous", _effect(module, name)

@@ -22,7 +22,7 @@ from ..checkpoint import (
     TensorRecord,
     infer_kind,
 )
-from .unpickler import DType, Device, Inert, StorageType, TensorRef
+from .unpickler import Device, DType, Inert, StorageType, TensorRef
 
 MODEL_KEYS = (
     "state_dict",
