@@ -129,6 +129,7 @@ class TensorRecord:
     tied_to: str | None = None  # first tensor (by order) whose storage this one shares
     alias_of: str | None = None  # same storage, offset, shape and stride: counted once
     numel: int = field(init=False, default=0)
+    pickle_seq: int | None = None  # creation order in its pickle (see TensorRef.seq)
 
     def __post_init__(self) -> None:
         self.numel = prod(self.shape)

@@ -7,26 +7,11 @@ from typing import Any
 
 from .checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord
 from .readers import FORMAT_LABELS
+from .units import fmt_bytes, fmt_count
 
 SCHEMA = "mscope.summary"
 SCHEMA_VERSION = 1
 AUTO_DEPTH_TENSORS = 400  # above this many tensors the text report stops listing every tensor
-
-
-def fmt_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
-def fmt_count(n: int) -> str:
-    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(n)
 
 
 def matches(name: str, pattern: str | None) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import io
+import itertools
 import pickle
 import pickletools
 import struct
@@ -239,12 +240,15 @@ class Device(str):
     """torch.device('cuda', 1) -> 'cuda:1'."""
 
 
+_TENSOR_SEQ = itertools.count()
+
+
 class TensorRef:
     """A tensor as the pickle describes it. `storage` is whatever persistent_load returned."""
 
     __slots__ = (
         "storage", "offset", "shape", "stride", "requires_grad", "is_parameter",
-        "dtype", "note", "subclass", "__weakref__",
+        "dtype", "note", "subclass", "seq", "__weakref__",
     )  # fmt: skip
 
     def __init__(self, storage: Any, offset: Any, shape: Any, stride: Any, requires_grad: Any, dtype: str | None = None):
@@ -261,6 +265,8 @@ class TensorRef:
         self.dtype = dtype or (storage.dtype if type(storage) is StorageRecord else None)
         self.note: str | None = None
         self.subclass: str | None = None
+        # Creation order = order of the rebuild calls in the pickle stream (writers patch by it).
+        self.seq = next(_TENSOR_SEQ)
 
     def __repr__(self) -> str:
         return f"TensorRef({self.dtype}, {list(self.shape)})"

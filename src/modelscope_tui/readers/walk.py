@@ -282,6 +282,7 @@ class Walker:
             kind_from_file=from_file,
             section=section,
             note=ref.note or (f"subclass {ref.subclass}" if ref.subclass else None),
+            pickle_seq=ref.seq,
         )
         self.ckpt.tensors.append(record)
         return record

@@ -1,0 +1,401 @@
+"""The one mutable state behind the explorer: which parameters train, and the undo history.
+
+Pure Python: every UI action is a method here, so tests need no terminal. Names are model tensor
+names (what `load_state_dict` uses). Tied parameters (one storage under two names) are one
+Parameter in the model, so they freeze and unfreeze together.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord, can_require_grad
+from .errors import MscopeError
+from .units import fmt_count
+
+NORM_WITH_RUNNING_STATS = ("BatchNorm", "SyncBatchNorm", "InstanceNorm")
+BLOCK_CONTAINERS = ("layers", "layer", "h", "blocks", "block", "encoder.layer", "decoder.layers", "transformer.h", "model.layers", "resblocks")
+
+
+class SessionError(MscopeError):
+    """A request the session cannot honour (bad pattern, nothing to undo...)."""
+
+
+@dataclass(slots=True)
+class Rule:
+    """One user decision, kept in order for the freeze plan."""
+
+    action: str  # "freeze" | "unfreeze"
+    selector: str  # "names" | "glob" | "regex" | "class" | "all" | "invert" | "last_n_blocks"
+    value: str = ""  # the pattern, class name, or "prefix:N"
+    count: int = 0  # tensors it changed when applied
+
+    def describe(self) -> str:
+        target = {"all": "everything", "invert": "inverted"}.get(self.selector, f"{self.selector} {self.value}")
+        return f"{self.action} {target}".strip()
+
+
+@dataclass(slots=True)
+class Change:
+    description: str
+    names: list[str]
+    before: list[bool]
+    after: list[bool]
+    rule: Rule | None
+    eval_before: frozenset[str] = frozenset()
+    eval_after: frozenset[str] = frozenset()
+
+
+@dataclass(slots=True)
+class ChangeResult:
+    changed: int
+    matched: int
+    skipped_untrainable: list[str] = field(default_factory=list)
+    message: str = ""
+
+
+@dataclass(slots=True)
+class BlockGroup:
+    """Repeated blocks detected from names: `prefix.0 ... prefix.{count-1}`."""
+
+    prefix: str
+    indices: list[int]
+
+    @property
+    def count(self) -> int:
+        return len(self.indices)
+
+
+@dataclass(slots=True)
+class Preview:
+    tensors: int
+    parameters: int
+    untrainable: int  # integer/bool tensors the pattern hits; they stay untouched
+    names: list[str]
+
+
+class Session:
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.records: dict[str, TensorRecord] = {t.name: t for t in ckpt.model_tensors}
+        # Parameters that can train, by canonical name (aliases resolve to the first name).
+        self.canonical: dict[str, str] = {}
+        self.trainable: dict[str, bool] = {}
+        for t in ckpt.model_tensors:
+            if t.kind != PARAMETER or not can_require_grad(t.dtype):
+                continue
+            canon = t.alias_of if t.alias_of and t.alias_of in self.records else t.name
+            self.canonical[t.name] = canon
+            if canon == t.name:
+                self.trainable[t.name] = t.trainable
+        self.initial = dict(self.trainable)
+        self.eval_modules: set[str] = set()
+        self.rules: list[Rule] = []
+        self._undo: list[Change] = []
+        self._redo: list[Change] = []
+        self._saved_at = 0  # undo depth at the last save
+        self._owner: dict[str, ModuleNode] = {}
+        self._parent: dict[str, str | None] = {}
+        self._nodes: dict[str, ModuleNode] = {}
+        for node in ckpt.tree.walk():
+            self._nodes[node.name] = node
+            for child in node.children.values():
+                self._parent[child.name] = node.name
+            for t in node.tensors:
+                self._owner[t.name] = node
+        self._parent[""] = None
+        self._trainable_count: dict[str, int] = defaultdict(int)
+        self._recount()
+
+    # -- queries -------------------------------------------------------------------------------
+    def is_trainable(self, name: str) -> bool:
+        canon = self.canonical.get(name)
+        return canon is not None and self.trainable[canon]
+
+    def can_train(self, name: str) -> bool:
+        return name in self.canonical
+
+    @property
+    def dirty(self) -> bool:
+        return len(self._undo) != self._saved_at
+
+    def mark_saved(self) -> None:
+        self._saved_at = len(self._undo)
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    def node(self, name: str) -> ModuleNode | None:
+        return self._nodes.get(name)
+
+    def subtree_names(self, node: ModuleNode) -> list[str]:
+        return [t.name for t in node.all_tensors()]
+
+    def trainable_in(self, node: ModuleNode) -> int:
+        """Trainable parameter elements in the subtree (kept up to date incrementally)."""
+        return self._trainable_count[node.name]
+
+    def node_state(self, node: ModuleNode) -> str | None:
+        """'trainable' | 'frozen' | 'mixed' | None (no parameters)."""
+        params = node.stats.params
+        if not params:
+            return None
+        trainable = self._trainable_count[node.name]
+        return "trainable" if trainable == params else "frozen" if trainable == 0 else "mixed"
+
+    def totals(self) -> tuple[int, int]:
+        """(trainable elements, all parameter elements), tied parameters counted once."""
+        return self._trainable_count[""], self.ckpt.tree.stats.params
+
+    def totals_line(self) -> str:
+        trainable, total = self.totals()
+        pct = 100.0 * trainable / total if total else 0.0
+        return f"trainable {fmt_count(trainable)} / {fmt_count(total)} ({pct:.1f}%)"
+
+    # -- matching ------------------------------------------------------------------------------
+    def match(self, pattern: str, kind: str = "glob") -> list[str]:
+        """Model tensor names matching a glob (`encoder.layers.[0-9].*`) or a regex (search)."""
+        names = list(self.records)
+        if kind == "regex":
+            try:
+                rx = re.compile(pattern)
+            except re.error as exc:
+                raise SessionError(f"invalid regular expression {pattern!r}: {exc}") from exc
+            return [n for n in names if rx.search(n)]
+        if kind != "glob":
+            raise SessionError(f"unknown pattern kind {kind!r}")
+        return [n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + ".*")]
+
+    def preview(self, names: Iterable[str]) -> Preview:
+        names = list(names)
+        seen: set[str] = set()
+        params = tensors = untrainable = 0
+        for n in names:
+            tensors += 1
+            canon = self.canonical.get(n)
+            if canon is None:
+                untrainable += 1
+            elif canon not in seen:
+                seen.add(canon)
+                params += self.records[canon].numel
+        return Preview(tensors, params, untrainable, names)
+
+    def classes(self) -> dict[str, int]:
+        """Module class names in the file and how many modules have each."""
+        counts: dict[str, int] = defaultdict(int)
+        for node in self._nodes.values():
+            if node.class_name and node.name:
+                counts[node.class_name] += 1
+        return dict(sorted(counts.items()))
+
+    def modules_of_class(self, class_name: str) -> list[ModuleNode]:
+        return [n for n in self._nodes.values() if n.name and class_name in (n.class_name, n.class_path)]
+
+    def block_groups(self) -> list[BlockGroup]:
+        """Repeated numbered blocks (`layers.0..23`, `h.0..11`, `blocks.*`), largest first."""
+        groups: dict[str, set[int]] = defaultdict(set)
+        for name in self._nodes:
+            parts = name.split(".")
+            for i, part in enumerate(parts):
+                if part.isdigit() and i > 0:
+                    groups[".".join(parts[:i])].add(int(part))
+        found = [BlockGroup(p, sorted(ix)) for p, ix in groups.items() if len(ix) >= 2]
+        # Prefer well-known container names, then the group with the most parameters.
+        def weight(g: BlockGroup) -> tuple[int, int]:
+            node = self._nodes.get(g.prefix)
+            known = any(g.prefix == c or g.prefix.endswith("." + c) for c in BLOCK_CONTAINERS)
+            return (1 if known else 0, node.stats.params if node else 0)
+
+        return sorted(found, key=weight, reverse=True)
+
+    def frozen_norm_layers(self) -> list[str]:
+        """Norm modules with running statistics whose parameters are all frozen.
+
+        Freezing requires_grad does not stop BatchNorm from updating running_mean/var in train
+        mode; these need eval mode to be truly frozen.
+        """
+        out = []
+        for node in self._nodes.values():
+            if not node.name or not _has_running_stats(node):
+                continue
+            if node.stats.params and self._trainable_count[node.name] == 0:
+                out.append(node.name)
+        return out
+
+    # -- changes -------------------------------------------------------------------------------
+    def set_trainable(self, names: Iterable[str], value: bool, rule: Rule | None = None, description: str = "") -> ChangeResult:
+        names = list(names)
+        skipped = [n for n in names if n in self.records and n not in self.canonical]
+        targets: list[str] = []
+        seen: set[str] = set()
+        for n in names:
+            canon = self.canonical.get(n)
+            if canon is not None and canon not in seen:
+                seen.add(canon)
+                if self.trainable[canon] != value:
+                    targets.append(canon)
+        message = ""
+        if skipped and not targets and len(skipped) == len(names):
+            message = f"{len(skipped)} integer/bool tensor(s) cannot require grad; left as they are"
+        if not targets:
+            return ChangeResult(0, len(names), skipped, message or "nothing to change")
+        if rule is not None:
+            rule.count = len(targets)
+        verb = "unfroze" if value else "froze"
+        change = Change(
+            description or f"{verb} {len(targets)} tensor(s)",
+            targets,
+            [not value] * len(targets),
+            [value] * len(targets),
+            rule,
+        )
+        self._apply(change, forward=True)
+        self._undo.append(change)
+        self._redo.clear()
+        if skipped:
+            message = f"{verb} {len(targets)}; {len(skipped)} integer/bool tensor(s) left as they are"
+        return ChangeResult(len(targets), len(names), skipped, message or change.description)
+
+    def freeze(self, names: Iterable[str], rule: Rule | None = None) -> ChangeResult:
+        return self.set_trainable(names, False, rule or Rule("freeze", "names"))
+
+    def unfreeze(self, names: Iterable[str], rule: Rule | None = None) -> ChangeResult:
+        return self.set_trainable(names, True, rule or Rule("unfreeze", "names"))
+
+    def toggle(self, names: Iterable[str]) -> ChangeResult:
+        """Freeze if everything trainable among `names` trains now, else unfreeze them all."""
+        names = list(names)
+        trainables = [n for n in names if n in self.canonical]
+        if not trainables:
+            return ChangeResult(0, len(names), names, "no trainable tensors here (integer/bool tensors cannot require grad)")
+        value = not all(self.is_trainable(n) for n in trainables)
+        return self.set_trainable(names, value, Rule("unfreeze" if value else "freeze", "names", _names_value(names)))
+
+    def freeze_pattern(self, pattern: str, kind: str = "glob", value: bool = False) -> ChangeResult:
+        names = self.match(pattern, kind)
+        action = "unfreeze" if value else "freeze"
+        return self.set_trainable(names, value, Rule(action, kind, pattern), f"{action} {kind} {pattern}")
+
+    def freeze_class(self, class_name: str, value: bool = False) -> ChangeResult:
+        names = [t.name for node in self.modules_of_class(class_name) for t in node.all_tensors()]
+        action = "unfreeze" if value else "freeze"
+        return self.set_trainable(names, value, Rule(action, "class", class_name), f"{action} every {class_name}")
+
+    def freeze_all(self) -> ChangeResult:
+        return self.set_trainable(list(self.records), False, Rule("freeze", "all"), "freeze all")
+
+    def unfreeze_all(self) -> ChangeResult:
+        return self.set_trainable(list(self.records), True, Rule("unfreeze", "all"), "unfreeze all")
+
+    def invert(self) -> ChangeResult:
+        names = list(self.trainable)
+        before = [self.trainable[n] for n in names]
+        change = Change("invert", names, before, [not b for b in before], Rule("invert", "invert"))
+        change.rule.count = len(names)
+        self._apply(change, forward=True)
+        self._undo.append(change)
+        self._redo.clear()
+        return ChangeResult(len(names), len(names), [], f"inverted {len(names)} tensor(s)")
+
+    def train_last_n_blocks(self, n: int, group: BlockGroup | None = None) -> ChangeResult:
+        """Freeze the blocks of `group` except the last `n`; unfreeze those n. Others untouched."""
+        groups = self.block_groups()
+        group = group or (groups[0] if groups else None)
+        if group is None:
+            raise SessionError("no repeated blocks found (like layers.0, layers.1, ...)")
+        if not 0 <= n <= group.count:
+            raise SessionError(f"{group.prefix} has {group.count} blocks; choose 0..{group.count}")
+        keep = set(group.indices[group.count - n :]) if n else set()
+        names_freeze, names_train = [], []
+        for idx in group.indices:
+            node = self._nodes.get(f"{group.prefix}.{idx}")
+            if node is None:
+                continue
+            (names_train if idx in keep else names_freeze).extend(t.name for t in node.all_tensors())
+        before_names = [c for c in dict.fromkeys(self.canonical[n] for n in names_freeze + names_train if n in self.canonical)]
+        before = [self.trainable[c] for c in before_names]
+        train_set = {self.canonical[n] for n in names_train if n in self.canonical}
+        after = [c in train_set for c in before_names]
+        rule = Rule("unfreeze", "last_n_blocks", f"{group.prefix}:{n}")
+        change = Change(f"train only the last {n} of {group.prefix}", before_names, before, after, rule)
+        rule.count = sum(1 for b, a in zip(before, after) if b != a)
+        if not rule.count:
+            return ChangeResult(0, len(before_names), [], "nothing to change")
+        self._apply(change, forward=True)
+        self._undo.append(change)
+        self._redo.clear()
+        return ChangeResult(rule.count, len(before_names), [], change.description)
+
+    def set_eval_mode(self, modules: Iterable[str], value: bool = True) -> None:
+        """Record 'eval mode' for norm layers in the plan (their running stats stay put)."""
+        before = frozenset(self.eval_modules)
+        after = set(before)
+        after.update(modules) if value else after.difference_update(modules)
+        change = Change("eval mode for norm layers" if value else "train mode for norm layers", [], [], [], None, before, frozenset(after))
+        self._apply(change, forward=True)
+        self._undo.append(change)
+        self._redo.clear()
+
+    def undo(self) -> str:
+        if not self._undo:
+            raise SessionError("nothing to undo")
+        change = self._undo.pop()
+        self._apply(change, forward=False)
+        self._redo.append(change)
+        return f"undid: {change.description}"
+
+    def redo(self) -> str:
+        if not self._redo:
+            raise SessionError("nothing to redo")
+        change = self._redo.pop()
+        self._apply(change, forward=True)
+        self._undo.append(change)
+        return f"redid: {change.description}"
+
+    def history(self) -> list[Rule]:
+        """The rules in effect (undone ones excluded), in order: what a plan records."""
+        return [c.rule for c in self._undo if c.rule is not None]
+
+    # -- internals -----------------------------------------------------------------------------
+    def _apply(self, change: Change, forward: bool) -> None:
+        values = change.after if forward else change.before
+        for name, value in zip(change.names, values):
+            old = self.trainable[name]
+            if old != value:
+                self.trainable[name] = value
+                self._bump(name, self.records[name].numel if value else -self.records[name].numel)
+        if change.eval_before or change.eval_after:
+            self.eval_modules = set(change.eval_after if forward else change.eval_before)
+
+    def _bump(self, name: str, delta: int) -> None:
+        node = self._owner.get(name)
+        key = node.name if node is not None else ""
+        while key is not None:
+            self._trainable_count[key] += delta
+            key = self._parent.get(key)
+
+    def _recount(self) -> None:
+        self._trainable_count.clear()
+        for name, value in self.trainable.items():
+            if value:
+                self._bump(name, self.records[name].numel)
+
+
+def _has_running_stats(node: ModuleNode) -> bool:
+    cls = node.class_name or ""
+    if any(cls.startswith(prefix) for prefix in NORM_WITH_RUNNING_STATS):
+        return True
+    return any(t.name.endswith(".running_mean") for t in node.tensors)
+
+
+def _names_value(names: list[str]) -> str:
+    return ",".join(names) if len(names) <= 3 else f"{names[0]},... ({len(names)} tensors)"
