@@ -128,19 +128,17 @@ class TensorRecord:
     note: str | None = None  # e.g. "quantized", "sparse": kinds we describe but cannot load
     tied_to: str | None = None  # first tensor (by order) whose storage this one shares
     alias_of: str | None = None  # same storage, offset, shape and stride: counted once
-    numel: int = field(init=False, default=0)
     pickle_seq: int | None = None  # creation order in its pickle (see TensorRef.seq)
+    numel: int = field(init=False, default=0)
+    nbytes: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.numel = prod(self.shape)
+        self.nbytes = self.numel * DTYPE_ITEMSIZE.get(self.dtype, 1)
 
     @property
     def itemsize(self) -> int:
         return DTYPE_ITEMSIZE.get(self.dtype, 1)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.itemsize
 
     @property
     def location(self) -> str:
@@ -243,8 +241,16 @@ class ModuleNode:
     @cached_property
     def stats(self) -> ModuleStats:
         """Aggregates over the subtree; aliased tensors count once."""
+        fill_stats(self)
+        return self.__dict__["stats"]
+
+
+def fill_stats(root: ModuleNode) -> None:
+    """Compute `stats` for every node under root in one post-order pass (no recursion)."""
+    order = list(root.walk())
+    for node in reversed(order):
         stats = ModuleStats()
-        for t in self.all_tensors():
+        for t in node.tensors:
             stats.tensors += 1
             if t.alias_of is not None:
                 continue
@@ -255,7 +261,14 @@ class ModuleNode:
                     stats.trainable += t.numel
             else:
                 stats.buffers += t.numel
-        return stats
+        for child in node.children.values():
+            c = child.__dict__["stats"]
+            stats.tensors += c.tensors
+            stats.params += c.params
+            stats.trainable += c.trainable
+            stats.buffers += c.buffers
+            stats.nbytes += c.nbytes
+        node.__dict__["stats"] = stats
 
 
 @dataclass(slots=True)
@@ -319,11 +332,24 @@ class Checkpoint:
         if self.module_root is not None:
             return self.module_root
         root = ModuleNode("")
+        by_path: dict[str, ModuleNode] = {"": root}
+
+        def node_for(path: str) -> ModuleNode:
+            missing = []
+            while path not in by_path:
+                parent, _, part = path.rpartition(".")
+                missing.append((path, part))
+                path = parent
+            node = by_path[path]
+            for full, part in reversed(missing):
+                child = by_path[full] = ModuleNode(full)
+                node.children[part] = child
+                node = child
+            return node
+
         for t in self.model_tensors:
-            node = root
-            parts = t.name.split(".")
-            for part in parts[:-1]:
-                node = node.child(part)
+            path = t.name.rpartition(".")[0]
+            node = by_path.get(path) or node_for(path)
             node.tensors.append(t)
         return root
 

@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             from .summary import summary_dict
 
-            json.dump(summary_dict(ckpt, args.depth, args.filter), sys.stdout, separators=(",", ":"))
+            # dumps (C encoder, one write) is ~20x faster than dump on 100k tensors.
+            sys.stdout.write(json.dumps(summary_dict(ckpt, args.depth, args.filter), separators=(",", ":")))
             sys.stdout.write("\n")
         else:
             from rich.console import Console

@@ -97,7 +97,7 @@ def summary_dict(ckpt: Checkpoint, depth: int | None = None, pattern: str | None
             if role != "model"
         },
         "modules": modules,
-        "tensors": [tensor_dict(t) for t in ckpt.tensors if matches(t.name, pattern)],
+        "tensors": [tensor_dict(t) for t in ckpt.tensors if pattern is None or matches(t.name, pattern)],
         "entries": [{"path": e.path, "type": e.type, "value": _jsonable(e.value)} for e in ckpt.entries],
         "globals": [
             {

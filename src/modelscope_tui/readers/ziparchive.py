@@ -20,6 +20,7 @@ _EOCD64_LOCATOR = struct.Struct("<4sLQL")
 _EOCD64 = struct.Struct("<4sQ2H2L4Q")
 _CENTRAL = struct.Struct("<4s6H3L5H2L")
 _LOCAL = struct.Struct("<4s5H3L2H")
+_LOCAL_LENGTHS = struct.Struct("<2H")
 _MAX_COMMENT = 0xFFFF
 STORED, DEFLATED = 0, 8
 
@@ -125,10 +126,11 @@ class ZipArchive:
     def data_offset(self, entry: ZipEntry) -> int:
         """Absolute offset of the member's first byte (after its local header)."""
         pos = entry.header_offset
-        if pos + _LOCAL.size > self.size or self.buffer[pos : pos + 4] != b"PK\x03\x04":
+        buf = self.buffer
+        if pos + _LOCAL.size > self.size or buf[pos : pos + 4] != b"PK\x03\x04":
             raise self._corrupt(f"local header of {entry.name!r} is missing")
-        fields = _LOCAL.unpack_from(self.buffer, pos)
-        start = pos + _LOCAL.size + fields[9] + fields[10]
+        name_len, extra_len = _LOCAL_LENGTHS.unpack_from(buf, pos + 26)
+        start = pos + _LOCAL.size + name_len + extra_len
         if start + entry.compressed_size > self.size:
             raise self._corrupt(f"member {entry.name!r} runs past the end of the file")
         return start
