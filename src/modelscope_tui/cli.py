@@ -22,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    explore = sub.add_parser("open", help="the explorer (default: `mscope FILE`)")
+    explore.add_argument("file", help="checkpoint file or directory")
+    explore.add_argument("--debug", action="store_true", help="show tracebacks")
+
     summary = sub.add_parser("summary", help="print the module tree, totals, entries and unsafe globals")
     summary.add_argument("file", help="checkpoint file or directory (sharded / DCP)")
     summary.add_argument("--json", action="store_true", help="machine-readable output (schema in README)")
@@ -34,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    # `mscope FILE` opens the default view; until the explorer lands that is the summary.
-    if argv and not argv[0].startswith("-") and argv[0] not in ("summary",):
-        argv = ["summary", *argv]
+    # `mscope FILE` opens the explorer (or prints the summary when output is not a terminal).
+    if argv and not argv[0].startswith("-") and argv[0] not in _commands():
+        argv = ["open" if sys.stdout.isatty() else "summary", *argv]
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -64,6 +68,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from .readers import open_checkpoint
 
+    if args.command == "open":
+        if not os.path.exists(args.file):
+            raise MscopeError("no such file or directory", args.file)
+        from .tui.app import run_app
+
+        code, line = run_app(args.file)
+        if line:
+            _error(line)
+        return code
     if args.command == "summary":
         if args.depth is not None and args.depth < 0:
             raise MscopeError("--depth must be 0 or more")
@@ -82,6 +95,13 @@ def run(args: argparse.Namespace) -> int:
             render_summary(ckpt, Console(highlight=False), args.depth, args.filter)
         return EXIT_OK
     raise MscopeError(f"unknown command {args.command!r}")
+
+
+def _commands() -> set[str]:
+    parser = build_parser()
+    for action in parser._subparsers._group_actions:  # the sub-command names, from argparse itself
+        return set(action.choices)
+    return set()
 
 
 def _error(line: str) -> None:

@@ -1,0 +1,1 @@
+"""The Textual explorer. Only this package imports textual."""

@@ -1,0 +1,550 @@
+"""The explorer: `mscope FILE`. A thin view over Session; every action is a Session method."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Input, LoadingIndicator, Static
+
+from ..checkpoint import Checkpoint
+from ..errors import MscopeError
+from ..readers import FORMAT_LABELS
+from ..session import Session
+from ..units import fmt_bytes
+from .details import file_details, module_details, tensor_details
+from .screens import (
+    ClassScreen,
+    ConfirmScreen,
+    HelpScreen,
+    LargestScreen,
+    LastNScreen,
+    PathScreen,
+    PatternChoice,
+    PatternScreen,
+)
+from .tree import ParamTree, Row
+
+EXPAND_ALL_LIMIT = 3000  # nodes added by one "expand all"; more would stall the terminal
+EXIT_AFTER_PAINT_ENV = "MSCOPE_EXIT_AFTER_PAINT"  # benchmarks: quit once the tree is painted
+NARROW = 100  # below this width the details pane starts hidden
+
+
+class MscopeApp(App[int]):
+    CSS_PATH = "app.tcss"
+    TITLE = "mscope"
+
+    BINDINGS = [
+        Binding("space", "toggle_freeze", "Freeze/unfreeze", show=False),
+        Binding("f", "freeze", "Freeze"),
+        Binding("u", "unfreeze", "Unfreeze"),
+        Binding("p", "pattern", "Pattern"),
+        Binding("c", "freeze_class", "Class", show=False),
+        Binding("l", "last_n", "Last N", show=False),
+        Binding("F", "freeze_all", "Freeze all", show=False),
+        Binding("U", "unfreeze_all", "Unfreeze all", show=False),
+        Binding("i", "invert", "Invert", show=False),
+        Binding("z,ctrl+z", "undo", "Undo"),
+        Binding("y,ctrl+y", "redo", "Redo", show=False),
+        Binding("b", "eval_norms", "Eval norms", show=False),
+        Binding("s", "save_plan", "Save plan"),
+        Binding("w", "save_checkpoint", "Write ckpt", show=False),
+        Binding("slash", "filter", "Filter"),
+        Binding("L", "largest", "Largest", show=False),
+        Binding("o", "sort", "Sort by size", show=False),
+        Binding("e", "expand_all", "Expand all", show=False),
+        Binding("E", "collapse_all", "Collapse all", show=False),
+        Binding("d", "toggle_details", "Details"),
+        Binding("question_mark", "help", "Help"),
+        Binding("q", "quit_app", "Quit"),
+    ]
+
+    KEY_HELP = [
+        ("↑ ↓ / mouse", "move"),
+        ("→ / ←", "expand / collapse (← on a leaf goes to its module)"),
+        ("enter", "expand or collapse; load more children"),
+        ("space", "freeze or unfreeze the selected tensor or the whole module"),
+        ("f / u", "freeze / unfreeze the selection"),
+        ("F / U", "freeze all / unfreeze all"),
+        ("i", "invert (trainable <-> frozen)"),
+        ("p", "freeze or unfreeze by glob or regex, with a live preview"),
+        ("c", "freeze or unfreeze every module of a class (LayerNorm, BatchNorm2d...)"),
+        ("l", "train only the last N repeated blocks (layers.*, h.*, blocks.*)"),
+        ("b", "record eval mode for frozen norm layers with running stats"),
+        ("z / y", "undo / redo (also ctrl+z / ctrl+y)"),
+        ("s", "save the freeze plan (JSON, for apply_freeze_plan)"),
+        ("w", "write a copy of the checkpoint with the new requires_grad (full modules, TorchScript)"),
+        ("/", "filter the tree as you type (glob or substring); esc clears"),
+        ("L", "jump to the largest tensors"),
+        ("o", "sort children by size"),
+        ("e / E", "expand all under the cursor / collapse all"),
+        ("d", "show or hide the details pane"),
+        ("ctrl+p", "command palette: every action by name"),
+        ("?", "this help"),
+        ("q", "quit (asks when there are unsaved changes)"),
+    ]
+
+    def __init__(self, path: str | os.PathLike | None = None, checkpoint: Checkpoint | None = None):
+        super().__init__()
+        self.path = Path(path) if path is not None else checkpoint.path if checkpoint else None
+        self._preloaded = checkpoint
+        self.session: Session | None = None
+        self.error_line: str | None = None
+        self.filter_text = ""
+        self.exit_after_paint = bool(os.environ.get(EXIT_AFTER_PAINT_ENV))
+
+    # -- layout --------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Static("mscope", id="header")
+        with Horizontal(id="main"):
+            with Vertical(id="tree-pane"):
+                yield Static("", id="columns")
+                yield LoadingIndicator(id="loading")
+            with VerticalScroll(id="details-pane"):
+                yield Static("", id="details")
+        yield Input(placeholder="filter: substring or glob (esc clears)", id="filter")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#filter", Input).display = False
+        self.query_one("#details-pane").display = self.size.width >= NARROW
+        self.query_one("#header", Static).update(Text(f"mscope · opening {self.path} …"))
+        if self._preloaded is not None:
+            self._loaded(self._preloaded)
+        else:
+            self._open(self.path)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="open")
+    def _open(self, path: Path) -> None:
+        from ..readers import open_checkpoint
+
+        try:
+            ckpt = open_checkpoint(path)
+        except MscopeError as exc:
+            self.call_from_thread(self._failed, exc.line())
+            return
+        self.call_from_thread(self._loaded, ckpt)
+
+    def _failed(self, line: str) -> None:
+        self.error_line = line
+        self.exit(2)
+
+    def _loaded(self, ckpt: Checkpoint) -> None:
+        self.session = Session(ckpt)
+        tree = ParamTree(self.session, id="tree")
+        self.query_one("#loading").remove()
+        self.query_one("#tree-pane").mount(tree)
+        tree.populate()
+        tree.focus()
+        self.refresh_state()
+        self._show_row(tree.root.data)
+        if ckpt.dangerous_globals:
+            self.notify(
+                f"{len(ckpt.dangerous_globals)} dangerous global(s) in this file: nothing was run. See details.",
+                severity="error",
+                timeout=10,
+            )
+        if self.exit_after_paint:
+            self.call_after_refresh(self.exit, 0)
+
+    @property
+    def tree(self) -> ParamTree:
+        return self.query_one("#tree", ParamTree)
+
+    # -- state display -------------------------------------------------------------------------
+    def refresh_state(self) -> None:
+        if self.session is None:
+            return
+        ckpt = self.session.ckpt
+        totals = ckpt.totals()
+        header = Text()
+        header.append(ckpt.path.name, style="bold")
+        header.append("  ")
+        header.append(self.session.totals_line(), style="bold green")
+        if self.session.dirty:
+            header.append(" ● unsaved", style="bold yellow")
+        header.append(f" · {fmt_bytes(totals.nbytes)}")
+        if self.filter_text:
+            header.append(f" · filter: {self.filter_text}", style="magenta")
+        locations = [loc for loc in totals.bytes_by_location if loc != "cpu"]
+        if locations:
+            header.append(f" · saved on {', '.join(locations)}", style="yellow")
+        header.append(f" · {ckpt.kind.replace('_', ' ')} · {FORMAT_LABELS.get(ckpt.format, ckpt.format)}", style="dim")
+        dtypes = ", ".join(totals.bytes_by_dtype)
+        if dtypes:
+            header.append(f" · {dtypes}", style="cyan")
+        self.query_one("#header", Static).update(header)
+        self._update_columns()
+        if self.query("#tree"):
+            self.tree.repaint()
+            node = self.tree.cursor_node
+            self._show_row(node.data if node is not None else None)
+
+    def _update_columns(self) -> None:
+        if self.query("#tree"):
+            self.query_one("#columns", Static).update(self.tree.column_header())
+
+    @on(ParamTree.Resized)
+    def _tree_resized(self) -> None:
+        self._update_columns()
+
+    @on(ParamTree.RowHighlighted)
+    def _row_highlighted(self, event: ParamTree.RowHighlighted) -> None:
+        self._show_row(event.row)
+
+    def _show_row(self, row: Row | None) -> None:
+        if self.session is None:
+            return
+        details = self.query_one("#details", Static)
+        if row is None or (row.module is None and row.tensor is None):
+            details.update("")
+        elif row.tensor is not None:
+            details.update(tensor_details(self.session, row.tensor))
+        elif row.module is not None and row.module.name == "":
+            details.update(file_details(self.session))
+        else:
+            details.update(module_details(self.session, row.module))
+
+    # -- selection -----------------------------------------------------------------------------
+    def selected_names(self) -> list[str]:
+        node = self.tree.cursor_node if self.query("#tree") else None
+        if node is None or node.data is None:
+            return []
+        return node.data.names
+
+    def _after_change(self, message: str, severity: str = "information") -> None:
+        self.refresh_state()
+        if message:
+            self.notify(message, severity=severity, timeout=3)
+        self._check_norms()
+
+    def _check_norms(self) -> None:
+        pending = [m for m in self.session.frozen_norm_layers() if m not in self.session.eval_modules]
+        if pending:
+            self.notify(
+                f"{len(pending)} frozen norm layer(s) still update running statistics in train mode; "
+                "press b to record eval mode for them in the plan",
+                severity="warning",
+                timeout=6,
+            )
+
+    def _guard(self) -> bool:
+        return self.session is not None and bool(self.query("#tree"))
+
+    # -- freezing actions ----------------------------------------------------------------------
+    def action_toggle_freeze(self) -> None:
+        if self._guard():
+            result = self.session.toggle(self.selected_names())
+            self._after_change(result.message, "warning" if not result.changed else "information")
+
+    def action_freeze(self) -> None:
+        if self._guard():
+            result = self.session.freeze(self.selected_names())
+            self._after_change(result.message, "warning" if not result.changed else "information")
+
+    def action_unfreeze(self) -> None:
+        if self._guard():
+            result = self.session.unfreeze(self.selected_names())
+            self._after_change(result.message, "warning" if not result.changed else "information")
+
+    def action_freeze_all(self) -> None:
+        if self._guard():
+            self._after_change(self.session.freeze_all().message)
+
+    def action_unfreeze_all(self) -> None:
+        if self._guard():
+            self._after_change(self.session.unfreeze_all().message)
+
+    def action_invert(self) -> None:
+        if self._guard():
+            self._after_change(self.session.invert().message)
+
+    def action_pattern(self) -> None:
+        if not self._guard():
+            return
+
+        def done(choice: PatternChoice | None) -> None:
+            if choice is None:
+                return
+            try:
+                result = self.session.freeze_pattern(choice.pattern, choice.kind, choice.trainable)
+            except MscopeError as exc:
+                self.notify(exc.line(), severity="error")
+                return
+            self._after_change(result.message)
+
+        self.push_screen(PatternScreen(self.session), done)
+
+    def action_freeze_class(self) -> None:
+        if not self._guard():
+            return
+
+        def done(choice: tuple[str, bool] | None) -> None:
+            if choice is not None:
+                self._after_change(self.session.freeze_class(choice[0], choice[1]).message)
+
+        self.push_screen(ClassScreen(self.session), done)
+
+    def action_last_n(self) -> None:
+        if not self._guard():
+            return
+        groups = self.session.block_groups()
+        if not groups:
+            self.notify("no repeated blocks found (like layers.0, layers.1, …)", severity="warning")
+            return
+
+        def done(choice) -> None:
+            if choice is None:
+                return
+            try:
+                self._after_change(self.session.train_last_n_blocks(choice[1], choice[0]).message)
+            except MscopeError as exc:
+                self.notify(exc.line(), severity="error")
+
+        self.push_screen(LastNScreen(groups), done)
+
+    def action_eval_norms(self) -> None:
+        if not self._guard():
+            return
+        pending = [m for m in self.session.frozen_norm_layers() if m not in self.session.eval_modules]
+        if not pending:
+            self.notify("no frozen norm layers with running statistics need eval mode", timeout=3)
+            return
+        self.session.set_eval_mode(pending)
+        self.refresh_state()
+        self.notify(f"eval mode recorded for {len(pending)} norm layer(s)", timeout=3)
+
+    def action_undo(self) -> None:
+        self._history(self.session.undo if self.session else None)
+
+    def action_redo(self) -> None:
+        self._history(self.session.redo if self.session else None)
+
+    def _history(self, step) -> None:
+        if step is None:
+            return
+        try:
+            message = step()
+        except MscopeError as exc:
+            self.notify(exc.message, severity="warning", timeout=2)
+            return
+        self.refresh_state()
+        self.notify(message, timeout=2)
+
+    # -- saving --------------------------------------------------------------------------------
+    def default_plan_path(self) -> Path:
+        from ..writers import sibling_path
+
+        src = self.session.ckpt.path
+        if src.is_dir():
+            return sibling_path(src.parent / src.name, "freeze-plan", ".json")
+        return sibling_path(src, "freeze-plan", ".json")
+
+    def action_save_plan(self, then_quit: bool = False) -> None:
+        if not self._guard():
+            return
+
+        def done(target: str | None) -> None:
+            if target is None:
+                return
+            try:
+                from ..freeze import save_plan
+
+                path = save_plan(self.session, target)
+            except MscopeError as exc:
+                self.notify(exc.line(), severity="error", timeout=8)
+                return
+            self.session.mark_saved()
+            self.refresh_state()
+            self.notify(f"plan saved to {path}", timeout=5)
+            if then_quit:
+                self.exit(0)
+
+        note = "A new file next to the checkpoint by default; an existing file is never overwritten."
+        self.push_screen(PathScreen("Save freeze plan", str(self.default_plan_path()), note), done)
+
+    def action_save_checkpoint(self) -> None:
+        if not self._guard():
+            return
+        ckpt = self.session.ckpt
+        if ckpt.kind not in ("full_module", "torchscript"):
+            self.notify(
+                "this file stores no requires_grad (a state_dict): save a freeze plan (s) and apply it in training",
+                severity="warning",
+                timeout=6,
+            )
+            return
+        from ..writers import sibling_path
+
+        def done(target: str | None) -> None:
+            if target is not None:
+                self._write_checkpoint(Path(target))
+
+        self.push_screen(PathScreen("Write checkpoint with the new requires_grad", str(sibling_path(ckpt.path, "frozen"))), done)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="save")
+    def _write_checkpoint(self, target: Path) -> None:
+        from ..writers import save_with_requires_grad
+
+        flags = {name: self.session.is_trainable(name) for name in self.session.canonical}
+        try:
+            path = save_with_requires_grad(self.session.ckpt, flags, target)
+        except MscopeError as exc:
+            self.call_from_thread(self.notify, exc.line(), severity="error", timeout=8)
+            return
+        self.call_from_thread(self.notify, f"checkpoint written to {path}", timeout=5)
+
+    # -- navigation ----------------------------------------------------------------------------
+    def action_filter(self) -> None:
+        if not self._guard():
+            return
+        box = self.query_one("#filter", Input)
+        box.display = True
+        box.focus()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self._compute_filter(event.value)
+
+    @on(Input.Submitted, "#filter")
+    def _filter_submitted(self) -> None:
+        self.tree.focus()
+
+    def on_key(self, event) -> None:
+        if event.key == "escape" and self.focused is self.query_one("#filter", Input):
+            box = self.query_one("#filter", Input)
+            box.value = ""
+            box.display = False
+            self.tree.focus()
+            event.stop()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="filter")
+    def _compute_filter(self, text: str) -> None:
+        if not text:
+            self.call_from_thread(self._apply_filter, text, None, None)
+            return
+        needle = text.lower()
+        glob = any(c in text for c in "*?[")
+        names = []
+        for name in self.session.records:
+            low = name.lower()
+            if (glob and fnmatch.fnmatchcase(low, needle)) or (not glob and needle in low):
+                names.append(name)
+        modules = {""}
+        for name in names:
+            parts = name.split(".")[:-1]
+            for i in range(1, len(parts) + 1):
+                modules.add(".".join(parts[:i]))
+        self.call_from_thread(self._apply_filter, text, set(names), modules)
+
+    def _apply_filter(self, text: str, tensors: set[str] | None, modules: set[str] | None) -> None:
+        self.filter_text = text
+        tree = self.tree
+        tree.visible_tensors = tensors
+        tree.visible_modules = modules
+        tree.populate()
+        if tensors is not None and len(tensors) <= 300:
+            self._expand_visible(tree.root, EXPAND_ALL_LIMIT)
+        self.refresh_state()
+
+    def _expand_visible(self, node, budget: int) -> int:
+        stack = [node]
+        while stack and budget > 0:
+            current = stack.pop()
+            if current.allow_expand:
+                current.expand()
+                if not current.children and current.data and current.data.module:
+                    self.tree._add_children(current, current.data.module, 0)
+                budget -= len(current.children)
+                stack.extend(reversed(current.children))
+        return budget
+
+    def action_expand_all(self) -> None:
+        if not self._guard():
+            return
+        node = self.tree.cursor_node or self.tree.root
+        left = self._expand_visible(node, EXPAND_ALL_LIMIT)
+        if left <= 0:
+            self.notify(f"expanded the first {EXPAND_ALL_LIMIT:,} rows; use / to filter large models", timeout=4)
+
+    def action_collapse_all(self) -> None:
+        if self._guard():
+            self.tree.root.collapse_all()
+            self.tree.root.expand()
+            self.tree.move_cursor(self.tree.root)
+
+    def action_sort(self) -> None:
+        if not self._guard():
+            return
+        tree = self.tree
+        tree.sort_by_size = not tree.sort_by_size
+        tree.populate()
+        self.notify("children sorted by size" if tree.sort_by_size else "children in file order", timeout=2)
+
+    def action_largest(self) -> None:
+        if not self._guard():
+            return
+
+        def done(name: str | None) -> None:
+            if name is None:
+                return
+            if self.filter_text:
+                self._apply_filter("", None, None)
+                self.query_one("#filter", Input).value = ""
+            self.tree.reveal(tensor_name=name)
+
+        self.push_screen(LargestScreen(self.session), done)
+
+    def action_toggle_details(self) -> None:
+        pane = self.query_one("#details-pane")
+        pane.display = not pane.display
+        self.call_after_refresh(self._update_columns)
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(self.KEY_HELP))
+
+    def action_quit_app(self) -> None:
+        if self.session is None or not self.session.dirty:
+            self.exit(0)
+            return
+
+        def done(answer: str | None) -> None:
+            if answer == "quit":
+                self.exit(0)
+            elif answer == "save":
+                self.action_save_plan(then_quit=True)
+
+        self.push_screen(
+            ConfirmScreen(
+                "Unsaved changes",
+                "Your freeze decisions are not saved yet.",
+                [("save", "Save plan…", "primary"), ("quit", "Quit without saving", "error"), ("cancel", "Cancel", "default")],
+            ),
+            done,
+        )
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for binding in self.BINDINGS:
+            if binding.action in ("quit_app",):
+                continue
+            label = binding.description or binding.action
+            yield SystemCommand(label, f"{label} ({binding.key})", getattr(self, f"action_{binding.action}"))
+        yield SystemCommand("Quit mscope", "quit (asks about unsaved changes)", self.action_quit_app)
+
+
+def run_app(path: str | os.PathLike) -> tuple[int, str | None]:
+    """Run the explorer; returns (exit code, one-line error or None)."""
+    app = MscopeApp(path)
+    code = app.run()
+    if app.error_line:
+        return 2, app.error_line
+    return (code if isinstance(code, int) else 0), None
