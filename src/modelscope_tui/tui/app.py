@@ -135,7 +135,7 @@ class MscopeApp(App[int]):
 
     def _failed(self, line: str) -> None:
         self.error_line = line
-        self.exit(2)
+        self.exit(return_code=2)
 
     def _loaded(self, ckpt: Checkpoint) -> None:
         self.session = Session(ckpt)
@@ -544,7 +544,7 @@ class MscopeApp(App[int]):
 def run_app(path: str | os.PathLike) -> tuple[int, str | None]:
     """Run the explorer; returns (exit code, one-line error or None)."""
     app = MscopeApp(path)
-    code = app.run()
+    app.run()
     if app.error_line:
         return 2, app.error_line
-    return (code if isinstance(code, int) else 0), None
+    return app.return_code or 0, None

@@ -133,13 +133,13 @@ class ClassScreen(_Modal):
 
     def __init__(self, session: Session) -> None:
         super().__init__()
-        self.classes = session.classes()
+        self.class_counts = session.classes()
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label("Freeze by module class (f freeze, u unfreeze, esc cancel)", classes="title")
-            if self.classes:
-                yield OptionList(*[Option(f"{name}  ({count})", id=name) for name, count in self.classes.items()])
+            if self.class_counts:
+                yield OptionList(*[Option(f"{name}  ({count})", id=name) for name, count in self.class_counts.items()])
             else:
                 yield Static("This file has no module classes (a plain state_dict). Use a pattern (p).")
 

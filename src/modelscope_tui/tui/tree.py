@@ -192,6 +192,7 @@ class ParamTree(Tree[Row]):
             if child is None:
                 return None
             node = child
+        self._tree_lines  # noqa: B018 -- rebuild line numbers now so the cursor lands on `node`
         self.move_cursor(node)
         self.call_after_refresh(self.scroll_to_node, node, False)
         return node

@@ -1,0 +1,311 @@
+"""The explorer driven with Textual's Pilot: keys in, Session state and screen text out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelscope_tui.tui.app import MscopeApp
+from modelscope_tui.tui.screens import ConfirmScreen, HelpScreen, LargestScreen, PatternScreen
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_models"
+
+
+async def started(pilot) -> MscopeApp:
+    app = pilot.app
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+    assert app.session is not None, app.error_line
+    return app
+
+
+def header(app) -> str:
+    return str(app.query_one("#header").render())
+
+
+def tree_lines(app) -> list[str]:
+    tree = app.tree
+    return [str(tree.render_label(line.path[-1], tree.rich_style, tree.rich_style)) for line in tree._tree_lines]
+
+
+def cursor_name(app) -> str:
+    row = app.tree.cursor_node.data
+    return row.tensor.name if row.tensor is not None else row.module.name
+
+
+async def move_to(app, pilot, name: str) -> None:
+    node = app.tree.reveal(tensor_name=name) if "." in name or app.session.records.get(name) else None
+    if node is None:
+        node = app.tree.reveal(module_name=name)
+    await pilot.pause()
+    assert cursor_name(app) == name
+
+
+async def test_opens_and_shows_tree_with_totals():
+    app = MscopeApp(SAMPLES / "transformer_tied.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        assert "trainable 21.8K / 21.8K (100.0%)" in header(app)
+        lines = tree_lines(app)
+        assert any("embed" in line for line in lines)
+        assert any("blocks" in line for line in lines)
+        # the root row carries the aggregate parameter count
+        assert "21.8K" in lines[0]
+
+
+async def test_space_toggles_a_module_and_undo_redo():
+    app = MscopeApp(SAMPLES / "transformer_tied.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await move_to(app, pilot, "blocks")
+        await pilot.press("space")
+        block_names = [n for n in app.session.records if n.startswith("blocks.")]
+        assert all(not app.session.is_trainable(n) for n in block_names)
+        assert "unsaved" in header(app)
+        assert "(21.5%)" in header(app) or "trainable 4.7K" in header(app)
+        await pilot.press("z")
+        assert all(app.session.is_trainable(n) for n in block_names)
+        await pilot.press("y")
+        assert not app.session.is_trainable("blocks.0.linear1.weight")
+        await pilot.press("space")  # a frozen module toggles back to trainable
+        assert app.session.is_trainable("blocks.0.linear1.weight")
+
+
+async def test_tied_weights_freeze_together():
+    app = MscopeApp(SAMPLES / "transformer_tied.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await move_to(app, pilot, "lm_head.weight")
+        await pilot.press("f")
+        assert not app.session.is_trainable("embed.weight")
+        details = app.query_one("#details").render()
+        assert "tied to" in str(details) or "embed.weight" in app.export_screenshot()
+
+
+async def test_freeze_all_unfreeze_all_invert():
+    app = MscopeApp(SAMPLES / "cnn_state_dict.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("F")
+        assert app.session.totals()[0] == 0
+        await pilot.press("U")
+        assert app.session.totals()[0] == app.session.totals()[1]
+        await move_to(app, pilot, "classifier")
+        await pilot.press("f", "i")
+        trainable = [n for n in app.session.trainable if app.session.trainable[n]]
+        assert trainable == ["classifier.weight", "classifier.bias"]
+
+
+async def test_integer_buffers_cannot_be_frozen():
+    app = MscopeApp(SAMPLES / "cnn_state_dict.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await move_to(app, pilot, "features.1.num_batches_tracked")
+        await pilot.press("space")
+        await pilot.pause()
+        messages = [n.message for n in app._notifications]
+        assert any("cannot require grad" in m for m in messages)
+        assert not app.session.dirty
+
+
+async def test_pattern_modal_previews_and_applies():
+    app = MscopeApp(SAMPLES / "transformer_tied.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("p")
+        assert isinstance(app.screen, PatternScreen)
+        await pilot.press(*"blocks.0.*")
+        await app.screen.workers.wait_for_complete()
+        await pilot.pause()
+        preview = str(app.screen.query_one("#preview").render())
+        assert "12 tensors" in preview and "8.5K parameters" in preview
+        await pilot.press("enter")
+        await pilot.pause()
+        assert not app.session.is_trainable("blocks.0.linear1.weight")
+        assert app.session.is_trainable("blocks.1.linear1.weight")
+        assert app.session.history()[-1].value == "blocks.0.*"
+
+
+async def test_bad_regex_shows_message_not_traceback():
+    app = MscopeApp(SAMPLES / "transformer_tied.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("p")
+        await pilot.click("#regex")
+        await pilot.click("#pattern")
+        await pilot.press(*"blocks[")
+        await app.screen.workers.wait_for_complete()
+        await pilot.pause()
+        assert "invalid regular expression" in str(app.screen.query_one("#preview").render())
+        await pilot.press("escape")
+        assert not app.session.dirty
+
+
+async def test_freeze_by_class_and_norm_caveat():
+    app = MscopeApp(SAMPLES / "notebook_full.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("c")
+        option_list = app.screen.query_one("OptionList")
+        ids = [option_list.get_option_at_index(i).id for i in range(option_list.option_count)]
+        option_list.highlighted = ids.index("BatchNorm2d")
+        await pilot.press("f")
+        await pilot.pause()
+        bn = [n.name for n in app.session.modules_of_class("BatchNorm2d")]
+        assert bn and all(app.session.node_state(app.session.node(b)) == "frozen" for b in bn)
+        messages = " ".join(n.message for n in app._notifications)
+        assert "running statistics" in messages
+        await pilot.press("b")
+        assert set(bn) <= app.session.eval_modules
+
+
+async def test_train_last_n_blocks():
+    app = MscopeApp(SAMPLES / "transformer_tied.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("l")
+        await pilot.press("1", "enter")
+        await pilot.pause()
+        assert not app.session.is_trainable("blocks.0.linear1.weight")
+        assert app.session.is_trainable("blocks.1.linear1.weight")
+
+
+async def test_filter_as_you_type_and_clear():
+    app = MscopeApp(SAMPLES / "transformer_tied.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("slash", *"norm1")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        lines = tree_lines(app)
+        assert any("norm1" in line for line in lines)
+        assert not any("linear1" in line for line in lines)
+        assert "filter: norm1" in header(app)
+        await pilot.press("escape")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert "filter" not in header(app)
+
+
+async def test_largest_jumps_to_tensor_and_sort():
+    app = MscopeApp(SAMPLES / "transformer_tied.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("L")
+        assert isinstance(app.screen, LargestScreen)
+        biggest = app.screen.largest[0].name
+        await pilot.press("enter")
+        await pilot.pause()
+        assert cursor_name(app) == biggest
+        await pilot.press("o")
+        await pilot.pause()
+        first_children = [c.data for c in app.tree.root.children]
+        sizes = [r.module.stats.nbytes for r in first_children if r.module is not None]
+        assert sizes == sorted(sizes, reverse=True)
+
+
+async def test_expand_collapse_all_help_details():
+    app = MscopeApp(SAMPLES / "transformer_tied.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("e")
+        await pilot.pause()
+        assert len(app.tree._tree_lines) > 40
+        await pilot.press("E")
+        await pilot.pause()
+        assert len(app.tree._tree_lines) <= 8
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        pane = app.query_one("#details-pane")
+        shown = pane.display
+        await pilot.press("d")
+        assert pane.display is not shown
+
+
+async def test_command_palette_runs_actions():
+    app = MscopeApp(SAMPLES / "cnn_state_dict.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"Freeze all")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.session.totals()[0] == 0
+
+
+async def test_save_plan_then_quit_cleanly(tmp_path, monkeypatch):
+    src = tmp_path / "model.pt"
+    src.write_bytes((SAMPLES / "transformer_tied.pt").read_bytes())
+    app = MscopeApp(src)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("l", "1", "enter")
+        await pilot.press("q")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("escape")
+        await pilot.press("s")
+        await pilot.press("enter")
+        await pilot.pause()
+        plan_path = tmp_path / "model.freeze-plan.json"
+        assert plan_path.exists()
+        plan = json.loads(plan_path.read_text())
+        assert "blocks.0.linear1.weight" in plan["frozen"]
+        assert "blocks.1.linear1.weight" in plan["trainable"]
+        assert not app.session.dirty
+        await pilot.press("q")
+    assert app.return_code == 0
+    assert src.read_bytes() == (SAMPLES / "transformer_tied.pt").read_bytes()
+
+
+async def test_quit_with_unsaved_changes_asks():
+    app = MscopeApp(SAMPLES / "cnn_state_dict.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("F", "q")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.click("#quit")
+        await pilot.pause()
+    assert app.return_code == 0
+
+
+async def test_flat_file_pages_children(tmp_path):
+    path = tmp_path / "flat.pt"
+    torch.save({f"w{i:04d}": torch.zeros(1) for i in range(450)}, path)
+    app = MscopeApp(path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await started(pilot)
+        children = app.tree.root.children
+        assert len(children) == 201 and children[-1].data.more_of is not None
+        assert "250 more" in tree_lines(app)[-1]
+        node = app.tree.reveal(tensor_name="w0449")
+        assert node is not None and cursor_name(app) == "w0449"
+
+
+async def test_corrupt_file_exits_with_one_line(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"PK\x03\x04 this is not really a zip")
+    app = MscopeApp(bad)
+    async with app.run_test(size=(80, 24)) as pilot:
+        for _ in range(100):
+            if app.return_code is not None:
+                break
+            await pilot.pause(0.05)
+    assert app.return_code == 2
+    assert "bad.pt" in app.error_line and "\n" not in app.error_line
+
+
+@pytest.mark.parametrize("sample", sorted(p.name for p in SAMPLES.iterdir() if p.name not in ("README.md", "make_samples.py")))
+async def test_every_sample_opens_at_80x24(sample):
+    app = MscopeApp(SAMPLES / sample)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await started(pilot)
+        assert app.session.ckpt.tensors
+        lines = tree_lines(app)
+        assert lines and all(len(line) <= 80 for line in lines)
