@@ -148,7 +148,12 @@ class Session:
         """'trainable' | 'frozen' | 'mixed' | None (no parameters)."""
         params = node.stats.params
         if not params:
-            return None
+            # A module whose weights are all tied elsewhere (lm_head -> embed) follows them.
+            tied = {self.canonical[t.name] for t in node.all_tensors() if t.name in self.canonical}
+            if not tied:
+                return None
+            values = {self.trainable[c] for c in tied}
+            return "mixed" if len(values) > 1 else "trainable" if values.pop() else "frozen"
         trainable = self._trainable_count[node.name]
         return "trainable" if trainable == params else "frozen" if trainable == 0 else "mixed"
 
