@@ -424,6 +424,13 @@ class Checkpoint:
                 )
 
     def totals(self) -> Totals:
+        """Totals as saved in the file (cached: records do not change after reading)."""
+        cached = self.__dict__.get("_totals")
+        if cached is None:
+            cached = self.__dict__["_totals"] = self._compute_totals()
+        return cached
+
+    def _compute_totals(self) -> Totals:
         params = trainable = buffers = nbytes = 0
         by_dtype: Counter[str] = Counter()
         by_location: Counter[str] = Counter()

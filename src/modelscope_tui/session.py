@@ -108,7 +108,9 @@ class Session:
             for t in node.tensors:
                 self._owner[t.name] = node
         self._parent[""] = None
+        self._depth = {name: (name.count(".") + 1 if name else 0) for name in self._nodes}
         self._trainable_count: dict[str, int] = defaultdict(int)
+        self._norm_modules: list[ModuleNode] | None = None
         self._recount()
 
     # -- queries -------------------------------------------------------------------------------
@@ -228,26 +230,17 @@ class Session:
         Freezing requires_grad does not stop BatchNorm from updating running_mean/var in train
         mode; these need eval mode to be truly frozen.
         """
-        out = []
-        for node in self._nodes.values():
-            if not node.name or not _has_running_stats(node):
-                continue
-            if node.stats.params and self._trainable_count[node.name] == 0:
-                out.append(node.name)
-        return out
+        if self._norm_modules is None:
+            self._norm_modules = [n for n in self._nodes.values() if n.name and _has_running_stats(n)]
+        return [n.name for n in self._norm_modules if n.stats.params and self._trainable_count[n.name] == 0]
 
     # -- changes -------------------------------------------------------------------------------
     def set_trainable(self, names: Iterable[str], value: bool, rule: Rule | None = None, description: str = "") -> ChangeResult:
         names = list(names)
-        skipped = [n for n in names if n in self.records and n not in self.canonical]
-        targets: list[str] = []
-        seen: set[str] = set()
-        for n in names:
-            canon = self.canonical.get(n)
-            if canon is not None and canon not in seen:
-                seen.add(canon)
-                if self.trainable[canon] != value:
-                    targets.append(canon)
+        canonical, trainable = self.canonical, self.trainable
+        skipped = [n for n in names if n not in canonical and n in self.records]
+        unique = dict.fromkeys([canonical[n] for n in names if n in canonical])
+        targets = [c for c in unique if trainable[c] != value]
         message = ""
         if skipped and not targets and len(skipped) == len(names):
             message = f"{len(skipped)} integer/bool tensor(s) cannot require grad; left as they are"
@@ -282,7 +275,8 @@ class Session:
         trainables = [n for n in names if n in self.canonical]
         if not trainables:
             return ChangeResult(0, len(names), names, "no trainable tensors here (integer/bool tensors cannot require grad)")
-        value = not all(self.is_trainable(n) for n in trainables)
+        canonical, trainable = self.canonical, self.trainable
+        value = not all(trainable[canonical[n]] for n in trainables)
         return self.set_trainable(names, value, Rule("unfreeze" if value else "freeze", "names", _names_value(names)))
 
     def freeze_pattern(self, pattern: str, kind: str = "glob", value: bool = False) -> ChangeResult:
@@ -373,26 +367,41 @@ class Session:
     # -- internals -----------------------------------------------------------------------------
     def _apply(self, change: Change, forward: bool) -> None:
         values = change.after if forward else change.before
+        trainable, records, owner = self.trainable, self.records, self._owner
+        deltas: dict[str, int] = defaultdict(int)
         for name, value in zip(change.names, values):
-            old = self.trainable[name]
-            if old != value:
-                self.trainable[name] = value
-                self._bump(name, self.records[name].numel if value else -self.records[name].numel)
+            if trainable[name] != value:
+                trainable[name] = value
+                node = owner.get(name)
+                deltas[node.name if node is not None else ""] += records[name].numel if value else -records[name].numel
+        self._propagate(deltas)
         if change.eval_before or change.eval_after:
             self.eval_modules = set(change.eval_after if forward else change.eval_before)
 
-    def _bump(self, name: str, delta: int) -> None:
-        node = self._owner.get(name)
-        key = node.name if node is not None else ""
-        while key is not None:
-            self._trainable_count[key] += delta
-            key = self._parent.get(key)
+    def _propagate(self, deltas: dict[str, int]) -> None:
+        """Add per-module deltas to every ancestor, visiting each module once (deepest first)."""
+        counts, parent, depth = self._trainable_count, self._parent, self._depth
+        buckets: dict[int, dict[str, int]] = defaultdict(dict)
+        for name, delta in deltas.items():
+            buckets[depth[name]][name] = delta
+        for level in range(max(buckets, default=-1), -1, -1):
+            above = buckets[level - 1] if level else None
+            for name, delta in buckets.get(level, {}).items():
+                if not delta:
+                    continue
+                counts[name] += delta
+                if above is not None:
+                    up = parent[name]
+                    above[up] = above.get(up, 0) + delta
 
     def _recount(self) -> None:
         self._trainable_count.clear()
+        deltas: dict[str, int] = defaultdict(int)
         for name, value in self.trainable.items():
             if value:
-                self._bump(name, self.records[name].numel)
+                node = self._owner.get(name)
+                deltas[node.name if node is not None else ""] += self.records[name].numel
+        self._propagate(deltas)
 
 
 def _has_running_stats(node: ModuleNode) -> bool:

@@ -153,7 +153,17 @@ class MscopeApp(App[int]):
                 timeout=10,
             )
         if self.exit_after_paint:
-            self.call_after_refresh(self.exit, 0)
+            self.call_after_refresh(self._painted)
+
+    def _painted(self) -> None:
+        """Benchmarks: report seconds since MSCOPE_BENCH_T0 (the spawn time), then quit."""
+        report = os.environ.get("MSCOPE_FIRST_PAINT_REPORT")
+        t0 = os.environ.get("MSCOPE_BENCH_T0")
+        if report and t0:
+            import time
+
+            Path(report).write_text(f"{time.time() - float(t0):.6f}\n")
+        self.exit(return_code=0)
 
     @property
     def tree(self) -> ParamTree:

@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Explorer benchmarks (issue 3).
+
+    python bench/bench_explorer.py [--workdir DIR] [--repeat N]
+
+1. Time to first paint: `mscope open FILE` in a pseudo-terminal with MSCOPE_EXIT_AFTER_PAINT=1
+   (the app exits right after the tree is painted), as a whole process, against
+   `python -c "import torch; torch.load(F, mmap=True, weights_only=True)"`. Target <= 0.3x.
+2. Freezing a subtree of 50,000 tensors and repainting, measured in-process with the headless
+   app (Pilot): the Session change plus the tree repaint. Target < 100 ms.
+
+Uses the files bench_summary.py generates under bench/_data/ (generated on first use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pty
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+FIRST_PAINT_FILE = "gpt_1p3b_fp16.pt"
+FREEZE_FILE = "state_dict_100k.pt"
+
+
+def ensure_data(workdir: Path, name: str) -> Path:
+    path = workdir / name
+    if not path.exists():
+        subprocess.run([sys.executable, str(BENCH_DIR / "_make_bench_data.py"), name, str(path)], check=True)
+    return path
+
+
+def run_in_pty(cmd: list[str], env: dict[str, str]) -> float:
+    """Seconds from spawning cmd in a pseudo-terminal to the app's first painted tree.
+
+    The app (MSCOPE_EXIT_AFTER_PAINT) writes the time since MSCOPE_BENCH_T0 to
+    MSCOPE_FIRST_PAINT_REPORT once the tree is on screen, then exits; exit time is not counted.
+    """
+    report = Path(tempfile.mkdtemp()) / "paint"
+    env = dict(env, MSCOPE_FIRST_PAINT_REPORT=str(report), MSCOPE_BENCH_T0=repr(time.time()))
+    master, slave = pty.openpty()
+    os.set_blocking(master, False)
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    while proc.poll() is None:
+        try:
+            os.read(master, 65536)  # keep the pty drained so the app never blocks on output
+        except (BlockingIOError, OSError):
+            time.sleep(0.002)
+    os.close(master)
+    if proc.returncode != 0 or not report.exists():
+        raise SystemExit(f"{cmd} exited {proc.returncode} without painting")
+    return float(report.read_text())
+
+
+def first_paint(path: Path, repeat: int) -> None:
+    mscope = Path(sys.executable).parent / "mscope"
+    env = dict(os.environ, MSCOPE_EXIT_AFTER_PAINT="1", TERM="xterm-256color", COLUMNS="120", LINES="40")
+    ours = [run_in_pty([str(mscope), "open", str(path)], env) for _ in range(repeat)]
+    torch_cmd = [sys.executable, "-c", f"import torch; torch.load({str(path)!r}, mmap=True, weights_only=True)"]
+    theirs = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        subprocess.run(torch_cmd, check=True)
+        theirs.append(time.perf_counter() - start)
+    a, b = statistics.median(ours), statistics.median(theirs)
+    verdict = "PASS" if a / b <= 0.3 else "FAIL"
+    print(f"| first paint, {path.name} | mscope {a:.3f} s | torch.load {b:.3f} s | ratio {a / b:.3f}x | target <= 0.3x {verdict} |")
+
+
+async def _freeze_timing(path: Path, repeat: int) -> list[float]:
+    from modelscope_tui.tui.app import MscopeApp
+
+    app = MscopeApp(path)
+    times = []
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        session = app.session
+        # 50,000 tensors: the first half of the file's blocks (what `layers.[0-4]*` style
+        # patterns or a subtree selection hand to the Session)
+        names = list(session.records)[:50_000]
+        print(f"freezing {len(names):,} tensors ({names[0]} .. {names[-1]})")
+        for _ in range(repeat):
+            start = time.perf_counter()
+            session.toggle(names)
+            app.refresh_state()
+            await pilot.pause()  # lets the repaint happen
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def freeze_repaint(path: Path, repeat: int) -> None:
+    times = asyncio.run(_freeze_timing(path, repeat))
+    median = statistics.median(times) * 1000
+    verdict = "PASS" if median < 100 else "FAIL"
+    print(f"| freeze 50k tensors + repaint | median {median:.1f} ms over {len(times)} | target < 100 ms {verdict} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=BENCH_DIR / "_data")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    first_paint(ensure_data(args.workdir, FIRST_PAINT_FILE), args.repeat)
+    freeze_repaint(ensure_data(args.workdir, FREEZE_FILE), max(5, args.repeat))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
