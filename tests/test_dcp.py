@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -440,7 +441,15 @@ def test_dcp_real_two_rank_dtensor_save(tmp_path):
     import torch.multiprocessing as mp
 
     directory = tmp_path / "fsdp"
-    mp.spawn(_dtensor_rank, args=(2, str(tmp_path / "store"), str(directory)), nprocs=2)
+    args = (2, str(tmp_path / "store"), str(directory))
+    # fork: the children inherit the imported torch (spawn would spend seconds importing it again)
+    ctx = mp.start_processes(_dtensor_rank, args=args, nprocs=2, start_method="fork", join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the two ranks did not finish within 120 s")
     ckpt = open_checkpoint(directory)
     assert ckpt.model_path == "model"
     assert ckpt.files == [
