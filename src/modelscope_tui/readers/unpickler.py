@@ -55,13 +55,16 @@ def scan_pickle(data: bytes | memoryview, start: int = 0, source: str = "pickle"
     """Validate the pickle starting at `start` and return the offset just past its STOP.
 
     Raises UnsafePickleError for unknown opcodes, lengths past the end, memo indices larger than
-    the data could legitimately need (the C unpickler would size its memo array by them), or a
+    the pickle could legitimately need (the C unpickler sizes its memo array by the largest index;
+    a real pickler numbers them from 0, one per PUT, so they stay below the pickle's length), or a
     pickle with no STOP. The op count is bounded by the data size, so no separate limit is needed.
     """
     table = _OPCODES
     end = len(data)
     pos = start
     limit = end - start
+    top = 0  # largest memo index; checked against the pickle's own length at STOP (the data may
+    # run on far past it: a legacy file's storages, or junk after a plain pickle)
     u32 = _U32.unpack_from
     try:
         while pos < end:
@@ -80,10 +83,14 @@ def scan_pickle(data: bytes | memoryview, start: int = 0, source: str = "pickle"
             elif k == _COUNT1:
                 pos += 1 + data[pos]
             elif k == _LONG_BINPUT:
-                if u32(data, pos)[0] > limit:
+                index = u32(data, pos)[0]
+                if index > limit:
                     raise UnsafePickleError(f"{source}: memo index out of range", hint="corrupt or hostile pickle")
+                top = max(top, index)
                 pos += 4
             elif k == _STOP:
+                if top > pos - start:
+                    raise UnsafePickleError(f"{source}: memo index out of range", hint="corrupt or hostile pickle")
                 return pos
             elif k == _NEWLINE or k == _PUT:
                 nl = data.find(b"\n", pos, pos + 4096)
@@ -93,6 +100,7 @@ def scan_pickle(data: bytes | memoryview, start: int = 0, source: str = "pickle"
                     text = bytes(data[pos:nl])
                     if not text.isdigit() or int(text) > limit:
                         raise UnsafePickleError(f"{source}: memo index out of range", hint="corrupt or hostile pickle")
+                    top = max(top, int(text))
                 pos = nl + 1
             elif k == _COUNT4S:
                 n = _I32.unpack_from(data, pos)[0]
@@ -118,7 +126,7 @@ class Inert:
     """An object of a class (or result of a call) the pickle named. It only records."""
 
     _global: GlobalRef  # set on each generated subclass
-    __slots__ = ("args", "kwargs", "state", "items", "listitems", "called", "__weakref__")
+    __slots__ = ("args", "kwargs", "state", "items", "listitems", "callee", "__weakref__")
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Inert:
         self = object.__new__(cls)
@@ -127,7 +135,7 @@ class Inert:
         self.state = None
         self.items = None
         self.listitems = None
-        self.called = False
+        self.callee = None  # set on the result of calling an instance: callee(*args)
         return self
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -135,6 +143,20 @@ class Inert:
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Inert:
+        """REDUCE on an instance: `functools.partial(f, x)()`, `getattr(os, 'system')('cmd')`.
+
+        Payloads chain calls this way; record the call on the instance's global and return
+        another inert result (never fail: the file must still open and show what it would do).
+        """
+        cls = type(self)
+        result = Inert.__new__(cls, *args, **kwargs)
+        result.callee = self
+        ref = cls._global
+        if len(ref.calls) < MAX_CALLS_SHOWN:
+            ref.calls.append(_render_arg(result))
+        return result
 
     def __setitem__(self, key: Any, value: Any) -> None:
         if self.items is None:
@@ -290,7 +312,14 @@ def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    if isinstance(value, (str, bytes, bytearray)) and len(value) > limit:
+        value = value[:limit]  # never repr a huge string only to cut it
+    try:
+        text = repr(value)
+    except RecursionError:  # containers nested thousands deep (frozensets, user objects)
+        text = f"<deeply nested {type(value).__name__}>"
+    except ValueError:  # an int over 4,300 digits
+        text = f"<{type(value).__name__} too long to print>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -618,22 +647,100 @@ class SafeUnpickler(pickle.Unpickler):
 
 def render_call(qualname: str, args: tuple, kwargs: dict | None = None, limit: int = 160) -> str:
     """`os.system('touch /tmp/x')`: what a payload would have done, shortened for one line."""
-    parts = [_render_arg(a) for a in args]
-    parts += [f"{k}={_render_arg(v)}" for k, v in (kwargs or {}).items()]
-    text = f"{qualname}({', '.join(parts)})"
-    return text if len(text) <= limit else text[: limit - 4] + "...)"
+    out = _Renderer(limit)
+    out.put(qualname)
+    out.call(args, kwargs or {}, 0)
+    return out.text()
 
 
-def _render_arg(value: Any, depth: int = 0) -> str:
-    if isinstance(value, Inert):
-        inner = ", ".join(_render_arg(a, depth + 1) for a in value.args[:4]) if depth < 3 else "..."
-        return f"{value.qualname}({inner})" if value.args else value.qualname
-    if isinstance(value, type) and issubclass(value, Inert):
-        return value._global.qualname
-    if isinstance(value, (tuple, list)) and depth < 3:
-        inner = ", ".join(_render_arg(a, depth + 1) for a in value[:6])
-        return f"({inner})" if isinstance(value, tuple) else f"[{inner}]"
-    return _short(value, 120)
+def _render_arg(value: Any, limit: int = 160) -> str:
+    out = _Renderer(limit)
+    out.value(value, 0)
+    return out.text()
+
+
+class _Renderer:
+    """Python-like text for recorded calls. Work is bounded by `limit` (every value writes at
+    least one character and rendering stops once the text is full), so shared sub-objects or
+    huge containers in a hostile pickle cannot make it slow."""
+
+    MAX_DEPTH = 8
+
+    def __init__(self, limit: int):
+        self.parts: list[str] = []
+        self.size = 0
+        self.limit = limit
+
+    def put(self, text: str) -> None:
+        self.parts.append(text)
+        self.size += len(text)
+
+    def full(self) -> bool:
+        return self.size > self.limit
+
+    def text(self) -> str:
+        text = "".join(self.parts)
+        return text if len(text) <= self.limit else text[: self.limit - 4] + "...)"
+
+    def value(self, value: Any, depth: int) -> None:
+        if self.full():
+            return
+        if depth > self.MAX_DEPTH:
+            self.put("...")
+        elif isinstance(value, Inert):
+            if value.callee is not None:
+                self.value(value.callee, depth + 1)
+            else:
+                self.put(value.qualname)
+            if value.args or value.kwargs or value.callee is not None:
+                self.call(value.args, value.kwargs, depth)
+            if value.state is not None and value.callee is None:
+                self.put(".__setstate__(")
+                self.value(value.state, depth + 1)
+                self.put(")")
+        elif isinstance(value, type) and issubclass(value, Inert):
+            self.put(value._global.qualname)
+        elif isinstance(value, (tuple, list)):
+            tuple_ = isinstance(value, tuple)
+            self.put("(" if tuple_ else "[")
+            self.items(value, depth)
+            self.put(",)" if tuple_ and len(value) == 1 else ")" if tuple_ else "]")
+        elif isinstance(value, dict):
+            self.put("{")
+            for i, (k, v) in enumerate(value.items()):
+                if i:
+                    self.put(", ")
+                if self.full():
+                    self.put("...")
+                    break
+                self.value(k, depth + 1)
+                self.put(": ")
+                self.value(v, depth + 1)
+            self.put("}")
+        else:
+            self.put(_short(value, 120))
+
+    def items(self, values: Any, depth: int) -> None:
+        for i, v in enumerate(values):
+            if i:
+                self.put(", ")
+            if self.full():
+                self.put("...")
+                return
+            self.value(v, depth + 1)
+
+    def call(self, args: tuple, kwargs: dict, depth: int) -> None:
+        self.put("(")
+        self.items(args, depth)
+        for i, (k, v) in enumerate(kwargs.items()):
+            if args or i:
+                self.put(", ")
+            if self.full():
+                self.put("...")
+                break
+            self.put(f"{k}=")
+            self.value(v, depth + 1)
+        self.put(")")
 
 
 def safe_load(
@@ -662,5 +769,6 @@ def safe_load(
     except MscopeError:
         raise
     except Exception as exc:  # a malformed pickle can raise almost anything from the C unpickler
-        raise UnsafePickleError(f"{source}: malformed pickle ({type(exc).__name__}: {_short(str(exc), 100)})") from exc
+        detail = " ".join(str(exc).split())[:100]
+        raise UnsafePickleError(f"{source}: malformed pickle ({type(exc).__name__}: {detail})") from exc
     return obj, list(unpickler.globals.values()), end
