@@ -37,6 +37,7 @@ class StorageTable:
         self.folder = folder
         self.byteorder = byteorder
         self.records: dict[str, StorageRecord] = {}
+        self.problems: list[str] = []  # what Checkpoint.check_storage_bounds cannot see
 
     def __call__(self, pid: Any) -> StorageRecord:
         if type(pid) is tuple and len(pid) == 5:
@@ -65,8 +66,15 @@ class StorageTable:
             entry = self.archive.entries.get(self.folder + key)
             if entry is not None:
                 record.data_offset = self.archive.data_offset(entry)
-                record.data_size = entry.size if entry.method == STORED else entry.compressed_size
                 record.compressed = entry.method != STORED
+                if record.compressed:
+                    record.data_size = entry.compressed_size
+                    if entry.size < record.nbytes:  # the directory says what it inflates to
+                        self.problems.append(
+                            f"storage {key!r} inflates to {entry.size:,} bytes but declares {record.nbytes:,}"
+                        )
+                else:
+                    record.data_size = min(entry.size, entry.compressed_size)
         self.records[key] = record
         return record
 
@@ -81,7 +89,7 @@ def read_torch_zip(path: Path, archive: ZipArchive) -> Checkpoint:
         return read_torchscript(path, archive, prefix)
     byteorder = _byteorder(archive, prefix)
     storages = StorageTable(path, archive, f"{prefix}data/", byteorder)
-    data = archive.read(f"{prefix}data.pkl", MAX_PICKLE_BYTES)
+    data = archive.read(f"{prefix}data.pkl", MAX_PICKLE_BYTES, verify=True)
     root, globals_, _ = safe_load(data, source=f"{path.name}:{prefix}data.pkl", persistent_load=storages)
     ckpt = Checkpoint(path, "torch-zip", files=[path])
     ckpt.globals = globals_
@@ -92,6 +100,7 @@ def read_torch_zip(path: Path, archive: ZipArchive) -> Checkpoint:
         ckpt.metadata["archive_version"] = archive.read(version.name, 64).decode("ascii", "replace").strip()
     if archive.duplicates:
         ckpt.problems.append(f"archive has duplicate members: {', '.join(archive.duplicates[:3])}")
+    ckpt.problems.extend(storages.problems)
     Walker(ckpt).walk_root(root)
     return ckpt
 
@@ -169,7 +178,7 @@ def read_torchscript(path: Path, archive: ZipArchive, prefix: str) -> Checkpoint
     byteorder = _byteorder(archive, prefix)
     classes = parse_script_code(archive, prefix)
     storages = StorageTable(path, archive, f"{prefix}data/", byteorder)
-    data = archive.read(f"{prefix}data.pkl", MAX_PICKLE_BYTES)
+    data = archive.read(f"{prefix}data.pkl", MAX_PICKLE_BYTES, verify=True)
 
     def scripted(module: str, name: str) -> bool:
         return module == "__torch__" or module.startswith("__torch__.")
@@ -187,7 +196,7 @@ def read_torchscript(path: Path, archive: ZipArchive, prefix: str) -> Checkpoint
     const_name = f"{prefix}constants.pkl"
     if const_name in archive.entries:
         constants, const_globals, _ = safe_load(
-            archive.read(const_name, MAX_PICKLE_BYTES), source=f"{path.name}:{const_name}",
+            archive.read(const_name, MAX_PICKLE_BYTES, verify=True), source=f"{path.name}:{const_name}",
             persistent_load=const_storages, known_schema=scripted,
         )  # fmt: skip
         ckpt.globals.extend(const_globals)
@@ -199,6 +208,7 @@ def read_torchscript(path: Path, archive: ZipArchive, prefix: str) -> Checkpoint
             if constants:
                 ckpt.sections["constants"] = "constants"
     ckpt.metadata["byteorder"] = byteorder
+    ckpt.problems.extend(storages.problems + const_storages.problems)
     ckpt.metadata["code_files"] = sorted(n[len(prefix) :] for n in archive.entries if n.startswith(f"{prefix}code/") and n.endswith(".py"))
     if isinstance(root, Inert):
         ckpt.module_root = _walk_script_module(ckpt, root, classes)
@@ -217,8 +227,21 @@ def _walk_script_module(ckpt: Checkpoint, root_obj: Inert, classes: dict[str, Sc
         info = classes.get(obj.qualname, ScriptClass())
         node.class_path = script_class_path(obj.qualname)
         node.attributes.update(info.constants)
-        state = obj.state_dict() or {}
+        state = obj.state_dict()
         prefix = f"{node.name}." if node.name else ""
+        if state is None:
+            state = {}
+            if isinstance(obj.state, (tuple, list)):
+                # A scripted __getstate__ chose this layout; only its __setstate__ knows the
+                # names. List the tensors by position so none of the file's bytes go missing.
+                for i, value in enumerate(obj.state):
+                    if isinstance(value, TensorRef):
+                        node.tensors.append(walker.add_tensor(value, f"{prefix}__getstate__[{i}]", "", TENSOR, True))
+                if node.tensors:
+                    ckpt.warnings.append(
+                        f"module {node.name or '(root)'!r} keeps its state through a scripted __getstate__; "
+                        "its tensors are listed by position"
+                    )
         children = []
         for key, value in state.items():
             if not isinstance(key, str):

@@ -69,7 +69,12 @@ class ZipArchive:
     def _parse_directory(self) -> None:
         buf, size = self.buffer, self.size
         tail_start = max(0, size - _EOCD.size - _MAX_COMMENT)
-        pos = buf.rfind(b"PK\x05\x06", tail_start)
+        tail = bytes(buf[tail_start:])  # works for mmap, bytes and memoryview alike
+        pos = tail.rfind(b"PK\x05\x06")
+        while pos >= 0 and tail_start + pos + _EOCD.size > size:  # a signature cut off by truncation
+            pos = tail.rfind(b"PK\x05\x06", 0, pos)
+        if pos >= 0:
+            pos += tail_start
         if pos < 0:
             raise self._corrupt("end-of-central-directory record not found")
         _, _, _, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(buf, pos)
@@ -104,9 +109,11 @@ class ZipArchive:
             raise self._corrupt("central directory is truncated")
 
     def _zip64_extra(self, start: int, length: int, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
-        buf, p, end = self.buffer, start, start + length
+        buf, p, end = self.buffer, start, min(start + length, self.size)
         while p + 4 <= end:
             tag, size = struct.unpack_from("<2H", buf, p)
+            if p + 4 + size > end:
+                break
             if tag == 1:
                 q = p + 4
                 values = []
@@ -135,8 +142,10 @@ class ZipArchive:
             raise self._corrupt(f"member {entry.name!r} runs past the end of the file")
         return start
 
-    def read(self, name: str, limit: int) -> bytes:
-        """The member's bytes, refusing members (or decompressed output) larger than `limit`."""
+    def read(self, name: str, limit: int, verify: bool = False) -> bytes:
+        """The member's bytes, refusing members larger than `limit`, and deflated members whose
+        output differs from the size the directory declares (so a zip bomb inflates no further).
+        verify: also check the CRC (cheap for small members such as data.pkl)."""
         entry = self.entries.get(name)
         if entry is None:
             raise self._corrupt(f"member {name!r} is missing")
@@ -145,14 +154,21 @@ class ZipArchive:
         start = self.data_offset(entry)
         raw = self.buffer[start : start + entry.compressed_size]
         if entry.method == STORED:
-            return bytes(raw)
-        if entry.method == DEFLATED:
-            inflater = zlib.decompressobj(-15)
-            out = inflater.decompress(raw, limit + 1)
-            if len(out) > limit:
-                raise self._corrupt(f"member {name!r} inflates past {limit:,} bytes")
-            return out
-        raise self._corrupt(f"member {name!r} uses unsupported compression method {entry.method}")
+            if entry.compressed_size != entry.size:
+                raise self._corrupt(f"member {name!r} has inconsistent sizes")
+            out = bytes(raw)
+        elif entry.method == DEFLATED:
+            try:
+                out = zlib.decompressobj(-15).decompress(raw, entry.size + 1)
+            except zlib.error as exc:
+                raise self._corrupt(f"member {name!r} does not inflate ({exc})") from exc
+            if len(out) != entry.size:
+                raise self._corrupt(f"member {name!r} does not inflate to its declared {entry.size:,} bytes")
+        else:
+            raise self._corrupt(f"member {name!r} uses unsupported compression method {entry.method}")
+        if verify and zlib.crc32(out) & 0xFFFFFFFF != entry.crc:
+            raise self._corrupt(f"member {name!r} fails its CRC check")
+        return out
 
     def check_crc(self, name: str, limit: int = 1 << 62) -> bool:
         return zlib.crc32(self.read(name, limit)) & 0xFFFFFFFF == self.entries[name].crc
