@@ -111,6 +111,14 @@ def open_checkpoint(path: str | os.PathLike, strict: bool = True) -> Checkpoint:
         if exc.errno == errno.ENOENT:
             raise NotFoundError("no such file or directory", path) from exc
         raise NotFoundError(f"cannot read: {exc.strerror or exc}", path) from exc
+    except RecursionError as exc:  # a last guard: every walk is iterative, but data is hostile
+        raise CorruptCheckpointError(
+            "the file's objects nest too deeply to read", path, "corrupt or hostile pickle"
+        ) from exc
+    except MemoryError as exc:
+        raise CorruptCheckpointError(
+            "reading the file's metadata ran out of memory", path, "corrupt or hostile file"
+        ) from exc
     ckpt.link_shared_storages()
     ckpt.check_storage_bounds()
     if strict and ckpt.problems:
@@ -124,6 +132,10 @@ def open_checkpoint(path: str | os.PathLike, strict: bool = True) -> Checkpoint:
 def _dispatch(path: Path) -> Checkpoint:
     if not path.exists():
         raise NotFoundError("no such file or directory", path)
+    if not path.is_dir() and not path.is_file():  # opening a FIFO would block forever
+        raise UnsupportedFormatError(
+            "not a regular file (a pipe, socket or device)", path, "save the checkpoint to a file first"
+        )
     kind = sniff(path)
     if kind == "zip":
         from .torchzip import read_torch_zip

@@ -47,7 +47,7 @@ def _read_legacy(path: Path, buf: mmap.mmap) -> Checkpoint:
     ckpt = Checkpoint(path, "torch-legacy", files=[path])
     ckpt.globals = globals_
     ckpt.metadata["byteorder"] = byteorder
-    ckpt.metadata["sys_info"] = {k: v for k, v in sys_info.items() if isinstance(v, (int, bool, str, dict))}
+    ckpt.metadata["sys_info"] = _plain_sys_info(sys_info)
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise CorruptCheckpointError("legacy storage key list is malformed", path)
     size = len(buf)
@@ -72,6 +72,25 @@ def _read_legacy(path: Path, buf: mmap.mmap) -> Checkpoint:
         pos += nbytes
     Walker(ckpt).walk_root(root)
     return ckpt
+
+
+def _plain_sys_info(sys_info: dict) -> dict:
+    """The header's facts, only as short plain values (it is data from the file like the rest)."""
+
+    def plain(v: object) -> bool:
+        if isinstance(v, (bool, str)):
+            return len(str(v)) <= 200
+        return type(v) is int and v.bit_length() <= 64
+
+    out: dict = {}
+    for k, v in list(sys_info.items())[:32]:
+        if not isinstance(k, str):
+            continue
+        if plain(v):
+            out[k] = v
+        elif isinstance(v, dict):
+            out[k] = {ik: iv for ik, iv in list(v.items())[:32] if isinstance(ik, str) and plain(iv)}
+    return out
 
 
 def _legacy_pid(storages: StorageTable, path: Path):

@@ -110,7 +110,7 @@ def find_model(root: Any) -> tuple[str, str]:
         return "full_module", ""
     if not is_mapping(root):
         return "object", ""
-    items = {str(k): v for k, v in mapping_items(root)}
+    items = {key_text(k): v for k, v in mapping_items(root)}
     if "state_dict" in items and ({"pytorch-lightning_version", "optimizer_states", "global_step"} & items.keys()):
         return "lightning", "state_dict"
     tensors, others = tensor_leaves(root)
@@ -151,7 +151,7 @@ class Walker:
             self.walk_model(root)
             return
         for key, value in mapping_items(root):
-            key = str(key)
+            key = key_text(key)
             if key == model_path:
                 ckpt.sections[key] = "model"
                 self.walk_model(value)
@@ -188,7 +188,7 @@ class Walker:
                     self.add_entry(where, "dict", "{}")
                 pending = []
                 for key, value in item.items():
-                    child = f"{where}.{key}" if where else str(key)
+                    child = f"{where}.{key_text(key)}" if where else key_text(key)
                     if type(value) is TensorRef:
                         add_tensor(value, child[prefix_len:] if section else child, section)
                     else:
@@ -216,7 +216,7 @@ class Walker:
             stack.extend((child, child_path, depth + 1) for child_path, child in reversed(children))
 
     def children(self, item: Any, where: str) -> Iterator[tuple[str, Any]]:
-        join = (lambda k: f"{where}.{k}") if where else str
+        join = (lambda k: f"{where}.{key_text(k)}") if where else key_text
         if is_mapping(item):
             for k, v in mapping_items(item):
                 yield join(k), v
@@ -235,6 +235,8 @@ class Walker:
                     yield join(i), v
 
     def describe(self, value: Any) -> tuple[str, Any]:
+        if isinstance(value, int) and not small_int(value):
+            return "int", f"<{value.bit_length():,}-bit integer>"
         if value is None or isinstance(value, (bool, int, float)):
             return type(value).__name__, value
         if isinstance(value, (DType, Device)):
@@ -302,11 +304,11 @@ class Walker:
             prefix = f"{node.name}." if node.name else ""
             for pname, ref in mapping_items(state.get("_parameters") or {}):
                 if isinstance(ref, TensorRef):
-                    rec = self.add_tensor(ref, prefix + str(pname), "", PARAMETER, True)
+                    rec = self.add_tensor(ref, prefix + key_text(pname), "", PARAMETER, True)
                     node.tensors.append(rec)
             for bname, ref in mapping_items(state.get("_buffers") or {}):
                 if isinstance(ref, TensorRef):
-                    rec = self.add_tensor(ref, prefix + str(bname), "", BUFFER, True)
+                    rec = self.add_tensor(ref, prefix + key_text(bname), "", BUFFER, True)
                     rec.persistent = bname not in non_persistent if isinstance(non_persistent, (set, frozenset, list)) else True
                     node.tensors.append(rec)
             for key, value in state.items():
@@ -322,18 +324,35 @@ class Walker:
             for cname, child in mapping_items(state.get("_modules") or {}):
                 if isinstance(child, Inert) and id(child) not in seen and depth < MAX_DEPTH:
                     seen.add(id(child))
-                    children.append((child, node.child(str(cname)), depth + 1))
+                    children.append((child, node.child(key_text(cname)), depth + 1))
                 elif child is not None:
-                    node.attributes[f"<module {cname}>"] = "shared with another module" if id(child) in seen else self.describe(child)[1]
+                    node.attributes[f"<module {key_text(cname)}>"] = "shared with another module" if id(child) in seen else self.describe(child)[1]
             stack.extend(reversed(children))
         return root
 
 
+def key_text(key: Any) -> str:
+    """A dict key as part of a name. Keys are strings in real files; anything else is rendered
+    briefly and safely (a tuple key nested 100,000 deep must not raise RecursionError)."""
+    if type(key) is str:
+        return key
+    if key is None or isinstance(key, (bool, float, str)) or (isinstance(key, int) and small_int(key)):
+        return str(key)
+    return render_plain(key, 80)
+
+
+def small_int(value: int) -> bool:
+    """Python refuses to print ints over 4,300 digits (ValueError); a pickle can hold any."""
+    return value.bit_length() <= 256
+
+
 def is_plain(value: Any) -> bool:
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if isinstance(value, int):
+        return small_int(value)
+    if value is None or isinstance(value, (float, str)):
         return True
     if isinstance(value, (tuple, list)) and len(value) <= 8:
-        return all(v is None or isinstance(v, (bool, int, float, str)) for v in value)
+        return all(v is None or isinstance(v, (float, str)) or (isinstance(v, int) and small_int(v)) for v in value)
     return False
 
 
@@ -346,17 +365,26 @@ def render_plain(value: Any, limit: int = 120) -> str:
             text = repr(value) if not isinstance(value, (list, tuple)) else "[" + ", ".join(_brief(v) for v in value) + "]"
     except RecursionError:
         text = "<recursive>"
+    except ValueError:  # an int too long to print
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _brief(value: Any) -> str:
+    if isinstance(value, int) and not small_int(value):
+        return f"<{value.bit_length():,}-bit integer>"
     if isinstance(value, TensorRef):
         return f"tensor{list(value.shape)}"
     if isinstance(value, Inert):
         return value.qualname
     if isinstance(value, (list, tuple, dict)):
         return f"<{type(value).__name__} of {len(value)}>"
-    text = repr(value)
+    if isinstance(value, (str, bytes, bytearray)) and len(value) > 40:
+        value = value[:40]
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= 40 else text[:37] + "..."
 
 
