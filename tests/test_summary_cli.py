@@ -73,3 +73,13 @@ def test_mixed_trainable_full_module_totals():
     pct = 100 * doc["totals"]["trainable"] / doc["totals"]["parameters"]
     assert f"trainable%: {pct:.2f}" in result.stdout
     assert "__main__.Net" in result.stdout
+
+
+def test_optimizer_summary_counts_parameters_with_state():
+    from modelscope_tui import open_checkpoint
+    from modelscope_tui.summary import optimizer_summaries
+
+    loaded = torch.load(SAMPLES / "train_checkpoint.pt", weights_only=True)
+    line = optimizer_summaries(open_checkpoint(SAMPLES / "train_checkpoint.pt"))["optimizer"]
+    assert line.startswith("Adam-like: 1 param group(s), lr 0.0005")
+    assert f"state for {len(loaded['optimizer']['state'])} parameter(s)" in line

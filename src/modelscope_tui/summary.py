@@ -18,6 +18,47 @@ def matches(name: str, pattern: str | None) -> bool:
     return pattern is None or fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"{pattern}.*")
 
 
+def optimizer_summaries(ckpt: Checkpoint) -> dict[str, str]:
+    """One line per optimizer section: kind (from its state names), groups, lr, params with state."""
+    out: dict[str, str] = {}
+    for section, role in ckpt.sections.items():
+        if role != "optimizer":
+            continue
+        prefix = f"{section}."
+        entries = {e.path[len(prefix) :]: e.value for e in ckpt.entries if e.path.startswith(prefix)}
+        tensors = [t for t in ckpt.tensors if t.section == section]
+        state_names = {t.name.rsplit(".", 1)[-1] for t in tensors}
+        groups = {_after(k, "param_groups") for k in entries} - {None}
+        params_with_state = {_after(t.name, "state") for t in tensors} - {None}
+        if {"exp_avg", "exp_avg_sq"} <= state_names:
+            kind = "AdamW-like" if any(v is True for k, v in entries.items() if k.endswith("decoupled_weight_decay")) else "Adam-like"
+        elif "momentum_buffer" in state_names:
+            kind = "SGD with momentum"
+        elif "square_avg" in state_names:
+            kind = "RMSprop-like"
+        elif tensors:
+            kind = "optimizer"
+        else:
+            kind = "no state"
+        lrs = sorted({v for k, v in entries.items() if k.endswith(".lr") and isinstance(v, (int, float))})
+        lr = f", lr {', '.join(f'{x:g}' for x in lrs[:3])}" if lrs else ""
+        n_groups = len(groups) if groups else 0
+        out[section] = (
+            f"{kind}: {n_groups} param group(s){lr}, state for {len(params_with_state):,} parameter(s), "
+            f"{len(tensors):,} tensors"
+        )
+    return out
+
+
+def _after(path: str, component: str) -> str | None:
+    """The path component right after `component` (`0.state.3.exp_avg`, "state" -> "3")."""
+    parts = path.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == component:
+            return ".".join(parts[: i + 2])
+    return None
+
+
 def totals_line(ckpt: Checkpoint) -> str:
     t = ckpt.totals()
     return f"trainable params: {t.trainable:,} || all params: {t.parameters:,} || trainable%: {t.trainable_percent:.2f}"
@@ -203,6 +244,8 @@ def render_summary(ckpt: Checkpoint, console: Any, depth: int | None = None, pat
         for name, role in other.items():
             sec = totals.sections[name]
             console.print(f"  {escape(name)} [dim]({role})[/]: {sec['tensors']:,} tensors, {fmt_bytes(sec['bytes'])}")
+    for section, line in optimizer_summaries(ckpt).items():
+        console.print(f"  {escape(section)}: {escape(line)}", overflow="ellipsis", no_wrap=True, crop=True)
     if ckpt.entries:
         console.print("[bold]Entries[/]")
         shown = ckpt.entries[:40]

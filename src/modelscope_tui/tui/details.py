@@ -9,6 +9,7 @@ from rich.text import Text
 from ..checkpoint import ModuleNode, TensorRecord
 from ..readers import FORMAT_LABELS
 from ..session import Session
+from ..summary import optimizer_summaries
 from ..units import fmt_bytes, fmt_count
 
 MAX_ENTRIES = 60
@@ -105,11 +106,14 @@ def file_details(session: Session) -> RenderableType:
     table.add_row("dtypes", ", ".join(f"{k} {fmt_bytes(v)}" for k, v in totals.bytes_by_dtype.items()) or "-")
     parts: list[RenderableType] = [table]
     other = {k: v for k, v in ckpt.sections.items() if v != "model" and k in totals.sections}
+    optimizers = optimizer_summaries(ckpt)
     if other:
         sec = _table()
         for name, role in other.items():
             info = totals.sections[name]
             sec.add_row(name, f"{role}: {info['tensors']:,} tensors, {fmt_bytes(info['bytes'])}")
+            if name in optimizers:
+                sec.add_row("", optimizers[name])
         parts += [Text("\nother sections", style="bold underline"), sec]
     if ckpt.entries:
         entries = _table()
