@@ -1,0 +1,543 @@
+"""Find the bytes of a pickle that hold each tensor's requires_grad flag, without unpickling.
+
+A symbolic stack machine walks the opcodes (pure Python, decoded here) and evaluates just
+enough to see the torch rebuild calls: their storage key, offset, shape, stride, and where a literal
+`True`/`False` argument was pushed. Everything else becomes an opaque value. Nothing is imported
+or called.
+
+The machine counts tensor creations exactly like the safe unpickler (`TensorRef.seq` order), so the
+k-th `TensorRebuild` here is the k-th `TensorRef` the reader made from the same pickle; writers
+verify that correspondence by signature before touching a byte.
+
+Flags are rewritten in place: NEWTRUE (0x88) <-> NEWFALSE (0x89), or `I01` <-> `I00` in
+protocol 0/1 pickles. Both keep the length, so no other offset in the pickle moves.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import codecs
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import MscopeError
+from .unpickler import _TORCH_DTYPES
+
+
+class PicklePatchError(MscopeError):
+    """The pickle cannot be analysed well enough to patch it safely."""
+
+
+# Calls the safe unpickler turns into a TensorRef (see unpickler.SAFE_FUNCTIONS).
+_TENSOR_REBUILD = {
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor_v3"),
+    ("torch._utils", "_rebuild_tensor"),
+}
+_PARAMETER_REBUILD = {
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+}
+_FROM_TYPE = ("torch._tensor", "_rebuild_from_type_v2")
+_WITHOUT_STORAGE = {
+    ("torch._utils", "_rebuild_qtensor"): "quantized",
+    ("torch._utils", "_rebuild_sparse_tensor"): "sparse",
+    ("torch._utils", "_rebuild_meta_tensor_no_storage"): "meta",
+    ("torch._utils", "_rebuild_wrapper_subclass"): "wrapper subclass",
+    ("torch._utils", "_rebuild_nested_tensor"): "nested",
+    ("torch._utils", "_rebuild_device_tensor_from_numpy"): "numpy",
+}
+_TORCH_SIZE = ("torch", "Size")
+_CALLS = frozenset(
+    {*_TENSOR_REBUILD, *_PARAMETER_REBUILD, _FROM_TYPE, *_WITHOUT_STORAGE, _TORCH_SIZE}
+)
+
+NEWTRUE, NEWFALSE = 0x88, 0x89
+
+
+@dataclass(slots=True)
+class BoolArg:
+    """A literal bool in the stream: `pos` is the offset of the bytes that encode it."""
+
+    value: bool
+    pos: int
+    text: bool = False  # protocol 0/1 `I01\n` / `I00\n`: pos is the first digit
+    shared: bool = False  # read again elsewhere (memo/DUP): rewriting it would change that too
+
+    def encode(self, value: bool) -> bytes:
+        if self.text:
+            return b"01" if value else b"00"
+        return bytes((NEWTRUE if value else NEWFALSE,))
+
+    def current(self) -> bytes:
+        return self.encode(self.value)
+
+
+@dataclass(slots=True)
+class TensorRebuild:
+    """One tensor creation, in stream order."""
+
+    ordinal: int
+    pos: int  # offset of the REDUCE that created it
+    storage_key: str | None
+    offset: int | None
+    shape: tuple | None
+    stride: tuple | None
+    flag: BoolArg | None = None  # the rebuild's own requires_grad argument, when a literal
+    flag_given: bool = False  # the rebuild had a requires_grad argument at all
+    parameter_wraps: int = 0  # how many _rebuild_parameter calls took this tensor
+    parameter_flag: BoolArg | None = None  # requires_grad argument of that call, when a literal
+    parameter_flag_given: bool = False
+    note: str | None = None
+
+    @property
+    def signature(self) -> tuple:
+        return (self.storage_key, self.offset, self.shape, self.stride)
+
+    def controlling_flag(self) -> BoolArg | None:
+        """The literal whose value torch will use, if it can be rewritten alone (else None)."""
+        if self.parameter_wraps > 1:
+            return None
+        flag = self.parameter_flag if self.parameter_wraps else self.flag
+        return None if flag is None or flag.shared else flag
+
+    def loaded_requires_grad(self) -> bool | None:
+        """What torch.load gives this tensor, when the stream says so with literals."""
+        if self.parameter_wraps:
+            if self.parameter_flag is not None:
+                return self.parameter_flag.value
+            return None if self.parameter_flag_given else True  # _rebuild_parameter's default
+        if self.flag is not None:
+            return self.flag.value
+        return None if self.flag_given else False
+
+
+class _Global:
+    __slots__ = ("module", "name", "key")
+
+    def __init__(self, module: str, name: str):
+        self.module = module
+        self.name = name
+        self.key = (module, name)
+
+
+class _Persid:
+    __slots__ = ("pid",)
+
+    def __init__(self, pid: Any):
+        self.pid = pid
+
+
+class _Opaque:
+    """Any value we do not model (dicts, objects, call results)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+OPAQUE = _Opaque()
+
+
+class _List(list):
+    """A pickled list whose items we keep (shapes can be lists)."""
+
+
+@dataclass
+class ScanResult:
+    tensors: list[TensorRebuild] = field(default_factory=list)
+    end: int = 0  # offset just past STOP, relative to the pickle start
+
+
+def scan_tensor_rebuilds(
+    data: bytes | bytearray | memoryview, source: str = "pickle"
+) -> ScanResult:
+    """Walk one pickle (starting at data[0]) and list its tensor rebuilds in creation order."""
+    machine = _Machine(source)
+    try:
+        machine.run(bytes(data))
+    except PicklePatchError:
+        raise
+    except Exception as exc:  # a malformed pickle can make the decoder raise almost anything
+        raise PicklePatchError(
+            f"{source}: cannot follow the pickle ({type(exc).__name__}: {str(exc)[:100]})"
+        ) from exc
+    return ScanResult(machine.tensors, machine.end)
+
+
+class _Machine:
+    def __init__(self, source: str):
+        self.source = source
+        self.stack: list[Any] = []
+        self.metastack: list[list[Any]] = []
+        self.memo: dict[int, Any] = {}
+        self.tensors: list[TensorRebuild] = []
+        self.end = 0
+        # ids of objects read a second time (memo GET, DUP). Everything that can be fetched
+        # again lives in the memo, so these ids stay unique for the whole scan.
+        self.reused: set[int] = set()
+        self.kept: list[Any] = []
+        # (flag, the argument tuples it reached its call through): kept alive for the ids above.
+        self.flag_paths: list[tuple[BoolArg, tuple[Any, ...]]] = []
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self, data: bytes) -> None:
+        """Decode and evaluate opcodes. Hand-rolled (not pickletools.genops, which is several
+        times slower); the branches are ordered by how often torch pickles use each opcode."""
+        memo = self.memo
+        reused = self.reused
+        metastack = self.metastack
+        stack = self.stack
+        u32 = _U32.unpack_from
+        n = len(data)
+        pos = 0
+        while pos < n:
+            at = pos
+            op = data[pos]
+            pos += 1
+            if op == 0x68:  # h BINGET
+                value = memo[data[pos]]
+                pos += 1
+                reused.add(id(value))
+                stack.append(value)
+            elif op == 0x72:  # r LONG_BINPUT
+                memo[u32(data, pos)[0]] = stack[-1]
+                pos += 4
+            elif op == 0x6A:  # j LONG_BINGET
+                value = memo[u32(data, pos)[0]]
+                pos += 4
+                reused.add(id(value))
+                stack.append(value)
+            elif op == 0x71:  # q BINPUT
+                memo[data[pos]] = stack[-1]
+                pos += 1
+            elif op == 0x52:  # R REDUCE
+                args = stack.pop()
+                func = stack[-1]
+                stack[-1] = (
+                    self.call(func, args, at)
+                    if type(func) is _Global and func.key in _CALLS
+                    else OPAQUE
+                )
+            elif op == 0x29:  # ) EMPTY_TUPLE
+                stack.append(())
+            elif op == 0x4B:  # K BININT1
+                stack.append(data[pos])
+                pos += 1
+            elif op == 0x28:  # ( MARK
+                metastack.append(stack)
+                stack = []
+            elif op == 0x7D or op == 0x8F:  # } EMPTY_DICT, EMPTY_SET
+                stack.append(OPAQUE)
+            elif op == 0x85:  # TUPLE1
+                stack[-1] = (stack[-1],)
+            elif op == 0x88:  # NEWTRUE
+                stack.append(BoolArg(True, at))
+            elif op == 0x74:  # t TUPLE
+                value = tuple(stack)
+                stack = metastack.pop()
+                stack.append(value)
+            elif op == 0x58:  # X BINUNICODE
+                size = u32(data, pos)[0]
+                pos += 4
+                stack.append(data[pos : pos + size].decode("utf-8", "surrogatepass"))
+                pos += size
+            elif op == 0x8C:  # SHORT_BINUNICODE
+                size = data[pos]
+                pos += 1
+                stack.append(data[pos : pos + size].decode("utf-8", "surrogatepass"))
+                pos += size
+            elif op == 0x94:  # MEMOIZE
+                memo[len(memo)] = stack[-1]
+            elif op == 0x86:  # TUPLE2
+                stack[-2:] = [(stack[-2], stack[-1])]
+            elif op == 0x87:  # TUPLE3
+                stack[-3:] = [(stack[-3], stack[-2], stack[-1])]
+            elif op == 0x89:  # NEWFALSE
+                stack.append(BoolArg(False, at))
+            elif op == 0x63:  # c GLOBAL
+                first = data.index(b"\n", pos)
+                second = data.index(b"\n", first + 1)
+                module = data[pos:first].decode("utf-8", "surrogateescape")
+                name = data[first + 1 : second].decode("utf-8", "surrogateescape")
+                stack.append(_global(module, name))
+                pos = second + 1
+            elif op == 0x93:  # STACK_GLOBAL
+                name = stack.pop()
+                stack[-1] = _global(str(stack[-1]), str(name))
+            elif op == 0x75 or op == 0x90:  # u SETITEMS, ADDITEMS
+                stack = metastack.pop()
+            elif op == 0x4E:  # N NONE
+                stack.append(None)
+            elif op == 0x81:  # NEWOBJ
+                del stack[-1]
+                stack[-1] = OPAQUE
+            elif op == 0x62:  # b BUILD
+                del stack[-1]
+            elif op == 0x51:  # Q BINPERSID
+                stack[-1] = _Persid(stack[-1])
+            elif op == 0x4D:  # M BININT2
+                stack.append(data[pos] | data[pos + 1] << 8)
+                pos += 2
+            elif op == 0x4A:  # J BININT
+                stack.append(_I32.unpack_from(data, pos)[0])
+                pos += 4
+            elif op == 0x5D:  # ] EMPTY_LIST
+                stack.append(_List())
+            elif op == 0x61:  # a APPEND
+                value = stack.pop()
+                if isinstance(stack[-1], _List):
+                    stack[-1].append(value)
+            elif op == 0x65:  # e APPENDS
+                items = stack
+                stack = metastack.pop()
+                if isinstance(stack[-1], _List):
+                    stack[-1].extend(items)
+            elif op == 0x73:  # s SETITEM
+                del stack[-2:]
+            elif op == 0x95:  # FRAME
+                pos += 8
+            elif op == 0x80:  # PROTO
+                pos += 1
+            elif op == 0x2E:  # . STOP
+                self.end = pos
+                self.mark_shared()
+                return
+            elif op == 0x47:  # G BINFLOAT
+                stack.append(_F64.unpack_from(data, pos)[0])
+                pos += 8
+            elif op == 0x8A:  # LONG1
+                size = data[pos]
+                pos += 1
+                stack.append(int.from_bytes(data[pos : pos + size], "little", signed=True))
+                pos += size
+            elif op == 0x8B:  # LONG4
+                size = _I32.unpack_from(data, pos)[0]
+                if size < 0:
+                    raise PicklePatchError(f"{self.source}: negative LONG4 length at byte {at}")
+                pos += 4
+                stack.append(int.from_bytes(data[pos : pos + size], "little", signed=True))
+                pos += size
+            elif op in _COUNTED:  # bytes / str with a length prefix
+                width, kind = _COUNTED[op]
+                size = int.from_bytes(data[pos : pos + width], "little")
+                pos += width
+                raw = data[pos : pos + size]
+                pos += size
+                if kind == "str":
+                    stack.append(raw.decode("utf-8", "surrogateescape"))
+                elif kind == "bytes":
+                    stack.append(raw)
+                else:
+                    stack.append(OPAQUE)
+            elif op in _TEXT_ARG:  # protocol 0 opcodes whose argument is one line of text
+                end = data.index(b"\n", pos)
+                text = data[pos:end]
+                start_text, pos = pos, end + 1
+                if op == 0x49:  # I INT; `I01` / `I00` are protocol 0/1's True / False
+                    if text in (b"01", b"00"):
+                        stack.append(BoolArg(text == b"01", start_text, text=True))
+                    else:
+                        stack.append(int(text))
+                elif op == 0x4C:  # L LONG
+                    stack.append(int(text[:-1] if text.endswith(b"L") else text))
+                elif op == 0x46:  # F FLOAT
+                    stack.append(float(text))
+                elif op == 0x53:  # S STRING
+                    if len(text) < 2 or text[:1] != text[-1:] or text[:1] not in (b"'", b'"'):
+                        raise PicklePatchError(f"{self.source}: malformed STRING at byte {at}")
+                    stack.append(
+                        codecs.escape_decode(text[1:-1])[0].decode("utf-8", "surrogateescape")
+                    )
+                elif op == 0x56:  # V UNICODE
+                    stack.append(text.decode("raw-unicode-escape"))
+                elif op == 0x70:  # p PUT
+                    memo[int(text)] = stack[-1]
+                elif op == 0x67:  # g GET
+                    value = memo[int(text)]
+                    reused.add(id(value))
+                    stack.append(value)
+                else:  # P PERSID
+                    stack.append(_Persid(text.decode("ascii", "surrogateescape")))
+            elif op == 0x69:  # i INST: two lines, then pops to the mark
+                first = data.index(b"\n", pos)
+                pos = data.index(b"\n", first + 1) + 1
+                stack = metastack.pop()
+                stack.append(OPAQUE)
+            elif op == 0x6F:  # o OBJ
+                stack = metastack.pop()
+                stack.append(OPAQUE)
+            elif op == 0x6C:  # l LIST
+                value = _List(stack)
+                stack = metastack.pop()
+                stack.append(value)
+            elif op == 0x64 or op == 0x91:  # d DICT, FROZENSET
+                stack = metastack.pop()
+                stack.append(OPAQUE)
+            elif op == 0x92:  # NEWOBJ_EX
+                del stack[-2:]
+                stack[-1] = OPAQUE
+            elif op == 0x30:  # 0 POP
+                if stack:
+                    stack.pop()
+                else:
+                    stack = metastack.pop()
+            elif op == 0x31:  # 1 POP_MARK
+                stack = metastack.pop()
+            elif op == 0x32:  # 2 DUP
+                value = stack[-1]
+                reused.add(id(value))
+                self.kept.append(value)  # keep its id unique for the rest of the scan
+                stack.append(value)
+            elif op == 0x82 or op == 0x83 or op == 0x84:  # EXT1 / EXT2 / EXT4
+                pos += {0x82: 1, 0x83: 2, 0x84: 4}[op]
+                stack.append(OPAQUE)
+            elif op == 0x97:  # NEXT_BUFFER
+                stack.append(OPAQUE)
+            elif op == 0x98:  # READONLY_BUFFER
+                pass
+            else:
+                raise PicklePatchError(
+                    f"{self.source}: unknown pickle opcode 0x{op:02x} at byte {at}"
+                )
+        raise PicklePatchError(f"{self.source}: pickle is truncated (no STOP)")
+
+    def mark_shared(self) -> None:
+        """A flag whose bytes are read by more than one consumer (the bool itself or a tuple
+        holding it was fetched from the memo again) must not be rewritten: that would change
+        the other reader too."""
+        reused = self.reused
+        for flag, path in self.flag_paths:
+            if id(flag) in reused or any(id(holder) in reused for holder in path):
+                flag.shared = True
+
+    # -- calls -----------------------------------------------------------------------------------
+    def call(self, func: Any, args: Any, pos: int, path: tuple[Any, ...] = ()) -> Any:
+        if not isinstance(func, _Global) or not isinstance(args, tuple):
+            return OPAQUE
+        key = func.key
+        path = (*path, args)
+        if key in _TENSOR_REBUILD:
+            return self.tensor(args, pos, path, has_flag=key != ("torch._utils", "_rebuild_tensor"))
+        if key in _PARAMETER_REBUILD:
+            data = args[0] if args else None
+            if isinstance(data, TensorRebuild):
+                data.parameter_wraps += 1
+                data.parameter_flag_given = len(args) >= 2
+                data.parameter_flag = self.flag(args[1], path) if len(args) >= 2 else None
+                return data
+            return OPAQUE
+        if key == _FROM_TYPE:
+            # _rebuild_from_type_v2(func, new_type, args, state): the reader calls func(*args).
+            if len(args) >= 3 and isinstance(args[0], _Global) and isinstance(args[2], tuple):
+                inner = args[0].key
+                if (
+                    inner in _TENSOR_REBUILD
+                    or inner in _WITHOUT_STORAGE
+                    or inner in _PARAMETER_REBUILD
+                ):
+                    return self.call(args[0], args[2], pos, path)
+            return OPAQUE
+        kind = _WITHOUT_STORAGE.get(key)
+        if kind is not None:
+            if kind == "meta" and len(args) >= 3 and _is_dtype(args[0]):
+                ref = self.new_tensor(pos, None, 0, args[1], args[2])
+            elif args and isinstance(args[0], _Persid) and len(args) >= 4:
+                ref = self.new_tensor(pos, _storage_key(args[0]), args[1], args[2], args[3])
+            else:
+                return OPAQUE
+            ref.note = kind
+            return ref
+        if key == _TORCH_SIZE and len(args) == 1 and isinstance(args[0], (tuple, list)):
+            return tuple(args[0])
+        return OPAQUE
+
+    def tensor(self, args: tuple, pos: int, path: tuple[Any, ...], has_flag: bool) -> Any:
+        if len(args) < 4:
+            return OPAQUE
+        ref = self.new_tensor(pos, _storage_key(args[0]), args[1], args[2], args[3])
+        if has_flag and len(args) >= 5:
+            ref.flag_given = True
+            ref.flag = self.flag(args[4], path)
+        return ref
+
+    def flag(self, value: Any, path: tuple[Any, ...]) -> BoolArg | None:
+        if not isinstance(value, BoolArg):
+            return None
+        self.flag_paths.append((value, path))
+        return value
+
+    def new_tensor(
+        self, pos: int, key: str | None, offset: Any, shape: Any, stride: Any
+    ) -> TensorRebuild:
+        ref = TensorRebuild(
+            ordinal=len(self.tensors),
+            pos=pos,
+            storage_key=key,
+            offset=offset if type(offset) is int else None,
+            shape=_dims(shape),
+            stride=_dims(stride),
+        )
+        if stride is None and ref.shape is not None:  # the reader makes these contiguous
+            ref.stride = contiguous_stride(ref.shape)
+        self.tensors.append(ref)
+        return ref
+
+
+_U32 = struct.Struct("<I")
+_I32 = struct.Struct("<i")
+_F64 = struct.Struct(">d")
+# Length-prefixed arguments: opcode -> (bytes of the length, what the payload becomes).
+_COUNTED = {
+    0x54: (4, "str"),  # T BINSTRING (Python 2 str; read as text like the safe unpickler)
+    0x55: (1, "str"),  # U SHORT_BINSTRING
+    0x42: (4, "bytes"),  # B BINBYTES
+    0x43: (1, "bytes"),  # C SHORT_BINBYTES
+    0x8E: (8, "bytes"),  # BINBYTES8
+    0x8D: (8, "str"),  # BINUNICODE8
+    0x96: (8, "opaque"),  # BYTEARRAY8
+}
+# INT, LONG, FLOAT, STRING, UNICODE, PUT, GET, PERSID
+_TEXT_ARG = frozenset(b"ILFSVpgP")
+
+
+def _global(module: str, name: str) -> _Global:
+    # Same Python 2 name mapping as the safe unpickler's find_class.
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+        module = _compat_pickle.IMPORT_MAPPING[module]
+    return _Global(module, name)
+
+
+def _is_dtype(value: Any) -> bool:
+    return isinstance(value, _Global) and value.module == "torch" and value.name in _TORCH_DTYPES
+
+
+def _storage_key(value: Any) -> str | None:
+    if isinstance(value, _Persid):
+        pid = value.pid
+        if (
+            isinstance(pid, tuple)
+            and len(pid) >= 3
+            and pid[0] == "storage"
+            and isinstance(pid[2], str)
+        ):
+            return pid[2]
+    return None
+
+
+def _dims(value: Any) -> tuple | None:
+    if isinstance(value, (tuple, list)) and all(type(v) is int for v in value):
+        return tuple(value)
+    return None
+
+
+def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for size in reversed(shape):
+        stride.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(stride))
