@@ -17,7 +17,17 @@ class MscopeError(Exception):
     def line(self) -> str:
         where = f"{self.path}: " if self.path else ""
         tip = f" ({self.hint})" if self.hint else ""
-        return f"{where}{self.message}{tip}"
+        return _printable(f"{where}{self.message}{tip}")
+
+    def __str__(self) -> str:  # path and hint may be filled in after the error is raised
+        return self.line()
+
+
+def _printable(text: str) -> str:
+    """One line, whatever a file name or a pickle put in it (newlines, terminal escapes)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class NotFoundError(MscopeError):

@@ -100,6 +100,9 @@ def open_checkpoint(path: str | os.PathLike, strict: bool = True) -> Checkpoint:
     except MscopeError as exc:
         if exc.path is None:
             exc.path = str(path)
+        name = Path(exc.path).name  # "/x/model.pt: model.pt:archive/data.pkl: ..." says it twice
+        if name and exc.message.startswith(f"{name}:"):
+            exc.message = exc.message[len(name) + 1 :].lstrip()
         raise
     except FileNotFoundError as exc:
         raise NotFoundError("no such file or directory", path) from exc

@@ -48,7 +48,8 @@ class StorageTable:
             raise CorruptCheckpointError(f"unexpected persistent id {str(pid)[:80]}", self.path)
         _, storage_type, key, location, numel = pid[:5]
         if not isinstance(storage_type, StorageType):
-            raise CorruptCheckpointError(f"unknown storage type {str(storage_type)[:60]}", self.path)
+            name = getattr(getattr(storage_type, "_global", None), "qualname", None) or type(storage_type).__name__
+            raise CorruptCheckpointError(f"unknown storage type {name[:80]}", self.path)
         if type(key) is not str or len(key) > 256 or type(numel) is not int or not 0 <= numel < 1 << 62:
             raise CorruptCheckpointError(f"malformed storage reference {str(pid)[:80]}", self.path)
         record = StorageRecord(

@@ -47,6 +47,8 @@ def _opcode_table() -> list[int]:
 
 
 _OPCODES = _opcode_table()
+DAMAGED = "the file is damaged or not a checkpoint; re-download or re-save it"
+CRAFTED = "damaged or deliberately crafted; do not load it with torch.load"
 _U32 = struct.Struct("<I")
 _I32 = struct.Struct("<i")
 _U64 = struct.Struct("<Q")
@@ -78,45 +80,45 @@ def scan_pickle(data: bytes | memoryview, start: int = 0, source: str = "pickle"
                 first = data.find(b"\n", pos, pos + 4096)
                 second = data.find(b"\n", first + 1, first + 4097) if first >= 0 else -1
                 if second < 0:
-                    raise UnsafePickleError(f"{source}: malformed global name", hint="corrupt pickle")
+                    raise UnsafePickleError(f"{source}: malformed global name", hint=DAMAGED)
                 pos = second + 1
             elif k == _COUNT1:
                 pos += 1 + data[pos]
             elif k == _LONG_BINPUT:
                 index = u32(data, pos)[0]
                 if index > limit:
-                    raise UnsafePickleError(f"{source}: memo index out of range", hint="corrupt or hostile pickle")
+                    raise UnsafePickleError(f"{source}: memo index out of range", hint=CRAFTED)
                 top = max(top, index)
                 pos += 4
             elif k == _STOP:
                 if top > pos - start:
-                    raise UnsafePickleError(f"{source}: memo index out of range", hint="corrupt or hostile pickle")
+                    raise UnsafePickleError(f"{source}: memo index out of range", hint=CRAFTED)
                 return pos
             elif k == _NEWLINE or k == _PUT:
                 nl = data.find(b"\n", pos, pos + 4096)
                 if nl < 0:
-                    raise UnsafePickleError(f"{source}: unterminated text argument", hint="corrupt pickle")
+                    raise UnsafePickleError(f"{source}: unterminated text argument", hint=DAMAGED)
                 if k == _PUT:
                     text = bytes(data[pos:nl])
                     if not text.isdigit() or int(text) > limit:
-                        raise UnsafePickleError(f"{source}: memo index out of range", hint="corrupt or hostile pickle")
+                        raise UnsafePickleError(f"{source}: memo index out of range", hint=CRAFTED)
                     top = max(top, int(text))
                 pos = nl + 1
             elif k == _COUNT4S:
                 n = _I32.unpack_from(data, pos)[0]
                 if n < 0:
-                    raise UnsafePickleError(f"{source}: negative length", hint="corrupt pickle")
+                    raise UnsafePickleError(f"{source}: negative length", hint=DAMAGED)
                 pos += 4 + n
             elif k == _COUNT8:
                 pos += 8 + _U64.unpack_from(data, pos)[0]
             else:
                 raise UnsafePickleError(
                     f"{source}: unknown pickle opcode 0x{data[pos - 1]:02x} at byte {pos - 1}",
-                    hint="not a pickle, or corrupt",
+                    hint=DAMAGED,
                 )
     except (IndexError, struct.error):
         pass
-    raise UnsafePickleError(f"{source}: pickle data is truncated", hint="the file is incomplete or corrupt")
+    raise UnsafePickleError(f"{source}: pickle data is truncated", hint="the file is incomplete; re-download or re-save it")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -761,14 +763,16 @@ def safe_load(
     except UnsafePickleError as exc:
         if not exc.message.startswith(source):
             exc.message = f"{source}: {exc.message}"
+        exc.hint = exc.hint or DAMAGED
         raise
     except RecursionError as exc:
-        raise UnsafePickleError(f"{source}: pickle nests too deeply") from exc
+        raise UnsafePickleError(f"{source}: pickle nests too deeply", hint=CRAFTED) from exc
     except MemoryError as exc:
-        raise UnsafePickleError(f"{source}: pickle asks for more memory than it can hold") from exc
-    except MscopeError:
+        raise UnsafePickleError(f"{source}: pickle asks for more memory than it can hold", hint=CRAFTED) from exc
+    except MscopeError as exc:
+        exc.hint = exc.hint or DAMAGED
         raise
     except Exception as exc:  # a malformed pickle can raise almost anything from the C unpickler
         detail = " ".join(str(exc).split())[:100]
-        raise UnsafePickleError(f"{source}: malformed pickle ({type(exc).__name__}: {detail})") from exc
+        raise UnsafePickleError(f"{source}: malformed pickle ({type(exc).__name__}: {detail})", hint=DAMAGED) from exc
     return obj, list(unpickler.globals.values()), end
