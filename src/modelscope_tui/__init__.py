@@ -11,8 +11,9 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
+    from .freeze import FreezeReport
 
-__all__ = ["__version__", "open_checkpoint"]
+__all__ = ["__version__", "apply_freeze_plan", "open_checkpoint"]
 
 
 def open_checkpoint(path: Any) -> Checkpoint:
@@ -20,3 +21,15 @@ def open_checkpoint(path: Any) -> Checkpoint:
     from .readers import open_checkpoint as _open
 
     return _open(path)
+
+
+def apply_freeze_plan(
+    model: Any, plan: Any, strict: bool = False, keep_eval: bool = True
+) -> FreezeReport:
+    """Set requires_grad and eval mode on `model` from a freeze plan (path or dict).
+
+    See `modelscope_tui.freeze.apply_freeze_plan`; torch is not imported here, the model brings it.
+    """
+    from .freeze import apply_freeze_plan as _apply
+
+    return _apply(model, plan, strict=strict, keep_eval=keep_eval)

@@ -32,6 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--depth", type=int, default=None, metavar="N", help="show modules down to depth N")
     summary.add_argument("--filter", default=None, metavar="GLOB", help="only tensors whose name matches GLOB")
     summary.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    from .freeze import add_apply_plan_arguments, add_plan_arguments
+
+    add_plan_arguments(
+        sub.add_parser("plan", help="write a freeze plan from rules, without the explorer")
+    )
+    add_apply_plan_arguments(
+        sub.add_parser("apply-plan", help="print plain-PyTorch code that applies a freeze plan")
+    )
     return parser
 
 
@@ -94,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
 
             render_summary(ckpt, Console(highlight=False), args.depth, args.filter)
         return EXIT_OK
+    if args.command in ("plan", "apply-plan"):
+        from .freeze import run_apply_plan_command, run_plan_command
+
+        return (run_plan_command if args.command == "plan" else run_apply_plan_command)(args)
     raise MscopeError(f"unknown command {args.command!r}")
 
 

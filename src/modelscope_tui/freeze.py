@@ -1,0 +1,853 @@
+"""Freeze plans: a Session's freeze state as a JSON file, and applying one to a real model.
+
+A plan records which model parameters train and which are frozen, the rules that got there, and
+which norm layers must stay in eval mode. It is made from checkpoint metadata (no torch) and applied
+by a training script with `apply_freeze_plan(model, "plan.json")`, or without mscope at all through
+the plain-PyTorch snippet `mscope apply-plan plan.json` prints.
+
+Plan file format (`format: "mscope.freeze-plan"`, `version: 1`), one JSON object::
+
+    {
+      "format": "mscope.freeze-plan",
+      "version": 1,
+      "created": "2025-01-31T12:00:00Z",          # ISO-8601, UTC
+      "mscope_version": "0.1.0",
+      "checkpoint": {
+        "path": "model.pt",                       # as given when the plan was made
+        "format": "torch-zip",
+        "fingerprint": "sha256:<hex>",            # see checkpoint_fingerprint()
+        "tensors": 29,                            # model tensors (parameters and buffers)
+        "parameters": 123456                      # parameter elements, tied weights once
+      },
+      "rules": [                                  # what the user did, in order (history)
+        {"action": "freeze", "selector": "glob", "value": "blocks.[0-1].*", "count": 8}
+      ],
+      "trainable": ["blocks.2.fc.weight", ...],   # sorted parameter names that train
+      "frozen": ["blocks.0.fc.weight", ...],      # sorted parameter names with requires_grad=False
+      "eval_modules": ["blocks.0.norm"],          # modules to keep in eval mode
+      "tied": {"lm_head.weight": "embed.weight"}, # alias -> first name of the same Parameter
+      "notes": ["lm_head.weight is tied to embed.weight (one Parameter): they freeze together"]
+    }
+
+- `trainable` and `frozen` are authoritative; `rules` are the history that produced them (used to
+  print a compact snippet when replaying them gives exactly the same lists). Both lists name every
+  parameter, tied aliases included, so `model.named_parameters(remove_duplicate=False)` of the same
+  model is fully covered. Buffers and integer tensors are never listed (they cannot require grad).
+- `rules[].action` is `freeze` or `unfreeze`; the Session also records `invert` and `restore`
+  (state loaded from another plan). `selector` is `glob`, `regex`, `class`, `names`, `all`,
+  `invert`, `last_n_blocks` or `plan`; `value` the pattern, class name, names, or `prefix:N`;
+  `count` how many tensors the rule changed. `class` rules also carry `modules`: the modules of
+  that class in the checkpoint.
+- `tied` (optional) maps each tied alias to the first name of its Parameter; tied names always
+  freeze together.
+- The fingerprint hashes metadata only (model tensor names, shapes and dtypes, sorted), so a plan
+  made on `model.pt` matches `model.safetensors` holding the same weights. A mismatch is a
+  warning, never an error: names are applied where they match.
+- New keys may be added within a version; readers ignore keys they do not know.
+
+This module never imports torch at import time; `apply_freeze_plan` works on the model it is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import keyword
+import os
+import re
+import sys
+import textwrap
+import types
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from . import __version__
+from .checkpoint import Checkpoint
+from .errors import MscopeError
+from .session import Change, Rule, Session
+from .writers import atomic_write, sibling_path
+
+if TYPE_CHECKING:
+    import torch
+
+PLAN_FORMAT = "mscope.freeze-plan"
+PLAN_VERSION = 1
+PLAN_ACTIONS = frozenset({"freeze", "unfreeze", "invert", "restore"})
+
+
+class PlanError(MscopeError):
+    """A freeze plan that cannot be read, or a model that does not match it (strict mode)."""
+
+
+# -- fingerprint -------------------------------------------------------------------------------
+def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
+    """`sha256:<hex>` of the model's tensor names, shapes and dtypes (sorted; no tensor bytes).
+
+    Non-persistent buffers are left out (a state_dict does not hold them), so a full-module pickle,
+    its state_dict and a safetensors copy of the same weights all give the same fingerprint.
+    """
+    return _fingerprint((t.name, t.shape, t.dtype) for t in ckpt.model_tensors if t.persistent)
+
+
+def _fingerprint(items: Iterable[tuple[str, tuple[int, ...], str]]) -> str:
+    lines = sorted(
+        f"{name}\t{','.join(map(str, shape))}\t{dtype}\n" for name, shape, dtype in items
+    )
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line.encode("utf-8", "surrogatepass"))
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _model_fingerprint(model: torch.nn.Module) -> str:
+    """The fingerprint of what `model.state_dict()` would hold, without calling it (state_dict
+    hooks of wrapped models, FSDP for one, can gather tensors across ranks)."""
+    items = []
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        skip = getattr(module, "_non_persistent_buffers_set", ())
+        tensors = [
+            *module._parameters.items(),
+            *((n, b) for n, b in module._buffers.items() if n not in skip),
+        ]
+        for name, t in tensors:
+            if t is not None:
+                items.append((dot + name, tuple(t.shape), str(t.dtype).removeprefix("torch.")))
+    return _fingerprint(items)
+
+
+# -- plan from a session -----------------------------------------------------------------------
+def plan_from_session(session: Session) -> dict[str, Any]:
+    """The session's freeze state as a plan dict (see the module docstring for the format)."""
+    ckpt = session.ckpt
+    trainable, frozen, notes, tied = [], [], [], {}
+    for name, canon in session.canonical.items():
+        (trainable if session.trainable[canon] else frozen).append(name)
+        if canon != name:
+            tied[name] = canon
+            notes.append(f"{name} is tied to {canon} (one Parameter): they freeze together")
+    rules = []
+    for rule in session.history():
+        entry: dict[str, Any] = {
+            "action": rule.action,
+            "selector": rule.selector,
+            "value": rule.value,
+            "count": rule.count,
+        }
+        if rule.selector == "class":
+            short = rule.value.rsplit(".", 1)[-1]
+            entry["modules"] = sorted(node.name for node in session.modules_of_class(short))
+        rules.append(entry)
+    if session.eval_modules:
+        notes.append(
+            "eval_modules keep their running statistics: requires_grad=False does not stop "
+            "BatchNorm from updating running_mean/var in train mode"
+        )
+    return {
+        "format": PLAN_FORMAT,
+        "version": PLAN_VERSION,
+        "created": datetime.now(timezone.utc)
+        .replace(microsecond=0)
+        .isoformat()
+        .replace("+00:00", "Z"),
+        "mscope_version": __version__,
+        "checkpoint": {
+            "path": str(ckpt.path),
+            "format": ckpt.format,
+            "fingerprint": checkpoint_fingerprint(ckpt),
+            "tensors": len(ckpt.model_tensors),
+            "parameters": ckpt.totals().parameters,
+        },
+        "rules": rules,
+        "trainable": sorted(trainable),
+        "frozen": sorted(frozen),
+        "eval_modules": sorted(session.eval_modules),
+        "tied": tied,
+        "notes": notes,
+    }
+
+
+def save_plan(session: Session, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the session's plan to `path` atomically; an existing file needs `overwrite=True`
+    (it is kept as `path.bak`)."""
+    data = (json.dumps(plan_from_session(session), indent=2, ensure_ascii=False) + "\n").encode(
+        "utf-8"
+    )
+    return atomic_write(path, lambda fh: fh.write(data), overwrite=overwrite)
+
+
+# -- loading and validation --------------------------------------------------------------------
+def load_plan(plan: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+    """Read and validate a plan (a path or an already-parsed dict); returns a normalised copy.
+
+    Raises PlanError (one line, naming the file) on anything wrong.
+    """
+    return _load(plan)[0]
+
+
+def _load(plan: str | os.PathLike | dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    if isinstance(plan, dict):
+        return _validate(plan, None), None
+    if not isinstance(plan, (str, os.PathLike)):
+        raise PlanError(f"a plan is a file path or a dict, not {type(plan).__name__}")
+    path = Path(plan)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlanError("no such file", path) from None
+    except IsADirectoryError:
+        raise PlanError("is a directory, not a plan file", path) from None
+    except UnicodeDecodeError:
+        raise PlanError("not a freeze plan (not UTF-8 text)", path) from None
+    except OSError as exc:
+        raise PlanError(f"cannot read: {exc.strerror or exc}", path) from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"not valid JSON ({exc.msg} at line {exc.lineno})", path) from None
+    except RecursionError:
+        raise PlanError("not a freeze plan (JSON nested too deeply)", path) from None
+    return _validate(data, str(path)), str(path)
+
+
+def _validate(data: Any, where: str | None) -> dict[str, Any]:
+    def fail(message: str) -> PlanError:
+        return PlanError(message, where)
+
+    if not isinstance(data, dict):
+        raise fail(f"not a freeze plan (expected a JSON object, found {_json_type(data)})")
+    fmt = data.get("format")
+    if fmt != PLAN_FORMAT:
+        raise fail(f"not a freeze plan (format is {fmt!r}, expected {PLAN_FORMAT!r})")
+    version = data.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise fail(f"plan version must be a positive integer, found {version!r}")
+    if version > PLAN_VERSION:
+        raise PlanError(
+            f"plan version {version} is newer than this mscope reads ({PLAN_VERSION})",
+            where,
+            "upgrade mscope",
+        )
+    out = dict(data)
+    for key, required in (
+        ("trainable", True),
+        ("frozen", True),
+        ("eval_modules", False),
+        ("notes", False),
+    ):
+        if key not in data:
+            if required:
+                raise fail(f"plan has no {key!r} list")
+            out[key] = []
+            continue
+        out[key] = _strings(data[key], key, fail)
+    both = set(out["trainable"]) & set(out["frozen"])
+    if both:
+        raise fail(f"{len(both)} name(s) are both trainable and frozen, e.g. {min(both)!r}")
+    rules = data.get("rules", [])
+    if not isinstance(rules, list):
+        raise fail(f"'rules' must be a list, found {_json_type(rules)}")
+    out["rules"] = []
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, dict):
+            raise fail(f"rules[{i}] must be an object, found {_json_type(rule)}")
+        action, selector, value = rule.get("action"), rule.get("selector"), rule.get("value", "")
+        if action not in PLAN_ACTIONS:
+            raise fail(
+                f"rules[{i}].action must be one of {', '.join(sorted(PLAN_ACTIONS))}, found {action!r}"
+            )
+        if not isinstance(selector, str) or not isinstance(value, str):
+            raise fail(f"rules[{i}] needs string 'selector' and 'value'")
+        count = rule.get("count", 0)
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise fail(f"rules[{i}].count must be an integer, found {count!r}")
+        entry = dict(rule, value=value, count=count)
+        if "modules" in rule:
+            entry["modules"] = _strings(rule["modules"], f"rules[{i}].modules", fail)
+        out["rules"].append(entry)
+    tied = data.get("tied", {})
+    if not isinstance(tied, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in tied.items()
+    ):
+        raise fail("'tied' must be an object mapping names to names")
+    out["tied"] = dict(tied)
+    ckpt = data.get("checkpoint", {})
+    if not isinstance(ckpt, dict):
+        raise fail(f"'checkpoint' must be an object, found {_json_type(ckpt)}")
+    fingerprint = ckpt.get("fingerprint")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise fail("'checkpoint.fingerprint' must be a string")
+    out["checkpoint"] = dict(ckpt)
+    return out
+
+
+def _strings(value: Any, key: str, fail) -> list[str]:
+    if not isinstance(value, list):
+        raise fail(f"{key!r} must be a list of strings, found {_json_type(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise fail(f"{key}[{i}] must be a string, found {_json_type(item)}")
+    return list(dict.fromkeys(value))
+
+
+def _json_type(value: Any) -> str:
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+    }.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+# -- restoring a plan into a Session -----------------------------------------------------------
+@dataclass
+class SessionApplyReport:
+    """What `apply_plan_to_session` did."""
+
+    changed: int  # parameters (tied ones once) whose trainable state changed
+    unknown: list[str]  # plan names the checkpoint does not have (ignored)
+    untrainable: list[str]  # plan names that are buffers or integer tensors here (ignored)
+    not_in_plan: list[str]  # checkpoint parameters the plan does not mention (left as they were)
+    conflicts: list[str]  # tied names the plan sets differently (frozen wins)
+    eval_modules: list[str]  # modules now flagged for eval mode
+    unknown_eval_modules: list[str]
+    fingerprint_match: bool | None  # None: the plan has no fingerprint
+    warnings: list[str] = field(default_factory=list)
+    message: str = ""
+
+
+def apply_plan_to_session(
+    session: Session, plan: str | os.PathLike | dict[str, Any]
+) -> SessionApplyReport:
+    """Set the session's trainable state and eval modules from a plan, as one undoable change.
+
+    Names the checkpoint lacks are reported and skipped; a fingerprint mismatch is a warning.
+    Checkpoint parameters the plan does not mention keep their current state.
+    """
+    data, source = _load(plan)
+    label = Path(source).name if source else "plan"
+    frozen, trainable = set(data["frozen"]), set(data["trainable"])
+    planned = [*data["trainable"], *data["frozen"]]
+    unknown = sorted(n for n in planned if n not in session.records)
+    untrainable = sorted(n for n in planned if n in session.records and not session.can_train(n))
+
+    by_canon: dict[str, list[str]] = {}
+    for name, canon in session.canonical.items():
+        by_canon.setdefault(canon, []).append(name)
+    names, before, after, conflicts, not_in_plan = [], [], [], [], []
+    for canon, group in by_canon.items():
+        f = [n for n in group if n in frozen]
+        t = [n for n in group if n in trainable]
+        if not f and not t:
+            not_in_plan.extend(group)
+            continue
+        if f and t:
+            conflicts.append(f"{', '.join(f)} frozen but tied {', '.join(t)} trainable: frozen")
+        value = not f
+        if session.trainable[canon] != value:
+            names.append(canon)
+            before.append(session.trainable[canon])
+            after.append(value)
+
+    eval_known = [m for m in data["eval_modules"] if session.node(m) is not None and m]
+    eval_unknown = [m for m in data["eval_modules"] if m not in eval_known]
+    eval_before, eval_after = frozenset(session.eval_modules), frozenset(eval_known)
+
+    expected = data["checkpoint"].get("fingerprint")
+    actual = checkpoint_fingerprint(session.ckpt)
+    match = None if expected is None else expected == actual
+    warnings = []
+    if match is False:
+        warnings.append(
+            f"{label} was made for a different checkpoint (plan {_short(expected)}…, "
+            f"this file {_short(actual)}…); names applied where they match"
+        )
+    if unknown:
+        warnings.append(f"{len(unknown)} plan name(s) not in this checkpoint, e.g. {unknown[0]!r}")
+    if untrainable:
+        warnings.append(
+            f"{len(untrainable)} plan name(s) cannot require grad here, e.g. {untrainable[0]!r}"
+        )
+    if conflicts:
+        warnings.append(
+            f"{len(conflicts)} tied parameter(s) listed both frozen and trainable: frozen"
+        )
+    if eval_unknown:
+        warnings.append(
+            f"{len(eval_unknown)} eval module(s) not in this checkpoint, e.g. {eval_unknown[0]!r}"
+        )
+
+    changed = len(names)
+    if names or eval_before != eval_after:
+        rule = Rule("restore", "plan", label, changed)
+        change = Change(f"apply {label}", names, before, after, rule, eval_before, eval_after)
+        _push_change(session, change)
+        message = f"applied {label}: {changed} parameter(s) changed"
+    else:
+        message = f"{label}: the session already matches it"
+    return SessionApplyReport(
+        changed,
+        unknown,
+        untrainable,
+        not_in_plan,
+        conflicts,
+        sorted(eval_after),
+        eval_unknown,
+        match,
+        warnings,
+        message,
+    )
+
+
+def _push_change(session: Session, change: Change) -> None:
+    # Session has no public "apply this mixed change" method yet; this mirrors what its own
+    # freeze/unfreeze methods do (apply, push on the undo stack, clear redo).
+    session._apply(change, forward=True)
+    session._undo.append(change)
+    session._redo.clear()
+
+
+def _short(fingerprint: str | None) -> str:
+    return (fingerprint or "none")[:19]
+
+
+# -- applying a plan to a real model -----------------------------------------------------------
+@dataclass
+class FreezeReport:
+    """What `apply_freeze_plan` did to a model. Names are the model's parameter names."""
+
+    frozen: list[str]  # names whose Parameter now has requires_grad=False
+    trainable: list[str]  # names whose Parameter now has requires_grad=True
+    missing_in_model: list[str]  # plan names (parameters or eval modules) the model lacks
+    not_in_plan: list[str]  # model parameter names the plan does not mention (left untouched)
+    eval_modules: list[str]  # modules put in eval mode
+    conflicts: list[str] = field(default_factory=list)  # tied names the plan sets both ways
+    notes: list[str] = field(default_factory=list)
+    fingerprint_match: bool | None = None  # None: the plan has no fingerprint
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing_in_model and not self.not_in_plan
+
+    def summary(self) -> str:
+        return (
+            f"frozen {len(self.frozen)}, trainable {len(self.trainable)}, eval {len(self.eval_modules)}; "
+            f"missing in model {len(self.missing_in_model)}, not in plan {len(self.not_in_plan)}"
+        )
+
+
+def apply_freeze_plan(
+    model: torch.nn.Module,
+    plan: str | os.PathLike | dict[str, Any],
+    strict: bool = False,
+    keep_eval: bool = True,
+) -> FreezeReport:
+    """Set `requires_grad` on the model's parameters from a plan and put its eval modules in eval.
+
+    - Every name of `model.named_parameters(remove_duplicate=False)` is looked up in the plan.
+      A Parameter shared by several names (tied weights) is frozen if the plan lists any of its
+      names frozen; a tied pair listed both ways is reported in `conflicts`. Parameters the plan
+      does not mention are left as they are (`not_in_plan`); a tied name counts as mentioned when
+      another name of the same Parameter is in the plan.
+    - `eval_modules` are put in eval mode. With `keep_eval=True` (the default) they stay in eval
+      after a later `model.train()`: their `train` is replaced by one that always passes
+      mode=False. This matters because requires_grad=False does not stop BatchNorm from updating
+      running_mean/var in train mode, and training loops call `model.train()` every epoch. To
+      release a module: `del module.train`. (A `torch.save(model)` pickle keeps the module but
+      not the lock; state_dicts are unaffected.)
+    - `strict=True` raises PlanError, before changing anything, if a plan name is missing in the
+      model or a model parameter is not in the plan.
+    """
+    data, source = _load(plan)
+    frozen_names, trainable_names = set(data["frozen"]), set(data["trainable"])
+    planned = frozen_names | trainable_names
+
+    groups: dict[int, tuple[Any, list[str]]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), (param, []))[1].append(name)
+    model_names = {n for _, names in groups.values() for n in names}
+
+    eval_found: list[tuple[str, Any]] = []
+    eval_missing: list[str] = []
+    for module_name in data["eval_modules"]:
+        try:
+            eval_found.append((module_name, model.get_submodule(module_name)))
+        except AttributeError:
+            eval_missing.append(module_name)
+
+    missing = sorted(planned - model_names) + eval_missing
+    not_in_plan = [
+        n for _, names in groups.values() if not planned.intersection(names) for n in names
+    ]
+    if strict and (missing or not_in_plan):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} plan name(s) missing in the model, e.g. {missing[0]!r}")
+        if not_in_plan:
+            parts.append(
+                f"{len(not_in_plan)} model parameter(s) not in the plan, e.g. {not_in_plan[0]!r}"
+            )
+        raise PlanError(
+            f"model does not match the plan: {'; '.join(parts)}",
+            source,
+            "strict=False applies what matches",
+        )
+
+    frozen, trainable, conflicts, notes = [], [], [], []
+    for param, names in groups.values():
+        f = [n for n in names if n in frozen_names]
+        t = [n for n in names if n in trainable_names]
+        if not f and not t:
+            continue
+        if f and t:
+            conflicts.append(f"{', '.join(f)} frozen but tied {', '.join(t)} trainable: frozen")
+        value = not f
+        if value and not (param.is_floating_point() or param.is_complex()):
+            notes.append(
+                f"{names[0]} is {str(param.dtype).removeprefix('torch.')} and cannot require grad"
+            )
+            continue
+        if param.requires_grad != value:
+            param.requires_grad_(value)
+        (trainable if value else frozen).extend(names)
+        untied = [n for n in names if n not in planned]
+        if untied:
+            notes.append(
+                f"{', '.join(untied)} not in the plan but shares its Parameter with {(f or t)[0]}"
+            )
+
+    for _, module in eval_found:
+        module.eval()
+        if keep_eval:
+            module.train = types.MethodType(_train_stays_eval, module)
+
+    expected = data["checkpoint"].get("fingerprint")
+    match = None if expected is None else expected == _model_fingerprint(model)
+    if match is False:
+        notes.append("the model's state_dict names/shapes/dtypes differ from the plan's checkpoint")
+    if conflicts:
+        notes.append(f"{len(conflicts)} tied parameter(s) listed both frozen and trainable: frozen")
+    return FreezeReport(
+        frozen=frozen,
+        trainable=trainable,
+        missing_in_model=missing,
+        not_in_plan=not_in_plan,
+        eval_modules=[name for name, _ in eval_found],
+        conflicts=conflicts,
+        notes=notes,
+        fingerprint_match=match,
+    )
+
+
+def _train_stays_eval(self, mode: bool = True):
+    """`train` of a plan eval module: always eval, so its running statistics never update."""
+    return type(self).train(self, False)
+
+
+# Named `train` so a pickled model (which stores the bound method as getattr(module, "train"))
+# still loads without mscope; it then simply has the ordinary train() again.
+_train_stays_eval.__name__ = "train"
+
+
+# -- plain-PyTorch snippet ---------------------------------------------------------------------
+def plan_snippet(plan: str | os.PathLike | dict[str, Any], var: str = "model") -> str:
+    """Python source (torch only, no mscope) that applies the plan to the model in `var`.
+
+    Parameters whose name the plan freezes get requires_grad=False and every other parameter
+    True; tied parameters are frozen if any of their names is. The plan's rules are used when
+    replaying them (globs, regexes, classes, block ranges) gives exactly the plan's lists, else an
+    explicit set of frozen names.
+    """
+    data, _ = _load(plan)
+    if not all(part.isidentifier() and not keyword.iskeyword(part) for part in var.split(".")):
+        raise PlanError(f"--var {var!r} is not a Python name (like model or self.model)")
+    compact = _compact_predicate(data)
+    uses_classes = compact is not None and compact[1]
+    body = compact[0] if compact is not None else _explicit_predicate(data["frozen"])
+    imports = sorted({m for m in ("fnmatch", "re") if compact is not None and f"{m}." in body})
+    ckpt = data["checkpoint"]
+    header = [
+        f"# Freeze plan for {_comment(ckpt.get('path', '?'))} ({_comment(ckpt.get('fingerprint', 'no fingerprint'))}),",
+        f"# {len(data['frozen'])} frozen / {len(data['trainable'])} trainable parameter names."
+        f" Made by mscope {_comment(data.get('mscope_version', '?'))}; needs only torch.",
+    ]
+    if data["eval_modules"]:
+        imports.append("types")
+    lines = [*header, ""]
+    lines += [f"import {m}" for m in imports] + ([""] if imports else [])
+    lines += ["import torch", "", "", "def freeze_from_plan(model: torch.nn.Module) -> None:"]
+    if uses_classes:
+        lines += [
+            "    class_modules: dict[str, set[str]] = {}",
+            "    for module_name, module in model.named_modules(remove_duplicate=False):",
+            "        class_modules.setdefault(type(module).__name__, set()).add(module_name)",
+            "",
+        ]
+    lines += [textwrap.indent(body, "    ").rstrip("\n"), ""]
+    lines += [
+        "    # A Parameter shared by several names (tied weights) is frozen if any of its names is.",
+        "    params = list(model.named_parameters(remove_duplicate=False))",
+        "    frozen_ids = {id(p) for name, p in params if is_frozen(name)}",
+        "    for _, p in params:",
+        "        p.requires_grad_(id(p) not in frozen_ids)",
+    ]
+    if data["eval_modules"]:
+        lines += [
+            "",
+            "    # requires_grad=False does not stop BatchNorm from updating running_mean/var in train",
+            "    # mode, and model.train() would switch these back: their train() now always means eval.",
+            "    def train(self, mode=True):",
+            "        return torch.nn.Module.train(self, False)",
+            "",
+            f"    for module_name in {_list_literal(data['eval_modules'], 4)}:",
+            "        module = model.get_submodule(module_name)",
+            "        module.train = types.MethodType(train, module)",
+            "        module.eval()",
+        ]
+    lines += ["", "", f"freeze_from_plan({var})", ""]
+    return "\n".join(lines)
+
+
+def _comment(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _list_literal(items: list[str], indent: int) -> str:
+    if len(items) <= 3:
+        return "[" + ", ".join(repr(s) for s in items) + "]"
+    pad = " " * (indent + 4)
+    return "[\n" + "".join(f"{pad}{s!r},\n" for s in items) + " " * indent + "]"
+
+
+def _explicit_predicate(frozen: list[str]) -> str:
+    if frozen:
+        names = "".join(f"    {n!r},\n" for n in frozen)
+        literal = "{\n" + names + "}"
+    else:
+        literal = "set()"
+    return f"frozen_names = {literal}\n\ndef is_frozen(name: str) -> bool:\n    return name in frozen_names\n"
+
+
+def _compact_predicate(data: dict[str, Any]) -> tuple[str, bool] | None:
+    """`is_frozen` written from the plan's rules, if replaying them gives exactly its lists."""
+    names = [*data["trainable"], *data["frozen"]]
+    lines = ["def is_frozen(name: str) -> bool:", "    frozen = False"]
+    class_modules: dict[str, set[str]] = {}
+    for rule in data["rules"]:
+        action, selector, value = rule["action"], rule["selector"], rule["value"]
+        if action == "invert" and selector == "invert":
+            lines += ["    # invert", "    frozen = not frozen"]
+            continue
+        if action not in ("freeze", "unfreeze"):
+            return None
+        target = "True" if action == "freeze" else "False"
+        lines.append(f"    # {action} {selector} {_comment(value)}".rstrip())
+        if selector == "all":
+            lines.append(f"    frozen = {target}")
+            continue
+        if selector == "last_n_blocks":
+            block = _block_conditions(value, names)
+            if block is None:
+                return None
+            before, last = block
+            if before:
+                lines += [f"    if name.startswith({before}):", "        frozen = True"]
+            if last:
+                lines += [f"    if name.startswith({last}):", "        frozen = False"]
+            continue
+        if selector == "glob":
+            cond = f"fnmatch.fnmatchcase(name, {value!r}) or fnmatch.fnmatchcase(name, {value + '.*'!r})"
+        elif selector == "regex":
+            try:
+                re.compile(value)
+            except (re.error, RecursionError, OverflowError):
+                return None
+            cond = f"re.search({value!r}, name)"
+        elif selector == "class":
+            if "modules" not in rule:
+                return None
+            short = value.rsplit(".", 1)[-1]
+            class_modules.setdefault(short, set()).update(rule["modules"])
+            cond = f'any(name.startswith(m + ".") for m in class_modules.get({short!r}, ()) if m)'
+        elif selector == "names":
+            if not value or "..." in value:
+                return None
+            cond = "name in {" + ", ".join(repr(n) for n in sorted(set(value.split(",")))) + "}"
+        else:
+            return None
+        lines += [f"    if {cond}:", f"        frozen = {target}"]
+    lines.append("    return frozen")
+    source = "\n".join(lines) + "\n"
+    namespace: dict[str, Any] = {
+        "fnmatch": __import__("fnmatch"),
+        "re": re,
+        "class_modules": class_modules,
+    }
+    try:
+        exec(compile(source, "<freeze plan rules>", "exec"), namespace)
+        is_frozen = namespace["is_frozen"]
+        # The snippet freezes a tied Parameter when any of its names is frozen: replay that too.
+        groups: dict[str, list[str]] = {}
+        for n in names:
+            groups.setdefault(data["tied"].get(n, n), []).append(n)
+        predicted = {n for group in groups.values() if any(map(is_frozen, group)) for n in group}
+        if predicted != set(data["frozen"]):
+            return None
+    except Exception:
+        return None
+    return source, bool(class_modules)
+
+
+def _block_conditions(
+    value: str, names: list[str]
+) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    prefix, _, count = value.rpartition(":")
+    if not prefix or not count.isdigit():
+        return None
+    n = int(count)
+    lead = prefix + "."
+    indices = sorted(
+        {
+            int(part)
+            for name in names
+            if name.startswith(lead)
+            for part in [name[len(lead) :].split(".", 1)[0]]
+            if part.isdigit()
+        }
+    )
+    if n > len(indices):
+        return None
+    keep = indices[len(indices) - n :] if n else []
+    before = tuple(f"{lead}{i}." for i in indices if i not in keep)
+    last = tuple(f"{lead}{i}." for i in keep)
+    return before, last
+
+
+# -- command line ------------------------------------------------------------------------------
+class _Step(argparse.Action):
+    """Collects --freeze/--unfreeze/--freeze-class/--train-last in the order given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        steps = list(getattr(namespace, "steps", None) or [])
+        steps.append((option_string, values))
+        namespace.steps = steps
+
+
+def add_plan_arguments(plan: argparse.ArgumentParser) -> None:
+    plan.add_argument("file", help="checkpoint file or directory")
+    plan.add_argument(
+        "--freeze",
+        action=_Step,
+        dest="steps",
+        metavar="GLOB",
+        help="freeze tensors matching GLOB (repeatable)",
+    )
+    plan.add_argument(
+        "--unfreeze",
+        action=_Step,
+        dest="steps",
+        metavar="GLOB",
+        help="unfreeze tensors matching GLOB (repeatable)",
+    )
+    plan.add_argument(
+        "--regex",
+        action="store_true",
+        help="--freeze/--unfreeze patterns are regular expressions (search)",
+    )
+    plan.add_argument(
+        "--freeze-class",
+        action=_Step,
+        dest="steps",
+        metavar="NAME",
+        help="freeze every module of this class",
+    )
+    plan.add_argument(
+        "--train-last",
+        action=_Step,
+        dest="steps",
+        type=int,
+        metavar="N",
+        help="freeze the repeated blocks except the last N",
+    )
+    plan.add_argument(
+        "--eval-norms",
+        action="store_true",
+        help="keep frozen norm layers with running statistics in eval mode",
+    )
+    plan.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        metavar="PLAN",
+        help="where to write the plan (default: FILE.freeze-plan.json next to FILE)",
+    )
+    plan.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing PLAN (the old one is kept as PLAN.bak)",
+    )
+    plan.add_argument("--debug", action="store_true", help="show tracebacks")
+    plan.set_defaults(steps=[])
+
+
+def add_apply_plan_arguments(apply: argparse.ArgumentParser) -> None:
+    apply.add_argument("plan", help="freeze plan JSON (from `mscope plan` or the explorer)")
+    apply.add_argument(
+        "--var", default="model", help="name of the model variable in your script (default: model)"
+    )
+    apply.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def run_plan_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """`mscope plan FILE [rules] -o PLAN`: build a plan through a Session and save it."""
+    from .readers import open_checkpoint
+
+    out = out or sys.stdout
+    dest = Path(args.output) if args.output else None
+    if dest is not None and dest.exists() and not args.overwrite:
+        raise PlanError("file exists", dest, "use --overwrite to replace it, or another -o")
+    ckpt = open_checkpoint(args.file)
+    session = Session(ckpt)
+    kind = "regex" if args.regex else "glob"
+    for option, value in args.steps:
+        if option == "--freeze-class":
+            if not session.modules_of_class(value):
+                known = (
+                    ", ".join(session.classes())
+                    or "none: this file has no module classes (a state_dict)"
+                )
+                raise PlanError(f"no module of class {value!r} (classes: {known})", ckpt.path)
+            result = session.freeze_class(value)
+        elif option == "--train-last":
+            result = session.train_last_n_blocks(value)
+        else:
+            result = session.freeze_pattern(value, kind, value=option == "--unfreeze")
+            if not result.matched:
+                raise PlanError(f"{option} {value!r} matches no tensor", ckpt.path)
+        print(f"{option} {value}: {result.message}", file=out)
+    if args.eval_norms:
+        norms = session.frozen_norm_layers()
+        if norms:
+            session.set_eval_mode(norms)
+            print(
+                f"--eval-norms: {len(norms)} frozen norm layer(s) stay in eval: {', '.join(norms)}",
+                file=out,
+            )
+        else:
+            print("--eval-norms: no frozen norm layer with running statistics", file=out)
+    print(session.totals_line(), file=out)
+    dest = dest or sibling_path(Path(args.file), "freeze-plan", ".json")
+    written = save_plan(session, dest, overwrite=args.overwrite)
+    print(f"wrote {written}", file=out)
+    return 0
+
+
+def run_apply_plan_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """`mscope apply-plan PLAN [--var model]`: print the plain-PyTorch snippet."""
+    (out or sys.stdout).write(plan_snippet(args.plan, var=args.var))
+    return 0
