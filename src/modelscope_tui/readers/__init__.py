@@ -53,6 +53,8 @@ def sniff(path: Path) -> str:
         return "pickle"
     if path.name == ".metadata":
         return "dcp"
+    if _is_headerless_pickle(path):
+        return "pickle"
     if len(head) >= 8 and head[:5] in (b"\x1f\x8b\x08\x00\x00",) or _is_tar(path):
         raise UnsupportedFormatError(
             "this is a compressed or tar file, not a checkpoint", path, "extract it first"
@@ -80,6 +82,21 @@ def _sniff_directory(path: Path) -> str:
 def _read_head(path: Path, n: int) -> bytes:
     with open(path, "rb") as fh:
         return fh.read(n)
+
+
+def _is_headerless_pickle(path: Path, limit: int = 64 << 20) -> bool:
+    """Protocol 0/1 pickles (old files, hand-written payloads) have no magic bytes: accept a small
+    file whose opcodes parse cleanly to a STOP at its very end."""
+    from ..errors import UnsafePickleError
+    from .unpickler import scan_pickle
+
+    if path.stat().st_size > limit:
+        return False
+    data = path.read_bytes()
+    try:
+        return scan_pickle(data, 0, path.name) == len(data.rstrip(b"\n"))
+    except UnsafePickleError:
+        return False
 
 
 def _is_tar(path: Path) -> bool:

@@ -548,10 +548,25 @@ def classify_global(module: str, name: str) -> tuple[str, str]:
     """('safe'|'unsafe'|'dangerous', reason) for a global a pickle names."""
     if (module, name) in SAFE_FUNCTIONS or _torch_data_global(module, name) is not None:
         return "safe", "allowlisted"
+    if "." in name:
+        return _classify_attribute_path(module, name)
     names = _DANGEROUS_NAMES.get(module, ())
     if names is None or name in names or _dangerous_module(module):
         return "dangerous", _effect(module, name)
     return "unsafe", "not in the weights_only allowlist; would be imported by a plain torch.load"
+
+
+def _classify_attribute_path(module: str, name: str) -> tuple[str, str]:
+    """Protocol 4+ resolves a dotted name attribute by attribute, so ('pathlib', 'os.system')
+    is os.system and ('torch', 'serialization.load') is torch.load: judge every reading."""
+    full = [module, *name.split(".")]
+    if any(part.startswith("__") and part.endswith("__") for part in full[1:]):
+        return "dangerous", "reaches into object internals through an attribute path (can execute code)"
+    for i in range(len(full) - 1):
+        inner = ".".join(full[i:-1])
+        if classify_global(inner, full[-1])[0] == "dangerous":
+            return "dangerous", f"{_effect(inner, full[-1])} (it is {inner}.{full[-1]})"
+    return "unsafe", "an attribute path not in the weights_only allowlist; a plain torch.load would follow it"
 
 
 def _dangerous_module(module: str) -> bool:
