@@ -405,11 +405,7 @@ def apply_plan_to_session(
 
 
 def _push_change(session: Session, change: Change) -> None:
-    # Session has no public "apply this mixed change" method yet; this mirrors what its own
-    # freeze/unfreeze methods do (apply, push on the undo stack, clear redo).
-    session._apply(change, forward=True)
-    session._undo.append(change)
-    session._redo.clear()
+    session.push(change)
 
 
 def _short(fingerprint: str | None) -> str:

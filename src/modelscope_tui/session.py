@@ -243,7 +243,7 @@ class Session:
         targets = [c for c in unique if trainable[c] != value]
         message = ""
         if skipped and not targets and len(skipped) == len(names):
-            message = f"{len(skipped)} integer/bool tensor(s) cannot require grad; left as they are"
+            message = f"{_describe_skipped(self, skipped)}: cannot require grad; left as they are"
         if not targets:
             return ChangeResult(0, len(names), skipped, message or "nothing to change")
         if rule is not None:
@@ -260,7 +260,7 @@ class Session:
         self._undo.append(change)
         self._redo.clear()
         if skipped:
-            message = f"{verb} {len(targets)}; {len(skipped)} integer/bool tensor(s) left as they are"
+            message = f"{verb} {len(targets)}; {_describe_skipped(self, skipped)} left as they are"
         return ChangeResult(len(targets), len(names), skipped, message or change.description)
 
     def freeze(self, names: Iterable[str], rule: Rule | None = None) -> ChangeResult:
@@ -297,6 +297,8 @@ class Session:
 
     def invert(self) -> ChangeResult:
         names = list(self.trainable)
+        if not names:
+            return ChangeResult(0, 0, [], "no trainable parameters in this file")
         before = [self.trainable[n] for n in names]
         change = Change("invert", names, before, [not b for b in before], Rule("invert", "invert"))
         change.rule.count = len(names)
@@ -339,7 +341,16 @@ class Session:
         before = frozenset(self.eval_modules)
         after = set(before)
         after.update(modules) if value else after.difference_update(modules)
+        unknown = [m for m in after - before if m not in self._nodes]
+        if unknown:
+            raise SessionError(f"no module named {unknown[0]!r} in this checkpoint")
         change = Change("eval mode for norm layers" if value else "train mode for norm layers", [], [], [], None, before, frozenset(after))
+        self.push(change)
+
+    def push(self, change: Change) -> None:
+        """Apply a prepared change (mixed values allowed) as one undoable step."""
+        if not change.names and change.eval_before == change.eval_after:
+            return
         self._apply(change, forward=True)
         self._undo.append(change)
         self._redo.clear()
@@ -402,6 +413,18 @@ class Session:
                 node = self._owner.get(name)
                 deltas[node.name if node is not None else ""] += self.records[name].numel
         self._propagate(deltas)
+
+
+def _describe_skipped(session: Session, names: list[str]) -> str:
+    """'3 buffer(s), 1 integer/bool tensor(s)': what a freeze request could not touch."""
+    integer = sum(1 for n in names if not can_require_grad(session.records[n].dtype))
+    buffers = len(names) - integer
+    parts = []
+    if buffers:
+        parts.append(f"{buffers} buffer(s)")
+    if integer:
+        parts.append(f"{integer} integer/bool tensor(s)")
+    return ", ".join(parts)
 
 
 def _has_running_stats(node: ModuleNode) -> bool:
