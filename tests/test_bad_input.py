@@ -605,3 +605,23 @@ def test_huge_integers(tmp_path):
     plain.write_bytes(data)
     assert open_checkpoint(plain).globals[0].calls
     opens_or_fails_cleanly(plain, in_process=True)
+
+
+def test_many_distinct_globals(tmp_path, monkeypatch):
+    """Each distinct global costs a class: a small pickle naming 25,000 of them is refused."""
+
+    def names(n: int) -> bytes:
+        return b"\x80\x02](" + b"".join(b"cm%d\nC\n" % i for i in range(n)) + b"e."
+
+    path = tmp_path / "globals.pkl"
+    path.write_bytes(names(25_000))
+    start = time.monotonic()
+    result = run_cli("summary", path, memory=2 * GB)
+    assert time.monotonic() - start < 5
+    assert result.rc == 2 and "different globals" in result.stderr, result.output
+    # in-process, with a lower cap so the check stays cheap
+    monkeypatch.setattr("modelscope_tui.readers.unpickler.MAX_GLOBALS", 100)
+    path.write_bytes(names(150))
+    check_bad(path, UnsafePickleError, in_process=True)
+    path.write_bytes(names(100))
+    assert len(open_checkpoint(path).globals) == 100
