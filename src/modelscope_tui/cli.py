@@ -118,7 +118,9 @@ def _commands() -> set[str]:
 
 
 def _error(line: str) -> None:
-    print(f"mscope: error: {line}", file=sys.stderr)
+    from .errors import _printable
+
+    print(f"mscope: error: {_printable(line)}", file=sys.stderr)  # always one line
 
 
 def _silence_stdout() -> None:
