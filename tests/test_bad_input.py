@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CliResult, run_cli, small_state_dict
+from conftest import SAMPLES, CliResult, run_cli, small_state_dict
 from modelscope_tui.cli import main as cli_main
 from modelscope_tui.errors import (
     CorruptCheckpointError,
@@ -625,3 +625,33 @@ def test_many_distinct_globals(tmp_path, monkeypatch):
     check_bad(path, UnsafePickleError, in_process=True)
     path.write_bytes(names(100))
     assert len(open_checkpoint(path).globals) == 100
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "torchscript"])
+def test_damaged_anywhere_never_crashes(tmp_path, kind):
+    """Truncation at many points and random bytes anywhere (headers, directory, storages):
+    the file opens, or one MscopeError; never another exception."""
+    source = tmp_path / "source.pt"
+    if kind == "torchscript":
+        source.write_bytes((SAMPLES / "scripted_cnn.pt").read_bytes())
+    else:
+        torch.save(
+            {"model": small_state_dict(), "epoch": 3},
+            source,
+            _use_new_zipfile_serialization=kind == "zip",
+        )
+    data = source.read_bytes()
+    rng = random.Random(kind)
+    variants = [data[:cut] for cut in sorted(rng.sample(range(len(data)), 40))]
+    for _ in range(80):
+        damaged = bytearray(data)
+        for _ in range(rng.randrange(1, 5)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        variants.append(bytes(damaged))
+    path = tmp_path / f"damaged_{kind}.pt"
+    for variant in variants:
+        path.write_bytes(variant)
+        try:
+            open_checkpoint(path)
+        except MscopeError as exc:
+            assert "\n" not in str(exc)
