@@ -43,31 +43,31 @@ def opened(*keys: str, filter_text: str | None = None):
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_state_dict(snap_compare, size):
-    app = MscopeApp("sample_models/transformer_tied.pt")
+    app = MscopeApp("sample_models/transformer_tied.pt", show_gpus=False)
     assert snap_compare(app, terminal_size=size, run_before=opened("down", "down", "right"))
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_full_module(snap_compare, size):
-    app = MscopeApp("sample_models/notebook_full.pt")
+    app = MscopeApp("sample_models/notebook_full.pt", show_gpus=False)
     assert snap_compare(app, terminal_size=size, run_before=opened("down", "right", "down"))
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_training_checkpoint(snap_compare, size):
-    app = MscopeApp("sample_models/train_checkpoint.pt")
+    app = MscopeApp("sample_models/train_checkpoint.pt", show_gpus=False)
     assert snap_compare(app, terminal_size=size, run_before=opened())
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_filter_active(snap_compare, size):
-    app = MscopeApp("sample_models/transformer_tied.pt")
+    app = MscopeApp("sample_models/transformer_tied.pt", show_gpus=False)
     assert snap_compare(app, terminal_size=size, run_before=opened(filter_text="norm"))
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_mixed_freeze_state(snap_compare, size):
-    app = MscopeApp("sample_models/transformer_tied.pt")
+    app = MscopeApp("sample_models/transformer_tied.pt", show_gpus=False)
     # freeze blocks.0 with the pattern dialog, then look at the blocks module
     keys = ("p", *"blocks.0.*", "enter", "down", "down", "down", "right")
     assert snap_compare(app, terminal_size=size, run_before=opened(*keys))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,21 +22,25 @@ from ..readers import FORMAT_LABELS
 from ..session import Session
 from ..units import fmt_bytes
 from .details import file_details, module_details, tensor_details
+from .gpu_panel import GpuPanel
 from .screens import (
     ClassScreen,
     ConfirmScreen,
+    DeviceScreen,
     HelpScreen,
     LargestScreen,
     LastNScreen,
     PathScreen,
     PatternChoice,
     PatternScreen,
+    ProgressScreen,
 )
 from .tree import ParamTree, Row
 
 EXPAND_ALL_LIMIT = 3000  # nodes added by one "expand all"; more would stall the terminal
 EXIT_AFTER_PAINT_ENV = "MSCOPE_EXIT_AFTER_PAINT"  # benchmarks: quit once the tree is painted
 NARROW = 100  # below this width the details pane starts hidden
+WIDE = 140  # from this width the GPU panel starts shown
 
 
 class MscopeApp(App[int]):
@@ -63,6 +68,10 @@ class MscopeApp(App[int]):
         Binding("e", "expand_all", "Expand all", show=False),
         Binding("E", "collapse_all", "Collapse all", show=False),
         Binding("d", "toggle_details", "Details"),
+        Binding("g", "toggle_gpus", "GPUs"),
+        Binding("m", "move", "Move to device", show=False),
+        Binding("t", "cycle_precision", "Precision", show=False),
+        Binding("T", "cycle_optimizer", "Optimizer", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit_app", "Quit"),
     ]
@@ -87,13 +96,28 @@ class MscopeApp(App[int]):
         ("o", "sort children by size"),
         ("e / E", "expand all under the cursor / collapse all"),
         ("d", "show or hide the details pane"),
+        ("g", "show or hide the GPU panel (live memory, processes, fine-tune estimate)"),
+        ("m", "move the selection (or the whole model from the root) onto a device"),
+        ("t / T", "fine-tune estimate: next training precision / next optimizer"),
         ("ctrl+p", "command palette: every action by name"),
         ("?", "this help"),
         ("q", "quit (asks when there are unsaved changes)"),
     ]
 
-    def __init__(self, path: str | os.PathLike | None = None, checkpoint: Checkpoint | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        checkpoint: Checkpoint | None = None,
+        gpu_interval: float = 1.0,
+        show_gpus: bool | None = None,
+    ):
         super().__init__()
+        self.gpu_interval = gpu_interval
+        self.show_gpus = show_gpus
+        self.monitor = None
+        self.placement = None
+        self.train_precision = "bf16-mixed"
+        self.train_optimizer = "adamw"
         self.path = Path(path) if path is not None else checkpoint.path if checkpoint else None
         self._preloaded = checkpoint
         self.session: Session | None = None
@@ -110,12 +134,15 @@ class MscopeApp(App[int]):
                 yield LoadingIndicator(id="loading")
             with VerticalScroll(id="details-pane"):
                 yield Static("", id="details")
+            yield GpuPanel(id="gpu-panel")
         yield Input(placeholder="filter: substring or glob (esc clears)", id="filter")
         yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#filter", Input).display = False
         self.query_one("#details-pane").display = self.size.width >= NARROW
+        show = self.show_gpus if self.show_gpus is not None else self.size.width >= WIDE
+        self._set_gpu_panel(show)
         self.query_one("#header", Static).update(Text(f"mscope · opening {self.path} …"))
         if self._preloaded is not None:
             self._loaded(self._preloaded)
@@ -187,12 +214,16 @@ class MscopeApp(App[int]):
         locations = [loc for loc in totals.bytes_by_location if loc != "cpu"]
         if locations:
             header.append(f" · saved on {', '.join(locations)}", style="yellow")
+        if self.placement is not None and self.placement.device:
+            placed = self.placement.bytes_by_device()
+            header.append(" · " + ", ".join(f"{d} {fmt_bytes(b)}" for d, b in placed.items() if d != "file"), style="magenta")
         header.append(f" · {ckpt.kind.replace('_', ' ')} · {FORMAT_LABELS.get(ckpt.format, ckpt.format)}", style="dim")
         dtypes = ", ".join(totals.bytes_by_dtype)
         if dtypes:
             header.append(f" · {dtypes}", style="cyan")
         self.query_one("#header", Static).update(header)
         self._update_columns()
+        self._update_estimate()
         if self.query("#tree"):
             self.tree.repaint()
             node = self.tree.cursor_node
@@ -217,7 +248,8 @@ class MscopeApp(App[int]):
         if row is None or (row.module is None and row.tensor is None):
             details.update("")
         elif row.tensor is not None:
-            details.update(tensor_details(self.session, row.tensor))
+            device = self.placement.device_of(row.tensor.name) if self.placement is not None else None
+            details.update(tensor_details(self.session, row.tensor, device))
         elif row.module is not None and row.module.name == "":
             details.update(file_details(self.session))
         else:
@@ -541,6 +573,130 @@ class MscopeApp(App[int]):
             done,
         )
 
+    # -- GPUs and devices ----------------------------------------------------------------------
+    def _set_gpu_panel(self, show: bool) -> None:
+        panel = self.query_one("#gpu-panel", GpuPanel)
+        panel.display = show
+        panel.compact = self.size.width < NARROW
+        if show and self.monitor is None:
+            from ..gpu import GpuMonitor
+
+            try:
+                self.monitor = GpuMonitor.from_env(interval=self.gpu_interval)
+            except MscopeError as exc:
+                self.notify(exc.line(), severity="error")
+                return
+            self.monitor.start(self.gpu_interval, self._sample_from_thread)
+        elif not show and self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+        if show:
+            self._update_estimate()
+
+    def _sample_from_thread(self, sample) -> None:
+        try:
+            self.call_from_thread(self._gpu_sample, sample)
+        except RuntimeError:
+            pass  # the app is shutting down
+
+    def _gpu_sample(self, sample) -> None:
+        panel = self.query_one("#gpu-panel", GpuPanel)
+        if self.monitor is not None:
+            panel.histories = {g.nvml_index: self.monitor.memory_history(g.nvml_index) for g in sample.gpus}
+        panel.sample = sample
+
+    def _update_estimate(self) -> None:
+        panel = self.query_one("#gpu-panel", GpuPanel)
+        if not panel.display or self.session is None:
+            return
+        from rich.text import Text as _Text
+
+        from ..estimate import estimate_for_session, fit_line, panel_lines
+
+        est = estimate_for_session(self.session, self.train_precision, self.train_optimizer)
+        sample = panel.sample
+        gpus = [g for g in sample.gpus if isinstance(g.memory_free, int)] if sample is not None and sample.ok else []
+        width = max(20, panel.size.width - 4) if panel.size.width else 36
+        lines = [_Text(line) for line in panel_lines(est, None, width=width)]
+        for g in gpus:
+            fit = f"GPU{g.nvml_index}: " + fit_line(est, g.memory_free)
+            lines.append(_Text(fit[:width], style="green" if g.memory_free >= est.total else "red"))
+        lines.append(_Text("t / T: change precision / optimizer"[:width], style="dim"))
+        panel.estimate_lines = lines
+        if self.placement is not None and self.placement.device:
+            by_device = self.placement.bytes_by_device()
+            panel.placement_line = "placed: " + ", ".join(f"{d} {fmt_bytes(b)}" for d, b in by_device.items() if d != "file")
+        panel.refresh_panel()
+
+    def action_cycle_precision(self) -> None:
+        from ..estimate import PRECISIONS
+
+        names = [p for p in PRECISIONS if p != "as-saved"]
+        self.train_precision = names[(names.index(self.train_precision) + 1) % len(names)]
+        self._update_estimate()
+        self.notify(f"estimate for {self.train_precision}", timeout=2)
+
+    def action_cycle_optimizer(self) -> None:
+        from ..estimate import OPTIMIZERS
+
+        names = list(OPTIMIZERS)
+        self.train_optimizer = names[(names.index(self.train_optimizer) + 1) % len(names)]
+        self._update_estimate()
+        self.notify(f"estimate for optimizer {self.train_optimizer}", timeout=2)
+
+    def action_toggle_gpus(self) -> None:
+        panel = self.query_one("#gpu-panel", GpuPanel)
+        self._set_gpu_panel(not panel.display)
+        self.call_after_refresh(self._update_columns)
+
+    def action_move(self) -> None:
+        if not self._guard():
+            return
+        from ..placement import available_devices
+
+        names = self.selected_names()
+        node = self.tree.cursor_node
+        what = "the whole model" if node is self.tree.root else f"{len(names):,} tensor(s)"
+
+        def chosen(device: str | None) -> None:
+            if device is not None:
+                cancel = threading.Event()
+                screen = ProgressScreen(f"Moving {what} to {device}", cancel)
+                self.push_screen(screen)
+                self._move(names, device, screen, cancel)
+
+        self.push_screen(DeviceScreen(available_devices(), what), chosen)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="move")
+    def _move(self, names: list[str], device: str, screen: ProgressScreen, cancel: threading.Event) -> None:
+        from ..placement import Placement
+
+        if self.placement is None:
+            self.placement = Placement(self.session.ckpt)
+
+        def progress(done: int, total: int) -> None:
+            self.call_from_thread(screen.update_progress, done, total)
+
+        try:
+            result = self.placement.move(names, device, progress=progress, cancel=cancel)
+        except MscopeError as exc:
+            self.call_from_thread(self._moved, screen, exc.line(), "error")
+            return
+        self.call_from_thread(self._moved, screen, result.message, "warning" if result.cancelled else "information")
+
+    def _moved(self, screen: ProgressScreen, message: str, severity: str) -> None:
+        if screen.is_attached:
+            screen.dismiss(None)
+        if self.placement is not None and self.placement.device:
+            self.tree.device_of = self.placement.device_of
+        self.notify(message, severity=severity, timeout=6)
+        self.refresh_state()
+
+    def on_unmount(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         for binding in self.BINDINGS:
@@ -551,9 +707,9 @@ class MscopeApp(App[int]):
         yield SystemCommand("Quit mscope", "quit (asks about unsaved changes)", self.action_quit_app)
 
 
-def run_app(path: str | os.PathLike) -> tuple[int, str | None]:
+def run_app(path: str | os.PathLike, gpu_interval: float = 1.0) -> tuple[int, str | None]:
     """Run the explorer; returns (exit code, one-line error or None)."""
-    app = MscopeApp(path)
+    app = MscopeApp(path, gpu_interval=gpu_interval)
     app.run()
     if app.error_line:
         return 2, app.error_line

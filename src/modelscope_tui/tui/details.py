@@ -22,7 +22,7 @@ def _table() -> Table:
     return table
 
 
-def tensor_details(session: Session, t: TensorRecord) -> RenderableType:
+def tensor_details(session: Session, t: TensorRecord, device: str | None = None) -> RenderableType:
     table = _table()
     table.add_row("tensor", t.name)
     table.add_row("kind", t.kind + ("" if t.kind_from_file else " (from name)"))
@@ -33,6 +33,8 @@ def tensor_details(session: Session, t: TensorRecord) -> RenderableType:
     else:
         state = "cannot require grad" if t.kind == "parameter" or t.alias_of is None else "tied"
     table.add_row("now", state)
+    if device is not None:
+        table.add_row("device", device)
     table.add_row("saved requires_grad", str(t.requires_grad))
     table.add_row("numel", f"{t.numel:,}")
     table.add_row("bytes", f"{fmt_bytes(t.nbytes)} ({t.nbytes:,})")

@@ -29,7 +29,8 @@ class PatternChoice:
 class _Modal(ModalScreen):
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
     DEFAULT_CSS = """
-    _Modal, PatternScreen, ClassScreen, LastNScreen, LargestScreen, HelpScreen, ConfirmScreen, PathScreen {
+    _Modal, PatternScreen, ClassScreen, LastNScreen, LargestScreen, HelpScreen, ConfirmScreen, PathScreen,
+    DeviceScreen, ProgressScreen {
         align: center middle;
     }
     .dialog {
@@ -295,3 +296,61 @@ class HelpScreen(_Modal):
             yield Label("mscope keys (esc closes; ctrl+p lists every action)", classes="title")
             with VerticalScroll():
                 yield Static(table)
+
+
+class DeviceScreen(_Modal):
+    """Pick a device to move the selection to; unavailable ones are shown with the reason."""
+
+    def __init__(self, devices, what: str) -> None:
+        super().__init__()
+        self.devices = devices
+        self.what = what
+
+    def compose(self) -> ComposeResult:
+        options = []
+        for d in self.devices:
+            label = d.name if d.available else f"{d.name}  ({d.reason})"
+            options.append(Option(label, id=d.name, disabled=not d.available))
+        with Vertical(classes="dialog"):
+            yield Label(f"Move {self.what} to…", classes="title")
+            yield OptionList(*options)
+            yield Static("Tensors are read from the file straight onto the device; a failed move changes nothing.", classes="preview")
+
+    @on(OptionList.OptionSelected)
+    def _selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+
+class ProgressScreen(_Modal):
+    """Progress of a background job with a Cancel button; the app updates and closes it."""
+
+    def __init__(self, title: str, cancel_event) -> None:
+        super().__init__()
+        self.title_text = title
+        self.cancel_event = cancel_event
+
+    def compose(self) -> ComposeResult:
+        from textual.widgets import ProgressBar
+
+        with Vertical(classes="dialog"):
+            yield Label(self.title_text, classes="title")
+            yield ProgressBar(total=100, id="progress")
+            yield Static("", id="progress-text", classes="preview")
+            with Horizontal(classes="buttons"):
+                yield Button("Cancel", id="cancel", variant="error")
+
+    def update_progress(self, done: int, total: int) -> None:
+        from textual.widgets import ProgressBar
+
+        if not self.is_attached:
+            return
+        self.query_one("#progress", ProgressBar).update(total=max(total, 1), progress=done)
+        self.query_one("#progress-text", Static).update(f"{fmt_bytes(done)} of {fmt_bytes(total)}")
+
+    def action_cancel(self) -> None:
+        self.cancel_event.set()
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel(self) -> None:
+        self.cancel_event.set()
+        self.query_one("#progress-text", Static).update("cancelling…")

@@ -73,7 +73,7 @@ class ParamTree(Tree[Row]):
         self.sort_by_size = False
         self.visible_modules: set[str] | None = None  # filter: modules on a path to a match
         self.visible_tensors: set[str] | None = None
-        self._compact = False
+        self.device_of = None  # callable name -> device string, set once tensors are placed
 
     # -- building ------------------------------------------------------------------------------
     def populate(self) -> None:
@@ -139,10 +139,16 @@ class ParamTree(Tree[Row]):
     def on_resize(self) -> None:
         self.post_message(self.Resized())
 
+    def columns(self) -> tuple[tuple[str, int], ...]:
+        columns = COLUMNS[1:] if self.size.width < 70 else COLUMNS
+        if self.device_of is not None:
+            columns = (*columns, ("device", 7))
+        return columns
+
     def column_header(self) -> Text:
         """Column titles aligned with the rows (drawn by the app above the tree)."""
         width = self._label_width(0)
-        columns = COLUMNS[1:] if self.size.width < 70 else COLUMNS
+        columns = self.columns()
         fixed = sum(w + 1 for _, w in columns)
         text = Text("  " + "name".ljust(max(8, width - fixed - 2)), style="bold")
         for key, w in columns:
@@ -223,8 +229,7 @@ class ParamTree(Tree[Row]):
         if row is None:
             return Text(str(node.label))
         width = self._label_width(row.depth)
-        compact = self.size.width < 70
-        columns = COLUMNS[1:] if compact else COLUMNS
+        columns = self.columns()
         fixed = sum(w + 1 for _, w in columns)
         name_width = max(8, width - fixed - 2)
         icon = ("▼ " if node.is_expanded else "▶ ") if node.allow_expand else "  "
@@ -249,6 +254,8 @@ class ParamTree(Tree[Row]):
                 cells["train"] = (t.kind[:6], "dim")
             cells["numel"] = (fmt_count(t.numel), "")
             cells["bytes"] = (fmt_bytes(t.nbytes), "")
+            if self.device_of is not None:
+                cells["device"] = (self.device_of(t.name), "magenta")
         else:
             m = row.module
             label = m.short_name or self.session.ckpt.path.name
@@ -259,6 +266,9 @@ class ParamTree(Tree[Row]):
             cells["train"] = MARKS[state]
             cells["numel"] = (fmt_count(m.stats.params) if m.stats.params else "-", "")
             cells["bytes"] = (fmt_bytes(m.stats.nbytes), "")
+            if self.device_of is not None:
+                devices = {self.device_of(t.name) for t in m.all_tensors()}
+                cells["device"] = (devices.pop() if len(devices) == 1 else "mixed" if devices else "", "magenta")
         name.truncate(name_width, overflow="ellipsis", pad=True)
         text.append_text(name)
         for key, w in columns:

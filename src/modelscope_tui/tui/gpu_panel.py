@@ -1,0 +1,161 @@
+"""The GPU side panel: one block per GPU (memory bar, sparkline, utilisation, processes).
+
+It only draws what it is given: the app sets `sample`, `histories` and `estimate_lines`.
+"""
+
+from __future__ import annotations
+
+from rich.console import Group, RenderableType
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widgets import Static
+
+from ..gpu import NA, GpuSample, GpuSnapshot, na_or
+from ..units import fmt_bytes
+
+SPARK = "▁▂▃▄▅▆▇█"
+BAR_WIDTH = 20
+
+
+def sparkline(values: list[int], total: int | None, width: int) -> str:
+    """Last `width` values as block characters scaled to the GPU's total memory."""
+    if not values:
+        return ""
+    values = values[-width:]
+    top = total or max(values) or 1
+    return "".join(SPARK[min(len(SPARK) - 1, int(v / top * (len(SPARK) - 1) + 0.5))] for v in values)
+
+
+def memory_bar(gpu: GpuSnapshot, width: int) -> Text:
+    """Used / total, with this process's share drawn in its own colour."""
+    text = Text()
+    if gpu.memory_total is NA or gpu.memory_used is NA or not gpu.memory_total:
+        text.append("memory n/a", style="dim")
+        return text
+    total = gpu.memory_total
+    mine = gpu.self_process.used_memory if gpu.self_process and gpu.self_process.used_memory is not NA else 0
+    if gpu.torch_memory is not None:
+        mine = max(mine, gpu.torch_memory.reserved)
+    used_cells = round(gpu.memory_used / total * width)
+    mine_cells = min(used_cells, round(mine / total * width))
+    fraction = gpu.memory_used / total
+    colour = "red" if fraction > 0.9 else "yellow" if fraction > 0.7 else "green"
+    text.append("█" * mine_cells, style="magenta")
+    text.append("█" * (used_cells - mine_cells), style=colour)
+    text.append("░" * (width - used_cells), style="dim")
+    text.append(f" {fmt_bytes(gpu.memory_used)}/{fmt_bytes(total)}")
+    return text
+
+
+def gpu_block(gpu: GpuSnapshot, history: list[int], width: int) -> RenderableType:
+    title = Text(f"{gpu.label} ", style="bold")
+    title.append(gpu.name, style="cyan")
+    if gpu.lost or gpu.status:
+        return Group(title, Text(gpu.status or "lost", style="red"))
+    lines: list[RenderableType] = [title, memory_bar(gpu, max(6, min(BAR_WIDTH, width - 18)))]
+    spark = sparkline(history, gpu.memory_total if gpu.memory_total is not NA else None, max(8, width - 2))
+    if spark:
+        lines.append(Text(spark, style="green"))
+    stats = Text(
+        f"util {na_or(gpu.util_gpu)}% · mem {na_or(gpu.util_memory)}% · "
+        f"{na_or(gpu.temperature)}°C · {na_or(gpu.power_draw, lambda w: f'{w:.0f}')}/"
+        f"{na_or(gpu.power_limit, lambda w: f'{w:.0f}')} W",
+        style="dim",
+    )
+    lines.append(stats)
+    if gpu.torch_memory is not None:
+        tm = gpu.torch_memory
+        lines.append(
+            Text(
+                f"torch: {fmt_bytes(tm.allocated)} allocated, {fmt_bytes(tm.reserved)} reserved, "
+                f"peak {fmt_bytes(tm.max_allocated)}",
+                style="magenta",
+            )
+        )
+    procs = sorted(gpu.processes, key=lambda p: 0 if p.used_memory is NA else -p.used_memory)[:3]
+    for p in procs:
+        style = "bold magenta" if p.is_self else ""
+        lines.append(Text(f"  {p.pid:>7} {na_or(p.name)[:14]:<14} {na_or(p.used_memory, fmt_bytes)}", style=style))
+    return Group(*lines)
+
+
+def gpu_line(gpu: GpuSnapshot) -> Text:
+    """One line per GPU for narrow terminals: `GPU0 ▮▮▮▯▯▯ 48% u93%`."""
+    if gpu.lost or gpu.status:
+        return Text(f"GPU{gpu.nvml_index} {(gpu.status or 'lost')[:20]}", style="red")
+    text = Text(f"GPU{gpu.nvml_index} ")
+    fraction = gpu.memory_fraction
+    if fraction is NA:
+        text.append("mem n/a", style="dim")
+    else:
+        cells = round(fraction * 6)
+        colour = "red" if fraction > 0.9 else "yellow" if fraction > 0.7 else "green"
+        text.append("▮" * cells, style=colour)
+        text.append("▯" * (6 - cells), style="dim")
+        text.append(f" {fraction * 100:3.0f}%")
+    text.append(f" u{na_or(gpu.util_gpu)}%", style="dim")
+    return text
+
+
+class GpuPanel(Static):
+    """Side panel. Attributes down: the app sets `sample`, `histories`, `estimate_lines`."""
+
+    DEFAULT_CSS = """
+    GpuPanel {
+        width: 40;
+        height: 100%;
+        border-left: vkey $primary;
+        padding: 0 1;
+        overflow-y: auto;
+    }
+    GpuPanel.-compact {
+        width: 24;
+    }
+    """
+
+    sample: reactive[GpuSample | None] = reactive(None, always_update=True)
+    compact: reactive[bool] = reactive(False)
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__("", **kwargs)
+        self.histories: dict[int, list[int]] = {}
+        self.estimate_lines: list[Text] = []
+        self.placement_line: str = ""
+
+    def watch_compact(self, compact: bool) -> None:
+        self.set_class(compact, "-compact")
+        self.refresh_panel()
+
+    def watch_sample(self, sample: GpuSample | None) -> None:
+        self.refresh_panel()
+
+    def refresh_panel(self) -> None:
+        self.update(self.render_panel())
+
+    def render_panel(self) -> RenderableType:
+        sample = self.sample
+        width = max(20, (self.size.width or 40) - 2)
+        parts: list[RenderableType] = []
+        if sample is None:
+            parts.append(Text("GPUs: sampling…", style="dim"))
+        else:
+            title = Text("GPUs", style="bold underline")
+            if sample.simulated:
+                title.append("  SIMULATED", style="bold yellow")
+            if not self.compact:
+                parts.append(title)
+            if not sample.ok:
+                parts.append(Text(sample.status, style="yellow"))
+                parts.append(Text(sample.host.line(), style="dim"))
+            elif self.compact:
+                parts.extend(gpu_line(g) for g in sample.gpus)
+            else:
+                for gpu in sample.gpus:
+                    parts.append(gpu_block(gpu, self.histories.get(gpu.nvml_index, []), width))
+                    parts.append(Text(""))
+        if self.placement_line and not self.compact:
+            parts.append(Text(self.placement_line, style="magenta"))
+        if self.estimate_lines and not self.compact:
+            parts.append(Text("fine-tune estimate", style="bold underline"))
+            parts.extend(self.estimate_lines)
+        return Group(*parts)

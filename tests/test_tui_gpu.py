@@ -1,0 +1,180 @@
+"""The GPU panel, device moves and the fine-tune estimate in the explorer (simulated GPUs)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from modelscope_tui import placement as placement_mod
+from modelscope_tui.gpu import HostMemory, SimulatedBackend
+from modelscope_tui.tui.app import MscopeApp
+from modelscope_tui.tui.gpu_panel import GpuPanel
+from modelscope_tui.tui.screens import DeviceScreen
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_models"
+
+
+def panel_text(app) -> str:
+    panel = app.query_one("#gpu-panel", GpuPanel)
+    from rich.console import Console
+
+    console = Console(width=max(20, panel.size.width - 2), record=True, file=open("/dev/null", "w"))
+    console.print(panel.render_panel())
+    return console.export_text()
+
+
+async def wait_for_sample(pilot, predicate=lambda s: True, tries: int = 100):
+    app = pilot.app
+    for _ in range(tries):
+        sample = app.query_one("#gpu-panel", GpuPanel).sample
+        if sample is not None and predicate(sample):
+            return sample
+        await pilot.pause(0.05)
+    raise AssertionError("no GPU sample arrived")
+
+
+async def started(pilot):
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+async def test_panel_shows_simulated_gpus_and_estimate(monkeypatch):
+    monkeypatch.setenv("MSCOPE_SIMULATE_GPUS", "3")
+    app = MscopeApp(SAMPLES / "transformer_tied.pt", gpu_interval=0.05, show_gpus=True)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await started(pilot)
+        await wait_for_sample(pilot, lambda s: len(s.gpus) == 3)
+        await pilot.pause(0.2)
+        text = panel_text(app)
+        assert "SIMULATED" in text
+        for i in range(3):
+            assert f"GPU {i} (cuda:{i})" in text
+        assert "fine-tune estimate" in text and "bf16" in text and "fits" in text
+        before = text
+        await pilot.press("t")
+        await pilot.pause()
+        assert panel_text(app) != before
+        # freezing everything removes gradients and optimizer state from the estimate
+        await pilot.press("F")
+        await pilot.pause()
+        assert "trains 0 of" in panel_text(app)
+        await pilot.press("g")
+        assert app.monitor is None and not app.query_one("#gpu-panel").display
+
+
+async def test_panel_without_driver_says_so_and_shows_host_ram(monkeypatch):
+    monkeypatch.delenv("MSCOPE_SIMULATE_GPUS", raising=False)
+    app = MscopeApp(SAMPLES / "cnn_state_dict.pt", gpu_interval=0.05, show_gpus=True)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await started(pilot)
+        sample = await wait_for_sample(pilot)
+        text = " ".join(panel_text(app).split())
+        if sample.ok:  # a machine with a real GPU
+            assert "GPU 0" in text
+        else:
+            assert sample.status in text and "host RAM" in text
+            assert "Traceback" not in text
+
+
+async def test_lost_gpu_is_reported_and_others_continue(monkeypatch):
+    monkeypatch.setenv("MSCOPE_SIMULATE_GPUS", "2")
+    monkeypatch.setenv("MSCOPE_SIMULATE_GPU_LOST", "1:2")
+    app = MscopeApp(SAMPLES / "cnn_state_dict.pt", gpu_interval=0.05, show_gpus=True)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await started(pilot)
+        await wait_for_sample(pilot, lambda s: any(g.lost for g in s.gpus))
+        text = panel_text(app)
+        assert "lost" in text and "GPU 0 (cuda:0)" in text
+
+
+async def test_narrow_terminal_collapses_to_one_line_per_gpu(monkeypatch):
+    monkeypatch.setenv("MSCOPE_SIMULATE_GPUS", "2")
+    app = MscopeApp(SAMPLES / "cnn_state_dict.pt", gpu_interval=0.05, show_gpus=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await started(pilot)
+        await pilot.press("g")
+        panel = app.query_one("#gpu-panel", GpuPanel)
+        assert panel.display and panel.compact
+        await wait_for_sample(pilot)
+        lines = [line for line in panel_text(app).splitlines() if line.startswith("GPU")]
+        assert len(lines) == 2 and all(len(line) <= 24 for line in lines)
+
+
+async def test_move_whole_model_to_cpu_shows_device_column():
+    app = MscopeApp(SAMPLES / "transformer_tied.pt", show_gpus=False)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("m")
+        assert isinstance(app.screen, DeviceScreen)
+        option_list = app.screen.query_one("OptionList")
+        ids = [option_list.get_option_at_index(i).id for i in range(option_list.option_count)]
+        option_list.highlighted = ids.index("cpu")
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        placement = app.placement
+        assert placement is not None
+        assert {placement.device_of(t.name) for t in app.session.ckpt.model_tensors} == {"cpu"}
+        assert "cpu 85.0 KB" in str(app.query_one("#header").render())
+        assert "device" in str(app.query_one("#columns").render())
+        unavailable = [o for o in ids if o.startswith("cuda")]
+        assert unavailable  # listed, with the reason, but disabled
+        assert option_list.get_option(unavailable[0]).disabled
+
+
+async def test_out_of_memory_move_rolls_back(monkeypatch):
+    def oom(host, target):
+        import torch
+
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(placement_mod, "_transfer", oom)
+    app = MscopeApp(SAMPLES / "cnn_state_dict.pt", show_gpus=False)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("m")
+        option_list = app.screen.query_one("OptionList")
+        ids = [option_list.get_option_at_index(i).id for i in range(option_list.option_count)]
+        option_list.highlighted = ids.index("cpu")
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        messages = " ".join(n.message for n in app._notifications)
+        assert "out of memory on cpu: needed" in messages and "nothing was moved" in messages
+        assert not app.placement.device
+
+
+FIXED_HOST = HostMemory(64 << 30, 48 << 30, 300 << 20)
+
+
+def fixed_sample():
+    backend = SimulatedBackend(2, seed=0, host=FIXED_HOST, clock=lambda: 1_700_000_000.0, visible=None)
+    sample = backend.sample()
+    gpus = tuple(
+        dataclasses.replace(g, processes=tuple(dataclasses.replace(p, pid=1000 + i) for i, p in enumerate(g.processes)))
+        for g in sample.gpus
+    )
+    return dataclasses.replace(sample, gpus=gpus)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)], ids=["80x24", "160x48"])
+def test_gpu_panel_snapshot(snap_compare, size, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    app = MscopeApp("sample_models/transformer_tied.pt", show_gpus=False)
+
+    async def run_before(pilot):
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+        panel = pilot.app.query_one("#gpu-panel", GpuPanel)
+        panel.display = True
+        panel.compact = size[0] < 100
+        sample = fixed_sample()
+        panel.histories = {g.nvml_index: [int(g.memory_total * f / 10) for f in range(1, 9)] for g in sample.gpus}
+        panel.sample = sample
+        pilot.app._update_estimate()
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
