@@ -49,10 +49,10 @@ def sniff(path: Path) -> str:
         )
     if head[:1] == b"{" and path.name.endswith(".json"):
         return "index-json"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "pickle"
     if path.name == ".metadata":
         return "dcp"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
     if _is_headerless_pickle(path):
         return "pickle"
     if len(head) >= 8 and head[:5] in (b"\x1f\x8b\x08\x00\x00",) or _is_tar(path):

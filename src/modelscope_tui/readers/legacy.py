@@ -95,6 +95,9 @@ def _plain_sys_info(sys_info: dict) -> dict:
 
 def _legacy_pid(storages: StorageTable, path: Path):
     def load(pid: object):
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":
+            # Full-module legacy saves record each class with its source text (never executed).
+            return pid[1]
         if isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage":
             if pid[5] is not None:
                 raise CorruptCheckpointError("storage views of the pre-0.4 format are not supported", path)

@@ -448,6 +448,8 @@ SAFE_FUNCTIONS: dict[tuple[str, str], Any] = {
     ("copyreg", "_reconstructor"): _reconstructor,
     ("_codecs", "encode"): _codecs_encode,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    # DCP metadata names the layout through this helper; it only maps a name to a constant.
+    ("torch.serialization", "_get_layout"): lambda name="torch.strided": str(name)[:64],
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
