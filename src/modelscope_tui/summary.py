@@ -181,7 +181,8 @@ def render_summary(ckpt: Checkpoint, console: Any, depth: int | None = None, pat
     totals = ckpt.totals()
     label = FORMAT_LABELS.get(ckpt.format, ckpt.format)
     where = f" (model at [bold]{escape(ckpt.model_path)}[/])" if ckpt.model_path else ""
-    console.print(f"[bold]{escape(ckpt.path.name)}[/] · {label} · {ckpt.kind.replace('_', ' ')}{where}")
+    name = ckpt.path.name.encode("unicode_escape").decode("ascii") if not ckpt.path.name.isprintable() else ckpt.path.name
+    console.print(f"[bold]{escape(name)}[/] · {label} · {ckpt.kind.replace('_', ' ')}{where}")
     dtypes = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in totals.bytes_by_dtype.items()) or "no tensors"
     console.print(f"{totals.tensors:,} tensors · {fmt_bytes(totals.nbytes)} · {dtypes}")
 

@@ -144,7 +144,7 @@ def open_checkpoint(path: str | os.PathLike, strict: bool = True) -> Checkpoint:
     if strict and ckpt.problems:
         more = f" (and {len(ckpt.problems) - 1} more problems)" if len(ckpt.problems) > 1 else ""
         raise CorruptCheckpointError(
-            ckpt.problems[0] + more, path, "the file is truncated or corrupt; `mscope audit` lists everything"
+            ckpt.problems[0] + more, path, "the file is truncated or corrupt; re-download or re-save it"
         )
     return ckpt
 
