@@ -309,3 +309,22 @@ async def test_every_sample_opens_at_80x24(sample):
         assert app.session.ckpt.tensors
         lines = tree_lines(app)
         assert lines and all(len(line) <= 80 for line in lines)
+
+
+async def test_unexpected_worker_error_is_one_notification():
+    app = MscopeApp(SAMPLES / "cnn_state_dict.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+
+        def fails() -> None:
+            raise ValueError("boom\nmore")
+
+        worker = app.run_worker(fails, thread=True, exit_on_error=False)
+        for _ in range(50):
+            if worker.is_finished:
+                break
+            await pilot.pause(0.02)
+        await pilot.pause()
+        messages = [n.message for n in app._notifications]
+        assert any(m.startswith("internal error: ValueError: boom more") for m in messages)
+        assert all("\n" not in m for m in messages)

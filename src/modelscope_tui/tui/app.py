@@ -692,6 +692,21 @@ class MscopeApp(App[int]):
         self.notify(message, severity=severity, timeout=6)
         self.refresh_state()
 
+    def on_worker_state_changed(self, event) -> None:
+        """A worker that died unexpectedly: one line, like the CLI, never a traceback."""
+        from textual.worker import WorkerState
+
+        if event.state != WorkerState.ERROR:
+            return
+        error = event.worker.error
+        line = error.line() if isinstance(error, MscopeError) else f"internal error: {type(error).__name__}: {error}"
+        line = " ".join(str(line).split())[:300]
+        if self.session is None:
+            self.error_line = line
+            self.exit(return_code=2 if isinstance(error, MscopeError) else 3)
+        else:
+            self.notify(line, severity="error", timeout=10)
+
     def on_unmount(self) -> None:
         if self.monitor is not None:
             self.monitor.close()
