@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_apply_plan_arguments(
         sub.add_parser("apply-plan", help="print plain-PyTorch code that applies a freeze plan")
     )
+
+    from .gpu import add_gpus_arguments
+
+    add_gpus_arguments(
+        sub.add_parser("gpus", help="GPU memory, load and processes (NVML), without the explorer")
+    )
     return parser
 
 
@@ -107,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
         from .freeze import run_apply_plan_command, run_plan_command
 
         return (run_plan_command if args.command == "plan" else run_apply_plan_command)(args)
+    if args.command == "gpus":
+        from .gpu import run_gpus_command
+
+        return run_gpus_command(args)
     raise MscopeError(f"unknown command {args.command!r}")
 
 
