@@ -328,3 +328,42 @@ async def test_unexpected_worker_error_is_one_notification():
         messages = [n.message for n in app._notifications]
         assert any(m.startswith("internal error: ValueError: boom more") for m in messages)
         assert all("\n" not in m for m in messages)
+
+
+async def test_write_full_module_checkpoint_with_new_flags(tmp_path):
+    src = tmp_path / "net.pt"
+    src.write_bytes((SAMPLES / "notebook_full.pt").read_bytes())
+    app = MscopeApp(src)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("U")  # everything trainable, including the saved-frozen stem.0
+        await pilot.press("w")
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        written = tmp_path / "net.frozen.pt"
+        assert written.exists()
+        from modelscope_tui import open_checkpoint
+
+        reopened = open_checkpoint(written)
+        assert all(t.requires_grad for t in reopened.model_tensors if t.kind == "parameter")
+        # saving again to the same name asks before overwriting, and keeps a backup
+        await pilot.press("w")
+        screen = app.screen
+        screen.query_one("#path").value = str(written)
+        await pilot.press("enter")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.click("#overwrite")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert (tmp_path / "net.frozen.pt.bak").exists()
+    assert src.read_bytes() == (SAMPLES / "notebook_full.pt").read_bytes()
+
+
+async def test_state_dict_write_explains_plan_instead():
+    app = MscopeApp(SAMPLES / "cnn_state_dict.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("w")
+        messages = " ".join(n.message for n in app._notifications)
+        assert "save a freeze plan" in messages

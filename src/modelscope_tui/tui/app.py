@@ -395,23 +395,42 @@ class MscopeApp(App[int]):
             return
 
         def done(target: str | None) -> None:
-            if target is None:
-                return
-            try:
-                from ..freeze import save_plan
+            if target is not None:
+                self._save_plan_to(Path(target), then_quit, overwrite=False)
 
-                path = save_plan(self.session, target)
-            except MscopeError as exc:
-                self.notify(exc.line(), severity="error", timeout=8)
-                return
-            self.session.mark_saved()
-            self.refresh_state()
-            self.notify(f"plan saved to {path}", timeout=5)
-            if then_quit:
-                self.exit(0)
-
-        note = "A new file next to the checkpoint by default; an existing file is never overwritten."
+        note = "A new file next to the checkpoint by default; an existing file is never overwritten unasked."
         self.push_screen(PathScreen("Save freeze plan", str(self.default_plan_path()), note), done)
+
+    def _save_plan_to(self, target: Path, then_quit: bool, overwrite: bool) -> None:
+        from ..freeze import save_plan
+
+        if target.exists() and not overwrite:
+            self._confirm_overwrite(target, lambda: self._save_plan_to(target, then_quit, overwrite=True))
+            return
+        try:
+            path = save_plan(self.session, target, overwrite=overwrite)
+        except MscopeError as exc:
+            self.notify(exc.line(), severity="error", timeout=8)
+            return
+        self.session.mark_saved()
+        self.refresh_state()
+        self.notify(f"plan saved to {path}", timeout=5)
+        if then_quit:
+            self.exit(0)
+
+    def _confirm_overwrite(self, target: Path, proceed) -> None:
+        def answered(answer: str | None) -> None:
+            if answer == "overwrite":
+                proceed()
+
+        self.push_screen(
+            ConfirmScreen(
+                "File exists",
+                f"{target} already exists. Overwrite it? The old file is kept as {target.name}.bak.",
+                [("overwrite", "Overwrite (keep .bak)", "warning"), ("cancel", "Cancel", "default")],
+            ),
+            answered,
+        )
 
     def action_save_checkpoint(self) -> None:
         if not self._guard():
@@ -427,18 +446,23 @@ class MscopeApp(App[int]):
         from ..writers import sibling_path
 
         def done(target: str | None) -> None:
-            if target is not None:
-                self._write_checkpoint(Path(target))
+            if target is None:
+                return
+            path = Path(target)
+            if path.exists():
+                self._confirm_overwrite(path, lambda: self._write_checkpoint(path, True))
+            else:
+                self._write_checkpoint(path, False)
 
         self.push_screen(PathScreen("Write checkpoint with the new requires_grad", str(sibling_path(ckpt.path, "frozen"))), done)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="save")
-    def _write_checkpoint(self, target: Path) -> None:
+    def _write_checkpoint(self, target: Path, overwrite: bool = False) -> None:
         from ..writers import save_with_requires_grad
 
         flags = {name: self.session.is_trainable(name) for name in self.session.canonical}
         try:
-            path = save_with_requires_grad(self.session.ckpt, flags, target)
+            path = save_with_requires_grad(self.session.ckpt, flags, target, overwrite=overwrite)
         except MscopeError as exc:
             self.call_from_thread(self.notify, exc.line(), severity="error", timeout=8)
             return
