@@ -377,6 +377,19 @@ def test_panel_fits_38_columns(bert_file, free):
     assert all(len(line) <= PANEL_WIDTH for line in panel_lines(huge, 10**16))
 
 
+@pytest.mark.parametrize("width", [20, 26, 30, 38])
+def test_panel_narrow_widths_use_short_labels(width):
+    est = estimate([(10**9, "float32", True, True)], "fp16-mixed", "sgd-momentum")
+    lines = panel_lines(est, 10**10, width=width)
+    assert all(len(line) <= width and line == line.rstrip() for line in lines), lines
+    labels = [line.split("  ")[0].strip() for line in lines[1:5]]
+    if width < 30:
+        assert labels == ["weights", "grads", "master", "optim"]
+    else:
+        assert labels[0] == "weights (fp16)" and labels[2] == "master weights (fp32)"
+    assert "…" not in "".join(lines[1:6])
+
+
 def test_panel_says_whether_it_fits():
     est = estimate(one_tensor(1000), "fp32", "adam")
     assert "fits: 3.9 KB to spare" in panel_lines(est, 20_000)

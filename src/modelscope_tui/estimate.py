@@ -171,20 +171,22 @@ class MemoryEstimate:
     def label(self) -> str:
         return f"{self.precision}, {'inference' if not self.training else self.optimizer}"
 
-    def components(self) -> list[tuple[str, int]]:
-        """(label, bytes) for each non-zero part, in a fixed order (weights always listed)."""
+    def components(self, short: bool = False) -> list[tuple[str, int]]:
+        """(label, bytes) for each non-zero part, in a fixed order (weights always listed).
+        `short` labels are at most 7 characters: weights, grads, master, optim."""
         spec = PRECISIONS[self.precision]
         states = OPTIMIZERS[self.optimizer]
-        out = [(f"weights{_dtype_tag(spec.weights)}", self.weights)]
-        if self.gradients:
-            out.append((f"gradients{_dtype_tag(spec.grads)}", self.gradients))
-        if self.master_weights:
-            out.append(("master weights (fp32)", self.master_weights))
-        if self.optimizer_states:
-            out.append(
-                (f"optimizer ({states} x {_short_dtype(spec.states)})", self.optimizer_states)
+        if short:
+            labels = ("weights", "grads", "master", "optim")
+        else:
+            labels = (
+                f"weights{_dtype_tag(spec.weights)}",
+                f"gradients{_dtype_tag(spec.grads)}",
+                "master weights (fp32)",
+                f"optimizer ({states}x{_short_dtype(spec.states)})",
             )
-        return out
+        parts = (self.weights, self.gradients, self.master_weights, self.optimizer_states)
+        return [(label, n) for i, (label, n) in enumerate(zip(labels, parts)) if n or i == 0]
 
 
 def _short_dtype(dtype: str | None) -> str:
@@ -385,16 +387,18 @@ def panel_lines(
 ) -> list[str]:
     """A compact rendering for the side panel: every line at most `width` (38) columns."""
     title = f"{PRECISIONS[est.precision].label}, {est.optimizer if est.training else 'inference'}"
-    lines = [title[:width]]
-    for label, nbytes in est.components():
+    lines = [title[:width].rstrip()]
+    long_parts = est.components()
+    fits_long = all(len(label) + len(fmt_bytes(n)) < width for label, n in long_parts)
+    for label, nbytes in long_parts if fits_long else est.components(short=True):
         lines.append(_row(label, fmt_bytes(nbytes), width))
     lines.append(_row("total", fmt_bytes(est.total), width))
     if free_bytes is not None:
         lines.append(_row("free", fmt_bytes(free_bytes), width))
         lines.append(fit_line(est, free_bytes)[:width])
-    lines.append(f"trains {fmt_count(est.trainable)} of {fmt_count(est.parameters)} params"[:width])
-    lines.append("+ activations (not counted)"[:width])
-    return lines
+    lines.append(f"trains {fmt_count(est.trainable)} of {fmt_count(est.parameters)} params")
+    lines.append("+ activations (not counted)")
+    return [line[:width].rstrip() for line in lines]
 
 
 def render_text(est: MemoryEstimate, free_bytes: int | None = None) -> str:
