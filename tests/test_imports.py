@@ -34,6 +34,12 @@ CORE = [
     "modelscope_tui.readers.torchzip",
     "modelscope_tui.readers.legacy",
     "modelscope_tui.readers.walk",
+    "modelscope_tui.gpu",
+    "modelscope_tui.session",
+    "modelscope_tui.freeze",
+    "modelscope_tui.estimate",
+    "modelscope_tui.placement",
+    "modelscope_tui.writers",
 ]
 
 

@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     explore = sub.add_parser("open", help="the explorer (default: `mscope FILE`)")
     explore.add_argument("file", help="checkpoint file or directory")
+    explore.add_argument("--interval", type=float, default=1.0, metavar="S", help="GPU panel refresh (seconds)")
     explore.add_argument("--debug", action="store_true", help="show tracebacks")
 
     summary = sub.add_parser("summary", help="print the module tree, totals, entries and unsafe globals")
@@ -88,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
             raise MscopeError("no such file or directory", args.file)
         from .tui.app import run_app
 
-        code, line = run_app(args.file)
+        if args.interval <= 0:
+            raise MscopeError("--interval must be more than 0 seconds")
+        code, line = run_app(args.file, gpu_interval=args.interval)
         if line:
             _error(line)
         return code

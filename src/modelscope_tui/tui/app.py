@@ -612,7 +612,7 @@ class MscopeApp(App[int]):
                 return
             self.monitor.start(self.gpu_interval, self._sample_from_thread)
         elif not show and self.monitor is not None:
-            self.monitor.close()
+            self.monitor.close(timeout=0)  # never wait on a tick that is calling into the UI
             self.monitor = None
         if show:
             self._update_estimate()
@@ -733,7 +733,7 @@ class MscopeApp(App[int]):
 
     def on_unmount(self) -> None:
         if self.monitor is not None:
-            self.monitor.close()
+            self.monitor.close(timeout=0)
             self.monitor = None
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
