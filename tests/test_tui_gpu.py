@@ -178,3 +178,27 @@ def test_gpu_panel_snapshot(snap_compare, size, monkeypatch):
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+async def test_export_device_map_after_move(tmp_path):
+    import json
+
+    src = tmp_path / "model.pt"
+    src.write_bytes((SAMPLES / "transformer_tied.pt").read_bytes())
+    app = MscopeApp(src, show_gpus=False)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        app.tree.reveal(module_name="blocks")
+        await pilot.pause()
+        await pilot.press("m")
+        option_list = app.screen.query_one("OptionList")
+        ids = [option_list.get_option_at_index(i).id for i in range(option_list.option_count)]
+        option_list.highlighted = ids.index("meta")
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        await pilot.press("D", "enter")
+        await pilot.pause()
+    device_map = json.loads((tmp_path / "model.device-map.json").read_text())
+    assert device_map["blocks"] == "meta"
+    assert all(v == "cpu" for k, v in device_map.items() if k != "blocks")

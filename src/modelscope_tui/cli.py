@@ -27,6 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     explore.add_argument("--interval", type=float, default=1.0, metavar="S", help="GPU panel refresh (seconds)")
     explore.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    est = sub.add_parser("estimate", help="memory a fine-tune needs (weights, grads, optimizer) for a freeze plan")
+    est.add_argument("file", help="checkpoint file or directory")
+    est.add_argument("--plan", metavar="PLAN", help="freeze plan JSON to apply first (default: as saved)")
+    est.add_argument("--precision", default=None, help="one precision (fp32, amp, bf16-mixed, fp16-mixed, bf16, fp16, as-saved)")
+    est.add_argument("--optimizer", default=None, help="one optimizer (adamw, adam, sgd-momentum, sgd, none)")
+    est.add_argument("--free", default=None, metavar="SIZE", help="free memory to check against, e.g. 24GiB")
+    est.add_argument("--debug", action="store_true", help="show tracebacks")
+
     summary = sub.add_parser("summary", help="print the module tree, totals, entries and unsafe globals")
     summary.add_argument("file", help="checkpoint file or directory (sharded / DCP)")
     summary.add_argument("--json", action="store_true", help="machine-readable output (schema in README)")
@@ -95,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         if line:
             _error(line)
         return code
+    if args.command == "estimate":
+        return run_estimate(args)
     if args.command == "summary":
         if args.depth is not None and args.depth < 0:
             raise MscopeError("--depth must be 0 or more")
@@ -121,6 +131,30 @@ def run(args: argparse.Namespace) -> int:
 
         return run_gpus_command(args)
     raise MscopeError(f"unknown command {args.command!r}")
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    from . import estimate as est
+    from .readers import open_checkpoint
+    from .session import Session
+
+    session = Session(open_checkpoint(args.file))
+    if args.plan:
+        from .freeze import apply_plan_to_session, load_plan
+
+        report = apply_plan_to_session(session, load_plan(args.plan))
+        print(report.message)
+    free = None
+    if args.free:
+        from .devicemap import parse_size
+
+        free = parse_size(args.free)
+    print(session.totals_line())
+    if args.precision or args.optimizer:
+        print(est.render_text(est.estimate_for_session(session, args.precision or "fp32", args.optimizer or "adamw"), free))
+    else:
+        print(est.render_table(est.estimate_table(session), free))
+    return EXIT_OK
 
 
 def _commands() -> set[str]:

@@ -71,6 +71,7 @@ class MscopeApp(App[int]):
         Binding("g", "toggle_gpus", "GPUs"),
         Binding("m", "move", "Move to device", show=False),
         Binding("t", "cycle_precision", "Precision", show=False),
+        Binding("D", "export_device_map", "Device map", show=False),
         Binding("T", "cycle_optimizer", "Optimizer", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit_app", "Quit"),
@@ -99,6 +100,7 @@ class MscopeApp(App[int]):
         ("g", "show or hide the GPU panel (live memory, processes, fine-tune estimate)"),
         ("m", "move the selection (or the whole model from the root) onto a device"),
         ("t / T", "fine-tune estimate: next training precision / next optimizer"),
+        ("D", "export the current placement as a Hugging Face device_map JSON"),
         ("ctrl+p", "command palette: every action by name"),
         ("?", "this help"),
         ("q", "quit (asks when there are unsaved changes)"),
@@ -667,6 +669,31 @@ class MscopeApp(App[int]):
         self.train_optimizer = names[(names.index(self.train_optimizer) + 1) % len(names)]
         self._update_estimate()
         self.notify(f"estimate for optimizer {self.train_optimizer}", timeout=2)
+
+    def action_export_device_map(self) -> None:
+        if not self._guard():
+            return
+        if self.placement is None or not self.placement.device:
+            self.notify("nothing placed yet: move the model or a module to a device first (m)", severity="warning")
+            return
+        from ..devicemap import export_device_map, save_device_map
+        from ..writers import sibling_path
+
+        device_map = export_device_map(self.session, self.placement.device, default="cpu")
+        src = self.session.ckpt.path
+
+        def done(target: str | None) -> None:
+            if target is None:
+                return
+            try:
+                path = save_device_map(device_map, target)
+            except MscopeError as exc:
+                self.notify(exc.line(), severity="error", timeout=8)
+                return
+            self.notify(f"device map saved to {path}", timeout=5)
+
+        default = sibling_path(src.parent / src.name if src.is_dir() else src, "device-map", ".json")
+        self.push_screen(PathScreen("Save device_map (for from_pretrained)", str(default)), done)
 
     def action_toggle_gpus(self) -> None:
         panel = self.query_one("#gpu-panel", GpuPanel)

@@ -1,0 +1,35 @@
+"""`mscope estimate`: the fine-tune memory table from the CLI, with and without a freeze plan."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+
+
+def mscope(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "modelscope_tui", *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def test_table_fits_80_columns_and_plan_halves_training_state(tmp_path):
+    full = mscope("estimate", str(SAMPLES / "transformer_tied.pt"), "--precision", "fp32", "--optimizer", "adamw")
+    assert full.returncode == 0, full.stderr
+    assert "total" in full.stdout and "348,160 B" in full.stdout  # 21,760 params x 16 bytes
+    table = mscope("estimate", str(SAMPLES / "transformer_tied.pt"), "--free", "1GiB")
+    assert table.returncode == 0 and max(len(line) for line in table.stdout.splitlines()) <= 80
+    plan = tmp_path / "plan.json"
+    made = mscope("plan", str(SAMPLES / "transformer_tied.pt"), "--freeze", "*", "-o", str(plan))
+    assert made.returncode == 0, made.stderr
+    frozen = mscope(
+        "estimate", str(SAMPLES / "transformer_tied.pt"), "--plan", str(plan), "--precision", "fp32", "--optimizer", "adamw"
+    )
+    assert frozen.returncode == 0, frozen.stderr
+    assert "87,040 B" in frozen.stdout.split("total", 1)[1].splitlines()[0]  # weights only
+
+
+def test_bad_precision_is_one_line():
+    result = mscope("estimate", str(SAMPLES / "cnn_state_dict.pt"), "--precision", "fp3")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "unknown precision" in result.stderr
