@@ -104,14 +104,56 @@ def freeze_repaint(path: Path, repeat: int) -> None:
     print(f"| freeze 50k tensors + repaint | median {median:.1f} ms over {len(times)} | target < 100 ms {verdict} |")
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpu(seconds: float = 30.0, gpus: int = 4) -> None:
+    """CPU use of the idle explorer with the GPU panel on (simulated GPUs, 1 s ticks)."""
+    mscope = Path(sys.executable).parent / "mscope"
+    env = dict(os.environ, MSCOPE_SIMULATE_GPUS=str(gpus), TERM="xterm-256color", COLUMNS="160", LINES="48")
+    master, slave = pty.openpty()
+    os.set_blocking(master, False)
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 48, 160, 0, 0))
+    sample = BENCH_DIR.parent / "sample_models" / "transformer_tied.pt"
+    proc = subprocess.Popen([str(mscope), "open", str(sample)], stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+
+    def drain(until: float) -> None:
+        while time.monotonic() < until:
+            try:
+                os.read(master, 65536)
+            except (BlockingIOError, OSError):
+                time.sleep(0.05)
+
+    drain(time.monotonic() + 5)  # start-up and first paint are not idle
+    start_cpu, start = _cpu_seconds(proc.pid), time.monotonic()
+    drain(start + seconds)
+    used = _cpu_seconds(proc.pid) - start_cpu
+    elapsed = time.monotonic() - start
+    proc.terminate()
+    proc.wait(10)
+    os.close(master)
+    pct = 100 * used / elapsed
+    verdict = "PASS" if pct < 2 else "FAIL"
+    print(f"| idle explorer, GPU panel on ({gpus} simulated GPUs, 1 s ticks) | {used:.2f} s CPU over {elapsed:.0f} s = {pct:.2f}% of one core | target < 2% {verdict} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=BENCH_DIR / "_data")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--idle-seconds", type=float, default=30.0)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     first_paint(ensure_data(args.workdir, FIRST_PAINT_FILE), args.repeat)
     freeze_repaint(ensure_data(args.workdir, FREEZE_FILE), max(5, args.repeat))
+    idle_cpu(args.idle_seconds)
     return 0
 
 
