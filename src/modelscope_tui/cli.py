@@ -95,11 +95,12 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "open":
         if not os.path.exists(args.file):
             raise MscopeError("no such file or directory", args.file)
+        prefetch = _prefetch(args.file)  # parse while Textual imports (the first paint waits on both)
         from .tui.app import run_app
 
         if args.interval <= 0:
             raise MscopeError("--interval must be more than 0 seconds")
-        code, line = run_app(args.file, gpu_interval=args.interval)
+        code, line = run_app(args.file, gpu_interval=args.interval, prefetch=prefetch)
         if line:
             _error(line)
         return code
@@ -131,6 +132,18 @@ def run(args: argparse.Namespace) -> int:
 
         return run_gpus_command(args)
     raise MscopeError(f"unknown command {args.command!r}")
+
+
+def _prefetch(path: str):
+    """Start reading the checkpoint on a thread; the explorer picks up the result (or error)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .readers import open_checkpoint
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mscope-open")
+    future = pool.submit(open_checkpoint, path)
+    pool.shutdown(wait=False)
+    return future
 
 
 def run_estimate(args: argparse.Namespace) -> int:

@@ -112,8 +112,10 @@ class MscopeApp(App[int]):
         checkpoint: Checkpoint | None = None,
         gpu_interval: float = 1.0,
         show_gpus: bool | None = None,
+        prefetch=None,
     ):
         super().__init__()
+        self._prefetch = prefetch  # a Future of open_checkpoint started before Textual loaded
         self.gpu_interval = gpu_interval
         self.show_gpus = show_gpus
         self.monitor = None
@@ -156,7 +158,7 @@ class MscopeApp(App[int]):
         from ..readers import open_checkpoint
 
         try:
-            ckpt = open_checkpoint(path)
+            ckpt = self._prefetch.result() if self._prefetch is not None else open_checkpoint(path)
         except MscopeError as exc:
             self.call_from_thread(self._failed, exc.line())
             return
@@ -773,9 +775,9 @@ class MscopeApp(App[int]):
         yield SystemCommand("Quit mscope", "quit (asks about unsaved changes)", self.action_quit_app)
 
 
-def run_app(path: str | os.PathLike, gpu_interval: float = 1.0) -> tuple[int, str | None]:
+def run_app(path: str | os.PathLike, gpu_interval: float = 1.0, prefetch=None) -> tuple[int, str | None]:
     """Run the explorer; returns (exit code, one-line error or None)."""
-    app = MscopeApp(path, gpu_interval=gpu_interval)
+    app = MscopeApp(path, gpu_interval=gpu_interval, prefetch=prefetch)
     app.run()
     if app.error_line:
         return 2, app.error_line
