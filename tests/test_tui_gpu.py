@@ -26,7 +26,7 @@ def panel_text(app) -> str:
     return console.export_text()
 
 
-async def wait_for_sample(pilot, predicate=lambda s: True, tries: int = 100):
+async def wait_for_sample(pilot, predicate=lambda s: True, tries: int = 400):
     app = pilot.app
     for _ in range(tries):
         sample = app.query_one("#gpu-panel", GpuPanel).sample
