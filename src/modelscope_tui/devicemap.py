@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord
 from .errors import MscopeError
+from .jsonfile import read_json_file
 from .units import fmt_bytes
 
 if TYPE_CHECKING:
@@ -207,22 +208,7 @@ def save_device_map(
 def load_device_map(path: str | os.PathLike) -> dict[str, Any]:
     """The raw JSON object from a device-map file (not yet checked against a checkpoint)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DeviceMapError("no such file", path) from None
-    except IsADirectoryError:
-        raise DeviceMapError("is a directory, not a device map", path) from None
-    except UnicodeDecodeError:
-        raise DeviceMapError("not a device map (not UTF-8 text)", path) from None
-    except OSError as exc:
-        raise DeviceMapError(f"cannot read: {exc.strerror or exc}", path) from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DeviceMapError(f"not valid JSON ({exc.msg} at line {exc.lineno})", path) from None
-    except RecursionError:
-        raise DeviceMapError("not a device map (JSON nested too deeply)", path) from None
+    data = read_json_file(path, DeviceMapError, "a device map")
     if not isinstance(data, dict):
         kind = type(data).__name__
         hint = (

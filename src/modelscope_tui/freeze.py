@@ -68,6 +68,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from . import __version__
 from .checkpoint import Checkpoint
 from .errors import MscopeError
+from .jsonfile import read_json_file
 from .session import Change, Rule, Session
 from .writers import atomic_write, sibling_path
 
@@ -195,22 +196,7 @@ def _load(plan: str | os.PathLike | dict[str, Any]) -> tuple[dict[str, Any], str
     if not isinstance(plan, (str, os.PathLike)):
         raise PlanError(f"a plan is a file path or a dict, not {type(plan).__name__}")
     path = Path(plan)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PlanError("no such file", path) from None
-    except IsADirectoryError:
-        raise PlanError("is a directory, not a plan file", path) from None
-    except UnicodeDecodeError:
-        raise PlanError("not a freeze plan (not UTF-8 text)", path) from None
-    except OSError as exc:
-        raise PlanError(f"cannot read: {exc.strerror or exc}", path) from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"not valid JSON ({exc.msg} at line {exc.lineno})", path) from None
-    except RecursionError:
-        raise PlanError("not a freeze plan (JSON nested too deeply)", path) from None
+    data = read_json_file(path, PlanError, "a freeze plan")
     return _validate(data, str(path)), str(path)
 
 

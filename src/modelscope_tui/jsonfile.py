@@ -1,0 +1,35 @@
+"""Small JSON side files (plans, device maps): read with one-line errors, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import MscopeError
+
+MAX_JSON_BYTES = 64 << 20
+
+
+def read_json_file(path: str | os.PathLike, error: type[MscopeError], what: str) -> Any:
+    """Parse `path` as JSON; any problem raises `error` naming the file and saying it is not `what`."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise error(f"too large for {what} (over {MAX_JSON_BYTES >> 20} MB)", path)
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error("no such file", path) from None
+    except IsADirectoryError:
+        raise error(f"is a directory, not {what}", path) from None
+    except UnicodeDecodeError:
+        raise error(f"not {what} (not UTF-8 text)", path) from None
+    except OSError as exc:
+        raise error(f"cannot read: {exc.strerror or exc}", path) from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"not valid JSON ({exc.msg} at line {exc.lineno})", path) from None
+    except RecursionError:
+        raise error(f"not {what} (JSON nested too deeply)", path) from None
