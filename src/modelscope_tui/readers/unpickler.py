@@ -88,7 +88,8 @@ def scan_pickle(data: bytes | memoryview, start: int = 0, source: str = "pickle"
                 index = u32(data, pos)[0]
                 if index > limit:
                     raise UnsafePickleError(f"{source}: memo index out of range", hint=CRAFTED)
-                top = max(top, index)
+                if index > top:
+                    top = index
                 pos += 4
             elif k == _STOP:
                 if top > pos - start:
