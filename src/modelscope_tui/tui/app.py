@@ -120,6 +120,8 @@ class MscopeApp(App[int]):
         self.show_gpus = show_gpus
         self.monitor = None
         self.placement = None
+        self._estimate = None
+        self._fit_key = None
         self.train_precision = "bf16-mixed"
         self.train_optimizer = "adamw"
         self.path = Path(path) if path is not None else checkpoint.path if checkpoint else None
@@ -632,8 +634,10 @@ class MscopeApp(App[int]):
         if self.monitor is not None:
             panel.histories = {g.nvml_index: self.monitor.memory_history(g.nvml_index) for g in sample.gpus}
         panel.sample = sample
+        self._update_estimate(recompute=False)
 
-    def _update_estimate(self) -> None:
+    def _update_estimate(self, recompute: bool = True) -> None:
+        """Estimate lines under the GPU panel; a new GPU sample only redoes the cheap fit lines."""
         panel = self.query_one("#gpu-panel", GpuPanel)
         if not panel.display or self.session is None:
             return
@@ -641,9 +645,16 @@ class MscopeApp(App[int]):
 
         from ..estimate import estimate_for_session, fit_line, panel_lines
 
-        est = estimate_for_session(self.session, self.train_precision, self.train_optimizer)
+        if recompute or self._estimate is None:
+            self._estimate = estimate_for_session(self.session, self.train_precision, self.train_optimizer)
+        est = self._estimate
         sample = panel.sample
         gpus = [g for g in sample.gpus if isinstance(g.memory_free, int)] if sample is not None and sample.ok else []
+        # Redraw the fit lines when free memory moves by 64 MB or more, not on every tick.
+        fit_key = (id(est), tuple((g.nvml_index, g.memory_free >> 26) for g in gpus))
+        if not recompute and fit_key == self._fit_key:
+            return
+        self._fit_key = fit_key
         width = max(20, panel.size.width - 4) if panel.size.width else 36
         lines = [_Text(line) for line in panel_lines(est, None, width=width)]
         for g in gpus:
