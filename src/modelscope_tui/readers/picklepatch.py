@@ -18,6 +18,7 @@ from __future__ import annotations
 import _compat_pickle
 import codecs
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -541,3 +542,375 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
         stride.append(acc)
         acc *= max(size, 1)
     return tuple(reversed(stride))
+
+
+# ----------------------------------------------------------------------------------------------
+# Storage locations: the 4th element of each ('storage', type, key, location, numel) persistent id
+# ----------------------------------------------------------------------------------------------
+# A second, smaller symbolic machine. It models only what a persistent id is made of (strings,
+# tuples, the memo) and remembers, for every string on the stack, the opcode that put it there
+# (its literal push, or the GET/DUP that fetched it again). Every other value is opaque; the
+# stack effect of the opcodes it does not model comes from pickletools' descriptions.
+
+
+@dataclass(eq=False, slots=True)
+class StrObject:
+    """One string object of the unpickled graph: the opcode that created it."""
+
+    value: str
+    op: int  # the opcode byte (SHORT_BINUNICODE, BINUNICODE, STRING, ...)
+    start: int  # offset of that opcode
+    end: int  # offset just past it
+    uses: list[StrUse] = field(default_factory=list)  # every stack copy made of it
+
+
+@dataclass(eq=False, slots=True)
+class StrUse:
+    """One stack copy of a string: where it came from (`push`, `get` or `dup`)."""
+
+    obj: StrObject
+    start: int
+    end: int
+    how: str
+
+
+@dataclass(slots=True)
+class LocationRef:
+    """One storage persistent id, in stream order."""
+
+    key: str | None
+    value: str | None  # None: the location is not a literal string
+    use: StrUse | None
+    pos: int  # offset of the BINPERSID
+
+
+@dataclass
+class LocationScan:
+    locations: list[LocationRef] = field(default_factory=list)
+    # FRAME opcodes: (offset of the 8-byte length, first byte of the frame, end of the frame)
+    frames: list[tuple[int, int, int]] = field(default_factory=list)
+    end: int = 0
+
+
+def _location_effects() -> dict[int, tuple[bool, int, int]]:
+    """opcode -> (pops to a mark first, items popped (below the mark), items pushed)."""
+    import pickletools
+
+    table = {}
+    for op in pickletools.opcodes:
+        before, after = op.stack_before, op.stack_after
+        code = op.code.encode("latin-1")[0]
+        if pickletools.markobject in before:
+            table[code] = (True, before.index(pickletools.markobject), len(after))
+        else:
+            table[code] = (False, len(before), len(after))
+    return table
+
+
+_EFFECTS: dict[int, tuple[bool, int, int]] | None = None
+_STR_OPS = frozenset(b"\x8cX\x8dUTVS")
+_MEMO_PUT_OPS = frozenset(b"qrp\x94")
+_ARG_FIXED = {
+    0x4B: 1, 0x4D: 2, 0x4A: 4, 0x47: 8, 0x80: 1, 0x82: 1, 0x83: 2, 0x84: 4,
+}  # fmt: skip
+_ARG_COUNTED = {0x8A: (1, False), 0x8B: (4, True), 0x42: (4, False), 0x43: (1, False),
+                0x8E: (8, False), 0x96: (8, False)}  # fmt: skip
+_ARG_LINE = frozenset(b"ILFP")
+
+
+def scan_storage_locations(
+    data: bytes | bytearray | memoryview, source: str = "pickle"
+) -> LocationScan:
+    """Every storage persistent id of one pickle (starting at data[0]) and where its location
+    string comes from. Nothing is imported or called."""
+    try:
+        return _scan_locations(bytes(data), source)
+    except PicklePatchError:
+        raise
+    except Exception as exc:  # a malformed pickle can make the decoder raise almost anything
+        raise PicklePatchError(
+            f"{source}: cannot follow the pickle ({type(exc).__name__}: {str(exc)[:100]})"
+        ) from exc
+
+
+def _scan_locations(data: bytes, source: str) -> LocationScan:
+    global _EFFECTS
+    if _EFFECTS is None:
+        _EFFECTS = _location_effects()
+    effects = _EFFECTS
+    result = LocationScan()
+    stack: list[Any] = []
+    metastack: list[list[Any]] = []
+    memo: dict[int, Any] = {}
+    u32 = _U32.unpack_from
+    n = len(data)
+    pos = 0
+    while pos < n:
+        at = pos
+        op = data[pos]
+        pos += 1
+        if op in _STR_OPS:
+            if op == 0x8C or op == 0x55:  # SHORT_BINUNICODE, SHORT_BINSTRING
+                size = data[pos]
+                pos += 1
+            elif op == 0x58 or op == 0x54:  # BINUNICODE, BINSTRING
+                size = u32(data, pos)[0]
+                pos += 4
+            elif op == 0x8D:  # BINUNICODE8
+                size = int.from_bytes(data[pos : pos + 8], "little")
+                pos += 8
+            else:  # UNICODE, STRING: one line of text
+                size = data.index(b"\n", pos) - pos
+            raw = data[pos : pos + size]
+            if len(raw) != size:
+                raise PicklePatchError(f"{source}: pickle is truncated")
+            pos += size
+            if op == 0x56:  # V UNICODE
+                value = raw.decode("raw-unicode-escape")
+                pos += 1
+            elif op == 0x53:  # S STRING
+                if len(raw) < 2 or raw[:1] != raw[-1:] or raw[:1] not in (b"'", b'"'):
+                    raise PicklePatchError(f"{source}: malformed STRING at byte {at}")
+                value = codecs.escape_decode(raw[1:-1])[0].decode("utf-8", "surrogateescape")
+                pos += 1
+            else:
+                value = raw.decode("utf-8", "surrogateescape")
+            obj = StrObject(value, op, at, pos)
+            use = StrUse(obj, at, pos, "push")
+            obj.uses.append(use)
+            stack.append(use)
+        elif op == 0x68 or op == 0x6A or op == 0x67:  # BINGET, LONG_BINGET, GET
+            if op == 0x68:
+                index = data[pos]
+                pos += 1
+            elif op == 0x6A:
+                index = u32(data, pos)[0]
+                pos += 4
+            else:
+                end = data.index(b"\n", pos)
+                index = int(data[pos:end])
+                pos = end + 1
+            value = memo[index]
+            if type(value) is StrUse:
+                value = StrUse(value.obj, at, pos, "get")
+                value.obj.uses.append(value)
+            stack.append(value)
+        elif op in _MEMO_PUT_OPS:
+            if op == 0x71:  # BINPUT
+                index = data[pos]
+                pos += 1
+            elif op == 0x72:  # LONG_BINPUT
+                index = u32(data, pos)[0]
+                pos += 4
+            elif op == 0x70:  # PUT
+                end = data.index(b"\n", pos)
+                index = int(data[pos:end])
+                pos = end + 1
+            else:  # MEMOIZE
+                index = len(memo)
+            memo[index] = stack[-1]
+        elif op == 0x28:  # MARK
+            metastack.append(stack)
+            stack = []
+        elif op == 0x74:  # TUPLE
+            value = tuple(stack)
+            stack = metastack.pop()
+            stack.append(value)
+        elif op == 0x29:  # EMPTY_TUPLE
+            stack.append(())
+        elif op == 0x85:  # TUPLE1
+            stack[-1] = (stack[-1],)
+        elif op == 0x86:  # TUPLE2
+            stack[-2:] = [(stack[-2], stack[-1])]
+        elif op == 0x87:  # TUPLE3
+            stack[-3:] = [(stack[-3], stack[-2], stack[-1])]
+        elif op == 0x51:  # BINPERSID
+            pid = stack[-1]
+            if (
+                type(pid) is tuple
+                and len(pid) in (5, 6)
+                and type(pid[0]) is StrUse
+                and pid[0].obj.value == "storage"
+            ):
+                key = pid[2].obj.value if type(pid[2]) is StrUse else None
+                loc = pid[3]
+                if type(loc) is StrUse:
+                    result.locations.append(LocationRef(key, loc.obj.value, loc, at))
+                else:
+                    result.locations.append(LocationRef(key, None, None, at))
+            stack[-1] = OPAQUE
+        elif op == 0x32:  # DUP
+            value = stack[-1]
+            if type(value) is StrUse:
+                value = StrUse(value.obj, at, pos, "dup")
+                value.obj.uses.append(value)
+            stack.append(value)
+        elif op == 0x30:  # POP
+            if stack:
+                stack.pop()
+            else:
+                stack = metastack.pop()
+        elif op == 0x2E:  # STOP
+            result.end = pos
+            return result
+        elif op == 0x95:  # FRAME
+            length = int.from_bytes(data[pos : pos + 8], "little")
+            result.frames.append((pos, pos + 8, pos + 8 + length))
+            pos += 8
+        elif op == 0x63 or op == 0x69:  # GLOBAL, INST: two lines
+            first = data.index(b"\n", pos)
+            pos = data.index(b"\n", first + 1) + 1
+            if op == 0x63:
+                stack.append(OPAQUE)
+            else:
+                stack = metastack.pop()
+                stack.append(OPAQUE)
+        else:
+            effect = effects.get(op)
+            if effect is None:
+                raise PicklePatchError(f"{source}: unknown pickle opcode 0x{op:02x} at byte {at}")
+            if op in _ARG_FIXED:
+                pos += _ARG_FIXED[op]
+            elif op in _ARG_COUNTED:
+                width, signed = _ARG_COUNTED[op]
+                size = int.from_bytes(data[pos : pos + width], "little", signed=signed)
+                if size < 0:
+                    raise PicklePatchError(f"{source}: negative length at byte {at}")
+                pos += width + size
+            elif op in _ARG_LINE:
+                pos = data.index(b"\n", pos) + 1
+            to_mark, popped, pushed = effect
+            if to_mark:
+                stack = metastack.pop()
+            if popped:
+                if popped > len(stack):
+                    raise PicklePatchError(f"{source}: stack underflow at byte {at}")
+                del stack[-popped:]
+            stack.extend([OPAQUE] * pushed)
+        if pos > n:
+            break
+    raise PicklePatchError(f"{source}: pickle is truncated (no STOP)")
+
+
+def _encode_str(op: int, value: str) -> bytes:
+    """`value` pushed by the same kind of opcode as `op` (device names are plain ASCII)."""
+    raw = value.encode("ascii")
+    if op == 0x8C or op == 0x55:
+        return bytes((op, len(raw))) + raw
+    if op == 0x58 or op == 0x54:
+        return bytes((op,)) + _U32.pack(len(raw)) + raw
+    if op == 0x8D:
+        return b"\x8d" + len(raw).to_bytes(8, "little") + raw
+    if op == 0x56:
+        return b"V" + raw + b"\n"
+    return b"S'" + raw + b"'\n"
+
+
+def rewrite_storage_locations(
+    data: bytes | bytearray | memoryview,
+    remap: Callable[[str], str | None],
+    source: str = "pickle",
+) -> tuple[bytes, list[tuple[str | None, str, str]]]:
+    """A copy of one pickle (data[0] to its STOP) whose storage persistent ids carry new locations.
+
+    `remap(location)` gives the new location, or None to keep it. New values must be plain ASCII
+    device names. Returns (new pickle, [(storage key, old, new)] for each changed persistent id).
+
+    Only what reaches the persistent ids changes. A location string that nothing else reads
+    (the usual case, also when later ids fetch it from the memo) is rewritten where it is first
+    pushed, as torch would have written it. When the very same memoized string object is also
+    read elsewhere (a config value that is that object), the two sides are separated: the push
+    keeps the value of the side it feeds, and the other side's memo fetches become literals of
+    their own (the value is the same; only the object identity splits). A persistent id tuple
+    that is itself fetched again and read by something other than BINPERSID changes for that
+    reader too. FRAME lengths are adjusted. Only opcodes torch's weights_only unpickler accepts
+    are written.
+    """
+    data = bytes(data)
+    scan = scan_storage_locations(data, source)
+    body = data[: scan.end]
+    changed: list[tuple[str | None, str, str]] = []
+    pid_uses: dict[int, StrUse] = {}
+    for ref in scan.locations:
+        if ref.use is None:
+            raise PicklePatchError(
+                f"{source}: storage {ref.key!r} names its location with something other than a string"
+            )
+        new = remap(ref.value)  # type: ignore[arg-type]
+        if new is None or new == ref.value:
+            continue
+        _check_location_text(new, source)
+        changed.append((ref.key, ref.value, new))  # type: ignore[arg-type]
+        pid_uses[id(ref.use)] = ref.use
+    by_obj: dict[int, tuple[StrObject, list[StrUse]]] = {}
+    for use in pid_uses.values():
+        by_obj.setdefault(id(use.obj), (use.obj, []))[1].append(use)
+    edits: list[tuple[int, int, bytes]] = []
+    for obj, uses in by_obj.values():
+        new = _encode_str(obj.op, remap(obj.value))  # type: ignore[arg-type]
+        if len(uses) == len(obj.uses):
+            edits.append((obj.start, obj.end, new))
+            continue
+        # The string object is read elsewhere too. Give each side its own literal, using only
+        # opcodes torch's weights_only unpickler accepts: the push keeps the value of whichever
+        # side it feeds, and the other side's GETs become literals.
+        mine = {id(u) for u in uses}
+        first_is_pid = id(obj.uses[0]) in mine
+        if first_is_pid:
+            edits.append((obj.start, obj.end, new))
+            moved, literal = [u for u in obj.uses if id(u) not in mine], data[obj.start : obj.end]
+        else:
+            moved, literal = uses, new
+        for use in moved:
+            if use.how != "get":
+                raise PicklePatchError(
+                    f"{source}: the location {obj.value!r} is shared in a way that cannot be "
+                    "rewritten for the storages alone"
+                )
+            edits.append((use.start, use.end, literal))
+    edits.sort(key=lambda e: (e[0], e[1]))
+    for (_, e0, _), (s1, _, _) in zip(edits, edits[1:]):
+        if s1 < e0:
+            raise PicklePatchError(f"{source}: overlapping location edits at byte {s1}")
+    out = bytearray()
+    pos = 0
+    for start, end, new_bytes in edits:
+        out += body[pos:start]
+        out += new_bytes
+        pos = end
+    out += body[pos:]
+    for length_at, first, last in scan.frames:
+        delta = 0
+        for start, end, new_bytes in edits:
+            inside = first <= start and end <= last if start < end else first < start <= last
+            if inside:
+                delta += len(new_bytes) - (end - start)
+        if delta:
+            new_at = _shifted(length_at, edits)
+            out[new_at : new_at + 8] = (last - first + delta).to_bytes(8, "little")
+    result = bytes(out)
+    _check_rewrite(scan, result, remap, source)
+    return result, changed
+
+
+def _shifted(offset: int, edits: list[tuple[int, int, bytes]]) -> int:
+    """Where a byte at `offset` (outside every edit) lands after the edits."""
+    return offset + sum(len(new) - (end - start) for start, end, new in edits if end <= offset)
+
+
+def _check_location_text(value: str, source: str) -> None:
+    if not (
+        0 < len(value) <= 64 and value.isascii() and all(c.isalnum() or c in "_:.-" for c in value)
+    ):
+        raise PicklePatchError(f"{source}: {value[:70]!r} is not a device name")
+
+
+def _check_rewrite(
+    before: LocationScan, data: bytes, remap: Callable[[str], str | None], source: str
+) -> None:
+    """The rewritten pickle names the same storages, in order, with the new locations."""
+    after = scan_storage_locations(data, source)
+    expected = [(r.key, remap(r.value) or r.value) for r in before.locations]  # type: ignore[arg-type]
+    found = [(r.key, r.value) for r in after.locations]
+    if found != expected or after.end != len(data):
+        raise PicklePatchError(f"{source}: rewriting the storage locations went wrong")
