@@ -40,6 +40,8 @@ CORE = [
     "modelscope_tui.estimate",
     "modelscope_tui.placement",
     "modelscope_tui.writers",
+    "modelscope_tui.convert",
+    "modelscope_tui.devicemap",
 ]
 
 

@@ -175,6 +175,7 @@ def test_gpu_panel_snapshot(snap_compare, size, monkeypatch):
         panel.histories = {g.nvml_index: [int(g.memory_total * f / 10) for f in range(1, 9)] for g in sample.gpus}
         panel.sample = sample
         pilot.app._update_estimate()
+        await pilot.app.workers.wait_for_complete()
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)

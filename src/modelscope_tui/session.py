@@ -12,6 +12,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import compress
 
 from .checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord, can_require_grad
 from .errors import MscopeError
@@ -108,10 +109,12 @@ class Session:
             for t in node.tensors:
                 self._owner[t.name] = node
         self._parent[""] = None
-        self._depth = {name: (name.count(".") + 1 if name else 0) for name in self._nodes}
-        self._trainable_count: dict[str, int] = defaultdict(int)
+        # Counts per module are computed when asked (visible rows, the header) and cached per
+        # generation: a change costs O(tensors changed), not O(modules touched x depth).
+        self._generation = 0
+        self._count_cache: dict[str, tuple[int, int]] = {}
+        self._subtree_params: dict[str, tuple[list[str], list[int]]] = {}
         self._norm_modules: list[ModuleNode] | None = None
-        self._recount()
 
     # -- queries -------------------------------------------------------------------------------
     def is_trainable(self, name: str) -> bool:
@@ -144,7 +147,7 @@ class Session:
 
     def trainable_in(self, node: ModuleNode) -> int:
         """Trainable parameter elements in the subtree (kept up to date incrementally)."""
-        return self._trainable_count[node.name]
+        return self._count(node.name)
 
     def node_state(self, node: ModuleNode) -> str | None:
         """'trainable' | 'frozen' | 'mixed' | None (no parameters)."""
@@ -156,12 +159,12 @@ class Session:
                 return None
             values = {self.trainable[c] for c in tied}
             return "mixed" if len(values) > 1 else "trainable" if values.pop() else "frozen"
-        trainable = self._trainable_count[node.name]
+        trainable = self._count(node.name)
         return "trainable" if trainable == params else "frozen" if trainable == 0 else "mixed"
 
     def totals(self) -> tuple[int, int]:
         """(trainable elements, all parameter elements), tied parameters counted once."""
-        return self._trainable_count[""], self.ckpt.tree.stats.params
+        return self._count(""), self.ckpt.tree.stats.params
 
     def totals_line(self) -> str:
         trainable, total = self.totals()
@@ -232,7 +235,7 @@ class Session:
         """
         if self._norm_modules is None:
             self._norm_modules = [n for n in self._nodes.values() if n.name and _has_running_stats(n)]
-        return [n.name for n in self._norm_modules if n.stats.params and self._trainable_count[n.name] == 0]
+        return [n.name for n in self._norm_modules if n.stats.params and self._count(n.name) == 0]
 
     # -- changes -------------------------------------------------------------------------------
     def set_trainable(self, names: Iterable[str], value: bool, rule: Rule | None = None, description: str = "") -> ChangeResult:
@@ -378,41 +381,28 @@ class Session:
     # -- internals -----------------------------------------------------------------------------
     def _apply(self, change: Change, forward: bool) -> None:
         values = change.after if forward else change.before
-        trainable, records, owner = self.trainable, self.records, self._owner
-        deltas: dict[str, int] = defaultdict(int)
+        trainable = self.trainable
         for name, value in zip(change.names, values):
-            if trainable[name] != value:
-                trainable[name] = value
-                node = owner.get(name)
-                deltas[node.name if node is not None else ""] += records[name].numel if value else -records[name].numel
-        self._propagate(deltas)
+            trainable[name] = value
+        self._generation += 1
         if change.eval_before or change.eval_after:
             self.eval_modules = set(change.eval_after if forward else change.eval_before)
 
-    def _propagate(self, deltas: dict[str, int]) -> None:
-        """Add per-module deltas to every ancestor, visiting each module once (deepest first)."""
-        counts, parent, depth = self._trainable_count, self._parent, self._depth
-        buckets: dict[int, dict[str, int]] = defaultdict(dict)
-        for name, delta in deltas.items():
-            buckets[depth[name]][name] = delta
-        for level in range(max(buckets, default=-1), -1, -1):
-            above = buckets[level - 1] if level else None
-            for name, delta in buckets.get(level, {}).items():
-                if not delta:
-                    continue
-                counts[name] += delta
-                if above is not None:
-                    up = parent[name]
-                    above[up] = above.get(up, 0) + delta
-
-    def _recount(self) -> None:
-        self._trainable_count.clear()
-        deltas: dict[str, int] = defaultdict(int)
-        for name, value in self.trainable.items():
-            if value:
-                node = self._owner.get(name)
-                deltas[node.name if node is not None else ""] += self.records[name].numel
-        self._propagate(deltas)
+    def _count(self, module: str) -> int:
+        """Trainable parameter elements under `module` now (tied parameters once)."""
+        cached = self._count_cache.get(module)
+        if cached is not None and cached[0] == self._generation:
+            return cached[1]
+        params = self._subtree_params.get(module)
+        if params is None:
+            node = self._nodes.get(module)
+            tensors = [t for t in node.all_tensors() if t.name in self.trainable] if node is not None else []
+            params = ([t.name for t in tensors], [t.numel for t in tensors])
+            self._subtree_params[module] = params
+        names, numels = params
+        value = sum(compress(numels, map(self.trainable.__getitem__, names)))  # C-speed loop
+        self._count_cache[module] = (self._generation, value)
+        return value
 
 
 def _describe_skipped(session: Session, names: list[str]) -> str:

@@ -121,6 +121,7 @@ class MscopeApp(App[int]):
         self.monitor = None
         self.placement = None
         self._estimate = None
+        self._estimate_generation = 0
         self._fit_key = None
         self.train_precision = "bf16-mixed"
         self.train_optimizer = "adamw"
@@ -643,10 +644,14 @@ class MscopeApp(App[int]):
             return
         from rich.text import Text as _Text
 
-        from ..estimate import estimate_for_session, fit_line, panel_lines
+        from ..estimate import fit_line, panel_lines
 
         if recompute or self._estimate is None:
-            self._estimate = estimate_for_session(self.session, self.train_precision, self.train_optimizer)
+            # O(tensors): computed on a thread so a freeze of 50k tensors repaints at once.
+            self._estimate_generation += 1
+            self._compute_estimate(self.train_precision, self.train_optimizer, self._estimate_generation)
+            if self._estimate is None:
+                return
         est = self._estimate
         sample = panel.sample
         gpus = [g for g in sample.gpus if isinstance(g.memory_free, int)] if sample is not None and sample.ok else []
@@ -660,12 +665,25 @@ class MscopeApp(App[int]):
         for g in gpus:
             fit = f"GPU{g.nvml_index}: " + fit_line(est, g.memory_free)
             lines.append(_Text(fit[:width], style="green" if g.memory_free >= est.total else "red"))
-        lines.append(_Text("t / T: change precision / optimizer"[:width], style="dim"))
+        lines.append(_Text("t / T: precision / optimizer"[:width], style="dim"))
         panel.estimate_lines = lines
         if self.placement is not None and self.placement.device:
             by_device = self.placement.bytes_by_device()
             panel.placement_line = "placed: " + ", ".join(f"{d} {fmt_bytes(b)}" for d, b in by_device.items() if d != "file")
         panel.refresh_panel()
+
+    @work(thread=True, exit_on_error=False, group="estimate")
+    def _compute_estimate(self, precision: str, optimizer: str, generation: int) -> None:
+        from ..estimate import estimate_for_session
+
+        est = estimate_for_session(self.session, precision, optimizer)
+        self.call_from_thread(self._estimate_ready, est, generation)
+
+    def _estimate_ready(self, est, generation: int) -> None:
+        if generation != self._estimate_generation:
+            return  # a newer change is being estimated
+        self._estimate = est
+        self._update_estimate(recompute=False)
 
     def action_cycle_precision(self) -> None:
         from ..estimate import PRECISIONS
