@@ -56,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_gpus_arguments(
         sub.add_parser("gpus", help="GPU memory, load and processes (NVML), without the explorer")
     )
+
+    from .audit import add_audit_arguments
+    from .diff import add_diff_arguments
+
+    add_audit_arguments(
+        sub.add_parser("audit", help="integrity, load-ability, waste; --stats: values, NaN/Inf (exit 1 on --fail-on)")
+    )
+    add_diff_arguments(
+        sub.add_parser("diff", help="compare two checkpoints tensor by tensor (any formats); --plan checks frozen ones")
+    )
     return parser
 
 
@@ -127,6 +137,14 @@ def run(args: argparse.Namespace) -> int:
         from .freeze import run_apply_plan_command, run_plan_command
 
         return (run_plan_command if args.command == "plan" else run_apply_plan_command)(args)
+    if args.command == "audit":
+        from .audit import run_audit_command
+
+        return run_audit_command(args)
+    if args.command == "diff":
+        from .diff import run_diff_command
+
+        return run_diff_command(args)
     if args.command == "gpus":
         from .gpu import run_gpus_command
 

@@ -1,0 +1,795 @@
+"""Compare two checkpoints of any supported formats, tensor by tensor, streamed and chunked.
+
+API (the CLI and the explorer's diff mode use these):
+
+- `diff_checkpoints(a, b, atol=1e-8, rtol=1e-5, ...) -> DiffReport`: every model tensor matched
+  by name (sections too with `sections="all"`); added, removed, renamed-looking (same shape and
+  dtype, identical bytes under another name), shape- or dtype-changed; for common tensors
+  identical (bit for bit) / close (within atol + rtol * |b| everywhere, like torch.allclose) /
+  changed, with max |a - b|, relative L2 difference ||a - b|| / ||a|| and cosine similarity.
+  `DiffReport.modules` sums that up per module; `DiffReport.by_name` serves tree colouring.
+- `check_plan(diff, plan) -> PlanCheck`: were the parameters a freeze plan froze left alone?
+
+Memory is bounded by the chunk size: both tensors are read in lockstep, chunk by chunk, through
+TensorData's mmap views. No Textual; torch only for float8 tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .audit import (
+    _LAYOUT,
+    DEFAULT_CHUNK_BYTES,
+    AuditCancelled,
+    Progress,
+    ProgressFn,
+    _as_float,
+    _chunk_part,
+    _digest,
+    _jsonable,
+    _num,
+    _numpy,
+    _Source,
+)
+from .checkpoint import Checkpoint, TensorRecord
+from .errors import MscopeError, TensorDataError
+from .units import fmt_bytes
+
+if TYPE_CHECKING:
+    from .tensordata import TensorData
+
+SCHEMA = "mscope.diff"
+SCHEMA_VERSION = 1
+
+IDENTICAL, CLOSE, CHANGED = "identical", "close", "changed"
+ADDED, REMOVED, RENAMED = "added", "removed", "renamed"
+SHAPE_CHANGED, DTYPE_CHANGED, UNREADABLE = "shape-changed", "dtype-changed", "unreadable"
+STATUSES = (
+    IDENTICAL,
+    CLOSE,
+    CHANGED,
+    DTYPE_CHANGED,
+    SHAPE_CHANGED,
+    RENAMED,
+    ADDED,
+    REMOVED,
+    UNREADABLE,
+)
+_PREFIXES = (
+    "module.",
+    "model.",
+    "_orig_mod.",
+    "model.module.",
+    "transformer.",
+    "base_model.model.",
+)
+
+
+@dataclass(slots=True)
+class TensorDiff:
+    name: str  # the name in B (in A for removed tensors)
+    status: str  # one of STATUSES
+    a_name: str | None = None
+    b_name: str | None = None
+    a_shape: tuple[int, ...] | None = None
+    b_shape: tuple[int, ...] | None = None
+    a_dtype: str | None = None
+    b_dtype: str | None = None
+    numel: int = 0
+    max_abs: float | None = None
+    rel_l2: float | None = None  # ||a - b|| / ||a|| over pairs of finite values
+    cosine: float | None = None
+    mismatched: int | None = None  # elements outside atol + rtol * |b| (NaN == NaN)
+    sumsq_diff: float = 0.0
+    sumsq_a: float = 0.0
+    message: str | None = None
+
+    @property
+    def moved(self) -> bool:
+        """Values differ in any way (a cast, a shape change, an update, a missing side)."""
+        return self.status != IDENTICAL and self.status != RENAMED
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "a_name": self.a_name,
+            "b_name": self.b_name,
+            "a_shape": list(self.a_shape) if self.a_shape is not None else None,
+            "b_shape": list(self.b_shape) if self.b_shape is not None else None,
+            "a_dtype": self.a_dtype,
+            "b_dtype": self.b_dtype,
+            "numel": self.numel,
+            "max_abs": _num(self.max_abs),
+            "rel_l2": _num(self.rel_l2),
+            "cosine": _num(self.cosine),
+            "mismatched": self.mismatched,
+            "message": self.message,
+        }
+
+
+@dataclass(slots=True)
+class ModuleDiff:
+    name: str  # "" is the whole model
+    tensors: int = 0
+    identical: int = 0
+    changed: int = 0  # close, changed, dtype- or shape-changed, unreadable
+    added: int = 0
+    removed: int = 0
+    renamed: int = 0
+    max_abs: float = 0.0
+    sumsq_diff: float = 0.0
+    sumsq_a: float = 0.0
+
+    @property
+    def rel_l2(self) -> float | None:
+        return math.sqrt(self.sumsq_diff / self.sumsq_a) if self.sumsq_a > 0 else None
+
+    @property
+    def status(self) -> str:
+        if self.changed or self.added or self.removed:
+            return CHANGED
+        return IDENTICAL
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "tensors": self.tensors,
+            "identical": self.identical,
+            "changed": self.changed,
+            "added": self.added,
+            "removed": self.removed,
+            "renamed": self.renamed,
+            "max_abs": _num(self.max_abs),
+            "rel_l2": _num(self.rel_l2),
+        }
+
+
+@dataclass
+class PlanCheck:
+    plan: str | None
+    frozen: int
+    identical: list[str] = field(default_factory=list)
+    moved: list[TensorDiff] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    trainable_unchanged: list[str] = field(default_factory=list)
+    trainable: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.moved and not self.missing
+
+    def lines(self) -> list[str]:
+        where = f" in {Path(self.plan).name}" if self.plan else ""
+        out = []
+        if self.frozen == 0:
+            out.append(f"the plan{where} freezes no parameters")
+        elif self.ok:
+            out.append(
+                f"these {self.frozen:,} parameters were frozen{where}; all are bit-identical in B"
+            )
+        else:
+            if self.moved:
+                out.append(
+                    f"{len(self.moved):,} of {self.frozen:,} parameters frozen{where} moved in B:"
+                )
+                for d in self.moved[:20]:
+                    out.append(f"  {d.name}: {_describe(d)}")
+                if len(self.moved) > 20:
+                    out.append(f"  ... and {len(self.moved) - 20:,} more")
+            if self.missing:
+                out.append(
+                    f"{len(self.missing):,} frozen parameter(s) are not in both files, e.g. {self.missing[0]}"
+                )
+            if self.identical:
+                out.append(f"{len(self.identical):,} frozen parameter(s) are bit-identical")
+        if self.trainable_unchanged:
+            out.append(
+                f"note: {len(self.trainable_unchanged):,} of {self.trainable:,} trainable parameters did not "
+                f"change at all (e.g. {self.trainable_unchanged[0]})"
+            )
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan,
+            "ok": self.ok,
+            "frozen": self.frozen,
+            "identical": len(self.identical),
+            "moved": [d.to_dict() for d in self.moved],
+            "missing": self.missing,
+            "trainable": self.trainable,
+            "trainable_unchanged": self.trainable_unchanged,
+            "lines": self.lines(),
+        }
+
+
+@dataclass
+class DiffReport:
+    a_path: Path
+    b_path: Path
+    a_format: str
+    b_format: str
+    atol: float
+    rtol: float
+    tensors: list[TensorDiff] = field(default_factory=list)
+    modules: list[ModuleDiff] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    cancelled: bool = False
+    seconds: float = 0.0
+    bytes_read: int = 0
+    plan: PlanCheck | None = None
+
+    @property
+    def by_name(self) -> dict[str, TensorDiff]:
+        """Every diff under its B name and its A name (tree colouring looks up either)."""
+        out: dict[str, TensorDiff] = {}
+        for d in self.tensors:
+            for n in (d.a_name, d.b_name):
+                if n is not None:
+                    out.setdefault(n, d)
+        return out
+
+    def counts(self) -> dict[str, int]:
+        c = dict.fromkeys(STATUSES, 0)
+        for d in self.tensors:
+            c[d.status] += 1
+        return c
+
+    def module(self, name: str) -> ModuleDiff | None:
+        for m in self.modules:
+            if m.name == name:
+                return m
+        return None
+
+    def summary_line(self) -> str:
+        c = self.counts()
+        common = (
+            c[IDENTICAL]
+            + c[CLOSE]
+            + c[CHANGED]
+            + c[DTYPE_CHANGED]
+            + c[SHAPE_CHANGED]
+            + c[UNREADABLE]
+        )
+        parts = [
+            f"{common:,} common tensors: {c[IDENTICAL]:,} identical, {c[CLOSE]:,} close, {c[CHANGED]:,} changed"
+        ]
+        for key in (DTYPE_CHANGED, SHAPE_CHANGED, UNREADABLE, RENAMED, ADDED, REMOVED):
+            if c[key]:
+                parts.append(f"{c[key]:,} {key}")
+        if self.cancelled:
+            parts.append("CANCELLED before the end")
+        return "; ".join(parts)
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 1 when a freeze plan was checked and a frozen parameter moved or is missing."""
+        if self.cancelled:
+            return 1
+        return 1 if self.plan is not None and not self.plan.ok else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "mscope_version": __version__,
+            "a": {"file": str(self.a_path), "format": self.a_format},
+            "b": {"file": str(self.b_path), "format": self.b_format},
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "summary": self.summary_line(),
+            "counts": self.counts(),
+            "tensors": [d.to_dict() for d in self.tensors],
+            "modules": [m.to_dict() for m in self.modules],
+            "notes": self.notes,
+            "plan": self.plan.to_dict() if self.plan is not None else None,
+            "bytes_read": self.bytes_read,
+            "seconds": round(self.seconds, 3),
+            "cancelled": self.cancelled,
+        }
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(_jsonable(self.to_dict()), separators=(",", ":"), allow_nan=False)
+
+
+def _describe(d: TensorDiff) -> str:
+    if d.status in (ADDED, REMOVED):
+        return f"{d.status}"
+    if d.status == SHAPE_CHANGED:
+        return f"shape {list(d.a_shape or ())} -> {list(d.b_shape or ())}"
+    if d.status == UNREADABLE:
+        return f"unreadable ({d.message})"
+    bits = []
+    if d.status == DTYPE_CHANGED:
+        bits.append(f"dtype {d.a_dtype} -> {d.b_dtype}")
+    if d.max_abs is not None:
+        bits.append(f"max |Δ| {d.max_abs:.3g}")
+    if d.rel_l2 is not None:
+        bits.append(f"rel {d.rel_l2:.3g}")
+    if d.cosine is not None:
+        bits.append(f"cos {d.cosine:.6f}")
+    if d.mismatched:
+        bits.append(f"{d.mismatched:,} of {d.numel:,} outside tolerance")
+    return ", ".join(bits) or d.status
+
+
+# ----------------------------------------------------------------------------------------------
+# Matching names
+# ----------------------------------------------------------------------------------------------
+def _tensors(ckpt: Checkpoint, sections: str) -> dict[str, TensorRecord]:
+    out: dict[str, TensorRecord] = {}
+    for t in ckpt.tensors:
+        if sections == "model" and t.section != "":
+            continue
+        out.setdefault(t.name if sections == "model" else t.qualified_name, t)
+    return out
+
+
+def _prefix_map(
+    a: dict[str, TensorRecord], b: dict[str, TensorRecord]
+) -> tuple[dict[str, str], str | None]:
+    """A name -> B name. Identity, unless stripping or adding a common prefix ("module." from
+    DDP, "_orig_mod." from torch.compile...) matches clearly more names."""
+    best = {n: n for n in a if n in b}
+    note = None
+    if len(best) >= 0.5 * min(len(a), len(b)):
+        return best, None
+    for p in _PREFIXES:
+        strip_a = {n: n[len(p) :] for n in a if n.startswith(p) and n[len(p) :] in b}
+        add_a = {n: p + n for n in a if p + n in b}
+        for mapping, how in (
+            (strip_a, f"A's names start with {p!r}"),
+            (add_a, f"B's names start with {p!r}"),
+        ):
+            if len(mapping) > len(best):
+                best, note = mapping, f"{how}; matched {len(mapping):,} tensors without it"
+    return best, note
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparing values
+# ----------------------------------------------------------------------------------------------
+def _to_f64(comps, kernel: str):
+    np = _numpy()
+    return _as_float(comps, kernel).astype(np.float64, copy=False)
+
+
+class _Acc:
+    __slots__ = ("max_abs", "dd", "aa", "bb", "ab", "mismatched", "bitwise")
+
+    def __init__(self) -> None:
+        self.max_abs = 0.0
+        self.dd = self.aa = self.bb = self.ab = 0.0
+        self.mismatched = 0
+        self.bitwise = True
+
+
+def _compare_values(
+    da: TensorData,
+    db: TensorData,
+    a: TensorRecord,
+    b: TensorRecord,
+    atol: float,
+    rtol: float,
+    chunk_bytes: int,
+    cancel: threading.Event | None,
+    on_bytes,
+) -> _Acc:
+    np = _numpy()
+    elems = max(1, chunk_bytes // max(a.itemsize, b.itemsize))
+    sa = _Source(da, a, elems * a.itemsize, ordered=True)
+    sb = _Source(db, b, elems * b.itemsize, ordered=True)
+    ka, kb = sa.chunk_kernel, sb.chunk_kernel
+    same_dtype = a.dtype == b.dtype
+    acc = _Acc()
+    for (na, ca), (nb, cb) in zip(sa.chunks(), sb.chunks()):
+        if cancel is not None and cancel.is_set():
+            raise AuditCancelled()
+        on_bytes(na + nb)
+        if same_dtype and np.array_equal(ca.view(np.uint8), cb.view(np.uint8)):
+            q = _chunk_part(ca, ka).sumsq
+            acc.aa += q
+            acc.bb += q
+            acc.ab += q
+            continue
+        acc.bitwise = False
+        fa, fb = _to_f64(ca, ka), _to_f64(cb, kb)
+        close = np.isclose(
+            fa, fb, rtol=rtol, atol=atol, equal_nan=True
+        )  # |a - b| <= atol + rtol*|b|
+        acc.mismatched += int(close.size - np.count_nonzero(close))
+        finite = np.isfinite(fa) & np.isfinite(fb)
+        if not finite.all():
+            fa, fb = fa[finite], fb[finite]
+        d = fa - fb
+        if d.size:
+            acc.max_abs = max(acc.max_abs, float(np.max(np.abs(d))))
+        acc.dd += float(np.dot(d, d))
+        acc.aa += float(np.dot(fa, fa))
+        acc.bb += float(np.dot(fb, fb))
+        acc.ab += float(np.dot(fa, fb))
+    return acc
+
+
+def diff_checkpoints(
+    a: Checkpoint,
+    b: Checkpoint,
+    atol: float = 1e-8,
+    rtol: float = 1e-5,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    sections: str = "model",
+    detect_renames: bool = True,
+) -> DiffReport:
+    """Compare the model tensors of A and B (every section's with sections="all").
+
+    Tensors are matched by name; see the module docstring for the statuses. When `cancel` is
+    set the report comes back with `cancelled=True` and the tensors compared so far.
+    """
+    from .tensordata import TensorData
+
+    t0 = time.perf_counter()
+    report = DiffReport(a.path, b.path, a.format, b.format, atol, rtol)
+    ta, tb = _tensors(a, sections), _tensors(b, sections)
+    mapping, note = _prefix_map(ta, tb)
+    if note:
+        report.notes.append(note)
+    mapped_b = set(mapping.values())
+    removed = [n for n in ta if n not in mapping]
+    added = [n for n in tb if n not in mapped_b]
+    pairs = [(an, mapping[an]) for an in ta if an in mapping]
+    total = 0
+    for an, bn in pairs:
+        ra, rb = ta[an], tb[bn]
+        if ra.shape == rb.shape and ra.dtype in _LAYOUT and rb.dtype in _LAYOUT:
+            total += ra.nbytes + rb.nbytes
+    state = {"done": 0, "last": 0.0}
+
+    def on_bytes(n: int, name: str = "") -> None:
+        state["done"] += n
+        now = time.perf_counter()
+        if progress is not None and now - state["last"] >= 0.1:
+            state["last"] = now
+            progress(Progress(state["done"], total, now - t0, name))
+
+    diffs: list[TensorDiff] = []
+    try:
+        with TensorData() as da, TensorData() as db:
+            for an, bn in pairs:
+                if cancel is not None and cancel.is_set():
+                    raise AuditCancelled()
+                ra, rb = ta[an], tb[bn]
+                d = TensorDiff(
+                    bn,
+                    IDENTICAL,
+                    an,
+                    bn,
+                    tuple(ra.shape),
+                    tuple(rb.shape),
+                    ra.dtype,
+                    rb.dtype,
+                    rb.numel,
+                )
+                diffs.append(d)
+                if ra.shape != rb.shape:
+                    d.status = SHAPE_CHANGED
+                    continue
+                comparable = (
+                    ra.dtype in _LAYOUT
+                    and rb.dtype in _LAYOUT
+                    and _LAYOUT[ra.dtype][1] == _LAYOUT[rb.dtype][1]
+                    and ra.storage is not None
+                    and rb.storage is not None
+                )
+                if not comparable:
+                    d.status = DTYPE_CHANGED if ra.dtype != rb.dtype else UNREADABLE
+                    if d.status == UNREADABLE:
+                        d.message = f"no values to compare (dtype {ra.dtype}, {ra.note or rb.note or 'no storage'})"
+                    continue
+                try:
+                    acc = _compare_values(
+                        da,
+                        db,
+                        ra,
+                        rb,
+                        atol,
+                        rtol,
+                        chunk_bytes,
+                        cancel,
+                        lambda n, _bn=bn: on_bytes(n, _bn),
+                    )
+                except TensorDataError as exc:
+                    d.status = UNREADABLE
+                    d.message = exc.message
+                    continue
+                _fill(d, acc, ra.dtype != rb.dtype)
+            if detect_renames and removed and added:
+                _renames(report, da, db, ta, tb, removed, added, chunk_bytes, cancel)
+    except AuditCancelled:
+        report.cancelled = True
+    renamed_a = {d.a_name for d in report.tensors if d.status == RENAMED}
+    renamed_b = {d.b_name for d in report.tensors if d.status == RENAMED}
+    for an in removed:
+        if an not in renamed_a:
+            r = ta[an]
+            diffs.append(
+                TensorDiff(an, REMOVED, an, None, tuple(r.shape), None, r.dtype, None, r.numel)
+            )
+    for bn in added:
+        if bn not in renamed_b:
+            r = tb[bn]
+            diffs.append(
+                TensorDiff(bn, ADDED, None, bn, None, tuple(r.shape), None, r.dtype, r.numel)
+            )
+    report.tensors = diffs + report.tensors
+    report.modules = module_summary(report.tensors)
+    report.seconds = time.perf_counter() - t0
+    report.bytes_read = state["done"]
+    if progress is not None:
+        progress(Progress(state["done"], total, report.seconds, ""))
+    return report
+
+
+def _fill(d: TensorDiff, acc: _Acc, dtype_changed: bool) -> None:
+    d.sumsq_diff = acc.dd
+    d.sumsq_a = acc.aa
+    d.max_abs = acc.max_abs
+    d.mismatched = acc.mismatched
+    d.rel_l2 = math.sqrt(acc.dd / acc.aa) if acc.aa > 0 else (0.0 if acc.dd == 0 else math.inf)
+    d.cosine = acc.ab / math.sqrt(acc.aa * acc.bb) if acc.aa > 0 and acc.bb > 0 else None
+    if d.cosine is not None:
+        d.cosine = max(-1.0, min(1.0, d.cosine))
+    if dtype_changed:
+        d.status = DTYPE_CHANGED
+    elif acc.bitwise:
+        d.status = IDENTICAL
+    else:
+        d.status = CLOSE if acc.mismatched == 0 else CHANGED
+
+
+def _renames(report, da, db, ta, tb, removed, added, chunk_bytes, cancel) -> None:
+    """Removed x added with the same shape and dtype, compared by a BLAKE2b of their bytes."""
+    sig_a: dict[tuple, list[str]] = defaultdict(list)
+    sig_b: dict[tuple, list[str]] = defaultdict(list)
+    for n in removed:
+        r = ta[n]
+        if r.storage is not None and r.dtype in _LAYOUT:
+            sig_a[(r.shape, r.dtype)].append(n)
+    for n in added:
+        r = tb[n]
+        if r.storage is not None and r.dtype in _LAYOUT:
+            sig_b[(r.shape, r.dtype)].append(n)
+    for sig, names_a in sig_a.items():
+        names_b = sig_b.get(sig)
+        if not names_b:
+            continue
+        digests: dict[bytes, list[str]] = defaultdict(list)
+        for n in names_b:
+            if cancel is not None and cancel.is_set():
+                raise AuditCancelled()
+            try:
+                digests[_digest(db, tb[n], chunk_bytes)].append(n)
+            except TensorDataError:
+                continue
+        for n in names_a:
+            if cancel is not None and cancel.is_set():
+                raise AuditCancelled()
+            try:
+                h = _digest(da, ta[n], chunk_bytes)
+            except TensorDataError:
+                continue
+            hits = digests.get(h)
+            if hits:
+                bn = hits.pop(0)
+                r = ta[n]
+                report.tensors.append(
+                    TensorDiff(bn, RENAMED, n, bn, tuple(r.shape), tuple(r.shape), r.dtype, r.dtype, r.numel,
+                               message=f"renamed? {n} -> {bn} (identical bytes)")
+                )  # fmt: skip
+
+
+def module_summary(diffs: Iterable[TensorDiff]) -> list[ModuleDiff]:
+    """Per module (every prefix of the dotted names, "" for the whole model), sorted by name."""
+    mods: dict[str, ModuleDiff] = {}
+    for d in diffs:
+        name = d.b_name if d.b_name is not None else d.a_name or d.name
+        parts = name.split(".")[:-1]
+        for i in range(len(parts) + 1):
+            key = ".".join(parts[:i])
+            m = mods.get(key)
+            if m is None:
+                m = mods[key] = ModuleDiff(key)
+            m.tensors += 1
+            if d.status == IDENTICAL:
+                m.identical += 1
+            elif d.status == ADDED:
+                m.added += 1
+            elif d.status == REMOVED:
+                m.removed += 1
+            elif d.status == RENAMED:
+                m.renamed += 1
+            else:
+                m.changed += 1
+            m.sumsq_diff += d.sumsq_diff
+            m.sumsq_a += d.sumsq_a
+            if d.max_abs is not None and math.isfinite(d.max_abs):
+                m.max_abs = max(m.max_abs, d.max_abs)
+    return [mods[k] for k in sorted(mods)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Freeze plans
+# ----------------------------------------------------------------------------------------------
+def check_plan(diff: DiffReport, plan: str | os.PathLike | dict[str, Any]) -> PlanCheck:
+    """Were the parameters the plan froze left bit-identical in B? (Also notes trainable ones that
+    did not change at all.) The result is stored on `diff.plan` too."""
+    from .freeze import load_plan
+
+    data = load_plan(plan)
+    where = str(plan) if isinstance(plan, (str, os.PathLike)) else None
+    by_a: dict[str, TensorDiff] = {}
+    by_b: dict[str, TensorDiff] = {}
+    for d in diff.tensors:
+        if d.a_name is not None:
+            by_a.setdefault(d.a_name, d)
+        if d.b_name is not None:
+            by_b.setdefault(d.b_name, d)
+    check = PlanCheck(where, len(data["frozen"]), trainable=len(data["trainable"]))
+    for name in data["frozen"]:
+        d = by_a.get(name) or by_b.get(name)
+        if d is None or d.status in (ADDED, REMOVED):
+            check.missing.append(name)
+        elif d.status in (IDENTICAL, RENAMED):
+            check.identical.append(name)
+        else:
+            check.moved.append(d)
+    for name in data["trainable"]:
+        d = by_a.get(name) or by_b.get(name)
+        if d is not None and d.status == IDENTICAL:
+            check.trainable_unchanged.append(name)
+    diff.plan = check
+    return check
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def add_diff_arguments(parser) -> None:
+    parser.add_argument("file_a", metavar="A", help="checkpoint before (file or directory)")
+    parser.add_argument("file_b", metavar="B", help="checkpoint after (any format)")
+    parser.add_argument(
+        "--json", action="store_true", help="machine-readable output (docs/audit-schema.md)"
+    )
+    parser.add_argument(
+        "--atol", type=float, default=1e-8, help="absolute tolerance (default 1e-8)"
+    )
+    parser.add_argument(
+        "--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)"
+    )
+    parser.add_argument(
+        "--plan",
+        metavar="PLAN",
+        help="freeze plan: check its frozen parameters stayed bit-identical",
+    )
+    parser.add_argument(
+        "--all-sections", action="store_true", help="also compare optimizer and other sections"
+    )
+    parser.add_argument(
+        "--depth", type=int, default=2, metavar="N", help="modules shown down to depth N (text)"
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def run_diff_command(args) -> int:
+    import sys
+
+    from .audit import cli_progress
+    from .readers import open_checkpoint
+
+    if args.atol < 0 or args.rtol < 0:
+        raise MscopeError("--atol and --rtol must be 0 or more")
+    a = open_checkpoint(args.file_a, strict=False)
+    b = open_checkpoint(args.file_b, strict=False)
+    if args.plan:
+        from .freeze import load_plan
+
+        load_plan(args.plan)  # a bad plan fails before the long pass
+    with cli_progress("comparing") as progress:
+        report = diff_checkpoints(
+            a,
+            b,
+            args.atol,
+            args.rtol,
+            progress=progress,
+            sections="all" if args.all_sections else "model",
+        )
+    if args.plan:
+        check_plan(report, args.plan)
+    if args.json:
+        sys.stdout.write(report.to_json())
+        sys.stdout.write("\n")
+    else:
+        from rich.console import Console
+
+        render_diff(report, Console(highlight=False), args.depth)
+    return report.exit_code
+
+
+def render_diff(report: DiffReport, console: Any, depth: int = 2, limit: int = 20) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    console.print(
+        f"[bold]A[/] {escape(report.a_path.name)} ({report.a_format}) → [bold]B[/] {escape(report.b_path.name)} "
+        f"({report.b_format}) · atol {report.atol:g}, rtol {report.rtol:g}"
+    )
+    for n in report.notes:
+        console.print(f"[dim]{escape(n)}[/]")
+    style = {IDENTICAL: "green", CLOSE: "cyan", CHANGED: "yellow", ADDED: "blue", REMOVED: "red"}
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    table.add_column("module", no_wrap=True, overflow="ellipsis", max_width=40)
+    for col in ("tensors", "identical", "changed", "added", "removed", "rel Δ", "max |Δ|"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for m in report.modules:
+        level = m.name.count(".") + 1 if m.name else 0
+        if level > depth:
+            continue
+        indent = "  " * level
+        table.add_row(
+            f"[{style.get(m.status, '')}]{indent}{escape(m.name.rsplit('.', 1)[-1] or '(model)')}[/]",
+            str(m.tensors), str(m.identical), str(m.changed), str(m.added), str(m.removed),
+            "-" if m.rel_l2 is None else f"{m.rel_l2:.3g}", f"{m.max_abs:.3g}",
+        )  # fmt: skip
+    console.print(table)
+    moved = sorted(
+        (
+            d
+            for d in report.tensors
+            if d.status in (CLOSE, CHANGED, DTYPE_CHANGED, SHAPE_CHANGED, UNREADABLE)
+        ),
+        key=lambda d: -(d.rel_l2 if d.rel_l2 is not None and math.isfinite(d.rel_l2) else math.inf),
+    )
+    for title, items in (
+        ("changed", moved),
+        ("renamed", [d for d in report.tensors if d.status == RENAMED]),
+        ("added", [d for d in report.tensors if d.status == ADDED]),
+        ("removed", [d for d in report.tensors if d.status == REMOVED]),
+    ):
+        if not items:
+            continue
+        console.print(f"[bold]{title}[/] ({len(items):,})")
+        for d in items[:limit]:
+            if d.status == RENAMED:
+                text = f"{d.a_name} → {d.b_name}"
+            elif d.status in (ADDED, REMOVED):
+                shape = d.b_shape if d.status == ADDED else d.a_shape
+                dtype = d.b_dtype if d.status == ADDED else d.a_dtype
+                text = f"{d.name} {list(shape or ())} {dtype}"
+            else:
+                text = f"{d.name}: {_describe(d)}"
+            console.print(f"  {escape(text)}", overflow="ellipsis", no_wrap=True, crop=True)
+        if len(items) > limit:
+            console.print(f"  [dim]... {len(items) - limit:,} more (--json lists all)[/]")
+    if report.plan is not None:
+        color = "green" if report.plan.ok else "bold red"
+        for line in report.plan.lines():
+            console.print(f"[{color}]{escape(line)}[/]")
+    console.print(
+        f"[bold]{escape(report.summary_line())}[/] [dim]({fmt_bytes(report.bytes_read)} read in {report.seconds:.2f} s)[/]"
+    )
