@@ -241,9 +241,11 @@ class Session:
     def set_trainable(self, names: Iterable[str], value: bool, rule: Rule | None = None, description: str = "") -> ChangeResult:
         names = list(names)
         canonical, trainable = self.canonical, self.trainable
-        skipped = [n for n in names if n not in canonical and n in self.records]
-        unique = dict.fromkeys([canonical[n] for n in names if n in canonical])
-        targets = [c for c in unique if trainable[c] != value]
+        canon = list(map(canonical.get, names))  # C-level loops: this runs on 100k-tensor subtrees
+        skipped = [n for n, c in zip(names, canon) if c is None and n in self.records] if None in canon else []
+        unique = dict.fromkeys(canon)
+        unique.pop(None, None)
+        targets = [c for c in unique if trainable[c] is not value]
         message = ""
         if skipped and not targets and len(skipped) == len(names):
             message = f"{_describe_skipped(self, skipped)}: cannot require grad; left as they are"
@@ -275,11 +277,10 @@ class Session:
     def toggle(self, names: Iterable[str]) -> ChangeResult:
         """Freeze if everything trainable among `names` trains now, else unfreeze them all."""
         names = list(names)
-        trainables = [n for n in names if n in self.canonical]
-        if not trainables:
+        canon = [c for c in map(self.canonical.get, names) if c is not None]
+        if not canon:
             return ChangeResult(0, len(names), names, "no trainable tensors here (integer/bool tensors cannot require grad)")
-        canonical, trainable = self.canonical, self.trainable
-        value = not all(trainable[canonical[n]] for n in trainables)
+        value = not all(map(self.trainable.__getitem__, canon))
         return self.set_trainable(names, value, Rule("unfreeze" if value else "freeze", "names", _names_value(names)))
 
     def freeze_pattern(self, pattern: str, kind: str = "glob", value: bool = False) -> ChangeResult:
@@ -381,9 +382,7 @@ class Session:
     # -- internals -----------------------------------------------------------------------------
     def _apply(self, change: Change, forward: bool) -> None:
         values = change.after if forward else change.before
-        trainable = self.trainable
-        for name, value in zip(change.names, values):
-            trainable[name] = value
+        self.trainable.update(zip(change.names, values))
         self._generation += 1
         if change.eval_before or change.eval_after:
             self.eval_modules = set(change.eval_after if forward else change.eval_before)
