@@ -19,10 +19,13 @@ API (the CLI and the explorer use these):
 Statistics, exactly:
 - `min` / `max` over every value that is not NaN (so +-inf show up there); `mean`, `std`
   (population, `torch.std(x, correction=0)`), `norm` (L2) and `sumsq` over the finite values.
-- Sums are combined in float64. fp16 / bf16 chunks are widened to float32 exactly (bit
-  manipulation), reduced in float32 per chunk (pairwise sum; BLAS dot for the squares) and the
-  chunk results merged in float64 with Chan's formula; a chunk whose mean is large next to its
-  spread is re-centred first, so `std` does not cancel away.
+- One pass per chunk. fp16 / bf16 min, max, zeros and NaN/Inf presence come from integer
+  reductions on the raw bits; the values are widened to float32 exactly (shift, mask, rebias:
+  numpy's own float16 cast is 6x slower) and summed over rows of 2,048 in float32 (np.vecdot),
+  rows and chunks combined in float64 with Chan's formula; a chunk whose mean is large next to
+  its spread is re-centred first, so `std` does not cancel away. Chunks with NaN / Inf take an
+  exact slower path. Measured error against float64 torch: < 1e-6 relative.
+- numpy, not torch: importing torch costs seconds, the order of a whole pass over a 1.3B model.
 """
 
 from __future__ import annotations
