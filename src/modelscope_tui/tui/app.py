@@ -21,9 +21,10 @@ from ..errors import MscopeError
 from ..readers import FORMAT_LABELS
 from ..session import Session
 from ..units import fmt_bytes
-from .details import file_details, module_details, tensor_details
+from .details import file_details, module_details, stats_details, tensor_details
 from .gpu_panel import GpuPanel
 from .screens import (
+    AuditScreen,
     ClassScreen,
     ConfirmScreen,
     DeviceScreen,
@@ -72,6 +73,7 @@ class MscopeApp(App[int]):
         Binding("m", "move", "Move to device", show=False),
         Binding("t", "cycle_precision", "Precision", show=False),
         Binding("D", "export_device_map", "Device map", show=False),
+        Binding("A", "audit", "Audit", show=False),
         Binding("T", "cycle_optimizer", "Optimizer", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit_app", "Quit"),
@@ -101,6 +103,7 @@ class MscopeApp(App[int]):
         ("m", "move the selection (or the whole model from the root) onto a device"),
         ("t / T", "fine-tune estimate: next training precision / next optimizer"),
         ("D", "export the current placement as a Hugging Face device_map JSON"),
+        ("A", "audit the file (integrity, load-ability, waste, NaN/Inf and statistics); enter jumps"),
         ("ctrl+p", "command palette: every action by name"),
         ("?", "this help"),
         ("q", "quit (asks when there are unsaved changes)"),
@@ -122,6 +125,8 @@ class MscopeApp(App[int]):
         self.placement = None
         self._estimate = None
         self._estimate_generation = 0
+        self._stats_cache: dict[str, tuple] = {}  # tensor -> (stats, histogram) or an error line
+        self._stats_cancel = threading.Event()
         self._fit_key = None
         self.train_precision = "bf16-mixed"
         self.train_optimizer = "adamw"
@@ -256,7 +261,13 @@ class MscopeApp(App[int]):
             details.update("")
         elif row.tensor is not None:
             device = self.placement.device_of(row.tensor.name) if self.placement is not None else None
-            details.update(tensor_details(self.session, row.tensor, device))
+            cached = self._stats_cache.get(row.tensor.qualified_name)
+            values = stats_details(*cached) if cached is not None else stats_details(None)
+            details.update(tensor_details(self.session, row.tensor, device, values))
+            if cached is None and self.query_one("#details-pane").display:
+                self._stats_cancel.set()
+                self._stats_cancel = threading.Event()
+                self._compute_stats(row.tensor, self._stats_cancel)
         elif row.module is not None and row.module.name == "":
             details.update(file_details(self.session))
         else:
@@ -684,6 +695,63 @@ class MscopeApp(App[int]):
             return  # a newer change is being estimated
         self._estimate = est
         self._update_estimate(recompute=False)
+
+    @work(thread=True, exit_on_error=False, group="stats")
+    def _compute_stats(self, record, cancel: threading.Event) -> None:
+        """Statistics and histogram of one tensor, streamed (cached; cancelled by the next row)."""
+        from ..audit import AuditCancelled, stats_supported, tensor_histogram, tensor_stats
+        from ..tensordata import TensorData
+
+        if not stats_supported(record.dtype):
+            result: tuple = (f"no statistics for {record.dtype}", None)
+        else:
+            try:
+                with TensorData() as data:
+                    stats = tensor_stats(data, record, cancel=cancel)
+                    result = (stats, tensor_histogram(data, record, bins=30, stats=stats, cancel=cancel))
+            except AuditCancelled:
+                return
+            except MscopeError as exc:
+                result = (exc.message, None)
+        self.call_from_thread(self._stats_ready, record.qualified_name, result)
+
+    def _stats_ready(self, name: str, result: tuple) -> None:
+        self._stats_cache[name] = result
+        node = self.tree.cursor_node if self.query("#tree") else None
+        if node is not None and node.data is not None and node.data.tensor is not None and node.data.tensor.qualified_name == name:
+            self._show_row(node.data)
+
+    def action_audit(self) -> None:
+        if not self._guard():
+            return
+        cancel = threading.Event()
+        screen = ProgressScreen("Auditing (statistics of every tensor)", cancel)
+        self.push_screen(screen)
+        self._audit(screen, cancel)
+
+    @work(thread=True, exit_on_error=False, group="audit")
+    def _audit(self, screen: ProgressScreen, cancel: threading.Event) -> None:
+        from ..audit import run_audit
+
+        def progress(p) -> None:
+            self.call_from_thread(screen.update_progress, p.done, p.total)
+
+        report = run_audit(self.session.ckpt, stats=True, progress=progress, cancel=cancel)
+        self.call_from_thread(self._audit_done, screen, report)
+
+    def _audit_done(self, screen: ProgressScreen, report) -> None:
+        if screen.is_attached:
+            screen.dismiss(None)
+        for name, stats in report.stats.items():
+            self._stats_cache.setdefault(name, (stats, None))
+
+        def jump(tensor: str | None) -> None:
+            if tensor:
+                section, _, name = tensor.rpartition("/")
+                if not section:
+                    self.tree.reveal(tensor_name=name)
+
+        self.push_screen(AuditScreen(report), jump)
 
     def action_cycle_precision(self) -> None:
         from ..estimate import PRECISIONS

@@ -22,7 +22,7 @@ def _table() -> Table:
     return table
 
 
-def tensor_details(session: Session, t: TensorRecord, device: str | None = None) -> RenderableType:
+def tensor_details(session: Session, t: TensorRecord, device: str | None = None, values: RenderableType | None = None) -> RenderableType:
     table = _table()
     table.add_row("tensor", t.name)
     table.add_row("kind", t.kind + ("" if t.kind_from_file else " (from name)"))
@@ -57,6 +57,40 @@ def tensor_details(session: Session, t: TensorRecord, device: str | None = None)
         table.add_row("persistent", "no (not in state_dict)")
     if t.note:
         table.add_row("note", t.note)
+    if values is not None:
+        return Group(table, Text("\nvalues", style="bold underline"), values)
+    return table
+
+
+HIST_BARS = " ▁▂▃▄▅▆▇█"
+
+
+def stats_details(stats, histogram=None) -> RenderableType:
+    """Value statistics and a one-line histogram (computed by the audit module)."""
+    table = _table()
+    if stats is None:
+        table.add_row("values", Text("computing…", style="dim"))
+        return table
+    if isinstance(stats, str):
+        table.add_row("values", Text(stats, style="yellow"))
+        return table
+
+    def g(x) -> str:
+        return "-" if x is None else f"{x:.6g}"
+
+    table.add_row("min / max", f"{g(stats.min)} / {g(stats.max)}")
+    table.add_row("mean / std", f"{g(stats.mean)} / {g(stats.std)}")
+    table.add_row("L2 norm", g(stats.norm))
+    table.add_row("zeros", f"{stats.zero_fraction:.1%}")
+    if stats.nan or stats.inf:
+        table.add_row("NaN / Inf", Text(f"{stats.nan:,} / {stats.inf:,}", style="bold red"))
+    if stats.flags:
+        table.add_row("flags", Text(", ".join(stats.flags), style="yellow"))
+    if histogram is not None and histogram.counts and max(histogram.counts):
+        top = max(histogram.counts)
+        bars = "".join(HIST_BARS[min(8, round(c / top * 8))] if c else " " for c in histogram.counts)
+        table.add_row("histogram", Text(bars, style="green"))
+        table.add_row("", Text(f"{histogram.lo:.3g} … {histogram.hi:.3g}", style="dim"))
     return table
 
 

@@ -30,7 +30,7 @@ class _Modal(ModalScreen):
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
     DEFAULT_CSS = """
     _Modal, PatternScreen, ClassScreen, LastNScreen, LargestScreen, HelpScreen, ConfirmScreen, PathScreen,
-    DeviceScreen, ProgressScreen {
+    DeviceScreen, ProgressScreen, AuditScreen {
         align: center middle;
     }
     .dialog {
@@ -354,3 +354,30 @@ class ProgressScreen(_Modal):
     def _cancel(self) -> None:
         self.cancel_event.set()
         self.query_one("#progress-text", Static).update("cancelling…")
+
+
+class AuditScreen(_Modal):
+    """Audit findings, worst first; enter on one with a tensor jumps to it."""
+
+    def __init__(self, report) -> None:
+        super().__init__()
+        self.report = report
+
+    def compose(self) -> ComposeResult:
+        styles = {"error": "bold red", "warning": "yellow", "info": "dim"}
+        options = []
+        for i, f in enumerate(self.report.findings[:500]):
+            text = Text(f"{f.severity:<7} ", style=styles.get(f.severity, ""))
+            text.append(f.message[:200])
+            options.append(Option(text, id=str(i)))
+        with Vertical(classes="dialog"):
+            yield Label(self.report.verdict_line(), classes="title")
+            if options:
+                yield OptionList(*options)
+            else:
+                yield Static("No findings.")
+
+    @on(OptionList.OptionSelected)
+    def _selected(self, event: OptionList.OptionSelected) -> None:
+        finding = self.report.findings[int(event.option.id)]
+        self.dismiss(finding.tensor)

@@ -1,0 +1,62 @@
+"""Statistics in the details pane and the audit view of the explorer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from modelscope_tui.tui.app import MscopeApp
+from modelscope_tui.tui.screens import AuditScreen
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+
+
+def details_text(app) -> str:
+    console = Console(width=120, record=True, file=open("/dev/null", "w"))
+    console.print(app.query_one("#details").content)
+    return console.export_text()
+
+
+async def settle(pilot) -> None:
+    for _ in range(100):
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+        if not any(w.is_running for w in pilot.app.workers):
+            return
+
+
+async def test_tensor_statistics_and_histogram_match_torch():
+    app = MscopeApp(SAMPLES / "transformer_tied.pt", show_gpus=False)
+    ref = torch.load(SAMPLES / "transformer_tied.pt", weights_only=True)["blocks.0.linear1.weight"].double()
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        app.tree.reveal(tensor_name="blocks.0.linear1.weight")
+        await settle(pilot)
+        text = details_text(app)
+        assert "histogram" in text
+        stats, _ = app._stats_cache["blocks.0.linear1.weight"]
+        assert abs(stats.mean - ref.mean().item()) < 1e-6
+        assert abs(stats.std - ref.std(correction=0).item()) < 1e-6
+        assert stats.min == ref.min().item() and stats.max == ref.max().item()
+
+
+async def test_audit_view_lists_nan_and_jumps(tmp_path):
+    bad = {"ok.weight": torch.randn(4, 4), "broken.weight": torch.tensor([1.0, float("nan"), 2.0])}
+    path = tmp_path / "nan.pt"
+    torch.save(bad, path)
+    app = MscopeApp(path, show_gpus=False)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        await pilot.press("A")
+        await settle(pilot)
+        assert isinstance(app.screen, AuditScreen)
+        findings = app.screen.report.findings
+        nan = [i for i, f in enumerate(findings) if f.tensor and "broken.weight" in f.tensor and "nan" in f.code.lower()]
+        assert nan, [(f.code, f.tensor) for f in findings]
+        option_list = app.screen.query_one("OptionList")
+        option_list.highlighted = nan[0]
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.tree.cursor_node.data.tensor.name == "broken.weight"
