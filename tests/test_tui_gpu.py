@@ -203,3 +203,30 @@ async def test_export_device_map_after_move(tmp_path):
     device_map = json.loads((tmp_path / "model.device-map.json").read_text())
     assert device_map["blocks"] == "meta"
     assert all(v == "cpu" for k, v in device_map.items() if k != "blocks")
+
+
+async def test_cast_copy_and_cpu_copy_from_the_explorer(tmp_path):
+    import torch
+
+    from modelscope_tui.tui.screens import ConfirmScreen
+
+    src = tmp_path / "model.pt"
+    src.write_bytes((SAMPLES / "cnn_state_dict.pt").read_bytes())
+    app = MscopeApp(src, show_gpus=False)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("P")
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "bf16: 6.5 KB → 3.3 KB" in " ".join(str(b.label) for b in app.screen.query("Button"))
+        await pilot.click("#bfloat16")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        await pilot.press("C")  # stored on cpu already: says so, writes nothing
+        await pilot.pause()
+        messages = " ".join(n.message for n in app._notifications)
+        assert "already stored for the CPU" in messages
+    out = torch.load(tmp_path / "model.bf16.pt", weights_only=True)
+    ref = torch.load(SAMPLES / "cnn_state_dict.pt", weights_only=True)
+    assert out["features.0.weight"].dtype == torch.bfloat16
+    assert torch.equal(out["features.0.weight"], ref["features.0.weight"].to(torch.bfloat16))
+    assert out["features.1.num_batches_tracked"].dtype == torch.int64

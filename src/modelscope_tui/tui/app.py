@@ -74,6 +74,8 @@ class MscopeApp(App[int]):
         Binding("t", "cycle_precision", "Precision", show=False),
         Binding("D", "export_device_map", "Device map", show=False),
         Binding("A", "audit", "Audit", show=False),
+        Binding("C", "cpu_copy", "CPU copy", show=False),
+        Binding("P", "cast_copy", "Cast copy", show=False),
         Binding("T", "cycle_optimizer", "Optimizer", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit_app", "Quit"),
@@ -104,6 +106,8 @@ class MscopeApp(App[int]):
         ("t / T", "fine-tune estimate: next training precision / next optimizer"),
         ("D", "export the current placement as a Hugging Face device_map JSON"),
         ("A", "audit the file (integrity, load-ability, waste, NaN/Inf and statistics); enter jumps"),
+        ("C", "save a copy loadable anywhere (every stored location remapped to cpu)"),
+        ("P", "save a copy of the model cast to fp32 / bf16 / fp16 (size previewed; selection or all)"),
         ("ctrl+p", "command palette: every action by name"),
         ("?", "this help"),
         ("q", "quit (asks when there are unsaved changes)"),
@@ -752,6 +756,56 @@ class MscopeApp(App[int]):
                     self.tree.reveal(tensor_name=name)
 
         self.push_screen(AuditScreen(report), jump)
+
+    def action_cpu_copy(self) -> None:
+        if not self._guard():
+            return
+        locations = [loc for loc in self.session.ckpt.totals().bytes_by_location if loc != "cpu"]
+        if not locations:
+            self.notify("every tensor is already stored for the CPU; nothing to remap", timeout=4)
+            return
+        from ..convert import remap_locations
+
+        ckpt = self.session.ckpt
+        self._convert(lambda: remap_locations(ckpt, "cpu"))
+
+    def action_cast_copy(self) -> None:
+        if not self._guard():
+            return
+        from ..convert import cast_copy, preview_cast
+        from ..units import fmt_bytes as fb
+
+        node = self.tree.cursor_node
+        names = None if node is None or node is self.tree.root else self.selected_names()
+        answers = []
+        try:
+            for dtype, label in (("bfloat16", "bf16"), ("float16", "fp16"), ("float32", "fp32")):
+                before, after, changed = preview_cast(self.session.ckpt, dtype, names)
+                answers.append((dtype, f"{label}: {fb(before)} → {fb(after)}", "primary"))
+        except MscopeError as exc:
+            self.notify(exc.line(), severity="error", timeout=8)
+            return
+        what = "the whole model" if names is None else f"{len(names):,} selected tensor(s) (the rest as stored)"
+        answers.append(("cancel", "Cancel", "default"))
+
+        def chosen(answer: str | None) -> None:
+            if answer in ("bfloat16", "float16", "float32"):
+                ckpt = self.session.ckpt
+                self._convert(lambda: cast_copy(ckpt, answer, names))
+
+        self.push_screen(
+            ConfirmScreen("Save a cast copy", f"Cast {what}; floating-point tensors only, integer buffers untouched.", answers),
+            chosen,
+        )
+
+    @work(thread=True, exit_on_error=False, group="convert")
+    def _convert(self, job) -> None:
+        try:
+            path = job()
+        except MscopeError as exc:
+            self.call_from_thread(self.notify, exc.line(), severity="error", timeout=8)
+            return
+        self.call_from_thread(self.notify, f"saved {path}", timeout=6)
 
     def action_cycle_precision(self) -> None:
         from ..estimate import PRECISIONS
