@@ -98,6 +98,8 @@ class TensorData:
         count = len(raw) // itemsize
         if record.numel == 0:
             return torch.empty_strided(record.shape, record.stride or (), dtype=dtype)
+        if count == 0:  # torch.frombuffer refuses an empty buffer with a ValueError
+            raise TensorDataError(f"tensor {record.qualified_name!r} does not fit its storage: it holds no elements")
         flat = torch.frombuffer(raw, dtype=torch.uint8, count=count * itemsize)
         if s is not None and s.byteorder == "big" and itemsize > 1:
             flat = flat.view(-1, itemsize).flip(1).reshape(-1)
@@ -106,7 +108,14 @@ class TensorData:
             view = flat.as_strided(record.shape, record.stride, record.storage_offset)
         except RuntimeError as exc:
             raise TensorDataError(f"tensor {record.qualified_name!r} does not fit its storage: {exc}") from exc
-        return view.clone() if copy else view
+        if not copy:
+            return view
+        try:
+            return view.clone()
+        except RuntimeError as exc:  # a view repeating its bytes (stride 0) can outgrow memory
+            raise TensorDataError(
+                f"tensor {record.qualified_name!r} ({record.nbytes:,} bytes) cannot be copied into memory"
+            ) from exc
 
     def chunks(self, record: TensorRecord, chunk_bytes: int = 16 << 20) -> Iterator[torch.Tensor]:
         """The tensor's elements, flattened, in pieces of at most `chunk_bytes` (for streaming)."""

@@ -61,7 +61,10 @@ def atomic_write(
     """Write `dest` through a temp file + fsync + rename.
 
     Without `overwrite`, an existing `dest` is an error. With it, the old file is kept as
-    `dest.bak` first. On any failure the temp file is removed and `dest` is untouched.
+    `dest.bak` first (a hard link renamed into place, so the backup is never partial either).
+    On any failure the temp file is removed and `dest` is untouched. Temp files are named
+    `.NAME.mscope-tmp-PID-XXXXXXXX`; one left by a process that was killed is removed by the next
+    save into the same directory.
     """
     dest = Path(dest)
     if dest.is_dir():
@@ -73,10 +76,11 @@ def atomic_write(
     if dest.exists() and not overwrite:
         raise SaveError("destination exists", dest, "choose a new name or confirm overwriting")
     directory = dest.parent if str(dest.parent) else Path(".")
+    remove_stale_temps(directory)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}{TEMP_MARK}", dir=directory)
+        fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(dest.name), dir=directory)
     except OSError as exc:
-        raise SaveError(f"cannot write here: {exc.strerror or exc}", dest) from exc
+        raise SaveError(f"cannot write here: {exc.strerror or exc}", dest, _hint(exc)) from exc
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -84,7 +88,7 @@ def atomic_write(
             fh.flush()
             os.fsync(fh.fileno())
         if dest.exists():
-            shutil.copy2(dest, backup_path(dest))
+            _backup(dest, directory)
         os.replace(tmp, dest)
         _fsync_dir(directory)
     except MscopeError:
@@ -92,11 +96,108 @@ def atomic_write(
         raise
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise SaveError(f"save failed: {exc.strerror or exc}", dest, "nothing was changed") from exc
+        raise SaveError(f"save failed: {exc.strerror or exc}", dest, _hint(exc)) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return dest
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name[:120]}{TEMP_MARK}{os.getpid()}-"  # short enough for 255-byte names
+
+
+def _hint(exc: OSError) -> str:
+    reason = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.EFBIG: "the file is too large for this file system or limit",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+    }.get(exc.errno)
+    return f"{reason}; nothing was changed" if reason else "nothing was changed"
+
+
+def _backup(dest: Path, directory: Path) -> None:
+    """`dest` -> `dest.bak`, replacing an older backup only once the new one is complete."""
+    bak = backup_path(dest)
+    tmp = directory / f"{_temp_prefix(bak.name)}{os.urandom(4).hex()}"
+    try:
+        os.link(dest, tmp)  # instant, no copy: the rename of the new file leaves this inode alone
+    except OSError:
+        try:
+            with open(dest, "rb") as src, open(tmp, "xb") as out:
+                shutil.copyfileobj(src, out, COPY_CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            shutil.copystat(dest, tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    try:
+        os.replace(tmp, bak)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Remove this directory's temp files whose writer is gone (its PID is not running, or now
+    names a process younger than the file). Only our own regular files are touched."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        owner = temp_owner(entry.name)
+        if owner is None:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            if _writer_alive(owner, st.st_mtime):
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
+    return removed
+
+
+def temp_owner(name: str) -> int | None:
+    """The PID encoded in one of our temp file names, else None."""
+    if not name.startswith(".") or TEMP_MARK not in name:
+        return None
+    pid, sep, _ = name.rsplit(TEMP_MARK, 1)[1].partition("-")
+    return int(pid) if sep and pid.isdigit() and 0 < int(pid) < 1 << 32 else None
+
+
+def _writer_alive(pid: int, mtime: float) -> bool:
+    if pid == os.getpid():
+        return True  # another save of ours, maybe on another thread
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # EPERM: running, as another user
+    started = _process_start_time(pid)
+    return started is None or started <= mtime + 1
+
+
+def _process_start_time(pid: int) -> float | None:
+    """Seconds since the epoch at which `pid` started (Linux /proc), or None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        with open("/proc/stat", "rb") as fh:
+            btime = next(int(line.split()[1]) for line in fh if line.startswith(b"btime "))
+        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _fsync_dir(directory: Path) -> None:

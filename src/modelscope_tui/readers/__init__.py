@@ -141,12 +141,44 @@ def open_checkpoint(path: str | os.PathLike, strict: bool = True) -> Checkpoint:
         ) from exc
     ckpt.link_shared_storages()
     ckpt.check_storage_bounds()
+    _check_view_sizes(ckpt, path)
     if strict and ckpt.problems:
         more = f" (and {len(ckpt.problems) - 1} more problems)" if len(ckpt.problems) > 1 else ""
         raise CorruptCheckpointError(
             ckpt.problems[0] + more, path, "the file is truncated or corrupt; re-download or re-save it"
         )
     return ckpt
+
+
+MAX_VIEW_EXPANSION = 64
+
+
+def _check_view_sizes(ckpt: Checkpoint, path: Path) -> None:
+    """Refuse a view that repeats its storage's bytes (stride 0, overlapping strides) into more
+    than 1 GiB and more than 64x the file: the bounds check cannot see it (the view stays inside
+    its storage), and a 1 KB file declaring a 4 TB tensor this way made `audit --stats` read for
+    hours. torch.save writes views of real tensors; nothing real expands a file this much."""
+    limit = None
+    for t in ckpt.tensors:
+        s = t.storage
+        if s is None or t.nbytes <= s.nbytes or t.nbytes <= 1 << 30:
+            continue
+        if limit is None:
+            limit = max(1 << 30, MAX_VIEW_EXPANSION * sum(_size(f) for f in ckpt.files))
+        if t.nbytes > limit:
+            raise CorruptCheckpointError(
+                f"tensor {t.qualified_name[:80]!r} {list(t.shape)[:8]} declares {t.nbytes:,} bytes by "
+                f"repeating the {s.nbytes:,} bytes of its storage (strides {list(t.stride)[:8]})",
+                path,
+                "damaged or deliberately crafted; do not load it",
+            )
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _dispatch(path: Path) -> Checkpoint:
@@ -204,3 +236,5 @@ def read_json_limited(path: Path, limit: int = 64 << 20) -> object:
         return json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptCheckpointError(f"malformed JSON ({str(exc)[:80]})", path) from exc
+    except RecursionError as exc:  # `[[[[...` 100,000 deep: callers outside open_checkpoint too
+        raise CorruptCheckpointError("malformed JSON (nested too deeply)", path) from exc

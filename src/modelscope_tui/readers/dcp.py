@@ -223,8 +223,13 @@ class _Reader:
     def read(self, root: Any) -> Checkpoint:
         ckpt = self.ckpt
         if not (isinstance(root, Inert) and root.qualname == f"{SCHEMA_PREFIX}metadata.Metadata"):
-            danger = [g.qualname for g in self.ckpt.globals if g.safety == "dangerous"]
-            warn = f"; it would call {', '.join(danger[:3])}" if danger else ""
+            danger = [
+                call
+                for g in self.ckpt.globals
+                if g.safety == "dangerous"
+                for call in (g.calls or [g.qualname])
+            ]
+            warn = f"; it would call {', '.join(danger[:2])}" if danger else ""
             raise self.corrupt(
                 f"not a torch.distributed.checkpoint Metadata object (got {short(root)}){warn}"
             )

@@ -31,11 +31,16 @@ def _read_legacy(path: Path, buf: mmap.mmap) -> Checkpoint:
     source = path.name
     pos = 0
     header: list[object] = []
+    header_globals = []  # torch.load unpickles these too: a payload here runs before the model's
     for _ in range(3):  # magic, protocol version, sys_info
-        value, _, pos = safe_load(buf, source=source, start=pos)
+        value, refs, pos = safe_load(buf, source=source, start=pos)
         header.append(value)
+        header_globals.extend(refs)
     if header[1] != 1001:
-        raise CorruptCheckpointError(f"unsupported legacy protocol version {header[1]!r}", path)
+        version = header[1] if type(header[1]) is int and header[1].bit_length() < 64 else "?"
+        raise CorruptCheckpointError(
+            f"unsupported legacy protocol version {version}{_would_call(header_globals)}", path
+        )
     sys_info = header[2] if isinstance(header[2], dict) else {}
     if sys_info.get("little_endian") is False:
         byteorder = "big"
@@ -43,13 +48,13 @@ def _read_legacy(path: Path, buf: mmap.mmap) -> Checkpoint:
         byteorder = "little"
     storages = StorageTable(path, None, "", byteorder)
     root, globals_, pos = safe_load(buf, source=source, start=pos, persistent_load=_legacy_pid(storages, path))
-    keys, _, pos = safe_load(buf, source=source, start=pos)
+    keys, key_globals, pos = safe_load(buf, source=source, start=pos)
     ckpt = Checkpoint(path, "torch-legacy", files=[path])
-    ckpt.globals = globals_
+    ckpt.globals = header_globals + globals_ + key_globals
     ckpt.metadata["byteorder"] = byteorder
     ckpt.metadata["sys_info"] = _plain_sys_info(sys_info)
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        raise CorruptCheckpointError("legacy storage key list is malformed", path)
+        raise CorruptCheckpointError(f"legacy storage key list is malformed{_would_call(key_globals)}", path)
     size = len(buf)
     order = "<" if byteorder == "little" else ">"
     for key in keys:
@@ -72,6 +77,12 @@ def _read_legacy(path: Path, buf: mmap.mmap) -> Checkpoint:
         pos += nbytes
     Walker(ckpt).walk_root(root)
     return ckpt
+
+
+def _would_call(refs: list) -> str:
+    """`; it would call os.system('touch x')` for the dangerous globals of a refused pickle."""
+    calls = [c for r in refs if r.safety == "dangerous" for c in (r.calls or [r.qualname])]
+    return f"; it would call {', '.join(calls[:2])}" if calls else ""
 
 
 def _plain_sys_info(sys_info: dict) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import BUFFER, PARAMETER, TENSOR, Checkpoint, ModuleNode, StorageRecord
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, MscopeError
 from .unpickler import Inert, StorageType, TensorRef, safe_load
 from .walk import Walker, is_plain
 from .ziparchive import STORED, ZipArchive
@@ -101,9 +101,31 @@ def read_torch_zip(path: Path, archive: ZipArchive) -> Checkpoint:
         ckpt.metadata["archive_version"] = archive.read(version.name, 64).decode("ascii", "replace").strip()
     if archive.duplicates:
         ckpt.problems.append(f"archive has duplicate members: {', '.join(archive.duplicates[:3])}")
+        ckpt.globals.extend(shadowed_pickle_globals(path, archive, ckpt.problems))
     ckpt.problems.extend(storages.problems)
     Walker(ckpt).walk_root(root)
     return ckpt
+
+
+def shadowed_pickle_globals(path: Path, archive: ZipArchive, problems: list[str]) -> list:
+    """Globals of the earlier copies of a repeated `.pkl` member: torch's reader may load a copy
+    other than the one we show, so a payload hidden there must still be listed."""
+    found = []
+    for entry in archive.shadowed:
+        if not entry.name.endswith(".pkl"):
+            continue
+        source = f"{path.name}:{entry.name} (duplicate copy)"
+        try:
+            start = archive.data_offset(entry)
+            if entry.method != STORED or entry.size != entry.compressed_size or entry.size > MAX_PICKLE_BYTES:
+                raise CorruptCheckpointError(f"{source} is compressed or too large to check")
+            data = archive.buffer[start : start + entry.size]
+            _, refs, _ = safe_load(data, source=source, persistent_load=lambda pid: None)
+        except MscopeError as exc:
+            problems.append(exc.message)
+            continue
+        found.extend(refs)
+    return found
 
 
 def _byteorder(archive: ZipArchive, prefix: str) -> str:
@@ -118,8 +140,10 @@ def _byteorder(archive: ZipArchive, prefix: str) -> str:
 # TorchScript
 # ----------------------------------------------------------------------------------------------
 _CLASS = re.compile(r"^class (\w+)\((\w+)\):\s*$", re.M)
-_LIST_ATTR = re.compile(r"^\s+(__parameters__|__buffers__) = \[(.*?)\]\s*$", re.M)
-_FINAL = re.compile(r"^\s+(\w+) : Final\[[\w\[\], ]+\] = (.+)$", re.M)
+# `[ \t]`, not `\s`, before the name: `^\s+` runs across lines, and every blank line of a
+# hostile code file restarted it there (16 MB of newlines: quadratic, hours).
+_LIST_ATTR = re.compile(r"^[ \t]+(__parameters__|__buffers__) = \[(.*?)\][ \t]*$", re.M)
+_FINAL = re.compile(r"^[ \t]+(\w+) : Final\[[\w\[\], ]+\] = (.+)$", re.M)
 _MANGLE = re.compile(r"___torch_mangle_\d+\.")
 
 
@@ -209,6 +233,9 @@ def read_torchscript(path: Path, archive: ZipArchive, prefix: str) -> Checkpoint
             if constants:
                 ckpt.sections["constants"] = "constants"
     ckpt.metadata["byteorder"] = byteorder
+    if archive.duplicates:
+        ckpt.problems.append(f"archive has duplicate members: {', '.join(archive.duplicates[:3])}")
+        ckpt.globals.extend(shadowed_pickle_globals(path, archive, ckpt.problems))
     ckpt.problems.extend(storages.problems + const_storages.problems)
     ckpt.metadata["code_files"] = sorted(n[len(prefix) :] for n in archive.entries if n.startswith(f"{prefix}code/") and n.endswith(".py"))
     if isinstance(root, Inert):

@@ -47,6 +47,35 @@ def _opcode_table() -> list[int]:
 
 
 _OPCODES = _opcode_table()
+
+# Rough bytes each opcode makes the C unpickler build and keep (CPython 3.11 object sizes; a
+# reference on the stack or in a container is 8). Length-prefixed and text arguments add two per
+# byte (a str may widen). A pickle is refused when the total exceeds PICKLE_MEMORY_RATIO times its
+# length (and MIN_PICKLE_MEMORY): real checkpoints need about 12x (a 100k-tensor state_dict), while
+# a flood of `}` would build 64x (8 MB of it took 2.7 GB and 46 s to open).
+_OBJECT_COSTS = {
+    "EMPTY_DICT": 64, "DICT": 64, "EMPTY_LIST": 56, "LIST": 56, "EMPTY_SET": 216,
+    "FROZENSET": 216, "TUPLE": 40, "TUPLE1": 48, "TUPLE2": 56, "TUPLE3": 64, "INT": 32,
+    "BININT": 32, "BININT2": 32, "LONG": 32, "LONG1": 32, "LONG4": 32, "FLOAT": 24,
+    "BINFLOAT": 24, "STRING": 64, "BINSTRING": 64, "SHORT_BINSTRING": 64, "UNICODE": 64,
+    "BINUNICODE": 64, "SHORT_BINUNICODE": 64, "BINUNICODE8": 64, "BINBYTES": 40,
+    "SHORT_BINBYTES": 40, "BINBYTES8": 40, "BYTEARRAY8": 64, "REDUCE": 128, "NEWOBJ": 128,
+    "NEWOBJ_EX": 128, "OBJ": 128, "INST": 128, "BUILD": 64, "GLOBAL": 64, "STACK_GLOBAL": 64,
+    "PERSID": 256, "BINPERSID": 256, "SETITEM": 16, "PROTO": 0, "FRAME": 0, "STOP": 0,
+    "POP": 0, "POP_MARK": 0,
+}  # fmt: skip
+PICKLE_MEMORY_RATIO = 32
+MIN_PICKLE_MEMORY = 16 << 20
+
+
+def _cost_table() -> list[int]:
+    table = [8] * 256
+    for op in pickletools.opcodes:
+        table[op.code.encode("latin-1")[0]] = _OBJECT_COSTS.get(op.name, 8)
+    return table
+
+
+_COSTS = _cost_table()
 DAMAGED = "the file is damaged or not a checkpoint; re-download or re-save it"
 CRAFTED = "damaged or deliberately crafted; do not load it with torch.load"
 _U32 = struct.Struct("<I")
@@ -58,24 +87,31 @@ def scan_pickle(data: bytes | memoryview, start: int = 0, source: str = "pickle"
 
     Raises UnsafePickleError for unknown opcodes, lengths past the end, memo indices larger than
     the pickle could legitimately need (the C unpickler sizes its memo array by the largest index;
-    a real pickler numbers them from 0, one per PUT, so they stay below the pickle's length), or a
-    pickle with no STOP. The op count is bounded by the data size, so no separate limit is needed.
+    a real pickler numbers them from 0, one per PUT, so they stay below the pickle's length), a
+    pickle with no STOP, or one whose objects would take more than PICKLE_MEMORY_RATIO times its
+    length (a flood of empty containers). Depth is bounded later, where objects are walked.
     """
     table = _OPCODES
+    costs = _COSTS
     end = len(data)
     pos = start
     limit = end - start
     top = 0  # largest memo index; checked against the pickle's own length at STOP (the data may
     # run on far past it: a legacy file's storages, or junk after a plain pickle)
+    cost = 0  # estimated bytes of objects the unpickler would build (see _OBJECT_COSTS)
     u32 = _U32.unpack_from
     try:
         while pos < end:
-            k = table[data[pos]]
+            code = data[pos]
+            k = table[code]
+            cost += costs[code]
             pos += 1
             if k >= 0:
                 pos += k
             elif k == _COUNT4U:
-                pos += 4 + u32(data, pos)[0]
+                n = u32(data, pos)[0]
+                cost += 2 * n
+                pos += 4 + n
             elif k == _TWO_LINES:
                 first = data.find(b"\n", pos, pos + 4096)
                 second = data.find(b"\n", first + 1, first + 4097) if first >= 0 else -1
@@ -83,7 +119,9 @@ def scan_pickle(data: bytes | memoryview, start: int = 0, source: str = "pickle"
                     raise UnsafePickleError(f"{source}: malformed global name", hint=DAMAGED)
                 pos = second + 1
             elif k == _COUNT1:
-                pos += 1 + data[pos]
+                n = data[pos]
+                cost += 2 * n
+                pos += 1 + n
             elif k == _LONG_BINPUT:
                 index = u32(data, pos)[0]
                 if index > limit:
@@ -92,8 +130,17 @@ def scan_pickle(data: bytes | memoryview, start: int = 0, source: str = "pickle"
                     top = index
                 pos += 4
             elif k == _STOP:
-                if top > pos - start:
+                length = pos - start
+                if top > length:
                     raise UnsafePickleError(f"{source}: memo index out of range", hint=CRAFTED)
+                cost += 8 * top  # the memo table is sized by its largest index
+                budget = max(MIN_PICKLE_MEMORY, PICKLE_MEMORY_RATIO * length)
+                if cost > budget:
+                    raise UnsafePickleError(
+                        f"{source}: a {length:,}-byte pickle that would build about "
+                        f"{cost >> 20:,} MiB of objects (at most {budget >> 20:,} MiB allowed)",
+                        hint=CRAFTED,
+                    )
                 return pos
             elif k == _NEWLINE or k == _PUT:
                 nl = data.find(b"\n", pos, pos + 4096)
@@ -104,14 +151,18 @@ def scan_pickle(data: bytes | memoryview, start: int = 0, source: str = "pickle"
                     if not text.isdigit() or int(text) > limit:
                         raise UnsafePickleError(f"{source}: memo index out of range", hint=CRAFTED)
                     top = max(top, int(text))
+                cost += 2 * (nl - pos)
                 pos = nl + 1
             elif k == _COUNT4S:
                 n = _I32.unpack_from(data, pos)[0]
                 if n < 0:
                     raise UnsafePickleError(f"{source}: negative length", hint=DAMAGED)
+                cost += 2 * n
                 pos += 4 + n
             elif k == _COUNT8:
-                pos += 8 + _U64.unpack_from(data, pos)[0]
+                n = _U64.unpack_from(data, pos)[0]
+                cost += 2 * n
+                pos += 8 + n
             else:
                 raise UnsafePickleError(
                     f"{source}: unknown pickle opcode 0x{data[pos - 1]:02x} at byte {pos - 1}",

@@ -49,6 +49,8 @@ class ZipArchive:
         self.size = len(buffer)
         self.entries: dict[str, ZipEntry] = {}
         self.duplicates: list[str] = []
+        self.shadowed: list[ZipEntry] = []  # earlier entries of a repeated name (readers differ
+        # on which copy they take: torch's reader may load one we would not show)
         self._parse_directory()
 
     def close(self) -> None:
@@ -104,6 +106,7 @@ class ZipArchive:
             p = name_start + nlen + xlen + clen
             if name in entries:
                 self.duplicates.append(name)
+                self.shadowed.append(entries[name])
             entries[name] = ZipEntry(name, offset, method, csize, usize, crc, flags)
         if p > end:
             raise self._corrupt("central directory is truncated")
@@ -137,6 +140,11 @@ class ZipArchive:
         if pos + _LOCAL.size > self.size or buf[pos : pos + 4] != b"PK\x03\x04":
             raise self._corrupt(f"local header of {entry.name!r} is missing")
         name_len, extra_len = _LOCAL_LENGTHS.unpack_from(buf, pos + 26)
+        local_name = bytes(buf[pos + _LOCAL.size : pos + _LOCAL.size + name_len])
+        if local_name.decode("utf-8", "replace") != entry.name:
+            # Two directory entries sharing one local header (overlapping members, the
+            # non-recursive zip bomb) or a directory that disagrees with the data.
+            raise self._corrupt(f"directory entry {entry.name!r} points at the local header of {local_name[:80]!r}")
         start = pos + _LOCAL.size + name_len + extra_len
         if start + entry.compressed_size > self.size:
             raise self._corrupt(f"member {entry.name!r} runs past the end of the file")

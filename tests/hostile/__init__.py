@@ -1,0 +1,1 @@
+"""A hostile corpus of our own: malicious and malformed checkpoints, written fresh by the tests."""
