@@ -28,7 +28,7 @@ from hostile.mutate import INTERESTING, exercise, materialize_case, seeds
 
 settings.register_profile(
     "mscope-ci",
-    max_examples=24,
+    max_examples=32,
     deadline=None,
     derandomize=True,
     database=None,

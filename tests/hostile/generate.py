@@ -293,7 +293,9 @@ def _(ctx: Ctx) -> Path:
             args = (FakeStorage("0", 6), 0, (2, 3), (3, 1), False, hooks)
             return torch._utils._rebuild_tensor_v2, args
 
-    return crafted_zip(ctx.dir / "hooks.pt", torch_like_pickle({"w": HookedTensor()}), {"0": bytes(24)})
+    return crafted_zip(
+        ctx.dir / "hooks.pt", torch_like_pickle({"w": HookedTensor()}), {"0": bytes(24)}
+    )
 
 
 @case("payload-as-storage-type", REFUSE, says="posix.system")
@@ -528,7 +530,9 @@ def _(ctx: Ctx) -> Path:
 @case("sharded-many-missing-shards", REFUSE)
 def _(ctx: Ctx) -> Path:
     def edit(directory: Path, doc: dict) -> None:
-        doc["weight_map"].update({f"ghost.{i}": f"ghost-{i % 5000}.safetensors" for i in range(200_000)})
+        doc["weight_map"].update(
+            {f"ghost.{i}": f"ghost-{i % 5000}.safetensors" for i in range(200_000)}
+        )
 
     return _sharded(ctx, edit)
 
@@ -641,7 +645,9 @@ def _(ctx: Ctx) -> Path:
     members = zip_members(path)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in members.items():
-            zf.writestr(name, b"\x80\x02]q\x00." + bytes(64 << 20) if name.endswith("data.pkl") else data)
+            zf.writestr(
+                name, b"\x80\x02]q\x00." + bytes(64 << 20) if name.endswith("data.pkl") else data
+            )
     blob = bytearray(path.read_bytes())
     for sig, at, base in ((b"PK\x01\x02", 24, 46), (b"PK\x03\x04", 22, 30)):
         pos = blob.find(sig)
@@ -686,7 +692,9 @@ def _(ctx: Ctx) -> Path:
     return ctx.dir / "n.pt"
 
 
-def _patch_end_records(ctx: Ctx, eocd_field: tuple[int, str, int], zip64_field: tuple[int, str, int]) -> Path:
+def _patch_end_records(
+    ctx: Ctx, eocd_field: tuple[int, str, int], zip64_field: tuple[int, str, int]
+) -> Path:
     """A torch zip with one field of both end records (classic and zip64) overwritten."""
     path = torch_file(ctx)
     blob = bytearray(path.read_bytes())
@@ -727,10 +735,18 @@ def _(ctx: Ctx) -> Path:
 
 
 # -- absurd tensors and pickles ------------------------------------------------------------------
-for _name in ("declares_100GB", "huge_dims", "too_many_dims", "negative_offset", "negative_stride", "huge_numel"):
+for _name in (
+    "declares_100GB",
+    "huge_dims",
+    "too_many_dims",
+    "negative_offset",
+    "negative_stride",
+    "huge_numel",
+):
     case(f"tensor-{_name}", REFUSE)(
         lambda ctx, _n=_name: crafted_tensor_file(ctx.dir / f"{_n}.pt", **ABSURD[_n])
     )
+
 
 @case("tensor-broadcast-4TB", REFUSE, says="repeating")
 def _(ctx: Ctx) -> Path:
@@ -738,7 +754,14 @@ def _(ctx: Ctx) -> Path:
     return crafted_tensor_file(ctx.dir / "bcast.pt", shape=(1 << 40,), stride=(0,))
 
 
-for _name in ("long_binput", "binbytes8_100gb", "binunicode8_100gb", "frame_huge", "no_stop", "unknown_opcode"):
+for _name in (
+    "long_binput",
+    "binbytes8_100gb",
+    "binunicode8_100gb",
+    "frame_huge",
+    "no_stop",
+    "unknown_opcode",
+):
     case(f"pickle-{_name}", REFUSE)(
         lambda ctx, _n=_name: crafted_zip(ctx.dir / f"{_n}.pt", OPCODE_ATTACKS[_n])
     )
@@ -811,7 +834,9 @@ def _(ctx: Ctx) -> Path:
 
 @case("safetensors-deep-json", REFUSE)
 def _(ctx: Ctx) -> Path:
-    return write_raw(ctx.dir / "model.safetensors", b'{"a": ' + b"[" * 200_000 + b"]" * 200_000 + b"}")
+    return write_raw(
+        ctx.dir / "model.safetensors", b'{"a": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    )
 
 
 @case("safetensors-declares-100GB", REFUSE)

@@ -119,7 +119,10 @@ def number_sites(data: bytes) -> list[tuple[int, int, str]]:
     elif len(data) > 8 and data[8:9] == b"{":
         sites.append((0, 8, "<Q"))
         (length,) = struct.unpack_from("<Q", data)
-        sites += [(8 + m.start(), m.end() - m.start(), "json") for m in re.finditer(rb"\d+", data[8 : 8 + length])]
+        sites += [
+            (8 + m.start(), m.end() - m.start(), "json")
+            for m in re.finditer(rb"\d+", data[8 : 8 + length])
+        ]
     elif data[:1] == b"{":
         sites += [(m.start(), m.end() - m.start(), "json") for m in re.finditer(rb"\d+", data)]
     elif data[:1] == b"\x80":
@@ -162,8 +165,15 @@ def legacy_count_sites(path: Path) -> list[tuple[int, int, str]]:
     return [(o - 8, 8, "<q") for o in sorted(offsets)]
 
 
-_CENTRAL_FIELDS = ((10, 2, "<H"), (16, 4, "<I"), (20, 4, "<I"), (24, 4, "<I"), (28, 2, "<H"),
-                   (30, 2, "<H"), (42, 4, "<I"))  # method, crc, sizes, name/extra lengths, offset
+_CENTRAL_FIELDS = (
+    (10, 2, "<H"),
+    (16, 4, "<I"),
+    (20, 4, "<I"),
+    (24, 4, "<I"),
+    (28, 2, "<H"),
+    (30, 2, "<H"),
+    (42, 4, "<I"),
+)  # method, crc, sizes, name/extra lengths, offset
 _LOCAL_FIELDS = ((8, 2, "<H"), (14, 4, "<I"), (18, 4, "<I"), (22, 4, "<I"), (26, 2, "<H"),
                  (28, 2, "<H"))  # fmt: skip
 
@@ -173,12 +183,18 @@ def _zip_sites(data: bytes) -> list[tuple[int, int, str]]:
     eocd = data.rfind(b"PK\x05\x06")
     if eocd < 0:
         return sites
-    sites += [(eocd + at, w, f) for at, w, f in ((8, 2, "<H"), (10, 2, "<H"), (12, 4, "<I"), (16, 4, "<I"))]
+    sites += [
+        (eocd + at, w, f)
+        for at, w, f in ((8, 2, "<H"), (10, 2, "<H"), (12, 4, "<I"), (16, 4, "<I"))
+    ]
     _, _, _, _, count, _, pos, _ = struct.unpack_from("<4s4H2LH", data, eocd)
     z64 = data.rfind(b"PK\x06\x06")
     if z64 >= 0:
         sites += [(z64 + at, 8, "<Q") for at in (24, 32, 40, 48)]
-        count, pos = struct.unpack_from("<Q", data, z64 + 32)[0], struct.unpack_from("<Q", data, z64 + 48)[0]
+        count, pos = (
+            struct.unpack_from("<Q", data, z64 + 32)[0],
+            struct.unpack_from("<Q", data, z64 + 48)[0],
+        )
         loc = data.rfind(b"PK\x06\x07")
         if loc >= 0:
             sites.append((loc + 8, 8, "<Q"))
@@ -197,7 +213,9 @@ def _zip_sites(data: bytes) -> list[tuple[int, int, str]]:
             lnlen, lxlen = struct.unpack_from("<2H", data, local + 26)
             start = local + 30 + lnlen + lxlen
             if name.endswith(b".pkl") and method == 0:
-                sites += [(start + o, w, f) for o, w, f in _pickle_sites(data[start : start + size])]
+                sites += [
+                    (start + o, w, f) for o, w, f in _pickle_sites(data[start : start + size])
+                ]
         pos += 46 + nlen + xlen + clen
     return sites
 
@@ -264,7 +282,10 @@ def _fix_crcs(data: bytearray) -> None:
         _, _, _, _, count, _, pos, _ = struct.unpack_from("<4s4H2LH", data, eocd)
         z64 = data.rfind(b"PK\x06\x06")
         if z64 >= 0:
-            count, pos = struct.unpack_from("<Q", data, z64 + 32)[0], struct.unpack_from("<Q", data, z64 + 48)[0]
+            count, pos = (
+                struct.unpack_from("<Q", data, z64 + 32)[0],
+                struct.unpack_from("<Q", data, z64 + 48)[0],
+            )
         for _ in range(min(count, 100_000)):
             if data[pos : pos + 4] != b"PK\x01\x02":
                 return
@@ -288,7 +309,20 @@ def random_ops(rng, seed: Seed, pool: list[Seed]) -> list[tuple]:
     ops: list[tuple] = []
     n = max(1, len(seed.data))
     for _ in range(rng.choice((1, 1, 1, 2, 3, 5))):
-        kind = rng.choice(("flip", "flip", "set", "insert", "delete", "truncate", "splice", "number", "number", "number"))
+        kind = rng.choice(
+            (
+                "flip",
+                "flip",
+                "set",
+                "insert",
+                "delete",
+                "truncate",
+                "splice",
+                "number",
+                "number",
+                "number",
+            )
+        )
         if kind == "flip":
             ops.append(("flip", rng.randrange(n), rng.randrange(8)))
         elif kind == "set":
@@ -301,9 +335,21 @@ def random_ops(rng, seed: Seed, pool: list[Seed]) -> list[tuple]:
             ops.append(("truncate", rng.randrange(n + 1)))
         elif kind == "splice":
             other = rng.randrange(len(pool))
-            ops.append(("splice", rng.randrange(n), other, rng.randrange(len(pool[other].data)), rng.choice((4, 64, 512, 4096))))
+            ops.append(
+                (
+                    "splice",
+                    rng.randrange(n),
+                    other,
+                    rng.randrange(len(pool[other].data)),
+                    rng.choice((4, 64, 512, 4096)),
+                )
+            )
         elif seed.sites:
-            value = rng.choice(INTERESTING) if rng.random() < 0.8 else rng.randrange(-(1 << 16), 1 << 40)
+            value = (
+                rng.choice(INTERESTING)
+                if rng.random() < 0.8
+                else rng.randrange(-(1 << 16), 1 << 40)
+            )
             if rng.random() < 0.2:
                 value = n + rng.randrange(-2, 3)
             ops.append(("number", rng.randrange(len(seed.sites)), value))
