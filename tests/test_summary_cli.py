@@ -83,3 +83,27 @@ def test_optimizer_summary_counts_parameters_with_state():
     line = optimizer_summaries(open_checkpoint(SAMPLES / "train_checkpoint.pt"))["optimizer"]
     assert line.startswith("Adam-like: 1 param group(s), lr 0.0005")
     assert f"state for {len(loaded['optimizer']['state'])} parameter(s)" in line
+
+
+@pytest.mark.parametrize("sample", ALL_SAMPLES)
+@pytest.mark.parametrize("depth, pattern", [(None, None), (1, None), (None, "*weight*")])
+def test_fast_json_is_exactly_the_dict_encoding(sample, depth, pattern):
+    from modelscope_tui.readers import open_checkpoint
+    from modelscope_tui.summary import summary_dict, summary_json
+
+    ckpt = open_checkpoint(SAMPLES / sample)
+    expected = json.dumps(summary_dict(ckpt, depth, pattern), separators=(",", ":"))
+    assert summary_json(ckpt, depth, pattern) == expected
+
+
+def test_fast_json_escapes_odd_names(tmp_path):
+    from modelscope_tui.readers import open_checkpoint
+    from modelscope_tui.summary import summary_dict, summary_json
+
+    names = ['quote".weight', "back\\slash.bias", "tab\tnew\nline.w", "ünïcödé.层.weight", "emoji.🙂"]
+    path = tmp_path / "odd.pt"
+    torch.save({n: torch.zeros(2, dtype=torch.float16) for n in names} | {"step": torch.tensor(3)}, path)
+    ckpt = open_checkpoint(path)
+    text = summary_json(ckpt)
+    assert text == json.dumps(summary_dict(ckpt), separators=(",", ":"))
+    assert sorted(t["name"] for t in json.loads(text)["tensors"]) == sorted([*names, "step"])

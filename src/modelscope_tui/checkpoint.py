@@ -200,7 +200,7 @@ class GlobalRef:
         return f"{self.module}.{self.name}"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ModuleNode:
     """A module in the tree: real (class and attributes from the file) or implied by names."""
 
@@ -210,6 +210,7 @@ class ModuleNode:
     children: dict[str, ModuleNode] = field(default_factory=dict)
     tensors: list[TensorRecord] = field(default_factory=list)
     training: bool | None = None
+    _stats: ModuleStats | None = field(default=None, repr=False)
 
     @property
     def short_name(self) -> str:
@@ -238,37 +239,38 @@ class ModuleNode:
         for node in self.walk():
             yield from node.tensors
 
-    @cached_property
+    @property
     def stats(self) -> ModuleStats:
-        """Aggregates over the subtree; aliased tensors count once."""
-        fill_stats(self)
-        return self.__dict__["stats"]
+        """Aggregates over the subtree; aliased tensors count once (computed once, for all)."""
+        if self._stats is None:
+            fill_stats(self)
+        return self._stats
 
 
 def fill_stats(root: ModuleNode) -> None:
     """Compute `stats` for every node under root in one post-order pass (no recursion)."""
     order = list(root.walk())
     for node in reversed(order):
-        stats = ModuleStats()
+        count = params = trainable = buffers = nbytes = 0
         for t in node.tensors:
-            stats.tensors += 1
+            count += 1
             if t.alias_of is not None:
                 continue
-            stats.nbytes += t.nbytes
+            nbytes += t.nbytes
             if t.kind == PARAMETER:
-                stats.params += t.numel
+                params += t.numel
                 if t.trainable:
-                    stats.trainable += t.numel
+                    trainable += t.numel
             else:
-                stats.buffers += t.numel
+                buffers += t.numel
         for child in node.children.values():
-            c = child.__dict__["stats"]
-            stats.tensors += c.tensors
-            stats.params += c.params
-            stats.trainable += c.trainable
-            stats.buffers += c.buffers
-            stats.nbytes += c.nbytes
-        node.__dict__["stats"] = stats
+            c = child._stats
+            count += c.tensors
+            params += c.params
+            trainable += c.trainable
+            buffers += c.buffers
+            nbytes += c.nbytes
+        node._stats = ModuleStats(count, params, trainable, buffers, nbytes)
 
 
 @dataclass(slots=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -121,10 +120,11 @@ def run(args: argparse.Namespace) -> int:
             raise MscopeError("--depth must be 0 or more")
         ckpt = open_checkpoint(args.file)
         if args.json:
-            from .summary import summary_dict
+            from .gcpause import paused_gc
+            from .summary import summary_json
 
-            # dumps (C encoder, one write) is ~20x faster than dump on 100k tensors.
-            sys.stdout.write(json.dumps(summary_dict(ckpt, args.depth, args.filter), separators=(",", ":")))
+            with paused_gc():  # hundreds of thousands of small strings, no cycles
+                sys.stdout.write(summary_json(ckpt, args.depth, args.filter))  # one write
             sys.stdout.write("\n")
         else:
             from rich.console import Console

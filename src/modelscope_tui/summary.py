@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+import json
+from collections.abc import Iterator
+from json.encoder import encode_basestring_ascii as _enc
 from typing import Any
 
 from .checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord
@@ -89,28 +92,36 @@ def tensor_dict(t: TensorRecord) -> dict[str, Any]:
     }
 
 
-def summary_dict(ckpt: Checkpoint, depth: int | None = None, pattern: str | None = None) -> dict[str, Any]:
-    totals = ckpt.totals()
-    modules = []
+def summary_modules(ckpt: Checkpoint, depth: int | None = None, pattern: str | None = None) -> Iterator[ModuleNode]:
     for node in ckpt.tree.walk():
         level = node.name.count(".") + 1 if node.name else 0
         if depth is not None and level > depth:
             continue
         if pattern is not None and node.name and not any(matches(t.name, pattern) for t in node.all_tensors()):
             continue
-        stats = node.stats
-        modules.append(
-            {
-                "name": node.name,
-                "class": node.class_path,
-                "training": node.training,
-                "attributes": {k: _jsonable(v) for k, v in node.attributes.items()},
-                "tensors": stats.tensors,
-                "parameters": stats.params,
-                "trainable": stats.trainable,
-                "bytes": stats.nbytes,
-            }
-        )
+        yield node
+
+
+def module_dict(node: ModuleNode) -> dict[str, Any]:
+    stats = node.stats
+    return {
+        "name": node.name,
+        "class": node.class_path,
+        "training": node.training,
+        "attributes": {k: _jsonable(v) for k, v in node.attributes.items()},
+        "tensors": stats.tensors,
+        "parameters": stats.params,
+        "trainable": stats.trainable,
+        "bytes": stats.nbytes,
+    }
+
+
+def summary_dict(
+    ckpt: Checkpoint, depth: int | None = None, pattern: str | None = None, with_lists: bool = True
+) -> dict[str, Any]:
+    """The summary as plain data. with_lists=False leaves `modules` and `tensors` as None (see
+    summary_json, which renders those two itself)."""
+    totals = ckpt.totals()
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -137,8 +148,10 @@ def summary_dict(ckpt: Checkpoint, depth: int | None = None, pattern: str | None
             for name, role in ckpt.sections.items()
             if role != "model"
         },
-        "modules": modules,
-        "tensors": [tensor_dict(t) for t in ckpt.tensors if pattern is None or matches(t.name, pattern)],
+        "modules": [module_dict(n) for n in summary_modules(ckpt, depth, pattern)] if with_lists else None,
+        "tensors": [tensor_dict(t) for t in ckpt.tensors if pattern is None or matches(t.name, pattern)]
+        if with_lists
+        else None,
         "entries": [{"path": e.path, "type": e.type, "value": _jsonable(e.value)} for e in ckpt.entries],
         "globals": [
             {
@@ -156,6 +169,60 @@ def summary_dict(ckpt: Checkpoint, depth: int | None = None, pattern: str | None
         "warnings": ckpt.warnings,
         "problems": ckpt.problems,
     }
+
+
+# The two long lists are rendered with f-strings around the C string encoder: the same text as
+# json.dumps(summary_dict(...), separators=(",", ":")) (a test holds them equal), about 3x
+# faster than building 200k dicts for the encoder on a 100k-tensor file.
+def summary_json(ckpt: Checkpoint, depth: int | None = None, pattern: str | None = None) -> str:
+    data = summary_dict(ckpt, depth, pattern, with_lists=False)
+    keys = list(data)
+    split = keys.index("modules")
+    assert keys[split + 1] == "tensors"
+    before = _dumps({k: data[k] for k in keys[:split]})
+    after = _dumps({k: data[k] for k in keys[split + 2 :]})
+    modules = ",".join(map(_module_json, summary_modules(ckpt, depth, pattern)))
+    tensors = ",".join(_tensor_json(t) for t in ckpt.tensors if pattern is None or matches(t.name, pattern))
+    return f'{before[:-1]},"modules":[{modules}],"tensors":[{tensors}],{after[1:]}'
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if type(value) is str:
+        return _enc(value)
+    return _dumps(value)
+
+
+def _module_json(node: ModuleNode) -> str:
+    stats = node.stats
+    attributes = _dumps({k: _jsonable(v) for k, v in node.attributes.items()}) if node.attributes else "{}"
+    return (
+        f'{{"name":{_enc(node.name)},"class":{_scalar(node.class_path)},"training":{_scalar(node.training)},'
+        f'"attributes":{attributes},"tensors":{stats.tensors},"parameters":{stats.params},'
+        f'"trainable":{stats.trainable},"bytes":{stats.nbytes}}}'
+    )
+
+
+def _tensor_json(t: TensorRecord) -> str:
+    storage = t.storage
+    return (
+        f'{{"name":{_enc(t.name)},"section":{_enc(t.section)},"shape":[{",".join(map(str, t.shape))}],'
+        f'"dtype":{_enc(t.dtype)},"kind":{_enc(t.kind)},"requires_grad":{_scalar(t.requires_grad)},'
+        f'"trainable":{_scalar(t.trainable)},"numel":{t.numel},"bytes":{t.nbytes},'
+        f'"stride":[{",".join(map(str, t.stride))}],"storage_offset":{t.storage_offset},'
+        f'"storage":{_scalar(storage.key if storage is not None else None)},"location":{_enc(t.location)},'
+        f'"shard":{_scalar(t.shard)},"tied_to":{_scalar(t.tied_to)},"alias_of":{_scalar(t.alias_of)},'
+        f'"note":{_scalar(t.note)}}}'
+    )
 
 
 def _jsonable(value: Any) -> Any:

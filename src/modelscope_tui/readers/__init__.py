@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint
 from ..errors import CorruptCheckpointError, MscopeError, NotFoundError, UnsupportedFormatError
+from ..gcpause import paused_gc
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 SAFETENSORS_MAX_HEADER = 100 << 20
@@ -111,7 +112,11 @@ def open_checkpoint(path: str | os.PathLike, strict: bool = True) -> Checkpoint:
     strict: raise CorruptCheckpointError when tensor bytes are missing or short (the CLI's
     summary); audits pass False and report `checkpoint.problems` as findings instead.
     """
-    path = Path(path)
+    with paused_gc():
+        return _open_checkpoint(Path(path), strict)
+
+
+def _open_checkpoint(path: Path, strict: bool) -> Checkpoint:
     try:
         ckpt = _dispatch(path)
     except MscopeError as exc:

@@ -40,14 +40,16 @@ class StorageTable:
         self.problems: list[str] = []  # what Checkpoint.check_storage_bounds cannot see
 
     def __call__(self, pid: Any) -> StorageRecord:
-        if type(pid) is tuple and len(pid) == 5:
-            record = self.records.get(pid[2])
-            if record is not None and pid[0] == "storage":
-                return record
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-            raise CorruptCheckpointError(f"unexpected persistent id {str(pid)[:80]}", self.path)
-        _, storage_type, key, location, numel = pid[:5]
-        if not isinstance(storage_type, StorageType):
+        # Runs once per tensor (100k times in a big state_dict): the common case comes first.
+        if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage"):
+            if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+                raise CorruptCheckpointError(f"unexpected persistent id {str(pid)[:80]}", self.path)
+            pid = tuple(pid[:5])
+        _, storage_type, key, location, numel = pid
+        record = self.records.get(key)
+        if record is not None:
+            return record
+        if type(storage_type) is not StorageType:
             name = getattr(getattr(storage_type, "_global", None), "qualname", None) or type(storage_type).__name__
             raise CorruptCheckpointError(f"unknown storage type {name[:80]}", self.path)
         if type(key) is not str or len(key) > 256 or type(numel) is not int or not 0 <= numel < 1 << 62:
@@ -64,20 +66,24 @@ class StorageTable:
             self.byteorder,
         )
         if self.archive is not None:
-            entry = self.archive.entries.get(self.folder + key)
-            if entry is not None:
-                record.data_offset = self.archive.data_offset(entry)
-                record.compressed = entry.method != STORED
-                if record.compressed:
-                    record.data_size = entry.compressed_size
-                    if entry.size < record.nbytes:  # the directory says what it inflates to
-                        self.problems.append(
-                            f"storage {key!r} inflates to {entry.size:,} bytes but declares {record.nbytes:,}"
-                        )
-                else:
-                    record.data_size = min(entry.size, entry.compressed_size)
+            self._locate(record)
         self.records[key] = record
         return record
+
+    def _locate(self, record: StorageRecord) -> None:
+        entry = self.archive.entries.get(self.folder + record.key)
+        if entry is None:
+            return
+        record.data_offset = self.archive.data_offset(entry)
+        record.compressed = entry.method != STORED
+        if record.compressed:
+            record.data_size = entry.compressed_size
+            if entry.size < record.nbytes:  # the directory says what it inflates to
+                self.problems.append(
+                    f"storage {record.key!r} inflates to {entry.size:,} bytes but declares {record.nbytes:,}"
+                )
+        else:
+            record.data_size = min(entry.size, entry.compressed_size)
 
 
 def read_torch_zip(path: Path, archive: ZipArchive) -> Checkpoint:

@@ -83,7 +83,14 @@ def tensor_leaves(obj: Any, limit: int = 1_000_000) -> tuple[int, int]:
     seen: set[int] = set()
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, TensorRef):
+        if type(item) in (dict, OrderedDict) and depth < MAX_DEPTH and id(item) not in seen:
+            seen.add(id(item))  # a state_dict: count its tensors without a stack round trip each
+            for value in item.values():
+                if type(value) is TensorRef:
+                    tensors += 1
+                else:
+                    stack.append((value, depth + 1))
+        elif isinstance(item, TensorRef):
             tensors += 1
         elif is_mapping(item) and depth < MAX_DEPTH and id(item) not in seen:
             seen.add(id(item))
@@ -272,19 +279,24 @@ class Walker:
                     from_file = True
             else:
                 kind = TENSOR
+        # Positional: keyword arguments double the cost of this call, made once per tensor.
         record = TensorRecord(
-            name=name,
-            shape=ref.shape,
-            dtype=dtype,
-            stride=ref.stride,
-            storage_offset=ref.offset,
-            storage=storage,
-            requires_grad=ref.requires_grad,
-            kind=kind,
-            kind_from_file=from_file,
-            section=section,
-            note=ref.note or (f"subclass {ref.subclass}" if ref.subclass else None),
-            pickle_seq=ref.seq,
+            name,
+            ref.shape,
+            dtype,
+            ref.stride,
+            ref.offset,
+            storage,
+            ref.requires_grad,
+            kind,
+            from_file,
+            section,
+            None,  # shard
+            True,  # persistent
+            ref.note or (f"subclass {ref.subclass}" if ref.subclass else None),
+            None,  # tied_to
+            None,  # alias_of
+            ref.seq,
         )
         self.ckpt.tensors.append(record)
         return record

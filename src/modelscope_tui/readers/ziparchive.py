@@ -20,7 +20,7 @@ _EOCD64_LOCATOR = struct.Struct("<4sLQL")
 _EOCD64 = struct.Struct("<4sQ2H2L4Q")
 _CENTRAL = struct.Struct("<4s6H3L5H2L")
 _LOCAL = struct.Struct("<4s5H3L2H")
-_LOCAL_LENGTHS = struct.Struct("<2H")
+_LOCAL_HEAD = struct.Struct("<4s22x2H")  # signature; name and extra lengths at offset 26
 _MAX_COMMENT = 0xFFFF
 STORED, DEFLATED = 0, 8
 
@@ -34,6 +34,7 @@ class ZipEntry:
     size: int
     crc: int
     flags: int
+    raw_name: bytes = b""  # as stored, to match the local header byte for byte
 
 
 class ZipArchive:
@@ -100,14 +101,15 @@ class ZipArchive:
             if sig != b"PK\x01\x02":
                 raise self._corrupt("bad central directory entry")
             name_start = p + _CENTRAL.size
-            name = bytes(buf[name_start : name_start + nlen]).decode("utf-8", "replace")
+            raw_name = bytes(buf[name_start : name_start + nlen])
+            name = raw_name.decode("utf-8", "replace")
             if 0xFFFFFFFF in (csize, usize, offset):
                 usize, csize, offset = self._zip64_extra(name_start + nlen, xlen, usize, csize, offset)
             p = name_start + nlen + xlen + clen
             if name in entries:
                 self.duplicates.append(name)
                 self.shadowed.append(entries[name])
-            entries[name] = ZipEntry(name, offset, method, csize, usize, crc, flags)
+            entries[name] = ZipEntry(name, offset, method, csize, usize, crc, flags, raw_name)
         if p > end:
             raise self._corrupt("central directory is truncated")
 
@@ -137,14 +139,17 @@ class ZipArchive:
         """Absolute offset of the member's first byte (after its local header)."""
         pos = entry.header_offset
         buf = self.buffer
-        if pos + _LOCAL.size > self.size or buf[pos : pos + 4] != b"PK\x03\x04":
+        try:
+            signature, name_len, extra_len = _LOCAL_HEAD.unpack_from(buf, pos)
+        except struct.error:
+            signature = None
+        if signature != b"PK\x03\x04":
             raise self._corrupt(f"local header of {entry.name!r} is missing")
-        name_len, extra_len = _LOCAL_LENGTHS.unpack_from(buf, pos + 26)
-        local_name = bytes(buf[pos + _LOCAL.size : pos + _LOCAL.size + name_len])
-        if local_name.decode("utf-8", "replace") != entry.name:
+        local_name = buf[pos + _LOCAL.size : pos + _LOCAL.size + name_len]
+        if local_name != entry.raw_name:
             # Two directory entries sharing one local header (overlapping members, the
             # non-recursive zip bomb) or a directory that disagrees with the data.
-            raise self._corrupt(f"directory entry {entry.name!r} points at the local header of {local_name[:80]!r}")
+            raise self._corrupt(f"directory entry {entry.name!r} points at the local header of {bytes(local_name[:80])!r}")
         start = pos + _LOCAL.size + name_len + extra_len
         if start + entry.compressed_size > self.size:
             raise self._corrupt(f"member {entry.name!r} runs past the end of the file")

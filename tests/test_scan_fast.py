@@ -1,0 +1,118 @@
+"""The regex fast scan must agree with the exact opcode walk: same end offset, or defer (None).
+
+It may never accept what the exact scan refuses, since that is what keeps crafted memo indices,
+lengths and object floods away from the C unpickler.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from collections import OrderedDict
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from modelscope_tui.errors import UnsafePickleError
+from modelscope_tui.readers import unpickler as U
+from modelscope_tui.readers.ziparchive import ZipArchive
+
+
+def exact(data: bytes, start: int = 0) -> int | None:
+    try:
+        return U._scan_exact(data, start, "t")
+    except UnsafePickleError:
+        return None
+
+
+def agrees(data: bytes, start: int = 0) -> None:
+    fast = U._scan_fast(data, start)
+    assert fast is None or fast == exact(data, start), (fast, exact(data, start))
+
+
+def torch_pickle(tmp_path, obj) -> bytes:
+    path = tmp_path / "x.pt"
+    torch.save(obj, path)
+    with ZipArchive(path) as archive:
+        name = next(n for n in archive.entries if n.endswith("/data.pkl"))
+        return archive.read(name, 1 << 30)
+
+
+@pytest.fixture(scope="module")
+def big_state_dict_pickle(tmp_path_factory) -> bytes:
+    """Over 65,536 memo entries, so LONG_BINPUT is checked by the regex bound."""
+    sd = OrderedDict((f"layers.{i}.block.weight", torch.zeros(2)) for i in range(12_000))
+    sd["meta"] = {"note": "x" * 300, "lr": 1e-3, "big": 1 << 70, "flags": [True, None]}
+    return torch_pickle(tmp_path_factory.mktemp("big"), sd)
+
+
+def test_fast_scan_takes_ordinary_large_pickles(big_state_dict_pickle):
+    data = big_state_dict_pickle
+    assert len(data) > U._MEMO_STEP
+    assert U._scan_fast(data, 0) == len(data) == U._scan_exact(data, 0, "t")
+
+
+def test_fast_scan_with_trailing_bytes_checks_memo_against_the_pickle(big_state_dict_pickle):
+    # A legacy file: storages follow the pickle, so the buffer is far longer than the pickle.
+    data = b"junk" + big_state_dict_pickle + bytes(5 * U._MEMO_STEP)
+    assert U._scan_fast(data, 4) == 4 + len(big_state_dict_pickle)
+
+
+def test_memo_index_just_past_the_pickle_is_refused(big_state_dict_pickle):
+    data = big_state_dict_pickle
+    # LONG_BINPUT whose index exceeds the pickle's own length, hidden before STOP.
+    crafted = data[:-1] + b"N" + b"r" + struct.pack("<I", len(data) + 100) + b"0."
+    assert U._scan_fast(crafted, 0) is None
+    with pytest.raises(UnsafePickleError, match="memo index"):
+        U.scan_pickle(crafted, 0, "t")
+    # ...even when the buffer runs on long enough to make that index look plausible.
+    padded = crafted + bytes(4 * U._MEMO_STEP)
+    assert U._scan_fast(padded, 0) is None
+    with pytest.raises(UnsafePickleError, match="memo index"):
+        U.scan_pickle(padded, 0, "t")
+
+
+def test_object_flood_goes_to_the_exact_scan():
+    flood = b"\x80\x02" + b"}" * 1_200_000 + b"."  # EMPTY_DICT: 64 bytes of objects per byte
+    assert U._scan_fast(flood, 0) is None
+    with pytest.raises(UnsafePickleError, match="MiB of objects"):
+        U.scan_pickle(flood, 0, "t")
+
+
+def test_truncated_string_defers():
+    data = pickle.dumps(["a" * 1000, "b" * 20], protocol=2)
+    for cut in (len(data) - 1, len(data) - 30, len(data) // 2):
+        assert U._scan_fast(data[:cut], 0) is None
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_fast_scan_never_disagrees_with_exact(big_state_dict_pickle, data):
+    base = data.draw(
+        st.sampled_from(
+            [
+                big_state_dict_pickle,
+                pickle.dumps({"a": [1, 2.5, "x" * 300, b"y" * 70_000, (None, True)]}, protocol=2),
+                pickle.dumps([{"k": i} for i in range(3000)], protocol=4),
+                pickle.dumps({"t": "z" * 10}, protocol=0),
+            ]
+        )
+    )
+    buf = bytearray(base)
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(buf) - 1))
+        action = data.draw(st.sampled_from(["flip", "cut", "insert", "memo"]))
+        if action == "flip":
+            buf[at] = data.draw(st.integers(0, 255))
+        elif action == "cut":
+            del buf[at:]
+            if not buf:
+                buf = bytearray(b".")
+        elif action == "insert":
+            buf[at:at] = data.draw(st.binary(min_size=1, max_size=8))
+        else:
+            index = data.draw(st.sampled_from([len(buf), len(buf) + 1, 1 << 20, 1 << 31, U._MEMO_STEP * 3]))
+            buf[at:at] = b"r" + struct.pack("<I", index & 0xFFFFFFFF)
+    agrees(bytes(buf))
