@@ -81,6 +81,13 @@ def can_require_grad(dtype: str) -> bool:
     return dtype in FLOATING_DTYPES or dtype in COMPLEX_DTYPES
 
 
+def _trains(t: TensorRecord) -> bool:
+    """TensorRecord.trainable, as a function: hot loops over 100k records call it directly."""
+    if t.kind != PARAMETER or (t.dtype not in FLOATING_DTYPES and t.dtype not in COMPLEX_DTYPES):
+        return False
+    return t.requires_grad if t.kind_from_file else True
+
+
 def prod(shape: tuple[int, ...]) -> int:
     return math.prod(shape) if shape else 1
 
@@ -156,9 +163,7 @@ class TensorRecord:
         the model makes parameters trainable. Files that keep the Parameter (full modules,
         TorchScript, saved Parameters) are taken at their word.
         """
-        if self.kind != PARAMETER or not can_require_grad(self.dtype):
-            return False
-        return self.requires_grad if self.kind_from_file else True
+        return _trains(self)
 
     @property
     def is_contiguous(self) -> bool:
@@ -233,7 +238,8 @@ class ModuleNode:
         while stack:
             node = stack.pop()
             yield node
-            stack.extend(reversed(list(node.children.values())))
+            if node.children:
+                stack.extend(reversed(node.children.values()))
 
     def all_tensors(self):
         for node in self.walk():
@@ -249,7 +255,13 @@ class ModuleNode:
 
 def fill_stats(root: ModuleNode) -> None:
     """Compute `stats` for every node under root in one post-order pass (no recursion)."""
-    order = list(root.walk())
+    order = [root]  # breadth-first: every parent before its children, so reversed it is post-order
+    i = 0
+    while i < len(order):
+        children = order[i].children
+        if children:
+            order.extend(children.values())
+        i += 1
     for node in reversed(order):
         count = params = trainable = buffers = nbytes = 0
         for t in node.tensors:
@@ -259,7 +271,7 @@ def fill_stats(root: ModuleNode) -> None:
             nbytes += t.nbytes
             if t.kind == PARAMETER:
                 params += t.numel
-                if t.trainable:
+                if _trains(t):
                     trainable += t.numel
             else:
                 buffers += t.numel
@@ -393,36 +405,41 @@ class Checkpoint:
 
     def check_storage_bounds(self) -> None:
         """Record every tensor whose bytes are not all in the file. Readers call this last."""
-        reported: set[int] = set()
+        itemsizes = DTYPE_ITEMSIZE
+        storage_bytes: dict[int, int | None] = {}  # id -> declared bytes; None once reported
         for t in self.tensors:
             s = t.storage
             if s is None:
                 continue
-            if id(s) not in reported:
+            sid = id(s)
+            if sid in storage_bytes:
+                size = storage_bytes[sid]
+            else:
+                size = storage_bytes[sid] = s.numel * itemsizes.get(s.dtype, 1)
                 if s.data_offset is None:
-                    reported.add(id(s))
+                    storage_bytes[sid] = None
                     self.problems.append(f"storage {s.key!r} of tensor {t.qualified_name!r} is missing from the file")
                     continue
-                if s.data_size is not None and not s.compressed and s.data_size < s.nbytes:
-                    reported.add(id(s))
+                if s.data_size is not None and not s.compressed and s.data_size < size:
+                    storage_bytes[sid] = None
                     self.problems.append(
                         f"storage {s.key!r} of tensor {t.qualified_name!r} holds {s.data_size:,} bytes "
-                        f"but declares {s.nbytes:,}"
+                        f"but declares {size:,}"
                     )
                     continue
-            numel = t.numel
-            if numel == 0:
+            if t.numel == 0:
                 continue
             shape = t.shape
             if len(shape) == 1:
                 last = t.storage_offset + (shape[0] - 1) * t.stride[0]
             else:
                 last = t.storage_offset + sum((n - 1) * st for n, st in zip(shape, t.stride))
-            needed = (last + 1) * t.itemsize
-            if needed > s.nbytes:
+            needed = (last + 1) * itemsizes.get(t.dtype, 1)
+            declared = size if size is not None else s.numel * itemsizes.get(s.dtype, 1)
+            if needed > declared:
                 self.problems.append(
                     f"tensor {t.qualified_name!r} {list(t.shape)} needs {needed:,} bytes "
-                    f"but its storage {s.key!r} holds {s.nbytes:,}"
+                    f"but its storage {s.key!r} holds {declared:,}"
                 )
 
     def totals(self) -> Totals:
@@ -451,23 +468,25 @@ class Checkpoint:
             size = t.nbytes
             nbytes += size
             by_dtype[t.dtype] += size
-            by_location[t.location] += size
+            s = t.storage
+            by_location[s.location if s is not None else "cpu"] += size
             if t.kind == PARAMETER:
                 params += t.numel
-                if t.trainable:
+                if _trains(t):
                     trainable += t.numel
             else:
                 buffers += t.numel
-        seen: set[int] = set()
+        storages: dict[int, StorageRecord] = {}
         file_bytes = 0
         for t in self.tensors:
             s = t.storage
             if s is None:
                 if t.alias_of is None:
                     file_bytes += t.nbytes
-            elif id(s) not in seen:
-                seen.add(id(s))
-                file_bytes += s.nbytes
+            else:
+                storages[id(s)] = s
+        itemsizes = DTYPE_ITEMSIZE
+        file_bytes += sum(s.numel * itemsizes.get(s.dtype, 1) for s in storages.values())
         return Totals(
             tensors=model_count,
             parameters=params,

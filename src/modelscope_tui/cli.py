@@ -121,10 +121,11 @@ def run(args: argparse.Namespace) -> int:
         ckpt = open_checkpoint(args.file)
         if args.json:
             from .gcpause import paused_gc
-            from .summary import summary_json
+            from .summary import summary_json_chunks
 
             with paused_gc():  # hundreds of thousands of small strings, no cycles
-                sys.stdout.write(summary_json(ckpt, args.depth, args.filter))  # one write
+                for chunk in summary_json_chunks(ckpt, args.depth, args.filter):
+                    sys.stdout.write(chunk)
             sys.stdout.write("\n")
         else:
             from rich.console import Console

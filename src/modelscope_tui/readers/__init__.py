@@ -166,7 +166,7 @@ def _check_view_sizes(ckpt: Checkpoint, path: Path) -> None:
     limit = None
     for t in ckpt.tensors:
         s = t.storage
-        if s is None or t.nbytes <= s.nbytes or t.nbytes <= 1 << 30:
+        if s is None or t.nbytes <= 1 << 30 or t.nbytes <= s.nbytes:
             continue
         if limit is None:
             limit = max(1 << 30, MAX_VIEW_EXPANSION * sum(_size(f) for f in ckpt.files))

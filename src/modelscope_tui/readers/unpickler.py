@@ -459,10 +459,20 @@ class TensorRef:
 
     def __init__(self, storage: Any, offset: Any, shape: Any, stride: Any, requires_grad: Any, dtype: str | None = None):
         self.storage = storage
-        self.shape = _check_dims(shape, "shape")
-        self.stride = _check_dims(stride, "stride") if stride is not None else _contiguous(self.shape)
-        if len(self.stride) != len(self.shape):
-            raise UnsafePickleError(f"tensor stride {self.stride} does not match its shape {self.shape}")
+        if type(shape) is tuple and type(stride) is tuple and len(shape) == len(stride) <= MAX_DIMS:
+            for value in shape:  # inline: this runs once per tensor, 100k times in a big file
+                if type(value) is not int or not 0 <= value < MAX_DIM:
+                    raise UnsafePickleError(f"tensor has an invalid shape {_short(shape)}")
+            for value in stride:
+                if type(value) is not int or not 0 <= value < MAX_DIM:
+                    raise UnsafePickleError(f"tensor has an invalid stride {_short(stride)}")
+        else:
+            shape = _check_dims(shape, "shape")
+            stride = _check_dims(stride, "stride") if stride is not None else _contiguous(shape)
+            if len(stride) != len(shape):
+                raise UnsafePickleError(f"tensor stride {stride} does not match its shape {shape}")
+        self.shape = shape
+        self.stride = stride
         if type(offset) is not int or not 0 <= offset < MAX_DIM:
             raise UnsafePickleError(f"tensor has an invalid storage offset {offset!r}")
         self.offset = offset

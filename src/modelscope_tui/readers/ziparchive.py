@@ -19,6 +19,9 @@ _EOCD = struct.Struct("<4s4H2LH")
 _EOCD64_LOCATOR = struct.Struct("<4sLQL")
 _EOCD64 = struct.Struct("<4sQ2H2L4Q")
 _CENTRAL = struct.Struct("<4s6H3L5H2L")
+# The same 46 bytes, only the fields we use: signature, flags, method, crc, compressed and
+# uncompressed size, name/extra/comment lengths, local header offset.
+_CENTRAL_FIELDS = struct.Struct("<4s4x2H4x3L3H8xL")
 _LOCAL = struct.Struct("<4s5H3L2H")
 _LOCAL_HEAD = struct.Struct("<4s22x2H")  # signature; name and extra lengths at offset 26
 _MAX_COMMENT = 0xFFFF
@@ -93,17 +96,17 @@ class ZipArchive:
         entries = self.entries
         p = cd_offset
         end = cd_offset + cd_size
-        unpack = _CENTRAL.unpack_from
+        unpack = _CENTRAL_FIELDS.unpack_from
         for _ in range(count):
             if p + _CENTRAL.size > end:
                 raise self._corrupt("central directory is truncated")
-            (sig, _, _, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _, offset) = unpack(buf, p)
+            (sig, flags, method, crc, csize, usize, nlen, xlen, clen, offset) = unpack(buf, p)
             if sig != b"PK\x01\x02":
                 raise self._corrupt("bad central directory entry")
             name_start = p + _CENTRAL.size
             raw_name = bytes(buf[name_start : name_start + nlen])
             name = raw_name.decode("utf-8", "replace")
-            if 0xFFFFFFFF in (csize, usize, offset):
+            if csize == 0xFFFFFFFF or usize == 0xFFFFFFFF or offset == 0xFFFFFFFF:
                 usize, csize, offset = self._zip64_extra(name_start + nlen, xlen, usize, csize, offset)
             p = name_start + nlen + xlen + clen
             if name in entries:
