@@ -143,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
 
         return run_audit_command(args)
     if args.command == "diff":
+        if sys.stdout.isatty() and not (args.json or args.text or args.all_sections):
+            return run_diff_explorer(args)
         from .diff import run_diff_command
 
         return run_diff_command(args)
@@ -153,16 +155,47 @@ def run(args: argparse.Namespace) -> int:
     raise MscopeError(f"unknown command {args.command!r}")
 
 
-def _prefetch(path: str):
+def _prefetch(path: str, **kwargs):
     """Start reading the checkpoint on a thread; the explorer picks up the result (or error)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .readers import open_checkpoint
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mscope-open")
-    future = pool.submit(open_checkpoint, path)
+    future = pool.submit(open_checkpoint, path, **kwargs)
     pool.shutdown(wait=False)
     return future
+
+
+def run_diff_explorer(args: argparse.Namespace) -> int:
+    """`mscope diff A B` in a terminal: the explorer on B in diff mode against A (the tree first,
+    from metadata; values compared in a worker). --json, --text or --all-sections print instead."""
+    if args.atol < 0 or args.rtol < 0:
+        raise MscopeError("--atol and --rtol must be 0 or more")
+    for path in (args.file_a, args.file_b):
+        if not os.path.exists(path):
+            raise MscopeError("no such file or directory", path)
+    if args.plan:
+        from .freeze import load_plan
+
+        load_plan(args.plan)  # a bad plan fails before the explorer starts
+    # Both files parse while Textual imports; like the text diff, damaged files still compare.
+    prefetch_b = _prefetch(args.file_b, strict=False)
+    prefetch_a = _prefetch(args.file_a, strict=False)
+    from .tui.app import run_app
+
+    code, line = run_app(
+        args.file_b,
+        prefetch=prefetch_b,
+        compare=args.file_a,
+        compare_prefetch=prefetch_a,
+        atol=args.atol,
+        rtol=args.rtol,
+        plan=args.plan,
+    )
+    if line:
+        _error(line)
+    return code
 
 
 def run_estimate(args: argparse.Namespace) -> int:

@@ -9,6 +9,11 @@ API (the CLI and the explorer's diff mode use these):
   changed, with max |a - b|, relative L2 difference ||a - b|| / ||a|| and cosine similarity.
   `DiffReport.modules` sums that up per module; `DiffReport.by_name` serves tree colouring.
 - `check_plan(diff, plan) -> PlanCheck`: were the parameters a freeze plan froze left alone?
+- `DiffStream(a, b, ...)`: the same diff in steps. Construction reads metadata only (`metadata`:
+  added / removed / shape- / dtype-changed at once, the rest `pending`); `run()` yields each value
+  comparison and rename as it is found; `finish()` gives the DiffReport. `LiveDiff(stream)` keeps
+  the latest status of every tensor and module for a view (the explorer's diff mode), fed with
+  `apply()`. `diff_checkpoints` is a DiffStream run to the end.
 
 Memory is bounded by the chunk size: both tensors are read in lockstep, chunk by chunk, through
 TensorData's mmap views. No Textual; torch only for float8 tensors.
@@ -21,7 +26,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +58,7 @@ SCHEMA_VERSION = 1
 IDENTICAL, CLOSE, CHANGED = "identical", "close", "changed"
 ADDED, REMOVED, RENAMED = "added", "removed", "renamed"
 SHAPE_CHANGED, DTYPE_CHANGED, UNREADABLE = "shape-changed", "dtype-changed", "unreadable"
+PENDING = "pending"  # live diffs only (DiffStream / LiveDiff): values not compared yet
 STATUSES = (
     IDENTICAL,
     CLOSE,
@@ -92,6 +98,7 @@ class TensorDiff:
     sumsq_diff: float = 0.0
     sumsq_a: float = 0.0
     message: str | None = None
+    pending: bool = False  # live diffs only: the values are still to be compared
 
     @property
     def moved(self) -> bool:
@@ -440,110 +447,216 @@ def diff_checkpoints(
     """Compare the model tensors of A and B (every section's with sections="all").
 
     Tensors are matched by name; see the module docstring for the statuses. When `cancel` is
-    set the report comes back with `cancelled=True` and the tensors compared so far.
+    set the report comes back with `cancelled=True` and the tensors compared so far (and every
+    status known from metadata alone).
     """
-    from .tensordata import TensorData
+    stream = DiffStream(a, b, atol, rtol, chunk_bytes, sections, detect_renames)
+    for _ in stream.run(progress, cancel):
+        pass
+    return stream.finish()
 
-    t0 = time.perf_counter()
-    report = DiffReport(a.path, b.path, a.format, b.format, atol, rtol)
-    ta, tb = _tensors(a, sections), _tensors(b, sections)
-    mapping, note = _prefix_map(ta, tb)
-    if note:
-        report.notes.append(note)
-    mapped_b = set(mapping.values())
-    removed = [n for n in ta if n not in mapping]
-    added = [n for n in tb if n not in mapped_b]
-    pairs = [(an, mapping[an]) for an in ta if an in mapping]
-    total = 0
-    for an, bn in pairs:
-        ra, rb = ta[an], tb[bn]
-        if ra.shape == rb.shape and ra.dtype in _LAYOUT and rb.dtype in _LAYOUT:
-            total += ra.nbytes + rb.nbytes
-    state = {"done": 0, "last": 0.0}
 
-    def on_bytes(n: int, name: str = "") -> None:
-        state["done"] += n
-        now = time.perf_counter()
-        if progress is not None and now - state["last"] >= 0.1:
-            state["last"] = now
-            progress(Progress(state["done"], total, now - t0, name))
+class DiffStream:
+    """A diff in two steps, for views that must show something at once (the explorer).
 
-    diffs: list[TensorDiff] = []
-    try:
-        with TensorData() as da, TensorData() as db:
-            for an, bn in pairs:
+    Constructing it matches the names and reads no tensor bytes: `metadata` then holds one
+    TensorDiff per pair, removed and added tensor, with every status that metadata decides
+    (added, removed, shape-changed, dtype-changed, unreadable); pairs whose values are still to be
+    compared have `pending=True` (status PENDING, or DTYPE_CHANGED for a cast). `run()` compares
+    the values, pair by pair, then looks for renames, and yields each result as it is known: a new
+    TensorDiff replacing the pending one with the same names, or a RENAMED one replacing a
+    removed + added pair. `finish()` assembles the DiffReport `diff_checkpoints` returns.
+
+    The objects in `metadata` are never changed after construction, so a UI thread may read them
+    while `run()` goes on in a worker.
+    """
+
+    def __init__(
+        self,
+        a: Checkpoint,
+        b: Checkpoint,
+        atol: float = 1e-8,
+        rtol: float = 1e-5,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        sections: str = "model",
+        detect_renames: bool = True,
+    ) -> None:
+        self.a, self.b = a, b
+        self.chunk_bytes = chunk_bytes
+        self.detect_renames = detect_renames
+        self.report = DiffReport(a.path, b.path, a.format, b.format, atol, rtol)
+        self._ta, self._tb = ta, tb = _tensors(a, sections), _tensors(b, sections)
+        mapping, note = _prefix_map(ta, tb)
+        if note:
+            self.report.notes.append(note)
+        mapped_b = set(mapping.values())
+        self.removed = [n for n in ta if n not in mapping]
+        self.added = [n for n in tb if n not in mapped_b]
+        self.pairs: list[TensorDiff] = []
+        self.total = 0  # bytes the value comparison reads (both sides)
+        for an in ta:
+            if an in mapping:
+                self.pairs.append(self._pair(an, mapping[an]))
+        self._removed = [_one_side(REMOVED, an, ta[an]) for an in self.removed]
+        self._added = [_one_side(ADDED, bn, tb[bn]) for bn in self.added]
+        self.results: dict[tuple[str | None, str | None], TensorDiff] = {}
+        self.renamed: list[TensorDiff] = []
+        self.done_bytes = 0
+        self.seconds = 0.0
+
+    def _pair(self, an: str, bn: str) -> TensorDiff:
+        ra, rb = self._ta[an], self._tb[bn]
+        d = TensorDiff(
+            bn, PENDING, an, bn, tuple(ra.shape), tuple(rb.shape), ra.dtype, rb.dtype, rb.numel
+        )
+        if ra.shape != rb.shape:
+            d.status = SHAPE_CHANGED
+            return d
+        comparable = (
+            ra.dtype in _LAYOUT
+            and rb.dtype in _LAYOUT
+            and _LAYOUT[ra.dtype][1] == _LAYOUT[rb.dtype][1]
+            and ra.storage is not None
+            and rb.storage is not None
+        )
+        if not comparable:
+            d.status = DTYPE_CHANGED if ra.dtype != rb.dtype else UNREADABLE
+            if d.status == UNREADABLE:
+                d.message = (
+                    f"no values to compare (dtype {ra.dtype}, {ra.note or rb.note or 'no storage'})"
+                )
+            return d
+        if ra.dtype != rb.dtype:
+            d.status = DTYPE_CHANGED
+        d.pending = True
+        if ra.dtype in _LAYOUT and rb.dtype in _LAYOUT:
+            self.total += ra.nbytes + rb.nbytes
+        return d
+
+    @property
+    def metadata(self) -> list[TensorDiff]:
+        """Pairs (in A's order), then removed, then added: what is known without reading bytes."""
+        return self.pairs + self._removed + self._added
+
+    def run(
+        self, progress: ProgressFn | None = None, cancel: threading.Event | None = None
+    ) -> Iterator[TensorDiff]:
+        """Compare values (memory: one chunk per side), yielding each result as it is known.
+
+        On cancel the stream stops and `report.cancelled` is set; the pairs not reached stay
+        pending (and are left out of `finish()`'s report)."""
+        from .tensordata import TensorData
+
+        t0 = time.perf_counter()
+        state = {"last": 0.0}
+
+        def on_bytes(n: int, name: str = "") -> None:
+            self.done_bytes += n
+            now = time.perf_counter()
+            if progress is not None and now - state["last"] >= 0.1:
+                state["last"] = now
+                progress(Progress(self.done_bytes, self.total, now - t0, name))
+
+        try:
+            with TensorData() as da, TensorData() as db:
+                for m in self.pairs:
+                    if not m.pending or (m.a_name, m.b_name) in self.results:
+                        continue
+                    if cancel is not None and cancel.is_set():
+                        raise AuditCancelled()
+                    ra, rb = self._ta[m.a_name], self._tb[m.b_name]
+                    d = _copy(m)
+                    d.pending = False
+                    try:
+                        acc = _compare_values(
+                            da, db, ra, rb, self.report.atol, self.report.rtol,
+                            self.chunk_bytes, cancel, lambda n, _bn=m.b_name: on_bytes(n, _bn),
+                        )  # fmt: skip
+                    except TensorDataError as exc:
+                        d.status = UNREADABLE
+                        d.message = exc.message
+                    else:
+                        _fill(d, acc, ra.dtype != rb.dtype)
+                    self.results[(m.a_name, m.b_name)] = d
+                    yield d
+                if self.detect_renames and self.removed and self.added and not self.renamed:
+                    for d in self._renames(da, db, cancel):
+                        self.renamed.append(d)
+                        yield d
+        except AuditCancelled:
+            self.report.cancelled = True
+        self.seconds += time.perf_counter() - t0
+        if progress is not None:
+            progress(Progress(self.done_bytes, self.total, self.seconds, ""))
+
+    def finish(self) -> DiffReport:
+        """The report: pairs (compared or decided by metadata), removed, added, renamed."""
+        report = self.report
+        renamed_a = {d.a_name for d in self.renamed}
+        renamed_b = {d.b_name for d in self.renamed}
+        pairs = [self.results.get((m.a_name, m.b_name), m) for m in self.pairs]
+        report.tensors = (
+            [d for d in pairs if not d.pending]
+            + [d for d in self._removed if d.a_name not in renamed_a]
+            + [d for d in self._added if d.b_name not in renamed_b]
+            + self.renamed
+        )
+        report.modules = module_summary(report.tensors)
+        report.seconds = self.seconds
+        report.bytes_read = self.done_bytes
+        return report
+
+    def _renames(self, da, db, cancel) -> Iterator[TensorDiff]:
+        """Removed x added with the same shape and dtype, compared by a BLAKE2b of their bytes."""
+        ta, tb, chunk_bytes = self._ta, self._tb, self.chunk_bytes
+        sig_a: dict[tuple, list[str]] = defaultdict(list)
+        sig_b: dict[tuple, list[str]] = defaultdict(list)
+        for n in self.removed:
+            r = ta[n]
+            if r.storage is not None and r.dtype in _LAYOUT:
+                sig_a[(r.shape, r.dtype)].append(n)
+        for n in self.added:
+            r = tb[n]
+            if r.storage is not None and r.dtype in _LAYOUT:
+                sig_b[(r.shape, r.dtype)].append(n)
+        for sig, names_a in sig_a.items():
+            names_b = sig_b.get(sig)
+            if not names_b:
+                continue
+            digests: dict[bytes, list[str]] = defaultdict(list)
+            for n in names_b:
                 if cancel is not None and cancel.is_set():
                     raise AuditCancelled()
-                ra, rb = ta[an], tb[bn]
-                d = TensorDiff(
-                    bn,
-                    IDENTICAL,
-                    an,
-                    bn,
-                    tuple(ra.shape),
-                    tuple(rb.shape),
-                    ra.dtype,
-                    rb.dtype,
-                    rb.numel,
-                )
-                diffs.append(d)
-                if ra.shape != rb.shape:
-                    d.status = SHAPE_CHANGED
-                    continue
-                comparable = (
-                    ra.dtype in _LAYOUT
-                    and rb.dtype in _LAYOUT
-                    and _LAYOUT[ra.dtype][1] == _LAYOUT[rb.dtype][1]
-                    and ra.storage is not None
-                    and rb.storage is not None
-                )
-                if not comparable:
-                    d.status = DTYPE_CHANGED if ra.dtype != rb.dtype else UNREADABLE
-                    if d.status == UNREADABLE:
-                        d.message = f"no values to compare (dtype {ra.dtype}, {ra.note or rb.note or 'no storage'})"
-                    continue
                 try:
-                    acc = _compare_values(
-                        da,
-                        db,
-                        ra,
-                        rb,
-                        atol,
-                        rtol,
-                        chunk_bytes,
-                        cancel,
-                        lambda n, _bn=bn: on_bytes(n, _bn),
-                    )
-                except TensorDataError as exc:
-                    d.status = UNREADABLE
-                    d.message = exc.message
+                    digests[_digest(db, tb[n], chunk_bytes)].append(n)
+                except TensorDataError:
                     continue
-                _fill(d, acc, ra.dtype != rb.dtype)
-            if detect_renames and removed and added:
-                _renames(report, da, db, ta, tb, removed, added, chunk_bytes, cancel)
-    except AuditCancelled:
-        report.cancelled = True
-    renamed_a = {d.a_name for d in report.tensors if d.status == RENAMED}
-    renamed_b = {d.b_name for d in report.tensors if d.status == RENAMED}
-    for an in removed:
-        if an not in renamed_a:
-            r = ta[an]
-            diffs.append(
-                TensorDiff(an, REMOVED, an, None, tuple(r.shape), None, r.dtype, None, r.numel)
-            )
-    for bn in added:
-        if bn not in renamed_b:
-            r = tb[bn]
-            diffs.append(
-                TensorDiff(bn, ADDED, None, bn, None, tuple(r.shape), None, r.dtype, r.numel)
-            )
-    report.tensors = diffs + report.tensors
-    report.modules = module_summary(report.tensors)
-    report.seconds = time.perf_counter() - t0
-    report.bytes_read = state["done"]
-    if progress is not None:
-        progress(Progress(state["done"], total, report.seconds, ""))
-    return report
+            for n in names_a:
+                if cancel is not None and cancel.is_set():
+                    raise AuditCancelled()
+                try:
+                    h = _digest(da, ta[n], chunk_bytes)
+                except TensorDataError:
+                    continue
+                hits = digests.get(h)
+                if hits:
+                    bn = hits.pop(0)
+                    r = ta[n]
+                    yield TensorDiff(bn, RENAMED, n, bn, tuple(r.shape), tuple(r.shape), r.dtype, r.dtype, r.numel,
+                                     message=f"renamed? {n} -> {bn} (identical bytes)")  # fmt: skip
+
+
+def _one_side(status: str, name: str, r: TensorRecord) -> TensorDiff:
+    if status == REMOVED:
+        return TensorDiff(name, REMOVED, name, None, tuple(r.shape), None, r.dtype, None, r.numel)
+    return TensorDiff(name, ADDED, None, name, None, tuple(r.shape), None, r.dtype, r.numel)
+
+
+def _copy(d: TensorDiff) -> TensorDiff:
+    return TensorDiff(
+        d.name, d.status, d.a_name, d.b_name, d.a_shape, d.b_shape, d.a_dtype, d.b_dtype,
+        d.numel, message=d.message, pending=d.pending,
+    )  # fmt: skip
 
 
 def _fill(d: TensorDiff, acc: _Acc, dtype_changed: bool) -> None:
@@ -561,47 +674,6 @@ def _fill(d: TensorDiff, acc: _Acc, dtype_changed: bool) -> None:
         d.status = IDENTICAL
     else:
         d.status = CLOSE if acc.mismatched == 0 else CHANGED
-
-
-def _renames(report, da, db, ta, tb, removed, added, chunk_bytes, cancel) -> None:
-    """Removed x added with the same shape and dtype, compared by a BLAKE2b of their bytes."""
-    sig_a: dict[tuple, list[str]] = defaultdict(list)
-    sig_b: dict[tuple, list[str]] = defaultdict(list)
-    for n in removed:
-        r = ta[n]
-        if r.storage is not None and r.dtype in _LAYOUT:
-            sig_a[(r.shape, r.dtype)].append(n)
-    for n in added:
-        r = tb[n]
-        if r.storage is not None and r.dtype in _LAYOUT:
-            sig_b[(r.shape, r.dtype)].append(n)
-    for sig, names_a in sig_a.items():
-        names_b = sig_b.get(sig)
-        if not names_b:
-            continue
-        digests: dict[bytes, list[str]] = defaultdict(list)
-        for n in names_b:
-            if cancel is not None and cancel.is_set():
-                raise AuditCancelled()
-            try:
-                digests[_digest(db, tb[n], chunk_bytes)].append(n)
-            except TensorDataError:
-                continue
-        for n in names_a:
-            if cancel is not None and cancel.is_set():
-                raise AuditCancelled()
-            try:
-                h = _digest(da, ta[n], chunk_bytes)
-            except TensorDataError:
-                continue
-            hits = digests.get(h)
-            if hits:
-                bn = hits.pop(0)
-                r = ta[n]
-                report.tensors.append(
-                    TensorDiff(bn, RENAMED, n, bn, tuple(r.shape), tuple(r.shape), r.dtype, r.dtype, r.numel,
-                               message=f"renamed? {n} -> {bn} (identical bytes)")
-                )  # fmt: skip
 
 
 def module_summary(diffs: Iterable[TensorDiff]) -> list[ModuleDiff]:
@@ -631,6 +703,216 @@ def module_summary(diffs: Iterable[TensorDiff]) -> list[ModuleDiff]:
             if d.max_abs is not None and math.isfinite(d.max_abs):
                 m.max_abs = max(m.max_abs, d.max_abs)
     return [mods[k] for k in sorted(mods)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Live diffs (the explorer's diff mode)
+# ----------------------------------------------------------------------------------------------
+_MOVED = (CHANGED, DTYPE_CHANGED, SHAPE_CHANGED, UNREADABLE, ADDED, REMOVED)
+
+
+@dataclass(slots=True)
+class LiveModule:
+    """A module's aggregate in a live diff: its tensors' statuses, pending ones, how much moved."""
+
+    name: str
+    counts: dict[str, int] = field(default_factory=dict)  # status -> tensors
+    pending: int = 0  # tensors whose values are still to be compared
+    max_abs: float = 0.0  # running max over the compared tensors
+    sumsq_diff: float = 0.0
+    sumsq_a: float = 0.0
+
+    @property
+    def tensors(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def moved(self) -> int:
+        """Tensors that differ in any way (values beyond tolerance, cast, shape, a missing side)."""
+        return sum(self.counts.get(s, 0) for s in _MOVED) + self.counts.get(CLOSE, 0)
+
+    @property
+    def rel_l2(self) -> float | None:
+        return math.sqrt(self.sumsq_diff / self.sumsq_a) if self.sumsq_a > 0 else None
+
+    @property
+    def status(self) -> str:
+        """One status for the whole module: added / removed / renamed when every tensor is;
+        changed when any tensor differs beyond tolerance (or in shape, dtype, or presence);
+        close when the only differences are within tolerance; pending while values are being
+        compared and nothing differs yet; else identical."""
+        c = self.counts
+        total = self.tensors
+        if total == 0:
+            return IDENTICAL
+        for s in (ADDED, REMOVED, RENAMED):
+            if c.get(s, 0) == total:
+                return s
+        if any(c.get(s, 0) for s in _MOVED):
+            return CHANGED
+        if c.get(CLOSE, 0):
+            return CLOSE
+        if self.pending:
+            return PENDING
+        return IDENTICAL
+
+    def _add(self, d: TensorDiff, sign: int) -> None:
+        self.counts[d.status] = self.counts.get(d.status, 0) + sign
+        if d.pending:
+            self.pending += sign
+        self.sumsq_diff += sign * d.sumsq_diff
+        self.sumsq_a += sign * d.sumsq_a
+        if sign > 0 and d.max_abs is not None and math.isfinite(d.max_abs):
+            self.max_abs = max(self.max_abs, d.max_abs)
+
+
+class LiveDiff:
+    """A diff that fills in, for one thread (a UI's) to read: built from a DiffStream's metadata,
+    updated with `apply()` as the stream's results arrive (from a worker, handed over in batches).
+
+    Looks up tensors by their B name (`tensor`) or A name (`a_tensor`), aggregates per module
+    (`module`: B's module names, plus A's for removed and renamed tensors), counts statuses for
+    a summary, and lists what exists only in A under a given module (`ghost_modules`,
+    `ghost_tensors`) so a tree of B can show removed tensors where they were.
+    """
+
+    def __init__(self, stream: DiffStream) -> None:
+        self.a, self.b = stream.a, stream.b
+        self.atol, self.rtol = stream.report.atol, stream.report.rtol
+        self.notes = list(stream.report.notes)
+        self.total_bytes = stream.total
+        self.done_bytes = 0
+        self.running = False
+        self.cancelled = False
+        self.report: DiffReport | None = None  # the final report, once the stream has finished
+        self._a_records = stream._ta
+        self.by_a: dict[str, TensorDiff] = {}
+        self.by_b: dict[str, TensorDiff] = {}
+        self.counts: dict[str, int] = dict.fromkeys((*STATUSES, PENDING), 0)
+        self.pending = 0
+        self._modules: dict[str, LiveModule] = {}
+        b_modules = {node.name for node in stream.b.tree.walk()}
+        self._ghost_modules: dict[str, list[str]] = defaultdict(list)
+        self._ghost_tensors: dict[str, list[str]] = defaultdict(list)
+        seen: set[str] = set()
+        for an in stream.removed:
+            parent = an.rpartition(".")[0]
+            self._ghost_tensors[parent].append(an)
+            parts = parent.split(".") if parent else []
+            for i in range(1, len(parts) + 1):
+                name = ".".join(parts[:i])
+                if name not in b_modules and name not in seen:
+                    seen.add(name)
+                    self._ghost_modules[".".join(parts[: i - 1])].append(name)
+        for d in stream.metadata:
+            self._account(d, +1)
+
+    # -- updates -------------------------------------------------------------------------------
+    def apply(self, d: TensorDiff) -> None:
+        """A result from the stream: replaces the diff(s) it supersedes (same A or B name)."""
+        old = []
+        for name, index in ((d.a_name, self.by_a), (d.b_name, self.by_b)):
+            if name is not None:
+                prev = index.get(name)
+                if prev is not None and all(prev is not o for o in old):
+                    old.append(prev)
+        for prev in old:
+            self._account(prev, -1)
+            if prev.a_name is not None and self.by_a.get(prev.a_name) is prev:
+                del self.by_a[prev.a_name]
+            if prev.b_name is not None and self.by_b.get(prev.b_name) is prev:
+                del self.by_b[prev.b_name]
+        self._account(d, +1)
+
+    def finish(self, report: DiffReport) -> None:
+        self.report = report
+        self.cancelled = report.cancelled
+        self.running = False
+
+    def _account(self, d: TensorDiff, sign: int) -> None:
+        if sign > 0:
+            if d.a_name is not None:
+                self.by_a[d.a_name] = d
+            if d.b_name is not None:
+                self.by_b[d.b_name] = d
+        self.counts[PENDING if d.status == PENDING else d.status] += sign
+        if d.pending:
+            self.pending += sign
+        for key in self._module_keys(d):
+            m = self._modules.get(key)
+            if m is None:
+                m = self._modules[key] = LiveModule(key)
+            m._add(d, sign)
+
+    @staticmethod
+    def _module_keys(d: TensorDiff) -> set[str]:
+        keys: set[str] = set()
+        names = [d.b_name] if d.b_name is not None else []
+        if d.a_name is not None and d.status in (REMOVED, RENAMED):
+            names.append(d.a_name)
+        for name in names:
+            parts = name.split(".")[:-1]
+            keys.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+        return keys
+
+    # -- reading -------------------------------------------------------------------------------
+    def tensor(self, b_name: str) -> TensorDiff | None:
+        return self.by_b.get(b_name)
+
+    def a_tensor(self, a_name: str) -> TensorDiff | None:
+        return self.by_a.get(a_name)
+
+    def a_record(self, a_name: str) -> TensorRecord | None:
+        return self._a_records.get(a_name)
+
+    def module(self, name: str) -> LiveModule:
+        return self._modules.get(name) or LiveModule(name)
+
+    def a_module(self, name: str):
+        """A's ModuleNode of that name (class, attributes), or None."""
+        node = self.a.tree
+        for part in name.split(".") if name else []:
+            node = node.children.get(part)
+            if node is None:
+                return None
+        return node
+
+    def ghost_modules(self, parent: str) -> list[str]:
+        """Names of the modules that exist only in A, directly under `parent`."""
+        return self._ghost_modules.get(parent, [])
+
+    def ghost_tensors(self, parent: str) -> list[TensorRecord]:
+        """A's records of the tensors only A has (removed or renamed away), directly in `parent`."""
+        return [self._a_records[n] for n in self._ghost_tensors.get(parent, [])]
+
+    def a_only_names(self) -> list[str]:
+        return [n for names in self._ghost_tensors.values() for n in names]
+
+    @property
+    def fraction(self) -> float:
+        return self.done_bytes / self.total_bytes if self.total_bytes else 1.0
+
+    def summary(self) -> list[tuple[str, int]]:
+        """(status, tensors) for the statuses present, most important first."""
+        order = (
+            CHANGED,
+            CLOSE,
+            SHAPE_CHANGED,
+            DTYPE_CHANGED,
+            ADDED,
+            REMOVED,
+            RENAMED,
+            UNREADABLE,
+            IDENTICAL,
+            PENDING,
+        )
+        return [(s, self.counts[s]) for s in order if self.counts[s]]
+
+    def summary_line(self) -> str:
+        text = ", ".join(f"{n:,} {s}" for s, n in self.summary()) or "no tensors"
+        if self.cancelled:
+            text += f"; cancelled ({self.pending:,} not compared)"
+        return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -688,7 +970,14 @@ def add_diff_arguments(parser) -> None:
         help="freeze plan: check its frozen parameters stayed bit-identical",
     )
     parser.add_argument(
-        "--all-sections", action="store_true", help="also compare optimizer and other sections"
+        "--all-sections",
+        action="store_true",
+        help="also compare optimizer and other sections (prints text)",
+    )
+    parser.add_argument(
+        "--text",
+        action="store_true",
+        help="print the report even in a terminal (default there: the explorer in diff mode)",
     )
     parser.add_argument(
         "--depth", type=int, default=2, metavar="N", help="modules shown down to depth N (text)"

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from rich.console import Group
 from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
@@ -21,11 +22,22 @@ from ..errors import MscopeError
 from ..readers import FORMAT_LABELS
 from ..session import Session
 from ..units import fmt_bytes
-from .details import file_details, module_details, stats_details, tensor_details
+from .details import (
+    diff_file_details,
+    diff_module_details,
+    diff_tensor_details,
+    file_details,
+    ghost_details,
+    module_details,
+    norm_profile_details,
+    stats_details,
+    tensor_details,
+)
 from .gpu_panel import GpuPanel
 from .screens import (
     AuditScreen,
     ClassScreen,
+    CompareScreen,
     ConfirmScreen,
     DeviceScreen,
     HelpScreen,
@@ -36,12 +48,14 @@ from .screens import (
     PatternScreen,
     ProgressScreen,
 )
-from .tree import ParamTree, Row
+from .tree import DIFF_MARKS, ParamTree, Row
 
 EXPAND_ALL_LIMIT = 3000  # nodes added by one "expand all"; more would stall the terminal
 EXIT_AFTER_PAINT_ENV = "MSCOPE_EXIT_AFTER_PAINT"  # benchmarks: quit once the tree is painted
 NARROW = 100  # below this width the details pane starts hidden
 WIDE = 140  # from this width the GPU panel starts shown
+ROOT_PROFILE_BYTES = 64 << 20  # the root's norm profile is computed unasked only for small models
+DIFF_BATCH_SECONDS = 0.1  # diff results reach the UI in batches at most this often
 
 
 class MscopeApp(App[int]):
@@ -77,6 +91,10 @@ class MscopeApp(App[int]):
         Binding("C", "cpu_copy", "CPU copy", show=False),
         Binding("P", "cast_copy", "Cast copy", show=False),
         Binding("T", "cycle_optimizer", "Optimizer", show=False),
+        Binding("v", "compare", "Compare"),
+        Binding("n", "next_change", "Next change", show=False),
+        Binding("N", "previous_change", "Previous change", show=False),
+        Binding("x", "stop_compare", "Stop comparing", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit_app", "Quit"),
     ]
@@ -108,6 +126,9 @@ class MscopeApp(App[int]):
         ("A", "audit the file (integrity, load-ability, waste, NaN/Inf and statistics); enter jumps"),
         ("C", "save a copy loadable anywhere (every stored location remapped to cpu)"),
         ("P", "save a copy of the model cast to fp32 / bf16 / fp16 (size previewed; selection or all)"),
+        ("v", "diff mode: compare this file (B) against another checkpoint (A), any format"),
+        ("n / N", "diff mode: jump to the next / previous changed, added or removed tensor"),
+        ("x", "diff mode: stop comparing values (esc too, when nothing else is open)"),
         ("ctrl+p", "command palette: every action by name"),
         ("?", "this help"),
         ("q", "quit (asks when there are unsaved changes)"),
@@ -120,9 +141,30 @@ class MscopeApp(App[int]):
         gpu_interval: float = 1.0,
         show_gpus: bool | None = None,
         prefetch=None,
+        compare: str | os.PathLike | None = None,
+        atol: float = 1e-8,
+        rtol: float = 1e-5,
+        plan: str | os.PathLike | None = None,
+        compare_prefetch=None,
     ):
         super().__init__()
         self._prefetch = prefetch  # a Future of open_checkpoint started before Textual loaded
+        # Diff mode: this file is B; `compare` is A (the baseline), opened once B is shown.
+        self.compare_path = Path(compare) if compare is not None else None
+        self._compare_prefetch = compare_prefetch
+        self.atol, self.rtol = atol, rtol
+        self.plan_path = plan
+        self.plan_lines: list[str] | None = None
+        self.live = None  # LiveDiff while in diff mode
+        self._diff_cancel = threading.Event()
+        self._diff_generation = 0
+        # Norm profiles: per-tensor statistics (shared by every profile), modules done, progress.
+        self._norm_stats: dict = {}
+        self._norm_errors: dict[str, str] = {}
+        self._norm_done: set[str] = set()
+        self._norm_status: dict[str, str] = {}
+        self._norm_running: str | None = None
+        self._norm_cancel = threading.Event()
         self.gpu_interval = gpu_interval
         self.show_gpus = show_gpus
         self.monitor = None
@@ -148,6 +190,7 @@ class MscopeApp(App[int]):
             with Vertical(id="tree-pane"):
                 yield Static("", id="columns")
                 yield LoadingIndicator(id="loading")
+                yield Static("", id="diff-progress")
             with VerticalScroll(id="details-pane"):
                 yield Static("", id="details")
             yield GpuPanel(id="gpu-panel")
@@ -156,6 +199,7 @@ class MscopeApp(App[int]):
 
     def on_mount(self) -> None:
         self.query_one("#filter", Input).display = False
+        self.query_one("#diff-progress", Static).display = False
         self.query_one("#details-pane").display = self.size.width >= NARROW
         show = self.show_gpus if self.show_gpus is not None else self.size.width >= WIDE
         self._set_gpu_panel(show)
@@ -184,7 +228,7 @@ class MscopeApp(App[int]):
         self.session = Session(ckpt)
         tree = ParamTree(self.session, id="tree")
         self.query_one("#loading").remove()
-        self.query_one("#tree-pane").mount(tree)
+        self.query_one("#tree-pane").mount(tree, before="#diff-progress")
         tree.populate()
         tree.focus()
         self.refresh_state()
@@ -197,6 +241,8 @@ class MscopeApp(App[int]):
             )
         if self.exit_after_paint:
             self.call_after_refresh(self._painted)
+        if self.compare_path is not None:
+            self._start_compare(self.compare_path, self._compare_prefetch)
 
     def _painted(self) -> None:
         """Benchmarks: report seconds since MSCOPE_BENCH_T0 (the spawn time), then quit."""
@@ -216,12 +262,25 @@ class MscopeApp(App[int]):
     def refresh_state(self) -> None:
         if self.session is None:
             return
+        self._render_header()
+        self._update_columns()
+        self._update_estimate()
+        if self.query("#tree"):
+            self.tree.repaint()
+            node = self.tree.cursor_node
+            self._show_row(node.data if node is not None else None)
+
+    def _render_header(self) -> None:
         ckpt = self.session.ckpt
         totals = ckpt.totals()
         header = Text()
-        header.append(ckpt.path.name, style="bold")
-        header.append("  ")
-        header.append(self.session.totals_line(), style="bold green")
+        if self.live is None or self.size.width >= NARROW:  # diff mode: B's name is on the root row
+            header.append(ckpt.path.name, style="bold")
+            header.append("  ")
+        if self.live is not None:
+            header.append_text(self._diff_summary())
+        else:
+            header.append(self.session.totals_line(), style="bold green")
         if self.session.dirty:
             header.append(" ● unsaved", style="bold yellow")
         header.append(f" · {fmt_bytes(totals.nbytes)}")
@@ -238,15 +297,32 @@ class MscopeApp(App[int]):
         if dtypes:
             header.append(f" · {dtypes}", style="cyan")
         self.query_one("#header", Static).update(header)
-        self._update_columns()
-        self._update_estimate()
-        if self.query("#tree"):
-            self.tree.repaint()
-            node = self.tree.cursor_node
-            self._show_row(node.data if node is not None else None)
+
+    def _diff_summary(self) -> Text:
+        """Diff mode header: `Δ vs A.pt: 3 changed · 1 added · … · 20 same`, then progress."""
+        live = self.live
+        text = Text(f"Δ vs {live.a.path.name}: ", style="bold")
+        first = True
+        for status, n in live.summary():
+            _, style, word = DIFF_MARKS.get(status, ("", "", status))
+            if not first:
+                text.append(" · ", style="dim")
+            first = False
+            text.append(f"{n:,} {word}", style=style)
+        if first:
+            text.append("no tensors", style="dim")
+        if live.running:
+            text.append(f" · comparing {live.fraction:.0%}", style="bold")
+        elif live.cancelled:
+            text.append(" · stopped", style="bold yellow")
+        if self.plan_lines:
+            ok = "bit-identical in B" in self.plan_lines[0] or "freezes no" in self.plan_lines[0]
+            text.append(" · plan ok" if ok else " · plan: frozen moved", style="green" if ok else "bold red")
+        return text
 
     def _update_columns(self) -> None:
         if self.query("#tree"):
+            self.tree.fit_width()
             self.query_one("#columns", Static).update(self.tree.column_header())
 
     @on(ParamTree.Resized)
@@ -261,21 +337,105 @@ class MscopeApp(App[int]):
         if self.session is None:
             return
         details = self.query_one("#details", Static)
+        live = self.live
         if row is None or (row.module is None and row.tensor is None):
             details.update("")
+        elif row.ghost:
+            details.update(ghost_details(row, live) if live is not None else "")
         elif row.tensor is not None:
             device = self.placement.device_of(row.tensor.name) if self.placement is not None else None
             cached = self._stats_cache.get(row.tensor.qualified_name)
             values = stats_details(*cached) if cached is not None else stats_details(None)
-            details.update(tensor_details(self.session, row.tensor, device, values))
+            content = tensor_details(self.session, row.tensor, device, values)
+            if live is not None:
+                content = Group(diff_tensor_details(live.tensor(row.tensor.name), live), Text(""), content)
+            details.update(content)
             if cached is None and self.query_one("#details-pane").display:
                 self._stats_cancel.set()
                 self._stats_cancel = threading.Event()
                 self._compute_stats(row.tensor, self._stats_cancel)
         elif row.module is not None and row.module.name == "":
-            details.update(file_details(self.session))
+            content = file_details(self.session)
+            profile = self._profile(row.module.name, start=self.session.ckpt.totals().nbytes <= ROOT_PROFILE_BYTES)
+            if profile is not None:
+                content = Group(content, profile)
+            if live is not None:
+                content = Group(diff_file_details(live, self.plan_lines), Text(""), content)
+            details.update(content)
         else:
-            details.update(module_details(self.session, row.module))
+            content = module_details(self.session, row.module, self._profile(row.module.name))
+            if live is not None:
+                content = Group(diff_module_details(live.module(row.module.name), live), Text(""), content)
+            details.update(content)
+
+    def _profile(self, module: str, start: bool = True):
+        """The norm profile of a module's children, from the statistics at hand; starts a worker
+        for the missing ones (once per module) when the details pane is shown."""
+        from ..norms import norm_rows
+
+        rows = norm_rows(self.session.ckpt, module, self._norm_stats)
+        if module in self._norm_done:
+            return norm_profile_details(rows)
+        if all(r.complete for r in rows):
+            self._norm_done.add(module)
+            return norm_profile_details(rows)
+        if not start:
+            return norm_profile_details(rows, "audit the file (A) to see every child's norm")
+        if self._norm_running != module and self.query_one("#details-pane").display:
+            self._norm_cancel.set()
+            self._norm_cancel = threading.Event()
+            self._norm_running = module
+            self._norm_status[module] = "computing norms…"
+            self._compute_norms(module, dict(self._norm_stats), dict(self._norm_errors), self._norm_cancel)
+        return norm_profile_details(rows, self._norm_status.get(module, "computing norms…"))
+
+    @work(thread=True, exit_on_error=False, group="norms")
+    def _compute_norms(self, module: str, known: dict, errors: dict, cancel: threading.Event) -> None:
+        """Statistics of the tensors under `module` that have none yet (streamed, cancellable)."""
+        from ..audit import AuditCancelled
+        from ..norms import module_norms
+
+        new: dict = {}
+
+        def progress(p) -> None:
+            self.call_from_thread(self._norms_progress, module, cancel, p.done, p.total)
+
+        complete = True
+        try:
+            module_norms(
+                self.session.ckpt, module, known, progress=progress, cancel=cancel, errors=errors,
+                on_stats=lambda r, st: new.__setitem__(r.qualified_name, st),
+            )  # fmt: skip
+        except AuditCancelled:
+            complete = False
+        self.call_from_thread(self._norms_ready, module, cancel, new, errors, complete)
+
+    def _norms_progress(self, module: str, cancel: threading.Event, done: int, total: int) -> None:
+        if cancel is not self._norm_cancel:
+            return
+        self._norm_status[module] = f"computing norms… {done / total:.0%} of {fmt_bytes(total)}" if total else "computing norms…"
+        self._refresh_details_if(module=module)
+
+    def _norms_ready(self, module: str, cancel: threading.Event, new: dict, errors: dict, complete: bool) -> None:
+        self._norm_stats.update(new)
+        self._norm_errors.update(errors)
+        if cancel is self._norm_cancel:
+            self._norm_running = None
+        if complete:
+            self._norm_done.add(module)
+            self._norm_status.pop(module, None)
+            self._refresh_details_if(module=module)
+
+    def _refresh_details_if(self, module: str | None = None, tensor: str | None = None) -> None:
+        """Redraw the details pane when the cursor is still on that module or tensor."""
+        node = self.tree.cursor_node if self.query("#tree") else None
+        row = node.data if node is not None else None
+        if row is None or row.ghost:
+            return
+        if module is not None and row.tensor is None and row.module is not None and row.module.name == module:
+            self._show_row(row)
+        elif tensor is not None and row.tensor is not None and row.tensor.qualified_name == tensor:
+            self._show_row(row)
 
     # -- selection -----------------------------------------------------------------------------
     def selected_names(self) -> list[str]:
@@ -513,6 +673,16 @@ class MscopeApp(App[int]):
             box.display = False
             self.tree.focus()
             event.stop()
+        elif (
+            event.key == "escape"
+            and self.live is not None
+            and self.live.running
+            and len(self.screen_stack) == 1
+            and self.query("#tree")
+            and self.focused is self.tree
+        ):
+            self.action_stop_compare()
+            event.stop()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="filter")
     def _compute_filter(self, text: str) -> None:
@@ -522,7 +692,10 @@ class MscopeApp(App[int]):
         needle = text.lower()
         glob = any(c in text for c in "*?[")
         names = []
-        for name in self.session.records:
+        candidates = list(self.session.records)
+        if self.live is not None:  # diff mode: what only A has is in the tree too
+            candidates += self.live.a_only_names()
+        for name in candidates:
             low = name.lower()
             if (glob and fnmatch.fnmatchcase(low, needle)) or (not glob and needle in low):
                 names.append(name)
@@ -721,6 +894,8 @@ class MscopeApp(App[int]):
 
     def _stats_ready(self, name: str, result: tuple) -> None:
         self._stats_cache[name] = result
+        if not isinstance(result[0], str):
+            self._norm_stats.setdefault(name, result[0])
         node = self.tree.cursor_node if self.query("#tree") else None
         if node is not None and node.data is not None and node.data.tensor is not None and node.data.tensor.qualified_name == name:
             self._show_row(node.data)
@@ -748,6 +923,7 @@ class MscopeApp(App[int]):
             screen.dismiss(None)
         for name, stats in report.stats.items():
             self._stats_cache.setdefault(name, (stats, None))
+            self._norm_stats.setdefault(name, stats)
 
         def jump(tensor: str | None) -> None:
             if tensor:
@@ -911,7 +1087,221 @@ class MscopeApp(App[int]):
         else:
             self.notify(line, severity="error", timeout=10)
 
+    # -- diff mode -----------------------------------------------------------------------------
+    def action_compare(self) -> None:
+        if not self._guard():
+            return
+
+        def done(answer: str | None) -> None:
+            if answer is None:
+                return
+            if answer == CompareScreen.LEAVE:
+                self._leave_diff()
+                return
+            path = Path(answer).expanduser()
+            if not path.exists():
+                self.notify(f"{path}: no such file or directory", severity="error", timeout=6)
+                return
+            self._start_compare(path)
+
+        if self.compare_path is not None:
+            default = str(self.compare_path)
+        else:
+            src = self.session.ckpt.path
+            folder = src if src.is_dir() else src.parent
+            default = "" if str(folder) == "." else str(folder) + os.sep
+        self.push_screen(CompareScreen(self.session.ckpt.path.name, default, in_diff=self.live is not None), done)
+
+    def _start_compare(self, path: Path, prefetch=None) -> None:
+        """Open A, show the tree coloured from metadata at once, then compare values in a worker."""
+        self._diff_cancel.set()
+        self._diff_cancel = threading.Event()
+        self._diff_generation += 1
+        self.compare_path = Path(path)
+        self.plan_lines = None
+        self._set_progress(f"opening {path} …")
+        self._open_compare(self.compare_path, prefetch, self._diff_generation, self._diff_cancel)
+
+    @work(thread=True, exit_on_error=False, group="diff-open")
+    def _open_compare(self, path: Path, prefetch, generation: int, cancel: threading.Event) -> None:
+        from ..diff import DiffStream, LiveDiff
+        from ..readers import open_checkpoint
+
+        try:
+            a = prefetch.result() if prefetch is not None else open_checkpoint(path, strict=False)
+            stream = DiffStream(a, self.session.ckpt, self.atol, self.rtol)
+            live = LiveDiff(stream)  # built here; from now on only the UI thread touches it
+        except MscopeError as exc:
+            self.call_from_thread(self._compare_failed, generation, exc.line())
+            return
+        live.running = True
+        self.call_from_thread(self._compare_ready, generation, live)
+        self._compare_values(stream, generation, cancel)
+
+    def _compare_failed(self, generation: int, line: str) -> None:
+        if generation != self._diff_generation:
+            return
+        self._set_progress(None)
+        if self._compare_prefetch is not None and self.live is None:
+            self.error_line = line  # `mscope diff A B`: a bad A is a bad command, like the CLI
+            self.exit(return_code=2)
+            return
+        self.notify(line, severity="error", timeout=8)
+
+    def _compare_ready(self, generation: int, live) -> None:
+        if generation != self._diff_generation:
+            return
+        cursor = self.tree.cursor_node.data if self.tree.cursor_node is not None else None
+        self.live = live
+        self.tree.diff = live
+        self.tree.populate()
+        if cursor is not None and not cursor.ghost and cursor.tensor is not None:
+            self.tree.reveal(tensor_name=cursor.tensor.name)
+        elif cursor is not None and not cursor.ghost and cursor.module is not None and cursor.module.name:
+            self.tree.reveal(module_name=cursor.module.name)
+        self._set_progress(self._progress_line())
+        self.refresh_state()
+
+    def _compare_values(self, stream, generation: int, cancel: threading.Event) -> None:
+        """Runs on the open worker's thread: values pair by pair, results to the UI in batches."""
+        import time
+
+        batch: list = []
+        last = time.monotonic()
+        for d in stream.run(cancel=cancel):
+            batch.append(d)
+            now = time.monotonic()
+            if now - last >= DIFF_BATCH_SECONDS:
+                self.call_from_thread(self._diff_results, generation, batch, stream.done_bytes)
+                batch, last = [], now
+        report = stream.finish()
+        plan_lines = None
+        if self.plan_path is not None and not report.cancelled:
+            from ..diff import check_plan
+
+            try:
+                plan_lines = check_plan(report, self.plan_path).lines()
+            except MscopeError as exc:
+                plan_lines = [exc.line()]
+        self.call_from_thread(self._diff_results, generation, batch, stream.done_bytes, report, plan_lines)
+
+    def _diff_results(self, generation: int, batch: list, done: int, report=None, plan_lines=None) -> None:
+        if generation != self._diff_generation or self.live is None:
+            return
+        live = self.live
+        for d in batch:
+            live.apply(d)
+        live.done_bytes = done
+        if report is not None:
+            live.finish(report)
+            self.plan_lines = plan_lines
+            if report.cancelled:
+                self.notify(f"comparison stopped: {live.pending:,} tensor(s) not compared", severity="warning", timeout=5)
+            elif plan_lines:
+                ok = report.plan is not None and report.plan.ok
+                self.notify(plan_lines[0], severity="information" if ok else "error", timeout=8)
+        self._set_progress(self._progress_line())
+        self._render_header()
+        self.tree.repaint()
+        node = self.tree.cursor_node
+        if node is not None:
+            self._show_row(node.data)
+
+    def _progress_line(self) -> str | None:
+        live = self.live
+        if live is None or not live.running:
+            return None
+        return (
+            f"comparing values {fmt_bytes(live.done_bytes)} / {fmt_bytes(live.total_bytes)} "
+            f"({live.fraction:.0%}) · {live.pending:,} tensor(s) to go · x stops"
+        )
+
+    def _set_progress(self, line: str | None) -> None:
+        widget = self.query_one("#diff-progress", Static)
+        widget.display = line is not None
+        if line is not None:
+            if self.live is not None and self.live.running and self.live.total_bytes:
+                width = 12
+                full = round(self.live.fraction * width)
+                text = Text("█" * full + "░" * (width - full) + " ", style="green")
+                text.append(line)
+                widget.update(text)
+            else:
+                widget.update(Text(line))
+
+    def action_stop_compare(self) -> None:
+        if self.live is not None and self.live.running:
+            self._diff_cancel.set()
+            self._set_progress("stopping…")
+        elif self.live is None:
+            self.notify("not in diff mode: v compares this file against another", timeout=3)
+
+    def _leave_diff(self) -> None:
+        self._diff_cancel.set()
+        self._diff_generation += 1
+        self.live = None
+        self.plan_lines = None
+        self.compare_path = None
+        self._set_progress(None)
+        self.tree.diff = None
+        self.tree.populate()
+        self.refresh_state()
+
+    def _change_order(self) -> list[tuple[str, bool]]:
+        """(name, ghost) of every tensor that differs, in tree order (tensors, then modules)."""
+        from ..diff import IDENTICAL, PENDING, RENAMED
+
+        live = self.live
+        out: list[tuple[str, bool]] = []
+        stack: list[tuple[object, bool]] = [(self.session.ckpt.tree, False)]
+        while stack:
+            module, ghost = stack.pop()
+            if not ghost:
+                for t in module.tensors:
+                    d = live.tensor(t.name)
+                    if d is not None and d.status not in (IDENTICAL, PENDING, RENAMED):
+                        out.append((t.name, False))
+            for t in live.ghost_tensors(module.name):
+                d = live.a_tensor(t.name)
+                if d is not None and d.status != RENAMED:
+                    out.append((t.name, True))
+            children = [] if ghost else [(m, False) for m in module.children.values()]
+            children += [(live.a_module(n) or _Named(n), True) for n in live.ghost_modules(module.name)]
+            stack.extend(reversed(children))
+        return out
+
+    def _jump_change(self, step: int) -> None:
+        if not self._guard():
+            return
+        if self.live is None:
+            self.notify("not in diff mode: v compares this file against another", timeout=3)
+            return
+        order = self._change_order()
+        if not order:
+            self.notify("no changes" + (" found yet" if self.live.running else ""), timeout=3)
+            return
+        node = self.tree.cursor_node
+        row = node.data if node is not None else None
+        here = (row.tensor.name, row.ghost) if row is not None and row.tensor is not None else None
+        if here in order:
+            index = (order.index(here) + step) % len(order)
+        else:
+            index = 0 if step > 0 else len(order) - 1
+        name, _ = order[index]
+        if self.filter_text:
+            self._apply_filter("", None, None)
+            self.query_one("#filter", Input).value = ""
+        self.tree.reveal(tensor_name=name)
+
+    def action_next_change(self) -> None:
+        self._jump_change(+1)
+
+    def action_previous_change(self) -> None:
+        self._jump_change(-1)
+
     def on_unmount(self) -> None:
+        for event in (self._diff_cancel, self._norm_cancel, self._stats_cancel):
+            event.set()
         if self.monitor is not None:
             self.monitor.close(timeout=0)
             self.monitor = None
@@ -926,10 +1316,26 @@ class MscopeApp(App[int]):
         yield SystemCommand("Quit mscope", "quit (asks about unsaved changes)", self.action_quit_app)
 
 
-def run_app(path: str | os.PathLike, gpu_interval: float = 1.0, prefetch=None) -> tuple[int, str | None]:
-    """Run the explorer; returns (exit code, one-line error or None)."""
-    app = MscopeApp(path, gpu_interval=gpu_interval, prefetch=prefetch)
+class _Named:
+    """A stand-in module (name only) for a module A has whose node cannot be found."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.tensors: list = []
+        self.children: dict = {}
+
+
+def run_app(path: str | os.PathLike, gpu_interval: float = 1.0, prefetch=None, **diff) -> tuple[int, str | None]:
+    """Run the explorer; returns (exit code, one-line error or None).
+
+    diff: `compare` (A, the baseline; the explorer opens in diff mode), `atol`, `rtol`, `plan`,
+    `compare_prefetch`. The exit code is then the diff's (1 when a frozen parameter of the plan
+    moved, or the comparison was stopped), as for `mscope diff` without the explorer."""
+    app = MscopeApp(path, gpu_interval=gpu_interval, prefetch=prefetch, **diff)
     app.run()
     if app.error_line:
         return 2, app.error_line
-    return app.return_code or 0, None
+    code = app.return_code or 0
+    if code == 0 and app.live is not None and app.live.report is not None:
+        code = app.live.report.exit_code
+    return code, None

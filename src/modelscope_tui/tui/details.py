@@ -94,7 +94,7 @@ def stats_details(stats, histogram=None) -> RenderableType:
     return table
 
 
-def module_details(session: Session, m: ModuleNode) -> RenderableType:
+def module_details(session: Session, m: ModuleNode, profile: RenderableType | None = None) -> RenderableType:
     table = _table()
     stats = m.stats
     table.add_row("module", m.name or "(root)")
@@ -111,6 +111,8 @@ def module_details(session: Session, m: ModuleNode) -> RenderableType:
     table.add_row("tensors", f"{stats.tensors:,}")
     table.add_row("bytes", fmt_bytes(stats.nbytes))
     parts: list[RenderableType] = [table]
+    if profile is not None:
+        parts.append(profile)
     if m.attributes:
         attrs = _table()
         for key, value in list(m.attributes.items())[:40]:
@@ -175,3 +177,163 @@ def file_details(session: Session) -> RenderableType:
 def _short(value: object, limit: int = 80) -> str:
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# -- norm profile ------------------------------------------------------------------------------
+PROFILE_ROWS = 24
+PROFILE_BAR = 14
+
+
+def norm_profile_details(rows, status: str | None = None) -> RenderableType:
+    """A module's children as horizontal bars of their L2 norm (rows from norms.module_norms).
+
+    status: a progress or error line while the profile is incomplete."""
+    from ..norms import bar, sparkline
+
+    parts: list[RenderableType] = [Text("\nnorm profile (L2 of each child)", style="bold underline")]
+    if not rows:
+        parts.append(Text(status or "no floating-point tensors", style="dim"))
+        return Group(*parts)
+    values = [r.norm for r in rows if r.norm is not None]
+    top = max(values, default=0.0)
+    if len(rows) > 8 and values:
+        spark = sparkline([r.norm or 0.0 for r in rows[:48]])
+        parts.append(Text(spark, style="green"))
+    table = Table.grid(padding=(0, 1))
+    table.add_column(no_wrap=True, overflow="ellipsis", max_width=18)
+    table.add_column(no_wrap=True, width=PROFILE_BAR)
+    table.add_column(no_wrap=True, justify="right")
+    for r in rows[:PROFILE_ROWS]:
+        label = Text(r.label, style="bold" if r.kind == "module" else "")
+        if r.note:
+            label.append(" (tied)", style="magenta")
+        if r.norm is None:
+            table.add_row(label, Text(""), Text("-" if r.complete else "…", style="dim"))
+            continue
+        value = Text(f"{r.norm:.4g}", style="" if r.complete else "dim")
+        if not r.complete:
+            value.append("…")
+        table.add_row(label, Text(bar(r.norm, top, PROFILE_BAR), style="green" if r.complete else "dim green"), value)
+    parts.append(table)
+    if len(rows) > PROFILE_ROWS:
+        parts.append(Text(f"… {len(rows) - PROFILE_ROWS:,} more children", style="dim"))
+    if status:
+        parts.append(Text(status, style="dim"))
+    return Group(*parts)
+
+
+# -- diff mode ---------------------------------------------------------------------------------
+def _g(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}g}"
+
+
+def _status_text(status: str) -> Text:
+    from .tree import DIFF_MARKS
+
+    mark, style, word = DIFF_MARKS.get(status, ("?", "", status))
+    return Text("… comparing values" if status == "pending" else f"{mark} {word}", style=style)
+
+
+def diff_tensor_details(d, live) -> RenderableType:
+    """What changed in one tensor between A and B: status, names, shapes, dtypes, figures."""
+    from ..diff import ADDED, CHANGED, CLOSE, PENDING, REMOVED
+
+    table = _table()
+    if d is None:
+        table.add_row("change", Text("not compared", style="dim"))
+        return Group(Text("diff vs A", style="bold underline"), table)
+    table.add_row("change", _status_text(d.status))
+    if d.pending and d.status != PENDING:
+        table.add_row("", Text("comparing values…", style="dim"))
+    if d.a_name and d.b_name and d.a_name != d.b_name:
+        table.add_row("name in A", d.a_name)
+        table.add_row("name in B", d.b_name)
+    if d.status == ADDED:
+        table.add_row("", Text("only in B (this file)", style="blue"))
+    elif d.status == REMOVED:
+        table.add_row("", Text("only in A; not in this file", style="red"))
+    if d.a_shape is not None and d.b_shape is not None and d.a_shape != d.b_shape:
+        table.add_row("shape", f"{list(d.a_shape)} → {list(d.b_shape)}")
+    if d.a_dtype and d.b_dtype and d.a_dtype != d.b_dtype:
+        table.add_row("dtype", f"{d.a_dtype} → {d.b_dtype}")
+    if d.max_abs is not None:
+        table.add_row("max |Δ|", _g(d.max_abs))
+        table.add_row("rel. L2 Δ", _g(d.rel_l2))  # ||a - b|| / ||a||
+        table.add_row("cosine", _g(d.cosine, 8))
+        if d.mismatched is not None and d.numel:
+            table.add_row(
+                "outside tol.",
+                f"{d.mismatched:,} of {d.numel:,} ({d.mismatched / d.numel:.1%})",
+            )
+        if d.status in (CLOSE, CHANGED):
+            table.add_row("tolerance", Text(f"atol {live.atol:g}, rtol {live.rtol:g}", style="dim"))
+    if d.message:
+        table.add_row("note", d.message)
+    return Group(Text("diff vs A", style="bold underline"), table)
+
+
+def diff_module_details(m, live) -> RenderableType:
+    """A module's aggregate in diff mode: how many of its tensors changed, and how much."""
+    from ..diff import IDENTICAL, PENDING
+
+    table = _table()
+    table.add_row("change", _status_text(m.status))
+    table.add_row("tensors", f"{m.moved:,} of {m.tensors:,} differ" if m.tensors else "none")
+    counts = Text()
+    for status, n in sorted(m.counts.items(), key=lambda kv: (kv[0] == IDENTICAL, kv[0] == PENDING, kv[0])):
+        if n:
+            if counts:
+                counts.append(" · ")
+            counts.append(f"{n:,} {status}", style=_status_text(status).style)
+    if counts:
+        table.add_row("", counts)
+    if m.rel_l2 is not None and m.sumsq_diff:
+        table.add_row("rel. L2 Δ", _g(m.rel_l2))
+    if m.max_abs:
+        table.add_row("max |Δ|", _g(m.max_abs))
+    if m.pending:
+        table.add_row("pending", Text(f"{m.pending:,} tensor(s) still being compared", style="dim"))
+    return Group(Text("diff vs A", style="bold underline"), table)
+
+
+def diff_file_details(live, plan_lines: list[str] | None = None) -> RenderableType:
+    """The root in diff mode: both files, tolerances, the summary and the freeze-plan check."""
+    table = _table()
+    table.add_row("A (before)", f"{live.a.path} ({FORMAT_LABELS.get(live.a.format, live.a.format)})")
+    table.add_row("B (this)", f"{live.b.path} ({FORMAT_LABELS.get(live.b.format, live.b.format)})")
+    table.add_row("tolerance", f"atol {live.atol:g}, rtol {live.rtol:g}")
+    summary = Text()
+    for status, n in live.summary():
+        if summary:
+            summary.append("\n")
+        summary.append(f"{n:,} {status}", style=_status_text(status).style)
+    table.add_row("tensors", summary)
+    if live.cancelled:
+        table.add_row("", Text(f"cancelled: {live.pending:,} not compared (v compares again)", style="yellow"))
+    parts: list[RenderableType] = [Text("diff", style="bold underline"), table]
+    for note in live.notes:
+        parts.append(Text(note, style="dim"))
+    for line in plan_lines or []:
+        parts.append(Text(line, style="green" if "bit-identical in B" in line else "yellow"))
+    return Group(*parts)
+
+
+def ghost_details(row, live) -> RenderableType:
+    """A tensor or module that only A has (removed, or renamed away)."""
+    if row.tensor is not None:
+        t = row.tensor
+        table = _table()
+        table.add_row("tensor", t.name)
+        table.add_row("shape", str(list(t.shape)))
+        table.add_row("dtype", t.dtype)
+        table.add_row("numel", f"{t.numel:,}")
+        table.add_row("bytes", f"{fmt_bytes(t.nbytes)} ({t.nbytes:,})")
+        d = live.a_tensor(t.name)
+        return Group(table, Text(""), diff_tensor_details(d, live))
+    m = row.module
+    table = _table()
+    table.add_row("module", m.name)
+    table.add_row("in", Text("A only (not in this file)", style="red"))
+    if m.class_path:
+        table.add_row("class", m.class_path)
+    return Group(table, Text(""), diff_module_details(live.module(m.name), live))

@@ -16,6 +16,21 @@ from textual.widgets import Tree
 from textual.widgets._tree import TreeNode
 
 from ..checkpoint import PARAMETER, ModuleNode, TensorRecord
+from ..diff import (
+    ADDED,
+    CHANGED,
+    CLOSE,
+    DTYPE_CHANGED,
+    IDENTICAL,
+    PENDING,
+    REMOVED,
+    RENAMED,
+    SHAPE_CHANGED,
+    UNREADABLE,
+    LiveDiff,
+    LiveModule,
+    TensorDiff,
+)
 from ..session import Session
 from ..units import fmt_bytes, fmt_count
 
@@ -28,6 +43,41 @@ MARKS = {
     "mixed": ("◐ mix", "yellow"),
     None: ("", ""),
 }
+DIFF_COLUMNS = (("shape", 13), ("dtype", 9), ("change", 11), ("bytes", 9))
+DIFF_TRAIN_WIDTH = 110  # diff mode keeps the train column from this tree width
+# Diff mode: status -> (mark, style, word). Names and the change column take the style. Textual
+# maps ANSI names through its terminal theme, where red and magenta (and blue and bright blue) are
+# one colour, so the structural statuses use explicit colours that stay apart from the others.
+DIFF_MARKS = {
+    IDENTICAL: ("=", "green", "same"),
+    CLOSE: ("≈", "cyan", "close"),
+    CHANGED: ("~", "yellow", "changed"),
+    DTYPE_CHANGED: ("≠", "#d7af00", "dtype"),
+    SHAPE_CHANGED: ("≠", "bold #d7af00", "shape"),
+    RENAMED: ("→", "#a070ff", "renamed"),
+    ADDED: ("+", "#3f8cff", "added"),
+    REMOVED: ("-", "red", "removed"),
+    UNREADABLE: ("!", "bold red", "unreadable"),
+    PENDING: ("…", "dim", "pending"),
+}
+
+
+def diff_cell(d: TensorDiff | LiveModule | None) -> tuple[str, str]:
+    """The change column of a tensor (its status, and rel. L2 difference when values moved) or
+    of a module (its aggregate status and how many of its tensors differ)."""
+    if d is None:
+        return ("", "")
+    status = d.status
+    mark, style, word = DIFF_MARKS.get(status, ("?", "", status))
+    if isinstance(d, LiveModule):
+        if status in (CHANGED, CLOSE):
+            return (f"{mark} {d.moved:,}/{d.tensors:,}", style)
+        if status == PENDING:
+            return (f"{mark} {d.pending:,}", style)
+        return (f"{mark} {word}", style)
+    if status in (CHANGED, CLOSE) and d.rel_l2 is not None:
+        return (f"{mark} {d.rel_l2:.1e}", style)
+    return (mark if status == PENDING else f"{mark} {word}", style)
 
 
 @dataclass(slots=True)
@@ -39,9 +89,12 @@ class Row:
     depth: int = 0
     more_of: ModuleNode | None = None  # a "load more" line for this module's children
     shown: int = 0  # children already added (for "more" lines)
+    ghost: bool = False  # diff mode: only in the other file (A); module/tensor are A's records
 
     @property
     def names(self) -> list[str]:
+        if self.ghost:
+            return []
         if self.tensor is not None:
             return [self.tensor.name]
         if self.module is not None:
@@ -74,6 +127,7 @@ class ParamTree(Tree[Row]):
         self.visible_modules: set[str] | None = None  # filter: modules on a path to a match
         self.visible_tensors: set[str] | None = None
         self.device_of = None  # callable name -> device string, set once tensors are placed
+        self.diff: LiveDiff | None = None  # diff mode: statuses by name, and what only A has
 
     # -- building ------------------------------------------------------------------------------
     def populate(self) -> None:
@@ -81,38 +135,54 @@ class ParamTree(Tree[Row]):
         self.clear()
         root_module = self.session.ckpt.tree
         self.root.data = Row(module=root_module, depth=0)
-        self.root.allow_expand = bool(root_module.children or root_module.tensors)
+        self.root.allow_expand = self._has_children(root_module)
         self._add_children(self.root, root_module, 0)
         self.root.expand()
 
-    def _ordered_children(self, module: ModuleNode) -> list[Row]:
+    def _ordered_children(self, module: ModuleNode, ghost: bool = False) -> list[Row]:
         depth_rows: list[Row] = []
-        modules = list(module.children.values())
-        tensors = list(module.tensors)
+        modules = [] if ghost else list(module.children.values())
+        tensors = [] if ghost else list(module.tensors)
+        ghost_modules: list[ModuleNode] = []
+        ghost_tensors: list[TensorRecord] = []
+        if self.diff is not None:
+            ghost_modules = [self.diff.a_module(n) or ModuleNode(n) for n in self.diff.ghost_modules(module.name)]
+            ghost_tensors = self.diff.ghost_tensors(module.name)
         if self.visible_modules is not None:
             modules = [m for m in modules if m.name in self.visible_modules]
+            ghost_modules = [m for m in ghost_modules if m.name in self.visible_modules]
         if self.visible_tensors is not None:
             tensors = [t for t in tensors if t.name in self.visible_tensors]
+            ghost_tensors = [t for t in ghost_tensors if t.name in self.visible_tensors]
         if self.sort_by_size:
             modules.sort(key=lambda m: m.stats.nbytes, reverse=True)
             tensors.sort(key=lambda t: t.nbytes, reverse=True)
         depth_rows.extend(Row(tensor=t) for t in tensors)
+        depth_rows.extend(Row(tensor=t, ghost=True) for t in ghost_tensors)
         depth_rows.extend(Row(module=m) for m in modules)
+        depth_rows.extend(Row(module=m, ghost=True) for m in ghost_modules)
         return depth_rows
 
+    def _has_children(self, module: ModuleNode, ghost: bool = False) -> bool:
+        if not ghost and (module.children or module.tensors):
+            return True
+        return self.diff is not None and bool(
+            self.diff.ghost_modules(module.name) or self.diff.ghost_tensors(module.name)
+        )
+
     def _add_children(self, node: TreeNode[Row], module: ModuleNode, start: int) -> None:
-        rows = self._ordered_children(module)
+        ghost = node.data is not None and node.data.ghost
+        rows = self._ordered_children(module, ghost)
         depth = (node.data.depth + 1) if node.data and node.data.more_of is None else node.data.depth
         end = min(len(rows), start + PAGE)
         for row in rows[start:end]:
             row.depth = depth
             if row.module is not None:
-                has_children = bool(row.module.children or row.module.tensors)
-                node.add(row.module.short_name, row, allow_expand=has_children)
+                node.add(row.module.short_name, row, allow_expand=self._has_children(row.module, row.ghost))
             else:
                 node.add_leaf(row.tensor.name.rsplit(".", 1)[-1], row)
         if end < len(rows):
-            node.add_leaf("more", Row(more_of=module, depth=depth, shown=end))
+            node.add_leaf("more", Row(more_of=module, depth=depth, shown=end, ghost=ghost))
 
     def load_more(self, node: TreeNode[Row]) -> None:
         row = node.data
@@ -137,10 +207,26 @@ class ParamTree(Tree[Row]):
             self.load_more(event.node)
 
     def on_resize(self) -> None:
+        self.fit_width()
         self.post_message(self.Resized())
 
+    def fit_width(self) -> None:
+        """Label widths follow the widget's width: rebuild the lines when it changed, or the
+        virtual width of the old size stays and a stray horizontal scrollbar appears (e.g. after
+        `d` shows the details pane, which sends the tree no Resize)."""
+        if self.size.width != getattr(self, "_fitted_width", None):
+            self._fitted_width = self.size.width
+            self._invalidate()
+
     def columns(self) -> tuple[tuple[str, int], ...]:
-        columns = COLUMNS[1:] if self.size.width < 70 else COLUMNS
+        if self.diff is not None:
+            columns = DIFF_COLUMNS
+            if self.size.width >= DIFF_TRAIN_WIDTH:
+                columns = (*columns[:2], COLUMNS[2], *columns[2:])
+            columns = columns[1:] if self.size.width < 70 else columns
+            columns = columns[:-1] if self.size.width < 56 else columns  # keep the change column
+        else:
+            columns = COLUMNS[1:] if self.size.width < 70 else COLUMNS
         if self.device_of is not None:
             columns = (*columns, ("device", 7))
         return columns
@@ -235,12 +321,14 @@ class ParamTree(Tree[Row]):
         icon = ("▼ " if node.is_expanded else "▶ ") if node.allow_expand else "  "
         text = Text(icon, style=base_style)
         if row.more_of is not None:
-            remaining = len(self._ordered_children(row.more_of)) - row.shown
+            remaining = len(self._ordered_children(row.more_of, row.ghost)) - row.shown
             text.append(f"… {remaining:,} more (enter to load)", style="italic")
             text.stylize(style)
             return text
         cells: dict[str, tuple[str, str]] = {}
-        if row.tensor is not None:
+        if row.ghost:
+            name = self._ghost_label(row, cells)
+        elif row.tensor is not None:
             t = row.tensor
             leaf = t.name.rsplit(".", 1)[-1]
             suffix = f" = {t.alias_of}" if t.alias_of else f" ~ {t.tied_to}" if t.tied_to else ""
@@ -256,6 +344,11 @@ class ParamTree(Tree[Row]):
             cells["bytes"] = (fmt_bytes(t.nbytes), "")
             if self.device_of is not None:
                 cells["device"] = (self.device_of(t.name), "magenta")
+            if self.diff is not None:
+                d = self.diff.tensor(t.name)
+                self._diff_cells(d, name, cells)
+                if d is not None and d.status == RENAMED and d.a_name:
+                    name.append(f" ← {d.a_name}", style="dim")
         else:
             m = row.module
             label = m.short_name or self.session.ckpt.path.name
@@ -269,6 +362,8 @@ class ParamTree(Tree[Row]):
             if self.device_of is not None:
                 devices = {self.device_of(t.name) for t in m.all_tensors()}
                 cells["device"] = (devices.pop() if len(devices) == 1 else "mixed" if devices else "", "magenta")
+            if self.diff is not None:
+                self._diff_cells(self.diff.module(m.name), name, cells)
         name.truncate(name_width, overflow="ellipsis", pad=True)
         text.append_text(name)
         for key, w in columns:
@@ -279,3 +374,39 @@ class ParamTree(Tree[Row]):
             text.append_text(cell)
         text.stylize(style)
         return text
+
+    def _diff_cells(self, d: TensorDiff | LiveModule | None, name: Text, cells: dict[str, tuple[str, str]]) -> None:
+        """Diff mode: the change column, and the name in the colour of its status."""
+        cells["change"] = diff_cell(d)
+        if d is None:
+            return
+        style = DIFF_MARKS.get(d.status, ("", "", ""))[1]
+        if style and d.status != PENDING:
+            name.stylize(style, 0, len(name.plain.split(" ", 1)[0]))
+        if isinstance(d, TensorDiff) and d.status in (DTYPE_CHANGED, SHAPE_CHANGED):
+            key = "dtype" if d.status == DTYPE_CHANGED else "shape"
+            cells[key] = (cells.get(key, ("", ""))[0], style)
+
+    def _ghost_label(self, row: Row, cells: dict[str, tuple[str, str]]) -> Text:
+        """A row for what only A has: removed (or renamed away), in A's terms."""
+        if row.tensor is not None:
+            t = row.tensor
+            name = Text(t.name.rsplit(".", 1)[-1], style="italic")
+            cells["shape"] = ("×".join(map(str, t.shape)) or "scalar", "dim")
+            cells["dtype"] = (t.dtype, "dim")
+            cells["numel"] = (fmt_count(t.numel), "dim")
+            cells["bytes"] = (fmt_bytes(t.nbytes), "dim")
+            d = self.diff.a_tensor(t.name) if self.diff is not None else None
+            self._diff_cells(d, name, cells)
+            if d is not None and d.status == RENAMED and d.b_name:
+                name.append(f" → {d.b_name}", style="dim")
+            return name
+        m = row.module
+        name = Text(m.short_name, style="bold italic")
+        if m.class_name:
+            name.append(f" {m.class_name}", style="dim cyan")
+        cells["bytes"] = (fmt_bytes(m.stats.nbytes), "dim") if m.stats.nbytes else ("", "")
+        if self.diff is not None:
+            self._diff_cells(self.diff.module(m.name), name, cells)
+        return name
+
