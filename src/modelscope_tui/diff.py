@@ -791,6 +791,7 @@ class LiveDiff:
         self.counts: dict[str, int] = dict.fromkeys((*STATUSES, PENDING), 0)
         self.pending = 0
         self._modules: dict[str, LiveModule] = {}
+        self._chains: dict[str, tuple[str, ...]] = {}
         b_modules = {node.name for node in stream.b.tree.walk()}
         self._ghost_modules: dict[str, list[str]] = defaultdict(list)
         self._ghost_tensors: dict[str, list[str]] = defaultdict(list)
@@ -844,16 +845,21 @@ class LiveDiff:
                 m = self._modules[key] = LiveModule(key)
             m._add(d, sign)
 
-    @staticmethod
-    def _module_keys(d: TensorDiff) -> set[str]:
-        keys: set[str] = set()
-        names = [d.b_name] if d.b_name is not None else []
-        if d.a_name is not None and d.status in (REMOVED, RENAMED):
-            names.append(d.a_name)
-        for name in names:
-            parts = name.split(".")[:-1]
-            keys.update(".".join(parts[:i]) for i in range(len(parts) + 1))
-        return keys
+    def _module_keys(self, d: TensorDiff) -> tuple[str, ...]:
+        chain = self._chain(d.b_name) if d.b_name is not None else ()
+        if d.a_name is not None and (d.b_name is None or d.status in (REMOVED, RENAMED)):
+            other = self._chain(d.a_name)
+            chain = tuple(dict.fromkeys(chain + other)) if chain else other
+        return chain
+
+    def _chain(self, name: str) -> tuple[str, ...]:
+        """Every module above a tensor name, "" (the model) first; cached per parent module."""
+        parent = name.rpartition(".")[0]
+        chain = self._chains.get(parent)
+        if chain is None:
+            parts = parent.split(".") if parent else []
+            chain = self._chains[parent] = tuple(".".join(parts[:i]) for i in range(len(parts) + 1))
+        return chain
 
     # -- reading -------------------------------------------------------------------------------
     def tensor(self, b_name: str) -> TensorDiff | None:

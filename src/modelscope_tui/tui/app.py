@@ -1168,7 +1168,11 @@ class MscopeApp(App[int]):
 
         batch: list = []
         last = time.monotonic()
-        for d in stream.run(cancel=cancel):
+
+        def progress(p) -> None:  # at most every 0.1 s, also inside one big tensor
+            self.call_from_thread(self._diff_progress, generation, p.done)
+
+        for d in stream.run(progress=progress, cancel=cancel):
             batch.append(d)
             now = time.monotonic()
             if now - last >= DIFF_BATCH_SECONDS:
@@ -1207,13 +1211,19 @@ class MscopeApp(App[int]):
         if node is not None:
             self._show_row(node.data)
 
+    def _diff_progress(self, generation: int, done: int) -> None:
+        if generation == self._diff_generation and self.live is not None and self.live.running:
+            self.live.done_bytes = done
+            self._set_progress(self._progress_line())
+            self._render_header()
+
     def _progress_line(self) -> str | None:
         live = self.live
         if live is None or not live.running:
             return None
         return (
-            f"comparing values {fmt_bytes(live.done_bytes)} / {fmt_bytes(live.total_bytes)} "
-            f"({live.fraction:.0%}) · {live.pending:,} tensor(s) to go · x stops"
+            f"comparing {fmt_bytes(live.done_bytes)} / {fmt_bytes(live.total_bytes)} "
+            f"({live.fraction:.0%}) · {live.pending:,} to go · x stops"
         )
 
     def _set_progress(self, line: str | None) -> None:
