@@ -145,3 +145,14 @@ def test_norms_and_diff_stay_free_of_textual_and_torch():
 
     loaded = modules_after("import modelscope_tui.norms, modelscope_tui.diff")
     assert not {"textual", "torch", "numpy"} & loaded
+
+
+def test_norm_profile_lists_numbered_blocks_in_layer_order(tmp_path):
+    from safetensors.torch import save_file
+
+    # safetensors sorts names: layers.0, layers.1, layers.10, layers.11, layers.2, ...
+    save_file({f"layers.{i}.w": torch.full((2,), float(i)) for i in range(12)}, tmp_path / "m.safetensors")
+    ckpt = open_checkpoint(tmp_path / "m.safetensors")
+    rows = module_norms(ckpt, "layers", {})
+    assert [r.label for r in rows] == [str(i) for i in range(12)]
+    assert [round(r.norm, 6) for r in rows] == [round(math.sqrt(2) * i, 6) for i in range(12)]

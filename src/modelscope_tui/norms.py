@@ -104,6 +104,11 @@ def norm_rows(
             else:
                 row.norm = None  # nothing floating-point under it
         rows.append(row)
+    # Numbered blocks (layers.0, layers.1, ..., layers.10) in layer order, not file/name order.
+    numbered = [r for r in rows if r.kind == "module" and r.label.isdigit()]
+    if numbered and len(numbered) == sum(r.kind == "module" for r in rows):
+        numbered.sort(key=lambda r: int(r.label))
+        rows = numbered + [r for r in rows if r.kind != "module"]
     return rows
 
 

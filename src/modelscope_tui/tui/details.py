@@ -194,6 +194,8 @@ def norm_profile_details(rows, status: str | None = None) -> RenderableType:
     if not rows:
         parts.append(Text(status or "no floating-point tensors", style="dim"))
         return Group(*parts)
+    if status:
+        parts.append(Text(status, style="dim"))
     values = [r.norm for r in rows if r.norm is not None]
     top = max(values, default=0.0)
     if len(rows) > 8 and values:
@@ -210,15 +212,11 @@ def norm_profile_details(rows, status: str | None = None) -> RenderableType:
         if r.norm is None:
             table.add_row(label, Text(""), Text("-" if r.complete else "…", style="dim"))
             continue
-        value = Text(f"{r.norm:.4g}", style="" if r.complete else "dim")
-        if not r.complete:
-            value.append("…")
+        value = Text(f"{r.norm:.4g}…" if r.norm else "…", style="dim") if not r.complete else Text(f"{r.norm:.4g}")
         table.add_row(label, Text(bar(r.norm, top, PROFILE_BAR), style="green" if r.complete else "dim green"), value)
     parts.append(table)
     if len(rows) > PROFILE_ROWS:
         parts.append(Text(f"… {len(rows) - PROFILE_ROWS:,} more children", style="dim"))
-    if status:
-        parts.append(Text(status, style="dim"))
     return Group(*parts)
 
 
