@@ -286,3 +286,22 @@ def test_cli_diff_in_a_terminal_opens_the_explorer(pair, monkeypatch, capsys):
     assert "6 changed" in capsys.readouterr().out and len(calls) == 1
     assert cli.main(["diff", str(a), "/nonexistent.pt"]) == 2
     assert len(calls) == 1
+
+
+async def test_plan_check_shows_in_header_and_root_details(pair, tmp_path):
+    import json
+
+    a, b = pair
+    plan = tmp_path / "plan.json"
+    frozen = [f"blocks.0.{m}.{p}" for m in ("attn", "mlp", "norm") for p in ("weight", "bias")]
+    plan.write_text(json.dumps({"format": "mscope.freeze-plan", "version": 1, "frozen": frozen, "trainable": []}))
+    app = MscopeApp(b, compare=a, plan=plan, show_gpus=False)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        assert "plan: frozen moved" in header(app)  # blocks.0.mlp.bias was cast to float16
+        assert app.live.report.exit_code == 1
+        app.tree.move_cursor(app.tree.root)
+        await settle(pilot)
+        text = details_text(app)
+        assert "1 of 6 parameters frozen in plan.json moved in B:" in text
+        assert "blocks.0.mlp.bias: dtype float32 -> float16" in text
