@@ -430,10 +430,13 @@ class Checkpoint:
             if t.numel == 0:
                 continue
             shape = t.shape
+            stride = t.stride
             if len(shape) == 1:
-                last = t.storage_offset + (shape[0] - 1) * t.stride[0]
+                last = t.storage_offset + (shape[0] - 1) * stride[0]
+            elif len(shape) == 2:
+                last = t.storage_offset + (shape[0] - 1) * stride[0] + (shape[1] - 1) * stride[1]
             else:
-                last = t.storage_offset + sum((n - 1) * st for n, st in zip(shape, t.stride))
+                last = t.storage_offset + sum((n - 1) * st for n, st in zip(shape, stride))
             needed = (last + 1) * itemsizes.get(t.dtype, 1)
             declared = size if size is not None else s.numel * itemsizes.get(s.dtype, 1)
             if needed > declared:

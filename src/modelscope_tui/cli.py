@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__
 from .errors import MscopeError
@@ -66,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("diff", help="compare two checkpoints tensor by tensor (any formats); --plan checks frozen ones")
     )
     return parser
+
+
+def entry() -> NoReturn:
+    """The `mscope` command: main(), then exit without tearing down the heap. Freeing a
+    100k-tensor checkpoint object by object took 5% of a summary; the OS reclaims it at once.
+    Output is flushed first; nothing else here needs interpreter shutdown."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

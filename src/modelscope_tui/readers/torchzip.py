@@ -65,25 +65,23 @@ class StorageTable:
             False,
             self.byteorder,
         )
-        if self.archive is not None:
-            self._locate(record)
         self.records[key] = record
-        return record
-
-    def _locate(self, record: StorageRecord) -> None:
-        entry = self.archive.entries.get(self.folder + record.key)
+        if self.archive is None:
+            return record
+        entry = self.archive.entries.get(self.folder + key)
         if entry is None:
-            return
+            return record
         record.data_offset = self.archive.data_offset(entry)
-        record.compressed = entry.method != STORED
-        if record.compressed:
+        if entry.method == STORED:
+            record.data_size = min(entry.size, entry.compressed_size)
+        else:
+            record.compressed = True
             record.data_size = entry.compressed_size
             if entry.size < record.nbytes:  # the directory says what it inflates to
                 self.problems.append(
-                    f"storage {record.key!r} inflates to {entry.size:,} bytes but declares {record.nbytes:,}"
+                    f"storage {key!r} inflates to {entry.size:,} bytes but declares {record.nbytes:,}"
                 )
-        else:
-            record.data_size = min(entry.size, entry.compressed_size)
+        return record
 
 
 def read_torch_zip(path: Path, archive: ZipArchive) -> Checkpoint:

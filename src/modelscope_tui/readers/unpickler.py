@@ -125,11 +125,13 @@ def _fast_scanner(memo_steps: int) -> re.Pattern[bytes] | None:
             count1.append(code)
         elif kind in (_COUNT4U, _COUNT4S):
             count4.append(code)
-    parts = [_byte_class(codes) + b".{%d}" % n for n, codes in sorted(fixed.items())]
+    # The engine tries alternatives in order: most frequent in torch pickles first (memo puts,
+    # then one-byte arguments, argument-less opcodes, strings). 1.8x faster than sorted order.
+    parts = [b"r.." + _uint_le_below(memo_steps, 2)] if memo_steps else []
+    parts.append(_byte_class(fixed.pop(1)) + b".")
     parts.append(_byte_class(single))
-    if memo_steps:
-        parts.append(b"r.." + _uint_le_below(memo_steps, 2))
     parts.append(_byte_class(count4) + b"(?:" + b"|".join(re.escape(bytes([n])) + b"\\x00\\x00\\x00.{%d}" % n for n in range(256)) + b")")
+    parts.extend(_byte_class(codes) + b".{%d}" % n for n, codes in sorted(fixed.items()))
     parts.append(_byte_class(count1) + b"(?:" + b"|".join(re.escape(bytes([n])) + b".{%d}" % n for n in range(256)) + b")")
     try:
         return re.compile(b"(?:" + b"|".join(parts) + b")*+", re.S)

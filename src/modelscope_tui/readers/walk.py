@@ -117,7 +117,10 @@ def find_model(root: Any) -> tuple[str, str]:
         return "full_module", ""
     if not is_mapping(root):
         return "object", ""
-    items = {key_text(k): v for k, v in mapping_items(root)}
+    if type(root) in (dict, OrderedDict) and set(map(type, root)) <= {str}:
+        items = root  # a state_dict's own keys: no 100k-entry copy
+    else:
+        items = {key_text(k): v for k, v in mapping_items(root)}
     if "state_dict" in items and ({"pytorch-lightning_version", "optimizer_states", "global_step"} & items.keys()):
         return "lightning", "state_dict"
     tensors, others = tensor_leaves(root)
@@ -195,7 +198,9 @@ class Walker:
                     self.add_entry(where, "dict", "{}")
                 pending = []
                 for key, value in item.items():
-                    child = f"{where}.{key_text(key)}" if where else key_text(key)
+                    if type(key) is not str:
+                        key = key_text(key)
+                    child = f"{where}.{key}" if where else key
                     if type(value) is TensorRef:
                         add_tensor(value, child[prefix_len:] if section else child, section)
                     else:
