@@ -20,11 +20,21 @@ Statistics, exactly:
 - `min` / `max` over every value that is not NaN (so +-inf show up there); `mean`, `std`
   (population, `torch.std(x, correction=0)`), `norm` (L2) and `sumsq` over the finite values.
 - One pass per chunk. fp16 / bf16 min, max, zeros and NaN/Inf presence come from integer
-  reductions on the raw bits; the values are widened to float32 exactly (shift, mask, rebias:
-  numpy's own float16 cast is 6x slower) and summed over rows of 2,048 in float32 (np.vecdot),
-  rows and chunks combined in float64 with Chan's formula; a chunk whose mean is large next to
-  its spread is re-centred first, so `std` does not cancel away. Chunks with NaN / Inf take an
-  exact slower path. Measured error against float64 torch: < 1e-6 relative.
+  reductions on the raw bits; the values are widened to float32 exactly, two at a time (each
+  int16 pair read as one int32 word: shift, mask, rebias, no int16 -> int32 cast; numpy's own
+  float16 cast is 6x slower) and summed over rows of 2,048 in float32 (np.vecdot), rows and
+  chunks combined in float64 with Chan's formula; a chunk whose mean is large next to its spread
+  is re-centred first, so `std` does not cancel away, and one whose values are all below 2^-50
+  (float32 squares would underflow) is summed in float64. Chunks with NaN / Inf take an exact
+  slower path (min / max without np.fmin, which signalling NaNs fool). Measured error against
+  float64 torch: < 1e-6 relative. Cost on a 2-core box: ~1 ns per fp16 value and thread, i.e.
+  ~10 numpy passes; a fused compiled loop would be ~5x cheaper (bench/fused_pass_probe.py).
+- Measured and rejected: one np.bincount over the 16-bit patterns (exact sums from a 65,536-entry
+  table) costs ~2 ns per value, twice the whole kernel; pread into a reused buffer instead of the
+  mmap costs a copy and was slower; smaller chunks that stay in L2 lose more to per-call overhead
+  than they gain (numpy's loops here run at SSE width either way).
+- Threads: one per physical core; numpy releases the GIL inside each loop, so chunks of 1 MB and
+  more keep both cores busy.
 - numpy, not torch: importing torch costs seconds, the order of a whole pass over a 1.3B model.
 """
 
@@ -55,7 +65,7 @@ SCHEMA_VERSION = 1
 ERROR, WARNING, INFO = "error", "warning", "info"
 SEVERITY_ORDER = {ERROR: 0, WARNING: 1, INFO: 2}
 
-DEFAULT_CHUNK_BYTES = 1 << 20  # source bytes per chunk (per-thread scratch: 12x this for fp16)
+DEFAULT_CHUNK_BYTES = 1 << 20  # source bytes per chunk (per-thread scratch: 2x for fp16, <= 8x)
 EXPLODING_ABS = 1e4
 DEAD_ZERO_FRACTION = 0.99
 VANISHED_ABS = 1e-6
@@ -434,21 +444,38 @@ class _Part:
 
 
 class _Scratch(threading.local):
-    """Per-thread buffers, reused for every chunk: float32 values, float32 squares, and bytes."""
+    """Per-thread buffers, reused for every chunk (each allocated on first use): float32 values,
+    float32 re-centred values, and bytes for the float / integer kernels."""
 
     def __init__(self) -> None:
         self.cap = 0
-        self.values = self.squares = self.tmp = None
+        self._values = self._squares = self._tmp = None
 
     def ensure(self, n: int) -> None:
         if n <= self.cap:
             return
-        np = _numpy()
-        cap = max(n, 1 << 16)
-        self.values = np.empty(cap, dtype=np.float32)
-        self.squares = np.empty(cap, dtype=np.float32)
-        self.tmp = np.empty(8 * cap, dtype=np.uint8)
-        self.cap = cap
+        self.cap = max(n, 1 << 16)
+        self._values = self._squares = self._tmp = None
+
+    def _get(self, attr: str, dtype: str, per: int):
+        buf = getattr(self, attr)
+        if buf is None:
+            np = _numpy()
+            buf = np.empty(per * self.cap, dtype=dtype)
+            setattr(self, attr, buf)
+        return buf
+
+    @property
+    def values(self):
+        return self._get("_values", "float32", 1)
+
+    @property
+    def squares(self):
+        return self._get("_squares", "float32", 1)
+
+    @property
+    def tmp(self):
+        return self._get("_tmp", "uint8", 8)
 
 
 _scratch = _Scratch()
@@ -518,6 +545,35 @@ def _widen_half(c16, kernel: str, out):
     return out
 
 
+def _widen_half_unordered(c16, kernel: str, out):
+    """Like `_widen_half` but the values land in `out` in another order (fine for sums): the
+    int16 pairs are read as int32 words, so every step is a plain same-type numpy loop instead of
+    an int16 -> int32 cast (2x fewer bytes moved per value). Falls back to `_widen_half` for an
+    odd count or a buffer that is not 4-byte aligned."""
+    np = _numpy()
+    n = c16.size
+    if n < 2 or n % 2 or c16.ctypes.data % 4 or not c16.flags.c_contiguous:
+        return _widen_half(c16, kernel, out)
+    h = n // 2
+    p = c16.view(np.int32)  # each word holds two values: one in bits 0..15, one in 16..31
+    w = out.view(np.int32)
+    lo, hi = w[:h], w[h:]
+    if kernel == "bf16":
+        np.bitwise_and(p, np.int32(-0x10000), out=hi)  # the upper value is a float32 already
+        np.left_shift(p, 16, out=lo)
+        return out
+    # fp16: put each value's bits at the top of a word (sign in bit 31), arithmetic shift right
+    # by 3 so exponent+mantissa sit where float32 keeps them, clear the sign copies (bits 28..30)
+    # and the neighbour's bits (0..12), then rebias the exponent (x 2^112; exact, subnormals too).
+    np.right_shift(p, 3, out=hi)
+    np.left_shift(p, 16, out=lo)
+    np.right_shift(lo, 3, out=lo)
+    np.bitwise_and(w, np.int32(-0x70002000), out=w)  # 0x8FFFE000
+    np.multiply(out, np.float32(2.0**112), out=out)
+    return out
+
+
+_TINY = 2.0**-50  # float32 squares of values below this lose digits (min normal 2^-126)
 _ROW = 2048  # sums run over rows of this many values (float32 error ~1e-7), rows added in float64
 _ONES: dict[str, Any] = {}
 
@@ -551,12 +607,22 @@ def _sum_sumsq(f) -> tuple[float, float]:
 
 def _moments(f, part: _Part, scratch=None) -> None:
     """mean / m2 / sumsq of a finite float32 or float64 array into part (float64 results).
-    `scratch`: an array of f's dtype and size to re-centre into (allocated when None)."""
+    `scratch`: an array of f's dtype and size to re-centre into, or a function returning one
+    (called only when needed; allocated when None).
+
+    Values whose squares underflow float32 (every |value| below 2^-50: bf16 / fp32 subnormals
+    and their neighbours) are summed in float64 instead; the caller knows the chunk's min and max
+    (`part.mn` / `part.mx`), which decide."""
     np = _numpy()
     n = f.size
     part.finite = n
     if n == 0:
         return
+    if f.dtype == np.float32 and part.mn is not None and part.mx is not None:
+        am = max(abs(part.mn), abs(part.mx))
+        if 0 < am < _TINY:
+            f = f.astype(np.float64)
+            scratch = None
     s, q = _sum_sumsq(f)
     if not (math.isfinite(s) and math.isfinite(q)):  # float32 squares overflow past 1.8e19
         g = f.astype(np.float64)
@@ -566,6 +632,8 @@ def _moments(f, part: _Part, scratch=None) -> None:
     if mean * mean * n > 1e-2 * q and n > 1:
         # The mean dominates: re-centre on it so m2 = q - s^2/n does not cancel away.
         k = f.dtype.type(mean)
+        if callable(scratch):
+            scratch = scratch()
         if scratch is None or scratch.dtype != f.dtype or scratch.size != n:
             scratch = np.empty_like(f)
         d = np.subtract(f, k, out=scratch)
@@ -597,8 +665,11 @@ def _slow_float_part(f) -> _Part:
     part.inf = int(np.count_nonzero(inf))
     part.zeros = int(f.size - np.count_nonzero(f))
     if part.nan < f.size:
-        part.mn = float(np.fmin.reduce(f))
-        part.mx = float(np.fmax.reduce(f))
+        # Not np.fmin / np.fmax: a signalling NaN (fp16 0x7C01, a widened bf16 0x7F81...) makes
+        # them return NaN or drop the values before it (IEEE minNum), so reduce without NaN.
+        seen = f[~nan] if part.nan else f
+        part.mn = float(seen.min())
+        part.mx = float(seen.max())
     finite = f[~(nan | inf)].astype(np.float64)
     _moments(finite, part)
     return part
@@ -611,6 +682,34 @@ def _chunk_part(chunk, kernel: str) -> _Part:
         return _chunk_part_inner(chunk, kernel)
 
 
+def _half_part(chunk, kernel: str, sc: _Scratch) -> _Part:
+    """fp16 / bf16: min, max, zeros and NaN/Inf presence from integer reductions on the bits,
+    moments from the values widened to float32."""
+    np = _numpy()
+    n = chunk.size
+    exp = _HALF_EXP[kernel]
+    hi = int(chunk.max())
+    uhi = int(chunk.view(np.uint16).max())
+    if hi >= exp or uhi >= (0x8000 | exp):  # some +-Inf / NaN: exact but slower
+        if kernel == "f16":
+            return _slow_float_part(chunk.view(np.float16).astype(np.float32))
+        return _slow_float_part(_widen_half(chunk, kernel, np.empty(n, np.float32)))
+    lo = int(chunk.min())
+    part = _Part(n=n)
+    zeros = n - int(np.count_nonzero(chunk))
+    if lo == -32768:  # -0.0 is 0x8000, the smallest int16
+        zeros += int(np.count_nonzero(chunk == -32768))
+    part.zeros = zeros
+    # Bits as int16 order the positive values; among negatives a larger int16 is a larger
+    # magnitude. So max = the largest non-negative, else the negative nearest zero (lo), and
+    # min = the largest-magnitude negative (the uint16 maximum), else the smallest positive.
+    part.mx = _half_value(hi if hi >= 0 else lo, kernel)
+    part.mn = _half_value(uhi if uhi >= 0x8000 else lo, kernel)
+    f = _widen_half_unordered(chunk, kernel, sc.values[:n])
+    _moments(f, part, lambda: sc.squares[:n])
+    return part
+
+
 def _chunk_part_inner(chunk, kernel: str) -> _Part:
     np = _numpy()
     n = chunk.size
@@ -619,27 +718,7 @@ def _chunk_part_inner(chunk, kernel: str) -> _Part:
     sc = _scratch
     sc.ensure(n)
     if kernel in ("f16", "bf16"):
-        exp = _HALF_EXP[kernel]
-        hi = int(chunk.max())
-        lo = int(chunk.min())
-        uhi = int(chunk.view(np.uint16).max())
-        if hi >= exp or uhi >= (0x8000 | exp):  # some +-Inf / NaN: exact but slower
-            if kernel == "f16":
-                return _slow_float_part(chunk.view(np.float16).astype(np.float32))
-            return _slow_float_part(_widen_half(chunk, kernel, np.empty(n, np.float32)))
-        part = _Part(n=n)
-        zeros = n - int(np.count_nonzero(chunk))
-        if lo == -32768:  # -0.0 is 0x8000, the smallest int16
-            zeros += int(np.count_nonzero(chunk == -32768))
-        part.zeros = zeros
-        # Bits as int16 order the positive values; among negatives a larger int16 is a larger
-        # magnitude. So max = the largest non-negative, else the negative nearest zero (lo), and
-        # min = the largest-magnitude negative (the uint16 maximum), else the smallest positive.
-        part.mx = _half_value(hi if hi >= 0 else lo, kernel)
-        part.mn = _half_value(uhi if uhi >= 0x8000 else lo, kernel)
-        f = _widen_half(chunk, kernel, sc.values[:n])
-        _moments(f, part, sc.squares[:n])
-        return part
+        return _half_part(chunk, kernel, sc)
     if kernel == "float":
         mn = float(chunk.min())
         mx = float(chunk.max())
@@ -647,11 +726,10 @@ def _chunk_part_inner(chunk, kernel: str) -> _Part:
             return _slow_float_part(chunk)
         part = _Part(n=n, mn=mn, mx=mx)
         part.zeros = _float_zeros(chunk, sc.tmp)
-        _moments(
-            chunk,
-            part,
-            sc.squares[:n] if chunk.dtype == np.float32 else sc.tmp[: 8 * n].view(np.float64),
-        )
+        if chunk.dtype == np.float32:
+            _moments(chunk, part, lambda: sc.squares[:n])
+        else:
+            _moments(chunk, part, lambda: sc.tmp[: 8 * n].view(np.float64))
         return part
     if kernel == "int":
         part = _Part(n=n)
@@ -660,7 +738,7 @@ def _chunk_part_inner(chunk, kernel: str) -> _Part:
         part.mx = float(chunk.max())
         f = sc.tmp[: 8 * n].view(np.float64)
         np.copyto(f, chunk, casting="unsafe")
-        _moments(f, part, np.empty_like(f))
+        _moments(f, part)
         return part
     raise ValueError(kernel)
 
@@ -910,12 +988,20 @@ def _as_float(comps, kernel: str):
 # Streaming many tensors: a thread pool over chunks
 # ----------------------------------------------------------------------------------------------
 def default_threads() -> int:
-    """Half the usable CPUs (SIMD loops gain nothing from SMT siblings), 1 to 8."""
+    """One per physical core of the usable CPUs (SMT siblings share the SIMD units the kernels
+    run on), 1 to 8. Where the topology cannot be read: half the CPUs."""
     try:
-        n = len(os.sched_getaffinity(0))
+        cpus = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    return max(1, min(8, n // 2))
+        cpus = list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as fh:
+                cores.add(fh.read().strip())
+        except OSError:
+            return max(1, min(8, len(cpus) // 2))
+    return max(1, min(8, len(cores)))
 
 
 def stream_stats(

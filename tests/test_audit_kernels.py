@@ -1,0 +1,175 @@
+"""audit's numpy chunk kernels against torch's own reductions (float64), chunk by chunk.
+
+Every half-precision path is hit on purpose: the int32-pair widening (even count, 4-byte
+aligned), its fallback (odd count, a buffer 2 bytes off alignment), chunks with NaN / Inf (the
+exact slow path), -0.0, subnormals, the largest finite values, all-negative and all-positive
+chunks, and a mean much larger than the spread (re-centred moments).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from modelscope_tui import audit
+
+HALF = {"f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def reference(x: torch.Tensor) -> dict:
+    x = x.reshape(-1).double()
+    not_nan = x[~x.isnan()]
+    fin = x[torch.isfinite(x)]
+    return {
+        "min": not_nan.min().item() if not_nan.numel() else None,
+        "max": not_nan.max().item() if not_nan.numel() else None,
+        "mean": fin.mean().item() if fin.numel() else None,
+        "var": fin.var(correction=0).item() if fin.numel() else None,
+        "sumsq": float((fin * fin).sum()),
+        "zeros": int((x == 0).sum()),
+        "nan": int(x.isnan().sum()),
+        "inf": int(x.isinf().sum()),
+        "finite": int(fin.numel()),
+    }
+
+
+def check(part: audit._Part, x: torch.Tensor, rel: float = 1e-6) -> None:
+    ref = reference(x)
+    assert (part.n, part.zeros, part.nan, part.inf, part.finite) == (
+        x.numel(), ref["zeros"], ref["nan"], ref["inf"], ref["finite"],
+    )  # fmt: skip
+    assert (part.mn, part.mx) == (ref["min"], ref["max"])  # exact
+    if not ref["finite"]:
+        return
+    rms = math.sqrt(ref["sumsq"] / ref["finite"]) or 1.0
+    assert math.isclose(part.mean, ref["mean"], rel_tol=rel, abs_tol=rel * rms)
+    assert math.isclose(part.sumsq, ref["sumsq"], rel_tol=rel)
+    var = part.m2 / part.finite
+    assert math.isclose(var, ref["var"], rel_tol=10 * rel, abs_tol=rel * rms * rms)
+
+
+def bits(x: torch.Tensor) -> np.ndarray:
+    return x.reshape(-1).view(torch.int16).numpy()
+
+
+def special(dtype: torch.dtype) -> torch.Tensor:
+    f = torch.finfo(dtype)
+    return torch.tensor(
+        [0.0, -0.0, f.tiny, -f.tiny, f.smallest_normal / 4, -f.smallest_normal / 8,
+         f.max, -f.max, 1.0, -1.0, 2.5, -0.375],
+        dtype=torch.float32,
+    ).to(dtype)  # fmt: skip
+
+
+def subnormals(dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    """Every value with a zero exponent field (both signs, zero included)."""
+    mant = 1023 if dtype == torch.float16 else 127
+    m = torch.randint(0, mant + 1, (5_000,), generator=g, dtype=torch.int32)
+    sign = torch.randint(0, 2, (5_000,), generator=g, dtype=torch.int32) << 15
+    u = m | sign
+    return (u - (u >= 32768).to(torch.int32) * 65536).to(torch.int16).view(dtype)
+
+
+def nans(dtype: torch.dtype) -> torch.Tensor:
+    """Quiet and signalling NaNs of both signs (np.fmin.reduce mishandles the signalling ones)."""
+    exp = 0x7C00 if dtype == torch.float16 else 0x7F80
+    quiet = 0x0200 if dtype == torch.float16 else 0x0040
+    pats = [exp | 1, exp | quiet, exp | quiet | 5, exp | 3, 0x8000 | exp | 1, 0x8000 | exp | quiet]
+    return torch.tensor([p - 65536 if p >= 32768 else p for p in pats], dtype=torch.int16).view(
+        dtype
+    )
+
+
+def cases(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    normal = (torch.randn(10_000, generator=g) * 0.02).to(dtype)
+    sp = special(dtype)
+    nan_inf = torch.cat(
+        [normal[:500], torch.tensor([float("nan"), float("inf"), -float("inf")]).to(dtype)]
+    )
+    return {
+        "normal": normal,
+        "odd": normal[:9_999],
+        "special": sp,
+        "special_odd": sp[:-1],
+        "mixed": torch.cat([normal[:3_000], sp.repeat(50)]),
+        "nan_inf": nan_inf,
+        "only_nan": torch.full((6,), float("nan")).to(dtype),
+        "negative": -(torch.rand(4_096, generator=g) + 0.01).to(dtype),
+        "positive": (torch.rand(4_097, generator=g) + 0.01).to(dtype),
+        "neg_zero_only": torch.full((8,), -0.0).to(dtype),
+        "zeros": torch.zeros(10, dtype=dtype),
+        "layernorm": (1 + 1e-3 * torch.randn(20_000, generator=g)).to(dtype),
+        "subnormals": subnormals(dtype, g),
+        "nan_payloads": torch.cat([normal[:40], nans(dtype), sp]),
+        "one": torch.tensor([-3.0]).to(dtype),
+    }
+
+
+@pytest.mark.parametrize("kernel", ["f16", "bf16"])
+def test_half_kernel_matches_torch(kernel):
+    for name, x in cases(HALF[kernel]).items():
+        try:
+            check(audit._chunk_part(bits(x), kernel), x)
+        except AssertionError as exc:
+            raise AssertionError(f"{kernel} {name}: {exc}") from exc
+
+
+@pytest.mark.parametrize("kernel", ["f16", "bf16"])
+def test_half_kernel_on_an_unaligned_buffer(kernel):
+    """A chunk that starts 2 bytes into a word (safetensors offsets only promise 2 for fp16)."""
+    x = cases(HALF[kernel])["mixed"]
+    raw = np.zeros(2 * x.numel() + 2, dtype=np.uint8)
+    raw[2:] = bits(x).view(np.uint8)
+    chunk = raw[2:].view(np.int16)
+    assert chunk.ctypes.data % 4 == 2
+    check(audit._chunk_part(chunk, kernel), x)
+
+
+@pytest.mark.parametrize("kernel", ["f16", "bf16"])
+def test_pair_widening_gives_the_same_values(kernel):
+    """The int32-pair widening equals the ordered one up to order, bit for bit, for every finite
+    16-bit pattern (and keeps -0.0)."""
+    pattern = np.arange(65536, dtype=np.uint16).view(np.int16)
+    exp = audit._HALF_EXP[kernel]
+    finite = pattern[(pattern.view(np.uint16) & exp) != exp].copy()
+    ordered = audit._widen_half(finite, kernel, np.empty(finite.size, np.float32))
+    paired = audit._widen_half_unordered(finite, kernel, np.empty(finite.size, np.float32))
+    assert np.array_equal(np.sort(ordered.view(np.int32)), np.sort(paired.view(np.int32)))
+    want = torch.from_numpy(finite).view(HALF[kernel]).float().numpy()
+    assert np.array_equal(ordered.view(np.int32), want.view(np.int32))
+
+
+@pytest.mark.parametrize("kernel", ["f16", "bf16"])
+def test_half_kernel_many_chunks_accumulate_in_float64(kernel):
+    """2M values in 64 KB chunks merged with Chan's formula: mean and std to 1e-6 of float64."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2_000_000, generator=g) * 0.02 + 0.003).to(HALF[kernel])
+    raw = bits(x)
+    total = audit._Part()
+    for s in range(0, raw.size, 32768):
+        total.merge(audit._chunk_part(raw[s : s + 32768], kernel))
+    check(total, x)
+
+
+def test_default_threads_counts_cores():
+    n = audit.default_threads()
+    assert 1 <= n <= 8
+
+
+def test_float_kernel_signalling_nan_and_tiny_values():
+    """float32 / float64 chunks: signalling NaNs do not hide the min / max, and values whose
+    float32 squares underflow still give an exact norm."""
+    snan = np.array([0x7F800001, 0xFF800005, 0x7FC00000], dtype=np.uint32).view(np.float32)
+    for values in (
+        np.concatenate([np.float32([3.0, 1e-30, -2.0]), snan, np.float32([0.5, -0.0, 7.0])]),
+        np.float32([1e-30, -3e-39, 2e-41, 0.0, 5e-25]),  # squares far below float32's range
+        np.float32([1e-30, np.inf, 2e-41]),
+    ):
+        for dtype in (np.float32, np.float64):
+            with np.errstate(invalid="ignore"):  # casting a signalling NaN quiets it
+                chunk = values.astype(dtype)
+            check(audit._chunk_part(chunk, "float"), torch.from_numpy(chunk.copy()))
