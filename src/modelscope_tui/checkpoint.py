@@ -140,8 +140,8 @@ class TensorRecord:
     nbytes: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
-        self.numel = prod(self.shape)
-        self.nbytes = self.numel * DTYPE_ITEMSIZE.get(self.dtype, 1)
+        self.numel = numel = math.prod(self.shape)  # 1 for a scalar's ()
+        self.nbytes = numel * DTYPE_ITEMSIZE.get(self.dtype, 1)
 
     @property
     def itemsize(self) -> int:

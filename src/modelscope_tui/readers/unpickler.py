@@ -459,7 +459,20 @@ class TensorRef:
         "dtype", "note", "subclass", "seq", "__weakref__",
     )  # fmt: skip
 
-    def __init__(self, storage: Any, offset: Any, shape: Any, stride: Any, requires_grad: Any, dtype: str | None = None):
+    # The signature of torch._utils._rebuild_tensor_v2, so the unpickler calls the class itself
+    # (one Python call per tensor instead of two); hooks and metadata are ignored.
+    def __init__(
+        self,
+        storage: Any,
+        offset: Any,
+        shape: Any,
+        stride: Any,
+        requires_grad: Any = False,
+        backward_hooks: Any = None,
+        metadata: Any = None,
+        *,
+        dtype: str | None = None,
+    ):
         self.storage = storage
         if type(shape) is tuple and type(stride) is tuple and len(shape) == len(stride) <= MAX_DIMS:
             for value in shape:  # inline: this runs once per tensor, 100k times in a big file
@@ -522,10 +535,6 @@ def _short(value: Any, limit: int = 80) -> str:
     except ValueError:  # an int over 4,300 digits
         text = f"<{type(value).__name__} too long to print>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    return TensorRef(storage, storage_offset, size, stride, requires_grad)
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, dtype=None, metadata=None):
@@ -646,7 +655,7 @@ SAFE_FUNCTIONS: dict[tuple[str, str], Any] = {
     ("builtins", "bytearray"): _bytes_from_text(bytearray),
     ("copyreg", "_reconstructor"): _reconstructor,
     ("_codecs", "encode"): _codecs_encode,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v2"): TensorRef,
     # DCP metadata names the layout through this helper; it only maps a name to a constant.
     ("torch.serialization", "_get_layout"): lambda name="torch.strided": str(name)[:64],
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
