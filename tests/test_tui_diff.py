@@ -225,16 +225,13 @@ async def test_compare_from_inside_the_app_and_jump_between_changes(pair):
         assert app.live is None
 
 
-async def test_norm_profile_of_a_module_is_computed_once(monkeypatch):
-    import modelscope_tui.tui.app as app_module
-
+async def test_norm_profile_of_a_module_is_computed_once():
     path = SAMPLES / "transformer_tied.pt"
     ref = torch.load(path, weights_only=True)
-    monkeypatch.setattr(app_module, "ROOT_PROFILE_BYTES", 0)  # as for a big model: root not unasked
     app = MscopeApp(path, show_gpus=False)
     async with app.run_test(size=(160, 48)) as pilot:
         await settle(pilot)
-        assert "audit the file (A)" in details_text(app) and not app._norm_stats
+        assert "A (audit) computes it" in details_text(app) and not app._norm_stats  # never unasked
         app.tree.reveal(module_name="blocks.0")
         await settle(pilot)
         text = details_text(app)
@@ -258,8 +255,10 @@ async def test_norm_profile_of_a_module_is_computed_once(monkeypatch):
         text = details_text(app)
         w = float(ref["blocks.0.linear1.weight"].double().norm())
         assert any(line.strip().startswith("weight") and f"{w:.4g}" in line for line in text.splitlines())
-        # the root of a small model shows the top level, tied lm_head included
-        monkeypatch.setattr(app_module, "ROOT_PROFILE_BYTES", 64 << 20)
+        # after an audit the root shows the top level too, tied lm_head included
+        await pilot.press("A")
+        await settle(pilot)
+        await pilot.press("escape")
         app.tree.move_cursor(app.tree.root)
         await settle(pilot)
         assert "lm_head (tied)" in details_text(app)

@@ -54,7 +54,6 @@ EXPAND_ALL_LIMIT = 3000  # nodes added by one "expand all"; more would stall the
 EXIT_AFTER_PAINT_ENV = "MSCOPE_EXIT_AFTER_PAINT"  # benchmarks: quit once the tree is painted
 NARROW = 100  # below this width the details pane starts hidden
 WIDE = 140  # from this width the GPU panel starts shown
-ROOT_PROFILE_BYTES = 64 << 20  # the root's norm profile is computed unasked only for small models
 DIFF_BATCH_SECONDS = 0.1  # diff results reach the UI in batches at most this often
 
 
@@ -356,7 +355,9 @@ class MscopeApp(App[int]):
                 self._compute_stats(row.tensor, self._stats_cancel)
         elif row.module is not None and row.module.name == "":
             content = file_details(self.session)
-            profile = self._profile(row.module.name, start=self.session.ckpt.totals().nbytes <= ROOT_PROFILE_BYTES)
+            # The root's profile reads the whole model: shown once the statistics are at hand
+            # (after an audit, or every top-level module's profile), never started unasked.
+            profile = self._profile(row.module.name, start=False)
             if profile is not None:
                 content = Group(content, profile)
             if live is not None:
@@ -380,7 +381,7 @@ class MscopeApp(App[int]):
             self._norm_done.add(module)
             return norm_profile_details(rows)
         if not start:
-            return norm_profile_details(rows, "audit the file (A) to see every child's norm")
+            return norm_profile_details(rows, "A (audit) computes it for the whole model")
         if self._norm_running != module and self.query_one("#details-pane").display:
             self._norm_cancel.set()
             self._norm_cancel = threading.Event()
