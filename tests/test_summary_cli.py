@@ -107,3 +107,14 @@ def test_fast_json_escapes_odd_names(tmp_path):
     text = summary_json(ckpt)
     assert text == json.dumps(summary_dict(ckpt), separators=(",", ":"))
     assert sorted(t["name"] for t in json.loads(text)["tensors"]) == sorted([*names, "step"])
+
+
+def test_output_cut_short_by_a_pipe_exits_quietly(tmp_path):
+    path = tmp_path / "many.pt"
+    torch.save({f"blocks.{i}.weight": torch.zeros(1) for i in range(4000)}, path)
+    # 4,000 tensor lines is far more than a pipe buffer holds, so `head` closes the pipe mid-write.
+    shell = f'"{sys.executable}" -m modelscope_tui summary --filter "*" "{path}" | head -1; echo "rc=${{PIPESTATUS[0]}}"'
+    result = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines()[0].startswith("many.pt")
+    assert result.stdout.splitlines()[-1] == "rc=0"
+    assert result.stderr == ""

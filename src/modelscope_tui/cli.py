@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
 from collections.abc import Sequence
@@ -72,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 def entry() -> NoReturn:
     """The `mscope` command: main(), then exit without tearing down the heap. Freeing a
     100k-tensor checkpoint object by object took 5% of a summary; the OS reclaims it at once.
-    Output is flushed first; nothing else here needs interpreter shutdown."""
+    atexit handlers still run and output is flushed; nothing else needs interpreter shutdown."""
     code = main()
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -143,10 +145,11 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write("\n")
         else:
             from rich.console import Console
+            from .textout import text_console
 
             from .summary import render_summary
 
-            render_summary(ckpt, Console(highlight=False), args.depth, args.filter)
+            render_summary(ckpt, text_console(), args.depth, args.filter)
         return EXIT_OK
     if args.command in ("plan", "apply-plan"):
         from .freeze import run_apply_plan_command, run_plan_command
