@@ -848,8 +848,14 @@ class MscopeApp(App[int]):
         fit_key = (id(est), tuple((g.nvml_index, g.memory_free >> 26) for g in gpus))
         if not recompute and fit_key == self._fit_key:
             return
+        if not panel.size.width:
+            # Just shown and not laid out yet: draw once its width is known, not at a guess
+            # (whether a guess or the real width won used to depend on timing).
+            self._fit_key = None
+            self.call_after_refresh(self._update_estimate, False)
+            return
         self._fit_key = fit_key
-        width = max(20, panel.size.width - 4) if panel.size.width else 36
+        width = max(20, panel.size.width - 4)
         lines = [_Text(line) for line in panel_lines(est, None, width=width)]
         for g in gpus:
             fit = f"GPU{g.nvml_index}: " + fit_line(est, g.memory_free)
