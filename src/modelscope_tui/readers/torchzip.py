@@ -71,7 +71,8 @@ class StorageTable:
         entry = self.archive.entries.get(self.folder + key)
         if entry is None:
             return record
-        record.data_offset = self.archive.data_offset(entry)
+        start = entry.data_start
+        record.data_offset = start if start is not None else self.archive.data_offset(entry)
         if entry.method == STORED:
             record.data_size = min(entry.size, entry.compressed_size)
         else:

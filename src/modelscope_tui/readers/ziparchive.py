@@ -40,6 +40,7 @@ class ZipEntry:
     crc: int
     flags: int
     raw_name: bytes = b""  # as stored, to match the local header byte for byte
+    data_start: int | None = None  # first data byte, when the local header checked out in the map
 
 
 class ZipArchive:
@@ -62,16 +63,12 @@ class ZipArchive:
         self.duplicates: list[str] = []
         self.shadowed: list[ZipEntry] = []  # earlier entries of a repeated name (readers differ
         # on which copy they take: torch's reader may load one we would not show)
+        self._pread = False
         try:
             self._parse_directory()
         except BaseException:
             self.close()
             raise
-        # Local headers of large members are read with pread, not through the map: touching the
-        # map there maps the whole page-cache folio around each header (the RSS of a 1.4 GB
-        # full-module checkpoint went from 16 MB to 190 MB). Archives of many small members use
-        # the map: 100k preads would cost 0.2 s and those pages are mapped anyway.
-        self._pread = self._file is not None and self.size > SPARSE_MEMBER_BYTES * max(1, len(self.entries))
 
     def close(self) -> None:
         if self._own and isinstance(self.buffer, mmap.mmap):
@@ -116,6 +113,14 @@ class ZipArchive:
         p = cd_offset
         end = cd_offset + cd_size
         unpack = _CENTRAL_FIELDS.unpack_from
+        local_head = _LOCAL_HEAD.unpack_from
+        # Local headers of large members are read with pread, not through the map: touching the
+        # map there maps the whole page-cache folio around each header (the RSS of a 1.4 GB
+        # full-module checkpoint went from 16 MB to 190 MB). For archives of many small members
+        # the headers are checked here, in the directory loop, through the map: 100k separate
+        # lookups later cost 0.2 s, and those pages are mapped anyway.
+        self._pread = self._file is not None and size > SPARSE_MEMBER_BYTES * max(1, count)
+        check_local = not self._pread
         for _ in range(count):
             if p + _CENTRAL.size > end:
                 raise self._corrupt("central directory is truncated")
@@ -128,10 +133,20 @@ class ZipArchive:
             if csize == 0xFFFFFFFF or usize == 0xFFFFFFFF or offset == 0xFFFFFFFF:
                 usize, csize, offset = self._zip64_extra(name_start + nlen, xlen, usize, csize, offset)
             p = name_start + nlen + xlen + clen
+            start = None
+            if check_local:  # a mismatch is left for data_offset() to word, if anyone asks
+                try:
+                    signature, local_nlen, local_xlen = local_head(buf, offset)
+                except struct.error:
+                    signature = None
+                if signature == b"PK\x03\x04" and local_nlen == nlen and buf[offset + 30 : offset + 30 + nlen] == raw_name:
+                    start = offset + 30 + nlen + local_xlen
+                    if start + csize > size:
+                        start = None
             if name in entries:
                 self.duplicates.append(name)
                 self.shadowed.append(entries[name])
-            entries[name] = ZipEntry(name, offset, method, csize, usize, crc, flags, raw_name)
+            entries[name] = ZipEntry(name, offset, method, csize, usize, crc, flags, raw_name, start)
         if p > end:
             raise self._corrupt("central directory is truncated")
 
@@ -159,6 +174,8 @@ class ZipArchive:
     # -- members -------------------------------------------------------------------------------
     def data_offset(self, entry: ZipEntry) -> int:
         """Absolute offset of the member's first byte (after its local header)."""
+        if entry.data_start is not None:
+            return entry.data_start
         pos = entry.header_offset
         if self._pread and self._file is not None:
             buf = os.pread(self._file.fileno(), _LOCAL.size + len(entry.raw_name), pos)
