@@ -144,10 +144,8 @@ def run(args: argparse.Namespace) -> int:
                     sys.stdout.write(chunk)
             sys.stdout.write("\n")
         else:
-            from rich.console import Console
-            from .textout import text_console
-
             from .summary import render_summary
+            from .textout import text_console
 
             render_summary(ckpt, text_console(), args.depth, args.filter)
         return EXIT_OK
