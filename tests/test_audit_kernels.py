@@ -1,6 +1,6 @@
 """audit's numpy chunk kernels against torch's own reductions (float64), chunk by chunk.
 
-Every half-precision path is hit on purpose: the int32-pair widening (even count, 4-byte
+Every half-precision path is hit on purpose: bf16's int32-pair widening (even count, 4-byte
 aligned), its fallback (odd count, a buffer 2 bytes off alignment), chunks with NaN / Inf (the
 exact slow path), -0.0, subnormals, the largest finite values, all-negative and all-positive
 chunks, and a mean much larger than the spread (re-centred moments).

@@ -20,9 +20,9 @@ Statistics, exactly:
 - `min` / `max` over every value that is not NaN (so +-inf show up there); `mean`, `std`
   (population, `torch.std(x, correction=0)`), `norm` (L2) and `sumsq` over the finite values.
 - One pass per chunk. fp16 / bf16 min, max, zeros and NaN/Inf presence come from integer
-  reductions on the raw bits; the values are widened to float32 exactly, two at a time (each
-  int16 pair read as one int32 word: shift, mask, rebias, no int16 -> int32 cast; numpy's own
-  float16 cast is 6x slower) and summed over rows of 2,048 in float32 (np.vecdot), rows and
+  reductions on the raw bits; the values are widened to float32 exactly (fp16: shift, mask,
+  rebias; numpy's own float16 cast is 6x slower; bf16: each int16 pair read as one int32 word,
+  no cast loop) and summed over rows of 2,048 in float32 (np.vecdot), rows and
   chunks combined in float64 with Chan's formula; a chunk whose mean is large next to its spread
   is re-centred first, so `std` does not cancel away, and one whose values are all below 2^-50
   (float32 squares would underflow) is summed in float64. Chunks with NaN / Inf take an exact
@@ -30,7 +30,8 @@ Statistics, exactly:
   float64 torch: < 1e-6 relative. Cost on a 2-core box: ~1 ns per fp16 value and thread, i.e.
   ~10 numpy passes; a fused compiled loop would be ~5x cheaper (bench/fused_pass_probe.py).
 - Measured and rejected: one np.bincount over the 16-bit patterns (exact sums from a 65,536-entry
-  table) costs ~2 ns per value, twice the whole kernel; pread into a reused buffer instead of the
+  table) costs ~2 ns per value, twice the whole kernel; fp16 widened as int32 pairs is no faster
+  than the cast; pread into a reused buffer instead of the
   mmap costs a copy and was slower; smaller chunks that stay in L2 lose more to per-call overhead
   than they gain (numpy's loops here run at SSE width either way).
 - Threads: one per physical core; numpy releases the GIL inside each loop, so chunks of 1 MB and
@@ -546,33 +547,27 @@ def _widen_half(c16, kernel: str, out):
 
 
 def _widen_half_unordered(c16, kernel: str, out):
-    """Like `_widen_half` but the values land in `out` in another order (fine for sums): the
-    int16 pairs are read as int32 words, so every step is a plain same-type numpy loop instead of
-    an int16 -> int32 cast (2x fewer bytes moved per value). Falls back to `_widen_half` for an
-    odd count or a buffer that is not 4-byte aligned."""
+    """Like `_widen_half` but the values may land in `out` in another order (fine for sums).
+
+    bf16: each int16 pair is read as one int32 word, and a mask and a shift give both values
+    with plain int32 loops instead of an int16 -> int32 cast: 1.5x faster. fp16 needs five
+    such steps (shift, shift, shift, mask, rebias) and measured no faster than the ordered cast,
+    so it takes `_widen_half`; so do an odd count and a buffer that is not 4-byte aligned."""
     np = _numpy()
     n = c16.size
-    if n < 2 or n % 2 or c16.ctypes.data % 4 or not c16.flags.c_contiguous:
+    if kernel != "bf16" or n < 2 or n % 2 or not c16.flags.c_contiguous:
         return _widen_half(c16, kernel, out)
-    h = n // 2
     p = c16.view(np.int32)  # each word holds two values: one in bits 0..15, one in 16..31
+    if not p.flags.aligned:
+        return _widen_half(c16, kernel, out)
     w = out.view(np.int32)
-    lo, hi = w[:h], w[h:]
-    if kernel == "bf16":
-        np.bitwise_and(p, np.int32(-0x10000), out=hi)  # the upper value is a float32 already
-        np.left_shift(p, 16, out=lo)
-        return out
-    # fp16: put each value's bits at the top of a word (sign in bit 31), arithmetic shift right
-    # by 3 so exponent+mantissa sit where float32 keeps them, clear the sign copies (bits 28..30)
-    # and the neighbour's bits (0..12), then rebias the exponent (x 2^112; exact, subnormals too).
-    np.right_shift(p, 3, out=hi)
-    np.left_shift(p, 16, out=lo)
-    np.right_shift(lo, 3, out=lo)
-    np.bitwise_and(w, np.int32(-0x70002000), out=w)  # 0x8FFFE000
-    np.multiply(out, np.float32(2.0**112), out=out)
+    h = n // 2
+    np.bitwise_and(p, np.int32(-0x10000), out=w[h:])  # the upper value is a float32 already
+    np.left_shift(p, 16, out=w[:h])
     return out
 
 
+_BIG = 2.0**56  # below this, float32 squares summed over a row of 2,048 cannot overflow
 _TINY = 2.0**-50  # float32 squares of values below this lose digits (min normal 2^-126)
 _ROW = 2048  # sums run over rows of this many values (float32 error ~1e-7), rows added in float64
 _ONES: dict[str, Any] = {}
@@ -678,6 +673,10 @@ def _slow_float_part(f) -> _Part:
 def _chunk_part(chunk, kernel: str) -> _Part:
     """Statistics of one contiguous chunk of components (see _LAYOUT)."""
     np = _numpy()
+    if kernel in ("f16", "bf16") and chunk.size:
+        sc = _scratch
+        sc.ensure(chunk.size)
+        return _half_part(chunk, kernel, sc)  # sets np.errstate itself, only where it can matter
     with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow has its fallback
         return _chunk_part_inner(chunk, kernel)
 
@@ -691,9 +690,10 @@ def _half_part(chunk, kernel: str, sc: _Scratch) -> _Part:
     hi = int(chunk.max())
     uhi = int(chunk.view(np.uint16).max())
     if hi >= exp or uhi >= (0x8000 | exp):  # some +-Inf / NaN: exact but slower
-        if kernel == "f16":
-            return _slow_float_part(chunk.view(np.float16).astype(np.float32))
-        return _slow_float_part(_widen_half(chunk, kernel, np.empty(n, np.float32)))
+        with np.errstate(over="ignore", invalid="ignore"):
+            if kernel == "f16":
+                return _slow_float_part(chunk.view(np.float16).astype(np.float32))
+            return _slow_float_part(_widen_half(chunk, kernel, np.empty(n, np.float32)))
     lo = int(chunk.min())
     part = _Part(n=n)
     zeros = n - int(np.count_nonzero(chunk))
@@ -706,7 +706,11 @@ def _half_part(chunk, kernel: str, sc: _Scratch) -> _Part:
     part.mx = _half_value(hi if hi >= 0 else lo, kernel)
     part.mn = _half_value(uhi if uhi >= 0x8000 else lo, kernel)
     f = _widen_half_unordered(chunk, kernel, sc.values[:n])
-    _moments(f, part, lambda: sc.squares[:n])
+    if max(-part.mn, part.mx) < _BIG:  # always for fp16: no float32 flag can rise
+        _moments(f, part, lambda: sc.squares[:n])
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow has its fallback
+            _moments(f, part, lambda: sc.squares[:n])
     return part
 
 
