@@ -15,7 +15,14 @@ from .errors import MscopeError
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 2, 3
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or (only=COMMAND) one whose other sub-commands have no arguments: their
+    argument code lives in heavy modules (audit, diff, freeze, gpu: 70 ms of imports) that a
+    `summary` must not pay for. `only=""` gives just the command names."""
+
+    def wanted(command: str) -> bool:
+        return only is None or only == command
+
     parser = argparse.ArgumentParser(
         prog="mscope",
         description="Look inside PyTorch checkpoints without running code from them.",
@@ -43,30 +50,31 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--filter", default=None, metavar="GLOB", help="only tensors whose name matches GLOB")
     summary.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    from .freeze import add_apply_plan_arguments, add_plan_arguments
+    plan = sub.add_parser("plan", help="write a freeze plan from rules, without the explorer")
+    apply_plan = sub.add_parser("apply-plan", help="print plain-PyTorch code that applies a freeze plan")
+    if wanted("plan") or wanted("apply-plan"):
+        from .freeze import add_apply_plan_arguments, add_plan_arguments
 
-    add_plan_arguments(
-        sub.add_parser("plan", help="write a freeze plan from rules, without the explorer")
-    )
-    add_apply_plan_arguments(
-        sub.add_parser("apply-plan", help="print plain-PyTorch code that applies a freeze plan")
-    )
+        add_plan_arguments(plan)
+        add_apply_plan_arguments(apply_plan)
 
-    from .gpu import add_gpus_arguments
+    gpus = sub.add_parser("gpus", help="GPU memory, load and processes (NVML), without the explorer")
+    if wanted("gpus"):
+        from .gpu import add_gpus_arguments
 
-    add_gpus_arguments(
-        sub.add_parser("gpus", help="GPU memory, load and processes (NVML), without the explorer")
-    )
+        add_gpus_arguments(gpus)
 
-    from .audit import add_audit_arguments
-    from .diff import add_diff_arguments
+    audit = sub.add_parser("audit", help="integrity, load-ability, waste; --stats: values, NaN/Inf (exit 1 on --fail-on)")
+    if wanted("audit"):
+        from .audit import add_audit_arguments
 
-    add_audit_arguments(
-        sub.add_parser("audit", help="integrity, load-ability, waste; --stats: values, NaN/Inf (exit 1 on --fail-on)")
-    )
-    add_diff_arguments(
-        sub.add_parser("diff", help="compare two checkpoints tensor by tensor (any formats); --plan checks frozen ones")
-    )
+        add_audit_arguments(audit)
+
+    diff = sub.add_parser("diff", help="compare two checkpoints tensor by tensor (any formats); --plan checks frozen ones")
+    if wanted("diff"):
+        from .diff import add_diff_arguments
+
+        add_diff_arguments(diff)
     return parser
 
 
@@ -90,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `mscope FILE` opens the explorer (or prints the summary when output is not a terminal).
     if argv and not argv[0].startswith("-") and argv[0] not in _commands():
         argv = ["open" if sys.stdout.isatty() else "summary", *argv]
-    parser = build_parser()
+    parser = build_parser(only=argv[0] if argv and not argv[0].startswith("-") else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -238,7 +246,7 @@ def run_estimate(args: argparse.Namespace) -> int:
 
 
 def _commands() -> set[str]:
-    parser = build_parser()
+    parser = build_parser(only="")
     for action in parser._subparsers._group_actions:  # the sub-command names, from argparse itself
         return set(action.choices)
     return set()
