@@ -173,3 +173,47 @@ def test_float_kernel_signalling_nan_and_tiny_values():
             with np.errstate(invalid="ignore"):  # casting a signalling NaN quiets it
                 chunk = values.astype(dtype)
             check(audit._chunk_part(chunk, "float"), torch.from_numpy(chunk.copy()))
+
+
+def test_stream_threads_match_one_thread_and_skip_unreadable_tensors(tmp_path):
+    """The thread pool (tasks of several chunks, small tensors sharing a task) gives the numbers
+    of the single-thread path bit for bit, in the same order, and a tensor whose bytes fail is
+    reported once and skipped while the rest goes on."""
+    from safetensors.torch import save_file
+
+    from modelscope_tui.errors import TensorDataError
+    from modelscope_tui.readers import open_checkpoint
+    from modelscope_tui.tensordata import TensorData
+
+    g = torch.Generator().manual_seed(2)
+    tensors = {f"t{i:02d}": torch.randn(300 + 97 * i, generator=g).half() for i in range(20)}
+    tensors["big"] = torch.randn(50_000, generator=g).bfloat16()
+    tensors["f32"] = torch.randn(7_000, generator=g)
+    tensors["empty"] = torch.zeros(0)
+    save_file(tensors, tmp_path / "m.safetensors")
+    records = open_checkpoint(tmp_path / "m.safetensors").tensors
+    broken = {"t07", "big"}
+
+    class Flaky(TensorData):
+        def storage_bytes(self, record):
+            if record.name in broken:
+                raise TensorDataError(f"{record.name} is gone")
+            return super().storage_bytes(record)
+
+    runs = []
+    for threads in (1, 2, 3):
+        errors: list[str] = []
+        with Flaky() as data:
+            stream = audit.stream_stats(
+                data,
+                records,
+                4096,
+                threads=threads,
+                on_error=lambda r, e, out=errors: out.append(r.name),
+            )
+            got = [(r.name, st.to_dict()) for r, st in stream]
+        runs.append((got, errors))
+    assert runs[0] == runs[1] == runs[2]
+    got, errors = runs[0]
+    assert sorted(errors) == sorted(broken)
+    assert [name for name, _ in got] == [r.name for r in records if r.name not in broken]
