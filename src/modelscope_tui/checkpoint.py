@@ -415,9 +415,19 @@ class Checkpoint:
                 node = child
             return node
 
-        for t in self.model_tensors:
+        for t in self.tensors:
+            if t.section:
+                continue
             path = t.name.rpartition(".")[0]
-            node = by_path.get(path) or node_for(path)
+            node = by_path.get(path)
+            if node is None:
+                parent_path, _, part = path.rpartition(".")
+                parent = by_path.get(parent_path)
+                if parent is not None:  # the usual case, inline: a new module in a known one
+                    node = by_path[path] = ModuleNode(path)
+                    parent.children[part] = node
+                else:
+                    node = node_for(path)
             node.tensors.append(t)
         return root
 
@@ -560,7 +570,6 @@ class Checkpoint:
 
 def infer_kind(name: str, dtype: str) -> str:
     """Parameter or buffer for a state_dict entry, from its name and dtype."""
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf in BUFFER_LEAF_NAMES or not can_require_grad(dtype):
+    if name.rpartition(".")[2] in BUFFER_LEAF_NAMES or (dtype not in FLOATING_DTYPES and dtype not in COMPLEX_DTYPES):
         return BUFFER
     return PARAMETER
