@@ -2300,9 +2300,9 @@ def run_audit_command(args: Any) -> int:
         sys.stdout.write(report.to_json())
         sys.stdout.write("\n")
     else:
-        from rich.console import Console
+        from .textout import text_console
 
-        render_audit(report, Console(highlight=False))
+        render_audit(report, text_console())
     return report.exit_code
 
 

@@ -1020,9 +1020,9 @@ def run_diff_command(args) -> int:
         sys.stdout.write(report.to_json())
         sys.stdout.write("\n")
     else:
-        from rich.console import Console
+        from .textout import text_console
 
-        render_diff(report, Console(highlight=False), args.depth)
+        render_diff(report, text_console(), args.depth)
     return report.exit_code
 
 

@@ -1693,9 +1693,9 @@ def run_gpus_command(args: Any) -> int:
                 if args.count is not None and n >= args.count:
                     return 0
                 time.sleep(args.interval)
-        from rich.console import Console
+        from .textout import text_console
 
-        console = Console(highlight=False)
+        console = text_console()
         if not args.watch:
             console.print(render_sample(monitor.sample(), monitor))
             return 0
