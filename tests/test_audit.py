@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from conftest import run_cli
 from modelscope_tui import audit
 from modelscope_tui.audit import audit_path, run_audit, stream_stats, tensor_histogram, tensor_stats
+from modelscope_tui.errors import TensorDataError
 from modelscope_tui.readers import open_checkpoint
 from modelscope_tui.tensordata import TensorData
 
@@ -155,8 +156,14 @@ def stats_file(tmp_path_factory):
     return path, tensors
 
 
+@pytest.mark.parametrize("backend", ["native", "numpy"])
 @pytest.mark.parametrize("chunk", [4096, audit.DEFAULT_CHUNK_BYTES])
-def test_stats_match_torch(stats_file, chunk):
+def test_stats_match_torch(stats_file, chunk, backend, monkeypatch):
+    """Both kernels: the compiled one-pass loop (statkernel.c) and the numpy fallback."""
+    if backend == "numpy":
+        monkeypatch.setattr(audit, "_native", None)
+    else:
+        assert audit.native_kernel() is not None
     path, tensors = stats_file
     got = stats_of(path, chunk)
     for name, x in tensors.items():
@@ -534,6 +541,36 @@ def test_children_norms(tmp_path):
     )
     assert math.isclose(rows[1]["norm"], want, rel_tol=1e-6) and rows[1]["complete"]
     assert audit.children_norms(report.stats, ckpt, "nope") == []
+
+
+def test_stats_do_not_import_numpy_for_contiguous_half_and_float32(tmp_path):
+    """The compiled kernel reads the mapping by address: numpy's ~0.1 s import is not paid."""
+    g = torch.Generator().manual_seed(4)
+    tensors = {
+        "h": torch.randn(64, 33, generator=g).half(),
+        "b": torch.randn(1000, generator=g).bfloat16(),
+        "f": torch.randn(7, 9, generator=g),
+    }
+    save_file(tensors, tmp_path / "m.safetensors")
+    code = (
+        "import sys; from modelscope_tui import audit;"
+        f"r = audit.audit_path({str(tmp_path / 'm.safetensors')!r}, stats=True);"
+        "print(len(r.stats), 'numpy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["3", "False"], out.stderr
+
+
+def test_native_source_refuses_a_view_past_its_storage(stats_file):
+    """The compiled loop reads raw addresses, so a view that claims more than its storage holds
+    is refused before any read (a crafted file must not make it read past the mapping)."""
+    path, _ = stats_file
+    ckpt = open_checkpoint(path, strict=False)
+    record = next(t for t in ckpt.tensors if t.name == "fp16")
+    assert audit.native_kernel() is not None
+    record.storage_offset = record.storage.nbytes // 2 // record.itemsize
+    with TensorData() as data, pytest.raises(TensorDataError, match="does not fit its storage"):
+        audit.tensor_stats(data, record)
 
 
 def test_audit_module_is_light():

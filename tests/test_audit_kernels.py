@@ -1,4 +1,7 @@
-"""audit's numpy chunk kernels against torch's own reductions (float64), chunk by chunk.
+"""audit's chunk kernels against torch's own reductions (float64), chunk by chunk.
+
+Each kernel test runs on every backend: numpy, the compiled one-pass kernel (statkernel.c) with
+its AVX2 loop where the CPU has one, and the same library forced onto its portable C loop.
 
 Every half-precision path is hit on purpose: bf16's int32-pair widening (even count, 4-byte
 aligned), its fallback (odd count, a buffer 2 bytes off alignment), chunks with NaN / Inf (the
@@ -14,9 +17,41 @@ import numpy as np
 import pytest
 import torch
 
-from modelscope_tui import audit
+from modelscope_tui import audit, statkernel
 
 HALF = {"f16": torch.float16, "bf16": torch.bfloat16}
+
+
+BACKENDS = ["numpy", "native", "portable"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Point audit at one backend for the test (the library is built by `pip install -e .`)."""
+    if request.param == "numpy":
+        kernel = None
+    else:
+        kernel = statkernel.load(portable=request.param == "portable")
+        assert kernel is not None, f"{statkernel.LIBRARY} is not built: run pip install -e ."
+    monkeypatch.setattr(audit, "_native", kernel)
+    return request.param
+
+
+def test_native_kernel_is_built_and_current():
+    """pip install builds the library (hatch_build.py); a missing compiler would cost 3x speed."""
+    kernel = statkernel.load()
+    assert kernel is not None
+    assert audit.native_kernel() is kernel
+    if audit.os.uname().machine in ("x86_64", "AMD64"):
+        flags = open("/proc/cpuinfo").read()
+        if all(f" {f}" in flags for f in ("avx2", "fma", "f16c")):
+            assert kernel.isa == "AVX2"
+
+
+def test_native_kernel_is_not_loaded_when_disabled(monkeypatch):
+    monkeypatch.setenv("MSCOPE_STATS_KERNEL", "numpy")
+    monkeypatch.setattr(statkernel, "_loaded", {})
+    assert statkernel.load() is None
 
 
 def reference(x: torch.Tensor) -> dict:
@@ -110,7 +145,7 @@ def cases(dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kernel", ["f16", "bf16"])
-def test_half_kernel_matches_torch(kernel):
+def test_half_kernel_matches_torch(kernel, backend):
     for name, x in cases(HALF[kernel]).items():
         try:
             check(audit._chunk_part(bits(x), kernel), x)
@@ -119,7 +154,7 @@ def test_half_kernel_matches_torch(kernel):
 
 
 @pytest.mark.parametrize("kernel", ["f16", "bf16"])
-def test_half_kernel_on_an_unaligned_buffer(kernel):
+def test_half_kernel_on_an_unaligned_buffer(kernel, backend):
     """A chunk that starts 2 bytes into a word (safetensors offsets only promise 2 for fp16)."""
     x = cases(HALF[kernel])["mixed"]
     raw = np.zeros(2 * x.numel() + 2, dtype=np.uint8)
@@ -144,7 +179,7 @@ def test_pair_widening_gives_the_same_values(kernel):
 
 
 @pytest.mark.parametrize("kernel", ["f16", "bf16"])
-def test_half_kernel_many_chunks_accumulate_in_float64(kernel):
+def test_half_kernel_many_chunks_accumulate_in_float64(kernel, backend):
     """2M values in 64 KB chunks merged with Chan's formula: mean and std to 1e-6 of float64."""
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(2_000_000, generator=g) * 0.02 + 0.003).to(HALF[kernel])
@@ -160,7 +195,7 @@ def test_default_threads_counts_cores():
     assert 1 <= n <= 8
 
 
-def test_float_kernel_signalling_nan_and_tiny_values():
+def test_float_kernel_signalling_nan_and_tiny_values(backend):
     """float32 / float64 chunks: signalling NaNs do not hide the min / max, and values whose
     float32 squares underflow still give an exact norm."""
     snan = np.array([0x7F800001, 0xFF800005, 0x7FC00000], dtype=np.uint32).view(np.float32)
@@ -195,10 +230,10 @@ def test_stream_threads_match_one_thread_and_skip_unreadable_tensors(tmp_path):
     broken = {"t07", "big"}
 
     class Flaky(TensorData):
-        def storage_bytes(self, record):
+        def _locate(self, record):  # under storage_bytes and storage_address alike
             if record.name in broken:
                 raise TensorDataError(f"{record.name} is gone")
-            return super().storage_bytes(record)
+            return super()._locate(record)
 
     runs = []
     for threads in (1, 2, 3):
@@ -217,3 +252,37 @@ def test_stream_threads_match_one_thread_and_skip_unreadable_tensors(tmp_path):
     got, errors = runs[0]
     assert sorted(errors) == sorted(broken)
     assert [name for name, _ in got] == [r.name for r in records if r.name not in broken]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_kernels_across_block_edges(dtype, backend):
+    """Sizes around the compiled kernel's 2,048-value blocks and 16-value vector steps, a NaN
+    only in a later block, float32 values whose float32 sum overflows, and a mean 1e4 times
+    the spread: every backend gives torch's numbers."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(9_000, generator=g)
+    f = torch.finfo(dtype)
+    xs = {f"n{n}": (base[:n] * 0.05).to(dtype) for n in (1, 15, 16, 17, 2047, 2048, 2049, 4111)}
+    late_nan = (base[:5_000] * 0.05).to(dtype)
+    late_nan[4_500] = float("nan")
+    late_nan[4_501] = -float("inf")
+    xs["late_nan"] = late_nan
+    xs["huge"] = (torch.rand(3_000, generator=g) * 0.5 + 0.5).to(dtype) * f.max
+    xs["offset"] = (300 + 0.03 * base[:6_000]).to(dtype)
+    xs["huge_neg"] = -(torch.rand(2_100, generator=g) + 1).to(dtype) * (f.max / 4)
+    for name, x in xs.items():
+        chunk = bits(x) if dtype != torch.float32 else x.numpy()
+        kernel = {torch.float16: "f16", torch.bfloat16: "bf16"}.get(dtype, "float")
+        try:
+            check(audit._chunk_part(chunk, kernel), x.float())
+        except AssertionError as exc:
+            raise AssertionError(f"{dtype} {name}: {exc}") from exc
+
+
+def test_float32_cases_match_torch(backend):
+    """The half-precision special cases, in float32 (the compiled kernel's third loop)."""
+    for name, x in cases(torch.float32).items():
+        try:
+            check(audit._chunk_part(x.numpy(), "float"), x)
+        except AssertionError as exc:
+            raise AssertionError(f"float32 {name}: {exc}") from exc

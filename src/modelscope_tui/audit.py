@@ -635,6 +635,9 @@ def _moments(f, part: _Part, scratch=None) -> None:
             scratch = np.empty_like(f)
         d = np.subtract(f, k, out=scratch)
         ds, dq = _sum_sumsq(d)
+        if not (math.isfinite(ds) and math.isfinite(dq)):  # float32 deviations overflowed
+            g = f.astype(np.float64) - float(k)
+            ds, dq = float(np.add.reduce(g)), float(np.dot(g, g))
         part.mean = float(k) + ds / n
         part.m2 = max(0.0, dq - ds * ds / n)
     else:
@@ -672,8 +675,58 @@ def _slow_float_part(f) -> _Part:
     return part
 
 
+_native: Any = False  # statkernel.Kernel once loaded; None when unavailable
+
+
+def native_kernel():
+    """The compiled one-pass kernel (statkernel.c), or None: numpy kernels then."""
+    global _native
+    if _native is False:
+        from . import statkernel
+
+        _native = statkernel.load()
+    return _native
+
+
+def _native_part(chunk, kernel: str) -> _Part | None:
+    """_chunk_part through the compiled kernel; None where it does not apply."""
+    nk = _native if _native is not False else native_kernel()
+    if nk is None or not chunk.size or not chunk.flags.c_contiguous:
+        return None
+    if kernel == "f16":
+        kind = 0
+    elif kernel == "bf16":
+        kind = 1
+    elif kernel == "float" and chunk.dtype.char == "f":
+        kind = 2
+    else:
+        return None
+    return _native_call(nk, chunk.ctypes.data, chunk.size, kind)
+
+
+def _native_call(nk, address: int, count: int, kind: int) -> _Part:
+    c = nk.stats(address, count, kind)
+    seen = c.n - c.nan
+    part = _Part(n=c.n, finite=c.finite, nan=c.nan, inf=c.inf, zeros=c.zeros)
+    if seen:
+        part.mn, part.mx = c.mn, c.mx
+    if c.finite:
+        part.mean, part.m2, part.sumsq = c.mean, c.m2, c.sumsq
+    return part
+
+
 def _chunk_part(chunk, kernel: str) -> _Part:
-    """Statistics of one contiguous chunk of components (see _LAYOUT)."""
+    """Statistics of one contiguous chunk of components (see _LAYOUT), or of an
+    (address, count, kind) chunk from a native _Source."""
+    if type(chunk) is tuple:
+        return _native_call(native_kernel(), *chunk)
+    part = _native_part(chunk, kernel)
+    if part is not None:
+        return part
+    return _numpy_chunk_part(chunk, kernel)
+
+
+def _numpy_chunk_part(chunk, kernel: str) -> _Part:
     np = _numpy()
     if kernel in ("f16", "bf16") and chunk.size:
         sc = _scratch
@@ -789,27 +842,53 @@ def _slabs(shape: tuple[int, ...], chunk: int) -> Iterator[tuple]:
             yield (i, *rest)
 
 
+_NATIVE_KIND = {("f16", "int16"): 0, ("bf16", "int16"): 1, ("float", "float32"): 2}
+
+
 class _Source:
-    """A tensor's elements as chunks of numpy components, straight from the mmap."""
+    """A tensor's elements as chunks of numpy components, straight from the mmap.
+
+    With `native` (statistics only) a contiguous fp16 / bf16 / float32 tensor comes as
+    (address, count, kind) chunks for the compiled kernel instead, and numpy is not imported."""
 
     def __init__(
-        self, data: TensorData, record: TensorRecord, chunk_bytes: int, ordered: bool = False
+        self,
+        data: TensorData,
+        record: TensorRecord,
+        chunk_bytes: int,
+        ordered: bool = False,
+        native: bool = False,
     ):
-        np = _numpy()
         comp, per, kernel = _LAYOUT[record.dtype]
         self.record = record
         self.kernel = kernel
-        self.comp = np.dtype(comp)
         self.per = per
-        raw = data.storage_bytes(record)  # TensorDataError if missing / truncated / compressed
         s = record.storage
-        self.swap = s is not None and s.byteorder == "big" and self.comp.itemsize > 1
         itemsize = record.itemsize
         self.elements = max(1, chunk_bytes // max(1, itemsize))
-        carrier = np.frombuffer(raw, dtype=np.uint8)
         self.numel = record.numel
         self.nbytes = record.nbytes
         contiguous = record.is_contiguous or (not ordered and _is_dense(record))
+        self.address = None
+        self.native_kind = _NATIVE_KIND.get((kernel, comp)) if native and contiguous else None
+        if self.native_kind is not None and (s is None or s.byteorder != "big"):
+            if native_kernel() is not None:
+                address, length = data.storage_address(record)
+                start = record.storage_offset * itemsize
+                if start + self.nbytes > length:  # a compiled loop must never read past it
+                    raise TensorDataError(
+                        f"tensor {record.qualified_name!r} does not fit its storage "
+                        f"({start + self.nbytes:,} bytes needed, {length:,} stored)"
+                    )
+                self.address = address + start
+                self.comp_size = itemsize // per
+                self.flat = self.view = None
+                return
+        np = _numpy()
+        self.comp = np.dtype(comp)
+        raw = data.storage_bytes(record)  # TensorDataError if missing / truncated / compressed
+        self.swap = s is not None and s.byteorder == "big" and self.comp.itemsize > 1
+        carrier = np.frombuffer(raw, dtype=np.uint8)
         if self.numel == 0:
             self.flat = None
             self.view = None
@@ -837,6 +916,12 @@ class _Source:
         if self.numel == 0:
             return
         step = self.elements * self.record.itemsize
+        if self.address is not None:
+            address, size, kind = self.address, self.comp_size, self.native_kind
+            for start in range(0, self.nbytes, step):
+                nbytes = min(step, self.nbytes - start)
+                yield nbytes, (address + start, nbytes // size, kind)
+            return
         if self.flat is not None:
             for start in range(0, self.flat.size, step):
                 raw = self.flat[start : start + step]
@@ -920,7 +1005,7 @@ def tensor_stats(
     """
     if record.dtype not in _LAYOUT:
         raise MscopeError(f"no statistics for dtype {record.dtype}")
-    src = _Source(data, record, chunk_bytes)
+    src = _Source(data, record, chunk_bytes, native=True)
     total = _Part()
     kernel = src.chunk_kernel
     for _, comps in src.chunks():
@@ -1056,7 +1141,7 @@ def stream_stats(
         for r in records:
             check_cancel()
             try:
-                src = _Source(data, r, chunk_bytes)
+                src = _Source(data, r, chunk_bytes, native=True)
                 part = _Part()
                 kernel = src.chunk_kernel
                 for nbytes, comps in src.chunks():
@@ -1111,9 +1196,9 @@ def stream_stats(
             check_cancel()
             start = len(items)
             try:
-                src = _Source(data, r, chunk_bytes)
+                src = _Source(data, r, chunk_bytes, native=True)
                 kernel = src.chunk_kernel
-                copies = src.flat is None or src.kernel == "torch"  # chunks that are copies
+                copies = (src.flat is None and src.address is None) or src.kernel == "torch"  # copied chunks
                 for nbytes, comps in src.chunks():
                     items.append((r, nbytes, False))
                     work.append((comps, kernel))

@@ -37,6 +37,7 @@ class TensorData:
 
     def __init__(self) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
+        self._bases: dict[int, int] = {}  # id(mapping) -> its address (storage_address)
 
     def __enter__(self) -> TensorData:
         return self
@@ -51,6 +52,7 @@ class TensorData:
             except BufferError:
                 pass  # a copy=False tensor still views it; the mapping goes when that tensor does
         self._maps.clear()
+        self._bases.clear()
 
     def _map(self, path: Path) -> mmap.mmap:
         buf = self._maps.get(path)
@@ -68,6 +70,25 @@ class TensorData:
 
     def storage_bytes(self, record: TensorRecord) -> memoryview:
         """The raw bytes of the record's whole storage, checked against the file."""
+        buf, start, end = self._locate(record)
+        return memoryview(buf)[start:end]
+
+    def storage_address(self, record: TensorRecord) -> tuple[int, int]:
+        """(address, length) of the record's storage in the mapping, checked like
+        `storage_bytes`: for compiled loops (the statistics kernel) that take no buffer object.
+        Valid until this TensorData closes."""
+        buf, start, end = self._locate(record)
+        base = self._bases.get(id(buf))
+        if base is None:
+            import ctypes
+
+            # ACCESS_COPY maps are writable, which from_buffer needs; the export ends with `view`.
+            view = ctypes.c_char.from_buffer(buf)
+            base = self._bases[id(buf)] = ctypes.addressof(view)
+            del view
+        return base + start, end - start
+
+    def _locate(self, record: TensorRecord) -> tuple[mmap.mmap, int, int]:
         s = record.storage
         where = record.qualified_name
         if s is None or s.file is None:
@@ -85,7 +106,7 @@ class TensorData:
                 f"({max(0, min(len(buf), available) - s.data_offset):,} of {s.nbytes:,} bytes)",
                 s.file,
             )
-        return memoryview(buf)[s.data_offset : end]
+        return buf, s.data_offset, end
 
     def tensor(self, record: TensorRecord, copy: bool = True) -> torch.Tensor:
         """The tensor exactly as torch.load would give it (values, dtype, shape, stride)."""
