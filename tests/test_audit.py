@@ -219,6 +219,27 @@ def test_histogram_matches_torch(stats_file):
     assert (s.nan, s.inf, sum(s.counts), s.lo, s.hi) == (1, 2, 5, -2.0, 3.0)
 
 
+def test_histogram_of_constant_and_nearly_constant_tensors(tmp_path):
+    """A LayerNorm weight of ones (float32 and bf16) and two adjacent float32 values: the range
+    is narrower than float32 can split into bins, which numpy refused with a ValueError (the
+    explorer showed an internal error on the transformer sample's ln_f.weight)."""
+    one = torch.ones(32)
+    tensors = {
+        "ones": one,
+        "ones_bf16": one.bfloat16(),
+        "adjacent": torch.tensor([1.0, float(torch.nextafter(one[0], torch.tensor(2.0)))] * 8),
+        "zeros": torch.zeros(10),
+    }
+    save_file(tensors, tmp_path / "c.safetensors")
+    ckpt = open_checkpoint(tmp_path / "c.safetensors")
+    with TensorData() as data:
+        for name, x in tensors.items():
+            h = tensor_histogram(data, ckpt.tensor(name), bins=30)
+            assert sum(h.counts) == x.numel(), name
+            assert h.lo == x.float().min().item(), name
+    assert h.counts[0] == 10 and max(h.counts[1:]) == 0  # all of "zeros" in the first bin
+
+
 def test_memory_is_bounded_by_the_chunk_not_the_tensor(tmp_path):
     """A 16 MB fp16 tensor (and a gapped view of another) stream in 64 KB chunks: the Python-side
     peak (numpy allocations included) stays far below the tensor size."""

@@ -1042,7 +1042,9 @@ def tensor_histogram(
         if cancel is not None and cancel.is_set():
             raise AuditCancelled()
         f = _as_float(comps, src.chunk_kernel)
-        f = f[np.isfinite(f)]
+        # float64: numpy refuses bins narrower than the data's own precision ("Too many bins
+        # for data range"), e.g. a float32 constant 1.0 whose range is widened by 1e-6 above
+        f = f[np.isfinite(f)].astype(np.float64, copy=False)
         counts += np.histogram(f, bins=bins, range=(lo, hi))[0]
     return Histogram(lo, hi, [int(c) for c in counts], stats.nan, stats.inf)
 

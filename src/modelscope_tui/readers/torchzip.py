@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from ..checkpoint import BUFFER, DTYPE_ITEMSIZE, PARAMETER, TENSOR, Checkpoint, ModuleNode, StorageRecord
+from ..checkpoint import (
+    BUFFER,
+    DTYPE_ITEMSIZE,
+    PARAMETER,
+    TENSOR,
+    Checkpoint,
+    ModuleNode,
+    StorageRecord,
+)
 from ..errors import CorruptCheckpointError, MscopeError
 from .unpickler import Inert, StorageType, TensorRef, safe_load
 from .walk import Walker, is_plain

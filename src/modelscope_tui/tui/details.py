@@ -15,8 +15,25 @@ from ..units import fmt_bytes, fmt_count
 MAX_ENTRIES = 60
 
 
+NARROW = 44  # below this many columns the labels wrap, so values keep room (80x24 terminals)
+NARROW_LABEL = 13  # "requires_grad"
+
+
+class _DetailsTable(Table):
+    """Label / value rows. In a narrow pane (the details pane of an 80-column terminal is ~27
+    wide) a label like "saved requires_grad" would take most of the width and fold every value
+    into a column of two-letter lines, so labels wrap at spaces there instead."""
+
+    def __rich_console__(self, console, options):
+        labels = self.columns[0]
+        narrow = options.max_width < NARROW
+        labels.no_wrap = not narrow
+        labels.max_width = NARROW_LABEL if narrow else None
+        yield from super().__rich_console__(console, options)
+
+
 def _table() -> Table:
-    table = Table.grid(padding=(0, 1))
+    table = _DetailsTable.grid(padding=(0, 1))
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
     return table
