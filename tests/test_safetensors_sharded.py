@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from modelscope_tui.errors import CorruptCheckpointError, MscopeError, UnsupportedFormatError
 from modelscope_tui.readers import open_checkpoint
-from modelscope_tui.readers.safetensors import read_safetensors
+from modelscope_tui.readers.safetensors import natural_key, read_safetensors
 from modelscope_tui.tensordata import TensorData
 
 
@@ -93,12 +93,16 @@ def test_safetensors_matches_load_file(st_file):
     assert not ckpt.problems
 
 
-def test_safetensors_keeps_header_order(st_file):
+def test_safetensors_lists_every_header_tensor_in_name_order(st_file):
+    """The writer's header order (dtype size, then name) carries no information: every tensor
+    is listed once, in numeric name order (see test_layers_are_listed_in_numeric_order)."""
     ckpt = open_checkpoint(st_file)
     with open(st_file, "rb") as fh:
         n = struct.unpack("<Q", fh.read(8))[0]
         header = json.loads(fh.read(n))
-    assert [t.name for t in ckpt.tensors] == [k for k in header if k != "__metadata__"]
+    names = [t.name for t in ckpt.tensors]
+    assert sorted(names) == sorted(k for k in header if k != "__metadata__")
+    assert names == sorted(names, key=natural_key)
 
 
 def test_safetensors_directory_with_one_file(st_file):
@@ -425,3 +429,38 @@ def test_shard_that_is_not_a_weights_file(st_sharded):
     with pytest.raises(MscopeError) as info:
         open_checkpoint(index)
     assert str(index) in info.value.line() and mention in info.value.line()
+
+
+def test_layers_are_listed_in_numeric_order(tmp_path):
+    """The safetensors writer sorts its header by dtype size, then name (layers.10 before
+    layers.2, an fp16 bias after every fp32 weight); mscope lists names in numeric order, while a
+    header in another order (not written that way) keeps its own."""
+    sd = {f"layers.{i}.w": torch.zeros(2) for i in [3, 0, 11, 2, 1, 10]}
+    sd["a.bias"] = torch.zeros(1, dtype=torch.float16)
+    save_file(sd, tmp_path / "m.safetensors")
+    names = [t.name for t in open_checkpoint(tmp_path / "m.safetensors").tensors]
+    assert names == ["a.bias"] + [f"layers.{i}.w" for i in (0, 1, 2, 3, 10, 11)]
+
+    header = json.dumps(
+        {"z.w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+         "b.w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}
+    ).encode()  # fmt: skip
+    (tmp_path / "kept.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    assert [t.name for t in open_checkpoint(tmp_path / "kept.safetensors").tensors] == ["z.w", "b.w"]
+
+
+def test_sharded_safetensors_in_numeric_order_across_shards(tmp_path):
+    shards = {
+        "model-00001-of-00002.safetensors": {f"model.layers.{i}.w": torch.ones(2) for i in (0, 1, 10)},
+        "model-00002-of-00002.safetensors": {f"model.layers.{i}.w": torch.ones(2) for i in (2, 11)},
+    }
+    weight_map = {}
+    for shard, tensors in shards.items():
+        save_file(tensors, tmp_path / shard)
+        weight_map.update(dict.fromkeys(tensors, shard))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    ckpt = open_checkpoint(tmp_path)
+    assert [t.name for t in ckpt.tensors] == [f"model.layers.{i}.w" for i in (0, 1, 2, 10, 11)]
+    assert ckpt.tensor("model.layers.2.w").shard == "model-00002-of-00002.safetensors"

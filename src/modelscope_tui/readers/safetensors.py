@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,8 +224,27 @@ def read_safetensors(path: Path) -> Checkpoint:
         ckpt.entries.append(
             Entry(f"__metadata__.{key}", "str", value if len(value) <= 200 else value[:197] + "...")
         )
-    ckpt.tensors = [tensor_record(t, path, header.data_start) for t in header.tensors]
+    ckpt.tensors = natural_order([tensor_record(t, path, header.data_start) for t in header.tensors])
     return ckpt
+
+
+_DIGITS = re.compile(r"\d+")
+
+
+def natural_key(name: str) -> str:
+    # Numbers padded to 20 digits compare by value: layers.2 before layers.10.
+    return _DIGITS.sub(lambda m: m.group().zfill(20), name)
+
+
+def natural_order(records: list[TensorRecord]) -> list[TensorRecord]:
+    """Records in numeric name order (layers.0, 1, 2, ... 10) when their order carries no
+    information: the safetensors writer sorts the header by dtype size, then by name, which
+    puts layers.10 before layers.2 and shows a 24-layer model out of order. A file in any other
+    order (names out of order within one dtype) keeps it."""
+    for a, b in zip(records, records[1:]):
+        if a.dtype == b.dtype and a.name > b.name:
+            return records
+    return sorted(records, key=lambda r: natural_key(r.name))
 
 
 def tensor_record(

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint, Entry, GlobalRef, TensorRecord, infer_kind
 from ..errors import CorruptCheckpointError, MscopeError, NotFoundError, UnsupportedFormatError
-from .safetensors import read_safetensors, short
+from .safetensors import natural_key, read_safetensors, short
 
 MAX_INDEX_BYTES = 64 << 20
 
@@ -160,6 +160,8 @@ def read_sharded(index_path: Path) -> Checkpoint:
         ckpt.problems.extend(f"shard {shard}: {p}" for p in part.problems)
 
     ckpt.format = "sharded-safetensors" if formats == {"safetensors"} else "sharded-torch"
+    if ckpt.format == "sharded-safetensors":  # shards split the set arbitrarily: one name order
+        ckpt.tensors.sort(key=lambda t: natural_key(t.name))
     ckpt.globals = list(globals_.values())
     ckpt.metadata["index"] = index_path.name
     ckpt.metadata["shards"] = len(wanted)
