@@ -112,6 +112,17 @@ async def test_integer_buffers_cannot_be_frozen():
         assert not app.session.dirty
 
 
+async def test_buffers_say_so_in_the_train_column():
+    """The train column is 5 wide: a BatchNorm buffer row says "buf" (it said "buffe")."""
+    app = MscopeApp(SAMPLES / "cnn_state_dict.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await move_to(app, pilot, "features.1.running_mean")
+        row = next(line for line in tree_lines(app) if "running_mean" in line)
+        assert row.split()[1:4] == ["8", "float32", "buf"], row
+        assert "buffe" not in "".join(tree_lines(app))
+
+
 async def test_pattern_modal_previews_and_applies():
     app = MscopeApp(SAMPLES / "transformer_tied.pt")
     async with app.run_test(size=(120, 36)) as pilot:

@@ -43,6 +43,8 @@ MARKS = {
     "mixed": ("◐ mix", "yellow"),
     None: ("", ""),
 }
+# What the 5-wide train column says for a tensor that cannot train ("buffer" was cut to "buffe").
+KIND_LABELS = {"buffer": "buf", "tensor": "data", "parameter": "param"}
 DIFF_COLUMNS = (("shape", 13), ("dtype", 9), ("change", 11), ("bytes", 9))
 DIFF_TRAIN_WIDTH = 110  # diff mode keeps the train column from this tree width
 # Diff mode: status -> (mark, style, word). Names and the change column take the style. Textual
@@ -339,7 +341,7 @@ class ParamTree(Tree[Row]):
             if self.session.can_train(t.name):
                 cells["train"] = MARKS["trainable" if self.session.is_trainable(t.name) else "frozen"]
             else:
-                cells["train"] = (t.kind[:6], "dim")
+                cells["train"] = (KIND_LABELS.get(t.kind, t.kind[:5]), "dim")
             cells["numel"] = (fmt_count(t.numel), "")
             cells["bytes"] = (fmt_bytes(t.nbytes), "")
             if self.device_of is not None:
