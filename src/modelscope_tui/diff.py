@@ -311,7 +311,11 @@ class DiffReport:
     def to_json(self) -> str:
         import json
 
-        return json.dumps(_jsonable(self.to_dict()), separators=(",", ":"), allow_nan=False)
+        # The tensor and module lists are JSON-safe already (their to_dict passes floats through
+        # _num); walking their 100k+ values again with _jsonable took most of a big diff's time.
+        safe = ("tensors", "modules")
+        out = {k: v if k in safe else _jsonable(v) for k, v in self.to_dict().items()}
+        return json.dumps(out, separators=(",", ":"), allow_nan=False)
 
 
 def _describe(d: TensorDiff) -> str:
