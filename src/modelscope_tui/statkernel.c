@@ -8,13 +8,14 @@
  * Built by hatch_build.py into _statkernel.so and loaded with ctypes (no Python C API, so one
  * build serves every Python version); audit.py falls back to numpy when it is missing.
  *
- * Values go in blocks of BLOCK: pass 1 widens a block into a float32 buffer (in L1) and takes
- * min, max, zeros, a non-finite check and a float32 sum; pass 2 re-reads the buffer and sums the
- * deviations d = x - K and d^2 in float64 around that block mean K, so m2 = sum d^2 - (sum d)^2/n
- * does not cancel (a LayerNorm weight near 1.0 keeps its tiny spread). Blocks merge with Chan's
- * formula in float64. A block holding NaN or Inf takes an exact scalar path.
+ * Values go in blocks of BLOCK. The AVX2 loop reads a block once for min, max, zeros, the sum
+ * and the sum of squares (float32 lanes of at most 64 terms, then float64); only a block whose
+ * mean dominates its spread (a LayerNorm weight near 1.0) is widened into an L1 buffer and summed
+ * again around its mean, so m2 = sum d^2 - (sum d)^2/n does not cancel. A block holding NaN or
+ * Inf, or values too large or small for float32 squares, takes an exact float64 path. Blocks
+ * merge with Chan's formula in float64. The portable loop takes the exact path for every block.
  *
- * Keep MSCOPE_KERNEL_VERSION in step with audit.py's _NATIVE_VERSION: a stale build is ignored.
+ * Keep MSCOPE_KERNEL_VERSION in step with VERSION in statkernel.py: a stale build is ignored.
  */
 #include <math.h>
 #include <stdint.h>
