@@ -621,3 +621,37 @@ def test_cli_audit_json_and_exit_codes(tmp_path):
     assert res.rc == 2 and "unknown name 'bogus'" in res.stderr
     res = run_cli("audit", tmp_path / "missing.pt")
     assert res.rc == 2 and "no such file" in res.stderr
+
+
+def test_text_report_keeps_every_number_whole_at_80_columns(tmp_path):
+    """`mscope audit --stats` in an 80-column terminal: the statistics columns take what they
+    need (they showed "-0.1…") and long tensor names are shortened in the middle instead."""
+    import io
+
+    from rich.console import Console
+
+    g = torch.Generator().manual_seed(9)
+    sd = {
+        f"model.encoder.layers.{i}.self_attention.in_proj_weight": torch.randn(64, 32, generator=g) * 0.02 - 0.0007
+        for i in range(3)
+    }
+    torch.save(sd, tmp_path / "m.pt")
+    report = audit_path(tmp_path / "m.pt", stats=True)
+    out = io.StringIO()
+    audit.render_audit(report, Console(file=out, width=80, color_system=None, highlight=False))
+    text = out.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for i in range(3):
+        st = report.stats[f"model.encoder.layers.{i}.self_attention.in_proj_weight"]
+        row = next(line for line in text.splitlines() if line.startswith(f"m.e.l.{i}.s.in_proj_weight "))
+        for value in (st.min, st.max, st.mean, st.std, st.norm):
+            assert audit._g(value) in row.split(), row
+
+
+def test_fit_name_keeps_layer_numbers():
+    name = "model.encoder.layers.11.self_attention.in_proj_weight"
+    assert audit._fit_name(name, 60) == name
+    assert audit._fit_name(name, 40) == "m.e.l.11.self_attention.in_proj_weight"
+    assert audit._fit_name(name, 25) == "m.e.l.11.s.in_proj_weight"
+    short = audit._fit_name(name, 12)
+    assert len(short) == 12 and short.startswith("m.e.l") and "…" in short

@@ -2291,15 +2291,23 @@ def render_audit(report: AuditReport, console: Any, limit: int = 40) -> None:
             s for s in sorted(report.stats.values(), key=lambda s: -s.numel) if s.name not in loud
         ]
         rows = flagged[:20] + biggest[: max(3, 10 - len(flagged))]
+        # Numbers are never cut (at 80 columns they came out as "-0.1…"): their columns take
+        # what they need and the tensor name gives way, shortened in the middle.
+        heads: tuple[str, ...] = ("min", "max", "mean", "std", "norm", "zeros", "flags")
+        cells = [
+            [_g(s.min), _g(s.max), _g(s.mean), _g(s.std), _g(s.norm), f"{100 * s.zero_fraction:.1f}%", ",".join(s.flags)]
+            for s in rows
+        ]  # fmt: skip
+        if not any(c[-1] for c in cells):  # no flags: the names get the room
+            heads, cells = heads[:-1], [c[:-1] for c in cells]
+        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+        name_width = max(12, min(40, console.width - sum(widths) - 2 * len(heads)))
         table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-        for col in ("tensor", "min", "max", "mean", "std", "norm", "zeros", "flags"):
-            table.add_column(col, no_wrap=True, justify="left" if col in ("tensor", "flags") else "right",
-                             overflow="ellipsis", max_width=40 if col == "tensor" else None)  # fmt: skip
-        for s in rows:
-            table.add_row(
-                escape(s.name), _g(s.min), _g(s.max), _g(s.mean), _g(s.std), _g(s.norm),
-                f"{100 * s.zero_fraction:.1f}%", ",".join(s.flags),
-            )  # fmt: skip
+        table.add_column("tensor", no_wrap=True, max_width=name_width)
+        for head, width in zip(heads, widths):
+            table.add_column(head, no_wrap=True, min_width=width, justify="left" if head == "flags" else "right")
+        for s, c in zip(rows, cells):
+            table.add_row(escape(_fit_name(s.name, name_width)), *c)
         console.print(table)
         for prof in report.norm_profile[:3]:
             norms = [r["norm"] for r in prof["layers"]]
@@ -2313,6 +2321,24 @@ def render_audit(report: AuditReport, console: Any, limit: int = 40) -> None:
         else ("red" if not report.ok else "yellow")
     )
     console.print(f"[bold {color}]{escape(report.verdict_line())}[/]")
+
+
+def _fit_name(name: str, width: int) -> str:
+    """A dotted name in `width` columns: module names shortened to their first letter from the
+    left, numbers and the last part kept (`m.e.layers.0.self_attn.in_proj_weight` ->
+    `m.e.l.0.s.in_proj_weight`), so layer numbers stay visible; then cut in the middle."""
+    if len(name) <= width:
+        return name
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if len(parts[i]) > 1 and not parts[i].isdigit():
+            parts[i] = parts[i][0]
+            short = ".".join(parts)
+            if len(short) <= width:
+                return short
+    short = ".".join(parts)
+    head = (width - 1) // 2
+    return short[:head] + "…" + short[len(short) - (width - 1 - head) :]
 
 
 def _g(x: float | None) -> str:
