@@ -378,3 +378,25 @@ async def test_state_dict_write_explains_plan_instead():
         await pilot.press("w")
         messages = " ".join(n.message for n in app._notifications)
         assert "save a freeze plan" in messages
+
+
+async def test_path_prompts_answer_from_their_buttons():
+    """Save and Compare share one path dialog: the primary button and Enter give the path,
+    Cancel gives None."""
+    from modelscope_tui.tui.screens import CompareScreen, PathScreen
+
+    dialogs = [(lambda: PathScreen("Save plan", "plan.json"), "plan.json"), (lambda: CompareScreen("b.pt", "a.pt"), "a.pt")]
+    app = MscopeApp(SAMPLES / "cnn_state_dict.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        for make, path in dialogs:
+            for action, want in (("#ok", path), ("#cancel", None), ("enter", path)):
+                answers = []
+                app.push_screen(make(), answers.append)
+                await pilot.pause()
+                if action == "enter":
+                    await pilot.press("enter")
+                else:
+                    await pilot.click(action)
+                await pilot.pause()
+                assert answers == [want], (make().__class__.__name__, action)

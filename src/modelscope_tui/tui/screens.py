@@ -53,6 +53,24 @@ class _Modal(ModalScreen):
         self.dismiss(None)
 
 
+class _PathPrompt(_Modal):
+    """A dialog around an Input #path: Enter or the #ok button dismisses with the path."""
+
+    def on_mount(self) -> None:
+        self.query_one("#path", Input).focus()
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#ok")
+    def _submit(self) -> None:
+        value = self.query_one("#path", Input).value.strip()
+        if value:
+            self.dismiss(value)
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel(self) -> None:
+        self.dismiss(None)
+
+
 class PatternScreen(_Modal):
     """Freeze or unfreeze by glob/regex, with a live count of what matches."""
 
@@ -244,7 +262,7 @@ class ConfirmScreen(_Modal):
         self.dismiss(event.button.id)
 
 
-class PathScreen(_Modal):
+class PathScreen(_PathPrompt):
     """Ask for a file name to save to (defaults to a new file next to the checkpoint)."""
 
     def __init__(self, title: str, default: str, note: str = "") -> None:
@@ -260,22 +278,8 @@ class PathScreen(_Modal):
             if self.note:
                 yield Static(self.note, classes="preview")
             with Horizontal(classes="buttons"):
-                yield Button("Save", variant="primary", id="save")
+                yield Button("Save", variant="primary", id="ok")
                 yield Button("Cancel", id="cancel")
-
-    def on_mount(self) -> None:
-        self.query_one("#path", Input).focus()
-
-    @on(Input.Submitted)
-    @on(Button.Pressed, "#save")
-    def _save(self) -> None:
-        value = self.query_one("#path", Input).value.strip()
-        if value:
-            self.dismiss(value)
-
-    @on(Button.Pressed, "#cancel")
-    def _cancel(self) -> None:
-        self.dismiss(None)
 
 
 class HelpScreen(_Modal):
@@ -412,7 +416,7 @@ class PathSuggester(Suggester):
         return None
 
 
-class CompareScreen(_Modal):
+class CompareScreen(_PathPrompt):
     """Ask for the checkpoint to compare the open one against (diff mode); dismisses with the
     path, LEAVE to leave diff mode, or None."""
 
@@ -434,26 +438,12 @@ class CompareScreen(_Modal):
                 classes="preview",
             )
             with Horizontal(classes="buttons"):
-                yield Button("Compare", variant="primary", id="compare")
+                yield Button("Compare", variant="primary", id="ok")
                 if self.in_diff:
                     yield Button("Leave diff mode", id="leave")
                 yield Button("Cancel", id="cancel")
 
-    def on_mount(self) -> None:
-        self.query_one("#path", Input).focus()
-
-    @on(Input.Submitted)
-    @on(Button.Pressed, "#compare")
-    def _compare(self) -> None:
-        value = self.query_one("#path", Input).value.strip()
-        if value:
-            self.dismiss(value)
-
     @on(Button.Pressed, "#leave")
     def _leave(self) -> None:
         self.dismiss(self.LEAVE)
-
-    @on(Button.Pressed, "#cancel")
-    def _cancel(self) -> None:
-        self.dismiss(None)
 
