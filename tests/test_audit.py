@@ -25,30 +25,12 @@ from modelscope_tui.audit import audit_path, run_audit, stream_stats, tensor_his
 from modelscope_tui.errors import TensorDataError
 from modelscope_tui.readers import open_checkpoint
 from modelscope_tui.tensordata import TensorData
+from statref import reference
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-def reference(x: torch.Tensor) -> dict:
-    """The statistics, computed with torch in float64 (min/max ignore NaN; moments use finite)."""
-    if x.is_complex():
-        x = torch.view_as_real(x)
-    x = x.reshape(-1).double()
-    not_nan = x[~x.isnan()]
-    fin = x[torch.isfinite(x)]
-    return {
-        "min": not_nan.min().item() if not_nan.numel() else None,
-        "max": not_nan.max().item() if not_nan.numel() else None,
-        "mean": fin.mean().item() if fin.numel() else None,
-        "std": fin.std(correction=0).item() if fin.numel() else None,
-        "norm": torch.linalg.vector_norm(fin).item(),
-        "zeros": int((x == 0).sum()),
-        "nan": int(x.isnan().sum()),
-        "inf": int(x.isinf().sum()),
-    }
-
-
 def assert_stats(st, x: torch.Tensor, rel: float = 2e-6) -> None:
     ref = reference(x)
     scale = ref["norm"] / math.sqrt(max(1, x.numel())) or 1.0  # RMS: the size of a typical value

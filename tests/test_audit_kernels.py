@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from modelscope_tui import audit, statkernel
+from statref import reference
 
 HALF = {"f16": torch.float16, "bf16": torch.bfloat16}
 
@@ -52,23 +53,6 @@ def test_native_kernel_is_not_loaded_when_disabled(monkeypatch):
     monkeypatch.setenv("MSCOPE_STATS_KERNEL", "numpy")
     monkeypatch.setattr(statkernel, "_loaded", {})
     assert statkernel.load() is None
-
-
-def reference(x: torch.Tensor) -> dict:
-    x = x.reshape(-1).double()
-    not_nan = x[~x.isnan()]
-    fin = x[torch.isfinite(x)]
-    return {
-        "min": not_nan.min().item() if not_nan.numel() else None,
-        "max": not_nan.max().item() if not_nan.numel() else None,
-        "mean": fin.mean().item() if fin.numel() else None,
-        "var": fin.var(correction=0).item() if fin.numel() else None,
-        "sumsq": float((fin * fin).sum()),
-        "zeros": int((x == 0).sum()),
-        "nan": int(x.isnan().sum()),
-        "inf": int(x.isinf().sum()),
-        "finite": int(fin.numel()),
-    }
 
 
 def check(part: audit._Part, x: torch.Tensor, rel: float = 1e-6) -> None:

@@ -173,6 +173,14 @@ AVX2 static inline __attribute__((always_inline)) void widen_block(
     for (; i < nb; i++) buf[i] = load_scalar(src, kind, off + i);
 }
 
+AVX2 static inline double lanes_pd(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256d t = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(a)), _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
+    t = _mm256_add_pd(t, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(b)), _mm256_cvtps_pd(_mm256_extractf128_ps(b, 1))));
+    t = _mm256_add_pd(t, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(c)), _mm256_cvtps_pd(_mm256_extractf128_ps(c, 1))));
+    t = _mm256_add_pd(t, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(d)), _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1))));
+    return hsum_pd(t);
+}
+
 /* Deviations from K = the float32 block mean, summed in float32 (32 lanes of at most 64 terms:
  * relative error ~1e-7), then in float64. For blocks whose mean dominates their spread. */
 AVX2 static inline __attribute__((always_inline)) void recentred(
@@ -187,15 +195,8 @@ AVX2 static inline __attribute__((always_inline)) void recentred(
             sq[j] = _mm256_fmadd_ps(d, d, sq[j]);
         }
     }
-    double sdv = hsum_pd(_mm256_add_pd(
-        _mm256_cvtps_pd(_mm256_castps256_ps128(_mm256_add_ps(_mm256_add_ps(sd[0], sd[1]), _mm256_add_ps(sd[2], sd[3])))),
-        _mm256_cvtps_pd(_mm256_extractf128_ps(_mm256_add_ps(_mm256_add_ps(sd[0], sd[1]), _mm256_add_ps(sd[2], sd[3])), 1))));
-    __m256d sqd = _mm256_setzero_pd();
-    for (int j = 0; j < 4; j++) {
-        sqd = _mm256_add_pd(sqd, _mm256_cvtps_pd(_mm256_castps256_ps128(sq[j])));
-        sqd = _mm256_add_pd(sqd, _mm256_cvtps_pd(_mm256_extractf128_ps(sq[j], 1)));
-    }
-    double sqv = hsum_pd(sqd), k = (double)kf;
+    double sdv = lanes_pd(sd[0], sd[1], sd[2], sd[3]), sqv = lanes_pd(sq[0], sq[1], sq[2], sq[3]);
+    double k = (double)kf;
     for (int64_t i = n32; i < nb; i++) {
         double d = (double)buf[i] - k;
         sdv += d;
@@ -203,14 +204,6 @@ AVX2 static inline __attribute__((always_inline)) void recentred(
     }
     double m2 = sqv - sdv * sdv / (double)nb;
     add_moments(p, nb, k + sdv / (double)nb, m2 > 0 ? m2 : 0.0, sqv + 2.0 * k * sdv + (double)nb * k * k);
-}
-
-AVX2 static inline double lanes_pd(__m256 a, __m256 b, __m256 c, __m256 d) {
-    __m256d t = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(a)), _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
-    t = _mm256_add_pd(t, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(b)), _mm256_cvtps_pd(_mm256_extractf128_ps(b, 1))));
-    t = _mm256_add_pd(t, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(c)), _mm256_cvtps_pd(_mm256_extractf128_ps(c, 1))));
-    t = _mm256_add_pd(t, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(d)), _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1))));
-    return hsum_pd(t);
 }
 
 /* always_inline with a constant kind: one specialised loop per dtype.

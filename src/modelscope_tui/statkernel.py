@@ -45,7 +45,7 @@ class Kernel:
             ctypes.POINTER(CPart),
         ]
         self._fn.restype = ctypes.c_int
-        self.isa = "portable C" if portable else ("AVX2" if lib.mscope_kernel_isa() == 2 else "portable C")
+        self.isa = "AVX2" if not portable and lib.mscope_kernel_isa() == 2 else "portable C"
         self._portable = int(portable)
 
     def stats(self, address: int, count: int, kind: int) -> CPart:

@@ -113,7 +113,7 @@ def _legacy_pid(storages: StorageTable, path: Path):
             if pid[5] is not None:
                 raise CorruptCheckpointError("storage views of the pre-0.4 format are not supported", path)
             pid = pid[:5]
-        return storages(pid)
+        return storages.load(pid)
 
     return load
 

@@ -48,10 +48,7 @@ class StorageTable:
         self.records: dict[str, StorageRecord] = {}
         self.problems: list[str] = []  # what Checkpoint.check_storage_bounds cannot see
 
-        self.load = self._loader()  # persistent_load: pass this, not the table
-
-    def __call__(self, pid: Any) -> StorageRecord:
-        return self.load(pid)
+        self.load = self._loader()  # the persistent_load to pass to the unpickler
 
     def _loader(self) -> Callable[[Any], StorageRecord]:
         """persistent_load as a closure over locals: it runs once per tensor (100k times in a big
