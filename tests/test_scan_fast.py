@@ -116,3 +116,23 @@ def test_fast_scan_never_disagrees_with_exact(big_state_dict_pickle, data):
             index = data.draw(st.sampled_from([len(buf), len(buf) + 1, 1 << 20, 1 << 31, U._MEMO_STEP * 3]))
             buf[at:at] = b"r" + struct.pack("<I", index & 0xFFFFFFFF)
     agrees(bytes(buf))
+
+
+def test_unpickler_reads_the_pickle_as_one_buffer(tmp_path, monkeypatch):
+    """Given a file without peek(), the C unpickler calls read() once per opcode and argument;
+    _WholeInput.peek hands it the whole pickle, so a 2,000-tensor state_dict takes a few reads."""
+    sd = OrderedDict((f"layers.{i}.weight", torch.zeros(2, 3)) for i in range(2000))
+    data = torch_pickle(tmp_path, sd)
+    calls = []
+
+    class CountingInput(U._WholeInput):
+        def read(self, *args):
+            calls.append(args)
+            return super().read(*args)
+
+    monkeypatch.setattr(U, "_WholeInput", CountingInput)
+    root, _, end = U.safe_load(data, source="t", persistent_load=lambda pid: None)
+    assert end == len(data)
+    assert list(root) == list(sd)
+    assert all(ref.shape == (2, 3) and ref.stride == (3, 1) for ref in root.values())
+    assert 1 <= len(calls) <= 2, len(calls)  # at least the skip past what was consumed
