@@ -57,6 +57,7 @@ FLOATING_DTYPES = frozenset(
     }
 )
 COMPLEX_DTYPES = frozenset({"complex128", "complex64", "complex32"})
+GRAD_DTYPES = FLOATING_DTYPES | COMPLEX_DTYPES  # what torch lets require grad
 
 # Names a state_dict uses for buffers; without a module in the file this is how we tell them apart.
 BUFFER_LEAF_NAMES = frozenset(
@@ -78,12 +79,13 @@ TENSOR = "tensor"
 
 def can_require_grad(dtype: str) -> bool:
     """Only floating-point and complex tensors can require grad (torch's own rule)."""
-    return dtype in FLOATING_DTYPES or dtype in COMPLEX_DTYPES
+    return dtype in GRAD_DTYPES
 
 
 def _trains(t: TensorRecord) -> bool:
-    """TensorRecord.trainable, as a function: hot loops over 100k records call it directly."""
-    if t.kind != PARAMETER or (t.dtype not in FLOATING_DTYPES and t.dtype not in COMPLEX_DTYPES):
+    """TensorRecord.trainable, as a function. (fill_stats and Checkpoint._compute_totals inline
+    it for parameters: `t.dtype in GRAD_DTYPES and (t.requires_grad or not t.kind_from_file)`.)"""
+    if t.kind != PARAMETER or t.dtype not in GRAD_DTYPES:
         return False
     return t.requires_grad if t.kind_from_file else True
 
@@ -135,7 +137,7 @@ class TensorRecord:
     note: str | None = None  # e.g. "quantized", "sparse": kinds we describe but cannot load
     tied_to: str | None = None  # first tensor (by order) whose storage this one shares
     alias_of: str | None = None  # same storage, offset, shape and stride: counted once
-    pickle_seq: int | None = None  # creation order in its pickle (see TensorRef.seq)
+    pickle_seq: int | None = None  # creation order in its pickle (see TensorRef)
     numel: int = 0  # derived from shape
     nbytes: int = 0  # derived from shape and dtype
 
@@ -316,6 +318,7 @@ def fill_stats(root: ModuleNode) -> None:
         if children:
             order.extend(children.values())
         i += 1
+    grad_dtypes = GRAD_DTYPES
     for node in reversed(order):
         count = params = trainable = buffers = nbytes = 0
         for t in node.tensors:
@@ -325,17 +328,18 @@ def fill_stats(root: ModuleNode) -> None:
             nbytes += t.nbytes
             if t.kind == PARAMETER:
                 params += t.numel
-                if _trains(t):
+                if t.dtype in grad_dtypes and (t.requires_grad or not t.kind_from_file):  # _trains
                     trainable += t.numel
             else:
                 buffers += t.numel
-        for child in node.children.values():
-            c = child._stats
-            count += c.tensors
-            params += c.params
-            trainable += c.trainable
-            buffers += c.buffers
-            nbytes += c.nbytes
+        if node.children:
+            for child in node.children.values():
+                c = child._stats
+                count += c.tensors
+                params += c.params
+                trainable += c.trainable
+                buffers += c.buffers
+                nbytes += c.nbytes
         node._stats = ModuleStats(count, params, trainable, buffers, nbytes)
 
 
@@ -518,11 +522,22 @@ class Checkpoint:
 
     def _compute_totals(self) -> Totals:
         params = trainable = buffers = nbytes = 0
-        by_dtype: Counter[str] = Counter()
-        by_location: Counter[str] = Counter()
+        by_dtype: dict[str, int] = {}
+        by_location: dict[str, int] = {}
         sections: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0})
         model_count = 0
+        file_bytes = 0  # unique storages, plus tensors without one
+        seen_storages: set[int] = set()
+        itemsizes = DTYPE_ITEMSIZE
+        grad_dtypes = GRAD_DTYPES
         for t in self.tensors:
+            s = t.storage
+            if s is None:
+                if t.alias_of is None:
+                    file_bytes += t.nbytes
+            elif id(s) not in seen_storages:
+                seen_storages.add(id(s))
+                file_bytes += s.numel * itemsizes.get(s.dtype, 1)
             if t.section != "":
                 sec = sections[t.section.split(".", 1)[0]]
                 sec["tensors"] += 1
@@ -534,26 +549,16 @@ class Checkpoint:
                 continue
             size = t.nbytes
             nbytes += size
-            by_dtype[t.dtype] += size
-            s = t.storage
-            by_location[s.location if s is not None else "cpu"] += size
+            dtype = t.dtype
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + size
+            location = s.location if s is not None else "cpu"
+            by_location[location] = by_location.get(location, 0) + size
             if t.kind == PARAMETER:
                 params += t.numel
-                if _trains(t):
+                if dtype in grad_dtypes and (t.requires_grad or not t.kind_from_file):  # _trains
                     trainable += t.numel
             else:
                 buffers += t.numel
-        storages: dict[int, StorageRecord] = {}
-        file_bytes = 0
-        for t in self.tensors:
-            s = t.storage
-            if s is None:
-                if t.alias_of is None:
-                    file_bytes += t.nbytes
-            else:
-                storages[id(s)] = s
-        itemsizes = DTYPE_ITEMSIZE
-        file_bytes += sum(s.numel * itemsizes.get(s.dtype, 1) for s in storages.values())
         return Totals(
             tensors=model_count,
             parameters=params,
@@ -561,8 +566,8 @@ class Checkpoint:
             frozen=params - trainable,
             buffers=buffers,
             nbytes=nbytes,
-            bytes_by_dtype=dict(by_dtype.most_common()),
-            bytes_by_location=dict(by_location.most_common()),
+            bytes_by_dtype=dict(Counter(by_dtype).most_common()),
+            bytes_by_location=dict(Counter(by_location).most_common()),
             sections=dict(sections),
             file_bytes=file_bytes,
         )

@@ -457,7 +457,7 @@ class _Reader:
         storage.key = f"{item.rel}@{item.offset}:{storage.key}"
         if storage.data_offset is None:
             raise _ItemError(f"item in {item.rel} at byte {item.offset:,} lacks its storage member")
-        return _Located(storage, value.offset, value.stride, value.shape, value.dtype)
+        return _Located(storage, value.storage_offset, value.stride, value.shape, value.dtype)
 
     def _safetensors_tensor(
         self, item: _Item, path: Path, size: int, fqn: str, mm: mmap.mmap | None

@@ -5,7 +5,7 @@ enough to see the torch rebuild calls: their storage key, offset, shape, stride,
 `True`/`False` argument was pushed. Everything else becomes an opaque value. Nothing is imported
 or called.
 
-The machine counts tensor creations exactly like the safe unpickler (`TensorRef.seq` order), so the
+The machine counts tensor creations exactly like the safe unpickler (`TensorRef.pickle_seq` order), so the
 k-th `TensorRebuild` here is the k-th `TensorRef` the reader made from the same pickle; writers
 verify that correspondence by signature before touching a byte.
 

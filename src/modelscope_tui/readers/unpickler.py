@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..checkpoint import GlobalRef, StorageRecord
+from ..checkpoint import GlobalRef, StorageRecord, TensorRecord
 from ..errors import MscopeError, UnsafePickleError
 
 # ----------------------------------------------------------------------------------------------
@@ -451,13 +451,13 @@ class Device(str):
 _TENSOR_SEQ = itertools.count()
 
 
-class TensorRef:
-    """A tensor as the pickle describes it. `storage` is whatever persistent_load returned."""
+class TensorRef(TensorRecord):
+    """A tensor as the pickle describes it, before the walker names it. `storage` is whatever
+    persistent_load returned. The walker claims the object itself as the checkpoint's record
+    (Walker.add_tensor): one object per tensor instead of two, 100k of them in a big state_dict.
+    Until then only the fields set here exist; `name` is None."""
 
-    __slots__ = (
-        "storage", "offset", "shape", "stride", "requires_grad", "is_parameter",
-        "dtype", "note", "subclass", "seq", "__weakref__",
-    )  # fmt: skip
+    __slots__ = ("is_parameter", "subclass", "__weakref__")
 
     # The signature of torch._utils._rebuild_tensor_v2, so the unpickler calls the class itself
     # (one Python call per tensor instead of two); hooks and metadata are ignored.
@@ -473,6 +473,7 @@ class TensorRef:
         *,
         dtype: str | None = None,
     ):
+        self.name = None
         self.storage = storage
         if type(shape) is tuple and type(stride) is tuple and len(shape) == len(stride) <= MAX_DIMS:
             for value in shape:  # inline: this runs once per tensor, 100k times in a big file
@@ -490,14 +491,14 @@ class TensorRef:
         self.stride = stride
         if type(offset) is not int or not 0 <= offset < MAX_DIM:
             raise UnsafePickleError(f"tensor has an invalid storage offset {offset!r}")
-        self.offset = offset
+        self.storage_offset = offset
         self.requires_grad = requires_grad is True or (type(requires_grad) is int and requires_grad != 0)
         self.is_parameter = False
         self.dtype = dtype or (storage.dtype if type(storage) is StorageRecord else None)
-        self.note: str | None = None
-        self.subclass: str | None = None
+        self.note = None
+        self.subclass = None
         # Creation order = order of the rebuild calls in the pickle stream (writers patch by it).
-        self.seq = next(_TENSOR_SEQ)
+        self.pickle_seq = next(_TENSOR_SEQ)
 
     def __repr__(self) -> str:
         return f"TensorRef({self.dtype}, {list(self.shape)})"

@@ -6,6 +6,7 @@ and lists everything else as sections of tensors and plain entries.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from typing import Any
 
 from ..checkpoint import (
     BUFFER,
+    DTYPE_ITEMSIZE,
     PARAMETER,
     TENSOR,
     Checkpoint,
@@ -284,25 +286,42 @@ class Walker:
                     from_file = True
             else:
                 kind = TENSOR
-        # Positional: keyword arguments double the cost of this call, made once per tensor.
-        record = TensorRecord(
-            name,
-            ref.shape,
-            dtype,
-            ref.stride,
-            ref.offset,
-            storage,
-            ref.requires_grad,
-            kind,
-            from_file,
-            section,
-            None,  # shard
-            True,  # persistent
-            ref.note or (f"subclass {ref.subclass}" if ref.subclass else None),
-            None,  # tied_to
-            None,  # alias_of
-            ref.seq,
-        )
+        note = ref.note or (f"subclass {ref.subclass}" if ref.subclass else None)
+        if ref.name is None:  # first reference: the ref becomes the record
+            record = ref
+            record.name = name
+            record.storage = storage
+            record.dtype = dtype
+            record.kind = kind
+            record.kind_from_file = from_file
+            record.section = section
+            record.shard = None
+            record.persistent = True
+            record.note = note
+            record.tied_to = None
+            record.alias_of = None
+            record.numel = numel = math.prod(ref.shape)
+            record.nbytes = numel * DTYPE_ITEMSIZE.get(dtype, 1)
+        else:  # the pickle refers to one tensor twice (tied parameters of a full module)
+            # Positional: keyword arguments double the cost of this call.
+            record = TensorRecord(
+                name,
+                ref.shape,
+                dtype,
+                ref.stride,
+                ref.storage_offset,
+                storage,
+                ref.requires_grad,
+                kind,
+                from_file,
+                section,
+                None,  # shard
+                True,  # persistent
+                note,
+                None,  # tied_to
+                None,  # alias_of
+                ref.pickle_seq,
+            )
         self.ckpt.tensors.append(record)
         return record
 
