@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import _compat_pickle
 import functools
-import io
 import itertools
 import pickle
 import pickletools
@@ -823,13 +822,37 @@ MAX_CALLS_SHOWN = 3
 MAX_GLOBALS = 20_000
 
 
-class _WholeInput(io.BytesIO):
+class _WholeInput:
     """The pickle as a file whose peek() returns everything left. The C unpickler then reads
     from one buffer; given a file without peek() it calls read() for every opcode and argument
-    (a million Python calls for a 100k-tensor state_dict: a third of its unpickling time)."""
+    (a million Python calls for a 100k-tensor state_dict: a third of its unpickling time).
+    Not a BytesIO: its read() copies, and the unpickler ends by reading past all it consumed."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes | memoryview):
+        self.data = data if type(data) is bytes else bytes(data)
+        self.pos = 0
 
     def peek(self, size: int = 0) -> bytes:
-        return self.getvalue()[self.tell() :]  # no copy at position 0, where it is asked
+        return self.data[self.pos :]  # the whole pickle, no copy, at position 0 where it is asked
+
+    def read(self, size: int = -1) -> bytes:
+        start = self.pos
+        self.pos = len(self.data) if size is None or size < 0 else min(len(self.data), start + size)
+        return self.data[start : self.pos]
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self.read(len(memoryview(buffer).cast("B")))
+        memoryview(buffer).cast("B")[: len(chunk)] = chunk
+        return len(chunk)
+
+    def readline(self, size: int = -1) -> bytes:
+        end = self.data.find(b"\n", self.pos)
+        end = len(self.data) if end < 0 else end + 1
+        if size is not None and size >= 0:
+            end = min(end, self.pos + size)
+        return self.read(end - self.pos)
 
 
 class SafeUnpickler(pickle.Unpickler):
