@@ -53,8 +53,11 @@ class StorageTable:
     def _loader(self) -> Callable[[Any], StorageRecord]:
         """persistent_load as a closure over locals: it runs once per tensor (100k times in a big
         state_dict), and attribute lookups on self were half its cost."""
+        # No reference to self in here: the cycle would keep the archive's 100k directory
+        # entries alive for the rest of a one-shot command, which runs with gc disabled.
         records = self.records
-        entries = self.archive.entries if self.archive is not None else None
+        archive = self.archive
+        entries = archive.entries if archive is not None else None
         folder, path, byteorder, problems = self.folder, self.path, self.byteorder, self.problems
         itemsizes = DTYPE_ITEMSIZE
 
@@ -83,7 +86,7 @@ class StorageTable:
                 return record
             start = entry.data_start
             if start is None:
-                start = self.archive.data_offset(entry)
+                start = archive.data_offset(entry)
             stored = entry.method == STORED
             size = entry.compressed_size if not stored or entry.size > entry.compressed_size else entry.size
             record = StorageRecord(
