@@ -312,12 +312,9 @@ class ModuleNode:
 def fill_stats(root: ModuleNode) -> None:
     """Compute `stats` for every node under root in one post-order pass (no recursion)."""
     order = [root]  # breadth-first: every parent before its children, so reversed it is post-order
-    i = 0
-    while i < len(order):
-        children = order[i].children
-        if children:
-            order.extend(children.values())
-        i += 1
+    for node in order:  # the list grows while it is walked
+        if node.children:
+            order.extend(node.children.values())
     grad_dtypes = GRAD_DTYPES
     for node in reversed(order):
         count = params = trainable = buffers = nbytes = 0
