@@ -1,8 +1,9 @@
-"""Compile src/modelscope_tui/statkernel.c into _statkernel.so while pip builds the wheel.
+"""Compile mscope's C sources into _native.so while pip builds the wheel.
 
-A plain shared library loaded with ctypes (no Python C API): it needs only a C compiler, and
-mscope works without it (audit's numpy kernels, slower). So a failed compile warns and the
-install goes on. The library lands next to the source, which is where an editable install
+statkernel.c (audit's one-pass statistics) and picklescan.c (the pickle pre-scan) go into one
+plain shared library loaded with ctypes (no Python C API): it needs only a C compiler, and
+mscope works without it (numpy kernels and a regex scan, slower). So a failed compile warns and
+the install goes on. The library lands next to the source, which is where an editable install
 imports from; a regular wheel also gets it as a forced include and a platform tag.
 """
 
@@ -19,8 +20,9 @@ from pathlib import Path
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 PACKAGE = Path("src") / "modelscope_tui"
-SOURCE = PACKAGE / "statkernel.c"
-LIBRARY = PACKAGE / "_statkernel.so"
+SOURCES = (PACKAGE / "statkernel.c", PACKAGE / "picklescan.c")
+LIBRARY = PACKAGE / "_native.so"
+SLOWER = "audit --stats and large pickles will use slower Python paths"
 
 
 def _compiler() -> list[str] | None:
@@ -35,24 +37,21 @@ def _compiler() -> list[str] | None:
 
 def compile_kernel(root: Path) -> Path | None:
     """Build the library; None (with a warning on stderr) when there is no working compiler."""
-    source, target = root / SOURCE, root / LIBRARY
+    target = root / LIBRARY
     cc = _compiler()
     if cc is None:
-        print("mscope: no C compiler found; audit --stats will use numpy (slower)", file=sys.stderr)
+        print(f"mscope: no C compiler found; {SLOWER}", file=sys.stderr)
         return None
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
-    cmd = [*cc, "-O2", "-shared", "-fPIC", "-fno-math-errno", "-o", str(tmp), str(source)]
+    cmd = [*cc, "-O2", "-shared", "-fPIC", "-fno-math-errno", "-o", str(tmp), *(str(root / s) for s in SOURCES)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        print(f"mscope: could not compile {SOURCE}: {exc}; audit --stats will use numpy", file=sys.stderr)
+        print(f"mscope: could not compile {LIBRARY.name}: {exc}; {SLOWER}", file=sys.stderr)
         return None
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
-        print(
-            f"mscope: compiling {SOURCE} failed; audit --stats will use numpy:\n{done.stderr[-2000:]}",
-            file=sys.stderr,
-        )
+        print(f"mscope: compiling {LIBRARY.name} failed; {SLOWER}:\n{done.stderr[-2000:]}", file=sys.stderr)
         return None
     os.replace(tmp, target)
     return target
@@ -65,6 +64,6 @@ class CustomBuildHook(BuildHookInterface):
         built = compile_kernel(Path(self.root))
         if built is None or version == "editable":
             return
-        build_data["force_include"][str(built)] = "modelscope_tui/_statkernel.so"
+        build_data["force_include"][str(built)] = f"modelscope_tui/{LIBRARY.name}"
         build_data["pure_python"] = False
         build_data["infer_tag"] = True

@@ -27,9 +27,20 @@ def exact(data: bytes, start: int = 0) -> int | None:
         return None
 
 
+def native(data: bytes, start: int = 0) -> int | None:
+    """picklescan.c's walk, whatever the size (scan_pickle only uses it on large pickles)."""
+    scan = U._native_scan()
+    assert scan is not None, "_native.so is not built: run pip install -e ."
+    end = scan(data, start)
+    return None if end < 0 else end
+
+
 def agrees(data: bytes, start: int = 0) -> None:
+    """The regex may defer (None) but never differ; the C walk must give the exact answer."""
     fast = U._scan_fast(data, start)
-    assert fast is None or fast == exact(data, start), (fast, exact(data, start))
+    want = exact(data, start)
+    assert fast is None or fast == want, (fast, want)
+    assert native(data, start) == want, (native(data, start), want)
 
 
 def torch_pickle(tmp_path, obj) -> bytes:
@@ -51,13 +62,23 @@ def big_state_dict_pickle(tmp_path_factory) -> bytes:
 def test_fast_scan_takes_ordinary_large_pickles(big_state_dict_pickle):
     data = big_state_dict_pickle
     assert len(data) > U._MEMO_STEP
-    assert U._scan_fast(data, 0) == len(data) == U._scan_exact(data, 0, "t")
+    assert U._scan_fast(data, 0) == len(data) == U._scan_exact(data, 0, "t") == native(data)
+
+
+def test_large_pickles_are_scanned_in_c(big_state_dict_pickle, monkeypatch):
+    data = big_state_dict_pickle + b"\x00" * U.NATIVE_SCAN_MIN_BYTES  # trailing bytes, as in legacy files
+    monkeypatch.setattr(U, "_scan_fast", lambda *a: pytest.fail("the regex ran"))
+    assert U.scan_pickle(data, 0, "t") == len(big_state_dict_pickle)
+    # an mmap (or any buffer but bytes) cannot go to C without a copy: those take the regex
+    monkeypatch.undo()
+    assert U._scan_native(bytearray(data), 0) is None
+    assert U.scan_pickle(bytearray(data), 0, "t") == len(big_state_dict_pickle)
 
 
 def test_fast_scan_with_trailing_bytes_checks_memo_against_the_pickle(big_state_dict_pickle):
     # A legacy file: storages follow the pickle, so the buffer is far longer than the pickle.
     data = b"junk" + big_state_dict_pickle + bytes(5 * U._MEMO_STEP)
-    assert U._scan_fast(data, 4) == 4 + len(big_state_dict_pickle)
+    assert U._scan_fast(data, 4) == 4 + len(big_state_dict_pickle) == native(data, 4)
 
 
 def test_memo_index_just_past_the_pickle_is_refused(big_state_dict_pickle):
@@ -65,11 +86,13 @@ def test_memo_index_just_past_the_pickle_is_refused(big_state_dict_pickle):
     # LONG_BINPUT whose index exceeds the pickle's own length, hidden before STOP.
     crafted = data[:-1] + b"N" + b"r" + struct.pack("<I", len(data) + 100) + b"0."
     assert U._scan_fast(crafted, 0) is None
+    assert native(crafted) is None
     with pytest.raises(UnsafePickleError, match="memo index"):
         U.scan_pickle(crafted, 0, "t")
     # ...even when the buffer runs on long enough to make that index look plausible.
     padded = crafted + bytes(4 * U._MEMO_STEP)
     assert U._scan_fast(padded, 0) is None
+    assert native(padded) is None
     with pytest.raises(UnsafePickleError, match="memo index"):
         U.scan_pickle(padded, 0, "t")
 
@@ -77,6 +100,7 @@ def test_memo_index_just_past_the_pickle_is_refused(big_state_dict_pickle):
 def test_object_flood_goes_to_the_exact_scan():
     flood = b"\x80\x02" + b"}" * 1_200_000 + b"."  # EMPTY_DICT: 64 bytes of objects per byte
     assert U._scan_fast(flood, 0) is None
+    assert native(flood) is None
     with pytest.raises(UnsafePickleError, match="MiB of objects"):
         U.scan_pickle(flood, 0, "t")
 
@@ -85,11 +109,12 @@ def test_truncated_string_defers():
     data = pickle.dumps(["a" * 1000, "b" * 20], protocol=2)
     for cut in (len(data) - 1, len(data) - 30, len(data) // 2):
         assert U._scan_fast(data[:cut], 0) is None
+        assert native(data[:cut]) is None
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(st.data())
-def test_fast_scan_never_disagrees_with_exact(big_state_dict_pickle, data):
+def test_fast_and_c_scans_never_disagree_with_exact(big_state_dict_pickle, data):
     base = data.draw(
         st.sampled_from(
             [
@@ -97,6 +122,8 @@ def test_fast_scan_never_disagrees_with_exact(big_state_dict_pickle, data):
                 pickle.dumps({"a": [1, 2.5, "x" * 300, b"y" * 70_000, (None, True)]}, protocol=2),
                 pickle.dumps([{"k": i} for i in range(3000)], protocol=4),
                 pickle.dumps({"t": "z" * 10}, protocol=0),
+                pickle.dumps([[i, f"s{i}"] for i in range(400)], protocol=0),  # PUT / GET text memo
+                pickle.dumps({"b": bytearray(300), "n": 1 << 100, "f": 0.5}, protocol=5),  # 8-byte lengths
             ]
         )
     )
@@ -116,6 +143,14 @@ def test_fast_scan_never_disagrees_with_exact(big_state_dict_pickle, data):
             index = data.draw(st.sampled_from([len(buf), len(buf) + 1, 1 << 20, 1 << 31, U._MEMO_STEP * 3]))
             buf[at:at] = b"r" + struct.pack("<I", index & 0xFFFFFFFF)
     agrees(bytes(buf))
+    agrees(bytes(buf), data.draw(st.integers(0, 3)))  # start inside the data too
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(st.binary(max_size=64), st.integers(0, 4))
+def test_c_scan_agrees_with_exact_on_random_bytes(blob, start):
+    agrees(blob + b".", min(start, len(blob)))
+    agrees(b"\x80\x02" + blob, min(start, len(blob)))
 
 
 def test_unpickler_reads_the_pickle_as_one_buffer(tmp_path, monkeypatch):

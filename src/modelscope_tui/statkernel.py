@@ -1,6 +1,6 @@
 """ctypes binding of statkernel.c, the one-pass statistics loop behind `mscope audit --stats`.
 
-The shared library is compiled at install time by hatch_build.py (plain C, no Python C API).
+The library (native.py) is compiled at install time by hatch_build.py (plain C, no Python C API).
 When it is missing, stale (another MSCOPE_KERNEL_VERSION), or MSCOPE_STATS_KERNEL=numpy is
 set, `load()` returns None and audit.py uses its numpy kernels: same numbers, ~3x slower.
 """
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-from pathlib import Path
+
+from . import native
 
 VERSION = 1  # MSCOPE_KERNEL_VERSION in statkernel.c
-LIBRARY = Path(__file__).with_name("_statkernel.so")
+LIBRARY = native.LIBRARY
 KINDS = {"f16": 0, "bf16": 1, "f32": 2}
 
 
@@ -63,12 +64,12 @@ def load(portable: bool = False) -> Kernel | None:
     if portable in _loaded:
         return _loaded[portable]
     kernel = None
-    if os.environ.get("MSCOPE_STATS_KERNEL", "").lower() != "numpy" and LIBRARY.exists():
+    lib = native.library() if os.environ.get("MSCOPE_STATS_KERNEL", "").lower() != "numpy" else None
+    if lib is not None:
         try:
-            lib = ctypes.CDLL(str(LIBRARY))
             if lib.mscope_kernel_version() == VERSION:
                 kernel = Kernel(lib, portable)
-        except (OSError, AttributeError):
+        except AttributeError:
             kernel = None
     _loaded[portable] = kernel
     return kernel

@@ -163,6 +163,8 @@ def _cost_bound(pickle_bytes: bytes) -> int:
 def _scan_fast(data: bytes | memoryview, start: int) -> int | None:
     """End of an ordinary pickle, or None: let the exact scan decide (and explain)."""
     end = len(data)
+    if not 0 <= start < end:
+        return None
     steps = (end - start) // _MEMO_STEP
     scanner = _fast_scanner(steps)
     if scanner is None:
@@ -204,6 +206,41 @@ def _scan_fast(data: bytes | memoryview, start: int) -> int | None:
     return pos + 1
 
 
+SCAN_VERSION = 1  # MSCOPE_SCAN_VERSION in picklescan.c
+NATIVE_SCAN_MIN_BYTES = 1 << 20  # below this the regex is quicker than importing ctypes
+
+
+@functools.lru_cache(maxsize=1)
+def _native_scan() -> Callable[[bytes, int], int] | None:
+    """picklescan.c's walk bound to this module's opcode and cost tables: (data, start) -> end,
+    or -1 where _scan_exact refuses. None when the library is not built (the regex then)."""
+    from .. import native
+
+    lib = native.library()
+    try:
+        if lib is None or lib.mscope_scan_version() != SCAN_VERSION:
+            return None
+        scan = lib.mscope_scan_pickle
+    except AttributeError:
+        return None
+    import ctypes
+
+    scan.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_char_p,
+                     ctypes.POINTER(ctypes.c_int32), ctypes.c_int64, ctypes.c_int64]  # fmt: skip
+    scan.restype = ctypes.c_int64
+    kinds = bytes(k & 0xFF for k in _OPCODES)  # int8 in C
+    costs = (ctypes.c_int32 * 256)(*_COSTS)
+    return lambda data, start: scan(data, len(data), start, kinds, costs, PICKLE_MEMORY_RATIO, MIN_PICKLE_MEMORY)
+
+
+def _scan_native(data: bytes | memoryview, start: int) -> int | None:
+    """End of the pickle, -1 when refused, None when the C walk is unavailable or not worth it."""
+    if type(data) is not bytes or len(data) - start < NATIVE_SCAN_MIN_BYTES:
+        return None  # an mmap (legacy files) has no address ctypes can take without a copy
+    scan = _native_scan()
+    return None if scan is None else scan(data, start)
+
+
 def scan_pickle(data: bytes | memoryview, start: int = 0, source: str = "pickle") -> int:
     """Validate the pickle starting at `start` and return the offset just past its STOP.
 
@@ -213,11 +250,15 @@ def scan_pickle(data: bytes | memoryview, start: int = 0, source: str = "pickle"
     pickle with no STOP, or one whose objects would take more than PICKLE_MEMORY_RATIO times its
     length (a flood of empty containers). Depth is bounded later, where objects are walked.
 
-    Ordinary pickles pass the regex-driven fast scan; anything it cannot vouch for (an odd
-    opcode, a memo index near the limit, a cost bound over budget) gets the exact opcode walk,
-    which also words the error.
+    Large pickles are walked in C (picklescan.c, the same walk as _scan_exact), others by the
+    regex-driven fast scan; anything those cannot vouch for (an odd opcode, a memo index near
+    the limit, a cost bound over budget) gets the exact opcode walk, which also words the error.
     """
-    end = _scan_fast(data, start)
+    end = _scan_native(data, start)
+    if end is None:
+        end = _scan_fast(data, start)
+    elif end < 0:
+        end = None  # refused: the exact walk says why
     return end if end is not None else _scan_exact(data, start, source)
 
 
