@@ -282,3 +282,25 @@ def test_stored_location_is_reported(tmp_path):
     ckpt = open_checkpoint(out)
     assert ckpt.tensor("w").location == "cuda:1"
     assert ckpt.totals().bytes_by_location == {"cuda:1": 12}
+
+
+def test_reading_leaves_no_archive_behind(tmp_path):
+    """`mscope summary` runs with gc disabled: a reference cycle through the storage table kept
+    the archive and its directory (100k entries in a big state_dict) alive to the end."""
+    import gc
+
+    from modelscope_tui.readers.ziparchive import ZipArchive
+
+    path = tmp_path / "sd.pt"
+    torch.save({f"l{i}.weight": torch.ones(2) * i for i in range(50)}, path)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        gc.collect()
+        ckpt = open_checkpoint(path)
+        alive = [o for o in gc.get_objects() if isinstance(o, ZipArchive)]
+    finally:
+        if enabled:
+            gc.enable()
+    assert alive == []
+    assert [s.data_offset is not None for s in {id(t.storage): t.storage for t in ckpt.tensors}.values()] == [True] * 50

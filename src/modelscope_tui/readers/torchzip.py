@@ -38,7 +38,8 @@ def is_torchscript(archive: ZipArchive, prefix: str) -> bool:
 
 
 class StorageTable:
-    """persistent_load for archive storages: one StorageRecord per key, shared by its tensors."""
+    """persistent_load for archive storages: one StorageRecord per key, shared by its tensors.
+    `locate()` then finds where each one's bytes are in the archive."""
 
     def __init__(self, path: Path, archive: ZipArchive | None, folder: str, byteorder: str = "little"):
         self.path = path
@@ -52,14 +53,10 @@ class StorageTable:
 
     def _loader(self) -> Callable[[Any], StorageRecord]:
         """persistent_load as a closure over locals: it runs once per tensor (100k times in a big
-        state_dict), and attribute lookups on self were half its cost."""
-        # No reference to self in here: the cycle would keep the archive's 100k directory
-        # entries alive for the rest of a one-shot command, which runs with gc disabled.
+        state_dict), and attribute lookups on self were half its cost. No reference to self in
+        here: the cycle would keep the archive alive for the rest of a gc-disabled command."""
         records = self.records
-        archive = self.archive
-        entries = archive.entries if archive is not None else None
-        folder, path, byteorder, problems = self.folder, self.path, self.byteorder, self.problems
-        itemsizes = DTYPE_ITEMSIZE
+        path, byteorder = self.path, self.byteorder
 
         def load(pid: Any) -> StorageRecord:
             if type(pid) is not tuple or len(pid) != 5 or pid[0] != "storage":
@@ -75,33 +72,39 @@ class StorageTable:
                 raise CorruptCheckpointError(f"unknown storage type {name[:80]}", path)
             if type(key) is not str or len(key) > 256 or type(numel) is not int or not 0 <= numel < 1 << 62:
                 raise CorruptCheckpointError(f"malformed storage reference {str(pid)[:80]}", path)
-            dtype = storage_type.dtype
-            entry = entries.get(folder + key) if entries is not None else None
+            record = records[key] = StorageRecord(
+                key, storage_type.dtype, numel, location[:64] if type(location) is str else "cpu", path,
+                None, None, False, byteorder,
+            )  # fmt: skip
+            return record
+
+        return load
+
+    def locate(self) -> None:
+        """Where each storage's bytes are: one pass over the records after unpickling, in the
+        archive's own order. Looking each one up inside persistent_load, between the unpickler's
+        allocations, took twice as long (cold directory entries). A storage whose member is
+        missing keeps data_offset None (check_storage_bounds reports it)."""
+        archive = self.archive
+        if archive is None:
+            return
+        entries, folder, itemsizes = archive.entries, self.folder, DTYPE_ITEMSIZE
+        for key, record in self.records.items():
+            entry = entries.get(folder + key)
             if entry is None:
-                record = StorageRecord(
-                    key, dtype, numel, location[:64] if type(location) is str else "cpu", path,
-                    None, None, False, byteorder,
-                )  # fmt: skip
-                records[key] = record
-                return record
+                continue
             start = entry.data_start
             if start is None:
                 start = archive.data_offset(entry)
             stored = entry.method == STORED
-            size = entry.compressed_size if not stored or entry.size > entry.compressed_size else entry.size
-            record = StorageRecord(
-                key, dtype, numel, location[:64] if type(location) is str else "cpu", path,
-                start, size, not stored, byteorder,
-            )  # fmt: skip
-            records[key] = record
-            if not stored and entry.size < numel * itemsizes.get(dtype, 1):
+            record.data_offset = start
+            record.data_size = entry.compressed_size if not stored or entry.size > entry.compressed_size else entry.size
+            record.compressed = not stored
+            if not stored and entry.size < record.numel * itemsizes.get(record.dtype, 1):
                 # the directory says what it inflates to
-                problems.append(
+                self.problems.append(
                     f"storage {key!r} inflates to {entry.size:,} bytes but declares {record.nbytes:,}"
                 )
-            return record
-
-        return load
 
 
 def read_torch_zip(path: Path, archive: ZipArchive) -> Checkpoint:
@@ -116,6 +119,7 @@ def read_torch_zip(path: Path, archive: ZipArchive) -> Checkpoint:
     storages = StorageTable(path, archive, f"{prefix}data/", byteorder)
     data = archive.read(f"{prefix}data.pkl", MAX_PICKLE_BYTES, verify=True)
     root, globals_, _ = safe_load(data, source=f"{path.name}:{prefix}data.pkl", persistent_load=storages.load)
+    storages.locate()
     ckpt = Checkpoint(path, "torch-zip", files=[path])
     ckpt.globals = globals_
     ckpt.metadata["archive_prefix"] = prefix.rstrip("/")
@@ -235,6 +239,7 @@ def read_torchscript(path: Path, archive: ZipArchive, prefix: str) -> Checkpoint
     root, globals_, _ = safe_load(
         data, source=f"{path.name}:{prefix}data.pkl", persistent_load=storages.load, known_schema=scripted
     )
+    storages.locate()
     ckpt = Checkpoint(path, "torchscript", kind="torchscript", files=[path])
     for ref in globals_:
         info = classes.get(ref.qualname)
@@ -248,6 +253,7 @@ def read_torchscript(path: Path, archive: ZipArchive, prefix: str) -> Checkpoint
             archive.read(const_name, MAX_PICKLE_BYTES, verify=True), source=f"{path.name}:{const_name}",
             persistent_load=const_storages.load, known_schema=scripted,
         )  # fmt: skip
+        const_storages.locate()
         ckpt.globals.extend(const_globals)
         walker = Walker(ckpt)
         if isinstance(constants, tuple):
