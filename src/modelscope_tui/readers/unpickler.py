@@ -515,10 +515,12 @@ class TensorRef(TensorRecord):
     ):
         self.name = None
         self.storage = storage
+        numel = 1  # the walker needs it when it claims this record
         if type(shape) is tuple and type(stride) is tuple and len(shape) == len(stride) <= MAX_DIMS:
             for value in shape:  # inline: this runs once per tensor, 100k times in a big file
                 if type(value) is not int or not 0 <= value < MAX_DIM:
                     raise UnsafePickleError(f"tensor has an invalid shape {_short(shape)}")
+                numel *= value
             for value in stride:
                 if type(value) is not int or not 0 <= value < MAX_DIM:
                     raise UnsafePickleError(f"tensor has an invalid stride {_short(stride)}")
@@ -527,6 +529,9 @@ class TensorRef(TensorRecord):
             stride = _check_dims(stride, "stride") if stride is not None else _contiguous(shape)
             if len(stride) != len(shape):
                 raise UnsafePickleError(f"tensor stride {stride} does not match its shape {shape}")
+            for value in shape:
+                numel *= value
+        self.numel = numel
         self.shape = shape
         self.stride = stride
         if type(offset) is not int or not 0 <= offset < MAX_DIM:

@@ -6,7 +6,6 @@ and lists everything else as sections of tensors and plain entries.
 
 from __future__ import annotations
 
-import math
 import struct
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -14,7 +13,9 @@ from typing import Any
 
 from ..checkpoint import (
     BUFFER,
+    BUFFER_LEAF_NAMES,
     DTYPE_ITEMSIZE,
+    GRAD_DTYPES,
     PARAMETER,
     TENSOR,
     Checkpoint,
@@ -22,7 +23,6 @@ from ..checkpoint import (
     ModuleNode,
     StorageRecord,
     TensorRecord,
-    infer_kind,
 )
 from .unpickler import Device, DType, Inert, StorageType, TensorRef
 
@@ -149,6 +149,7 @@ class Walker:
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
         self.entry_overflow = 0
+        self._append_tensor = ckpt.tensors.append
 
     # -- public --------------------------------------------------------------------------------
     def walk_root(self, root: Any) -> None:
@@ -280,8 +281,8 @@ class Walker:
         if kind is None:
             if ref.is_parameter:
                 kind, from_file = PARAMETER, True
-            elif section == "":
-                kind = infer_kind(name, dtype)
+            elif section == "":  # infer_kind, inline (once per tensor)
+                kind = BUFFER if name.rpartition(".")[2] in BUFFER_LEAF_NAMES or dtype not in GRAD_DTYPES else PARAMETER
                 if ref.requires_grad and kind == PARAMETER:
                     from_file = True
             else:
@@ -300,8 +301,7 @@ class Walker:
             record.note = note
             record.tied_to = None
             record.alias_of = None
-            record.numel = numel = math.prod(ref.shape)
-            record.nbytes = numel * DTYPE_ITEMSIZE.get(dtype, 1)
+            record.nbytes = ref.numel * DTYPE_ITEMSIZE.get(dtype, 1)  # TensorRef counted numel
         else:  # the pickle refers to one tensor twice (tied parameters of a full module)
             # Positional: keyword arguments double the cost of this call.
             record = TensorRecord(
@@ -322,7 +322,7 @@ class Walker:
                 None,  # alias_of
                 ref.pickle_seq,
             )
-        self.ckpt.tensors.append(record)
+        self._append_tensor(record)
         return record
 
     # -- nn.Module pickles ---------------------------------------------------------------------
