@@ -66,4 +66,6 @@ class CustomBuildHook(BuildHookInterface):
             return
         build_data["force_include"][str(built)] = f"modelscope_tui/{LIBRARY.name}"
         build_data["pure_python"] = False
-        build_data["infer_tag"] = True
+        # Plain C behind ctypes: any Python 3 on this platform can load it (not cp311-cp311).
+        platform = sysconfig.get_platform().replace("-", "_").replace(".", "_")
+        build_data["tag"] = f"py3-none-{platform}"
