@@ -134,12 +134,13 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "open":
         if not os.path.exists(args.file):
             raise MscopeError("no such file or directory", args.file)
+        if args.interval <= 0:
+            raise MscopeError("--interval must be more than 0 seconds")
+        gc.disable()  # until the first paint (MscopeApp._resume_gc)
         prefetch = _prefetch(args.file)  # parse while Textual imports (the first paint waits on both)
         from .tui.app import run_app
 
-        if args.interval <= 0:
-            raise MscopeError("--interval must be more than 0 seconds")
-        code, line = run_app(args.file, gpu_interval=args.interval, prefetch=prefetch)
+        code, line = run_app(args.file, gpu_interval=args.interval, prefetch=prefetch, gc_paused=True)
         if line:
             _error(line)
         return code
@@ -214,6 +215,7 @@ def run_diff_explorer(args: argparse.Namespace) -> int:
 
         load_plan(args.plan)  # a bad plan fails before the explorer starts
     # Both files parse while Textual imports; like the text diff, damaged files still compare.
+    gc.disable()  # until the first paint (MscopeApp._resume_gc)
     prefetch_b = _prefetch(args.file_b, strict=False)
     prefetch_a = _prefetch(args.file_a, strict=False)
     from .tui.app import run_app
@@ -223,6 +225,7 @@ def run_diff_explorer(args: argparse.Namespace) -> int:
         prefetch=prefetch_b,
         compare=args.file_a,
         compare_prefetch=prefetch_a,
+        gc_paused=True,
         atol=args.atol,
         rtol=args.rtol,
         plan=args.plan,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import gc
 import os
 import threading
 from collections.abc import Iterable
@@ -182,6 +183,7 @@ class MscopeApp(App[int]):
         self.error_line: str | None = None
         self.filter_text = ""
         self.exit_after_paint = bool(os.environ.get(EXIT_AFTER_PAINT_ENV))
+        self.resume_gc_after_paint = False  # run_app sets it when the command paused gc at start
 
     # -- layout --------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -222,7 +224,18 @@ class MscopeApp(App[int]):
 
     def _failed(self, line: str) -> None:
         self.error_line = line
+        self._resume_gc()
         self.exit(return_code=2)
+
+    def _resume_gc(self) -> None:
+        """The `mscope` command starts with gc off, and the app turns it on after the first
+        paint. What start-up built (Textual's widgets and styles, the whole checkpoint: 600k
+        objects for a 100k-tensor file) lives as long as the app, so it is frozen out of later
+        collections first: each full collection over it was a 0.15 s stall in the explorer."""
+        if self.resume_gc_after_paint:
+            self.resume_gc_after_paint = False
+            gc.freeze()
+            gc.enable()
 
     def _loaded(self, ckpt: Checkpoint) -> None:
         self.session = Session(ckpt)
@@ -239,6 +252,7 @@ class MscopeApp(App[int]):
                 severity="error",
                 timeout=10,
             )
+        self.call_after_refresh(self._resume_gc)
         if self.exit_after_paint:
             self.call_after_refresh(self._painted)
         if self.compare_path is not None:
@@ -1349,14 +1363,22 @@ class _Named:
         self.children: dict = {}
 
 
-def run_app(path: str | os.PathLike, gpu_interval: float = 1.0, prefetch=None, **diff) -> tuple[int, str | None]:
-    """Run the explorer; returns (exit code, one-line error or None).
+def run_app(
+    path: str | os.PathLike, gpu_interval: float = 1.0, prefetch=None, gc_paused: bool = False, **diff
+) -> tuple[int, str | None]:
+    """Run the explorer; returns (exit code, one-line error or None). gc_paused: the caller
+    disabled gc at start-up; the app freezes what it built and turns gc on after the first paint.
 
     diff: `compare` (A, the baseline; the explorer opens in diff mode), `atol`, `rtol`, `plan`,
     `compare_prefetch`. The exit code is then the diff's (1 when a frozen parameter of the plan
     moved, or the comparison was stopped), as for `mscope diff` without the explorer."""
     app = MscopeApp(path, gpu_interval=gpu_interval, prefetch=prefetch, **diff)
-    app.run()
+    app.resume_gc_after_paint = gc_paused
+    try:
+        app.run()
+    finally:
+        if gc_paused and not gc.isenabled():
+            gc.enable()
     if app.error_line:
         return 2, app.error_line
     code = app.return_code or 0
