@@ -118,3 +118,25 @@ def test_output_cut_short_by_a_pipe_exits_quietly(tmp_path):
     assert result.stdout.splitlines()[0].startswith("many.pt")
     assert result.stdout.splitlines()[-1] == "rc=0"
     assert result.stderr == ""
+
+
+def test_text_summary_folds_long_runs_of_modules(tmp_path):
+    """Past AUTO_DEPTH_TENSORS the report picks depth 2 itself; one module with 500 children
+    must not print 500 rows (10,000 blocks took 11 s of table layout): 24, then one row with
+    the rest's totals. An asked-for --depth still lists every module."""
+    sd = {f"layers.{i}.{leaf}": torch.zeros(3) for i in range(500) for leaf in ("weight", "bias")}
+    sd["head.weight"] = torch.zeros(7)
+    path = tmp_path / "wide.pt"
+    torch.save(sd, path)
+    text = mscope("summary", str(path)).stdout
+    lines = text.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    rows = [line.split() for line in lines]
+    assert ["│", "├─", "23", "yes", "6", "24", "B"] in rows
+    assert not any(row[:3] == ["│", "├─", "24"] for row in rows)
+    assert ["│", "└─", "…", "476", "more", "(24", "…", "499)", "yes", "2.9K", "11.2", "KB"] in rows
+    assert ["└─", "head", "yes", "7", "28", "B"] in rows  # the module after the folded run
+    assert "trainable params: 3,007 || all params: 3,007" in text
+    asked = mscope("summary", "--depth", "2", str(path)).stdout.splitlines()
+    assert not any("more (" in line for line in asked)
+    assert ["│", "└─", "499", "yes", "6", "24", "B"] in [line.split() for line in asked]

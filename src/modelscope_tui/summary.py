@@ -7,7 +7,7 @@ import itertools
 import json
 from collections.abc import Iterator
 from json.encoder import encode_basestring_ascii as _enc
-from typing import Any
+from typing import Any, NamedTuple
 
 from .checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord
 from .readers import FORMAT_LABELS
@@ -16,6 +16,7 @@ from .units import fmt_bytes, fmt_count
 SCHEMA = "mscope.summary"
 SCHEMA_VERSION = 1
 AUTO_DEPTH_TENSORS = 400  # above this many tensors the text report stops listing every tensor
+AUTO_MAX_CHILDREN = 24  # ...and lists at most this many children of one module, then one "more" row
 
 
 def matches(name: str, pattern: str | None) -> bool:
@@ -315,8 +316,11 @@ def render_summary(ckpt: Checkpoint, console: Any, depth: int | None = None, pat
     console.print(f"{totals.tensors:,} tensors · {fmt_bytes(totals.nbytes)} · {dtypes}")
 
     show_tensors = depth is None and (pattern is not None or totals.tensors <= AUTO_DEPTH_TENSORS)
+    max_children = None
     if depth is None and not show_tensors:
-        depth = 2
+        # A chosen depth, not an asked-for one: 10,000 blocks under one module would print
+        # 10,000 rows (11 s of table layout) that nobody reads.
+        depth, max_children = 2, AUTO_MAX_CHILDREN
     table = Table(box=None, pad_edge=False, show_edge=False, expand=False, header_style="bold")
     table.add_column("Module / tensor", overflow="ellipsis", no_wrap=True, max_width=34)
     table.add_column("Shape", overflow="ellipsis", no_wrap=True, max_width=16)
@@ -325,7 +329,14 @@ def render_summary(ckpt: Checkpoint, console: Any, depth: int | None = None, pat
     table.add_column("Params", justify="right", no_wrap=True)
     table.add_column("Bytes", justify="right", no_wrap=True)
 
-    for node, prefix, level in _visible_nodes(ckpt.tree, depth, pattern):
+    for node, prefix, level in _visible_nodes(ckpt.tree, depth, pattern, max_children):
+        if isinstance(node, _Folded):
+            table.add_row(
+                Text(f"{prefix}… {node.count:,} more ({node.first} … {node.last})", style="dim"),
+                "", "", _module_mark(node.trainable, node.params), fmt_count(node.params) if node.params else "-",
+                fmt_bytes(node.nbytes),
+            )  # fmt: skip
+            continue
         stats = node.stats
         if node.name or node.class_path or node.children:
             name = node.short_name or "(root)"
@@ -355,7 +366,7 @@ def render_summary(ckpt: Checkpoint, console: Any, depth: int | None = None, pat
                 )
     console.print(table)
     if not show_tensors:
-        console.print(f"[dim]{totals.tensors:,} tensors; showing modules to depth {depth} (--depth N, --filter GLOB to see tensors)[/]")
+        console.print(f"[dim]{totals.tensors:,} tensors; modules to depth {depth} (--depth N or --filter GLOB shows more)[/]")
     console.print(f"[bold]{totals_line(ckpt)}[/]")
     if totals.buffers:
         console.print(f"buffers and other tensors: {totals.buffers:,} elements")
@@ -441,15 +452,37 @@ def _child_prefix(prefix: str, node_has_row: bool) -> str:
     return prefix.replace("├─ ", "│  ").replace("└─ ", "   ") + "  " if node_has_row else prefix
 
 
-def _visible_nodes(root: ModuleNode, depth: int | None, pattern: str | None):
-    """(node, tree prefix, level) in display order, depth-limited and filtered, no recursion."""
-    stack: list[tuple[ModuleNode, str, int]] = [(root, "", 0)]
+class _Folded(NamedTuple):
+    """Children of one module past the report's limit, as one row with their totals."""
+
+    first: str
+    last: str
+    count: int
+    params: int
+    trainable: int
+    nbytes: int
+
+
+def _folded(children: list[ModuleNode]) -> _Folded:
+    stats = [c.stats for c in children]
+    return _Folded(
+        children[0].short_name, children[-1].short_name, len(children), sum(s.params for s in stats),
+        sum(s.trainable for s in stats), sum(s.nbytes for s in stats),
+    )  # fmt: skip
+
+
+def _visible_nodes(root: ModuleNode, depth: int | None, pattern: str | None, max_children: int | None = None):
+    """(node, tree prefix, level) in display order, depth-limited and filtered, no recursion.
+    Past max_children children of one module, the rest come as one _Folded row."""
+    stack: list[tuple[ModuleNode | _Folded, str, int]] = [(root, "", 0)]
     while stack:
         node, prefix, level = stack.pop()
         yield node, prefix, level
-        if depth is not None and level >= depth:
+        if isinstance(node, _Folded) or (depth is not None and level >= depth):
             continue
-        children = [c for c in node.children.values() if pattern is None or any(matches(t.name, pattern) for t in c.all_tensors())]
+        children: list = [c for c in node.children.values() if pattern is None or any(matches(t.name, pattern) for t in c.all_tensors())]
+        if max_children is not None and len(children) > max_children:
+            children = [*children[:max_children], _folded(children[max_children:])]
         base = prefix.replace("├─ ", "│  ").replace("└─ ", "   ")
         items = []
         for i, child in enumerate(children):
