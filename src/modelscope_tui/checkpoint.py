@@ -572,6 +572,6 @@ class Checkpoint:
 
 def infer_kind(name: str, dtype: str) -> str:
     """Parameter or buffer for a state_dict entry, from its name and dtype."""
-    if name.rpartition(".")[2] in BUFFER_LEAF_NAMES or (dtype not in FLOATING_DTYPES and dtype not in COMPLEX_DTYPES):
+    if name.rpartition(".")[2] in BUFFER_LEAF_NAMES or dtype not in GRAD_DTYPES:
         return BUFFER
     return PARAMETER

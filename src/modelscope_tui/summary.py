@@ -232,7 +232,7 @@ def _modules_json(nodes: Iterator[ModuleNode]) -> Iterator[str]:
     enc = _enc
     implied = '"class":null,"training":null,"attributes":{}'  # every module implied by names
     for node in nodes:
-        stats = node._stats if node._stats is not None else node.stats
+        stats = node.stats
         if node.class_path is None and node.training is None and not node.attributes:
             middle = implied
         else:

@@ -9,7 +9,6 @@ from typing import Any
 
 from ..checkpoint import (
     BUFFER,
-    DTYPE_ITEMSIZE,
     PARAMETER,
     TENSOR,
     Checkpoint,
@@ -88,7 +87,7 @@ class StorageTable:
         archive = self.archive
         if archive is None:
             return
-        entries, folder, itemsizes = archive.entries, self.folder, DTYPE_ITEMSIZE
+        entries, folder = archive.entries, self.folder
         for key, record in self.records.items():
             entry = entries.get(folder + key)
             if entry is None:
@@ -100,7 +99,7 @@ class StorageTable:
             record.data_offset = start
             record.data_size = entry.compressed_size if not stored or entry.size > entry.compressed_size else entry.size
             record.compressed = not stored
-            if not stored and entry.size < record.numel * itemsizes.get(record.dtype, 1):
+            if not stored and entry.size < record.nbytes:
                 # the directory says what it inflates to
                 self.problems.append(
                     f"storage {key!r} inflates to {entry.size:,} bytes but declares {record.nbytes:,}"

@@ -13,9 +13,7 @@ from typing import Any
 
 from ..checkpoint import (
     BUFFER,
-    BUFFER_LEAF_NAMES,
     DTYPE_ITEMSIZE,
-    GRAD_DTYPES,
     PARAMETER,
     TENSOR,
     Checkpoint,
@@ -23,6 +21,7 @@ from ..checkpoint import (
     ModuleNode,
     StorageRecord,
     TensorRecord,
+    infer_kind,
 )
 from .unpickler import Device, DType, Inert, StorageType, TensorRef
 
@@ -281,8 +280,8 @@ class Walker:
         if kind is None:
             if ref.is_parameter:
                 kind, from_file = PARAMETER, True
-            elif section == "":  # infer_kind, inline (once per tensor)
-                kind = BUFFER if name.rpartition(".")[2] in BUFFER_LEAF_NAMES or dtype not in GRAD_DTYPES else PARAMETER
+            elif section == "":
+                kind = infer_kind(name, dtype)
                 if ref.requires_grad and kind == PARAMETER:
                     from_file = True
             else:
