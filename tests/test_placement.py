@@ -91,3 +91,34 @@ def test_device_list_explains_missing_accelerators():
     if not torch.cuda.is_available():
         cuda = devices["cuda"]
         assert not cuda.available and cuda.reason
+
+
+def test_failed_move_frees_what_it_copied_even_while_the_error_is_kept(monkeypatch):
+    """The error's traceback kept the copied tensors (and so their device
+    memory) alive for as long as anyone held the error, e.g. the explorer showing it."""
+    import gc
+
+    ckpt = open_checkpoint(SAMPLES / "cnn_state_dict.pt")
+    placement = Placement(ckpt)
+    copied: list[int] = []
+    real = placement_mod._transfer
+
+    def flaky(host, target):
+        if len(copied) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        out = real(host, target)
+        copied.append(out.untyped_storage().data_ptr())
+        return out
+
+    monkeypatch.setattr(placement_mod, "_transfer", flaky)
+    with pytest.raises(PlacementError) as info:
+        placement.move([t.name for t in ckpt.model_tensors], "cpu")
+    kept = info.value  # held, as a UI holds the error it shows
+    gc.collect()
+    alive = [
+        o
+        for o in gc.get_objects()
+        if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in copied
+    ]
+    assert len(copied) == 2 and not alive, f"{len(alive)} copied tensor(s) outlived the rollback"
+    assert "needed" in kept.line()

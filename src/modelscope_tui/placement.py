@@ -8,6 +8,7 @@ any error, or a cancel rolls back to the previous placement and frees what was a
 from __future__ import annotations
 
 import threading
+import traceback
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -74,9 +75,6 @@ class Placement:
         cancel: threading.Event | None = None,
     ) -> MoveResult:
         """Put the named model tensors on `device` (all or nothing)."""
-
-        from .tensordata import TensorData
-
         records = [self.ckpt.tensor(n) for n in dict.fromkeys(names)]
         records = [r for r in records if r is not None and self.device.get(r.name) != device]
         if not records:
@@ -86,30 +84,22 @@ class Placement:
         for r in records:
             groups[id(r.storage)].append(r)
         total = sum(g[0].storage.nbytes if g[0].storage is not None else g[0].nbytes for g in groups.values())
-        created: dict[str, Any] = {}
-        done = 0
         try:
-            with TensorData() as data:
-                for group in groups.values():
-                    if cancel is not None and cancel.is_set():
-                        created.clear()
-                        _release(target)
-                        return MoveResult(0, 0, device, cancelled=True, message="move cancelled; nothing changed")
-                    for name, tensor in self._materialise(data, group, target).items():
-                        created[name] = tensor
-                    done += group[0].storage.nbytes if group[0].storage is not None else group[0].nbytes
-                    if progress is not None:
-                        progress(done, total)
-        except MscopeError:
-            created.clear()
+            created = self._materialise_all(groups, target, total, progress, cancel)
+        except (MscopeError, RuntimeError, MemoryError) as exc:
+            # The traceback's frames hold what was already copied (loop variables, the failing
+            # group's buffers): a caller that keeps the error (a TUI worker, a log) would keep
+            # that device memory alive. Clear them before giving the cached blocks back.
+            traceback.clear_frames(exc.__traceback__.tb_next if exc.__traceback__ else None)
             _release(target)
-            raise
-        except (RuntimeError, MemoryError) as exc:
-            created.clear()
-            _release(target)
+            if isinstance(exc, MscopeError):
+                raise
             if _is_oom(exc):
                 raise PlacementError(_oom_message(device, total, target)) from exc
             raise PlacementError(f"moving to {device} failed: {str(exc).splitlines()[0][:200]}") from exc
+        if created is None:
+            _release(target)
+            return MoveResult(0, 0, device, cancelled=True, message="move cancelled; nothing changed")
         with self._lock:
             for name, tensor in created.items():
                 self.tensors[name] = tensor
@@ -117,6 +107,22 @@ class Placement:
         if target.type not in ("cpu", "meta"):
             _release(target)  # drop the previous copies' cached blocks
         return MoveResult(len(created), total, device, message=f"moved {len(created):,} tensor(s), {fmt_bytes(total)} to {device}")
+
+    def _materialise_all(self, groups, target, total, progress, cancel) -> dict[str, Any] | None:
+        """Every group onto the target; None when cancelled (what was copied is dropped)."""
+        from .tensordata import TensorData
+
+        created: dict[str, Any] = {}
+        done = 0
+        with TensorData() as data:
+            for group in groups.values():
+                if cancel is not None and cancel.is_set():
+                    return None
+                created.update(self._materialise(data, group, target))
+                done += group[0].storage.nbytes if group[0].storage is not None else group[0].nbytes
+                if progress is not None:
+                    progress(done, total)
+        return created
 
     def release(self, names: Iterable[str] | None = None) -> None:
         """Forget materialised tensors (back to the file)."""
