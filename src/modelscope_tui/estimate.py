@@ -12,8 +12,10 @@ they reproduce):
 - optimizer states: trainable parameters only, `states` tensors of the optimizer per parameter.
 
 Tied parameters (one storage under two names) count once; frozen parameters need no gradient,
-master copy or optimizer state. Activations, the CUDA context, allocator fragmentation and
-temporary buffers are not included: the estimate is a floor, and its notes say so.
+master copy or optimizer state. `total` is what a step leaves allocated; `peak` adds what the
+optimizer step allocates and frees (measured on an H200, docs/memory-estimate.md), and is what
+must fit. Activations, the CUDA context and allocator fragmentation are not included: the
+estimate is a floor, and its notes say so.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from .checkpoint import (
     can_require_grad,
 )
 from .errors import MscopeError
-from .units import fmt_bytes, fmt_count
+from .units import fmt_bytes, fmt_bytes_short, fmt_count
 
 if TYPE_CHECKING:
     from .session import Session
@@ -138,6 +140,12 @@ PRECISIONS: dict[str, Precision] = {
 # Optimizer states per trainable parameter; "none" means inference: no grads, no states.
 OPTIMIZERS: dict[str, int] = {"adamw": 2, "adam": 2, "sgd-momentum": 1, "sgd": 0, "none": 0}
 
+# Temporaries of torch's default optimizer step on CUDA (the foreach implementation), per
+# trainable parameter, in the state dtype: Adam/AdamW build sqrt(exp_avg_sq) for every parameter
+# at once; SGD works in place. Measured on an H200 with torch 2.11 (docs/memory-estimate.md):
+# the step peaks at exactly this much above the model states; `fused=True` needs none of it.
+STEP_TEMPORARIES: dict[str, int] = {"adamw": 1, "adam": 1, "sgd-momentum": 0, "sgd": 0, "none": 0}
+
 ACTIVATIONS_NOTE = "activations are not included (they grow with batch and sequence length)"
 OVERHEAD_NOTE = (
     "the CUDA context, allocator fragmentation and temporary buffers are not included either"
@@ -158,10 +166,17 @@ class MemoryEstimate:
     trainable: int  # trainable parameter elements
     buffers: int  # elements of buffers and plain tensors
     notes: tuple[str, ...] = ()
+    step_scratch: int = 0  # freed again after the optimizer step (see STEP_TEMPORARIES)
 
     @property
     def total(self) -> int:
+        """What stays allocated between steps (weights, grads, master copy, states)."""
         return self.weights + self.gradients + self.master_weights + self.optimizer_states
+
+    @property
+    def peak(self) -> int:
+        """The most the optimizer step holds at once: what must fit on the GPU."""
+        return self.total + self.step_scratch
 
     @property
     def training(self) -> bool:
@@ -253,6 +268,21 @@ def _tensor_bytes(
     return weights, grads, master, optim
 
 
+def _step_scratch(
+    numel: int, dtype: str, grads: int, master: int, spec: Precision, optimizer: str
+) -> int:
+    """Bytes the optimizer step allocates and frees for one group of trainable tensors."""
+    if not grads:  # frozen, inference, or a buffer
+        return 0
+    temporaries = STEP_TEMPORARIES[optimizer]
+    if master:  # the step runs on the fp32 copy, with fp32 gradients made for it
+        return master + temporaries * master
+    state_size = (
+        _itemsize(spec.states) if spec.states and dtype in FLOATING_DTYPES else _itemsize(dtype)
+    )
+    return temporaries * numel * state_size
+
+
 # An inventory is the model reduced to what the estimate needs: element counts per
 # (dtype, trainable, is_parameter). Building it once makes every estimate O(#dtypes).
 Inventory = Counter
@@ -292,7 +322,7 @@ def estimate(
         for numel, dtype, trainable, is_param in params:
             counts[(dtype, bool(trainable and is_param), bool(is_param))] += int(numel)
     training = optimizer != "none"
-    weights = grads = master = optim = 0
+    weights = grads = master = optim = scratch = 0
     n_params = n_trainable = n_buffers = 0
     cast_from: set[str] = set()
     complex_kept = False
@@ -303,6 +333,7 @@ def estimate(
         grads += g
         master += m
         optim += o
+        scratch += _step_scratch(numel, dtype, g, m, spec, optimizer)
         if is_param:
             n_params += numel
             n_trainable += numel if trainable else 0
@@ -324,6 +355,21 @@ def estimate(
         notes.append("nothing is trainable: no gradients or optimizer states")
     if precision == "amp" and training:
         notes.append("autocast's half-precision copies of weights are transient (not counted)")
+    if scratch:
+        notes.append(
+            f"the optimizer step briefly needs {fmt_bytes(scratch)} more (step peak"
+            f" {fmt_bytes(weights + grads + master + optim + scratch)}): "
+            + "; ".join(
+                (
+                    [
+                        f"torch's default {optimizer} step makes one temporary per parameter (fused=True avoids it)"
+                    ]
+                    if STEP_TEMPORARIES[optimizer]
+                    else []
+                )
+                + (["fp32 gradients for the master weights"] if spec.master else [])
+            )
+        )
     if precision == "fp16" and training and n_trainable:
         notes.append("pure fp16 training (fp16 optimizer states) is numerically fragile")
     return MemoryEstimate(
@@ -337,6 +383,7 @@ def estimate(
         trainable=n_trainable,
         buffers=n_buffers,
         notes=tuple(notes),
+        step_scratch=scratch,
     )
 
 
@@ -360,8 +407,8 @@ def estimate_table(
 
 
 def fits(estimate: MemoryEstimate | int, free_bytes: int) -> tuple[bool, int]:
-    """(fits, headroom): headroom = free - needed, negative when it does not fit."""
-    needed = estimate if isinstance(estimate, int) else estimate.total
+    """(fits, headroom): headroom = free - needed (the step peak), negative when it does not fit."""
+    needed = estimate if isinstance(estimate, int) else estimate.peak
     headroom = int(free_bytes) - needed
     return headroom >= 0, headroom
 
@@ -393,6 +440,8 @@ def panel_lines(
     for label, nbytes in long_parts if fits_long else est.components(short=True):
         lines.append(_row(label, fmt_bytes(nbytes), width))
     lines.append(_row("total", fmt_bytes(est.total), width))
+    if est.step_scratch:
+        lines.append(_row("step peak", fmt_bytes(est.peak), width))
     if free_bytes is not None:
         lines.append(_row("free", fmt_bytes(free_bytes), width))
         lines.append(fit_line(est, free_bytes)[:width])
@@ -409,6 +458,8 @@ def render_text(est: MemoryEstimate, free_bytes: int | None = None) -> str:
     for label, nbytes in est.components():
         lines.append(f"  {label:<28} {fmt_bytes(nbytes):>12}  {nbytes:>18,} B")
     lines.append(f"  {'total':<28} {fmt_bytes(est.total):>12}  {est.total:>18,} B")
+    if est.step_scratch:
+        lines.append(f"  {'peak during the step':<28} {fmt_bytes(est.peak):>12}  {est.peak:>18,} B")
     pct = 100.0 * est.trainable / est.parameters if est.parameters else 0.0
     lines.append(f"  trainable {est.trainable:,} of {est.parameters:,} parameters ({pct:.1f}%)")
     if est.buffers:
@@ -421,10 +472,11 @@ def render_text(est: MemoryEstimate, free_bytes: int | None = None) -> str:
 
 
 TABLE_FOOTER = (
-    "model states only: activations (batch x sequence length), the CUDA context and",
-    "allocator overhead are not included",
+    "total: held between steps; peak: during the optimizer step (torch's default Adam",
+    "makes one temporary per parameter). Model states only: activations (batch x",
+    "sequence length), the CUDA context and allocator overhead are not included",
 )
-TABLE_HEADER = ("precision", "optimizer", "weights", "grads", "master", "optim", "total")
+TABLE_HEADER = ("precision", "optimizer", "weights", "grads", "master", "optim", "total", "peak")
 
 
 def render_table(rows: Sequence[MemoryEstimate], free_bytes: int | None = None) -> str:
@@ -435,11 +487,12 @@ def render_table(rows: Sequence[MemoryEstimate], free_bytes: int | None = None) 
         cells = [
             est.precision,
             est.optimizer,
-            fmt_bytes(est.weights),
+            fmt_bytes_short(est.weights),
             _dash(est.gradients),
             _dash(est.master_weights),
             _dash(est.optimizer_states),
-            fmt_bytes(est.total),
+            fmt_bytes_short(est.total),
+            fmt_bytes_short(est.peak),
         ]
         if free_bytes is not None:
             cells.append("yes" if fits(est, free_bytes)[0] else "no")
@@ -453,9 +506,9 @@ def render_table(rows: Sequence[MemoryEstimate], free_bytes: int | None = None) 
         out.append("  ".join(parts).rstrip())
     notes = list(TABLE_FOOTER)
     if free_bytes is not None:
-        notes.insert(0, f"fits: against {fmt_bytes(free_bytes)} free")
+        notes.insert(0, f"fits: the peak against {fmt_bytes(free_bytes)} free")
     return "\n".join(out + notes)
 
 
 def _dash(nbytes: int) -> str:
-    return fmt_bytes(nbytes) if nbytes else "-"
+    return fmt_bytes_short(nbytes) if nbytes else "-"

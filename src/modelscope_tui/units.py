@@ -17,3 +17,13 @@ def fmt_count(n: int) -> str:
         if n >= div:
             return f"{n / div:.1f}{unit}"
     return str(n)
+
+
+def fmt_bytes_short(n: int) -> str:
+    """fmt_bytes with two or three significant digits, for narrow tables: `413 MB`, `85 KB`,
+    `1.6 GB`."""
+    text = fmt_bytes(n)
+    number, _, unit = text.partition(" ")
+    if unit != "B" and float(number) >= 10:
+        return f"{float(number):.0f} {unit}"
+    return text

@@ -854,7 +854,7 @@ class MscopeApp(App[int]):
             return
         from rich.text import Text as _Text
 
-        from ..estimate import fit_line, panel_lines
+        from ..estimate import fit_line, fits, panel_lines
 
         if recompute or self._estimate is None:
             # O(tensors): computed on a thread so a freeze of 50k tensors repaints at once.
@@ -880,7 +880,7 @@ class MscopeApp(App[int]):
         lines = [_Text(line) for line in panel_lines(est, None, width=width)]
         for g in gpus:
             fit = f"GPU{g.nvml_index}: " + fit_line(est, g.memory_free)
-            lines.append(_Text(fit[:width], style="green" if g.memory_free >= est.total else "red"))
+            lines.append(_Text(fit[:width], style="green" if fits(est, g.memory_free)[0] else "red"))
         lines.append(_Text("t / T: precision / optimizer"[:width], style="dim"))
         panel.estimate_lines = lines
         if self.placement is not None and self.placement.device:
