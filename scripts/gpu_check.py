@@ -820,12 +820,13 @@ def check_estimate(path: Path) -> None:
                         )["step_peak"]
                     except (RuntimeError, TypeError, ValueError) as exc:
                         report(None, f"fused {optimizer} unavailable: {exc}")
+                row["estimate_peak"] = est.peak
                 rows.append(row)
                 err_steady = (m["steady"] - est.total) / est.total * 100
-                err_peak = (m["step_peak"] - est.total) / est.total * 100 if m["step_peak"] else 0.0
+                err_peak = (m["step_peak"] - est.peak) / est.peak * 100 if m["step_peak"] else 0.0
                 report(
                     None,
-                    f"estimate {label:9} {precision:10} {optimizer:12} est {est.total / GiB:6.2f} GiB | after step"
+                    f"estimate {label:9} {precision:10} {optimizer:12} est {est.total / GiB:6.2f} / peak {est.peak / GiB:6.2f} GiB | after step"
                     f" {m['steady'] / GiB:6.2f} GiB ({err_steady:+5.1f}%) | step peak {m['step_peak'] / GiB:6.2f} GiB ({err_peak:+5.1f}%)"
                     f" | fwd+bwd peak {m['fwd_bwd_peak'] / GiB:6.2f} GiB"
                     + (
@@ -835,6 +836,12 @@ def check_estimate(path: Path) -> None:
                     ),
                 )
     results["estimate_rows"] = rows
+    trained = [r for r in rows if r["optimizer"] != "none"]
+    worst_peak = max(abs(r["step_peak"] - r["estimate_peak"]) / r["estimate_peak"] for r in trained)
+    report(
+        worst_peak <= 0.10,
+        f"estimate peak vs the optimizer step's peak: worst error {worst_peak * 100:.1f}% over {len(trained)} training rows",
+    )
     worst = max(abs(r["steady"] - r["estimate"]) / r["estimate"] for r in rows)
     report(
         worst <= 0.10,
