@@ -230,3 +230,42 @@ async def test_cast_copy_and_cpu_copy_from_the_explorer(tmp_path):
     assert out["features.0.weight"].dtype == torch.bfloat16
     assert torch.equal(out["features.0.weight"], ref["features.0.weight"].to(torch.bfloat16))
     assert out["features.1.num_batches_tracked"].dtype == torch.int64
+
+
+async def test_idle_gpu_costs_no_repaints(monkeypatch):
+    """Seen on a real H200: an idle GPU reports the same figures tick after tick, and repainting
+    the panel anyway (a compositor pass each time) put the idle explorer at 1-2% of a core.
+    Once the sparkline is full, ticks that change nothing on screen must not repaint."""
+    import time
+
+    from modelscope_tui import gpu as gpu_mod
+
+    class StillBackend(SimulatedBackend):
+        def sample(self):
+            if not hasattr(self, "_first"):
+                self._first = super().sample()
+            return dataclasses.replace(self._first, timestamp=time.time())
+
+    monkeypatch.setattr(
+        gpu_mod.GpuMonitor,
+        "from_env",
+        classmethod(lambda cls, env=None, **kw: cls(StillBackend(1, seed=0), **kw)),
+    )
+    app = MscopeApp(SAMPLES / "transformer_tied.pt", gpu_interval=0.02, show_gpus=True)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await started(pilot)
+        panel = app.query_one("#gpu-panel", GpuPanel)
+        width = panel.size.width
+        await wait_for_sample(pilot)
+        while len(app.monitor.memory_history(0)) < width + 5:  # the sparkline is full
+            await pilot.pause(0.05)
+        repaints = []
+        monkeypatch.setattr(panel, "refresh", lambda *a, **k: repaints.append(1))
+        ticks = app.monitor.ticks
+        while app.monitor.ticks < ticks + 20:
+            await pilot.pause(0.05)
+        assert not repaints, f"{len(repaints)} repaints in 20 idle ticks"
+        # a change on screen still repaints at once
+        panel.placement_line = "placed: cuda:0 1.0 GB"
+        panel.refresh_panel()
+        assert repaints
