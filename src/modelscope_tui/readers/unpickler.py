@@ -17,11 +17,12 @@ import pickle
 import pickletools
 import re
 import struct
+import types
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..checkpoint import GlobalRef, StorageRecord, TensorRecord
+from ..checkpoint import GlobalRef, RefuseBuild, StorageRecord, TensorRecord, collect_refused_builds
 from ..errors import MscopeError, UnsafePickleError
 
 # ----------------------------------------------------------------------------------------------
@@ -468,9 +469,13 @@ MAX_DIM = 1 << 62
 class DType(str):
     """A torch dtype named by the pickle (`torch.float16`), kept as its name."""
 
+    __slots__ = ()
+    __setstate__ = RefuseBuild()
+
 
 class StorageType:
     __slots__ = ("dtype", "name")
+    __setstate__ = RefuseBuild()  # BUILD must not retype a storage after find_class made it
 
     def __init__(self, name: str, dtype: str):
         self.name = name
@@ -482,10 +487,14 @@ class StorageType:
 
 class TorchSize(tuple):
     __slots__ = ()
+    __setstate__ = RefuseBuild()
 
 
 class Device(str):
     """torch.device('cuda', 1) -> 'cuda:1'."""
+
+    __slots__ = ()
+    __setstate__ = RefuseBuild()
 
 
 _TENSOR_SEQ = itertools.count()
@@ -628,6 +637,7 @@ def _rebuild_without_storage(kind: str) -> Callable[..., TensorRef | None]:
 
 class _TypeMarker:
     __slots__ = ("name",)
+    __setstate__ = RefuseBuild()
 
     def __init__(self, name: str):
         self.name = name
@@ -728,6 +738,71 @@ SAFE_FUNCTIONS: dict[tuple[str, str], Any] = {
     ("torch.jit._pickle", "build_boollist"): _passthrough,
     ("torch.jit._pickle", "build_tensor_from_id"): _passthrough,
 }
+
+
+
+class _SealedFunction:
+    """An allowlisted function as find_class hands it out. A plain function object would let
+    BUILD set its `__defaults__` or `__dict__` (for every later file in this process); this
+    wrapper has no attributes to set and refuses BUILD (RefuseBuild)."""
+
+    __slots__ = ("_fn", "qualname")
+    __setstate__ = RefuseBuild()
+
+    def __init__(self, fn: Callable[..., Any], qualname: str):
+        object.__setattr__(self, "_fn", fn)
+        object.__setattr__(self, "qualname", qualname)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{self.qualname} is sealed")
+
+    def __repr__(self) -> str:
+        return self.qualname
+
+
+SAFE_FUNCTIONS = {
+    key: _SealedFunction(value, f"{key[0]}.{key[1]}") if type(value) is types.FunctionType else value
+    for key, value in SAFE_FUNCTIONS.items()
+}
+_SAFE_KEY_OF = {id(value): key for key, value in SAFE_FUNCTIONS.items()}
+
+
+def _build_target(target: Any) -> tuple[str, str]:
+    """(module, name) of what a refused BUILD aimed at, as the pickle would have named it."""
+    if type(target) is TensorRef or isinstance(target, TensorRecord):
+        return "torch", "Tensor"
+    if isinstance(target, StorageRecord):
+        return "torch.storage", "TypedStorage"
+    if isinstance(target, StorageType):
+        return "torch", target.name
+    if isinstance(target, DType):
+        return "torch", str(target)
+    key = _SAFE_KEY_OF.get(id(target))
+    if key is not None:
+        return key
+    return type(target).__module__, type(target).__qualname__
+
+
+def refused_build_refs(refused: list[tuple[Any, Any]], source: str) -> list[GlobalRef]:
+    """One GlobalRef per object a BUILD tried to rewrite: `torch.Tensor.__setstate__(...)`."""
+    refs: dict[tuple[str, str], GlobalRef] = {}
+    for target, state in refused:
+        module, name = _build_target(target)
+        key = (module, f"{name}.__setstate__")
+        ref = refs.get(key)
+        if ref is None:
+            ref = refs[key] = GlobalRef(
+                module, key[1], "dangerous", pickle=source,
+                reason="rewrites an object after it was built (BUILD); mscope refused the change",
+            )  # fmt: skip
+        ref.count += 1
+        if len(ref.calls) < MAX_CALLS_SHOWN:
+            ref.calls.append(render_call(ref.qualname, (state,)))
+    return list(refs.values())
+
 
 _TORCH_NAMED_CONSTANTS = {
     "contiguous_format", "channels_last", "channels_last_3d", "preserve_format",
@@ -1073,7 +1148,8 @@ def safe_load(
         data[start:end], source=source, persistent_load=persistent_load, known_schema=known_schema
     )
     try:
-        obj = unpickler.load()
+        with collect_refused_builds() as refused:
+            obj = unpickler.load()
     except UnsafePickleError as exc:
         if not exc.message.startswith(source):
             exc.message = f"{source}: {exc.message}"
@@ -1089,4 +1165,4 @@ def safe_load(
     except Exception as exc:  # a malformed pickle can raise almost anything from the C unpickler
         detail = " ".join(str(exc).split())[:100]
         raise UnsafePickleError(f"{source}: malformed pickle ({type(exc).__name__}: {detail})", hint=DAMAGED) from exc
-    return obj, list(unpickler.globals.values()), end
+    return obj, [*unpickler.globals.values(), *refused_build_refs(refused, source)], end
