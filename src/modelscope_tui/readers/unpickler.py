@@ -767,7 +767,9 @@ SAFE_FUNCTIONS = {
     key: _SealedFunction(value, f"{key[0]}.{key[1]}") if type(value) is types.FunctionType else value
     for key, value in SAFE_FUNCTIONS.items()
 }
-_SAFE_KEY_OF = {id(value): key for key, value in SAFE_FUNCTIONS.items()}
+_SAFE_KEY_OF: dict[int, tuple[str, str]] = {}
+for _key, _value in SAFE_FUNCTIONS.items():
+    _SAFE_KEY_OF.setdefault(id(_value), _key)  # the first (public) name of a shared value
 
 
 def _build_target(target: Any) -> tuple[str, str]:
