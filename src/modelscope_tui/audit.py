@@ -1284,7 +1284,7 @@ def _problem_code(text: str) -> str:
 
 def unreadable_records(ckpt: Checkpoint) -> set[int]:
     """ids of tensor records whose bytes are not all in the file (metadata only)."""
-    bad: set[int] = set()
+    bad: set[int] = set(ckpt.over_budget)  # views past the file's budget: never read
     sizes: dict[Path, int] = {}
     for t in ckpt.tensors:
         s = t.storage

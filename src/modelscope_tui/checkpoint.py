@@ -432,6 +432,9 @@ class Checkpoint:
     warnings: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # structural defects (missing/short bytes)
     module_root: ModuleNode | None = None  # real hierarchy, when the file has one
+    # ids of tensors whose values are never read: views that repeat their storage's bytes past
+    # the file's view budget (readers.check_view_budget); audit and diff report them skipped
+    over_budget: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)

@@ -530,7 +530,7 @@ class DiffStream:
         if comparable and (id(ra) in self._bad or id(rb) in self._bad):
             d.status = UNREADABLE
             side = "A" if id(ra) in self._bad else "B"
-            d.message = f"skipped: its bytes in {side} are not all in the file (see mscope audit)"
+            d.message = f"skipped: its bytes in {side} lie outside the file or past its view budget (see mscope audit)"
             return d
         if not comparable:
             d.status = DTYPE_CHANGED if ra.dtype != rb.dtype else UNREADABLE
