@@ -14,8 +14,22 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from craft import (  # noqa: E402
-    EMPTY_DICT, EMPTY_LIST, EMPTY_TUPLE, MARK, NONE, PROTO2, SETITEM, STOP, TUPLE, TUPLE1,
-    glob, integer, state_pickle, storage, tensor, torch_zip,
+    EMPTY_DICT,
+    EMPTY_LIST,
+    EMPTY_TUPLE,
+    MARK,
+    NONE,
+    PROTO2,
+    SETITEM,
+    STOP,
+    TUPLE,
+    TUPLE1,
+    glob,
+    integer,
+    state_pickle,
+    storage,
+    tensor,
+    torch_zip,
 )  # fmt: skip
 
 from modelscope_tui.diff import diff_checkpoints  # noqa: E402

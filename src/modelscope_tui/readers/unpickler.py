@@ -344,7 +344,10 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
             k = table[code]
             cost += costs[code]
             mode = modes[code]
-            if mode == _N_PLAIN:
+            if mode == _N_PLAIN and not npops[code]:  # the common case: push scalars/empties
+                if npushes[code]:
+                    depths.append(0)
+            elif mode == _N_PLAIN:
                 depth = 0
                 for _ in range(npops[code]):
                     if depths and depths[-1] != _MARK_DEPTH:
