@@ -59,10 +59,15 @@ def big_state_dict_pickle(tmp_path_factory) -> bytes:
     return torch_pickle(tmp_path_factory.mktemp("big"), sd)
 
 
-def test_fast_scan_takes_ordinary_large_pickles(big_state_dict_pickle):
+def test_fast_scan_takes_ordinary_large_pickles(big_state_dict_pickle, monkeypatch):
     data = big_state_dict_pickle
     assert len(data) > U._MEMO_STEP
-    assert U._scan_fast(data, 0) == len(data) == U._scan_exact(data, 0, "t") == native(data)
+    # The regex cannot follow depths: past MAX_NESTING nesting opcodes it defers (to C or the
+    # exact walk, which follow them); with the bound out of the way it takes the whole pickle.
+    assert U._scan_fast(data, 0) is None
+    assert U.scan_pickle(data, 0, "t") == len(data) == U._scan_exact(data, 0, "t") == native(data)
+    monkeypatch.setattr(U, "MAX_NESTING", 1 << 40)
+    assert U._scan_fast(data, 0) == len(data) == U._scan_exact(data, 0, "t")
 
 
 def test_large_pickles_are_scanned_in_c(big_state_dict_pickle, monkeypatch):
@@ -78,8 +83,9 @@ def test_large_pickles_are_scanned_in_c(big_state_dict_pickle, monkeypatch):
     assert U.scan_pickle(data, 0, "t") == len(big_state_dict_pickle)
 
 
-def test_fast_scan_with_trailing_bytes_checks_memo_against_the_pickle(big_state_dict_pickle):
+def test_fast_scan_with_trailing_bytes_checks_memo_against_the_pickle(big_state_dict_pickle, monkeypatch):
     # A legacy file: storages follow the pickle, so the buffer is far longer than the pickle.
+    monkeypatch.setattr(U, "MAX_NESTING", 1 << 40)  # the regex's memo rule, not its depth bound
     data = b"junk" + big_state_dict_pickle + bytes(5 * U._MEMO_STEP)
     assert U._scan_fast(data, 4) == 4 + len(big_state_dict_pickle) == native(data, 4)
 

@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import FLOATING_DTYPES, Checkpoint, TensorRecord, prod
 from .errors import MscopeError, TensorDataError
+from .tensordata import check_view
 from .units import fmt_bytes
 
 if TYPE_CHECKING:
@@ -706,11 +707,12 @@ def _native_part(chunk, kernel: str) -> _Part | None:
         kind = 2
     else:
         return None
-    return _native_call(nk, chunk.ctypes.data, chunk.size, kind)
+    address = chunk.ctypes.data
+    return _native_call(nk, address, chunk.size, kind, address, address + chunk.nbytes)
 
 
-def _native_call(nk, address: int, count: int, kind: int) -> _Part:
-    c = nk.stats(address, count, kind)
+def _native_call(nk, address: int, count: int, kind: int, lo: int | None = None, hi: int | None = None) -> _Part:
+    c = nk.stats(address, count, kind, lo, hi)
     seen = c.n - c.nan
     part = _Part(n=c.n, finite=c.finite, nan=c.nan, inf=c.inf, zeros=c.zeros)
     if seen:
@@ -866,6 +868,7 @@ class _Source:
     ):
         comp, per, kernel = _LAYOUT[record.dtype]
         self.record = record
+        self.ordered = ordered
         self.kernel = kernel
         self.per = per
         s = record.storage
@@ -879,12 +882,14 @@ class _Source:
         if self.native_kind is not None and (s is None or s.byteorder != "big"):
             if native_kernel() is not None:
                 address, length = data.storage_address(record)
+                check_view(record, length)  # a compiled loop must never read past it
                 start = record.storage_offset * itemsize
-                if start + self.nbytes > length:  # a compiled loop must never read past it
+                if start < 0 or start + self.nbytes > length:  # dense: numel values from start
                     raise TensorDataError(
                         f"tensor {record.qualified_name!r} does not fit its storage "
                         f"({start + self.nbytes:,} bytes needed, {length:,} stored)"
                     )
+                self.bounds = (address, address + length)
                 self.address = address + start
                 self.comp_size = itemsize // per
                 self.flat = self.view = None
@@ -892,6 +897,7 @@ class _Source:
         np = _numpy()
         self.comp = np.dtype(comp)
         raw = data.storage_bytes(record)  # TensorDataError if missing / truncated / compressed
+        check_view(record, len(raw))  # as_strided below trusts offset, shape and stride
         self.swap = s is not None and s.byteorder == "big" and self.comp.itemsize > 1
         carrier = np.frombuffer(raw, dtype=np.uint8)
         if self.numel == 0:
@@ -923,9 +929,10 @@ class _Source:
         step = self.elements * self.record.itemsize
         if self.address is not None:
             address, size, kind = self.address, self.comp_size, self.native_kind
+            lo, hi = self.bounds
             for start in range(0, self.nbytes, step):
                 nbytes = min(step, self.nbytes - start)
-                yield nbytes, (address + start, nbytes // size, kind)
+                yield nbytes, (address + start, nbytes // size, kind, lo, hi)
             return
         if self.flat is not None:
             for start in range(0, self.flat.size, step):
@@ -933,9 +940,27 @@ class _Source:
                 yield raw.size, self._components(raw)
             return
         np = _numpy()
+        if not self.ordered:
+            for idx in _slabs(self.record.shape, self.elements):
+                block = np.ascontiguousarray(self.view[idx]).reshape(-1).view(np.uint8)
+                yield block.size, self._components(block)
+            return
+        # Ordered (diff): the other side may be contiguous and cut in chunks of exactly `step`
+        # bytes, and chunks are compared pairwise, so the slabs are regrouped to that size.
+        pending: list = []
+        size = 0
         for idx in _slabs(self.record.shape, self.elements):
             block = np.ascontiguousarray(self.view[idx]).reshape(-1).view(np.uint8)
-            yield block.size, self._components(block)
+            pending.append(block)
+            size += block.size
+            while size >= step:
+                joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
+                out, rest = joined[:step], joined[step:]
+                yield out.size, self._components(out)
+                pending, size = ([rest] if rest.size else []), rest.size
+        if pending:
+            joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
+            yield joined.size, self._components(joined)
 
     def _components(self, raw):
         c = raw.view(self.comp)
@@ -1259,7 +1284,7 @@ def _problem_code(text: str) -> str:
 
 def unreadable_records(ckpt: Checkpoint) -> set[int]:
     """ids of tensor records whose bytes are not all in the file (metadata only)."""
-    bad: set[int] = set()
+    bad: set[int] = set(ckpt.over_budget)  # views past the file's budget: never read
     sizes: dict[Path, int] = {}
     for t in ckpt.tensors:
         s = t.storage

@@ -6,6 +6,7 @@ Readers fill these in from metadata alone; nothing here reads tensor bytes or im
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -90,6 +91,51 @@ def _trains(t: TensorRecord) -> bool:
     return t.requires_grad if t.kind_from_file else True
 
 
+# ----------------------------------------------------------------------------------------------
+# Sealed against the pickle
+# ----------------------------------------------------------------------------------------------
+# A pickle's BUILD opcode calls `obj.__setstate__(state)` (or, without one, writes the state
+# into the object's attributes) on whatever is on top of its stack: a record our rebuild
+# functions just validated, or even the class or function find_class returned. Records and the
+# callables the unpickler hands out define __setstate__ as `RefuseBuild`, so BUILD never changes
+# them; the unpickler that is running collects each attempt (see `collect_refused_builds`) and
+# reports it. Outside an unpickling (copy.copy) the state is restored as Python would.
+_build_sink = threading.local()
+
+
+class RefuseBuild:
+    """`__setstate__` for sealed classes: a descriptor, so BUILD on the class itself (where
+    BUILD looks the name up on the class) is refused as well as BUILD on an instance."""
+
+    def __get__(self, obj: Any, owner: type) -> Any:
+        target = owner if obj is None else obj
+        return lambda state: _refuse_build(target, state)
+
+
+def _refuse_build(target: Any, state: Any) -> None:
+    sink = getattr(_build_sink, "sink", None)
+    if sink is None:  # not a hostile pickle: copy.copy / pickle round trips of our own objects
+        if isinstance(target, type):
+            raise TypeError(f"cannot set state on class {target.__name__}")
+        slots = state[1] if isinstance(state, tuple) and len(state) == 2 else state
+        for key, value in (slots or {}).items():
+            object.__setattr__(target, key, value)
+        return
+    sink.append((target, state))
+
+
+class collect_refused_builds:
+    """Context manager: BUILD attempts on sealed objects in this thread land in the list it yields."""
+
+    def __enter__(self) -> list[tuple[Any, Any]]:
+        self.outer = getattr(_build_sink, "sink", None)
+        _build_sink.sink = []
+        return _build_sink.sink
+
+    def __exit__(self, *exc: object) -> None:
+        _build_sink.sink = self.outer
+
+
 def prod(shape: tuple[int, ...]) -> int:
     return math.prod(shape) if shape else 1
 
@@ -107,6 +153,8 @@ class StorageRecord:
     data_size: int | None = None  # bytes actually present at data_offset
     compressed: bool = False
     byteorder: str = "little"
+
+    __setstate__ = RefuseBuild()  # the pickle cannot rewrite what persistent_load built
 
     @property
     def itemsize(self) -> int:
@@ -140,6 +188,8 @@ class TensorRecord:
     pickle_seq: int | None = None  # creation order in its pickle (see TensorRef)
     numel: int = 0  # derived from shape
     nbytes: int = 0  # derived from shape and dtype
+
+    __setstate__ = RefuseBuild()  # see RefuseBuild: the pickle's BUILD cannot rewrite a record
 
     # Written out (one per tensor, 100k in a big state_dict): 40% cheaper than the generated one.
     def __init__(
@@ -382,6 +432,9 @@ class Checkpoint:
     warnings: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # structural defects (missing/short bytes)
     module_root: ModuleNode | None = None  # real hierarchy, when the file has one
+    # ids of tensors whose values are never read: views that repeat their storage's bytes past
+    # the file's view budget (readers.check_view_budget); audit and diff report them skipped
+    over_budget: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)

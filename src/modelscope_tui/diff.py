@@ -44,6 +44,7 @@ from .audit import (
     _num,
     _numpy,
     _Source,
+    unreadable_records,
 )
 from .checkpoint import Checkpoint, TensorRecord
 from .errors import MscopeError, TensorDataError
@@ -490,6 +491,9 @@ class DiffStream:
         self.detect_renames = detect_renames
         self.report = DiffReport(a.path, b.path, a.format, b.format, atol, rtol)
         self._ta, self._tb = ta, tb = _tensors(a, sections), _tensors(b, sections)
+        # Files are opened strict=False: records whose bytes the reader found outside the file
+        # (or past the view budget) are never read, as in audit; they are reported unreadable.
+        self._bad = unreadable_records(a) | unreadable_records(b)
         mapping, note = _prefix_map(ta, tb)
         if note:
             self.report.notes.append(note)
@@ -523,6 +527,11 @@ class DiffStream:
             and ra.storage is not None
             and rb.storage is not None
         )
+        if comparable and (id(ra) in self._bad or id(rb) in self._bad):
+            d.status = UNREADABLE
+            side = "A" if id(ra) in self._bad else "B"
+            d.message = f"skipped: its bytes in {side} lie outside the file or past its view budget (see mscope audit)"
+            return d
         if not comparable:
             d.status = DTYPE_CHANGED if ra.dtype != rb.dtype else UNREADABLE
             if d.status == UNREADABLE:
@@ -617,11 +626,11 @@ class DiffStream:
         sig_b: dict[tuple, list[str]] = defaultdict(list)
         for n in self.removed:
             r = ta[n]
-            if r.storage is not None and r.dtype in _LAYOUT:
+            if r.storage is not None and r.dtype in _LAYOUT and id(r) not in self._bad:
                 sig_a[(r.shape, r.dtype)].append(n)
         for n in self.added:
             r = tb[n]
-            if r.storage is not None and r.dtype in _LAYOUT:
+            if r.storage is not None and r.dtype in _LAYOUT and id(r) not in self._bad:
                 sig_b[(r.shape, r.dtype)].append(n)
         for sig, names_a in sig_a.items():
             names_b = sig_b.get(sig)

@@ -15,9 +15,10 @@
  * Keep MSCOPE_SCAN_VERSION in step with unpickler.py: a stale build is ignored.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-#define MSCOPE_SCAN_VERSION 1
+#define MSCOPE_SCAN_VERSION 2
 
 /* Argument kinds (unpickler._OPCODES): >= 0 is a fixed argument of that many bytes. */
 enum {
@@ -26,6 +27,41 @@ enum {
 };
 
 #define MAX_LINE 4096
+
+/* Nesting modes (unpickler._NEST_MODE): how an opcode changes the depth of the stack's objects. */
+enum { N_PLAIN, N_MARK, N_TO_MARK, N_INTO_MARK, N_POP_MARK, N_INTO, N_DUP, N_GET, N_PUT, N_MEMOIZE };
+#define MARK_DEPTH (-1)
+
+/* Growable int32 arrays for the depth stack and the memo's depths. */
+typedef struct { int32_t *v; int64_t n, cap; } vec;
+
+static int vec_reserve(vec *a, int64_t want, int32_t fill) {
+    if (want <= a->cap) return 0;
+    int64_t cap = a->cap ? a->cap : 64;
+    while (cap < want) cap *= 2;
+    int32_t *v = realloc(a->v, (size_t)cap * sizeof(int32_t));
+    if (!v) return -1;
+    for (int64_t i = a->cap; i < cap; i++) v[i] = fill;
+    a->v = v;
+    a->cap = cap;
+    return 0;
+}
+
+static int push(vec *a, int32_t x) {
+    if (vec_reserve(a, a->n + 1, 0)) return -1;
+    a->v[a->n++] = x;
+    return 0;
+}
+
+/* Pop up to `count` objects (never a MARK): one more than the deepest of them, 0 for none. */
+static int32_t pop_objects(vec *s, int count) {
+    int32_t depth = 0;
+    for (int i = 0; i < count && s->n && s->v[s->n - 1] != MARK_DEPTH; i++) {
+        int32_t d = s->v[--s->n] + 1;
+        if (d > depth) depth = d;
+    }
+    return depth;
+}
 
 int mscope_scan_version(void) { return MSCOPE_SCAN_VERSION; }
 
@@ -43,16 +79,80 @@ static int64_t find_newline(const uint8_t *data, int64_t len, int64_t from, int6
     return hit ? (int64_t)(hit - data) : -1;
 }
 
-/* End offset (just past STOP) of the pickle at data[start], or -1 when _scan_exact refuses it. */
-int64_t mscope_scan_pickle(const uint8_t *data, int64_t len, int64_t start, const int8_t *kinds,
-                           const int32_t *costs, int64_t memory_ratio, int64_t min_memory) {
+/* End offset (just past STOP) of the pickle at data[start], or -1 when _scan_exact refuses it.
+ * The depth rules are unpickler._scan_exact's (see MAX_NESTING there). */
+static int64_t scan(const uint8_t *data, int64_t len, int64_t start, const int8_t *kinds,
+                    const int32_t *costs, int64_t memory_ratio, int64_t min_memory,
+                    const int8_t *modes, const int8_t *npops, const int8_t *npushes,
+                    int64_t max_nesting, vec *depths, vec *memo) {
     if (start < 0 || start > len) return -1;
     const int64_t limit = len - start;
     int64_t pos = start, top = 0, cost = 0;
+    int32_t deepest = 0, memoized = 0;
     while (pos < len) {
         const uint8_t code = data[pos];
         const int k = kinds[code];
         cost += costs[code];
+        const int mode = modes[code];
+        if (mode == N_PLAIN) {
+            int32_t d = pop_objects(depths, npops[code]);
+            for (int i = 0; i < npushes[code]; i++)
+                if (push(depths, d)) return -1;
+            if (npushes[code] && d > deepest) deepest = d;
+        } else if (mode == N_MARK) {
+            if (push(depths, MARK_DEPTH)) return -1;
+        } else if (mode == N_INTO) {
+            int32_t d = pop_objects(depths, npops[code]);
+            if (depths->n && depths->v[depths->n - 1] != MARK_DEPTH && d > depths->v[depths->n - 1]) {
+                depths->v[depths->n - 1] = d;
+                if (d > deepest) deepest = d;
+            }
+        } else if (mode == N_GET || mode == N_PUT) {
+            int64_t index = -1;
+            if (code == 0x68 || code == 0x71) {
+                if (pos + 1 < len) index = data[pos + 1];
+            } else if (code == 0x6A || code == 0x72) {
+                if (pos + 5 <= len) index = (int64_t)le(data + pos + 1, 4);
+            } else {
+                const int64_t nl = find_newline(data, len, pos + 1, MAX_LINE);
+                if (nl > pos + 1 && nl - (pos + 1) < 12) {
+                    index = 0;
+                    for (int64_t i = pos + 1; i < nl; i++) {
+                        if (data[i] < '0' || data[i] > '9') { index = -1; break; }
+                        index = index * 10 + (data[i] - '0');
+                    }
+                }
+            }
+            if (mode == N_GET) {
+                int32_t d = deepest;
+                if (index >= 0 && index < memo->cap && memo->v[index] != MARK_DEPTH) d = memo->v[index];
+                if (memoized > d) d = memoized;
+                if (push(depths, d)) return -1;
+            } else if (depths->n && depths->v[depths->n - 1] != MARK_DEPTH && index >= 0) {
+                if (index > limit) return -1;  /* refused below in any case */
+                if (vec_reserve(memo, index + 1, MARK_DEPTH)) return -1;
+                memo->v[index] = depths->v[depths->n - 1];
+            }
+        } else if (mode == N_DUP) {
+            if (depths->n && push(depths, depths->v[depths->n - 1])) return -1;
+        } else if (mode == N_MEMOIZE) {
+            if (depths->n && depths->v[depths->n - 1] > memoized) memoized = depths->v[depths->n - 1];
+        } else {  /* to the mark */
+            int32_t d = 0;
+            while (depths->n) {
+                int32_t t = depths->v[--depths->n];
+                if (t == MARK_DEPTH) break;
+                if (t + 1 > d) d = t + 1;
+            }
+            if (mode == N_TO_MARK) {
+                if (push(depths, d)) return -1;
+            } else if (mode == N_INTO_MARK && depths->n && depths->v[depths->n - 1] != MARK_DEPTH &&
+                       d > depths->v[depths->n - 1]) {
+                depths->v[depths->n - 1] = d;
+            }
+            if (d > deepest) deepest = d;
+        }
+        if (deepest > max_nesting) return -1;
         pos += 1;
         if (k >= 0) {
             pos += k;  /* past the end: the loop ends, truncated */
@@ -109,4 +209,16 @@ int64_t mscope_scan_pickle(const uint8_t *data, int64_t len, int64_t start, cons
         }
     }
     return -1;  /* no STOP: truncated */
+}
+
+int64_t mscope_scan_pickle(const uint8_t *data, int64_t len, int64_t start, const int8_t *kinds,
+                           const int32_t *costs, int64_t memory_ratio, int64_t min_memory,
+                           const int8_t *modes, const int8_t *npops, const int8_t *npushes,
+                           int64_t max_nesting) {
+    vec depths = {0}, memo = {0};
+    int64_t end = scan(data, len, start, kinds, costs, memory_ratio, min_memory, modes, npops,
+                       npushes, max_nesting, &depths, &memo);
+    free(depths.v);
+    free(memo.v);
+    return end;
 }

@@ -135,7 +135,8 @@ class Placement:
         """One storage onto the target, then each tensor as a view of it (ties preserved)."""
         import torch
 
-        from .tensordata import torch_dtype
+        from .errors import TensorDataError
+        from .tensordata import check_view, torch_dtype
 
         first = group[0]
         if first.storage is None:
@@ -150,6 +151,10 @@ class Placement:
                 continue
             if first.storage.byteorder == "big" and r.itemsize > 1:
                 flat = moved.view(-1, r.itemsize).flip(1).reshape(-1).view(torch_dtype(r.dtype))
+            try:
+                check_view(r, len(raw))  # as_strided trusts its numbers; the group shares one storage
+            except TensorDataError as exc:
+                raise PlacementError(exc.message) from exc
             out[r.name] = flat.as_strided(r.shape, r.stride, r.storage_offset)
         return out
 

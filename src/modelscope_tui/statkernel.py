@@ -11,10 +11,12 @@ import ctypes
 import os
 
 from . import native
+from .errors import TensorDataError
 
 VERSION = 1  # MSCOPE_KERNEL_VERSION in statkernel.c
 LIBRARY = native.LIBRARY
 KINDS = {"f16": 0, "bf16": 1, "f32": 2}
+_WIDTH = {0: 2, 1: 2, 2: 4}  # bytes per value of each kind
 
 
 class CPart(ctypes.Structure):
@@ -49,7 +51,20 @@ class Kernel:
         self.isa = "AVX2" if not portable and lib.mscope_kernel_isa() == 2 else "portable C"
         self._portable = int(portable)
 
-    def stats(self, address: int, count: int, kind: int) -> CPart:
+    def stats(self, address: int, count: int, kind: int, lo: int | None = None, hi: int | None = None) -> CPart:
+        """Statistics of `count` values at `address`. The loop reads raw memory, so the range is
+        checked here, at the last Python step before C: it must lie in [lo, hi), the buffer the
+        caller took the address from (the mapped member; default: exactly the range itself)."""
+        width = _WIDTH.get(kind)
+        if width is None:
+            raise ValueError(f"statistics kernel: bad kind {kind}")
+        if type(count) is not int or count < 0 or type(address) is not int or address <= 0:
+            raise TensorDataError(f"statistics kernel: bad range ({address:#x}, {count})")
+        end = address + count * width
+        if lo is not None and hi is not None and not (lo <= address and end <= hi):
+            raise TensorDataError(
+                f"statistics kernel: range {address:#x}..{end:#x} lies outside its buffer {lo:#x}..{hi:#x}"
+            )
         out = CPart()
         if self._fn(address, count, kind, self._portable, ctypes.byref(out)) != 0:
             raise ValueError(f"statistics kernel: bad kind {kind}")

@@ -32,6 +32,29 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
+def check_view(record: TensorRecord, available: int) -> None:
+    """Raise TensorDataError unless every element the record's view touches (offset, shape,
+    stride) lies in the first `available` bytes of its storage. Called where bytes are used
+    (as_strided, the kernels, the chunkers), not only where the file was parsed: numpy's and
+    torch's as_strided trust their numbers, and a wrong one reads outside the mapping (SIGSEGV)."""
+    shape, stride, offset = record.shape, record.stride, record.storage_offset
+    where = record.qualified_name
+    if type(offset) is not int or offset < 0 or len(shape) != len(stride):
+        raise TensorDataError(f"tensor {where!r} has an invalid storage offset or stride ({offset!r}, {stride!r})")
+    last = offset
+    for n, st in zip(shape, stride):
+        if type(n) is not int or type(st) is not int or n < 0 or st < 0:
+            raise TensorDataError(f"tensor {where!r} has an invalid shape or stride ({shape!r}, {stride!r})")
+        if n == 0:
+            return  # no element is read
+        last += (n - 1) * st
+    needed = (last + 1) * record.itemsize
+    if needed > available:
+        raise TensorDataError(
+            f"tensor {where!r} does not fit its storage ({needed:,} bytes needed, {max(available, 0):,} stored)"
+        )
+
+
 class TensorData:
     """Opens each file once (mmap) and hands out tensors for records. Use as a context manager."""
 
@@ -97,6 +120,9 @@ class TensorData:
             raise TensorDataError(f"storage {s.key!r} of tensor {where!r} is missing from the file", s.file)
         if s.compressed:
             raise TensorDataError(f"storage {s.key!r} of tensor {where!r} is compressed; torch stores it raw", s.file)
+        offset, size = s.data_offset, s.data_size
+        if type(offset) is not int or offset < 0 or (size is not None and (type(size) is not int or size < 0)):
+            raise TensorDataError(f"storage {s.key!r} of tensor {where!r} has an invalid location", s.file)
         buf = self._map(s.file)  # no Path() per call: 5 us each, 100k times in a big diff
         end = s.data_offset + s.nbytes
         available = s.data_offset + (s.data_size if s.data_size is not None else s.nbytes)
@@ -125,6 +151,7 @@ class TensorData:
         if s is not None and s.byteorder == "big" and itemsize > 1:
             flat = flat.view(-1, itemsize).flip(1).reshape(-1)
         flat = flat.view(dtype)
+        check_view(record, count * itemsize)
         try:
             view = flat.as_strided(record.shape, record.stride, record.storage_offset)
         except RuntimeError as exc:

@@ -17,11 +17,12 @@ import pickle
 import pickletools
 import re
 import struct
+import types
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..checkpoint import GlobalRef, StorageRecord, TensorRecord
+from ..checkpoint import GlobalRef, RefuseBuild, StorageRecord, TensorRecord, collect_refused_builds
 from ..errors import MscopeError, UnsafePickleError
 
 # ----------------------------------------------------------------------------------------------
@@ -48,6 +49,41 @@ def _opcode_table() -> list[int]:
 
 
 _OPCODES = _opcode_table()
+
+# -- nesting ------------------------------------------------------------------------------
+# CPython hashes a tuple (a dict key, a set member) by recursing in C with no depth guard: a
+# 200k-deep tuple used as a key overflowed the C stack inside the unpickler (SIGSEGV). So the
+# exact walk (and picklescan.c, from the same table) follows the depth of every stack slot: an
+# object built from others is one deeper than the deepest of them, a container filled by
+# APPEND/SETITEM/BUILD at least one deeper than what went in, a memo GET as deep as the PUT
+# recorded (or the deepest seen, when the index was never PUT). Over MAX_NESTING: refused. A
+# list mutated after it was memoised keeps its old depth in the memo; that cannot reach hash
+# (a list is unhashable), and every other recursion over objects is guarded or iterative.
+MAX_NESTING = 1000  # a full torch.save(model) nests about 3 levels per module level
+_N_PLAIN, _N_MARK, _N_TO_MARK, _N_INTO_MARK, _N_POP_MARK, _N_INTO, _N_DUP, _N_GET, _N_PUT, _N_MEMOIZE = range(10)
+_MARK_DEPTH = -1  # a MARK on the depth stack
+
+
+def _nesting_table() -> tuple[list[int], list[int], list[int]]:
+    """(mode, pops, pushes) of each opcode byte, from pickletools' stack effects."""
+    modes, pops, pushes = [_N_PLAIN] * 256, [0] * 256, [0] * 256
+    special = {
+        "MARK": _N_MARK, "LIST": _N_TO_MARK, "TUPLE": _N_TO_MARK, "DICT": _N_TO_MARK,
+        "FROZENSET": _N_TO_MARK, "INST": _N_TO_MARK, "OBJ": _N_TO_MARK, "APPENDS": _N_INTO_MARK,
+        "SETITEMS": _N_INTO_MARK, "ADDITEMS": _N_INTO_MARK, "POP_MARK": _N_POP_MARK,
+        "APPEND": _N_INTO, "SETITEM": _N_INTO, "BUILD": _N_INTO, "DUP": _N_DUP, "GET": _N_GET,
+        "BINGET": _N_GET, "LONG_BINGET": _N_GET, "PUT": _N_PUT, "BINPUT": _N_PUT,
+        "LONG_BINPUT": _N_PUT, "MEMOIZE": _N_MEMOIZE,
+    }  # fmt: skip
+    for op in pickletools.opcodes:
+        code = op.code.encode("latin-1")[0]
+        modes[code] = special.get(op.name, _N_PLAIN)
+        pops[code] = len(op.stack_before) - (1 if op.name in ("APPEND", "SETITEM", "BUILD") else 0)
+        pushes[code] = len(op.stack_after)
+    return modes, pops, pushes
+
+
+_NEST_MODE, _NEST_POPS, _NEST_PUSHES = _nesting_table()
 
 # Rough bytes each opcode makes the C unpickler build and keep (CPython 3.11 object sizes; a
 # reference on the stack or in a container is 8). Length-prefixed and text arguments add two per
@@ -203,10 +239,30 @@ def _scan_fast(data: bytes | memoryview, start: int) -> int | None:
     budget = max(MIN_PICKLE_MEMORY, PICKLE_MEMORY_RATIO * length)
     if (max(_COSTS) + 16) * length > budget and _cost_bound(bytes(data[start : pos + 1])) > budget:
         return None
+    if length > MAX_NESTING and _nesting_bound(bytes(data[start : pos + 1])) > MAX_NESTING:
+        return None  # might nest too deep: the exact walk (or the C one) follows the depths
     return pos + 1
 
 
-SCAN_VERSION = 1  # MSCOPE_SCAN_VERSION in picklescan.c
+def _nesting_opcodes() -> bytes:
+    """Bytes of every opcode that can make an object deeper than what it was built from."""
+    deeper = (_N_TO_MARK, _N_INTO_MARK, _N_INTO)
+    return bytes(
+        code for code in range(256)
+        if _NEST_MODE[code] in deeper or (_NEST_MODE[code] == _N_PLAIN and _NEST_POPS[code] and _NEST_PUSHES[code])
+    )  # fmt: skip
+
+
+_NOT_NESTING = bytes(set(range(256)) - set(_nesting_opcodes()))
+
+
+def _nesting_bound(pickle_bytes: bytes) -> int:
+    """An upper bound of the depth: each level needs one nesting opcode (argument bytes that
+    look like one are counted too, which only makes the bound larger)."""
+    return len(pickle_bytes.translate(None, _NOT_NESTING))
+
+
+SCAN_VERSION = 2  # MSCOPE_SCAN_VERSION in picklescan.c
 NATIVE_SCAN_MIN_BYTES = 1 << 20  # below this the regex is quicker than importing ctypes
 
 
@@ -226,16 +282,20 @@ def _native_scan() -> Callable[[bytes, int], int] | None:
     import ctypes
 
     scan.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_char_p,
-                     ctypes.POINTER(ctypes.c_int32), ctypes.c_int64, ctypes.c_int64]  # fmt: skip
+                     ctypes.POINTER(ctypes.c_int32), ctypes.c_int64, ctypes.c_int64,
+                     ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64]  # fmt: skip
     scan.restype = ctypes.c_int64
     kinds = bytes(k & 0xFF for k in _OPCODES)  # int8 in C
     costs = (ctypes.c_int32 * 256)(*_COSTS)
-    return lambda data, start: scan(data, len(data), start, kinds, costs, PICKLE_MEMORY_RATIO, MIN_PICKLE_MEMORY)
+    modes, pops, pushes = bytes(_NEST_MODE), bytes(_NEST_POPS), bytes(_NEST_PUSHES)
+    return lambda data, start: scan(data, len(data), start, kinds, costs, PICKLE_MEMORY_RATIO,
+                                    MIN_PICKLE_MEMORY, modes, pops, pushes, MAX_NESTING)  # fmt: skip
 
 
-def _scan_native(data: bytes | memoryview, start: int) -> int | None:
-    """End of the pickle, -1 when refused, None when the C walk is unavailable or not worth it."""
-    if type(data) is not bytes or len(data) - start < NATIVE_SCAN_MIN_BYTES:
+def _scan_native(data: bytes | memoryview, start: int, small: bool = False) -> int | None:
+    """End of the pickle, -1 when refused, None when the C walk is unavailable or not worth it
+    (`small`: worth it whatever the size, since the regex deferred)."""
+    if type(data) is not bytes or (not small and len(data) - start < NATIVE_SCAN_MIN_BYTES):
         return None  # an mmap (legacy files) has no address ctypes can take without a copy
     scan = _native_scan()
     return None if scan is None else scan(data, start)
@@ -257,7 +317,9 @@ def scan_pickle(data: bytes | memoryview, start: int = 0, source: str = "pickle"
     end = _scan_native(data, start)
     if end is None:
         end = _scan_fast(data, start)
-    elif end < 0:
+        if end is None:
+            end = _scan_native(data, start, small=True)
+    if end is not None and end < 0:
         end = None  # refused: the exact walk says why
     return end if end is not None else _scan_exact(data, start, source)
 
@@ -272,11 +334,72 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
     # run on far past it: a legacy file's storages, or junk after a plain pickle)
     cost = 0  # estimated bytes of objects the unpickler would build (see _OBJECT_COSTS)
     u32 = _U32.unpack_from
+    modes, npops, npushes = _NEST_MODE, _NEST_POPS, _NEST_PUSHES
+    depths: list[int] = []  # depth of each stack slot (see MAX_NESTING); _MARK_DEPTH for a MARK
+    memo: dict[int, int] = {}
+    deepest = memoized = 0  # memoized: deepest object MEMOIZE stored (its index is implicit)
     try:
         while pos < end:
             code = data[pos]
             k = table[code]
             cost += costs[code]
+            mode = modes[code]
+            if mode == _N_PLAIN and not npops[code]:  # the common case: push scalars/empties
+                if npushes[code]:
+                    depths.append(0)
+            elif mode == _N_PLAIN:
+                depth = 0
+                for _ in range(npops[code]):
+                    if depths and depths[-1] != _MARK_DEPTH:
+                        depth = max(depth, depths.pop() + 1)
+                if npushes[code]:
+                    depths.extend([depth] * npushes[code])
+                    deepest = max(deepest, depth)
+            elif mode == _N_MARK:
+                depths.append(_MARK_DEPTH)
+            elif mode == _N_INTO:
+                depth = 0
+                for _ in range(npops[code]):
+                    if depths and depths[-1] != _MARK_DEPTH:
+                        depth = max(depth, depths.pop() + 1)
+                if depths and depths[-1] != _MARK_DEPTH and depth > depths[-1]:
+                    depths[-1] = depth
+                    deepest = max(deepest, depth)
+            elif mode == _N_GET or mode == _N_PUT:
+                if code == 0x68 or code == 0x71:  # BINGET / BINPUT: one byte
+                    index = data[pos + 1] if pos + 1 < end else -1
+                elif code == 0x6A or code == 0x72:  # LONG_BINGET / LONG_BINPUT
+                    index = u32(data, pos + 1)[0] if pos + 5 <= end else -1
+                else:  # GET / PUT: a decimal line
+                    nl = data.find(b"\n", pos + 1, pos + 4097)
+                    text = bytes(data[pos + 1 : nl]) if nl > 0 else b""
+                    index = int(text) if text.isdigit() and len(text) < 12 else -1
+                if mode == _N_GET:
+                    depths.append(max(memo.get(index, deepest), memoized))
+                elif depths and depths[-1] != _MARK_DEPTH:
+                    memo[index] = depths[-1]
+            elif mode == _N_DUP:
+                if depths:
+                    depths.append(depths[-1])
+            elif mode == _N_MEMOIZE:
+                if depths and depths[-1] > memoized:
+                    memoized = depths[-1]
+            else:  # to the mark: build one object of what is above it, or fill the one below it
+                depth = 0
+                while depths:
+                    top_depth = depths.pop()
+                    if top_depth == _MARK_DEPTH:
+                        break
+                    depth = max(depth, top_depth + 1)
+                if mode == _N_TO_MARK:
+                    depths.append(depth)
+                elif mode == _N_INTO_MARK and depths and depths[-1] != _MARK_DEPTH and depth > depths[-1]:
+                    depths[-1] = depth
+                deepest = max(deepest, depth)
+            if deepest > MAX_NESTING:
+                raise UnsafePickleError(
+                    f"{source}: objects nest more than {MAX_NESTING:,} levels deep (at byte {pos:,})", hint=CRAFTED
+                )
             pos += 1
             if k >= 0:
                 pos += k
@@ -468,9 +591,13 @@ MAX_DIM = 1 << 62
 class DType(str):
     """A torch dtype named by the pickle (`torch.float16`), kept as its name."""
 
+    __slots__ = ()
+    __setstate__ = RefuseBuild()
+
 
 class StorageType:
     __slots__ = ("dtype", "name")
+    __setstate__ = RefuseBuild()  # BUILD must not retype a storage after find_class made it
 
     def __init__(self, name: str, dtype: str):
         self.name = name
@@ -482,10 +609,14 @@ class StorageType:
 
 class TorchSize(tuple):
     __slots__ = ()
+    __setstate__ = RefuseBuild()
 
 
 class Device(str):
     """torch.device('cuda', 1) -> 'cuda:1'."""
+
+    __slots__ = ()
+    __setstate__ = RefuseBuild()
 
 
 _TENSOR_SEQ = itertools.count()
@@ -628,6 +759,7 @@ def _rebuild_without_storage(kind: str) -> Callable[..., TensorRef | None]:
 
 class _TypeMarker:
     __slots__ = ("name",)
+    __setstate__ = RefuseBuild()
 
     def __init__(self, name: str):
         self.name = name
@@ -728,6 +860,73 @@ SAFE_FUNCTIONS: dict[tuple[str, str], Any] = {
     ("torch.jit._pickle", "build_boollist"): _passthrough,
     ("torch.jit._pickle", "build_tensor_from_id"): _passthrough,
 }
+
+
+
+class _SealedFunction:
+    """An allowlisted function as find_class hands it out. A plain function object would let
+    BUILD set its `__defaults__` or `__dict__` (for every later file in this process); this
+    wrapper has no attributes to set and refuses BUILD (RefuseBuild)."""
+
+    __slots__ = ("_fn", "qualname")
+    __setstate__ = RefuseBuild()
+
+    def __init__(self, fn: Callable[..., Any], qualname: str):
+        object.__setattr__(self, "_fn", fn)
+        object.__setattr__(self, "qualname", qualname)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{self.qualname} is sealed")
+
+    def __repr__(self) -> str:
+        return self.qualname
+
+
+SAFE_FUNCTIONS = {
+    key: _SealedFunction(value, f"{key[0]}.{key[1]}") if type(value) is types.FunctionType else value
+    for key, value in SAFE_FUNCTIONS.items()
+}
+_SAFE_KEY_OF: dict[int, tuple[str, str]] = {}
+for _key, _value in SAFE_FUNCTIONS.items():
+    _SAFE_KEY_OF.setdefault(id(_value), _key)  # the first (public) name of a shared value
+
+
+def _build_target(target: Any) -> tuple[str, str]:
+    """(module, name) of what a refused BUILD aimed at, as the pickle would have named it."""
+    if type(target) is TensorRef or isinstance(target, TensorRecord):
+        return "torch", "Tensor"
+    if isinstance(target, StorageRecord):
+        return "torch.storage", "TypedStorage"
+    if isinstance(target, StorageType):
+        return "torch", target.name
+    if isinstance(target, DType):
+        return "torch", str(target)
+    key = _SAFE_KEY_OF.get(id(target))
+    if key is not None:
+        return key
+    return type(target).__module__, type(target).__qualname__
+
+
+def refused_build_refs(refused: list[tuple[Any, Any]], source: str) -> list[GlobalRef]:
+    """One GlobalRef per object a BUILD tried to rewrite: `torch.Tensor.__setstate__(...)`."""
+    refs: dict[tuple[str, str], GlobalRef] = {}
+    for target, state in refused:
+        module, name = _build_target(target)
+        key = (module, f"{name}.__setstate__")
+        ref = refs.get(key)
+        if ref is None:
+            ref = refs[key] = GlobalRef(
+                module, key[1], "dangerous", pickle=source,
+                reason="rewrites an object after it was built (BUILD); mscope refused the change",
+            )  # fmt: skip
+        ref.count += 1
+        if len(ref.calls) < MAX_CALLS_SHOWN:
+            ref.calls.append(render_call(ref.qualname, (state,)))
+    return list(refs.values())
+
 
 _TORCH_NAMED_CONSTANTS = {
     "contiguous_format", "channels_last", "channels_last_3d", "preserve_format",
@@ -1073,7 +1272,8 @@ def safe_load(
         data[start:end], source=source, persistent_load=persistent_load, known_schema=known_schema
     )
     try:
-        obj = unpickler.load()
+        with collect_refused_builds() as refused:
+            obj = unpickler.load()
     except UnsafePickleError as exc:
         if not exc.message.startswith(source):
             exc.message = f"{source}: {exc.message}"
@@ -1089,4 +1289,4 @@ def safe_load(
     except Exception as exc:  # a malformed pickle can raise almost anything from the C unpickler
         detail = " ".join(str(exc).split())[:100]
         raise UnsafePickleError(f"{source}: malformed pickle ({type(exc).__name__}: {detail})", hint=DAMAGED) from exc
-    return obj, list(unpickler.globals.values()), end
+    return obj, [*unpickler.globals.values(), *refused_build_refs(refused, source)], end
