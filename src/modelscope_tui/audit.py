@@ -2438,7 +2438,6 @@ class cli_progress:  # noqa: N801 - used as a context manager, like a function
 
         if not sys.stderr.isatty():
             return None
-        from rich.console import Console
         from rich.progress import (
             BarColumn,
             DownloadColumn,
@@ -2448,6 +2447,8 @@ class cli_progress:  # noqa: N801 - used as a context manager, like a function
         )
         from rich.progress import Progress as Bar
 
+        from .textout import text_console
+
         self.bar = Bar(
             TextColumn(self.label),
             BarColumn(),
@@ -2455,7 +2456,7 @@ class cli_progress:  # noqa: N801 - used as a context manager, like a function
             TransferSpeedColumn(),
             TimeRemainingColumn(),
             TextColumn("[dim]{task.description}", markup=True),
-            console=Console(stderr=True),
+            console=text_console(stderr=True),
             transient=True,
         )
         self.bar.start()

@@ -109,6 +109,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
+    from .textout import SafeStream
+
+    # The backstop for text from files (see textout): every print() of this command is escaped.
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = SafeStream(sys.stdout), SafeStream(sys.stderr)
+    try:
+        return _run_guarded(args, debug)
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def _run_guarded(args: argparse.Namespace, debug: bool) -> int:
     try:
         return run(args)
     except MscopeError as exc:
@@ -267,9 +279,9 @@ def _commands() -> set[str]:
 
 
 def _error(line: str) -> None:
-    from .errors import _printable
+    from .units import safe_text
 
-    print(f"mscope: error: {_printable(line)}", file=sys.stderr)  # always one line
+    print(f"mscope: error: {safe_text(line)}", file=sys.stderr)  # always one line
 
 
 def _silence_stdout() -> None:
