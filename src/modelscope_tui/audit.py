@@ -2239,8 +2239,9 @@ def check_shard_set(path: Path) -> list[Finding]:
 def render_audit(report: AuditReport, console: Any, limit: int = 40) -> None:
     """The text report: errors and warnings, notes (init-like 1-D tensors counted, not listed),
     the add_safe_globals line, statistics of flagged and largest tensors, the verdict last."""
-    from rich.markup import escape
     from rich.table import Table
+
+    from .textout import safe_markup as escape  # text from files: controls, then markup
 
     name = report.path.name
     console.print(

@@ -79,3 +79,11 @@ def text_console(**kwargs: Any):
     if "file" not in kwargs:
         kwargs["file"] = raw_stream(sys.stderr if kwargs.get("stderr") else sys.stdout)
     return _Console(highlight=False, **kwargs)
+
+
+def safe_markup(text: object) -> str:
+    """Text from a file, ready to embed in rich markup: unsafe characters escaped (safe_text),
+    then square brackets escaped so a name like `[bold]` or `[link=...]` stays literal."""
+    from rich.markup import escape
+
+    return escape(safe_text(text))
