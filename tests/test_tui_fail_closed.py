@@ -1,0 +1,127 @@
+"""Issue #12 in the explorer (Pilot): hostile names are shown escaped everywhere on screen;
+every way out asks about unsaved work; F acts on what a filter shows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hostile.textattack import SPELLINGS, bad_chars, safetensors_file, torch_zip_file
+from modelscope_tui.tui.app import MscopeApp
+from modelscope_tui.tui.screens import ConfirmScreen
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_models"
+ALL = "".join(SPELLINGS.values())
+
+
+async def started(pilot) -> MscopeApp:
+    app = pilot.app
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+    assert app.session is not None, app.error_line
+    return app
+
+
+
+
+def painted(app) -> str:
+    """What is on screen, as the SVG screenshot sees it (text only)."""
+    return app.export_screenshot()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torchzip"])
+async def test_hostile_names_are_escaped_on_screen(tmp_path: Path, fmt: str) -> None:
+    path = (
+        safetensors_file(tmp_path / "m.safetensors", ALL)
+        if fmt == "safetensors"
+        else torch_zip_file(tmp_path / "m.pt", ALL)
+    )
+    app = MscopeApp(path)
+    async with app.run_test(size=(200, 50)) as pilot:
+        await started(pilot)
+        app.action_expand_all()
+        await pilot.pause()
+        tree = app.tree
+        labels = [str(tree.render_label(line.path[-1], tree.rich_style, tree.rich_style)) for line in tree._tree_lines]
+        joined = "\n".join(labels)
+        assert not bad_chars(joined), bad_chars(joined)
+        assert "\\x1b" in joined  # shown, escaped (the rest is cut at the column width)
+        header = str(app.query_one("#header").render())
+        assert not bad_chars(header)
+        # The details pane of the file (entries, metadata, globals) and of every row.
+        shown = []
+        for line in tree._tree_lines:
+            tree.move_cursor(line.path[-1])
+            await pilot.pause()
+            rendered = _render_text(app, app.query_one("#details"))
+            assert not bad_chars(rendered), bad_chars(rendered)
+            shown.append(rendered)
+        details = "".join(shown).replace("\n", "")
+        for escaped in ("\\x1b]52;", "\\u202e", "\\x9b", "\\x7f", "\\u200d", "\\ud800", "[bold red]x[/]"):
+            assert escaped in details, escaped
+        svg = painted(app)
+        assert not bad_chars(svg.replace("\n", "")), bad_chars(svg)
+        app.notify(f"name {ALL}")
+        await pilot.pause()
+        shown = [n for n in app._notifications if n.message.startswith("name ")]
+        assert shown and not bad_chars(shown[0].message)
+        assert "[bold red]x[/]" in shown[0].message and not shown[0].markup  # literal text
+
+
+def _render_text(app, widget) -> str:
+    from rich.console import Console
+
+    console = Console(width=100, record=True, file=open("/dev/null", "w"), color_system=None)
+    console.print(widget.content)
+    return console.export_text()
+
+
+async def _dirty_app(pilot) -> MscopeApp:
+    app = await started(pilot)
+    await pilot.press("F")
+    await pilot.pause()
+    assert app.session.dirty
+    return app
+
+
+@pytest.mark.parametrize("key", ["ctrl+q", "ctrl+c", "q"])
+async def test_every_quit_key_asks_with_unsaved_changes(key: str) -> None:
+    app = MscopeApp(SAMPLES / "cnn_state_dict.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await _dirty_app(pilot)
+        await pilot.press(key)
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        assert app.return_code is None  # still running
+        await pilot.click("#cancel")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmScreen)
+        assert app.is_running
+
+
+async def test_command_palette_quit_asks() -> None:
+    app = MscopeApp(SAMPLES / "cnn_state_dict.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await _dirty_app(pilot)
+        quits = [c for c in app.get_system_commands(app.screen) if c.title.lower().startswith("quit")]
+        assert quits
+        for command in quits:
+            result = command.callback()
+            if hasattr(result, "__await__"):
+                await result
+            await pilot.pause()
+            assert isinstance(app.screen, ConfirmScreen), command.title
+            await pilot.click("#cancel")
+            await pilot.pause()
+        assert app.is_running
+
+
+async def test_ctrl_q_quits_at_once_when_nothing_is_unsaved() -> None:
+    app = MscopeApp(SAMPLES / "cnn_state_dict.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+    assert app.return_code == 0
