@@ -125,3 +125,51 @@ async def test_ctrl_q_quits_at_once_when_nothing_is_unsaved() -> None:
         await pilot.press("ctrl+q")
         await pilot.pause()
     assert app.return_code == 0
+
+
+# -- no terminal ---------------------------------------------------------------------------------
+def test_open_without_a_terminal_exits_2_with_one_line(cli) -> None:
+    """`mscope open` asked for the explorer: with stdin from /dev/null it says why not (it ran
+    blind at 96% CPU before); `mscope FILE` prints the summary instead."""
+    result = cli("open", SAMPLES / "cnn_state_dict.pt")  # run_cli: stdout piped
+    assert result.rc == 2
+    assert result.stderr.count("\n") == 1 and "needs a terminal" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = cli(SAMPLES / "cnn_state_dict.pt")
+    assert result.rc == 0 and "trainable params" in result.stdout
+
+
+def test_open_with_stdin_not_a_terminal_but_stdout_a_pty(tmp_path: Path) -> None:
+    """stdout a terminal, stdin /dev/null (cron with a tty, `</dev/null`): no blind TUI."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    main_fd, child_fd = pty.openpty()
+    env = {**os.environ, "TERM": "xterm"}
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    for args in (["open"], []):
+        proc = subprocess.run(
+            [sys.executable, "-m", "modelscope_tui", *args, str(SAMPLES / "cnn_state_dict.pt")],
+            stdin=subprocess.DEVNULL, stdout=child_fd, stderr=subprocess.PIPE, env=env, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == (2 if args else 0), proc.stderr
+    os.close(child_fd)
+    os.close(main_fd)
+
+
+# -- plan file modes -------------------------------------------------------------------------------
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_plan_files_respect_the_umask(cli, tmp_path: Path, mask: int, mode: int) -> None:
+    import os
+    import stat
+
+    old = os.umask(mask)  # inherited by the subprocess
+    try:
+        out = tmp_path / "plan.json"
+        result = cli("plan", SAMPLES / "cnn_state_dict.pt", "--freeze", "*", "-o", out)
+    finally:
+        os.umask(old)
+    assert result.rc == 0, result.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == mode

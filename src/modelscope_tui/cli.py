@@ -101,9 +101,10 @@ def entry() -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    # `mscope FILE` opens the explorer (or prints the summary when output is not a terminal).
+    # `mscope FILE` opens the explorer, or prints the summary without a terminal on both
+    # stdin and stdout (a pipe, </dev/null, cron): the explorer would run blind there.
     if argv and not argv[0].startswith("-") and argv[0] not in _commands():
-        argv = ["open" if sys.stdout.isatty() else "summary", *argv]
+        argv = ["open" if has_terminal() else "summary", *argv]
     parser = build_parser(only=argv[0] if argv and not argv[0].startswith("-") else None)
     args = parser.parse_args(argv)
     if args.command is None:
@@ -146,6 +147,12 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "open":
         if not os.path.exists(args.file):
             raise MscopeError("no such file or directory", args.file)
+        if not has_terminal():
+            # Asked for the explorer by name: say why not, rather than print something else.
+            raise MscopeError(
+                "the explorer needs a terminal on stdin and stdout",
+                hint=f"for text output use: mscope summary {args.file}",
+            )
         if args.interval <= 0:
             raise MscopeError("--interval must be more than 0 seconds")
         gc.disable()  # until the first paint (MscopeApp._resume_gc)
@@ -190,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_audit_command(args)
     if args.command == "diff":
-        if sys.stdout.isatty() and not (args.json or args.text or args.all_sections):
+        if has_terminal() and not (args.json or args.text or args.all_sections):
             return run_diff_explorer(args)
         from .diff import run_diff_command
 
@@ -200,6 +207,14 @@ def run(args: argparse.Namespace) -> int:
 
         return run_gpus_command(args)
     raise MscopeError(f"unknown command {args.command!r}")
+
+
+def has_terminal() -> bool:
+    """Both ends are a terminal: keys can come in and the screen can go out."""
+    try:
+        return sys.stdin.isatty() and sys.stdout.isatty()
+    except (AttributeError, ValueError):  # closed or replaced streams
+        return False
 
 
 def _prefetch(path: str, **kwargs):
