@@ -173,3 +173,35 @@ def test_plan_files_respect_the_umask(cli, tmp_path: Path, mask: int, mode: int)
         os.umask(old)
     assert result.rc == 0, result.stderr
     assert stat.S_IMODE(out.stat().st_mode) == mode
+
+
+# -- F acts on what is shown ------------------------------------------------------------------------
+async def test_freeze_all_with_a_filter_freezes_only_shown_tensors() -> None:
+    app = MscopeApp(SAMPLES / "transformer_tied.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("slash", *"norm1")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        app.set_focus(app.tree)
+        await pilot.press("F")
+        await pilot.pause()
+        session = app.session
+        shown = [n for n in session.canonical if "norm1" in n]
+        hidden = [n for n in session.canonical if "norm1" not in n]
+        assert shown and hidden
+        assert not any(session.is_trainable(n) for n in shown)
+        assert all(session.is_trainable(n) for n in hidden)
+        assert any("hidden tensor(s) unchanged" in n.message for n in app._notifications)
+        await pilot.press("U")
+        await pilot.pause()
+        assert all(session.is_trainable(n) for n in session.canonical)
+        # Without a filter F is the whole model again.
+        await pilot.press("slash")
+        await pilot.press("escape")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        app.set_focus(app.tree)
+        await pilot.press("F")
+        await pilot.pause()
+        assert not any(session.is_trainable(n) for n in session.canonical)

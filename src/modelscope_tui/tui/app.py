@@ -105,7 +105,7 @@ class MscopeApp(App[int]):
         ("enter", "expand or collapse; load more children"),
         ("space", "freeze or unfreeze the selected tensor or the whole module"),
         ("f / u", "freeze / unfreeze the selection"),
-        ("F / U", "freeze all / unfreeze all"),
+        ("F / U", "freeze all / unfreeze all (with a filter: only the tensors it shows)"),
         ("i", "invert (trainable <-> frozen)"),
         ("p", "freeze or unfreeze by glob or regex, with a live preview"),
         ("c", "freeze or unfreeze every module of a class (LayerNorm, BatchNorm2d...)"),
@@ -503,11 +503,27 @@ class MscopeApp(App[int]):
 
     def action_freeze_all(self) -> None:
         if self._guard():
-            self._after_change(self.session.freeze_all().message)
+            self._all_shown(False)
 
     def action_unfreeze_all(self) -> None:
         if self._guard():
-            self._after_change(self.session.unfreeze_all().message)
+            self._all_shown(True)
+
+    def _all_shown(self, value: bool) -> None:
+        """F / U act on what is shown: with a filter, only the tensors it shows (hidden ones
+        keep their state, and the message says so); without one, the whole model."""
+        shown = self.tree.visible_tensors
+        if shown is None:
+            result = self.session.unfreeze_all() if value else self.session.freeze_all()
+            self._after_change(result.message)
+            return
+        names = [n for n in self.session.records if n in shown]  # file order; no A-only names
+        if not names:
+            self.notify("the filter shows no tensor of this file; nothing changed", severity="warning", timeout=3)
+            return
+        result = self.session.unfreeze(names) if value else self.session.freeze(names)
+        hidden = len(self.session.records) - len(names)
+        self._after_change(f"{result.message} shown by the filter; {hidden:,} hidden tensor(s) unchanged")
 
     def action_invert(self) -> None:
         if self._guard():
