@@ -68,6 +68,7 @@ from . import __version__
 from .checkpoint import Checkpoint
 from .errors import MscopeError
 from .jsonfile import json_bytes, read_json_file
+from .patterns import compile_safe_regex
 from .session import Change, Rule, Session
 from .units import safe_text
 from .writers import atomic_write, sibling_path
@@ -645,10 +646,10 @@ def _compact_predicate(data: dict[str, Any]) -> tuple[str, bool] | None:
         if selector == "glob":
             cond = f"fnmatch.fnmatchcase(name, {value!r}) or fnmatch.fnmatchcase(name, {value + '.*'!r})"
         elif selector == "regex":
-            try:
-                re.compile(value)
-            except (re.error, RecursionError, OverflowError):
-                return None
+            try:  # replayed below on every name: only a pattern that cannot backtrack for ages
+                compile_safe_regex(value)
+            except MscopeError:
+                return None  # the snippet spells out the frozen names instead
             cond = f"re.search({value!r}, name)"
         elif selector == "class":
             if "modules" not in rule:
