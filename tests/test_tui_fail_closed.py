@@ -205,3 +205,14 @@ async def test_freeze_all_with_a_filter_freezes_only_shown_tensors() -> None:
         await pilot.press("F")
         await pilot.pause()
         assert not any(session.is_trainable(n) for n in session.canonical)
+
+
+# -- plans made for another model ------------------------------------------------------------------
+def test_estimate_with_a_plan_for_another_model_warns(cli, tmp_path: Path) -> None:
+    plan = tmp_path / "other.json"
+    result = cli("plan", SAMPLES / "transformer_tied.pt", "--freeze", "*", "-o", plan)
+    assert result.rc == 0, result.stderr
+    result = cli("estimate", SAMPLES / "cnn_state_dict.pt", "--plan", plan)
+    assert result.rc == 0
+    assert "different checkpoint" in result.stderr
+    assert "not in this checkpoint" in result.stderr and "not in the plan" in result.stderr

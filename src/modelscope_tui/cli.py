@@ -272,6 +272,16 @@ def run_estimate(args: argparse.Namespace) -> int:
         from .freeze import apply_plan_to_session, load_plan
 
         report = apply_plan_to_session(session, load_plan(args.plan))
+        # A plan made for another model must not pass as "already matches": every mismatch
+        # is a warning line on stderr (names the plan has that this file lacks, and back).
+        for line in report.warnings:
+            print(f"mscope: warning: {line}", file=sys.stderr)
+        if report.fingerprint_match is False and report.not_in_plan:
+            print(
+                f"mscope: warning: {len(report.not_in_plan)} parameter(s) of this file are not in the plan, "
+                f"e.g. {report.not_in_plan[0]!r}",
+                file=sys.stderr,
+            )
         print(report.message)
     free = None
     if args.free:
