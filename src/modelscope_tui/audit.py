@@ -2264,8 +2264,9 @@ def check_shard_set(path: Path) -> list[Finding]:
 def render_audit(report: AuditReport, console: Any, limit: int = 40) -> None:
     """The text report: errors and warnings, notes (init-like 1-D tensors counted, not listed),
     the add_safe_globals line, statistics of flagged and largest tensors, the verdict last."""
-    from rich.markup import escape
     from rich.table import Table
+
+    from .textout import safe_markup as escape  # text from files: controls, then markup
 
     name = report.path.name
     console.print(
@@ -2463,7 +2464,6 @@ class cli_progress:  # noqa: N801 - used as a context manager, like a function
 
         if not sys.stderr.isatty():
             return None
-        from rich.console import Console
         from rich.progress import (
             BarColumn,
             DownloadColumn,
@@ -2473,6 +2473,8 @@ class cli_progress:  # noqa: N801 - used as a context manager, like a function
         )
         from rich.progress import Progress as Bar
 
+        from .textout import text_console
+
         self.bar = Bar(
             TextColumn(self.label),
             BarColumn(),
@@ -2480,7 +2482,7 @@ class cli_progress:  # noqa: N801 - used as a context manager, like a function
             TransferSpeedColumn(),
             TimeRemainingColumn(),
             TextColumn("[dim]{task.description}", markup=True),
-            console=Console(stderr=True),
+            console=text_console(stderr=True),
             transient=True,
         )
         self.bar.start()

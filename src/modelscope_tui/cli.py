@@ -101,14 +101,27 @@ def entry() -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    # `mscope FILE` opens the explorer (or prints the summary when output is not a terminal).
+    # `mscope FILE` opens the explorer, or prints the summary without a terminal on both
+    # stdin and stdout (a pipe, </dev/null, cron): the explorer would run blind there.
     if argv and not argv[0].startswith("-") and argv[0] not in _commands():
-        argv = ["open" if sys.stdout.isatty() else "summary", *argv]
+        argv = ["open" if has_terminal() else "summary", *argv]
     parser = build_parser(only=argv[0] if argv and not argv[0].startswith("-") else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
+    from .textout import SafeStream
+
+    # The backstop for text from files (see textout): every print() of this command is escaped.
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = SafeStream(sys.stdout), SafeStream(sys.stderr)
+    try:
+        return _run_guarded(args, debug)
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def _run_guarded(args: argparse.Namespace, debug: bool) -> int:
     try:
         return run(args)
     except MscopeError as exc:
@@ -134,6 +147,12 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "open":
         if not os.path.exists(args.file):
             raise MscopeError("no such file or directory", args.file)
+        if not has_terminal():
+            # Asked for the explorer by name: say why not, rather than print something else.
+            raise MscopeError(
+                "the explorer needs a terminal on stdin and stdout",
+                hint=f"for text output use: mscope summary {args.file}",
+            )
         if args.interval <= 0:
             raise MscopeError("--interval must be more than 0 seconds")
         gc.disable()  # until the first paint (MscopeApp._resume_gc)
@@ -178,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_audit_command(args)
     if args.command == "diff":
-        if sys.stdout.isatty() and not (args.json or args.text or args.all_sections):
+        if has_terminal() and not (args.json or args.text or args.all_sections):
             return run_diff_explorer(args)
         from .diff import run_diff_command
 
@@ -188,6 +207,14 @@ def run(args: argparse.Namespace) -> int:
 
         return run_gpus_command(args)
     raise MscopeError(f"unknown command {args.command!r}")
+
+
+def has_terminal() -> bool:
+    """Both ends are a terminal: keys can come in and the screen can go out."""
+    try:
+        return sys.stdin.isatty() and sys.stdout.isatty()
+    except (AttributeError, ValueError):  # closed or replaced streams
+        return False
 
 
 def _prefetch(path: str, **kwargs):
@@ -245,6 +272,16 @@ def run_estimate(args: argparse.Namespace) -> int:
         from .freeze import apply_plan_to_session, load_plan
 
         report = apply_plan_to_session(session, load_plan(args.plan))
+        # A plan made for another model must not pass as "already matches": every mismatch
+        # is a warning line on stderr (names the plan has that this file lacks, and back).
+        for line in report.warnings:
+            print(f"mscope: warning: {line}", file=sys.stderr)
+        if report.fingerprint_match is False and report.not_in_plan:
+            print(
+                f"mscope: warning: {len(report.not_in_plan)} parameter(s) of this file are not in the plan, "
+                f"e.g. {report.not_in_plan[0]!r}",
+                file=sys.stderr,
+            )
         print(report.message)
     free = None
     if args.free:
@@ -267,9 +304,9 @@ def _commands() -> set[str]:
 
 
 def _error(line: str) -> None:
-    from .errors import _printable
+    from .units import safe_text
 
-    print(f"mscope: error: {_printable(line)}", file=sys.stderr)  # always one line
+    print(f"mscope: error: {safe_text(line)}", file=sys.stderr)  # always one line
 
 
 def _silence_stdout() -> None:

@@ -31,6 +31,7 @@ from typing import Any, BinaryIO
 
 from .checkpoint import DTYPE_ITEMSIZE, FLOATING_DTYPES, Checkpoint, TensorRecord
 from .errors import MscopeError
+from .jsonfile import json_bytes
 from .readers.picklepatch import PicklePatchError, contiguous_stride, rewrite_storage_locations
 from .readers.torchzip import MAX_PICKLE_BYTES, archive_prefix, is_torchscript
 from .readers.unpickler import scan_pickle
@@ -980,7 +981,7 @@ def _write_safetensors(fh: BinaryIO, plan: CastPlan, data: Any, metadata: dict[s
             "data_offsets": [offset, offset + size],
         }
         offset += size
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw = json_bytes(header, separators=(",", ":"))
     raw += b" " * (-len(raw) % 8)
     fh.write(struct.pack("<Q", len(raw)) + raw)
     for t in plan.tensors:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord
 from .errors import MscopeError
-from .jsonfile import read_json_file
+from .jsonfile import json_bytes, read_json_file
 from .units import fmt_bytes
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ def save_device_map(
     """Write the map atomically; an existing file needs `overwrite=True` (kept as `path.bak`)."""
     from .writers import atomic_write
 
-    data = device_map_json(device_map).encode("utf-8")
+    data = json_bytes(dict(device_map), indent=2) + b"\n"
     return atomic_write(path, lambda fh: fh.write(data), overwrite=overwrite)
 
 

@@ -1040,8 +1040,9 @@ def run_diff_command(args) -> int:
 
 
 def render_diff(report: DiffReport, console: Any, depth: int = 2, limit: int = 20) -> None:
-    from rich.markup import escape
     from rich.table import Table
+
+    from .textout import safe_markup as escape  # text from files: controls, then markup
 
     console.print(
         f"[bold]A[/] {escape(report.a_path.name)} ({report.a_format}) → [bold]B[/] {escape(report.b_path.name)} "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .units import safe_text
+
 
 class MscopeError(Exception):
     """Base class: anything mscope expects to go wrong with user input."""
@@ -25,9 +27,7 @@ class MscopeError(Exception):
 
 def _printable(text: str) -> str:
     """One line, whatever a file name or a pickle put in it (newlines, terminal escapes)."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return safe_text(text)
 
 
 class NotFoundError(MscopeError):

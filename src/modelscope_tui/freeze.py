@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import keyword
 import os
 import re
@@ -68,8 +67,10 @@ from typing import TYPE_CHECKING, Any, TextIO
 from . import __version__
 from .checkpoint import Checkpoint
 from .errors import MscopeError
-from .jsonfile import read_json_file
+from .jsonfile import json_bytes, read_json_file
+from .patterns import compile_safe_regex
 from .session import Change, Rule, Session
+from .units import safe_text
 from .writers import atomic_write, sibling_path
 
 if TYPE_CHECKING:
@@ -175,9 +176,7 @@ def plan_from_session(session: Session) -> dict[str, Any]:
 def save_plan(session: Session, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the session's plan to `path` atomically; an existing file needs `overwrite=True`
     (it is kept as `path.bak`)."""
-    data = (json.dumps(plan_from_session(session), indent=2, ensure_ascii=False) + "\n").encode(
-        "utf-8"
-    )
+    data = json_bytes(plan_from_session(session), indent=2) + b"\n"
     return atomic_write(path, lambda fh: fh.write(data), overwrite=overwrite)
 
 
@@ -596,7 +595,9 @@ def plan_snippet(plan: str | os.PathLike | dict[str, Any], var: str = "model") -
 
 
 def _comment(text: Any) -> str:
-    return " ".join(str(text).split())
+    """Text from a plan inside a `#` comment: one line (a newline would end the comment and
+    turn the rest into code), every unsafe character visibly escaped."""
+    return safe_text(" ".join(str(text).split()))
 
 
 def _list_literal(items: list[str], indent: int) -> str:
@@ -645,10 +646,10 @@ def _compact_predicate(data: dict[str, Any]) -> tuple[str, bool] | None:
         if selector == "glob":
             cond = f"fnmatch.fnmatchcase(name, {value!r}) or fnmatch.fnmatchcase(name, {value + '.*'!r})"
         elif selector == "regex":
-            try:
-                re.compile(value)
-            except (re.error, RecursionError, OverflowError):
-                return None
+            try:  # replayed below on every name: only a pattern that cannot backtrack for ages
+                compile_safe_regex(value)
+            except MscopeError:
+                return None  # the snippet spells out the frozen names instead
             cond = f"re.search({value!r}, name)"
         elif selector == "class":
             if "modules" not in rule:

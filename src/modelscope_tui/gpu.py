@@ -89,7 +89,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from .errors import MscopeError
-from .units import fmt_bytes
+from .units import fmt_bytes, safe_text
 
 SCHEMA = "mscope.gpus"
 SCHEMA_VERSION = 1
@@ -1504,7 +1504,7 @@ def gpu_lines(g: GpuSnapshot, history: Sequence[int] = ()) -> list[tuple[str, st
         rows.append(("processes", "none"))
     for p in g.processes[:8]:
         me = " (this process)" if p.is_self else ""
-        name = na_or(p.name)
+        name = safe_text(na_or(p.name))  # another user's process names its own command line
         if len(name) > 28:
             name = name[:27] + "…"
         rows.append(
@@ -1535,7 +1535,7 @@ def render_sample(sample: GpuSample, monitor: GpuMonitor | None = None) -> Any:
     for g in sample.gpus:
         history = monitor.memory_history(g.nvml_index) if monitor is not None else ()
         table = Table(
-            title=f"{g.label}  {g.name}",
+            title=Text(f"{g.label}  {safe_text(g.name)}"),
             title_justify="left",
             title_style="bold red" if g.lost else "bold",
             show_header=False,
@@ -1545,7 +1545,7 @@ def render_sample(sample: GpuSample, monitor: GpuMonitor | None = None) -> Any:
         table.add_column("what", style="dim", no_wrap=True, width=9)
         table.add_column("value", overflow="fold", width=62)
         for label, text in gpu_lines(g, history if len(history) > 1 else ()):
-            table.add_row(label, text)
+            table.add_row(label, Text(text))  # Text, not markup: a process name may hold `[`
         parts.append(table)
     parts.append(Text(sample.host.line(), style="dim"))
     return Group(*parts)

@@ -33,3 +33,15 @@ def read_json_file(path: str | os.PathLike, error: type[MscopeError], what: str)
         raise error(f"not valid JSON ({exc.msg} at line {exc.lineno})", path) from None
     except RecursionError:
         raise error(f"not {what} (JSON nested too deeply)", path) from None
+
+
+def json_bytes(value: Any, **kwargs: Any) -> bytes:
+    """`value` as UTF-8 JSON, readable as text (non-ASCII names kept as they are). A lone
+    surrogate (a name decoded from a pickle's raw bytes) has no UTF-8 spelling: then the whole
+    document is written ASCII-escaped (`\\ud800`), which every JSON reader parses back to the
+    same string, instead of failing with UnicodeEncodeError."""
+    text = json.dumps(value, ensure_ascii=False, **kwargs)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, ensure_ascii=True, **kwargs).encode("ascii")

@@ -8,7 +8,6 @@ Parameter in the model, so they freeze and unfreeze together.
 from __future__ import annotations
 
 import fnmatch
-import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from itertools import compress
 
 from .checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord, can_require_grad
 from .errors import MscopeError
+from .patterns import PatternError, compile_safe_regex, search_names
 from .units import fmt_count
 
 NORM_WITH_RUNNING_STATS = ("BatchNorm", "SyncBatchNorm", "InstanceNorm")
@@ -175,12 +175,11 @@ class Session:
     def match(self, pattern: str, kind: str = "glob") -> list[str]:
         """Model tensor names matching a glob (`encoder.layers.[0-9].*`) or a regex (search)."""
         names = list(self.records)
-        if kind == "regex":
+        if kind == "regex":  # from the user or a plan file: shape-checked, time-bounded
             try:
-                rx = re.compile(pattern)
-            except re.error as exc:
-                raise SessionError(f"invalid regular expression {pattern!r}: {exc}") from exc
-            return [n for n in names if rx.search(n)]
+                return search_names(compile_safe_regex(pattern), names)
+            except PatternError as exc:
+                raise SessionError(exc.message, hint=exc.hint) from None
         if kind != "glob":
             raise SessionError(f"unknown pattern kind {kind!r}")
         return [n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + ".*")]

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from .checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord
 from .readers import FORMAT_LABELS
-from .units import fmt_bytes, fmt_count
+from .units import fmt_bytes, fmt_count, safe_text
 
 SCHEMA = "mscope.summary"
 SCHEMA_VERSION = 1
@@ -309,8 +309,10 @@ def render_summary(ckpt: Checkpoint, console: Any, depth: int | None = None, pat
 
     totals = ckpt.totals()
     label = FORMAT_LABELS.get(ckpt.format, ckpt.format)
-    where = f" (model at [bold]{escape(ckpt.model_path)}[/])" if ckpt.model_path else ""
-    name = ckpt.path.name.encode("unicode_escape").decode("ascii") if not ckpt.path.name.isprintable() else ckpt.path.name
+    # Text from the file (names, keys, values, globals) goes through safe_text before layout,
+    # and through rich's markup escape where it meets markup; the console escapes again, after.
+    where = f" (model at [bold]{escape(safe_text(ckpt.model_path))}[/])" if ckpt.model_path else ""
+    name = safe_text(ckpt.path.name)
     console.print(f"[bold]{escape(name)}[/] · {label} · {ckpt.kind.replace('_', ' ')}{where}")
     dtypes = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in totals.bytes_by_dtype.items()) or "no tensors"
     console.print(f"{totals.tensors:,} tensors · {fmt_bytes(totals.nbytes)} · {dtypes}")
@@ -332,15 +334,15 @@ def render_summary(ckpt: Checkpoint, console: Any, depth: int | None = None, pat
     for node, prefix, level in _visible_nodes(ckpt.tree, depth, pattern, max_children):
         if isinstance(node, _Folded):
             table.add_row(
-                Text(f"{prefix}… {node.count:,} more ({node.first} … {node.last})", style="dim"),
+                Text(f"{prefix}… {node.count:,} more ({safe_text(node.first)} … {safe_text(node.last)})", style="dim"),
                 "", "", _module_mark(node.trainable, node.params), fmt_count(node.params) if node.params else "-",
                 fmt_bytes(node.nbytes),
             )  # fmt: skip
             continue
         stats = node.stats
         if node.name or node.class_path or node.children:
-            name = node.short_name or "(root)"
-            cls = f" {node.class_name}" if node.class_name else ""
+            name = safe_text(node.short_name) or "(root)"
+            cls = f" {safe_text(node.class_name)}" if node.class_name else ""
             mark = _module_mark(stats.trainable, stats.params)
             table.add_row(
                 Text(prefix) + Text(name, style="bold") + Text(cls, style="cyan"),
@@ -353,13 +355,13 @@ def render_summary(ckpt: Checkpoint, console: Any, depth: int | None = None, pat
             for t in node.tensors:
                 if not matches(t.name, pattern):
                     continue
-                leaf = t.name.rsplit(".", 1)[-1]
+                leaf = safe_text(t.name.rsplit(".", 1)[-1])
                 style = "" if t.kind == PARAMETER else "dim"
-                extra = f" = {t.alias_of}" if t.alias_of else ""
+                extra = f" = {safe_text(t.alias_of)}" if t.alias_of else ""
                 table.add_row(
                     Text(child_prefix + leaf + extra, style=style),
                     "×".join(map(str, t.shape)) or "scalar",
-                    t.dtype,
+                    safe_text(t.dtype),
                     _tensor_mark(t),
                     f"{t.numel:,}" if t.kind == PARAMETER else f"({t.kind})",
                     fmt_bytes(t.nbytes),
@@ -383,25 +385,25 @@ def render_summary(ckpt: Checkpoint, console: Any, depth: int | None = None, pat
         console.print("[bold]Other tensors[/] [dim](not counted above)[/]")
         for name, role in other.items():
             sec = totals.sections[name]
-            console.print(f"  {escape(name)} [dim]({role})[/]: {sec['tensors']:,} tensors, {fmt_bytes(sec['bytes'])}")
+            console.print(f"  {escape(safe_text(name))} [dim]({role})[/]: {sec['tensors']:,} tensors, {fmt_bytes(sec['bytes'])}")
     for section, line in optimizer_summaries(ckpt).items():
-        console.print(f"  {escape(section)}: {escape(line)}", overflow="ellipsis", no_wrap=True, crop=True)
+        console.print(f"  {escape(safe_text(section))}: {escape(safe_text(line))}", overflow="ellipsis", no_wrap=True, crop=True)
     if ckpt.entries:
         console.print("[bold]Entries[/]")
         shown = ckpt.entries[:40]
         for e in shown:
-            console.print(Text(f"  {e.path} = {_short_value(e.value)}"), overflow="ellipsis", no_wrap=True, crop=True)
+            console.print(Text(f"  {safe_text(e.path)} = {safe_text(_short_value(e.value))}"), overflow="ellipsis", no_wrap=True, crop=True)
         if len(ckpt.entries) > len(shown):
             console.print(f"  [dim]... {len(ckpt.entries) - len(shown):,} more (--json lists all)[/]")
     if ckpt.metadata.get("safetensors_metadata"):
         console.print("[bold]Metadata[/]")
         for k, v in ckpt.metadata["safetensors_metadata"].items():
-            console.print(Text(f"  {k} = {v}"), overflow="ellipsis", no_wrap=True, crop=True)
+            console.print(Text(f"  {safe_text(k)} = {safe_text(v)}"), overflow="ellipsis", no_wrap=True, crop=True)
     _render_globals(ckpt, console)
     for w in ckpt.warnings:
-        console.print(f"[yellow]warning:[/] {escape(w)}")
+        console.print(f"[yellow]warning:[/] {escape(safe_text(w))}")
     for p in ckpt.problems:
-        console.print(f"[red]problem:[/] {escape(p)}")
+        console.print(f"[red]problem:[/] {escape(safe_text(p))}")
 
 
 def _render_globals(ckpt: Checkpoint, console: Any) -> None:
@@ -419,14 +421,14 @@ def _render_globals(ckpt: Checkpoint, console: Any) -> None:
             "with torch.load(weights_only=False)[/]"
         )
         for g in dangerous:
-            console.print(f"  [bold red]{escape(g.qualname)}[/] [dim]{escape(g.reason)}[/]", overflow="ellipsis", no_wrap=True, crop=True)
+            console.print(f"  [bold red]{escape(safe_text(g.qualname))}[/] [dim]{escape(safe_text(g.reason))}[/]", overflow="ellipsis", no_wrap=True, crop=True)
             for call in g.calls:
-                console.print(f"    [red]would call {escape(call)}[/]", overflow="ellipsis", no_wrap=True, crop=True)
+                console.print(f"    [red]would call {escape(safe_text(call))}[/]", overflow="ellipsis", no_wrap=True, crop=True)
     rest = [g for g in unsafe if g.safety != "dangerous"]
     if rest:
         console.print(f"[yellow]{len(rest)} global(s) outside the weights_only allowlist[/] [dim](a plain torch.load would import them)[/]")
         for g in rest:
-            console.print(f"  {escape(g.qualname)}", overflow="ellipsis", no_wrap=True, crop=True)
+            console.print(f"  {escape(safe_text(g.qualname))}", overflow="ellipsis", no_wrap=True, crop=True)
 
 
 def _short_value(value: Any, limit: int = 60) -> str:

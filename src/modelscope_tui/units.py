@@ -27,3 +27,31 @@ def fmt_bytes_short(n: int) -> str:
     if unit != "B" and float(number) >= 10:
         return f"{float(number):.0f} {unit}"
     return text
+
+
+# Every character a terminal may act on instead of showing: C0/C1 controls and DEL (Cc), bidi
+# overrides/isolates/marks and zero-width characters (Cf), lone surrogates (Cs), line and
+# paragraph separators (Zl, Zp), unassigned and private-use code points. str.isprintable() is
+# False for exactly these classes (and for non-ASCII spaces, which we escape too: they disguise
+# names), so it is the C-speed fast path and the rule in one.
+def safe_text(text: object, *, multiline: bool = False) -> str:
+    """`text` as a terminal shows it literally: each unsafe character becomes a visible
+    escape (`\\x1b`, `\\u202e`, `\\ud800`), so file-controlled names, keys, metadata and global
+    names can neither drive the terminal (ESC/OSC/CSI, C1 0x9b), reorder or hide what is
+    shown (bidi, zero-width), nor crash an encoder (a lone surrogate).
+
+    multiline=True keeps newlines and tabs (for whole blocks of our own output); a single
+    field from a file is always one line. JSON output does not use this: it keeps strings
+    exact, escaped by the JSON encoder (ASCII only, `\\u001b`, `\\ud800`)."""
+    s = text if isinstance(text, str) else str(text)
+    if s.isprintable():
+        return s
+    if multiline:
+        return "".join(c if c.isprintable() or c in "\n\t" else _escape_char(c) for c in s)
+    return "".join(c if c.isprintable() else _escape_char(c) for c in s)
+
+
+def _escape_char(c: str) -> str:
+    # unicode_escape spells C0/C1/DEL as \xNN, BMP characters (surrogates included) as \uNNNN
+    # and the rest as \UNNNNNNNN: always ASCII, always visible.
+    return c.encode("unicode_escape", "backslashreplace").decode("ascii")

@@ -83,6 +83,10 @@ def atomic_write(
         raise SaveError(f"cannot write here: {exc.strerror or exc}", dest, _hint(exc)) from exc
     tmp = Path(tmp_name)
     try:
+        # mkstemp makes 0600; a new file should get what open() would give it (0666 less the
+        # umask), so a teammate can read a plan on a shared box. Writers that copy the source's
+        # mode (checkpoints) set it again inside write().
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -101,6 +105,21 @@ def atomic_write(
         tmp.unlink(missing_ok=True)
         raise
     return dest
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc); else
+    the set-and-restore dance (a brief window in which another thread's new file gets 022)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _temp_prefix(name: str) -> str:

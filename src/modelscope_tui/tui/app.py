@@ -22,7 +22,7 @@ from ..checkpoint import Checkpoint
 from ..errors import MscopeError
 from ..readers import FORMAT_LABELS
 from ..session import Session
-from ..units import fmt_bytes
+from ..units import fmt_bytes, safe_text
 from .details import (
     diff_file_details,
     diff_module_details,
@@ -105,7 +105,7 @@ class MscopeApp(App[int]):
         ("enter", "expand or collapse; load more children"),
         ("space", "freeze or unfreeze the selected tensor or the whole module"),
         ("f / u", "freeze / unfreeze the selection"),
-        ("F / U", "freeze all / unfreeze all"),
+        ("F / U", "freeze all / unfreeze all (with a filter: only the tensors it shows)"),
         ("i", "invert (trainable <-> frozen)"),
         ("p", "freeze or unfreeze by glob or regex, with a live preview"),
         ("c", "freeze or unfreeze every module of a class (LayerNorm, BatchNorm2d...)"),
@@ -205,7 +205,7 @@ class MscopeApp(App[int]):
         self.query_one("#details-pane").display = self.size.width >= NARROW
         show = self.show_gpus if self.show_gpus is not None else self.size.width >= WIDE
         self._set_gpu_panel(show)
-        self.query_one("#header", Static).update(Text(f"mscope · opening {self.path} …"))
+        self.query_one("#header", Static).update(Text(f"mscope · opening {safe_text(self.path)} …"))
         if self._preloaded is not None:
             self._loaded(self._preloaded)
         else:
@@ -289,7 +289,7 @@ class MscopeApp(App[int]):
         totals = ckpt.totals()
         header = Text()
         if self.live is None or self.size.width >= NARROW:  # diff mode: B's name is on the root row
-            header.append(ckpt.path.name, style="bold")
+            header.append(safe_text(ckpt.path.name), style="bold")
             header.append("  ")
         if self.live is not None:
             header.append_text(self._diff_summary())
@@ -299,7 +299,7 @@ class MscopeApp(App[int]):
             header.append(" ● unsaved", style="bold yellow")
         header.append(f" · {fmt_bytes(totals.nbytes)}")
         if self.filter_text:
-            header.append(f" · filter: {self.filter_text}", style="magenta")
+            header.append(f" · filter: {safe_text(self.filter_text)}", style="magenta")
         locations = [loc for loc in totals.bytes_by_location if loc != "cpu"]
         if locations:
             header.append(f" · saved on {', '.join(locations)}", style="yellow")
@@ -315,7 +315,7 @@ class MscopeApp(App[int]):
     def _diff_summary(self) -> Text:
         """Diff mode header: `Δ vs A.pt: 3 changed · 1 added · … · 20 same`, then progress."""
         live = self.live
-        text = Text(f"Δ vs {live.a.path.name}: ", style="bold")
+        text = Text(f"Δ vs {safe_text(live.a.path.name)}: ", style="bold")
         first = True
         for status, n in live.summary():
             _, style, word = DIFF_MARKS.get(status, ("", "", status))
@@ -503,11 +503,27 @@ class MscopeApp(App[int]):
 
     def action_freeze_all(self) -> None:
         if self._guard():
-            self._after_change(self.session.freeze_all().message)
+            self._all_shown(False)
 
     def action_unfreeze_all(self) -> None:
         if self._guard():
-            self._after_change(self.session.unfreeze_all().message)
+            self._all_shown(True)
+
+    def _all_shown(self, value: bool) -> None:
+        """F / U act on what is shown: with a filter, only the tensors it shows (hidden ones
+        keep their state, and the message says so); without one, the whole model."""
+        shown = self.tree.visible_tensors
+        if shown is None:
+            result = self.session.unfreeze_all() if value else self.session.freeze_all()
+            self._after_change(result.message)
+            return
+        names = [n for n in self.session.records if n in shown]  # file order; no A-only names
+        if not names:
+            self.notify("the filter shows no tensor of this file; nothing changed", severity="warning", timeout=3)
+            return
+        result = self.session.unfreeze(names) if value else self.session.freeze(names)
+        hidden = len(self.session.records) - len(names)
+        self._after_change(f"{result.message} shown by the filter; {hidden:,} hidden tensor(s) unchanged")
 
     def action_invert(self) -> None:
         if self._guard():
@@ -793,6 +809,19 @@ class MscopeApp(App[int]):
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.KEY_HELP))
+
+    async def action_quit(self) -> None:
+        """ctrl+q and the command palette's "Quit": the same question as q (unsaved work)."""
+        self.action_quit_app()
+
+    def action_help_quit(self) -> None:
+        """ctrl+c (Textual only hints at ctrl+q): a user pressing it wants out; ask like q."""
+        self.action_quit_app()
+
+    def notify(self, message: str, *, title: str = "", severity="information", timeout=None, markup: bool = False) -> None:
+        """Every notification shows plain text: messages carry names and paths from files, so
+        they are escaped (safe_text) and never parsed as markup (`[bold]` in a name stays)."""
+        super().notify(safe_text(message, multiline=True), title=safe_text(title), severity=severity, timeout=timeout, markup=False)
 
     def action_quit_app(self) -> None:
         if self.session is None or not self.session.dirty:

@@ -10,7 +10,7 @@ from ..checkpoint import ModuleNode, TensorRecord
 from ..readers import FORMAT_LABELS
 from ..session import Session
 from ..summary import optimizer_summaries
-from ..units import fmt_bytes, fmt_count
+from ..units import fmt_bytes, fmt_count, safe_text
 
 MAX_ENTRIES = 60
 
@@ -30,6 +30,26 @@ class _DetailsTable(Table):
         labels.no_wrap = not narrow
         labels.max_width = NARROW_LABEL if narrow else None
         yield from super().__rich_console__(console, options)
+
+    def add_row(self, *cells, **kwargs) -> None:
+        """Plain strings here hold names, keys and values from the file: shown as text (never
+        rich markup, so `[bold]` in a name stays literal) with unsafe characters escaped."""
+        super().add_row(*(_cell(c) for c in cells), **kwargs)
+
+
+def _cell(cell):
+    if isinstance(cell, str):
+        return Text(safe_text(cell))
+    if isinstance(cell, Text):
+        return _safe_rich_text(cell)
+    return cell
+
+
+def _safe_rich_text(text: Text) -> Text:
+    """A Text whose characters are safe (styles kept when nothing needed escaping)."""
+    if text.plain.isprintable() or safe_text(text.plain, multiline=True) == text.plain:
+        return text
+    return Text(safe_text(text.plain, multiline=True), style=text.style)
 
 
 def _table() -> Table:
@@ -184,10 +204,10 @@ def file_details(session: Session) -> RenderableType:
             style = "bold red" if g.safety == "dangerous" else "yellow"
             g_table.add_row(Text(g.safety, style=style), g.qualname)
             for call in g.calls:
-                g_table.add_row("", Text(f"would call {call}", style="red"))
+                g_table.add_row("", Text(f"would call {safe_text(call)}", style="red"))
         parts += [Text("\nglobals outside the weights_only allowlist", style="bold underline"), g_table]
     for w in ckpt.warnings:
-        parts.append(Text(f"warning: {w}", style="yellow"))
+        parts.append(Text(f"warning: {safe_text(w)}", style="yellow"))
     return Group(*parts)
 
 
@@ -223,7 +243,7 @@ def norm_profile_details(rows, status: str | None = None) -> RenderableType:
     table.add_column(no_wrap=True, width=PROFILE_BAR)
     table.add_column(no_wrap=True, justify="right")
     for r in rows[:PROFILE_ROWS]:
-        label = Text(r.label, style="bold" if r.kind == "module" else "")
+        label = Text(safe_text(r.label), style="bold" if r.kind == "module" else "")
         if r.note:
             label.append(" (tied)", style="magenta")
         if r.norm is None:
@@ -327,9 +347,9 @@ def diff_file_details(live, plan_lines: list[str] | None = None) -> RenderableTy
         table.add_row("", Text(f"cancelled: {live.pending:,} not compared (v compares again)", style="yellow"))
     parts: list[RenderableType] = [Text("diff", style="bold underline"), table]
     for note in live.notes:
-        parts.append(Text(note, style="dim"))
+        parts.append(Text(safe_text(note), style="dim"))
     for line in plan_lines or []:
-        parts.append(Text(line, style="green" if "bit-identical in B" in line else "yellow"))
+        parts.append(Text(safe_text(line), style="green" if "bit-identical in B" in line else "yellow"))
     return Group(*parts)
 
 

@@ -11,7 +11,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from ..gpu import NA, GpuSample, GpuSnapshot, na_or
-from ..units import fmt_bytes
+from ..units import fmt_bytes, safe_text
 
 SPARK = "▁▂▃▄▅▆▇█"
 BAR_WIDTH = 20
@@ -49,7 +49,7 @@ def memory_bar(gpu: GpuSnapshot, width: int) -> Text:
 
 def gpu_block(gpu: GpuSnapshot, history: list[int], width: int) -> RenderableType:
     title = Text(f"{gpu.label} ", style="bold")
-    title.append(gpu.name, style="cyan")
+    title.append(safe_text(gpu.name), style="cyan")
     if gpu.lost or gpu.status:
         return Group(title, Text(gpu.status or "lost", style="red"))
     lines: list[RenderableType] = [title, memory_bar(gpu, max(6, min(BAR_WIDTH, width - 18)))]
@@ -75,7 +75,7 @@ def gpu_block(gpu: GpuSnapshot, history: list[int], width: int) -> RenderableTyp
     procs = sorted(gpu.processes, key=lambda p: 0 if p.used_memory is NA else -p.used_memory)[:3]
     for p in procs:
         style = "bold magenta" if p.is_self else ""
-        lines.append(Text(f"  {p.pid:>7} {na_or(p.name)[:14]:<14} {na_or(p.used_memory, fmt_bytes)}", style=style))
+        lines.append(Text(f"  {p.pid:>7} {safe_text(na_or(p.name))[:14]:<14} {na_or(p.used_memory, fmt_bytes)}", style=style))
     return Group(*lines)
 
 

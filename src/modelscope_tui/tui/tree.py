@@ -32,7 +32,7 @@ from ..diff import (
     TensorDiff,
 )
 from ..session import Session
-from ..units import fmt_bytes, fmt_count
+from ..units import fmt_bytes, fmt_count, safe_text
 
 PAGE = 200  # children added per expansion step; a flat 100k-tensor dict stays responsive
 GUIDE = 3
@@ -315,7 +315,7 @@ class ParamTree(Tree[Row]):
     def render_label(self, node: TreeNode[Row], base_style: Style, style: Style) -> Text:
         row = node.data
         if row is None:
-            return Text(str(node.label))
+            return Text(safe_text(node.label.plain if isinstance(node.label, Text) else str(node.label)))
         width = self._label_width(row.depth)
         columns = self.columns()
         fixed = sum(w + 1 for _, w in columns)
@@ -332,12 +332,13 @@ class ParamTree(Tree[Row]):
             name = self._ghost_label(row, cells)
         elif row.tensor is not None:
             t = row.tensor
-            leaf = t.name.rsplit(".", 1)[-1]
-            suffix = f" = {t.alias_of}" if t.alias_of else f" ~ {t.tied_to}" if t.tied_to else ""
+            # Names from the file: every unsafe character escaped (units.safe_text).
+            leaf = safe_text(t.name.rsplit(".", 1)[-1])
+            suffix = safe_text(f" = {t.alias_of}" if t.alias_of else f" ~ {t.tied_to}" if t.tied_to else "")
             name = Text(leaf, style="" if t.kind == PARAMETER else "italic dim")
             name.append(suffix, style="magenta")
             cells["shape"] = ("×".join(map(str, t.shape)) or "scalar", "")
-            cells["dtype"] = (t.dtype, "cyan")
+            cells["dtype"] = (safe_text(t.dtype), "cyan")
             if self.session.can_train(t.name):
                 cells["train"] = MARKS["trainable" if self.session.is_trainable(t.name) else "frozen"]
             else:
@@ -350,13 +351,13 @@ class ParamTree(Tree[Row]):
                 d = self.diff.tensor(t.name)
                 self._diff_cells(d, name, cells)
                 if d is not None and d.status == RENAMED and d.a_name:
-                    name.append(f" ← {d.a_name}", style="dim")
+                    name.append(f" ← {safe_text(d.a_name)}", style="dim")
         else:
             m = row.module
-            label = m.short_name or self.session.ckpt.path.name
+            label = safe_text(m.short_name or self.session.ckpt.path.name)
             name = Text(label, style="bold")
             if m.class_name:
-                name.append(f" {m.class_name}", style="cyan")
+                name.append(f" {safe_text(m.class_name)}", style="cyan")
             state = self.session.node_state(m)
             cells["train"] = MARKS[state]
             cells["numel"] = (fmt_count(m.stats.params) if m.stats.params else "-", "")
@@ -393,20 +394,20 @@ class ParamTree(Tree[Row]):
         """A row for what only A has: removed (or renamed away), in A's terms."""
         if row.tensor is not None:
             t = row.tensor
-            name = Text(t.name.rsplit(".", 1)[-1], style="italic")
+            name = Text(safe_text(t.name.rsplit(".", 1)[-1]), style="italic")
             cells["shape"] = ("×".join(map(str, t.shape)) or "scalar", "dim")
-            cells["dtype"] = (t.dtype, "dim")
+            cells["dtype"] = (safe_text(t.dtype), "dim")
             cells["numel"] = (fmt_count(t.numel), "dim")
             cells["bytes"] = (fmt_bytes(t.nbytes), "dim")
             d = self.diff.a_tensor(t.name) if self.diff is not None else None
             self._diff_cells(d, name, cells)
             if d is not None and d.status == RENAMED and d.b_name:
-                name.append(f" → {d.b_name}", style="dim")
+                name.append(f" → {safe_text(d.b_name)}", style="dim")
             return name
         m = row.module
-        name = Text(m.short_name, style="bold italic")
+        name = Text(safe_text(m.short_name), style="bold italic")
         if m.class_name:
-            name.append(f" {m.class_name}", style="dim cyan")
+            name.append(f" {safe_text(m.class_name)}", style="dim cyan")
         cells["bytes"] = (fmt_bytes(m.stats.nbytes), "dim") if m.stats.nbytes else ("", "")
         if self.diff is not None:
             self._diff_cells(self.diff.module(m.name), name, cells)
