@@ -262,7 +262,7 @@ def _nesting_bound(pickle_bytes: bytes) -> int:
     return len(pickle_bytes.translate(None, _NOT_NESTING))
 
 
-SCAN_VERSION = 2  # MSCOPE_SCAN_VERSION in picklescan.c
+SCAN_VERSION = 3  # MSCOPE_SCAN_VERSION in picklescan.c
 NATIVE_SCAN_MIN_BYTES = 1 << 20  # below this the regex is quicker than importing ctypes
 
 
@@ -337,7 +337,7 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
     modes, npops, npushes = _NEST_MODE, _NEST_POPS, _NEST_PUSHES
     depths: list[int] = []  # depth of each stack slot (see MAX_NESTING); _MARK_DEPTH for a MARK
     memo: dict[int, int] = {}
-    deepest = memoized = 0  # memoized: deepest object MEMOIZE stored (its index is implicit)
+    deepest = 0
     try:
         while pos < end:
             code = data[pos]
@@ -375,15 +375,15 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
                     text = bytes(data[pos + 1 : nl]) if nl > 0 else b""
                     index = int(text) if text.isdigit() and len(text) < 12 else -1
                 if mode == _N_GET:
-                    depths.append(max(memo.get(index, deepest), memoized))
-                elif depths and depths[-1] != _MARK_DEPTH:
+                    depths.append(memo.get(index, deepest))
+                elif depths and depths[-1] != _MARK_DEPTH and index >= 0:
                     memo[index] = depths[-1]
             elif mode == _N_DUP:
                 if depths:
                     depths.append(depths[-1])
-            elif mode == _N_MEMOIZE:
-                if depths and depths[-1] > memoized:
-                    memoized = depths[-1]
+            elif mode == _N_MEMOIZE:  # stores at the memo's size, as CPython's unpicklers do
+                if depths and depths[-1] != _MARK_DEPTH:
+                    memo[len(memo)] = depths[-1]
             else:  # to the mark: build one object of what is above it, or fill the one below it
                 depth = 0
                 while depths:
