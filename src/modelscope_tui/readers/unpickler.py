@@ -272,8 +272,10 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
     # run on far past it: a legacy file's storages, or junk after a plain pickle)
     cost = 0  # estimated bytes of objects the unpickler would build (see _OBJECT_COSTS)
     u32 = _U32.unpack_from
+    op = start  # where the opcode being read starts: the valid prefix ends there (see run_prefix)
     try:
         while pos < end:
+            op = pos
             code = data[pos]
             k = table[code]
             cost += costs[code]
@@ -342,7 +344,12 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
                 )
     except (IndexError, struct.error):
         pass
-    raise UnsafePickleError(f"{source}: pickle data is truncated", hint="the file is incomplete; re-download or re-save it")
+    except UnsafePickleError as exc:
+        exc.offset = op
+        raise
+    exc = UnsafePickleError(f"{source}: pickle data is truncated", hint="the file is incomplete; re-download or re-save it")
+    exc.offset = pos if pos == end else op
+    raise exc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1103,6 +1110,9 @@ DATA_CALLS: dict[tuple[str, str], Callable[[tuple, dict], bool]] = {
     ("numpy.core.multiarray", "_reconstruct"): _ndarray_args,
     ("numpy._core.multiarray", "_reconstruct"): _ndarray_args,
     ("numpy", "dtype"): _dtype_args,
+    # protocol 5: frombuffer(bytes, dtype).reshape(shape, order=order)
+    ("numpy.core.numeric", "_frombuffer"): _plain_args,
+    ("numpy._core.numeric", "_frombuffer"): _plain_args,
     ("numpy.core.multiarray", "scalar"): _scalar_args,
     ("numpy._core.multiarray", "scalar"): _scalar_args,
 }  # fmt: skip
@@ -1399,8 +1409,17 @@ def safe_load(
     known_schema: Callable[[str, str], bool] | None = None,
     start: int = 0,
 ) -> tuple[Any, list[GlobalRef], int]:
-    """Unpickle one pickle from `data[start:]` safely: (object, globals it named, end offset)."""
-    end = scan_pickle(data, start, source)
+    """Unpickle one pickle from `data[start:]` safely: (object, globals it named, end offset).
+
+    A pickle that fails still tells what a real load would have done before failing (pickle.load
+    runs every opcode up to the bad one: the nullifAI technique). The raised error carries those
+    globals as `pickle_globals`, and its line says what the dangerous ones would call."""
+    try:
+        end = scan_pickle(data, start, source)
+    except UnsafePickleError as exc:
+        offset = getattr(exc, "offset", None)
+        _attach(exc, run_prefix(data, start, offset, source) if offset is not None else [])
+        raise
     unpickler = SafeUnpickler(
         data[start:end], source=source, persistent_load=persistent_load, known_schema=known_schema
     )
@@ -1410,15 +1429,83 @@ def safe_load(
         if not exc.message.startswith(source):
             exc.message = f"{source}: {exc.message}"
         exc.hint = exc.hint or DAMAGED
+        _attach(exc, unpickler.globals.values())
         raise
     except RecursionError as exc:
-        raise UnsafePickleError(f"{source}: pickle nests too deeply", hint=CRAFTED) from exc
+        raise _attach(UnsafePickleError(f"{source}: pickle nests too deeply", hint=CRAFTED), unpickler.globals.values()) from exc
     except MemoryError as exc:
-        raise UnsafePickleError(f"{source}: pickle asks for more memory than it can hold", hint=CRAFTED) from exc
+        raise _attach(
+            UnsafePickleError(f"{source}: pickle asks for more memory than it can hold", hint=CRAFTED), unpickler.globals.values()
+        ) from exc
     except MscopeError as exc:
         exc.hint = exc.hint or DAMAGED
+        _attach(exc, unpickler.globals.values())
         raise
     except Exception as exc:  # a malformed pickle can raise almost anything from the C unpickler
-        detail = " ".join(str(exc).split())[:100]
-        raise UnsafePickleError(f"{source}: malformed pickle ({type(exc).__name__}: {detail})", hint=DAMAGED) from exc
+        # The C unpickler's own words are about the pickle; anything else came from our inert
+        # stand-ins and would only confuse (`Inert.__setstate__() missing 1 required ...`).
+        if isinstance(exc, pickle.UnpicklingError):
+            detail = f" ({' '.join(str(exc).split())[:100]})"
+        else:
+            detail = f": its objects cannot be built ({type(exc).__name__})"
+        raise _attach(
+            UnsafePickleError(f"{source}: malformed pickle{detail}", hint=DAMAGED), unpickler.globals.values()
+        ) from exc
     return obj, list(unpickler.globals.values()), end
+
+
+def _attach(exc: MscopeError, refs: Any) -> MscopeError:
+    """Give a pickle error the globals the pickle reached, and say what the dangerous ones call."""
+    refs = list(refs)
+    exc.pickle_globals = refs  # type: ignore[attr-defined]
+    exc.message += would_call(refs)
+    return exc
+
+
+def would_call(refs: Any) -> str:
+    """`; before that it would call os.system('touch x')` for the dangerous globals, or ""."""
+    calls = [c for r in refs if r.safety == "dangerous" for c in (r.calls or [r.qualname])]
+    if not calls:
+        return ""
+    more = f" and {len(calls) - 2} more" if len(calls) > 2 else ""
+    return f"; a real load would call {', '.join(calls[:2])}{more}"
+
+
+def run_prefix(data: bytes | memoryview, start: int, offset: int, source: str) -> list[GlobalRef]:
+    """The globals a real load of `data[start:]` reaches before it fails at `offset` (where the
+    exact scan stopped): the valid opcodes, closed with STOP, go through the same scan (lengths,
+    memo, cost, depth) and the same unpickler, whose error is then beside the point."""
+    for _ in range(4):
+        if offset <= start:
+            return []
+        chunk = bytes(data[start:offset]) + b"."
+        try:
+            _scan_exact(chunk, 0, source)
+            break
+        except UnsafePickleError as exc:  # e.g. a memo index too large for the shorter pickle
+            cut = getattr(exc, "offset", None)
+            if cut is None or start + cut >= offset:
+                return []
+            offset = start + cut
+    else:
+        return []
+    unpickler = SafeUnpickler(chunk, source=source, persistent_load=_any_persistent_id)
+    try:
+        unpickler.load()
+    except Exception:  # noqa: BLE001 - expected: the prefix of a broken pickle rarely builds
+        pass
+    return list(unpickler.globals.values())
+
+
+def _any_persistent_id(pid: Any) -> None:
+    return None
+
+
+def reachable_globals(data: bytes | memoryview, *, source: str, start: int = 0) -> tuple[list[GlobalRef], int | None]:
+    """What loading the pickle at `data[start:]` would name and call, whatever follows: (globals,
+    end offset, or None when the pickle is broken). For pickles outside a checkpoint's layout."""
+    try:
+        _, refs, end = safe_load(data, source=source, persistent_load=_any_persistent_id, start=start)
+    except MscopeError as exc:
+        return list(getattr(exc, "pickle_globals", ())), None
+    return refs, end
