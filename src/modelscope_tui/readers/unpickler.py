@@ -796,6 +796,49 @@ SAFE_FUNCTIONS: dict[tuple[str, str], Any] = {
     ("torch.jit._pickle", "build_tensor_from_id"): _passthrough,
 }
 
+def _fingerprint(value: Any) -> tuple:
+    """What BUILD can change on one of our stand-ins (a function's dict and defaults, a class's or
+    marker's attributes): compared after each load, see stand_ins_tampered."""
+    if isinstance(value, type):
+        return tuple((k, id(v)) for k, v in vars(value).items())
+    if hasattr(value, "__code__"):
+        return (value.__code__, value.__defaults__, value.__kwdefaults__, tuple(vars(value).items()))
+    if isinstance(value, _TypeMarker):
+        return (value.name,)
+    return ()
+
+
+_FINGERPRINTS = {key: _fingerprint(value) for key, value in SAFE_FUNCTIONS.items()}
+
+
+def stand_ins_tampered() -> list[tuple[str, str]]:
+    """Allowlisted globals whose stand-in a pickle changed (BUILD on the global itself sets a
+    function's attributes or a class's methods), restored to what they were. The C unpickler
+    does this before we can refuse it; undoing it keeps the next file in this process honest."""
+    changed = []
+    for key, before in _FINGERPRINTS.items():
+        value = SAFE_FUNCTIONS[key]
+        if _fingerprint(value) == before:
+            continue
+        changed.append(key)
+        if hasattr(value, "__code__") and not isinstance(value, type):
+            value.__code__, value.__defaults__, value.__kwdefaults__ = before[0], before[1], before[2]
+            vars(value).clear()
+            vars(value).update(before[3])
+        elif isinstance(value, _TypeMarker):
+            value.name = before[0]
+        elif isinstance(value, type):
+            originals = _CLASS_ATTRS[value]
+            for name in [k for k in vars(value) if k not in originals]:
+                delattr(value, name)
+            for name, attr in originals.items():
+                if vars(value).get(name) is not attr:
+                    setattr(value, name, attr)
+    return changed
+
+
+_CLASS_ATTRS = {v: dict(vars(v)) for v in SAFE_FUNCTIONS.values() if isinstance(v, type)}
+
 _DATA_BUILDERS = tuple(SAFE_FUNCTIONS[("builtins", n)] for n in ("set", "frozenset", "bytes", "bytearray", "complex"))
 
 _TORCH_NAMED_CONSTANTS = {
@@ -1261,6 +1304,18 @@ class SafeUnpickler(pickle.Unpickler):
         self._known_schema = known_schema
         self.globals: dict[tuple[str, str], GlobalRef] = {}
         self._inert_classes: dict[tuple[str, str], type] = {}
+        self.tampered: list[tuple[str, str]] = []  # allowlisted stand-ins the pickle changed
+
+    def load(self) -> Any:
+        try:
+            return super().load()
+        finally:
+            self.tampered = stand_ins_tampered()
+            for key in self.tampered:
+                ref = self.globals.get(key)
+                if ref is not None:
+                    _record_call(ref, f"{ref.qualname}.__setstate__(...)", True)
+                    _escalate(ref, TAMPERS, force=True)
 
     def find_class(self, module: str, name: str) -> Any:
         module, name = str(module)[:256], str(name)[:256]
@@ -1451,6 +1506,12 @@ def safe_load(
         raise _attach(
             UnsafePickleError(f"{source}: malformed pickle{detail}", hint=DAMAGED), unpickler.globals.values()
         ) from exc
+    if unpickler.tampered:
+        names = ", ".join(".".join(k) for k in unpickler.tampered[:2])
+        raise _attach(
+            UnsafePickleError(f"{source}: the pickle overwrites {names} (tampering with module state: an attack)", hint=CRAFTED),
+            unpickler.globals.values(),
+        )
     return obj, list(unpickler.globals.values()), end
 
 
