@@ -20,10 +20,11 @@ from pathlib import Path
 from ..checkpoint import GlobalRef
 from ..errors import MscopeError
 from .unpickler import reachable_globals
-from .ziparchive import ZipArchive, ZipEntry
+from .ziparchive import STORED, ZipArchive, ZipEntry
 
-MAX_MEMBER_BYTES = 64 << 20  # per member scanned (torch pickles are read whole up to 2 GB)
-MAX_FILE_BYTES = 64 << 20  # a larger file that is not a zip: only its first bytes are searched
+MAX_MEMBER_BYTES = 64 << 20  # per stored member scanned (torch pickles are read whole up to 2 GB)
+MAX_INFLATED_BYTES = 4 << 20  # per deflated member: a payload sits at a pickle's start, and a
+# zip bomb must not cost more here than where the reader refused it
 MAX_MEMBERS = 10_000  # members scanned per archive (storages a tensor uses are skipped)
 MAX_CHAIN = 8  # consecutive pickles in one stream (a legacy file has 5, then raw storages)
 
@@ -64,7 +65,8 @@ def zip_member_globals(archive: ZipArchive, skip: Iterable[str] = (), include_sh
         if entry.size > MAX_MEMBER_BYTES and entry.compressed_size > MAX_MEMBER_BYTES:
             continue
         try:
-            data = archive.loose_bytes(entry, MAX_MEMBER_BYTES)
+            limit = MAX_MEMBER_BYTES if entry.method == STORED else min(entry.size, MAX_INFLATED_BYTES)
+            data = archive.loose_bytes(entry, limit)
         except (MscopeError, ValueError, OverflowError):
             continue
         if not data:
@@ -87,10 +89,7 @@ def file_globals(path: Path) -> list[GlobalRef]:
                         return zip_member_globals(archive)
                 except MscopeError:
                     return []  # no readable directory: nothing a zip reader would open either
-            fh.seek(0)
-            if path.stat().st_size > MAX_FILE_BYTES:
-                return dangerous(stream_globals(fh.read(MAX_FILE_BYTES), path.name))
-            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)  # the scan reads no further than the pickles
             try:
                 return dangerous(stream_globals(buf, path.name))
             finally:

@@ -1532,12 +1532,15 @@ def would_call(refs: Any) -> str:
     return f"; a real load would call {', '.join(calls[:2])}{more}"
 
 
+MAX_PREFIX_BYTES = 64 << 20  # a broken pickle's valid part is copied to run it; payloads are small
+
+
 def run_prefix(data: bytes | memoryview, start: int, offset: int, source: str) -> list[GlobalRef]:
     """The globals a real load of `data[start:]` reaches before it fails at `offset` (where the
     exact scan stopped): the valid opcodes, closed with STOP, go through the same scan (lengths,
     memo, cost, depth) and the same unpickler, whose error is then beside the point."""
     for _ in range(4):
-        if offset <= start:
+        if offset <= start or offset - start > MAX_PREFIX_BYTES:
             return []
         chunk = bytes(data[start:offset]) + b"."
         try:
