@@ -25,6 +25,7 @@ from .ziparchive import STORED, ZipArchive, ZipEntry
 MAX_MEMBER_BYTES = 64 << 20  # per stored member scanned (torch pickles are read whole up to 2 GB)
 MAX_INFLATED_BYTES = 4 << 20  # per deflated member: a payload sits at a pickle's start, and a
 # zip bomb must not cost more here than where the reader refused it
+MAX_TOTAL_BYTES = 256 << 20  # read or inflated per archive, all members together
 MAX_MEMBERS = 10_000  # members scanned per archive (storages a tensor uses are skipped)
 MAX_CHAIN = 8  # consecutive pickles in one stream (a legacy file has 5, then raw storages)
 
@@ -59,14 +60,18 @@ def zip_member_globals(archive: ZipArchive, skip: Iterable[str] = (), include_sh
         entries += archive.shadowed
     found: list[GlobalRef] = []
     name = archive.path.name
+    seen: set[int] = set()  # overlapping entries (one local header, thousands of names): once
+    budget = MAX_TOTAL_BYTES
     for count, entry in enumerate(entries):
-        if count >= MAX_MEMBERS:
+        if count >= MAX_MEMBERS or budget <= 0:
             break
-        if entry.size > MAX_MEMBER_BYTES and entry.compressed_size > MAX_MEMBER_BYTES:
+        if entry.header_offset in seen or (entry.size > MAX_MEMBER_BYTES and entry.compressed_size > MAX_MEMBER_BYTES):
             continue
+        seen.add(entry.header_offset)
         try:
             limit = MAX_MEMBER_BYTES if entry.method == STORED else min(entry.size, MAX_INFLATED_BYTES)
-            data = archive.loose_bytes(entry, limit)
+            data = archive.loose_bytes(entry, min(limit, budget))
+            budget -= len(data or b"")
         except (MscopeError, ValueError, OverflowError):
             continue
         if not data:
