@@ -1571,5 +1571,13 @@ def reachable_globals(data: bytes | memoryview, *, source: str, start: int = 0) 
     try:
         _, refs, end = safe_load(data, source=source, persistent_load=_any_persistent_id, start=start)
     except MscopeError as exc:
+        # The error's frames link back to our callers (an archive, 100k directory entries):
+        # a cycle that outlives a gc-disabled command unless we cut it here.
+        link: BaseException | None = exc
+        for _ in range(8):
+            if link is None:
+                break
+            link.__traceback__ = None
+            link = link.__cause__ or link.__context__
         return list(getattr(exc, "pickle_globals", ())), None
     return refs, end
