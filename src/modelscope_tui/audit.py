@@ -109,7 +109,11 @@ CODES: dict[str, tuple[str, str, str]] = {
     "shard-total-size": ("shard", WARNING, "index total_size disagrees with the shards"),
     "reader-warning": ("reader", WARNING, "another warning from the reader"),
     # load-ability
-    "dangerous-global": ("dangerous", ERROR, "a pickle global that can run code when loaded"),
+    "dangerous-global": (
+        "dangerous",
+        ERROR,
+        "a global the pickle calls (outside the data constructors), tampers with, or known to run code",
+    ),
     "unsafe-global": ("unsafe", WARNING, "globals torch.load(weights_only=True) rejects"),
     "map-location": ("device", WARNING, "tensors saved on an accelerator need map_location"),
     "no-data": ("nodata", WARNING, "tensors stored without values (meta, quantized, sparse...)"),
