@@ -110,7 +110,11 @@ CODES: dict[str, tuple[str, str, str]] = {
     "shard-total-size": ("shard", WARNING, "index total_size disagrees with the shards"),
     "reader-warning": ("reader", WARNING, "another warning from the reader"),
     # load-ability
-    "dangerous-global": ("dangerous", ERROR, "a pickle global that can run code when loaded"),
+    "dangerous-global": (
+        "dangerous",
+        ERROR,
+        "a global the pickle calls (outside the data constructors), tampers with, or known to run code",
+    ),
     "unsafe-global": ("unsafe", WARNING, "globals torch.load(weights_only=True) rejects"),
     "map-location": ("device", WARNING, "tensors saved on an accelerator need map_location"),
     "no-data": ("nodata", WARNING, "tensors stored without values (meta, quantized, sparse...)"),
@@ -1477,19 +1481,10 @@ def add_safe_globals_line(globals_: Iterable[Any]) -> str | None:
     return f"{imports}torch.serialization.add_safe_globals([{', '.join(names)}])"
 
 
-def check_loadability(ckpt: Checkpoint) -> tuple[list[Finding], dict[str, Any]]:
-    out: list[Finding] = []
-    info: dict[str, Any] = {}
-    pickled = ckpt.format in (
-        "torch-zip",
-        "torch-legacy",
-        "pickle",
-        "torchscript",
-        "sharded-torch",
-        "dcp",
-    )
-    dangerous = [g for g in ckpt.globals if g.safety == "dangerous"]
-    unsafe = [g for g in ckpt.globals if g.safety == "unsafe"]
+def dangerous_findings(dangerous: Iterable[Any]) -> list[Finding]:
+    """One `dangerous-global` finding per dangerous global: what it is, why (the pickle calls it,
+    tampers with it, or it is known to run code), and the call it would make."""
+    out = []
     for g in dangerous:
         calls = f"; would call {g.calls[0]}" if g.calls else ""
         out.append(
@@ -1503,6 +1498,23 @@ def check_loadability(ckpt: Checkpoint) -> tuple[list[Finding], dict[str, Any]]:
                 pickle=g.pickle,
             )
         )
+    return out
+
+
+def check_loadability(ckpt: Checkpoint) -> tuple[list[Finding], dict[str, Any]]:
+    out: list[Finding] = []
+    info: dict[str, Any] = {}
+    pickled = ckpt.format in (
+        "torch-zip",
+        "torch-legacy",
+        "pickle",
+        "torchscript",
+        "sharded-torch",
+        "dcp",
+    )
+    dangerous = [g for g in ckpt.globals if g.safety == "dangerous"]
+    unsafe = [g for g in ckpt.globals if g.safety == "unsafe"]
+    out.extend(dangerous_findings(dangerous))
     line = add_safe_globals_line(unsafe)
     if unsafe:
         functions = [g.qualname for g in unsafe if not g.name[:1].isupper()]
@@ -2156,13 +2168,18 @@ def audit_path(path: str | os.PathLike, **kwargs: Any) -> AuditReport:
     """Open and audit. Files that cannot be opened become a report with an `unreadable-file`
     finding; a sharded set that does not open is checked shard by shard. NotFoundError and
     UnsupportedFormatError still raise (nothing to audit)."""
-    from .errors import CorruptCheckpointError, UnsafePickleError
+    from .errors import CorruptCheckpointError, UnsafePickleError, UnsupportedFormatError
     from .readers import open_checkpoint, sniff
 
     path = Path(path)
     try:
         ckpt = open_checkpoint(path, strict=False)
-    except (CorruptCheckpointError, UnsafePickleError, TensorDataError) as exc:
+    except (CorruptCheckpointError, UnsafePickleError, TensorDataError, UnsupportedFormatError) as exc:
+        # A payload counts even where the checkpoint does not: pickle.load runs it before it
+        # notices the damage (the reader searched the file, see readers.payloads).
+        payloads = [g for g in getattr(exc, "pickle_globals", ()) if g.safety == "dangerous"]
+        if isinstance(exc, UnsupportedFormatError) and not payloads:
+            raise
         kind = None
         try:
             kind = sniff(path)
@@ -2180,6 +2197,9 @@ def audit_path(path: str | os.PathLike, **kwargs: Any) -> AuditReport:
             report.findings += check_shard_set(path)
         if not report.findings:
             report.findings.append(finding("unreadable-file", exc.message, None, hint=exc.hint))
+        report.findings += dangerous_findings(payloads)
+        if payloads:
+            report.loadability["dangerous_globals"] = [g.qualname for g in payloads]
         return report
     return run_audit(ckpt, **kwargs)
 

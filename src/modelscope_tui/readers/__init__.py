@@ -125,6 +125,8 @@ def _open_checkpoint(path: Path, strict: bool) -> Checkpoint:
         name = Path(exc.path).name  # "/x/model.pt: model.pt:archive/data.pkl: ..." says it twice
         if name and exc.message.startswith(f"{name}:"):
             exc.message = exc.message[len(name) + 1 :].lstrip()
+        if not isinstance(exc, NotFoundError):
+            _payloads_of_unreadable(path, exc)
         raise
     except FileNotFoundError as exc:
         raise NotFoundError("no such file or directory", path) from exc
@@ -154,6 +156,22 @@ def _open_checkpoint(path: Path, strict: bool) -> Checkpoint:
             ckpt.problems[0] + more, path, "the file is truncated or corrupt; re-download or re-save it"
         )
     return ckpt
+
+
+def _payloads_of_unreadable(path: Path, exc: MscopeError) -> None:
+    """A file we cannot read may still run code in a loader that reads less carefully: give the
+    error every dangerous global a loader would reach (`exc.pickle_globals`; see readers.payloads),
+    and make its one line say what would run."""
+    from .payloads import dangerous, file_globals, merge
+    from .unpickler import would_call
+
+    found = dangerous(getattr(exc, "pickle_globals", ()))
+    said = bool(found)  # safe_load already put them in the message
+    if path.is_file():
+        found = merge(found, file_globals(path))
+    exc.pickle_globals = found  # type: ignore[attr-defined]
+    if found and not said:
+        exc.message += would_call(found)
 
 
 MAX_VIEW_EXPANSION = 64

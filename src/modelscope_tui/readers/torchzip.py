@@ -129,6 +129,7 @@ def read_torch_zip(path: Path, archive: ZipArchive) -> Checkpoint:
     if archive.duplicates:
         ckpt.problems.append(f"archive has duplicate members: {', '.join(archive.duplicates[:3])}")
         ckpt.globals.extend(shadowed_pickle_globals(path, archive, ckpt.problems))
+    ckpt.globals.extend(other_member_globals(archive, [f"{prefix}data.pkl"], storages))
     ckpt.problems.extend(storages.problems)
     Walker(ckpt).walk_root(root)
     return ckpt
@@ -153,6 +154,17 @@ def shadowed_pickle_globals(path: Path, archive: ZipArchive, problems: list[str]
             continue
         found.extend(refs)
     return found
+
+
+def other_member_globals(archive: ZipArchive, loaded: list[str], *tables: StorageTable) -> list:
+    """Dangerous globals of members torch.load does not unpickle but another loader could (a
+    pickle in another folder, under another name): see readers.payloads."""
+    from .payloads import zip_member_globals
+
+    skip = set(loaded)
+    for table in tables:
+        skip.update(table.folder + key for key in table.records)
+    return zip_member_globals(archive, skip, include_shadowed=False)
 
 
 def _byteorder(archive: ZipArchive, prefix: str) -> str:
@@ -265,6 +277,8 @@ def read_torchscript(path: Path, archive: ZipArchive, prefix: str) -> Checkpoint
     if archive.duplicates:
         ckpt.problems.append(f"archive has duplicate members: {', '.join(archive.duplicates[:3])}")
         ckpt.globals.extend(shadowed_pickle_globals(path, archive, ckpt.problems))
+    loaded = [f"{prefix}data.pkl", const_name]
+    ckpt.globals.extend(other_member_globals(archive, loaded, storages, const_storages))
     ckpt.problems.extend(storages.problems + const_storages.problems)
     ckpt.metadata["code_files"] = sorted(n[len(prefix) :] for n in archive.entries if n.startswith(f"{prefix}code/") and n.endswith(".py"))
     if isinstance(root, Inert):

@@ -338,8 +338,10 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
     depths: list[int] = []  # depth of each stack slot (see MAX_NESTING); _MARK_DEPTH for a MARK
     memo: dict[int, int] = {}
     deepest = 0
+    op = start  # where the opcode being read starts: the valid prefix ends there (see run_prefix)
     try:
         while pos < end:
+            op = pos
             code = data[pos]
             k = table[code]
             cost += costs[code]
@@ -465,12 +467,59 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
                 )
     except (IndexError, struct.error):
         pass
-    raise UnsafePickleError(f"{source}: pickle data is truncated", hint="the file is incomplete; re-download or re-save it")
+    except UnsafePickleError as exc:
+        exc.offset = op
+        raise
+    exc = UnsafePickleError(f"{source}: pickle data is truncated", hint="the file is incomplete; re-download or re-save it")
+    exc.offset = pos if pos == end else op
+    raise exc
 
 
 # ----------------------------------------------------------------------------------------------
 # Inert stand-ins for globals we refuse to import
 # ----------------------------------------------------------------------------------------------
+def _acts_on_global(verb: str) -> Callable[[Callable[..., Any]], Any]:
+    """Decorate an Inert method so that, looked up on a generated class itself (the global the
+    pickle named) instead of on an instance, it records tampering. BUILD finds `__setstate__`,
+    APPEND(S) `append`/`extend` and ADDITEMS `add` by attribute lookup on their target; when the
+    target is a module or class named by GLOBAL, a real load would overwrite or extend module
+    state (`torch._utils._rebuild_tensor_v2 = os.system`), not build an object."""
+
+    def wrap(method: Callable[..., Any]) -> Any:
+        return _GlobalGuard(method, verb)
+
+    return wrap
+
+
+class _GlobalGuard:
+    __slots__ = ("method", "verb")
+
+    def __init__(self, method: Callable[..., Any], verb: str):
+        self.method = method
+        self.verb = verb
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is not None:
+            return self.method.__get__(obj, owner)
+        ref = getattr(owner, "_global", None)
+        if ref is None:  # Inert itself (introspection, never the pickle)
+            return self.method
+        return functools.partial(_tamper, ref, self.verb)
+
+
+class _InertMeta(type):
+    """Metaclass of the generated inert classes: what the pickle does to the global itself.
+    REDUCE, and OBJ/INST with arguments, call it (type.__call__); NEWOBJ only asks for
+    `__new__` (see _new_records); SETITEM(S) on it writes into module state."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Inert:
+        judge_call(cls._global, args, kwargs)  # type: ignore[attr-defined]
+        return Inert.__new__(cls, *args, **kwargs)
+
+    def __setitem__(cls, key: Any, value: Any) -> None:
+        _tamper(cls._global, "setitem", key, value)  # type: ignore[attr-defined]
+
+
 class Inert:
     """An object of a class (or result of a call) the pickle named. It only records."""
 
@@ -490,6 +539,7 @@ class Inert:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
 
+    @_acts_on_global("build")
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
@@ -498,6 +548,7 @@ class Inert:
 
         Payloads chain calls this way; record the call on the instance's global and return
         another inert result (never fail: the file must still open and show what it would do).
+        Calling an object runs its class's code with arguments the pickle chose: dangerous.
         """
         cls = type(self)
         result = Inert.__new__(cls, *args, **kwargs)
@@ -505,6 +556,7 @@ class Inert:
         ref = cls._global
         if len(ref.calls) < MAX_CALLS_SHOWN:
             ref.calls.append(_render_arg(result))
+        _escalate(ref, CALLS_OBJECT)
         return result
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -515,15 +567,18 @@ class Inert:
         except TypeError:
             self.items[repr(key)] = value
 
+    @_acts_on_global("append")
     def append(self, value: Any) -> None:
         if self.listitems is None:
             self.listitems = []
         self.listitems.append(value)
 
+    @_acts_on_global("extend")
     def extend(self, values: Any) -> None:
         for value in values:
             self.append(value)
 
+    @_acts_on_global("add")
     def add(self, value: Any) -> None:
         self.append(value)
 
@@ -813,10 +868,22 @@ def _bytes_from_text(kind: type) -> Callable[..., Any]:
 
 
 def _reconstructor(cls: Any, base: Any = None, state: Any = None) -> Any:
-    """copyreg._reconstructor as protocol 0/1 pickles use it: an empty object of `cls`."""
-    if isinstance(cls, type) and issubclass(cls, Inert):
-        return cls.__new__(cls)
-    raise UnsafePickleError(f"unexpected copyreg._reconstructor target {_short(cls)}")
+    """copyreg._reconstructor as protocol 0/1 pickles use it: `base.__new__(cls, state)`, then
+    `base.__init__(obj, state)` unless base is object. An empty object of `cls` (its dict
+    contents when base is dict); a base other than object or a builtin data type would have
+    its `__init__` run with the pickle's state: judged as a call of that base."""
+    if not (isinstance(cls, type) and issubclass(cls, Inert)):
+        raise UnsafePickleError(f"unexpected copyreg._reconstructor target {_short(cls)}")
+    obj = Inert.__new__(cls)
+    if isinstance(base, type) and issubclass(base, Inert):
+        if base._global.qualname not in DATA_TYPES:
+            judge_call(base._global, (state,), {})
+    elif base is not None and base is not OrderedDict:
+        raise UnsafePickleError(f"unexpected copyreg._reconstructor base {_short(base)}")
+    if isinstance(state, dict):
+        for key, value in state.items():
+            obj[key] = value
+    return obj
 
 
 def _passthrough(value: Any = None, *rest: Any) -> Any:
@@ -920,13 +987,58 @@ def refused_build_refs(refused: list[tuple[Any, Any]], source: str) -> list[Glob
         if ref is None:
             ref = refs[key] = GlobalRef(
                 module, key[1], "dangerous", pickle=source,
-                reason="rewrites an object after it was built (BUILD); mscope refused the change",
+                reason="tampering: rewrites an object after it was built (BUILD); mscope refused the change",
             )  # fmt: skip
         ref.count += 1
         if len(ref.calls) < MAX_CALLS_SHOWN:
             ref.calls.append(render_call(ref.qualname, (state,)))
     return list(refs.values())
 
+
+def _fingerprint(value: Any) -> tuple:
+    """What BUILD can change on one of our stand-ins (a function's dict and defaults, a class's or
+    marker's attributes): compared after each load, see stand_ins_tampered."""
+    if isinstance(value, type):
+        return tuple((k, id(v)) for k, v in vars(value).items())
+    if hasattr(value, "__code__"):
+        return (value.__code__, value.__defaults__, value.__kwdefaults__, tuple(vars(value).items()))
+    if isinstance(value, _TypeMarker):
+        return (value.name,)
+    return ()
+
+
+_FINGERPRINTS = {key: _fingerprint(value) for key, value in SAFE_FUNCTIONS.items()}
+
+
+def stand_ins_tampered() -> list[tuple[str, str]]:
+    """Allowlisted globals whose stand-in a pickle changed (BUILD on the global itself sets a
+    function's attributes or a class's methods), restored to what they were. The C unpickler
+    does this before we can refuse it; undoing it keeps the next file in this process honest."""
+    changed = []
+    for key, before in _FINGERPRINTS.items():
+        value = SAFE_FUNCTIONS[key]
+        if _fingerprint(value) == before:
+            continue
+        changed.append(key)
+        if hasattr(value, "__code__") and not isinstance(value, type):
+            value.__code__, value.__defaults__, value.__kwdefaults__ = before[0], before[1], before[2]
+            vars(value).clear()
+            vars(value).update(before[3])
+        elif isinstance(value, _TypeMarker):
+            value.name = before[0]
+        elif isinstance(value, type):
+            originals = _CLASS_ATTRS[value]
+            for name in [k for k in vars(value) if k not in originals]:
+                delattr(value, name)
+            for name, attr in originals.items():
+                if vars(value).get(name) is not attr:
+                    setattr(value, name, attr)
+    return changed
+
+
+_CLASS_ATTRS = {v: dict(vars(v)) for v in SAFE_FUNCTIONS.values() if isinstance(v, type)}
+
+_DATA_BUILDERS = tuple(SAFE_FUNCTIONS[("builtins", n)] for n in ("set", "frozenset", "bytes", "bytearray", "complex"))
 
 _TORCH_NAMED_CONSTANTS = {
     "contiguous_format", "channels_last", "channels_last_3d", "preserve_format",
@@ -956,7 +1068,7 @@ _DANGEROUS_NAMES = {
     "builtins": {
         "eval", "exec", "compile", "open", "__import__", "getattr", "setattr", "delattr",
         "globals", "locals", "vars", "input", "breakpoint", "help", "exit", "quit", "memoryview",
-        "type", "object", "classmethod", "staticmethod", "property", "super", "print",
+        "type", "classmethod", "staticmethod", "property", "super", "print",
         "range", "map", "filter", "zip", "iter", "next", "apply",
         "execfile", "reload", "file", "dir", "id", "hasattr", "callable", "__build_class__",
     },
@@ -996,6 +1108,75 @@ _EFFECTS = {
     "ctypes": "call native code",
     "marshal": "load compiled code",
     "types": "build functions or code objects",
+    # The explanations below only word the report: calling any global outside DATA_CALLS is
+    # dangerous whether or not it is listed here.
+    "os": "run commands or change files",
+    "posix": "run commands or change files",
+    "nt": "run commands or change files",
+    "pty": "start a shell",
+    "builtins.setattr": "overwrite an attribute of any object",
+    "builtins.delattr": "delete an attribute of any object",
+    "builtins.type": "create a class",
+    "pkgutil.resolve_name": "return any function by its name (e.g. 'os:system')",
+    "pkgutil": "import modules by name",
+    "uuid._get_command_stdout": "run a command",
+    "torch.utils.collect_env": "run a shell command",
+    "_interpreters": "run Python code in a subinterpreter",
+    "_xxsubinterpreters": "run Python code in a subinterpreter",
+    "interpreters": "run Python code in a subinterpreter",
+    "logging.FileHandler": "create or append to a file at a path the pickle chooses",
+    "logging.handlers": "write files or open network connections",
+    "logging.config": "load logging configuration (which can import and call anything)",
+    "code": "run Python code",
+    "codeop": "compile Python code",
+    "timeit": "run Python code",
+    "cProfile": "run Python code",
+    "profile": "run Python code",
+    "trace": "run Python code",
+    "pdb": "run Python code",
+    "bdb": "run Python code",
+    "doctest": "run Python code",
+    "pydoc": "run a shell command",
+    "platform": "run a command",
+    "multiprocessing": "start processes",
+    "asyncio": "start processes or open network connections",
+    "threading": "start threads",
+    "_thread": "start threads",
+    "sys": "change the interpreter's state",
+    "gc": "reach any object in the process",
+    "inspect": "reach into frames and objects",
+    "site": "change import paths",
+    "zipimport": "import code from an archive",
+    "imp": "import a module",
+    "copyreg": "change how objects are pickled and unpickled",
+    "dill": "unpickle nested data (with no restrictions)",
+    "cloudpickle": "unpickle nested data (with no restrictions)",
+    "joblib": "unpickle nested data (with no restrictions)",
+    "io": "open a file",
+    "_io": "open a file",
+    "codecs.open": "open a file",
+    "tempfile": "create files",
+    "shelve": "open a database file (and unpickle from it)",
+    "tarfile": "read or write archives and files",
+    "zipfile": "read or write archives and files",
+    "sqlite3": "open a database file",
+    "http": "open network connections",
+    "urllib": "open network connections",
+    "requests": "open network connections",
+    "ftplib": "open network connections",
+    "smtplib": "open network connections",
+    "telnetlib": "open network connections",
+    "torch.hub": "download and run code",
+    "torch.jit": "compile and run TorchScript",
+    "torch.utils.cpp_extension": "compile and load native code",
+    "torch._dynamo": "compile and run code",
+    "torch._inductor": "compile and run code",
+    "torch.package": "import code from a package archive",
+    "torch.distributed.rpc": "run code on remote workers",
+    "torch.multiprocessing": "start processes",
+    "numpy.load": "load a nested pickle (allow_pickle)",
+    "numpy.f2py": "compile code",
+    "numpy.testing": "run Python code",
 }
 
 
@@ -1034,11 +1215,215 @@ def _dangerous_module(module: str) -> bool:
 
 
 def _effect(module: str, name: str) -> str:
+    return f"can {known_effect(module, name) or 'execute code when loaded'}"
+
+
+def known_effect(module: str, name: str) -> str | None:
+    """What a known-bad global does ("run a shell command"), or None. Only words the report:
+    whether a global is dangerous depends on what the pickle does with it (judge_call)."""
     qual = f"{module}.{name}"
-    for key in (qual, module, module.split(".", 1)[0]):
+    parts = module.split(".")
+    for key in (qual, *(".".join(parts[:i]) for i in range(len(parts), 0, -1))):
         if key in _EFFECTS:
-            return f"can {_EFFECTS[key]}"
-    return "can execute code when loaded"
+            return _EFFECTS[key]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# What the pickle does with a global: name it, rebuild an object of it, call it, or tamper
+# ----------------------------------------------------------------------------------------------
+# A global the pickle only names, or whose objects it rebuilds the way torch.save(model) does
+# (NEWOBJ with no arguments or with plain data, then BUILD), keeps its classification above
+# ("unsafe" unless known-bad). A global the pickle *calls* with arguments it chooses (REDUCE,
+# OBJ/INST with arguments, NEWOBJ with objects, an object it built being called) is dangerous
+# unless it is a pure-data constructor given plain data (DATA_CALLS). A list of known-bad names
+# cannot keep up with the next gadget; this rule does not need to.
+CALLED = (
+    "called by the pickle with arguments it chooses, and not a known data constructor: "
+    "a plain torch.load would import it and run it"
+)
+NEW_WITH_OBJECTS = (
+    "its __new__ is called with objects the pickle chooses (how gadgets such as "
+    "functools.partial(os.system, ...) are assembled)"
+)
+CALLS_OBJECT = "the pickle calls an object of this class that it built: a plain torch.load would run the class's code"
+TAMPERS = (
+    "the pickle overwrites attributes or entries of this module or class: tampering with "
+    "module state, an attack (a later torch.load or call would run what it put there)"
+)
+MAX_DATA_NODES = 100_000
+
+# Builtin types whose instances are plain values: copyreg._reconstructor bases, defaultdict
+# factories, and data constructors below.
+DATA_TYPES = frozenset(
+    f"builtins.{n}" for n in ("object", "dict", "list", "tuple", "set", "frozenset", "int",
+                              "float", "complex", "str", "bytes", "bytearray", "bool")
+)  # fmt: skip
+_PLAIN_TYPES = (str, bytes, bytearray, int, float, bool, complex, type(None), DType, Device)
+_CONTAINER_TYPES = (tuple, list, dict, set, frozenset, OrderedDict, TorchSize)
+
+
+def is_data(value: Any) -> bool:
+    """True when `value` is plain pickle data: numbers, text, bytes, containers of them, tensor
+    records, and objects built by DATA_CALLS. Globals (classes, functions) and objects of other
+    classes are not data. Bounded: shared sub-objects are visited once, at most MAX_DATA_NODES."""
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if type(v) in _PLAIN_TYPES or isinstance(v, (TensorRecord, StorageRecord, StorageType)):
+            continue
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if len(seen) > MAX_DATA_NODES:
+            return False
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, _CONTAINER_TYPES):
+            stack.extend(v)
+        elif isinstance(v, Inert):
+            ref = type(v)._global
+            if v.callee is not None or ref.safety == "dangerous" or (ref.module, ref.name) not in DATA_CALLS:
+                return False
+            stack.extend((v.args, v.kwargs))
+        elif isinstance(v, type) and issubclass(v, Inert):
+            if v._global.qualname not in DATA_TYPES:
+                return False
+        else:
+            return False
+    return True
+
+
+def _plain_args(args: tuple, kwargs: dict) -> bool:
+    return is_data(args) and is_data(kwargs)
+
+
+def _no_args(args: tuple, kwargs: dict) -> bool:
+    return not args and not kwargs
+
+
+def _is_global(value: Any, *qualnames: str) -> bool:
+    return isinstance(value, type) and issubclass(value, Inert) and value._global.qualname in qualnames
+
+
+def _data_factory(value: Any) -> bool:
+    return value is None or value is OrderedDict or _is_global(value, *DATA_TYPES) or value in _DATA_BUILDERS
+
+
+def _defaultdict_args(args: tuple, kwargs: dict) -> bool:
+    return not kwargs and (not args or (_data_factory(args[0]) and is_data(args[1:])))
+
+
+def _ndarray_args(args: tuple, kwargs: dict) -> bool:
+    """numpy's _reconstruct(ndarray, shape, typecode): an empty array BUILD then fills with bytes."""
+    return not kwargs and len(args) == 3 and _is_global(args[0], "numpy.ndarray") and is_data(args[1:])
+
+
+def _dtype_args(args: tuple, kwargs: dict) -> bool:
+    return not kwargs and bool(args) and type(args[0]) is str and is_data(args)
+
+
+def _scalar_args(args: tuple, kwargs: dict) -> bool:
+    """numpy's scalar(dtype, bytes): a number from its bytes (the dtype built by numpy.dtype)."""
+    return (
+        not kwargs and 1 <= len(args) <= 2 and isinstance(args[0], Inert)
+        and args[0].qualname == "numpy.dtype" and is_data(args)
+    )  # fmt: skip
+
+
+def _text_args(args: tuple, kwargs: dict) -> bool:
+    return not kwargs and all(type(a) is str for a in args)
+
+
+# Pure-data constructors the pickle may call: given arguments that pass the check, each builds
+# a value from them and does nothing else (no import, no file, no attribute lookup by name, no
+# call of anything it is given). Anything else called is dangerous (judge_call).
+DATA_CALLS: dict[tuple[str, str], Callable[[tuple, dict], bool]] = {
+    **{("builtins", n): _plain_args for n in ("dict", "list", "tuple", "int", "float", "str", "bool")},
+    ("builtins", "object"): _no_args,
+    ("collections", "defaultdict"): _defaultdict_args,
+    ("collections", "Counter"): _plain_args,
+    ("collections", "deque"): _plain_args,
+    **{("datetime", n): _plain_args for n in ("datetime", "date", "time", "timedelta", "timezone")},
+    ("decimal", "Decimal"): _plain_args,
+    ("fractions", "Fraction"): _plain_args,
+    **{("pathlib", n): _text_args for n in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")},
+    ("numpy.core.multiarray", "_reconstruct"): _ndarray_args,
+    ("numpy._core.multiarray", "_reconstruct"): _ndarray_args,
+    ("numpy", "dtype"): _dtype_args,
+    # protocol 5: frombuffer(bytes, dtype).reshape(shape, order=order)
+    ("numpy.core.numeric", "_frombuffer"): _plain_args,
+    ("numpy._core.numeric", "_frombuffer"): _plain_args,
+    ("numpy.core.multiarray", "scalar"): _scalar_args,
+    ("numpy._core.multiarray", "scalar"): _scalar_args,
+}  # fmt: skip
+
+
+def _record_call(ref: GlobalRef, text: str, important: bool) -> None:
+    if len(ref.calls) < MAX_CALLS_SHOWN:
+        ref.calls.append(text)
+    elif important and ref.safety != "dangerous":
+        ref.calls[-1] = text  # the call that made it dangerous is the one to show
+
+
+def _escalate(ref: GlobalRef, reason: str, force: bool = False) -> None:
+    if ref.safety != "dangerous" or force:
+        effect = known_effect(ref.module, ref.name)
+        ref.reason = f"{reason}; it can {effect}" if effect and not force else reason
+        ref.safety = "dangerous"
+
+
+def judge_call(ref: GlobalRef, args: tuple, kwargs: dict) -> None:
+    """REDUCE, or OBJ/INST with arguments: the pickle calls `ref(*args, **kwargs)`."""
+    check = DATA_CALLS.get((ref.module, ref.name))
+    data = ref.safety == "safe" or (check is not None and check(args, kwargs))  # safe: a format's schema
+    if args or kwargs or not data:
+        _record_call(ref, render_call(ref.qualname, args, kwargs), not data)
+    if not data:
+        _escalate(ref, CALLED)
+
+
+def judge_new(ref: GlobalRef, args: tuple, kwargs: dict) -> None:
+    """NEWOBJ(_EX) with arguments: `cls.__new__(cls, *args)`. Given plain data this is how pickle
+    rebuilds tuple, int and str subclasses (namedtuples) and stays "unsafe"; given globals or
+    objects it assembles a gadget (`functools.partial.__new__(partial, os.system, 'cmd')`)."""
+    data = ref.safety == "safe" or _plain_args(args, kwargs)
+    _record_call(ref, render_call(f"{ref.qualname}.__new__", args, kwargs), not data)
+    if not data:
+        _escalate(ref, NEW_WITH_OBJECTS)
+
+
+def _tamper(ref: GlobalRef, verb: str, *args: Any) -> None:
+    """BUILD, SETITEM, APPEND(S) or ADDITEMS on a global itself (see _acts_on_global)."""
+    out = _Renderer(160)
+    if verb == "build":
+        state = args[0] if args else None
+        items: list[tuple[Any, Any]] = []
+        for part in state if isinstance(state, tuple) and len(state) == 2 else (state,):
+            if isinstance(part, dict):
+                items.extend(itertools.islice(part.items(), 8))
+        if not items:
+            out.put(f"{ref.qualname}.__setstate__(")
+            out.value(state, 1)
+            out.put(")")
+        for i, (key, value) in enumerate(items):
+            if i:
+                out.put("; ")
+            out.put(f"{ref.qualname}.{key}" if isinstance(key, str) else f"{ref.qualname}.{_short(key, 40)}")
+            out.put(" = ")
+            out.value(value, 1)
+    elif verb == "setitem":
+        out.put(f"{ref.qualname}[")
+        out.value(args[0], 1)
+        out.put("] = ")
+        out.value(args[1], 1)
+    else:
+        out.put(f"{ref.qualname}.{verb}(")
+        out.value(args[0] if args else None, 1)
+        out.put(")")
+    _record_call(ref, out.text(), True)
+    _escalate(ref, TAMPERS, force=True)
 
 
 def _torch_data_global(module: str, name: str) -> Any:
@@ -1118,6 +1503,18 @@ class SafeUnpickler(pickle.Unpickler):
         self._known_schema = known_schema
         self.globals: dict[tuple[str, str], GlobalRef] = {}
         self._inert_classes: dict[tuple[str, str], type] = {}
+        self.tampered: list[tuple[str, str]] = []  # allowlisted stand-ins the pickle changed
+
+    def load(self) -> Any:
+        try:
+            return super().load()
+        finally:
+            self.tampered = stand_ins_tampered()
+            for key in self.tampered:
+                ref = self.globals.get(key)
+                if ref is not None:
+                    _record_call(ref, f"{ref.qualname}.__setstate__(...)", True)
+                    _escalate(ref, TAMPERS, force=True)
 
     def find_class(self, module: str, name: str) -> Any:
         module, name = str(module)[:256], str(name)[:256]
@@ -1150,14 +1547,14 @@ class SafeUnpickler(pickle.Unpickler):
         return cls
 
     def _make_inert(self, ref: GlobalRef) -> type:
-        def record_call(cls: type, *args: Any, **kwargs: Any) -> Inert:
-            obj = Inert.__new__(cls, *args, **kwargs)
-            if (args or kwargs) and len(ref.calls) < MAX_CALLS_SHOWN:
-                ref.calls.append(render_call(ref.qualname, args, kwargs))
-            return obj
+        def new(cls: type, *args: Any, **kwargs: Any) -> Inert:
+            """`cls.__new__(cls, *args)`: NEWOBJ, NEWOBJ_EX, OBJ/INST without arguments."""
+            if args or kwargs:
+                judge_new(ref, args, kwargs)
+            return Inert.__new__(cls, *args, **kwargs)
 
         safe_name = "".join(c if c.isalnum() or c == "_" else "_" for c in ref.name) or "_"
-        return type(safe_name, (Inert,), {"__slots__": (), "_global": ref, "__new__": record_call})
+        return _InertMeta(safe_name, (Inert,), {"__slots__": (), "_global": ref, "__new__": new})
 
 
 def render_call(qualname: str, args: tuple, kwargs: dict | None = None, limit: int = 160) -> str:
@@ -1266,8 +1663,17 @@ def safe_load(
     known_schema: Callable[[str, str], bool] | None = None,
     start: int = 0,
 ) -> tuple[Any, list[GlobalRef], int]:
-    """Unpickle one pickle from `data[start:]` safely: (object, globals it named, end offset)."""
-    end = scan_pickle(data, start, source)
+    """Unpickle one pickle from `data[start:]` safely: (object, globals it named, end offset).
+
+    A pickle that fails still tells what a real load would have done before failing (pickle.load
+    runs every opcode up to the bad one: the nullifAI technique). The raised error carries those
+    globals as `pickle_globals`, and its line says what the dangerous ones would call."""
+    try:
+        end = scan_pickle(data, start, source)
+    except UnsafePickleError as exc:
+        offset = getattr(exc, "offset", None)
+        _attach(exc, run_prefix(data, start, offset, source) if offset is not None else [])
+        raise
     unpickler = SafeUnpickler(
         data[start:end], source=source, persistent_load=persistent_load, known_schema=known_schema
     )
@@ -1278,15 +1684,100 @@ def safe_load(
         if not exc.message.startswith(source):
             exc.message = f"{source}: {exc.message}"
         exc.hint = exc.hint or DAMAGED
+        _attach(exc, unpickler.globals.values())
         raise
     except RecursionError as exc:
-        raise UnsafePickleError(f"{source}: pickle nests too deeply", hint=CRAFTED) from exc
+        raise _attach(UnsafePickleError(f"{source}: pickle nests too deeply", hint=CRAFTED), unpickler.globals.values()) from exc
     except MemoryError as exc:
-        raise UnsafePickleError(f"{source}: pickle asks for more memory than it can hold", hint=CRAFTED) from exc
+        raise _attach(
+            UnsafePickleError(f"{source}: pickle asks for more memory than it can hold", hint=CRAFTED), unpickler.globals.values()
+        ) from exc
     except MscopeError as exc:
         exc.hint = exc.hint or DAMAGED
+        _attach(exc, unpickler.globals.values())
         raise
     except Exception as exc:  # a malformed pickle can raise almost anything from the C unpickler
-        detail = " ".join(str(exc).split())[:100]
-        raise UnsafePickleError(f"{source}: malformed pickle ({type(exc).__name__}: {detail})", hint=DAMAGED) from exc
+        # The C unpickler's own words are about the pickle; anything else came from our inert
+        # stand-ins and would only confuse (`Inert.__setstate__() missing 1 required ...`).
+        if isinstance(exc, pickle.UnpicklingError):
+            detail = f" ({' '.join(str(exc).split())[:100]})"
+        else:
+            detail = f": its objects cannot be built ({type(exc).__name__})"
+        raise _attach(
+            UnsafePickleError(f"{source}: malformed pickle{detail}", hint=DAMAGED), unpickler.globals.values()
+        ) from exc
+    if unpickler.tampered:
+        names = ", ".join(".".join(k) for k in unpickler.tampered[:2])
+        raise _attach(
+            UnsafePickleError(f"{source}: the pickle overwrites {names} (tampering with module state: an attack)", hint=CRAFTED),
+            unpickler.globals.values(),
+        )
     return obj, [*unpickler.globals.values(), *refused_build_refs(refused, source)], end
+
+
+def _attach(exc: MscopeError, refs: Any) -> MscopeError:
+    """Give a pickle error the globals the pickle reached, and say what the dangerous ones call."""
+    refs = list(refs)
+    exc.pickle_globals = refs  # type: ignore[attr-defined]
+    exc.message += would_call(refs)
+    return exc
+
+
+def would_call(refs: Any) -> str:
+    """`; before that it would call os.system('touch x')` for the dangerous globals, or ""."""
+    calls = [c for r in refs if r.safety == "dangerous" for c in (r.calls or [r.qualname])]
+    if not calls:
+        return ""
+    more = f" and {len(calls) - 2} more" if len(calls) > 2 else ""
+    return f"; a real load would call {', '.join(calls[:2])}{more}"
+
+
+MAX_PREFIX_BYTES = 64 << 20  # a broken pickle's valid part is copied to run it; payloads are small
+
+
+def run_prefix(data: bytes | memoryview, start: int, offset: int, source: str) -> list[GlobalRef]:
+    """The globals a real load of `data[start:]` reaches before it fails at `offset` (where the
+    exact scan stopped): the valid opcodes, closed with STOP, go through the same scan (lengths,
+    memo, cost, depth) and the same unpickler, whose error is then beside the point."""
+    for _ in range(4):
+        if offset <= start or offset - start > MAX_PREFIX_BYTES:
+            return []
+        chunk = bytes(data[start:offset]) + b"."
+        try:
+            _scan_exact(chunk, 0, source)
+            break
+        except UnsafePickleError as exc:  # e.g. a memo index too large for the shorter pickle
+            cut = getattr(exc, "offset", None)
+            if cut is None or start + cut >= offset:
+                return []
+            offset = start + cut
+    else:
+        return []
+    unpickler = SafeUnpickler(chunk, source=source, persistent_load=_any_persistent_id)
+    try:
+        unpickler.load()
+    except Exception:  # noqa: BLE001 - expected: the prefix of a broken pickle rarely builds
+        pass
+    return list(unpickler.globals.values())
+
+
+def _any_persistent_id(pid: Any) -> None:
+    return None
+
+
+def reachable_globals(data: bytes | memoryview, *, source: str, start: int = 0) -> tuple[list[GlobalRef], int | None]:
+    """What loading the pickle at `data[start:]` would name and call, whatever follows: (globals,
+    end offset, or None when the pickle is broken). For pickles outside a checkpoint's layout."""
+    try:
+        _, refs, end = safe_load(data, source=source, persistent_load=_any_persistent_id, start=start)
+    except MscopeError as exc:
+        # The error's frames link back to our callers (an archive, 100k directory entries):
+        # a cycle that outlives a gc-disabled command unless we cut it here.
+        link: BaseException | None = exc
+        for _ in range(8):
+            if link is None:
+                break
+            link.__traceback__ = None
+            link = link.__cause__ or link.__context__
+        return list(getattr(exc, "pickle_globals", ())), None
+    return refs, end

@@ -198,6 +198,31 @@ class ZipArchive:
             raise self._corrupt(f"member {entry.name!r} runs past the end of the file")
         return start
 
+    def loose_bytes(self, entry: ZipEntry, limit: int) -> bytes | None:
+        """A member's bytes the way a lenient reader (torch's, joblib's) finds them: from its
+        local header, whatever name that header gives and whatever the flag bits say; inflated
+        up to `limit`. None when there is no local header or the data is unreadable. For
+        scanning pickles an attacker placed outside the checkpoint's layout, never for tensors."""
+        pos = entry.header_offset
+        if pos < 0 or pos + _LOCAL.size > self.size:
+            return None
+        signature, name_len, extra_len = _LOCAL_HEAD.unpack_from(self.buffer, pos)
+        if signature != b"PK\x03\x04":
+            return None
+        start = pos + _LOCAL.size + name_len + extra_len
+        size = min(entry.compressed_size, self.size - start)
+        if size <= 0:
+            return b""
+        if entry.method == STORED:
+            return bytes(self.buffer[start : start + min(size, limit)])
+        if entry.method == DEFLATED:
+            with memoryview(self.buffer) as view:  # no copy of a large compressed member
+                try:
+                    return zlib.decompressobj(-15).decompress(view[start : start + size], limit)
+                except zlib.error:
+                    return None
+        return None
+
     def read(self, name: str, limit: int, verify: bool = False) -> bytes:
         """The member's bytes, refusing members larger than `limit`, and deflated members whose
         output differs from the size the directory declares (so a zip bomb inflates no further).
