@@ -3,7 +3,10 @@
     python bench/fuzz_long.py --minutes 10 [--jobs 2] [--seed 0] [--out bench/_data/fuzz]
     python bench/fuzz_long.py --replay bench/_data/fuzz/00001-legacy    # rerun one reproducer
 
-Cases are random mutations (tests/hostile/mutate.py) of valid sample checkpoints. Worker processes
+Cases are random mutations (tests/hostile/mutate.py) of valid sample checkpoints and, for the
+--grammar share of them, pickles generated opcode by opcode (tests/hostile/grammar.py: BUILD,
+SETITEM on module globals, deep nests, memo tricks, gadget calls, hostile tensor records, cut or
+corrupted endings), as plain pickles or inside torch zips. Worker processes
 open each case strictly and leniently, render its summary and read every tensor; the parent hands
 out cases, kills a worker that takes longer than --timeout (a hang) or dies (a crash), and writes
 every case that ended in anything but an MscopeError as a reproducer: the mutated checkpoint and
@@ -29,8 +32,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "hostile"))
+
+from grammar import random_case  # noqa: E402
 
 from hostile.mutate import exercise, materialize_case, random_ops, seeds  # noqa: E402
+
+GRAMMAR = -1  # the seed index of a grammar job: (GRAMMAR, case seed)
 
 
 def worker(conn, memory_gb: float) -> None:
@@ -47,7 +55,11 @@ def worker(conn, memory_gb: float) -> None:
             index, ops = job
             start = time.perf_counter()
             try:
-                path = materialize_case(pool[index], ops, pool, tmp / "case")
+                if index == GRAMMAR:
+                    shutil.rmtree(tmp / "grammar", ignore_errors=True)
+                    path = random_case(ops, tmp / "grammar")
+                else:
+                    path = materialize_case(pool[index], ops, pool, tmp / "case")
                 outcome, detail = exercise(path), ""
             except Exception as exc:  # the finding: anything but an MscopeError
                 outcome = f"BUG {type(exc).__name__}"
@@ -76,7 +88,12 @@ class Worker:
         self.proc.join()
 
 
-def save_reproducer(out: Path, number: int, seed, ops: list[tuple], pool, why: str) -> Path:
+def save_reproducer(out: Path, number: int, seed, ops, pool, why: str) -> Path:
+    if seed is None:  # a grammar case: its seed rebuilds it
+        directory = out / f"{number:05d}-grammar"
+        path = random_case(ops, directory / "case")
+        (directory / "ops.txt").write_text(f"grammar\n{ops!r}\n# {why}\n# open: {path}\n")
+        return directory
     directory = out / f"{number:05d}-{seed.name}"
     path = materialize_case(seed, ops, pool, directory / "case")
     (directory / "ops.txt").write_text(f"{seed.name}\n{ops!r}\n# {why}\n# open: {path}\n")
@@ -87,6 +104,11 @@ def replay(directory: Path) -> int:
     from modelscope_tui.readers import open_checkpoint  # noqa: F401  (import errors show here)
 
     name, ops_text = (directory / "ops.txt").read_text().splitlines()[:2]
+    if name == "grammar":
+        path = random_case(int(ops_text), Path(tempfile.mkdtemp()) / "case")
+        print(f"replaying grammar case {ops_text}\n  {path}")
+        print("outcome:", exercise(path))
+        return 0
     pool = seeds()
     seed = next(s for s in pool if s.name == name)
     ops = ast.literal_eval(ops_text)
@@ -106,6 +128,9 @@ def main() -> int:
         "--memory-gb", type=float, default=4, help="address space per worker (0: none)"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "_data" / "fuzz")
+    parser.add_argument(
+        "--grammar", type=float, default=0.5, help="share of cases from the pickle grammar (0..1)"
+    )
     parser.add_argument("--replay", type=Path, default=None)
     args = parser.parse_args()
     if args.replay:
@@ -126,21 +151,25 @@ def main() -> int:
     def record(w: Worker, outcome: str, detail: str, seconds: float) -> None:
         nonlocal slowest
         index, ops = w.job  # type: ignore[misc]
-        seed = pool[index]
+        seed = pool[index] if index != GRAMMAR else None
+        name = seed.name if seed is not None else "grammar"
         outcomes[outcome] += 1
-        by_seed[seed.name][outcome] += 1
+        by_seed[name][outcome] += 1
         if seconds > slowest[0]:
-            slowest = (seconds, f"{seed.name} {ops!r}"[:300])
+            slowest = (seconds, f"{name} {ops!r}"[:300])
         if outcome.startswith(("BUG", "HANG", "CRASH")):
             where = save_reproducer(args.out, len(bugs) + 1, seed, ops, pool, outcome)
             bugs.append((outcome, detail, where))
-            print(f"!! {outcome} on {seed.name}: reproducer {where}\n{detail}", flush=True)
+            print(f"!! {outcome} on {name}: reproducer {where}\n{detail}", flush=True)
         w.job = None
 
     def dispatch(w: Worker) -> None:
         nonlocal tried
-        index = rng.randrange(len(pool))
-        w.send((index, random_ops(rng, pool[index], pool)))
+        if rng.random() < args.grammar:
+            w.send((GRAMMAR, rng.randrange(1 << 62)))
+        else:
+            index = rng.randrange(len(pool))
+            w.send((index, random_ops(rng, pool[index], pool)))
         tried += 1
 
     for w in workers:
