@@ -83,3 +83,28 @@ def test_bad_file_prints_one_line(tmp_path):
         term.close()
     assert "mscope: error: junk.pt:" in screen
     assert "Traceback" not in screen
+
+
+def test_gpu_panel_rows_update_in_a_real_terminal(tmp_path):
+    """The panel repaints only the rows that changed (the sparkline, a figure or two): in a real
+    terminal every changed row must still arrive. The sparkline gains a point each tick."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(
+        "from modelscope_tui import gpu as g\n"
+        "from modelscope_tui.tui.app import MscopeApp\n"
+        "g.GpuMonitor.from_env = classmethod(lambda cls, env=None, **kw: cls(g.SimulatedBackend(1, seed=0, name='H200'), **kw))\n"
+        f"MscopeApp({str(SAMPLES / 'transformer_tied.pt')!r}, show_gpus=True, gpu_interval=0.5).run()\n"
+    )
+    term = Terminal([sys.executable, str(launcher)], tmp_path, width=160, height=48)
+    try:
+        term.wait_for("SIMULATED H200")
+        lengths = []
+        for _ in range(4):
+            time.sleep(1.1)
+            rows = [line.split("▏")[-1].strip() for line in term.screen().splitlines()]
+            spark = [r for r in rows if r and set(r) <= set("▁▂▃▄▅▆▇█")]
+            assert spark, term.screen()
+            lengths.append(len(spark[0]))
+        assert lengths == sorted(lengths) and lengths[-1] >= lengths[0] + 4, lengths
+    finally:
+        term.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from rich.console import Group, RenderableType
 from rich.text import Text
+from textual.geometry import Region
 from textual.reactive import reactive
 from textual.widget import Widget
 
@@ -153,10 +154,25 @@ class GpuPanel(Widget):
         # and an idle real GPU shows the same figures tick after tick (on an H200 the idle
         # explorer used 1-2% of a core, at the 2% target, before this).
         content = self.render_panel()
-        if content == self._shown[1] and self._shown[0] == self.size.width:
+        width, before = self._shown
+        if width == self.size.width and content == before:
             return
         self._shown = (self.size.width, content)
-        self.refresh()
+        self.refresh(*self._changed_lines(before, content))
+
+    def _changed_lines(self, before: RenderableType | None, after: RenderableType) -> list[Region]:
+        """The rows to repaint when only some lines changed (usually the sparkline and a figure
+        or two): the compositor's cost grows with the rows it redraws. No regions (a full
+        repaint) when the shape changed or the content is not plain lines."""
+        if not isinstance(before, Text) or not isinstance(after, Text) or self.size.width != self._shown[0]:
+            return []
+        old, new = before.split(allow_blank=True), after.split(allow_blank=True)
+        width = self.size.width
+        if len(old) != len(new) or any(line.cell_len > width for line in (*old, *new)):
+            return []  # a wrapped line moves every row below it: repaint all
+        top = self.scroll_offset.y
+        rows = [y - top for y, (a, b) in enumerate(zip(old, new)) if a != b]
+        return [Region(0, y, width, 1) for y in rows if 0 <= y < self.size.height]
 
     def render(self) -> RenderableType:
         width, content = self._shown
