@@ -560,7 +560,9 @@ class MscopeApp(App[int]):
             return
         groups = self.session.block_groups()
         if not groups:
-            self.notify("no repeated blocks found (like layers.0, layers.1, …)", severity="warning")
+            from ..session import NO_BLOCKS_HINT
+
+            self.notify(f"no repeated blocks found: {NO_BLOCKS_HINT}", severity="warning")
             return
 
         def done(choice) -> None:
