@@ -325,6 +325,8 @@ class MscopeApp(App[int]):
             text.append(f"{n:,} {word}", style=style)
         if first:
             text.append("no tensors", style="dim")
+        if live.grad_changed:
+            text.append(f" · {len(live.grad_changed):,} requires_grad changed", style="yellow")
         if live.running:
             text.append(f" · comparing {live.fraction:.0%}", style="bold")
         elif live.cancelled:
