@@ -473,7 +473,7 @@ def test_session_apply_reports_unknown_names_and_other_checkpoint(planned):
     other = Session(open_checkpoint(SAMPLES / "cnn_state_dict.pt"))
     report = apply_plan_to_session(other, path)
     assert report.fingerprint_match is False
-    assert any("different checkpoint" in w for w in report.warnings)
+    assert any("different model" in w for w in report.warnings)
     assert len(report.unknown) == len(load_plan(path)["frozen"]) + len(load_plan(path)["trainable"])
     assert report.changed == 0 and not other.can_undo
 

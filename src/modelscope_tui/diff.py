@@ -47,7 +47,7 @@ from .audit import (
     _Source,
     unreadable_records,
 )
-from .checkpoint import Checkpoint, TensorRecord
+from .checkpoint import PARAMETER, Checkpoint, TensorRecord
 from .errors import MscopeError, TensorDataError
 from .units import fmt_bytes
 
@@ -198,6 +198,7 @@ class PlanCheck:
     missing: list[str] = field(default_factory=list)
     trainable_unchanged: list[str] = field(default_factory=list)
     trainable: int = 0
+    fingerprint: list[str] = field(default_factory=list)  # warnings: A is not the plan's model
 
     @property
     def ok(self) -> bool:
@@ -232,6 +233,7 @@ class PlanCheck:
                 f"note: {len(self.trainable_unchanged):,} of {self.trainable:,} trainable parameters did not "
                 f"change at all (e.g. {self.trainable_unchanged[0]})"
             )
+        out += [f"warning: {line.strip()}" for line in self.fingerprint]
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -244,6 +246,7 @@ class PlanCheck:
             "missing": self.missing,
             "trainable": self.trainable,
             "trainable_unchanged": self.trainable_unchanged,
+            "fingerprint": self.fingerprint,
             "lines": self.lines(),
         }
 
@@ -1005,10 +1008,14 @@ class LiveDiff:
 # ----------------------------------------------------------------------------------------------
 # Freeze plans
 # ----------------------------------------------------------------------------------------------
-def check_plan(diff: DiffReport, plan: str | os.PathLike | dict[str, Any]) -> PlanCheck:
+def check_plan(
+    diff: DiffReport, plan: str | os.PathLike | dict[str, Any], model: Checkpoint | None = None
+) -> PlanCheck:
     """Were the parameters the plan froze left bit-identical in B? (Also notes trainable ones that
-    did not change at all.) The result is stored on `diff.plan` too."""
-    from .freeze import load_plan
+    did not change at all.) With `model` (A, the checkpoint the plan should have been made for),
+    its names/shapes/dtypes are checked against the plan's fingerprint: a mismatch, or a plan
+    without one, becomes `fingerprint` warning lines. The result is stored on `diff.plan` too."""
+    from .freeze import check_fingerprint, checkpoint_shapes, load_plan
 
     data = load_plan(plan)
     where = str(plan) if isinstance(plan, (str, os.PathLike)) else None
@@ -1020,6 +1027,12 @@ def check_plan(diff: DiffReport, plan: str | os.PathLike | dict[str, Any]) -> Pl
         if d.b_name is not None:
             by_b.setdefault(d.b_name, d)
     check = PlanCheck(where, len(data["frozen"]), trainable=len(data["trainable"]))
+    if model is not None:
+        shapes = checkpoint_shapes(model)
+        params = [t.name for t in model.model_tensors if t.kind == PARAMETER]
+        fp = check_fingerprint(data, shapes, params)
+        if fp.status != "match":
+            check.fingerprint = fp.lines(Path(where).name if where else "the plan")
     for name in data["frozen"]:
         d = by_a.get(name) or by_b.get(name)
         if d is None or d.status in (ADDED, REMOVED):
@@ -1096,7 +1109,9 @@ def run_diff_command(args) -> int:
             sections="all" if args.all_sections else "model",
         )
     if args.plan:
-        check_plan(report, args.plan)
+        check = check_plan(report, args.plan, a)
+        for line in check.fingerprint:  # a plan made for another model is never silent
+            print(f"mscope: warning: {line.strip()}", file=sys.stderr)
     if args.json:
         sys.stdout.write(report.to_json())
         sys.stdout.write("\n")
