@@ -16,6 +16,7 @@ Plan file format (`format: "mscope.freeze-plan"`, `version: 1`), one JSON object
         "path": "model.pt",                       # as given when the plan was made
         "format": "torch-zip",
         "fingerprint": "sha256:<hex>",            # see checkpoint_fingerprint()
+        "shapes": {"embed.weight": [[40, 16], "float32"]},  # what the fingerprint hashes
         "tensors": 29,                            # model tensors (parameters and buffers)
         "parameters": 123456                      # parameter elements, tied weights once
       },
@@ -41,8 +42,10 @@ Plan file format (`format: "mscope.freeze-plan"`, `version: 1`), one JSON object
 - `tied` (optional) maps each tied alias to the first name of its Parameter; tied names always
   freeze together.
 - The fingerprint hashes metadata only (model tensor names, shapes and dtypes, sorted), so a plan
-  made on `model.pt` matches `model.safetensors` holding the same weights. A mismatch is a
-  warning, never an error: names are applied where they match.
+  made on `model.pt` matches `model.safetensors` holding the same weights; `checkpoint.shapes`
+  spells the same tensors out (name -> [[dims], dtype]) so a mismatch can list what differs. A
+  mismatch is a loud warning (PlanMismatchWarning, `mscope: warning:` lines) or, in strict mode,
+  a PlanError; names are applied where they match. Plans without a fingerprint say so once.
 - New keys may be added within a version; readers ignore keys they do not know.
 
 This module never imports torch at import time; `apply_freeze_plan` works on the model it is given.
