@@ -366,14 +366,17 @@ def test_cli_plan_end_to_end(planned, tmp_path):
 
 def test_cli_plan_classes_and_train_last(tmp_path):
     out = tmp_path / "nb.json"
-    proc = mscope(
-        "plan", SAMPLES / "notebook_full.pt", "--freeze-class", "BatchNorm2d", "--train-last", "1", "-o", out
-    )  # fmt: skip
+    proc = mscope("plan", SAMPLES / "notebook_full.pt", "--freeze-class", "BatchNorm2d", "-o", out)
     assert proc.returncode == 0, proc.stderr
     plan = load_plan(out)
-    assert [r["selector"] for r in plan["rules"]] == ["class", "last_n_blocks"]
+    assert [r["selector"] for r in plan["rules"]] == ["class"]
     assert plan["rules"][0]["modules"] == ["body.1", "stem.1"]
     assert "stem.1.weight" in plan["frozen"]
+    # notebook_full's Sequentials mix conv, norm, activation and pooling: not repeated blocks.
+    bad = mscope("plan", SAMPLES / "notebook_full.pt", "--train-last", "1", "-o", tmp_path / "x.json")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "no repeated blocks" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_cli_apply_plan_errors(tmp_path):
@@ -470,7 +473,7 @@ def test_session_apply_reports_unknown_names_and_other_checkpoint(planned):
     other = Session(open_checkpoint(SAMPLES / "cnn_state_dict.pt"))
     report = apply_plan_to_session(other, path)
     assert report.fingerprint_match is False
-    assert any("different checkpoint" in w for w in report.warnings)
+    assert any("different model" in w for w in report.warnings)
     assert len(report.unknown) == len(load_plan(path)["frozen"]) + len(load_plan(path)["trainable"])
     assert report.changed == 0 and not other.can_undo
 

@@ -214,5 +214,5 @@ def test_estimate_with_a_plan_for_another_model_warns(cli, tmp_path: Path) -> No
     assert result.rc == 0, result.stderr
     result = cli("estimate", SAMPLES / "cnn_state_dict.pt", "--plan", plan)
     assert result.rc == 0
-    assert "different checkpoint" in result.stderr
+    assert "different model" in result.stderr
     assert "not in this checkpoint" in result.stderr and "not in the plan" in result.stderr

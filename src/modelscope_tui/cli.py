@@ -42,6 +42,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     est.add_argument("--precision", default=None, help="one precision (fp32, amp, bf16-mixed, fp16-mixed, bf16, fp16, as-saved)")
     est.add_argument("--optimizer", default=None, help="one optimizer (adamw, adam, sgd-momentum, sgd, none)")
     est.add_argument("--free", default=None, metavar="SIZE", help="free memory to check against, e.g. 24GiB")
+    est.add_argument("--strict", action="store_true", help="with --plan: a plan made for another model (names, shapes, dtypes) is an error")
     est.add_argument("--debug", action="store_true", help="show tracebacks")
 
     summary = sub.add_parser("summary", help="print the module tree, totals, entries and unsafe globals")
@@ -269,13 +270,14 @@ def run_estimate(args: argparse.Namespace) -> int:
 
     session = Session(open_checkpoint(args.file))
     if args.plan:
-        from .freeze import apply_plan_to_session, load_plan
+        from .freeze import apply_plan_to_session
 
-        report = apply_plan_to_session(session, load_plan(args.plan))
+        report = apply_plan_to_session(session, args.plan, strict=args.strict)
         # A plan made for another model must not pass as "already matches": every mismatch
-        # is a warning line on stderr (names the plan has that this file lacks, and back).
+        # is a warning line on stderr (names the plan has that this file lacks, and back, and
+        # shape or dtype changes); --strict makes it an error.
         for line in report.warnings:
-            print(f"mscope: warning: {line}", file=sys.stderr)
+            print(f"mscope: warning: {line.strip()}", file=sys.stderr)
         if report.fingerprint_match is False and report.not_in_plan:
             print(
                 f"mscope: warning: {len(report.not_in_plan)} parameter(s) of this file are not in the plan, "

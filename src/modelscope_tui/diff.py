@@ -4,7 +4,8 @@ API (the CLI and the explorer's diff mode use these):
 
 - `diff_checkpoints(a, b, atol=1e-8, rtol=1e-5, ...) -> DiffReport`: every model tensor matched
   by name (sections too with `sections="all"`); added, removed, renamed-looking (same shape and
-  dtype, identical bytes under another name), shape- or dtype-changed; for common tensors
+  dtype, identical bytes under another name, those bytes unique among A's removed and B's added
+  tensors), shape- or dtype-changed; requires_grad changes where both files store the flag; for common tensors
   identical (bit for bit) / close (within atol + rtol * |b| everywhere, like torch.allclose) /
   changed, with max |a - b|, relative L2 difference ||a - b|| / ||a|| and cosine similarity.
   `DiffReport.modules` sums that up per module; `DiffReport.by_name` serves tree colouring.
@@ -46,7 +47,7 @@ from .audit import (
     _Source,
     unreadable_records,
 )
-from .checkpoint import Checkpoint, TensorRecord
+from .checkpoint import PARAMETER, Checkpoint, TensorRecord
 from .errors import MscopeError, TensorDataError
 from .units import fmt_bytes
 
@@ -100,6 +101,14 @@ class TensorDiff:
     sumsq_a: float = 0.0
     message: str | None = None
     pending: bool = False  # live diffs only: the values are still to be compared
+    a_requires_grad: bool | None = None  # None: that file does not store the flag (a state_dict)
+    b_requires_grad: bool | None = None
+
+    @property
+    def grad_changed(self) -> bool:
+        """Both files store `requires_grad` for this tensor, and it differs (frozen <-> trainable)."""
+        a, b = self.a_requires_grad, self.b_requires_grad
+        return a is not None and b is not None and a != b
 
     @property
     def moved(self) -> bool:
@@ -122,7 +131,24 @@ class TensorDiff:
             "cosine": _num(self.cosine),
             "mismatched": self.mismatched,
             "message": self.message,
+            "a_requires_grad": self.a_requires_grad,
+            "b_requires_grad": self.b_requires_grad,
         }
+
+
+def stored_requires_grad(r: TensorRecord) -> bool | None:
+    """The tensor's `requires_grad` as its file stores it, or None when the file says nothing.
+
+    A file that keeps the Parameter (a full-module pickle, TorchScript, a saved Parameter) says it
+    either way; a state_dict holds detached tensors whose False means nothing, but a True there
+    can only come from the file."""
+    if r.kind_from_file or r.requires_grad:
+        return bool(r.requires_grad)
+    return None
+
+
+def grad_word(flag: bool | None) -> str:
+    return "unknown" if flag is None else "trainable" if flag else "frozen"
 
 
 @dataclass(slots=True)
@@ -172,6 +198,7 @@ class PlanCheck:
     missing: list[str] = field(default_factory=list)
     trainable_unchanged: list[str] = field(default_factory=list)
     trainable: int = 0
+    fingerprint: list[str] = field(default_factory=list)  # warnings: A is not the plan's model
 
     @property
     def ok(self) -> bool:
@@ -206,6 +233,7 @@ class PlanCheck:
                 f"note: {len(self.trainable_unchanged):,} of {self.trainable:,} trainable parameters did not "
                 f"change at all (e.g. {self.trainable_unchanged[0]})"
             )
+        out += [f"warning: {line.strip()}" for line in self.fingerprint]
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,6 +246,7 @@ class PlanCheck:
             "missing": self.missing,
             "trainable": self.trainable,
             "trainable_unchanged": self.trainable_unchanged,
+            "fingerprint": self.fingerprint,
             "lines": self.lines(),
         }
 
@@ -248,6 +277,11 @@ class DiffReport:
                     out.setdefault(n, d)
         return out
 
+    @property
+    def grad_changes(self) -> list[TensorDiff]:
+        """Tensors whose stored requires_grad differs between A and B (both files store it)."""
+        return [d for d in self.tensors if d.grad_changed]
+
     def counts(self) -> dict[str, int]:
         c = dict.fromkeys(STATUSES, 0)
         for d in self.tensors:
@@ -276,6 +310,9 @@ class DiffReport:
         for key in (DTYPE_CHANGED, SHAPE_CHANGED, UNREADABLE, RENAMED, ADDED, REMOVED):
             if c[key]:
                 parts.append(f"{c[key]:,} {key}")
+        grads = self.grad_changes
+        if grads:
+            parts.append(f"{len(grads):,} requires_grad changed")
         if self.cancelled:
             parts.append("CANCELLED before the end")
         return "; ".join(parts)
@@ -300,6 +337,10 @@ class DiffReport:
             "rtol": self.rtol,
             "summary": self.summary_line(),
             "counts": self.counts(),
+            "requires_grad_changed": [
+                {"a_name": d.a_name, "b_name": d.b_name, "a": d.a_requires_grad, "b": d.b_requires_grad}
+                for d in self.grad_changes
+            ],
             "tensors": [d.to_dict() for d in self.tensors],
             "modules": [m.to_dict() for m in self.modules],
             "notes": self.notes,
@@ -515,8 +556,9 @@ class DiffStream:
     def _pair(self, an: str, bn: str) -> TensorDiff:
         ra, rb = self._ta[an], self._tb[bn]
         d = TensorDiff(
-            bn, PENDING, an, bn, tuple(ra.shape), tuple(rb.shape), ra.dtype, rb.dtype, rb.numel
-        )
+            bn, PENDING, an, bn, tuple(ra.shape), tuple(rb.shape), ra.dtype, rb.dtype, rb.numel,
+            a_requires_grad=stored_requires_grad(ra), b_requires_grad=stored_requires_grad(rb),
+        )  # fmt: skip
         if ra.shape != rb.shape:
             d.status = SHAPE_CHANGED
             return d
@@ -632,43 +674,65 @@ class DiffStream:
             r = tb[n]
             if r.storage is not None and r.dtype in _LAYOUT and id(r) not in self._bad:
                 sig_b[(r.shape, r.dtype)].append(n)
+        ambiguous = 0
         for sig, names_a in sig_a.items():
             names_b = sig_b.get(sig)
             if not names_b:
                 continue
-            digests: dict[bytes, list[str]] = defaultdict(list)
+            digests_b: dict[bytes, list[str]] = defaultdict(list)
             for n in names_b:
                 if cancel is not None and cancel.is_set():
                     raise AuditCancelled()
                 try:
-                    digests[_digest(db, tb[n], chunk_bytes)].append(n)
+                    digests_b[_digest(db, tb[n], chunk_bytes)].append(n)
                 except TensorDataError:
                     continue
+            digests_a: dict[bytes, list[str]] = defaultdict(list)
             for n in names_a:
                 if cancel is not None and cancel.is_set():
                     raise AuditCancelled()
                 try:
-                    h = _digest(da, ta[n], chunk_bytes)
+                    digests_a[_digest(da, ta[n], chunk_bytes)].append(n)
                 except TensorDataError:
                     continue
-                hits = digests.get(h)
-                if hits:
-                    bn = hits.pop(0)
-                    r = ta[n]
-                    yield TensorDiff(bn, RENAMED, n, bn, tuple(r.shape), tuple(r.shape), r.dtype, r.dtype, r.numel,
-                                     message=f"renamed? {n} -> {bn} (identical bytes)")  # fmt: skip
+            # A rename only when the bytes are unique on both sides: equal constant tensors (two
+            # BatchNorm weights of all ones) say nothing about which name became which.
+            for h, hits_a in digests_a.items():
+                hits_b = digests_b.get(h)
+                if not hits_b:
+                    continue
+                if len(hits_a) != 1 or len(hits_b) != 1:
+                    ambiguous += len(hits_a) + len(hits_b)
+                    continue
+                n, bn = hits_a[0], hits_b[0]
+                if n in tb or bn in ta:  # the name is on the other side too: not a rename
+                    continue
+                r = ta[n]
+                yield TensorDiff(bn, RENAMED, n, bn, tuple(r.shape), tuple(r.shape), r.dtype, r.dtype, r.numel,
+                                 message=f"renamed? {n} -> {bn} (identical bytes)",
+                                 a_requires_grad=stored_requires_grad(r),
+                                 b_requires_grad=stored_requires_grad(tb[bn]))  # fmt: skip
+        if ambiguous:
+            self.report.notes.append(
+                f"{ambiguous:,} removed/added tensor(s) hold bytes that several of them share "
+                "(e.g. constant weights): not reported as renames"
+            )
 
 
 def _one_side(status: str, name: str, r: TensorRecord) -> TensorDiff:
+    flag = stored_requires_grad(r)
     if status == REMOVED:
-        return TensorDiff(name, REMOVED, name, None, tuple(r.shape), None, r.dtype, None, r.numel)
-    return TensorDiff(name, ADDED, None, name, None, tuple(r.shape), None, r.dtype, r.numel)
+        return TensorDiff(name, REMOVED, name, None, tuple(r.shape), None, r.dtype, None, r.numel,
+                          a_requires_grad=flag)  # fmt: skip
+    return TensorDiff(name, ADDED, None, name, None, tuple(r.shape), None, r.dtype, r.numel,
+                      b_requires_grad=flag)  # fmt: skip
 
 
 def _copy(d: TensorDiff) -> TensorDiff:
     return TensorDiff(
         d.name, d.status, d.a_name, d.b_name, d.a_shape, d.b_shape, d.a_dtype, d.b_dtype,
         d.numel, message=d.message, pending=d.pending,
+        a_requires_grad=d.a_requires_grad, b_requires_grad=d.b_requires_grad,
     )  # fmt: skip
 
 
@@ -818,6 +882,7 @@ class LiveDiff:
                 if name not in b_modules and name not in seen:
                     seen.add(name)
                     self._ghost_modules[".".join(parts[: i - 1])].append(name)
+        self.grad_changed: dict[str, TensorDiff] = {}  # B name (A for removed) -> diff
         for d in stream.metadata:
             self._account(d, +1)
 
@@ -840,10 +905,16 @@ class LiveDiff:
 
     def finish(self, report: DiffReport) -> None:
         self.report = report
+        self.notes = list(report.notes)  # the run may add some (renames it did not claim)
         self.cancelled = report.cancelled
         self.running = False
 
     def _account(self, d: TensorDiff, sign: int) -> None:
+        key = d.b_name if d.b_name is not None else d.a_name or d.name
+        if sign > 0 and d.grad_changed:
+            self.grad_changed[key] = d
+        elif sign < 0 and self.grad_changed.get(key) is d:
+            del self.grad_changed[key]
         if sign > 0:
             if d.a_name is not None:
                 self.by_a[d.a_name] = d
@@ -937,10 +1008,14 @@ class LiveDiff:
 # ----------------------------------------------------------------------------------------------
 # Freeze plans
 # ----------------------------------------------------------------------------------------------
-def check_plan(diff: DiffReport, plan: str | os.PathLike | dict[str, Any]) -> PlanCheck:
+def check_plan(
+    diff: DiffReport, plan: str | os.PathLike | dict[str, Any], model: Checkpoint | None = None
+) -> PlanCheck:
     """Were the parameters the plan froze left bit-identical in B? (Also notes trainable ones that
-    did not change at all.) The result is stored on `diff.plan` too."""
-    from .freeze import load_plan
+    did not change at all.) With `model` (A, the checkpoint the plan should have been made for),
+    its names/shapes/dtypes are checked against the plan's fingerprint: a mismatch, or a plan
+    without one, becomes `fingerprint` warning lines. The result is stored on `diff.plan` too."""
+    from .freeze import check_fingerprint, checkpoint_shapes, load_plan
 
     data = load_plan(plan)
     where = str(plan) if isinstance(plan, (str, os.PathLike)) else None
@@ -952,6 +1027,12 @@ def check_plan(diff: DiffReport, plan: str | os.PathLike | dict[str, Any]) -> Pl
         if d.b_name is not None:
             by_b.setdefault(d.b_name, d)
     check = PlanCheck(where, len(data["frozen"]), trainable=len(data["trainable"]))
+    if model is not None:
+        shapes = checkpoint_shapes(model)
+        params = [t.name for t in model.model_tensors if t.kind == PARAMETER]
+        fp = check_fingerprint(data, shapes, params)
+        if fp.status != "match":
+            check.fingerprint = fp.lines(Path(where).name if where else "the plan")
     for name in data["frozen"]:
         d = by_a.get(name) or by_b.get(name)
         if d is None or d.status in (ADDED, REMOVED):
@@ -1028,7 +1109,9 @@ def run_diff_command(args) -> int:
             sections="all" if args.all_sections else "model",
         )
     if args.plan:
-        check_plan(report, args.plan)
+        check = check_plan(report, args.plan, a)
+        for line in check.fingerprint:  # a plan made for another model is never silent
+            print(f"mscope: warning: {line.strip()}", file=sys.stderr)
     if args.json:
         sys.stdout.write(report.to_json())
         sys.stdout.write("\n")
@@ -1095,6 +1178,15 @@ def render_diff(report: DiffReport, console: Any, depth: int = 2, limit: int = 2
             console.print(f"  {escape(text)}", overflow="ellipsis", no_wrap=True, crop=True)
         if len(items) > limit:
             console.print(f"  [dim]... {len(items) - limit:,} more (--json lists all)[/]")
+    grads = report.grad_changes
+    if grads:
+        console.print(f"[bold]requires_grad changed[/] ({len(grads):,})")
+        for d in grads[:limit]:
+            name = d.b_name if d.a_name == d.b_name or d.a_name is None else f"{d.a_name} → {d.b_name}"
+            text = f"{name}: {grad_word(d.a_requires_grad)} → {grad_word(d.b_requires_grad)}"
+            console.print(f"  {escape(text)}", overflow="ellipsis", no_wrap=True, crop=True)
+        if len(grads) > limit:
+            console.print(f"  [dim]... {len(grads) - limit:,} more (--json lists all)[/]")
     if report.plan is not None:
         color = "green" if report.plan.ok else "bold red"
         for line in report.plan.lines():

@@ -16,6 +16,7 @@ Plan file format (`format: "mscope.freeze-plan"`, `version: 1`), one JSON object
         "path": "model.pt",                       # as given when the plan was made
         "format": "torch-zip",
         "fingerprint": "sha256:<hex>",            # see checkpoint_fingerprint()
+        "shapes": {"embed.weight": [[40, 16], "float32"]},  # what the fingerprint hashes
         "tensors": 29,                            # model tensors (parameters and buffers)
         "parameters": 123456                      # parameter elements, tied weights once
       },
@@ -41,8 +42,10 @@ Plan file format (`format: "mscope.freeze-plan"`, `version: 1`), one JSON object
 - `tied` (optional) maps each tied alias to the first name of its Parameter; tied names always
   freeze together.
 - The fingerprint hashes metadata only (model tensor names, shapes and dtypes, sorted), so a plan
-  made on `model.pt` matches `model.safetensors` holding the same weights. A mismatch is a
-  warning, never an error: names are applied where they match.
+  made on `model.pt` matches `model.safetensors` holding the same weights; `checkpoint.shapes`
+  spells the same tensors out (name -> [[dims], dtype]) so a mismatch can list what differs. A
+  mismatch is a loud warning (PlanMismatchWarning, `mscope: warning:` lines) or, in strict mode,
+  a PlanError; names are applied where they match. Plans without a fingerprint say so once.
 - New keys may be added within a version; readers ignore keys they do not know.
 
 This module never imports torch at import time; `apply_freeze_plan` works on the model it is given.
@@ -85,14 +88,134 @@ class PlanError(MscopeError):
     """A freeze plan that cannot be read, or a model that does not match it (strict mode)."""
 
 
+class PlanMismatchWarning(UserWarning):
+    """A freeze plan applied to a model other than the one it was made for (names, shapes or
+    dtypes differ); the message lists what did not match. `strict=True` raises PlanError instead."""
+
+
+class PlanUncheckedWarning(UserWarning):
+    """A freeze plan without a fingerprint (made by an older mscope): the model is not checked."""
+
+
 # -- fingerprint -------------------------------------------------------------------------------
+TensorShapes = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
+
+
+def checkpoint_shapes(ckpt: Checkpoint) -> TensorShapes:
+    """The model tensors a state_dict holds (non-persistent buffers left out): name -> (shape, dtype)."""
+    return {t.name: (tuple(t.shape), t.dtype) for t in ckpt.model_tensors if t.persistent}
+
+
 def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
     """`sha256:<hex>` of the model's tensor names, shapes and dtypes (sorted; no tensor bytes).
 
     Non-persistent buffers are left out (a state_dict does not hold them), so a full-module pickle,
     its state_dict and a safetensors copy of the same weights all give the same fingerprint.
     """
-    return _fingerprint((t.name, t.shape, t.dtype) for t in ckpt.model_tensors if t.persistent)
+    return _fingerprint((n, shape, dtype) for n, (shape, dtype) in checkpoint_shapes(ckpt).items())
+
+
+@dataclass
+class FingerprintCheck:
+    """A model's tensors against the checkpoint a plan was made for.
+
+    `status`: "match", "mismatch", or "absent" (an old plan without a fingerprint: not checked).
+    `missing`: names the plan's checkpoint has and the model lacks; `extra`: the reverse;
+    `changed`: (name, plan's "shape dtype", model's "shape dtype"). Plans that record only the
+    hash (`detailed=False`) can list names from their parameter lists, but not shape changes.
+    """
+
+    status: str
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    changed: list[tuple[str, str, str]] = field(default_factory=list)
+    detailed: bool = True
+
+    @property
+    def match(self) -> bool | None:
+        return None if self.status == "absent" else self.status == "match"
+
+    def summary(self, label: str = "the plan") -> str:
+        """One line: what did not match, counted, with the first of each kind."""
+        if self.status == "absent":
+            return f"{label} has no fingerprint (made by an older mscope): the model's names and shapes are not checked"
+        if self.status == "match":
+            return f"{label} matches this model"
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} plan name(s) missing in the model, e.g. {self.missing[0]!r}")
+        if self.extra:
+            parts.append(f"{len(self.extra)} model name(s) not in the plan, e.g. {self.extra[0]!r}")
+        if self.changed:
+            name, was, now = self.changed[0]
+            parts.append(f"{len(self.changed)} shape/dtype change(s), e.g. {name!r} {was} -> {now}")
+        if not parts:
+            parts.append("names, shapes or dtypes differ (the plan records only a hash)")
+        return f"{label} was made for a different model: {'; '.join(parts)}"
+
+    def lines(self, label: str = "the plan", limit: int = 10) -> list[str]:
+        """The summary, then one line per name that did not match (up to `limit` of each kind)."""
+        out = [self.summary(label)]
+        if self.status != "mismatch":
+            return out
+        for title, items in (
+            ("missing in the model", [repr(n) for n in self.missing]),
+            ("not in the plan", [repr(n) for n in self.extra]),
+            ("changed", [f"{n!r} {was} -> {now}" for n, was, now in self.changed]),
+        ):
+            for item in items[:limit]:
+                out.append(f"  {title}: {item}")
+            if len(items) > limit:
+                out.append(f"  {title}: ... and {len(items) - limit} more")
+        if not self.detailed:
+            out.append("  (the plan records only a hash: shape changes cannot be listed)")
+        return out
+
+
+def check_fingerprint(data: dict[str, Any], shapes: TensorShapes, params: Iterable[str] = ()) -> FingerprintCheck:
+    """Compare a loaded plan's checkpoint record with a model's tensors (`shapes`; `params`: its
+    parameter names, used for plans that recorded only the hash)."""
+    ckpt = data["checkpoint"]
+    expected = ckpt.get("fingerprint")
+    if expected is None:
+        return FingerprintCheck("absent")
+    recorded = ckpt.get("shapes")
+    if isinstance(recorded, dict):
+        plan_shapes = {n: (tuple(v[0]), v[1]) for n, v in recorded.items()}
+        missing = sorted(n for n in plan_shapes if n not in shapes)
+        extra = sorted(n for n in shapes if n not in plan_shapes)
+        changed = [
+            (n, _shape_text(*plan_shapes[n]), _shape_text(*shapes[n]))
+            for n in sorted(plan_shapes)
+            if n in shapes and plan_shapes[n] != shapes[n]
+        ]
+        if missing or extra or changed:
+            return FingerprintCheck("mismatch", missing, extra, changed)
+        return FingerprintCheck("match")
+    actual = _fingerprint((n, shape, dtype) for n, (shape, dtype) in shapes.items())
+    if actual == expected:
+        return FingerprintCheck("match")
+    planned = {*data["trainable"], *data["frozen"]}
+    params = set(params)
+    return FingerprintCheck(
+        "mismatch", sorted(planned - params), sorted(params - planned), [], detailed=False
+    )
+
+
+def _shape_text(shape: tuple[int, ...], dtype: str) -> str:
+    return f"[{', '.join(map(str, shape))}] {dtype}"
+
+
+def _valid_shapes(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str)
+        and isinstance(v, list)
+        and len(v) == 2
+        and isinstance(v[0], list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v[0])
+        and isinstance(v[1], str)
+        for k, v in value.items()
+    )
 
 
 def _fingerprint(items: Iterable[tuple[str, tuple[int, ...], str]]) -> str:
@@ -108,7 +231,12 @@ def _fingerprint(items: Iterable[tuple[str, tuple[int, ...], str]]) -> str:
 def _model_fingerprint(model: torch.nn.Module) -> str:
     """The fingerprint of what `model.state_dict()` would hold, without calling it (state_dict
     hooks of wrapped models, FSDP for one, can gather tensors across ranks)."""
-    items = []
+    return _fingerprint((n, shape, dtype) for n, (shape, dtype) in model_shapes(model).items())
+
+
+def model_shapes(model: torch.nn.Module) -> TensorShapes:
+    """What `model.state_dict()` would hold, name -> (shape, dtype), without calling it."""
+    items: TensorShapes = {}
     for prefix, module in model.named_modules(remove_duplicate=False):
         dot = f"{prefix}." if prefix else ""
         skip = getattr(module, "_non_persistent_buffers_set", ())
@@ -118,8 +246,8 @@ def _model_fingerprint(model: torch.nn.Module) -> str:
         ]
         for name, t in tensors:
             if t is not None:
-                items.append((dot + name, tuple(t.shape), str(t.dtype).removeprefix("torch.")))
-    return _fingerprint(items)
+                items.setdefault(dot + name, (tuple(t.shape), str(t.dtype).removeprefix("torch.")))
+    return items
 
 
 # -- plan from a session -----------------------------------------------------------------------
@@ -161,6 +289,7 @@ def plan_from_session(session: Session) -> dict[str, Any]:
             "path": str(ckpt.path),
             "format": ckpt.format,
             "fingerprint": checkpoint_fingerprint(ckpt),
+            "shapes": {n: [list(shape), dtype] for n, (shape, dtype) in sorted(checkpoint_shapes(ckpt).items())},
             "tensors": len(ckpt.model_tensors),
             "parameters": ckpt.totals().parameters,
         },
@@ -266,6 +395,8 @@ def _validate(data: Any, where: str | None) -> dict[str, Any]:
     fingerprint = ckpt.get("fingerprint")
     if fingerprint is not None and not isinstance(fingerprint, str):
         raise fail("'checkpoint.fingerprint' must be a string")
+    if "shapes" in ckpt and not _valid_shapes(ckpt["shapes"]):
+        raise fail("'checkpoint.shapes' must map names to [[dims...], dtype]")
     out["checkpoint"] = dict(ckpt)
     return out
 
@@ -304,18 +435,24 @@ class SessionApplyReport:
     fingerprint_match: bool | None  # None: the plan has no fingerprint
     warnings: list[str] = field(default_factory=list)
     message: str = ""
+    fingerprint: FingerprintCheck | None = None
 
 
 def apply_plan_to_session(
-    session: Session, plan: str | os.PathLike | dict[str, Any]
+    session: Session, plan: str | os.PathLike | dict[str, Any], strict: bool = False
 ) -> SessionApplyReport:
     """Set the session's trainable state and eval modules from a plan, as one undoable change.
 
-    Names the checkpoint lacks are reported and skipped; a fingerprint mismatch is a warning.
-    Checkpoint parameters the plan does not mention keep their current state.
+    Names the checkpoint lacks are reported and skipped; a fingerprint mismatch is a warning
+    that lists what did not match (`strict=True`: PlanError, before changing anything). A plan
+    without a fingerprint is applied with one warning saying it was not checked. Checkpoint
+    parameters the plan does not mention keep their current state.
     """
     data, source = _load(plan)
     label = Path(source).name if source else "plan"
+    fp = check_fingerprint(data, checkpoint_shapes(session.ckpt), session.canonical)
+    if strict and fp.status == "mismatch":
+        raise PlanError(fp.summary("the plan"), source, "without --strict it applies what matches")
     frozen, trainable = set(data["frozen"]), set(data["trainable"])
     planned = [*data["trainable"], *data["frozen"]]
     unknown = sorted(n for n in planned if n not in session.records)
@@ -343,15 +480,12 @@ def apply_plan_to_session(
     eval_unknown = [m for m in data["eval_modules"] if m not in eval_known]
     eval_before, eval_after = frozenset(session.eval_modules), frozenset(eval_known)
 
-    expected = data["checkpoint"].get("fingerprint")
-    actual = checkpoint_fingerprint(session.ckpt)
-    match = None if expected is None else expected == actual
+    match = fp.match
     warnings = []
-    if match is False:
-        warnings.append(
-            f"{label} was made for a different checkpoint (plan {_short(expected)}…, "
-            f"this file {_short(actual)}…); names applied where they match"
-        )
+    if fp.status != "match":
+        warnings += fp.lines(label)
+        if match is False:
+            warnings[0] += "; names applied where they match"
     if unknown:
         warnings.append(f"{len(unknown)} plan name(s) not in this checkpoint, e.g. {unknown[0]!r}")
     if untrainable:
@@ -374,7 +508,11 @@ def apply_plan_to_session(
         _push_change(session, change)
         message = f"applied {label}: {changed} parameter(s) changed"
     else:
-        message = f"{label}: the session already matches it"
+        message = (
+            f"{label}: no parameter changed (the plan is for a different model)"
+            if match is False
+            else f"{label}: the session already matches it"
+        )
     return SessionApplyReport(
         changed,
         unknown,
@@ -386,15 +524,12 @@ def apply_plan_to_session(
         match,
         warnings,
         message,
+        fp,
     )
 
 
 def _push_change(session: Session, change: Change) -> None:
     session.push(change)
-
-
-def _short(fingerprint: str | None) -> str:
-    return (fingerprint or "none")[:19]
 
 
 # -- applying a plan to a real model -----------------------------------------------------------
@@ -441,10 +576,20 @@ def apply_freeze_plan(
       running_mean/var in train mode, and training loops call `model.train()` every epoch. To
       release a module: `del module.train`. (A `torch.save(model)` pickle keeps the module but
       not the lock; state_dicts are unaffected.)
+    - The model's tensors (names, shapes, dtypes of what `state_dict()` would hold) are checked
+      against the fingerprint of the checkpoint the plan was made for. A mismatch warns with
+      `PlanMismatchWarning` listing missing names, extra names and shape changes (and is in
+      `notes`); a plan without a fingerprint warns once with `PlanUncheckedWarning`.
     - `strict=True` raises PlanError, before changing anything, if a plan name is missing in the
-      model or a model parameter is not in the plan.
+      model, a model parameter is not in the plan, or the fingerprint does not match.
     """
+    import warnings as _warnings
+
     data, source = _load(plan)
+    label = Path(source).name if source else "the plan"
+    fp = check_fingerprint(
+        data, model_shapes(model), (n for n, _ in model.named_parameters(remove_duplicate=False))
+    )
     frozen_names, trainable_names = set(data["frozen"]), set(data["trainable"])
     planned = frozen_names | trainable_names
 
@@ -465,6 +610,8 @@ def apply_freeze_plan(
     not_in_plan = [
         n for _, names in groups.values() if not planned.intersection(names) for n in names
     ]
+    if strict and fp.status == "mismatch":
+        raise PlanError(fp.summary("the plan"), source, "strict=False applies what matches")
     if strict and (missing or not_in_plan):
         parts = []
         if missing:
@@ -507,10 +654,13 @@ def apply_freeze_plan(
         if keep_eval:
             module.train = types.MethodType(_train_stays_eval, module)
 
-    expected = data["checkpoint"].get("fingerprint")
-    match = None if expected is None else expected == _model_fingerprint(model)
-    if match is False:
-        notes.append("the model's state_dict names/shapes/dtypes differ from the plan's checkpoint")
+    match = fp.match
+    if fp.status == "mismatch":
+        notes += fp.lines(label)
+        _warnings.warn("\n".join(fp.lines(label)), PlanMismatchWarning, stacklevel=2)
+    elif fp.status == "absent":
+        notes.append(fp.summary(label))
+        _warnings.warn(fp.summary(label), PlanUncheckedWarning, stacklevel=2)
     if conflicts:
         notes.append(f"{len(conflicts)} tied parameter(s) listed both frozen and trainable: frozen")
     return FreezeReport(
@@ -536,13 +686,20 @@ _train_stays_eval.__name__ = "train"
 
 
 # -- plain-PyTorch snippet ---------------------------------------------------------------------
-def plan_snippet(plan: str | os.PathLike | dict[str, Any], var: str = "model") -> str:
+def plan_snippet(
+    plan: str | os.PathLike | dict[str, Any], var: str = "model", strict: bool = False
+) -> str:
     """Python source (torch only, no mscope) that applies the plan to the model in `var`.
 
     Parameters whose name the plan freezes get requires_grad=False and every other parameter
     True; tied parameters are frozen if any of their names is. The plan's rules are used when
     replaying them (globs, regexes, classes, block ranges) gives exactly the plan's lists, else an
     explicit set of frozen names.
+
+    Before changing anything the snippet checks the model's tensors (names, shapes, dtypes of
+    what `state_dict()` would hold) against the plan's fingerprint: a mismatch warns, listing
+    what differs, or with `strict=True` raises RuntimeError. A plan without a fingerprint gets
+    a comment saying the model is not checked.
     """
     data, _ = _load(plan)
     if not all(part.isidentifier() and not keyword.iskeyword(part) for part in var.split(".")):
@@ -560,8 +717,19 @@ def plan_snippet(plan: str | os.PathLike | dict[str, Any], var: str = "model") -
     if data["eval_modules"]:
         imports.append("types")
     lines = [*header, ""]
+    check = _check_source(data, strict)
+    if check:
+        imports = sorted({*imports, "warnings", *(["hashlib"] if "hashlib." in check else [])})
     lines += [f"import {m}" for m in imports] + ([""] if imports else [])
-    lines += ["import torch", "", "", "def freeze_from_plan(model: torch.nn.Module) -> None:"]
+    lines += ["import torch", "", ""]
+    if check:
+        lines += [check, "", ""]
+    lines += ["def freeze_from_plan(model: torch.nn.Module) -> None:"]
+    lines += (
+        ["    check_model(model)", ""]
+        if check
+        else ["    # The plan has no fingerprint (an older mscope): the model is not checked.", ""]
+    )
     if uses_classes:
         lines += [
             "    class_modules: dict[str, set[str]] = {}",
@@ -592,6 +760,75 @@ def plan_snippet(plan: str | os.PathLike | dict[str, Any], var: str = "model") -
         ]
     lines += ["", "", f"freeze_from_plan({var})", ""]
     return "\n".join(lines)
+
+
+_CHECK_BODY = '''
+def model_shapes(model: torch.nn.Module) -> dict:
+    """What model.state_dict() would hold, name -> (shape, dtype), without calling it."""
+    found = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        skip = getattr(module, "_non_persistent_buffers_set", ())
+        tensors = [*module._parameters.items(), *((n, b) for n, b in module._buffers.items() if n not in skip)]
+        for name, t in tensors:
+            if t is not None:
+                found.setdefault(dot + name, (tuple(t.shape), str(t.dtype).removeprefix("torch.")))
+    return found
+
+
+def check_model(model: torch.nn.Module) -> None:
+    """The model against the checkpoint the plan was made for: names, shapes, dtypes."""
+    found = model_shapes(model)
+'''
+
+_CHECK_DETAILED = '''    missing = sorted(n for n in PLAN_SHAPES if n not in found)
+    extra = sorted(n for n in found if n not in PLAN_SHAPES)
+    changed = sorted(n for n in PLAN_SHAPES if n in found and PLAN_SHAPES[n] != found[n])
+    if not (missing or extra or changed):
+        return
+    lines = ["this model does not match the freeze plan's checkpoint:"]
+    lines += [f"  missing in the model: {n!r}" for n in missing[:10]]
+    lines += [f"  not in the plan: {n!r}" for n in extra[:10]]
+    lines += [f"  changed: {n!r} {PLAN_SHAPES[n]} -> {found[n]}" for n in changed[:10]]
+    lines.append(f"  ({len(missing)} missing, {len(extra)} not in the plan, {len(changed)} changed)")
+'''
+
+_CHECK_HASH = '''    text = sorted(f"{n}\\t{','.join(map(str, shape))}\\t{dtype}\\n" for n, (shape, dtype) in found.items())
+    digest = hashlib.sha256("".join(text).encode("utf-8", "surrogatepass")).hexdigest()
+    if f"sha256:{digest}" == PLAN_FINGERPRINT:
+        return
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    missing, extra = sorted(PLAN_PARAMETERS - params), sorted(params - PLAN_PARAMETERS)
+    lines = ["this model does not match the freeze plan's checkpoint (names, shapes or dtypes):"]
+    lines += [f"  missing in the model: {n!r}" for n in missing[:10]]
+    lines += [f"  not in the plan: {n!r}" for n in extra[:10]]
+'''
+
+
+def _check_source(data: dict[str, Any], strict: bool) -> str:
+    """`check_model(model)` for the snippet, or "" when the plan has no fingerprint."""
+    ckpt = data["checkpoint"]
+    fingerprint = ckpt.get("fingerprint")
+    if fingerprint is None:
+        return ""
+    shapes = ckpt.get("shapes")
+    if isinstance(shapes, dict):
+        items = "".join(
+            f"    {n!r}: ({tuple(v[0])!r}, {v[1]!r}),\n" for n, v in sorted(shapes.items())
+        )
+        const = "PLAN_SHAPES = {\n" + items + "}\n"
+        body = _CHECK_DETAILED
+    else:
+        names = sorted({*data["trainable"], *data["frozen"]})
+        const = f"PLAN_FINGERPRINT = {fingerprint!r}\nPLAN_PARAMETERS = {{{', '.join(map(repr, names))}}}\n"
+        body = _CHECK_HASH
+    action = (
+        '    raise RuntimeError("\\n".join(lines))'
+        if strict
+        else '    warnings.warn("\\n".join(lines), stacklevel=3)'
+    )
+    mode = "strict: a mismatch raises" if strict else "a mismatch warns (apply-plan --strict: raises)"
+    return f"# The model the plan was made for ({mode}).\n{const}" + _CHECK_BODY + body + action
 
 
 def _comment(text: Any) -> str:
@@ -783,6 +1020,11 @@ def add_apply_plan_arguments(apply: argparse.ArgumentParser) -> None:
     apply.add_argument(
         "--var", default="model", help="name of the model variable in your script (default: model)"
     )
+    apply.add_argument(
+        "--strict",
+        action="store_true",
+        help="the snippet raises (instead of warning) when the model does not match the plan's fingerprint",
+    )
     apply.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -832,5 +1074,11 @@ def run_plan_command(args: argparse.Namespace, out: TextIO | None = None) -> int
 
 def run_apply_plan_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """`mscope apply-plan PLAN [--var model]`: print the plain-PyTorch snippet."""
-    (out or sys.stdout).write(plan_snippet(args.plan, var=args.var))
+    data, source = _load(args.plan)
+    if data["checkpoint"].get("fingerprint") is None:
+        label = Path(source).name if source else "the plan"
+        print(
+            f"mscope: warning: {safe_text(FingerprintCheck('absent').summary(label))}", file=sys.stderr
+        )
+    (out or sys.stdout).write(plan_snippet(data, var=args.var, strict=args.strict))
     return 0

@@ -20,6 +20,10 @@ from .units import fmt_count
 
 NORM_WITH_RUNNING_STATS = ("BatchNorm", "SyncBatchNorm", "InstanceNorm")
 BLOCK_CONTAINERS = ("layers", "layer", "h", "blocks", "block", "encoder.layer", "decoder.layers", "transformer.h", "model.layers", "resblocks")
+NO_BLOCKS_HINT = (
+    "repeated blocks are 2 or more numbered modules (layers.0, layers.1, ...) of one class "
+    "with the same parameter names, shapes and dtypes"
+)
 
 
 class SessionError(MscopeError):
@@ -115,6 +119,7 @@ class Session:
         self._count_cache: dict[str, tuple[int, int]] = {}
         self._subtree_params: dict[str, tuple[list[str], list[int]]] = {}
         self._norm_modules: list[ModuleNode] | None = None
+        self._block_groups: list[BlockGroup] | None = None
 
     # -- queries -------------------------------------------------------------------------------
     def is_trainable(self, name: str) -> bool:
@@ -210,21 +215,34 @@ class Session:
         return [n for n in self._nodes.values() if n.name and class_name in (n.class_name, n.class_path)]
 
     def block_groups(self) -> list[BlockGroup]:
-        """Repeated numbered blocks (`layers.0..23`, `h.0..11`, `blocks.*`), largest first."""
-        groups: dict[str, set[int]] = defaultdict(set)
-        for name in self._nodes:
-            parts = name.split(".")
-            for i, part in enumerate(parts):
-                if part.isdigit() and i > 0:
-                    groups[".".join(parts[:i])].add(int(part))
-        found = [BlockGroup(p, sorted(ix)) for p, ix in groups.items() if len(ix) >= 2]
-        # Prefer well-known container names, then the group with the most parameters.
-        def weight(g: BlockGroup) -> tuple[int, int]:
-            node = self._nodes.get(g.prefix)
-            known = any(g.prefix == c or g.prefix.endswith("." + c) for c in BLOCK_CONTAINERS)
-            return (1 if known else 0, node.stats.params if node else 0)
+        """Repeated blocks (`layers.0..23`, `h.0..11`, `blocks.*`), the most likely first.
 
-        return sorted(found, key=weight, reverse=True)
+        A group is a module whose numbered children (at least 2) are all structurally alike: the
+        same class (when the file stores classes), the same sub-modules, and the same tensor
+        names, shapes, dtypes and kinds, with at least one parameter. A Sequential of mixed
+        layers (conv, norm, activation, pooling) is not a group; a transformer's layers are.
+        """
+        if self._block_groups is None:
+            found = []
+            for node in self._nodes.values():
+                if not node.name:  # a bare top-level Sequential: no prefix for a plan rule
+                    continue
+                numbered = [(int(k), c) for k, c in node.children.items() if k.isdigit()]
+                if len(numbered) < 2:
+                    continue
+                first = _block_signature(numbered[0][1])
+                if not first[2] or any(_block_signature(c) != first for _, c in numbered[1:]):
+                    continue
+                found.append(BlockGroup(node.name, sorted(i for i, _ in numbered)))
+
+            # Prefer well-known container names, then the group with the most parameters.
+            def weight(g: BlockGroup) -> tuple[int, int]:
+                node = self._nodes.get(g.prefix)
+                known = any(g.prefix == c or g.prefix.endswith("." + c) for c in BLOCK_CONTAINERS)
+                return (1 if known else 0, node.stats.params if node else 0)
+
+            self._block_groups = sorted(found, key=weight, reverse=True)
+        return list(self._block_groups)
 
     def frozen_norm_layers(self) -> list[str]:
         """Norm modules with running statistics whose parameters are all frozen.
@@ -313,9 +331,11 @@ class Session:
     def train_last_n_blocks(self, n: int, group: BlockGroup | None = None) -> ChangeResult:
         """Freeze the blocks of `group` except the last `n`; unfreeze those n. Others untouched."""
         groups = self.block_groups()
+        if group is not None and all(g.prefix != group.prefix for g in groups):
+            raise SessionError(f"{group.prefix} is not a group of repeated blocks", hint=NO_BLOCKS_HINT)
         group = group or (groups[0] if groups else None)
         if group is None:
-            raise SessionError("no repeated blocks found (like layers.0, layers.1, ...)")
+            raise SessionError("no repeated blocks found", hint=NO_BLOCKS_HINT)
         if not 0 <= n <= group.count:
             raise SessionError(f"{group.prefix} has {group.count} blocks; choose 0..{group.count}")
         keep = set(group.indices[group.count - n :]) if n else set()
@@ -413,6 +433,19 @@ def _describe_skipped(session: Session, names: list[str]) -> str:
     if integer:
         parts.append(f"{integer} integer/bool tensor(s)")
     return ", ".join(parts)
+
+
+def _block_signature(node: ModuleNode) -> tuple:
+    """What makes two blocks alike: class and sub-modules (relative name, class) where the file
+    stores classes, and parameters (relative name, shape, dtype); the last item is empty when the
+    block has no parameter. Buffers may differ (a state_dict cannot tell a BatchNorm's extra
+    running statistics from a different layer)."""
+    base = len(node.name) + 1
+    modules = tuple(sorted((n.name[base:], n.class_path or "") for n in node.walk() if n is not node))
+    params = tuple(
+        sorted((t.name[base:], tuple(t.shape), t.dtype) for t in node.all_tensors() if t.kind == PARAMETER)
+    )
+    return (node.class_path or "", modules, params)
 
 
 def _has_running_stats(node: ModuleNode) -> bool:

@@ -325,6 +325,8 @@ class MscopeApp(App[int]):
             text.append(f"{n:,} {word}", style=style)
         if first:
             text.append("no tensors", style="dim")
+        if live.grad_changed:
+            text.append(f" · {len(live.grad_changed):,} requires_grad changed", style="yellow")
         if live.running:
             text.append(f" · comparing {live.fraction:.0%}", style="bold")
         elif live.cancelled:
@@ -560,7 +562,9 @@ class MscopeApp(App[int]):
             return
         groups = self.session.block_groups()
         if not groups:
-            self.notify("no repeated blocks found (like layers.0, layers.1, …)", severity="warning")
+            from ..session import NO_BLOCKS_HINT
+
+            self.notify(f"no repeated blocks found: {NO_BLOCKS_HINT}", severity="warning")
             return
 
         def done(choice) -> None:
@@ -1241,7 +1245,7 @@ class MscopeApp(App[int]):
             from ..diff import check_plan
 
             try:
-                plan_lines = check_plan(report, self.plan_path).lines()
+                plan_lines = check_plan(report, self.plan_path, stream.a).lines()
             except MscopeError as exc:
                 plan_lines = [exc.line()]
         self.call_from_thread(self._diff_results, generation, batch, stream.done_bytes, report, plan_lines)
@@ -1261,6 +1265,9 @@ class MscopeApp(App[int]):
             elif plan_lines:
                 ok = report.plan is not None and report.plan.ok
                 self.notify(plan_lines[0], severity="information" if ok else "error", timeout=8)
+                if report.plan is not None and report.plan.fingerprint:
+                    # a plan made for another model is never silent (the root lists the names)
+                    self.notify(report.plan.fingerprint[0], severity="warning", timeout=10)
         self._set_progress(self._progress_line())
         self._render_header()
         self.tree.repaint()

@@ -291,6 +291,13 @@ def diff_tensor_details(d, live) -> RenderableType:
         table.add_row("shape", f"{list(d.a_shape)} → {list(d.b_shape)}")
     if d.a_dtype and d.b_dtype and d.a_dtype != d.b_dtype:
         table.add_row("dtype", f"{d.a_dtype} → {d.b_dtype}")
+    if d.grad_changed:
+        from ..diff import grad_word
+
+        table.add_row(
+            "requires_grad",
+            Text(f"{grad_word(d.a_requires_grad)} → {grad_word(d.b_requires_grad)}", style="yellow"),
+        )
     if d.max_abs is not None:
         table.add_row("max |Δ|", _g(d.max_abs))
         table.add_row("rel. L2 Δ", _g(d.rel_l2))  # ||a - b|| / ||a||
@@ -345,6 +352,15 @@ def diff_file_details(live, plan_lines: list[str] | None = None) -> RenderableTy
     table.add_row("tensors", summary)
     if live.cancelled:
         table.add_row("", Text(f"cancelled: {live.pending:,} not compared (v compares again)", style="yellow"))
+    if live.grad_changed:
+        from ..diff import grad_word
+
+        grads = Text(f"{len(live.grad_changed):,} changed", style="yellow")
+        for name, d in list(live.grad_changed.items())[:5]:
+            grads.append(f"\n{safe_text(name)}: {grad_word(d.a_requires_grad)} → {grad_word(d.b_requires_grad)}")
+        if len(live.grad_changed) > 5:
+            grads.append(f"\n… {len(live.grad_changed) - 5:,} more", style="dim")
+        table.add_row("requires_grad", grads)
     parts: list[RenderableType] = [Text("diff", style="bold underline"), table]
     for note in live.notes:
         parts.append(Text(safe_text(note), style="dim"))
