@@ -525,7 +525,8 @@ def mscope(path: Path) -> dict:
         return {"refused": exc.message, "errors": [], "tensors": None}
     errors = [f"{f.code}: {f.message}" for f in report.findings if f.severity == ERROR]
     flagged = sorted({f.tensor for f in report.findings if f.tensor and f.severity != "info"})
-    out: dict = {"refused": None, "errors": errors, "verdict": report.verdict_line(), "tensors": None, "flagged": flagged}
+    out: dict = {"refused": None, "errors": errors, "verdict": report.verdict_line(), "tensors": None, "flagged": flagged,
+                 "codes": sorted({f.code for f in report.findings})}
     try:
         ckpt = open_checkpoint(path, strict=False)
     except MscopeError as exc:
@@ -578,6 +579,10 @@ def judge(v: Variant, ref: dict | None, ms: dict) -> Verdict:
     if not ref["ok"]:
         if says_no:
             return verdict(True, f"both refuse; reference: {ref['error']}; mscope: {reason}")
+        if "Weights only load failed" in ref["error"] and "unsafe-global" in ms.get("codes", ()):
+            # the pickle names a global outside the allowlist: the unsafe-global finding is the
+            # documented "torch.load(weights_only=True) rejects" warning (issue #12 s6 keeps it one)
+            return verdict(True, "weights_only refuses; mscope: unsafe-global says so")
         return verdict(False, f"reference refuses ({ref['error']}) but mscope says {ms.get('verdict')!r}")
     if says_no:
         return verdict(True, f"mscope stricter: {reason}")
@@ -625,7 +630,7 @@ def random_variant(rng: random.Random, directory: Path) -> Variant:
     for _ in range(rng.randint(1, 3)):
         if not data:
             break
-        kind = rng.choice(["flip", "byte", "cut", "append", "zero"])
+        kind = rng.choices(["flip", "byte", "cut", "append", "zero"], [40, 35, 5, 10, 10])[0]
         pos = rng.randrange(len(data)) if rng.random() < 0.5 else rng.randrange(min(len(data), 256))
         if kind == "flip":
             data[pos] ^= 1 << rng.randrange(8)

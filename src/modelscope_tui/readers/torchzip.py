@@ -79,6 +79,17 @@ def reference_refusals(archive: ZipArchive, prefix: str) -> list[str]:
                 f"{entry.method} (torch reads stored and deflated members only)"
             )
             break
+    if archive.multidisk:
+        out.append("torch.load refuses this archive: its end record describes a split (multi-disk) archive")
+    order = archive.entries.get(f"{prefix}byteorder")
+    if order is not None:
+        try:
+            value = archive.read(order.name, 16)
+        except MscopeError:
+            value = None
+        if value not in (b"little", b"big"):
+            shown = repr(value[:16]) if value is not None else "unreadable"
+            out.append(f"torch.load refuses this archive: its byteorder record is {shown}, not 'little' or 'big'")
     version = archive.entries.get(f"{prefix}version") or archive.entries.get(f"{prefix}.data/version")
     if version is None:
         out.append(f"torch.load refuses this archive: it has no {prefix}version record")
