@@ -118,6 +118,31 @@ def replay(directory: Path) -> int:
     return 0
 
 
+def differential(batch: int, seed: int, minutes: float, out: Path) -> int:
+    """Batches of random mutations through the differential harness (one reference-loader
+    subprocess per batch). Disagreeing cases are kept under `out` with the judge's line."""
+    from hostile.differential import run_random
+
+    deadline = time.monotonic() + minutes * 60
+    cases = disagreements = 0
+    round_ = 0
+    while time.monotonic() < deadline:
+        where = out / f"batch-{seed}-{round_}"
+        shutil.rmtree(where, ignore_errors=True)
+        where.mkdir(parents=True)
+        verdicts = run_random(batch, seed * 1_000_003 + round_, where)
+        cases += len(verdicts)
+        bad = [v for v in verdicts if not v.agree]
+        disagreements += len(bad)
+        for v in bad:
+            print(f"DISAGREE {v.name}: {v.how[:400]}", flush=True)
+        if not bad:
+            shutil.rmtree(where, ignore_errors=True)
+        round_ += 1
+    print(f"differential: {cases:,} cases, {disagreements:,} disagreements")
+    return 1 if disagreements else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10)
@@ -132,9 +157,16 @@ def main() -> int:
         "--grammar", type=float, default=0.5, help="share of cases from the pickle grammar (0..1)"
     )
     parser.add_argument("--replay", type=Path, default=None)
+    parser.add_argument(
+        "--differential", type=int, default=0, metavar="N",
+        help="also run the differential harness (tests/hostile/differential.py) on N random mutations "
+        "per batch until --minutes pass: mscope must agree with the reference loader or be stricter",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.replay:
         return replay(args.replay)
+    if args.differential:
+        return differential(args.differential, args.seed, args.minutes, args.out / "differential")
 
     pool = seeds()
     rng = random.Random(args.seed)

@@ -109,6 +109,11 @@ CODES: dict[str, tuple[str, str, str]] = {
     "shard-unlisted-tensor": ("shard", WARNING, "a shard holds a tensor the index does not list"),
     "shard-total-size": ("shard", WARNING, "index total_size disagrees with the shards"),
     "reader-warning": ("reader", WARNING, "another warning from the reader"),
+    "reference-loader-refuses": (
+        "corrupt",
+        ERROR,
+        "torch.load or safetensors would refuse the file, although mscope reads it",
+    ),
     # load-ability
     "dangerous-global": (
         "dangerous",
@@ -1362,6 +1367,8 @@ def check_integrity(ckpt: Checkpoint) -> tuple[list[Finding], dict[str, Any]]:
                 t.qualified_name,
             )
         )
+    for r in ckpt.refusals:
+        out.append(finding("reference-loader-refuses", r))
     for w in ckpt.warnings:
         if "not listed in the index" in w:
             code = "shard-unlisted-tensor"
@@ -1370,7 +1377,11 @@ def check_integrity(ckpt: Checkpoint) -> tuple[list[Finding], dict[str, Any]]:
         else:
             code = "reader-warning"
         out.append(finding(code, w))
-    info: dict[str, Any] = {"problems": list(ckpt.problems), "warnings": list(ckpt.warnings)}
+    info: dict[str, Any] = {
+        "problems": list(ckpt.problems),
+        "warnings": list(ckpt.warnings),
+        "reference_refuses": list(ckpt.refusals),
+    }
     if ckpt.format.startswith("sharded"):
         info["shards"] = ckpt.metadata.get("shards")
         info["total_size"] = ckpt.metadata.get("total_size")

@@ -431,6 +431,10 @@ class Checkpoint:
     files: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # structural defects (missing/short bytes)
+    # What the format's reference loader (torch.load, safetensors) would refuse although mscope
+    # reads the file: one plain line each. audit makes each an error (reference-loader-refuses);
+    # summary and the explorer show them as warnings.
+    refusals: list[str] = field(default_factory=list)
     module_root: ModuleNode | None = None  # real hierarchy, when the file has one
     # ids of tensors whose values are never read: views that repeat their storage's bytes past
     # the file's view budget (readers.check_view_budget); audit and diff report them skipped

@@ -173,6 +173,7 @@ def summary_dict(
         "metadata": {k: _jsonable(v) for k, v in ckpt.metadata.items()},
         "warnings": ckpt.warnings,
         "problems": ckpt.problems,
+        "reference_refuses": ckpt.refusals,
     }
 
 
@@ -400,7 +401,7 @@ def render_summary(ckpt: Checkpoint, console: Any, depth: int | None = None, pat
         for k, v in ckpt.metadata["safetensors_metadata"].items():
             console.print(Text(f"  {safe_text(k)} = {safe_text(v)}"), overflow="ellipsis", no_wrap=True, crop=True)
     _render_globals(ckpt, console)
-    for w in ckpt.warnings:
+    for w in ckpt.refusals + ckpt.warnings:
         console.print(f"[yellow]warning:[/] {escape(safe_text(w))}")
     for p in ckpt.problems:
         console.print(f"[red]problem:[/] {escape(safe_text(p))}")

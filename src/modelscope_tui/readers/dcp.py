@@ -584,6 +584,15 @@ class _Reader:
 def _zip_members(mm: mmap.mmap, base: int, length: int) -> dict[str, tuple[int, int, int]]:
     """Members of the zip archive occupying mm[base:base+length]: name -> (absolute data start,
     stored size, compression method). Every offset is checked against the archive's bounds."""
+    if base < 0 or length < 0 or base + length > len(mm):
+        raise _ItemError(f"archive at byte {base:,} runs past the end of its file")
+    try:
+        return _zip_members_in(mm, base, length)
+    except struct.error as exc:  # a last guard: every read below is bounds-checked first
+        raise _ItemError(f"archive at byte {base:,} has a malformed record ({exc})") from exc
+
+
+def _zip_members_in(mm: mmap.mmap, base: int, length: int) -> dict[str, tuple[int, int, int]]:
     end = base + length
     where = f"archive at byte {base:,}"
     pos = mm.rfind(b"PK\x05\x06", max(base, end - _EOCD.size - 0xFFFF), end)
@@ -613,6 +622,8 @@ def _zip_members(mm: mmap.mmap, base: int, length: int) -> dict[str, tuple[int, 
         name_start = p + _CENTRAL.size
         name = mm[name_start : name_start + nlen].decode("utf-8", "replace")
         if 0xFFFFFFFF in (csize, usize, offset):
+            if name_start + nlen + xlen > cd_end:
+                raise _ItemError(f"{where}: the extra field of {short(name)} runs past its directory")
             usize, csize, offset = _zip64_sizes(
                 mm, name_start + nlen, xlen, usize, csize, offset, where
             )
@@ -633,9 +644,11 @@ def _zip_members(mm: mmap.mmap, base: int, length: int) -> dict[str, tuple[int, 
 def _zip64_sizes(
     mm: mmap.mmap, start: int, length: int, usize: int, csize: int, offset: int, where: str
 ) -> tuple[int, int, int]:
-    p, end = start, start + length
+    p, end = start, min(start + length, len(mm))
     while p + 4 <= end:
         tag, size = struct.unpack_from("<2H", mm, p)
+        if p + 4 + size > end:
+            raise _ItemError(f"{where} has a zip64 extra field that runs past its end")
         if tag == 1:
             q, values = p + 4, []
             for wanted in (usize, csize, offset):

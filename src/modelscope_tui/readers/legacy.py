@@ -123,10 +123,20 @@ def read_plain_pickle(path: Path) -> Checkpoint:
     with open(path, "rb") as fh:
         buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        root, globals_, _ = safe_load(buf, source=path.name)
+        root, globals_, end = safe_load(buf, source=path.name)
+        size = len(buf)
     finally:
         buf.close()
     ckpt = Checkpoint(path, "pickle", files=[path])
     ckpt.globals = globals_
+    if type(root) is int:
+        # torch.save's legacy layout starts with a pickled magic number; torch.load reads any
+        # pickle that way and refuses a wrong one. A damaged legacy file must not pass as a
+        # one-number pickle.
+        ckpt.refusals.append(
+            f"torch.load refuses this file: it starts with the number {root if root.bit_length() < 128 else '(huge)'}, "
+            f"not torch.save's magic number{f', and {size - end:,} more bytes follow' if size > end else ''} "
+            "(a damaged pre-1.6 torch.save file?)"
+        )
     Walker(ckpt).walk_root(root)
     return ckpt

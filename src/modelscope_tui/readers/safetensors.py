@@ -10,7 +10,7 @@ import json
 import math
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -67,6 +67,7 @@ class Header:
     length: int  # bytes of JSON after the 8-byte length
     metadata: dict[str, str]
     tensors: list[HeaderTensor]
+    refusals: list[str] = field(default_factory=list)  # what the safetensors library refuses
 
     @property
     def data_start(self) -> int:
@@ -156,7 +157,33 @@ def read_header(fh: IO[bytes], path: Path, base: int = 0, available: int | None 
     for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
         if begin < prev_end:
             raise corrupt(f"tensors {short(prev)} and {short(name)} overlap in the data region")
-    return Header(length, metadata, tensors)
+    return Header(length, metadata, tensors, coverage_refusals(tensors, data_size))
+
+
+def coverage_refusals(tensors: list[HeaderTensor], data_size: int) -> list[str]:
+    """What the safetensors library refuses in a layout mscope can still read: it sorts the
+    tensors by (begin, end) and wants each to begin where the previous one ended, and the last
+    to end at the end of the file. So a gap before or between tensors (bytes no tensor owns,
+    where anything can hide), a zero-size tensor placed inside another's bytes, and bytes after
+    the last tensor all make `safe_open` / `load_file` fail. Overlaps are refused earlier."""
+    out: list[str] = []
+    pos = 0
+    for t in sorted(tensors, key=lambda t: (t.begin, t.end)):
+        if t.begin != pos:
+            if t.begin > pos:
+                what = f"{t.begin - pos:,} unowned byte(s) before tensor {short(t.name)} (data bytes {pos:,}..{t.begin:,})"
+            else:
+                what = f"tensor {short(t.name)} begins at data byte {t.begin:,}, inside the bytes of another tensor"
+            out.append(f"safetensors refuses this file: {what}")
+            if len(out) >= 3:
+                return out
+        pos = max(pos, t.end)
+    if pos != data_size:
+        out.append(
+            f"safetensors refuses this file: {data_size - pos:,} byte(s) after the last tensor "
+            f"(the data region ends at {pos:,} of {data_size:,})"
+        )
+    return out
 
 
 def _tensor(name: str, info: Any, data_size: int, corrupt) -> HeaderTensor:
@@ -220,6 +247,7 @@ def read_safetensors(path: Path) -> Checkpoint:
     ckpt = Checkpoint(path, "safetensors", files=[path])
     ckpt.metadata["safetensors_metadata"] = dict(header.metadata)
     ckpt.metadata["header_bytes"] = header.length
+    ckpt.refusals.extend(header.refusals)
     for key, value in header.metadata.items():
         ckpt.entries.append(
             Entry(f"__metadata__.{key}", "str", value if len(value) <= 200 else value[:197] + "...")

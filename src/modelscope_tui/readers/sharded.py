@@ -158,6 +158,7 @@ def read_sharded(index_path: Path) -> Checkpoint:
             merge_global(globals_, ref, shard)
         ckpt.warnings.extend(f"shard {shard}: {w}" for w in part.warnings)
         ckpt.problems.extend(f"shard {shard}: {p}" for p in part.problems)
+        ckpt.refusals.extend(f"shard {shard}: {r}" for r in part.refusals)
 
     ckpt.format = "sharded-safetensors" if formats == {"safetensors"} else "sharded-torch"
     if ckpt.format == "sharded-safetensors":  # shards split the set arbitrarily: one name order

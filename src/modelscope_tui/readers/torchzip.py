@@ -32,6 +32,70 @@ def archive_prefix(archive: ZipArchive) -> str | None:
     return None
 
 
+# General-purpose flag bits torch's zip reader (miniz) refuses to read a member with:
+# 0 encrypted, 6 strong encryption, 5 compressed patched data.
+REFUSED_FLAGS = {0: "encrypted", 6: "strongly encrypted", 5: "patched data"}
+
+
+def reference_refusals(archive: ZipArchive, prefix: str) -> list[str]:
+    """Why torch.load / torch.jit.load (PyTorchStreamReader) would refuse an archive mscope can
+    read, in plain words. Its rules: the first member's top-level folder is the record folder and
+    every member must sit under it (a second folder or a member at the root hides a pickle from
+    scanners that take only one; CVE-2025-1944-style disagreements); no member may carry the
+    encryption or patched-data flag bits, or be compressed with anything but deflate; the
+    archive needs a `version` record."""
+    out: list[str] = []
+    names = list(archive.entries)
+    first = names[0] if names else ""
+    folder = first[: first.index("/") + 1] if "/" in first else None
+    if folder is None:
+        out.append(f"torch.load refuses this archive: its first member {first[:80]!r} is not in a folder")
+    else:
+        stray = [n for n in names if not n.startswith(folder)]
+        if stray:
+            more = f" and {len(stray) - 1:,} more" if len(stray) > 1 else ""
+            out.append(
+                f"torch.load refuses this archive: member {stray[0][:80]!r}{more} is outside its record "
+                f"folder {folder!r} (torch wants every member under one top-level folder; other "
+                "scanners and loaders may read the other one)"
+            )
+        if folder != prefix:
+            out.append(
+                f"torch.load refuses this archive or reads another pickle: its record folder is "
+                f"{folder!r}, but the checkpoint's data.pkl is under {prefix!r}"
+            )
+    for entry in list(archive.entries.values()) + archive.shadowed:
+        bits = [what for bit, what in REFUSED_FLAGS.items() if entry.flags >> bit & 1]
+        if bits:
+            out.append(
+                f"torch.load refuses this archive: member {entry.name[:80]!r} is flagged {' and '.join(bits)} "
+                f"(zip flag bits 0x{entry.flags:04x})"
+            )
+            break
+    for entry in archive.entries.values():
+        if entry.method not in (0, 8):
+            out.append(
+                f"torch.load refuses this archive: member {entry.name[:80]!r} uses compression method "
+                f"{entry.method} (torch reads stored and deflated members only)"
+            )
+            break
+    if archive.multidisk:
+        out.append("torch.load refuses this archive: its end record describes a split (multi-disk) archive")
+    order = archive.entries.get(f"{prefix}byteorder")
+    if order is not None:
+        try:
+            value = archive.read(order.name, 16)
+        except MscopeError:
+            value = None
+        if value not in (b"little", b"big"):
+            shown = repr(value[:16]) if value is not None else "unreadable"
+            out.append(f"torch.load refuses this archive: its byteorder record is {shown}, not 'little' or 'big'")
+    version = archive.entries.get(f"{prefix}version") or archive.entries.get(f"{prefix}.data/version")
+    if version is None:
+        out.append(f"torch.load refuses this archive: it has no {prefix}version record")
+    return out
+
+
 def is_torchscript(archive: ZipArchive, prefix: str) -> bool:
     return f"{prefix}constants.pkl" in archive.entries and any(n.startswith(f"{prefix}code/") for n in archive.entries)
 
@@ -131,6 +195,7 @@ def read_torch_zip(path: Path, archive: ZipArchive) -> Checkpoint:
         ckpt.globals.extend(shadowed_pickle_globals(path, archive, ckpt.problems))
     ckpt.globals.extend(other_member_globals(archive, [f"{prefix}data.pkl"], storages))
     ckpt.problems.extend(storages.problems)
+    ckpt.refusals.extend(reference_refusals(archive, prefix))
     Walker(ckpt).walk_root(root)
     return ckpt
 
@@ -280,6 +345,7 @@ def read_torchscript(path: Path, archive: ZipArchive, prefix: str) -> Checkpoint
     loaded = [f"{prefix}data.pkl", const_name]
     ckpt.globals.extend(other_member_globals(archive, loaded, storages, const_storages))
     ckpt.problems.extend(storages.problems + const_storages.problems)
+    ckpt.refusals.extend(reference_refusals(archive, prefix))
     ckpt.metadata["code_files"] = sorted(n[len(prefix) :] for n in archive.entries if n.startswith(f"{prefix}code/") and n.endswith(".py"))
     if isinstance(root, Inert):
         ckpt.module_root = _walk_script_module(ckpt, root, classes)

@@ -64,6 +64,7 @@ class ZipArchive:
         self.shadowed: list[ZipEntry] = []  # earlier entries of a repeated name (readers differ
         # on which copy they take: torch's reader may load one we would not show)
         self._pread = False
+        self.multidisk = False  # the end record names other disks: torch.load refuses the file
         try:
             self._parse_directory()
         except BaseException:
@@ -99,14 +100,17 @@ class ZipArchive:
             pos += tail_start
         if pos < 0:
             raise self._corrupt("end-of-central-directory record not found")
-        _, _, _, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(buf, pos)
+        _, disk, cd_disk, on_disk, count, cd_size, cd_offset, _ = _EOCD.unpack_from(buf, pos)
         locator = pos - _EOCD64_LOCATOR.size
         if locator >= 0 and buf[locator : locator + 4] == b"PK\x06\x07":
             _, _, eocd64_offset, _ = _EOCD64_LOCATOR.unpack_from(buf, locator)
             if eocd64_offset + _EOCD64.size > size or buf[eocd64_offset : eocd64_offset + 4] != b"PK\x06\x06":
                 raise self._corrupt("bad zip64 end record")
             fields = _EOCD64.unpack_from(buf, eocd64_offset)
+            disk, cd_disk, on_disk = fields[4], fields[5], fields[6]
             count, cd_size, cd_offset = fields[7], fields[8], fields[9]
+        # torch's reader (miniz) refuses split archives; we read the one directory we find
+        self.multidisk = disk != 0 or cd_disk != 0 or on_disk != count
         if cd_offset + cd_size > size or count * _CENTRAL.size > cd_size:
             raise self._corrupt("central directory lies outside the file")
         entries = self.entries
@@ -127,6 +131,8 @@ class ZipArchive:
             (sig, flags, method, crc, csize, usize, nlen, xlen, clen, offset) = unpack(buf, p)
             if sig != b"PK\x01\x02":
                 raise self._corrupt("bad central directory entry")
+            if buf[p + 34 : p + 36] != b"\0\0":  # the entry's disk number: another disk
+                self.multidisk = True
             name_start = p + _CENTRAL.size
             raw_name = bytes(buf[name_start : name_start + nlen])
             name = raw_name.decode("utf-8", "replace")

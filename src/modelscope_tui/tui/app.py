@@ -252,6 +252,12 @@ class MscopeApp(App[int]):
                 severity="error",
                 timeout=10,
             )
+        if ckpt.refusals:
+            self.notify(
+                ckpt.refusals[0] + (f" (+{len(ckpt.refusals) - 1} more; see details)" if len(ckpt.refusals) > 1 else ""),
+                severity="warning",
+                timeout=10,
+            )
         self.call_after_refresh(self._resume_gc)
         if self.exit_after_paint:
             self.call_after_refresh(self._painted)

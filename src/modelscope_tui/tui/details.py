@@ -206,7 +206,7 @@ def file_details(session: Session) -> RenderableType:
             for call in g.calls:
                 g_table.add_row("", Text(f"would call {safe_text(call)}", style="red"))
         parts += [Text("\nglobals outside the weights_only allowlist", style="bold underline"), g_table]
-    for w in ckpt.warnings:
+    for w in ckpt.refusals + ckpt.warnings:
         parts.append(Text(f"warning: {safe_text(w)}", style="yellow"))
     return Group(*parts)
 
