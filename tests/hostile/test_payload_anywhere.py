@@ -212,3 +212,13 @@ def test_tampering_with_an_allowlisted_stand_in_is_refused_and_undone(tmp_path, 
     rc, doc = audit(path, capsys)
     assert rc == 1 and any("tampering" in f["message"] for f in doc["findings"]), doc["findings"]
     assert (_rebuild_parameter.__defaults__, TensorRef.__repr__) == before
+
+
+def test_second_folder_is_both_refused_and_searched(tmp_path, capsys):
+    """torch.load refuses a zip with two record folders (a reference-loader error), and what hides
+    in the other folder is still a payload another loader would run: both findings, side by side."""
+    path = _torch_zip_second_folder(tmp_path)
+    rc, doc = audit(path, capsys)
+    codes = {f["code"] for f in doc["findings"]}
+    assert rc == 1 and {"reference-loader-refuses", "dangerous-global"} <= codes, doc["findings"]
+    assert any("other/data.pkl" in f["message"] for f in doc["findings"] if f["code"] == "reference-loader-refuses")
