@@ -753,3 +753,28 @@ def test_gpu_module_imports_neither_textual_nor_torch():
     )
     loaded = out.stdout.strip()
     assert "textual" not in loaded and "torch" not in loaded and "rich" not in loaded
+
+
+def test_watch_piped_prints_each_frame_as_it_comes():
+    """`mscope gpus --watch | tee log`: rich's Live held every frame until exit when stdout was
+    not a terminal; each frame must arrive while the command still runs."""
+    import select
+
+    env = {**os.environ, "MSCOPE_SIMULATE_GPUS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelscope_tui", "gpus", "--watch", "--interval", "0.2"],
+        stdout=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        seen = b""
+        for frames in (1, 2):  # each frame starts with the status line
+            while seen.count(b"simulated GPU") < frames:
+                ready, _w, _x = select.select([proc.stdout], [], [], 30)
+                assert ready, f"no frame within 30 s; got {seen[-300:]!r}"
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                assert chunk, "the command ended"
+                seen += chunk
+        assert proc.poll() is None  # still watching: the frames came before exit
+    finally:
+        proc.kill()
+        proc.wait()

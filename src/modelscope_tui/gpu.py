@@ -1699,9 +1699,23 @@ def run_gpus_command(args: Any) -> int:
         if not args.watch:
             console.print(render_sample(monitor.sample(), monitor))
             return 0
+        n = 0
+        if not console.is_terminal:
+            # Piped (`| tee`, a log): rich's Live would hold every frame until exit. Print each
+            # frame as it comes, flushed, with a blank line between.
+            try:
+                while True:
+                    console.print(render_sample(monitor.sample(), monitor))
+                    console.file.flush()
+                    n += 1
+                    if args.count is not None and n >= args.count:
+                        return 0
+                    console.print()
+                    time.sleep(args.interval)
+            except (KeyboardInterrupt, BrokenPipeError):
+                return 0
         from rich.live import Live
 
-        n = 0
         try:
             with Live(console=console, auto_refresh=False, transient=False) as live:
                 while True:
