@@ -269,3 +269,25 @@ async def test_idle_gpu_costs_no_repaints(monkeypatch):
         panel.placement_line = "placed: cuda:0 1.0 GB"
         panel.refresh_panel()
         assert repaints
+
+
+@pytest.mark.parametrize("size", [(80, 24), (200, 50)])
+async def test_panel_uses_the_room_it_has_and_always_says_simulated(monkeypatch, size):
+    """200 columns: the panel grows, so the GPU's full name sits on one line and process names are
+    not cut; 80 columns: one line per GPU, and simulated figures still say so."""
+    monkeypatch.setenv("MSCOPE_SIMULATE_GPUS", "1")
+    app = MscopeApp(SAMPLES / "transformer_tied.pt", gpu_interval=0.05, show_gpus=True)
+    async with app.run_test(size=size) as pilot:
+        await started(pilot)
+        await wait_for_sample(pilot)
+        await pilot.pause(0.2)
+        from rich.console import Console
+
+        panel = app.query_one("#gpu-panel", GpuPanel)
+        console = Console(width=panel.size.width, record=True, file=open("/dev/null", "w"))
+        console.print(panel.render_panel())
+        lines = console.export_text().splitlines()  # as wide as the panel's content on screen
+        assert any("SIMULATED" in line for line in lines[:2]), lines[:3]
+        if size[0] >= 200:
+            assert any(line.startswith("GPU 0 (cuda:0) SIMULATED NVIDIA H100 80GB HBM3") for line in lines), lines
+            assert any("SIMULATED python" in line for line in lines), lines

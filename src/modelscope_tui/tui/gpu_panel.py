@@ -74,9 +74,11 @@ def gpu_block(gpu: GpuSnapshot, history: list[int], width: int) -> RenderableTyp
             )
         )
     procs = sorted(gpu.processes, key=lambda p: 0 if p.used_memory is NA else -p.used_memory)[:3]
+    name_width = max(14, width - 21)  # what is left beside the pid and the memory figure
     for p in procs:
         style = "bold magenta" if p.is_self else ""
-        lines.append(Text(f"  {p.pid:>7} {safe_text(na_or(p.name))[:14]:<14} {na_or(p.used_memory, fmt_bytes)}", style=style))
+        name = safe_text(na_or(p.name))[:name_width]
+        lines.append(Text(f"  {p.pid:>7} {name:<{name_width}} {na_or(p.used_memory, fmt_bytes)}", style=style))
     return Group(*lines)
 
 
@@ -119,7 +121,9 @@ class GpuPanel(Widget):
 
     DEFAULT_CSS = """
     GpuPanel {
-        width: 40;
+        width: 25%;  /* grows with wide terminals, so GPU and process names fit */
+        min-width: 40;
+        max-width: 72;
         height: 100%;
         border-left: vkey $primary;
         padding: 0 1;
@@ -127,6 +131,7 @@ class GpuPanel(Widget):
     }
     GpuPanel.-compact {
         width: 24;
+        min-width: 24;
     }
     """
 
@@ -196,6 +201,8 @@ class GpuPanel(Widget):
                 parts.append(Text(sample.status, style="yellow"))
                 parts.append(Text(sample.host.line(), style="dim"))
             elif self.compact:
+                if sample.simulated:  # simulated figures always say so, even one line per GPU
+                    parts.append(Text("SIMULATED", style="bold yellow"))
                 parts.extend(gpu_line(g) for g in sample.gpus)
             else:
                 for gpu in sample.gpus:
