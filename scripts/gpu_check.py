@@ -913,6 +913,8 @@ def check_panel(path: Path, seconds: float) -> None:
             )
             # the real `m`: device list, cuda:0, enter
             await pilot.press("m")
+            await app.workers.wait_for_complete()  # the device list comes from a worker
+            await pilot.pause()
             option_list = app.screen.query_one("OptionList")
             ids = [option_list.get_option_at_index(i).id for i in range(option_list.option_count)]
             if "cuda:0" not in ids or option_list.get_option("cuda:0").disabled:

@@ -108,6 +108,8 @@ async def test_move_whole_model_to_cpu_shows_device_column():
     async with app.run_test(size=(120, 36)) as pilot:
         await started(pilot)
         await pilot.press("m")
+        await app.workers.wait_for_complete()  # the device list is made on a worker (torch import)
+        await pilot.pause()
         assert isinstance(app.screen, DeviceScreen)
         option_list = app.screen.query_one("OptionList")
         ids = [option_list.get_option_at_index(i).id for i in range(option_list.option_count)]
@@ -136,6 +138,8 @@ async def test_out_of_memory_move_rolls_back(monkeypatch):
     async with app.run_test(size=(120, 36)) as pilot:
         await started(pilot)
         await pilot.press("m")
+        await app.workers.wait_for_complete()  # the device list is made on a worker (torch import)
+        await pilot.pause()
         option_list = app.screen.query_one("OptionList")
         ids = [option_list.get_option_at_index(i).id for i in range(option_list.option_count)]
         option_list.highlighted = ids.index("cpu")
@@ -192,6 +196,8 @@ async def test_export_device_map_after_move(tmp_path):
         app.tree.reveal(module_name="blocks")
         await pilot.pause()
         await pilot.press("m")
+        await app.workers.wait_for_complete()  # the device list is made on a worker (torch import)
+        await pilot.pause()
         option_list = app.screen.query_one("OptionList")
         ids = [option_list.get_option_at_index(i).id for i in range(option_list.option_count)]
         option_list.highlighted = ids.index("meta")
@@ -291,3 +297,33 @@ async def test_panel_uses_the_room_it_has_and_always_says_simulated(monkeypatch,
         if size[0] >= 200:
             assert any(line.startswith("GPU 0 (cuda:0) SIMULATED NVIDIA H100 80GB HBM3") for line in lines), lines
             assert any("SIMULATED python" in line for line in lines), lines
+
+
+def test_first_move_imports_torch_off_the_ui_thread():
+    """The first `m` froze the screen ~2 s while torch imported: now the device list is made on a
+    worker and the user sees "loading torch…". Needs a fresh interpreter (torch not imported)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from modelscope_tui.tui.app import MscopeApp
+        from modelscope_tui.tui.screens import DeviceScreen
+        async def main():
+            app = MscopeApp({str(SAMPLES / "cnn_state_dict.pt")!r}, show_gpus=False)
+            async with app.run_test(size=(120, 36)) as pilot:
+                await app.workers.wait_for_complete()
+                await pilot.pause()
+                assert "torch" not in sys.modules, "torch imported before m"
+                await pilot.press("m")
+                print("notified", any("loading torch" in n.message for n in app._notifications))
+                await app.workers.wait_for_complete()
+                await pilot.pause()
+                print("devices", isinstance(app.screen, DeviceScreen))
+        asyncio.run(main())
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "notified True" in run.stdout and "devices True" in run.stdout, run.stdout + run.stderr[-2000:]

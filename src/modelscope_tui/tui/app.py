@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import gc
 import os
+import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -1099,12 +1100,21 @@ class MscopeApp(App[int]):
     def action_move(self) -> None:
         if not self._guard():
             return
-        from ..placement import available_devices
-
         names = self.selected_names()
         node = self.tree.cursor_node
         what = "the whole model" if node is self.tree.root else f"{len(names):,} tensor(s)"
+        if "torch" not in sys.modules:  # the first import takes seconds: say so, keep ticking
+            self.notify("loading torch…", timeout=4)
+        self._list_devices(names, what)
 
+    @work(thread=True, exclusive=True, exit_on_error=False, group="devices")
+    def _list_devices(self, names: list[str], what: str) -> None:
+        from ..placement import available_devices
+
+        devices = available_devices()  # imports torch: off the UI thread
+        self.call_from_thread(self._choose_device, devices, names, what)
+
+    def _choose_device(self, devices, names: list[str], what: str) -> None:
         def chosen(device: str | None) -> None:
             if device is not None:
                 cancel = threading.Event()
@@ -1112,7 +1122,7 @@ class MscopeApp(App[int]):
                 self.push_screen(screen)
                 self._move(names, device, screen, cancel)
 
-        self.push_screen(DeviceScreen(available_devices(), what), chosen)
+        self.push_screen(DeviceScreen(devices, what), chosen)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="move")
     def _move(self, names: list[str], device: str, screen: ProgressScreen, cancel: threading.Event) -> None:
