@@ -33,3 +33,4 @@ def test_bad_precision_is_one_line():
     result = mscope("estimate", str(SAMPLES / "cnn_state_dict.pt"), "--precision", "fp3")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "unknown precision" in result.stderr
+    assert result.stdout == ""  # nothing printed before the error (the totals line was)

@@ -268,6 +268,8 @@ def run_estimate(args: argparse.Namespace) -> int:
     from .readers import open_checkpoint
     from .session import Session
 
+    if args.precision or args.optimizer:  # a typo is one error line, before any output
+        est.estimate([], args.precision or "fp32", args.optimizer or "adamw")
     session = Session(open_checkpoint(args.file))
     if args.plan:
         from .freeze import apply_plan_to_session
