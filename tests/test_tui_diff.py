@@ -303,3 +303,18 @@ async def test_plan_check_shows_in_header_and_root_details(pair, tmp_path):
         text = details_text(app)
         assert "1 of 6 parameters frozen in plan.json moved in B:" in text
         assert "blocks.0.mlp.bias: dtype float32 -> float16" in text
+
+
+async def test_compare_prompt_keeps_the_prefilled_folder(pair, tmp_path, monkeypatch):
+    """`v` prefills a folder; typing must go after it, not replace it (it was selected)."""
+    a, b = pair
+    monkeypatch.chdir(a.parent)
+    app = MscopeApp(b, show_gpus=False)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        await pilot.press("v")
+        await pilot.pause()
+        field = app.screen.query_one("#path")
+        prefilled = field.value
+        await pilot.press(*"x.pt")
+        assert field.value == prefilled + "x.pt", (prefilled, field.value)

@@ -431,7 +431,7 @@ class CompareScreen(_PathPrompt):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label("Compare with another checkpoint", classes="title")
-            yield Input(self.default, placeholder="path/to/before.pt (any format)", id="path", suggester=PathSuggester())
+            yield Input(self.default, placeholder="path/to/before.pt (any format)", id="path", suggester=PathSuggester(), select_on_focus=False)
             yield Static(
                 f"{self.current} stays B (the tree); the file you name is A, the baseline. "
                 "Added, removed and reshaped tensors show at once; values fill in. → completes a path.",
