@@ -423,3 +423,23 @@ async def test_gc_paused_at_start_resumes_after_the_first_paint():
     finally:
         gc.unfreeze()  # do not keep this test's objects out of later collections
         gc.enable()
+
+
+async def test_escape_in_the_tree_clears_the_filter_and_keeps_the_row():
+    """After Enter the filter box is gone and the tree has focus: esc there clears the filter
+    (it used to need / then esc), and the cursor stays on the row it was on."""
+    app = MscopeApp(SAMPLES / "transformer_tied.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("slash", *"norm2", "enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.focused is app.tree and "filter: norm2" in header(app)
+        app.tree.reveal(tensor_name="blocks.1.norm2.weight")
+        await pilot.pause()
+        await pilot.press("escape")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert "filter" not in header(app)
+        assert any("linear1" in line for line in tree_lines(app)), tree_lines(app)  # everything is back
+        assert cursor_name(app) == "blocks.1.norm2.weight"

@@ -115,7 +115,7 @@ class MscopeApp(App[int]):
         ("z / y", "undo / redo (also ctrl+z / ctrl+y)"),
         ("s", "save the freeze plan (JSON, for apply_freeze_plan)"),
         ("w", "write a copy of the checkpoint with the new requires_grad (full modules, TorchScript)"),
-        ("/", "filter the tree as you type (glob or substring); esc clears"),
+        ("/", "filter the tree as you type (glob or substring); esc clears (in the box or the tree)"),
         ("L", "jump to the largest tensors"),
         ("o", "sort children by size"),
         ("e / E", "expand all under the cursor / collapse all"),
@@ -183,6 +183,7 @@ class MscopeApp(App[int]):
         self.session: Session | None = None
         self.error_line: str | None = None
         self.filter_text = ""
+        self._reveal_after_filter = None  # the row to return to once a cleared filter is applied
         self.exit_after_paint = bool(os.environ.get(EXIT_AFTER_PAINT_ENV))
         self.resume_gc_after_paint = False  # run_app sets it when the command paused gc at start
 
@@ -724,6 +725,15 @@ class MscopeApp(App[int]):
             event.stop()
         elif (
             event.key == "escape"
+            and self.filter_text
+            and len(self.screen_stack) == 1
+            and self.query("#tree")
+            and self.focused is self.tree
+        ):
+            self.clear_filter()
+            event.stop()
+        elif (
+            event.key == "escape"
             and self.live is not None
             and self.live.running
             and len(self.screen_stack) == 1
@@ -755,12 +765,28 @@ class MscopeApp(App[int]):
                 modules.add(".".join(parts[:i]))
         self.call_from_thread(self._apply_filter, text, set(names), modules)
 
+    def clear_filter(self) -> None:
+        """Esc in the tree after a filter: show everything again, staying on the same row."""
+        self._reveal_after_filter = self.tree.cursor_node.data if self.tree.cursor_node is not None else None
+        box = self.query_one("#filter", Input)
+        box.display = False
+        if box.value:
+            box.value = ""  # Input.Changed: the filter worker applies "" and then reveals the row
+        else:
+            self._apply_filter("", None, None)
+
     def _apply_filter(self, text: str, tensors: set[str] | None, modules: set[str] | None) -> None:
         self.filter_text = text
         tree = self.tree
         tree.visible_tensors = tensors
         tree.visible_modules = modules
         tree.populate()
+        row, self._reveal_after_filter = self._reveal_after_filter, None
+        if row is not None and not text:
+            if row.tensor is not None:
+                tree.reveal(tensor_name=row.tensor.name)
+            elif row.module is not None and row.module.name:
+                tree.reveal(module_name=row.module.name)
         if tensors is not None and len(tensors) <= 300:
             self._expand_visible(tree.root, EXPAND_ALL_LIMIT)
         self.refresh_state()
