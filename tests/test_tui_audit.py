@@ -60,3 +60,20 @@ async def test_audit_view_lists_nan_and_jumps(tmp_path):
         await pilot.press("enter")
         await pilot.pause()
         assert app.tree.cursor_node.data.tensor.name == "broken.weight"
+
+
+async def test_root_norm_profile_fills_in_when_the_audit_finishes():
+    """The root said "A (audit) computes it…" with … placeholders until the cursor moved off and
+    back; the audit's statistics must redraw it at once."""
+    app = MscopeApp(SAMPLES / "transformer_tied.pt", show_gpus=False)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        assert app.tree.cursor_node is app.tree.root
+        assert "computes it" in details_text(app)
+        await pilot.press("A")
+        await settle(pilot)
+        await pilot.press("escape")
+        await settle(pilot)
+        assert app.tree.cursor_node is app.tree.root
+        text = details_text(app)
+        assert "computes it" not in text and "…" not in text.split("norm", 1)[-1], text

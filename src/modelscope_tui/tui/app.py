@@ -458,6 +458,12 @@ class MscopeApp(App[int]):
             self._norm_status.pop(module, None)
             self._refresh_details_if(module=module)
 
+    def _show_cursor_row(self) -> None:
+        """Redraw the details of whatever the cursor is on (new figures arrived for it)."""
+        node = self.tree.cursor_node if self.query("#tree") else None
+        if node is not None and node.data is not None and not node.data.ghost:
+            self._show_row(node.data)
+
     def _refresh_details_if(self, module: str | None = None, tensor: str | None = None) -> None:
         """Redraw the details pane when the cursor is still on that module or tensor."""
         node = self.tree.cursor_node if self.query("#tree") else None
@@ -1018,6 +1024,7 @@ class MscopeApp(App[int]):
         for name, stats in report.stats.items():
             self._stats_cache.setdefault(name, (stats, None))
             self._norm_stats.setdefault(name, stats)
+        self._show_cursor_row()  # the root's norm profile said "A (audit) computes it…"
 
         def jump(tensor: str | None) -> None:
             if tensor:
