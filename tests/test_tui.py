@@ -443,3 +443,28 @@ async def test_escape_in_the_tree_clears_the_filter_and_keeps_the_row():
         assert "filter" not in header(app)
         assert any("linear1" in line for line in tree_lines(app)), tree_lines(app)  # everything is back
         assert cursor_name(app) == "blocks.1.norm2.weight"
+
+
+async def test_norm_caveat_is_said_once_per_change_of_the_frozen_norms():
+    """The "frozen norm layer(s) still update running statistics" toast followed every action."""
+    app = MscopeApp(SAMPLES / "notebook_full.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("c")
+        option_list = app.screen.query_one("OptionList")
+        ids = [option_list.get_option_at_index(i).id for i in range(option_list.option_count)]
+        option_list.highlighted = ids.index("BatchNorm2d")
+        await pilot.press("f")
+        await pilot.pause()
+        bn = [n.name for n in app.session.modules_of_class("BatchNorm2d")]
+
+        def caveats() -> int:
+            return sum("running statistics" in n.message for n in app._notifications)
+
+        assert caveats() == 1
+        other = next(n for n in app.session.records if not any(n.startswith(b + ".") for b in bn))
+        app.tree.reveal(tensor_name=other)
+        for _ in range(4):  # unrelated changes: the same norms stay frozen
+            await pilot.press("space")
+            await pilot.pause()
+        assert caveats() == 1

@@ -184,6 +184,7 @@ class MscopeApp(App[int]):
         self.error_line: str | None = None
         self.filter_text = ""
         self._reveal_after_filter = None  # the row to return to once a cleared filter is applied
+        self._norms_warned: frozenset[str] = frozenset()  # frozen norm layers already warned about
         self.exit_after_paint = bool(os.environ.get(EXIT_AFTER_PAINT_ENV))
         self.resume_gc_after_paint = False  # run_app sets it when the command paused gc at start
 
@@ -489,7 +490,11 @@ class MscopeApp(App[int]):
         self._check_norms()
 
     def _check_norms(self) -> None:
-        pending = [m for m in self.session.frozen_norm_layers() if m not in self.session.eval_modules]
+        """Warn about frozen norm layers once per set of them, not after every action."""
+        pending = frozenset(m for m in self.session.frozen_norm_layers() if m not in self.session.eval_modules)
+        if pending == self._norms_warned:
+            return
+        self._norms_warned = pending
         if pending:
             self.notify(
                 f"{len(pending)} frozen norm layer(s) still update running statistics in train mode; "
