@@ -54,12 +54,16 @@ def worker(conn, memory_gb: float) -> None:
                 return
             index, ops = job
             start = time.perf_counter()
-            try:
+            try:  # building the case is the harness's job: its failures are not mscope's
                 if index == GRAMMAR:
                     shutil.rmtree(tmp / "grammar", ignore_errors=True)
                     path = random_case(ops, tmp / "grammar")
                 else:
                     path = materialize_case(pool[index], ops, pool, tmp / "case")
+            except Exception as exc:
+                conn.send((f"HARNESS {type(exc).__name__}", "".join(traceback.format_exception(exc))[-1500:], 0.0))
+                continue
+            try:
                 outcome, detail = exercise(path), ""
             except Exception as exc:  # the finding: anything but an MscopeError
                 outcome = f"BUG {type(exc).__name__}"

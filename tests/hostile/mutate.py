@@ -270,7 +270,7 @@ def _write_number(data: bytearray, site: tuple[int, int, str], value: int) -> No
         data[offset : offset + width] = text
         if data[8:9] == b"{":  # a safetensors header: keep its length prefix honest
             (length,) = struct.unpack_from("<Q", data)
-            struct.pack_into("<Q", data, 0, max(0, length + len(text) - width))
+            struct.pack_into("<Q", data, 0, min((1 << 64) - 1, max(0, length + len(text) - width)))
         return
     data[offset : offset + width] = (value % (1 << (8 * width))).to_bytes(width, "little")
 
