@@ -655,3 +655,18 @@ def test_damaged_anywhere_never_crashes(tmp_path, kind):
             open_checkpoint(path)
         except MscopeError as exc:
             assert "\n" not in str(exc)
+
+
+def test_directory_of_several_checkpoints_names_them(tmp_path):
+    """`mscope summary DIR` on a folder of checkpoints said "no single weights file"; it now
+    names what is there (one line) and how to pick one."""
+    import shutil
+    import subprocess
+    import sys
+
+    for name in ("a.pt", "b.safetensors", "c.ckpt"):
+        shutil.copy(SAMPLES / ("transformer.safetensors" if name.endswith("safetensors") else "cnn_state_dict.pt"), tmp_path / name)
+    run = subprocess.run([sys.executable, "-m", "modelscope_tui", "summary", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "3 checkpoints" in run.stderr and "a.pt" in run.stderr and "c.ckpt" in run.stderr
+    assert f"mscope summary {tmp_path / 'a.pt'}" in run.stderr

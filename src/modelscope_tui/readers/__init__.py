@@ -75,6 +75,14 @@ def _sniff_directory(path: Path) -> str:
     singles = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file())
     if len(singles) == 1:
         return "single-in-dir"
+    if len(singles) > 1:
+        others = sorted(p.name for p in path.iterdir() if p.suffix == ".ckpt" and p.is_file())
+        names = [p.name for p in singles] + others
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        raise UnsupportedFormatError(
+            f"directory holds {len(names)} checkpoints, not one set: {shown}", path,
+            f"name one, e.g. mscope summary {path / names[0]}",
+        )  # fmt: skip
     raise UnsupportedFormatError(
         "directory holds no checkpoint (no *.index.json, no DCP .metadata, no single weights file)", path
     )
