@@ -5,6 +5,8 @@ Readers fill these in from metadata alone; nothing here reads tensor bytes or im
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import threading
 from collections import Counter, defaultdict
@@ -292,6 +294,51 @@ class GlobalRef:
         return f"{self.module}.{self.name}"
 
 
+# -- names ----------------------------------------------------------------------------------
+# Names come from the file. A few names of 10,000 dots each took minutes and gigabytes: every
+# implied module keeps its full dotted name, so a name of L characters and d dots costs d*L. A
+# name is capped at MAX_NAME_CHARS (the cut keeps a digest of the whole, so distinct names stay
+# distinct) and the module tree implied by dots stops at MAX_NAME_DEPTH levels; both are
+# reported as warnings (`Checkpoint.cap_names`).
+MAX_NAME_CHARS = 1024
+MAX_NAME_DEPTH = 64
+_CUT = "\u2026#"  # "…#" + 16 hex digits end a shortened name
+
+
+def cap_name(name: str) -> str:
+    """`name`, or its first characters and a digest of the whole when it is too long."""
+    if len(name) <= MAX_NAME_CHARS:
+        return name
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    return f"{name[: MAX_NAME_CHARS - len(_CUT) - 16]}{_CUT}{digest}"
+
+
+@functools.lru_cache(maxsize=4096)
+def cap_key(key: str) -> str:
+    """cap_name for one key: a memoised key repeated at every level is cut (and hashed) once."""
+    return cap_name(key)
+
+
+def join_name(where: str, key: str) -> str:
+    """`where.key`, capped: the work per join is bounded by MAX_NAME_CHARS, however long the key."""
+    if len(key) > MAX_NAME_CHARS:
+        key = cap_key(key)
+    return cap_name(f"{where}.{key}") if where else key
+
+
+def is_cut(name: str) -> bool:
+    return len(name) == MAX_NAME_CHARS and name[-16 - len(_CUT) : -16] == _CUT
+
+
+def module_path(name: str) -> str:
+    """The module a tensor name implies (everything before its last dot), at most MAX_NAME_DEPTH
+    levels deep: deeper components stay in the tensor's own name."""
+    path = name.rpartition(".")[0]
+    if path.count(".") >= MAX_NAME_DEPTH:
+        path = ".".join(path.split(".", MAX_NAME_DEPTH)[:MAX_NAME_DEPTH])
+    return path
+
+
 @dataclass(eq=False, slots=True, init=False)
 class ModuleNode:
     """A module in the tree: real (class and attributes from the file) or implied by names."""
@@ -334,7 +381,7 @@ class ModuleNode:
     def child(self, part: str) -> ModuleNode:
         node = self.children.get(part)
         if node is None:
-            node = ModuleNode(f"{self.name}.{part}" if self.name else part)
+            node = ModuleNode(join_name(self.name, part))
             self.children[part] = node
         return node
 
@@ -472,7 +519,7 @@ class Checkpoint:
         for t in self.tensors:
             if t.section:
                 continue
-            path = t.name.rpartition(".")[0]
+            path = module_path(t.name)
             node = by_path.get(path)
             if node is None:
                 parent_path, _, part = path.rpartition(".")
@@ -501,6 +548,41 @@ class Checkpoint:
         return {(t.section, t.name): t for t in self.tensors}
 
     # -- derived facts -------------------------------------------------------------------------
+    def cap_names(self) -> None:
+        """Cap every tensor and entry name (cap_name) and warn about names that were cut or nest
+        deeper than the implied module tree goes. Readers cap names as they join them; this
+        catches the rest (safetensors headers, DCP metadata) and says what was cut."""
+        cut: list[str] = []
+        deep: list[str] = []
+        for t in self.tensors:
+            name = t.name
+            if len(name) > MAX_NAME_CHARS:
+                name = t.name = cap_name(name)
+            if is_cut(name):
+                cut.append(name)
+            if name.count(".") > MAX_NAME_DEPTH:
+                deep.append(name)
+        for e in self.entries:
+            if len(e.path) > MAX_NAME_CHARS:
+                e.path = cap_name(e.path)
+            if is_cut(e.path):
+                cut.append(e.path)
+
+        def first(names: list[str]) -> str:
+            more = f" and {len(names) - 1:,} more" if len(names) > 1 else ""
+            return f"{names[0][:60]!r}...{more}"
+
+        if cut:
+            self.warnings.append(
+                f"{len(cut):,} name(s) longer than {MAX_NAME_CHARS:,} characters are shown cut, "
+                f"ending in a digest of the whole name: {first(cut)}"
+            )
+        if deep:
+            self.warnings.append(
+                f"{len(deep):,} tensor name(s) nest deeper than {MAX_NAME_DEPTH} modules; the module "
+                f"tree stops at depth {MAX_NAME_DEPTH}: {first(deep)}"
+            )
+
     def link_shared_storages(self) -> None:
         """Mark tensors that share a storage (tied weights). Readers call this once at the end."""
         first_by_storage: dict[int, TensorRecord] = {}

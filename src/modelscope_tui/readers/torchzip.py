@@ -14,6 +14,7 @@ from ..checkpoint import (
     Checkpoint,
     ModuleNode,
     StorageRecord,
+    join_name,
 )
 from ..errors import CorruptCheckpointError, MscopeError
 from .unpickler import Inert, StorageType, TensorRef, safe_load
@@ -307,7 +308,7 @@ def _walk_script_module(ckpt: Checkpoint, root_obj: Inert, classes: dict[str, Sc
                 node.training = value if isinstance(value, bool) else None
             elif isinstance(value, TensorRef):
                 kind = PARAMETER if key in info.parameters else BUFFER if key in info.buffers else TENSOR
-                node.tensors.append(walker.add_tensor(value, prefix + key, "", kind, True))
+                node.tensors.append(walker.add_tensor(value, join_name(node.name, key), "", kind, True))
             elif isinstance(value, Inert) and value.qualname.startswith("__torch__"):
                 if id(value) not in seen and depth < 200:
                     seen.add(id(value))
