@@ -19,7 +19,7 @@ from ..checkpoint import (
 from ..errors import CorruptCheckpointError, MscopeError
 from .unpickler import Inert, StorageType, TensorRef, safe_load
 from .walk import Walker, is_plain
-from .ziparchive import STORED, ZipArchive
+from .ziparchive import STORED, InflateBudgetError, ZipArchive
 
 MAX_PICKLE_BYTES = 1 << 31
 MAX_CODE_BYTES = 16 << 20
@@ -131,8 +131,20 @@ def read_torch_zip(path: Path, archive: ZipArchive) -> Checkpoint:
         ckpt.problems.append(f"archive has duplicate members: {', '.join(archive.duplicates[:3])}")
         ckpt.globals.extend(shadowed_pickle_globals(path, archive, ckpt.problems))
     ckpt.problems.extend(storages.problems)
+    _deflated_warning(ckpt, archive)
     Walker(ckpt).walk_root(root)
     return ckpt
+
+
+def _deflated_warning(ckpt: Checkpoint, archive: ZipArchive) -> None:
+    """torch.save writes every member stored: a deflated pickle or source was re-packed."""
+    if archive.deflated_read:
+        names = ", ".join(repr(n[:80]) for n in archive.deflated_read[:3])
+        more = f" and {len(archive.deflated_read) - 3:,} more" if len(archive.deflated_read) > 3 else ""
+        ckpt.warnings.append(
+            f"deflated member(s) {names}{more} inflated to {archive.inflated:,} bytes "
+            "(torch.save stores members uncompressed: the archive was re-packed)"
+        )
 
 
 def shadowed_pickle_globals(path: Path, archive: ZipArchive, problems: list[str]) -> list:
@@ -185,15 +197,25 @@ class ScriptClass:
         self.has_setstate = False
 
 
-def parse_script_code(archive: ZipArchive, prefix: str) -> dict[str, ScriptClass]:
-    """Class facts from the archive's `code/` sources, read as text (never compiled)."""
+def parse_script_code(archive: ZipArchive, prefix: str, skipped: list[str] | None = None) -> dict[str, ScriptClass]:
+    """Class facts from the archive's `code/` sources, read as text (never compiled). Deflated
+    sources past the file's inflate budget are not read; their names go to `skipped`."""
     classes: dict[str, ScriptClass] = {}
     code_dir = f"{prefix}code/"
     for name, entry in archive.entries.items():
-        if not (name.startswith(code_dir) and name.endswith(".py")) or entry.size > MAX_CODE_BYTES:
+        if not (name.startswith(code_dir) and name.endswith(".py")):
+            continue
+        if entry.size > MAX_CODE_BYTES:
+            if skipped is not None:
+                skipped.append(name)
             continue
         module = name[len(code_dir) : -3].replace("/", ".")
-        text = archive.read(name, MAX_CODE_BYTES).decode("utf-8", "replace")
+        try:
+            text = archive.read(name, MAX_CODE_BYTES).decode("utf-8", "replace")
+        except InflateBudgetError:
+            if skipped is not None:
+                skipped.append(name)
+            continue
         matches = list(_CLASS.finditer(text))
         for i, match in enumerate(matches):
             body = text[match.end() : matches[i + 1].start() if i + 1 < len(matches) else len(text)]
@@ -229,9 +251,11 @@ def script_class_path(qualname: str) -> str:
 
 def read_torchscript(path: Path, archive: ZipArchive, prefix: str) -> Checkpoint:
     byteorder = _byteorder(archive, prefix)
-    classes = parse_script_code(archive, prefix)
+    # data.pkl first: the pickle is what must be read; code/ sources only add class facts.
     storages = StorageTable(path, archive, f"{prefix}data/", byteorder)
     data = archive.read(f"{prefix}data.pkl", MAX_PICKLE_BYTES, verify=True)
+    skipped_code: list[str] = []
+    classes = parse_script_code(archive, prefix, skipped_code)
 
     def scripted(module: str, name: str) -> bool:
         return module == "__torch__" or module.startswith("__torch__.")
@@ -267,6 +291,13 @@ def read_torchscript(path: Path, archive: ZipArchive, prefix: str) -> Checkpoint
         ckpt.problems.append(f"archive has duplicate members: {', '.join(archive.duplicates[:3])}")
         ckpt.globals.extend(shadowed_pickle_globals(path, archive, ckpt.problems))
     ckpt.problems.extend(storages.problems + const_storages.problems)
+    if skipped_code:
+        ckpt.warnings.append(
+            f"{len(skipped_code):,} code file(s) not read (deflated past the file's inflate budget of "
+            f"{archive.inflate_budget:,} bytes, or over {MAX_CODE_BYTES:,} bytes): {', '.join(repr(n[:80]) for n in skipped_code[:3])}"
+            + (f" and {len(skipped_code) - 3:,} more" if len(skipped_code) > 3 else "")
+        )
+    _deflated_warning(ckpt, archive)
     ckpt.metadata["code_files"] = sorted(n[len(prefix) :] for n in archive.entries if n.startswith(f"{prefix}code/") and n.endswith(".py"))
     if isinstance(root, Inert):
         ckpt.module_root = _walk_script_module(ckpt, root, classes)
