@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import FLOATING_DTYPES, Checkpoint, TensorRecord, prod
+from .checkpoint import FLOATING_DTYPES, Checkpoint, TensorRecord, dims_key, prod
 from .errors import MscopeError, TensorDataError
 from .tensordata import check_view
 from .units import fmt_bytes
@@ -1687,7 +1687,7 @@ def check_waste(ckpt: Checkpoint) -> tuple[list[Finding], dict[str, Any]]:
 
     # fp32 copies next to half-precision weights.
     model = [t for t in ckpt.tensors if t.section == "" and t.alias_of is None]
-    half_shapes = Counter(t.shape for t in model if t.dtype in HALF_DTYPES and len(t.shape) >= 1)
+    half_shapes = Counter(dims_key(t.shape) for t in model if t.dtype in HALF_DTYPES and len(t.shape) >= 1)
     copies = []
     if half_shapes:
         half_bytes = sum(t.nbytes for t in model if t.dtype in HALF_DTYPES)
@@ -1697,7 +1697,7 @@ def check_waste(ckpt: Checkpoint) -> tuple[list[Finding], dict[str, Any]]:
                 t.dtype != "float32"
                 or t.alias_of is not None
                 or t.numel < 2
-                or t.shape not in half_shapes
+                or dims_key(t.shape) not in half_shapes
             ):
                 continue
             leaf = t.name.rsplit(".", 1)[-1]
@@ -1810,7 +1810,7 @@ def find_duplicates(
         ):
             continue  # tied: shares the storage already
         seen_storage.setdefault(id(t.storage), t)
-        key: tuple = (t.dtype, t.shape)
+        key: tuple = (t.dtype, dims_key(t.shape))
         if stats is not None:
             st = stats.get(t.qualified_name)
             if st is None or st.min == st.max:
@@ -1902,7 +1902,7 @@ def norm_profile(
             )
         groups: dict[frozenset, list[int]] = defaultdict(list)
         for index, roles in layers.items():
-            groups[frozenset((r, v[2]) for r, v in roles.items())].append(index)
+            groups[frozenset((r, dims_key(v[2])) for r, v in roles.items())].append(index)
         roles_out: dict[str, list[float]] = {}
         for signature, indices in groups.items():
             for role in sorted(r for r, _ in signature):

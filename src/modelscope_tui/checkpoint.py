@@ -305,6 +305,13 @@ MAX_NAME_DEPTH = 64
 _CUT = "\u2026#"  # "…#" + 16 hex digits end a shortened name
 
 
+def dims_key(dims: tuple[int, ...]) -> str:
+    """A shape or stride as a dict key. Tuples of ints hash as the file chooses (all of 100k
+    views' shapes can collide, and each insertion then compares with all before it); a str's
+    hash is keyed per process."""
+    return ",".join(map(str, dims))
+
+
 def cap_name(name: str) -> str:
     """`name`, or its first characters and a digest of the whole when it is too long."""
     if len(name) <= MAX_NAME_CHARS:
@@ -597,8 +604,8 @@ class Checkpoint:
             t.tied_to = first.qualified_name
             if not first_by_view.get((sid,)):
                 first_by_view[(sid,)] = first
-                first_by_view[(sid, first.storage_offset, first.shape, first.stride, first.dtype)] = first
-            view = (sid, t.storage_offset, t.shape, t.stride, t.dtype)
+                first_by_view[(sid, first.storage_offset, dims_key(first.shape), dims_key(first.stride), first.dtype)] = first
+            view = (sid, t.storage_offset, dims_key(t.shape), dims_key(t.stride), t.dtype)
             original = first_by_view.setdefault(view, t)
             if original is not t and original.section == t.section:
                 t.alias_of = original.qualified_name

@@ -46,7 +46,7 @@ from .audit import (
     _Source,
     unreadable_records,
 )
-from .checkpoint import Checkpoint, TensorRecord
+from .checkpoint import Checkpoint, TensorRecord, dims_key
 from .errors import MscopeError, TensorDataError
 from .units import fmt_bytes
 
@@ -627,11 +627,11 @@ class DiffStream:
         for n in self.removed:
             r = ta[n]
             if r.storage is not None and r.dtype in _LAYOUT and id(r) not in self._bad:
-                sig_a[(r.shape, r.dtype)].append(n)
+                sig_a[(dims_key(r.shape), r.dtype)].append(n)
         for n in self.added:
             r = tb[n]
             if r.storage is not None and r.dtype in _LAYOUT and id(r) not in self._bad:
-                sig_b[(r.shape, r.dtype)].append(n)
+                sig_b[(dims_key(r.shape), r.dtype)].append(n)
         for sig, names_a in sig_a.items():
             names_b = sig_b.get(sig)
             if not names_b:

@@ -17,6 +17,7 @@ import pickle
 import pickletools
 import re
 import struct
+import threading
 import types
 from collections import OrderedDict
 from collections.abc import Callable
@@ -84,6 +85,37 @@ def _nesting_table() -> tuple[list[int], list[int], list[int]]:
 
 
 _NEST_MODE, _NEST_POPS, _NEST_PUSHES = _nesting_table()
+
+# -- hash flooding ----------------------------------------------------------------------------
+# Python ints hash to themselves mod 2**61-1 (so k * (2**61-1) all hash to 0), and float, tuple
+# and frozenset hashes follow from their items': a file can fill a dict or set with keys that all
+# collide, and each insertion then compares against every earlier one (100k int keys: 83 s).
+# str and bytes hashes are keyed per process, and ints below 2**56 hash to distinct values. So
+# the scans also follow, for each stack slot, whether its hash is the file's choice ("hashy":
+# floats, longer ints, tuples, frozensets; a memo GET as the PUT recorded), and count such keys
+# and members going into dicts and sets (SETITEM, SETITEMS, DICT, ADDITEMS, FROZENSET). Past
+# MAX_HASHED_KEYS the pickle is refused. Slots hold depth << 1 | hashy. What the allowlisted
+# functions return (REDUCE) is never hashy: they return values hashed by identity or keyed
+# hashes, and the ones that build sets count their members (see _HashCount).
+MAX_HASHED_KEYS = 8192  # all colliding: about 33M comparisons, a fraction of a second
+_K_NONE, _K_SECOND, _K_EVEN, _K_ALL = 0, 1, 2, 3
+_LONG1 = 0x8A
+
+
+def _hash_tables() -> tuple[list[int], list[int]]:
+    """(hashy, key role) of each opcode byte. LONG1 is hashy from 8 bytes of value (decided
+    where its length byte is read)."""
+    hashy_ops = {"FLOAT", "BINFLOAT", "INT", "LONG", "LONG4", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "FROZENSET"}
+    roles = {"SETITEM": _K_SECOND, "SETITEMS": _K_EVEN, "DICT": _K_EVEN, "ADDITEMS": _K_ALL, "FROZENSET": _K_ALL}
+    hashy, role = [0] * 256, [0] * 256
+    for op in pickletools.opcodes:
+        code = op.code.encode("latin-1")[0]
+        hashy[code] = int(op.name in hashy_ops)
+        role[code] = roles.get(op.name, _K_NONE)
+    return hashy, role
+
+
+_HASHY, _KEY_ROLE = _hash_tables()
 
 # Rough bytes each opcode makes the C unpickler build and keep (CPython 3.11 object sizes; a
 # reference on the stack or in a container is 8). Length-prefixed and text arguments add two per
@@ -241,7 +273,24 @@ def _scan_fast(data: bytes | memoryview, start: int) -> int | None:
         return None
     if length > MAX_NESTING and _nesting_bound(bytes(data[start : pos + 1])) > MAX_NESTING:
         return None  # might nest too deep: the exact walk (or the C one) follows the depths
+    if length > MAX_HASHED_KEYS and _hashy_bound(bytes(data[start : pos + 1])) > MAX_HASHED_KEYS:
+        return None  # might put too many hashy keys in dicts: the exact walk counts them
     return pos + 1
+
+
+def _hashy_opcodes() -> bytes:
+    """Bytes of every opcode that can push a hashy slot: the hashy ones, LONG1, and the memo
+    GETs and DUP that copy one. Each hashy key put into a dict or set was pushed by one."""
+    copies = {code for code in range(256) if _NEST_MODE[code] in (_N_GET, _N_DUP)}
+    return bytes(code for code in range(256) if _HASHY[code] or code == _LONG1 or code in copies)
+
+
+_NOT_HASHY = bytes(set(range(256)) - set(_hashy_opcodes()))
+
+
+def _hashy_bound(pickle_bytes: bytes) -> int:
+    """An upper bound of the hashy keys and members (argument bytes count too)."""
+    return len(pickle_bytes.translate(None, _NOT_HASHY))
 
 
 def _nesting_opcodes() -> bytes:
@@ -262,7 +311,7 @@ def _nesting_bound(pickle_bytes: bytes) -> int:
     return len(pickle_bytes.translate(None, _NOT_NESTING))
 
 
-SCAN_VERSION = 2  # MSCOPE_SCAN_VERSION in picklescan.c
+SCAN_VERSION = 3  # MSCOPE_SCAN_VERSION in picklescan.c
 NATIVE_SCAN_MIN_BYTES = 1 << 20  # below this the regex is quicker than importing ctypes
 
 
@@ -283,13 +332,16 @@ def _native_scan() -> Callable[[bytes, int], int] | None:
 
     scan.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_char_p,
                      ctypes.POINTER(ctypes.c_int32), ctypes.c_int64, ctypes.c_int64,
-                     ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64]  # fmt: skip
+                     ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64,
+                     ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64]  # fmt: skip
     scan.restype = ctypes.c_int64
     kinds = bytes(k & 0xFF for k in _OPCODES)  # int8 in C
     costs = (ctypes.c_int32 * 256)(*_COSTS)
     modes, pops, pushes = bytes(_NEST_MODE), bytes(_NEST_POPS), bytes(_NEST_PUSHES)
+    hashy, roles = bytes(_HASHY), bytes(_KEY_ROLE)
     return lambda data, start: scan(data, len(data), start, kinds, costs, PICKLE_MEMORY_RATIO,
-                                    MIN_PICKLE_MEMORY, modes, pops, pushes, MAX_NESTING)  # fmt: skip
+                                    MIN_PICKLE_MEMORY, modes, pops, pushes, MAX_NESTING,
+                                    hashy, roles, MAX_HASHED_KEYS)  # fmt: skip
 
 
 def _scan_native(data: bytes | memoryview, start: int, small: bool = False) -> int | None:
@@ -335,9 +387,11 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
     cost = 0  # estimated bytes of objects the unpickler would build (see _OBJECT_COSTS)
     u32 = _U32.unpack_from
     modes, npops, npushes = _NEST_MODE, _NEST_POPS, _NEST_PUSHES
-    depths: list[int] = []  # depth of each stack slot (see MAX_NESTING); _MARK_DEPTH for a MARK
+    depths: list[int] = []  # each stack slot: depth << 1 | hashy (MAX_NESTING, MAX_HASHED_KEYS); _MARK_DEPTH for a MARK
     memo: dict[int, int] = {}
-    deepest = memoized = 0  # memoized: deepest object MEMOIZE stored (its index is implicit)
+    deepest = memoized = 0  # memoized: MEMOIZE's slots combined (deepest, hashy if any was)
+    hashy, key_role = _HASHY, _KEY_ROLE
+    hashed = 0  # hashy keys and members put into dicts and sets
     try:
         while pos < end:
             code = data[pos]
@@ -346,24 +400,26 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
             mode = modes[code]
             if mode == _N_PLAIN and not npops[code]:  # the common case: push scalars/empties
                 if npushes[code]:
-                    depths.append(0)
+                    depths.append(1 if hashy[code] or (code == _LONG1 and data[pos + 1] >= 8) else 0)
             elif mode == _N_PLAIN:
                 depth = 0
                 for _ in range(npops[code]):
                     if depths and depths[-1] != _MARK_DEPTH:
-                        depth = max(depth, depths.pop() + 1)
+                        depth = max(depth, (depths.pop() >> 1) + 1)
                 if npushes[code]:
-                    depths.extend([depth] * npushes[code])
+                    depths.extend([depth << 1 | hashy[code]] * npushes[code])
                     deepest = max(deepest, depth)
             elif mode == _N_MARK:
                 depths.append(_MARK_DEPTH)
             elif mode == _N_INTO:
+                if key_role[code] == _K_SECOND and len(depths) >= 2 and depths[-2] != _MARK_DEPTH:
+                    hashed += depths[-2] & 1
                 depth = 0
                 for _ in range(npops[code]):
                     if depths and depths[-1] != _MARK_DEPTH:
-                        depth = max(depth, depths.pop() + 1)
-                if depths and depths[-1] != _MARK_DEPTH and depth > depths[-1]:
-                    depths[-1] = depth
+                        depth = max(depth, (depths.pop() >> 1) + 1)
+                if depths and depths[-1] != _MARK_DEPTH and depth > depths[-1] >> 1:
+                    depths[-1] = depth << 1 | (depths[-1] & 1)
                     deepest = max(deepest, depth)
             elif mode == _N_GET or mode == _N_PUT:
                 if code == 0x68 or code == 0x71:  # BINGET / BINPUT: one byte
@@ -375,27 +431,41 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
                     text = bytes(data[pos + 1 : nl]) if nl > 0 else b""
                     index = int(text) if text.isdigit() and len(text) < 12 else -1
                 if mode == _N_GET:
-                    depths.append(max(memo.get(index, deepest), memoized))
+                    slot = memo.get(index, deepest << 1 | 1)
+                    depths.append(max(slot >> 1, memoized >> 1) << 1 | ((slot | memoized) & 1))
                 elif depths and depths[-1] != _MARK_DEPTH:
                     memo[index] = depths[-1]
             elif mode == _N_DUP:
                 if depths:
                     depths.append(depths[-1])
             elif mode == _N_MEMOIZE:
-                if depths and depths[-1] > memoized:
-                    memoized = depths[-1]
+                if depths and depths[-1] != _MARK_DEPTH:
+                    memoized = max(memoized >> 1, depths[-1] >> 1) << 1 | ((memoized | depths[-1]) & 1)
             else:  # to the mark: build one object of what is above it, or fill the one below it
                 depth = 0
+                role = key_role[code]
+                flags = []  # hashy bit of each item, top first (for keys at even offsets)
                 while depths:
                     top_depth = depths.pop()
                     if top_depth == _MARK_DEPTH:
                         break
-                    depth = max(depth, top_depth + 1)
+                    depth = max(depth, (top_depth >> 1) + 1)
+                    if role:
+                        flags.append(top_depth & 1)
+                if role == _K_ALL:
+                    hashed += sum(flags)
+                elif role == _K_EVEN:  # key, value, key, value... from the mark up
+                    hashed += sum(flags[len(flags) - 1 :: -2])
                 if mode == _N_TO_MARK:
-                    depths.append(depth)
-                elif mode == _N_INTO_MARK and depths and depths[-1] != _MARK_DEPTH and depth > depths[-1]:
-                    depths[-1] = depth
+                    depths.append(depth << 1 | hashy[code])
+                elif mode == _N_INTO_MARK and depths and depths[-1] != _MARK_DEPTH and depth > depths[-1] >> 1:
+                    depths[-1] = depth << 1 | (depths[-1] & 1)
                 deepest = max(deepest, depth)
+            if hashed > MAX_HASHED_KEYS:
+                raise UnsafePickleError(
+                    f"{source}: more than {MAX_HASHED_KEYS:,} dict keys or set members are numbers or tuples, "
+                    f"whose hashes a file can make collide (hash flooding, at byte {pos:,})", hint=CRAFTED,
+                )  # fmt: skip
             if deepest > MAX_NESTING:
                 raise UnsafePickleError(
                     f"{source}: objects nest more than {MAX_NESTING:,} levels deep (at byte {pos:,})", hint=CRAFTED
@@ -610,6 +680,46 @@ class StorageType:
 class TorchSize(tuple):
     __slots__ = ()
     __setstate__ = RefuseBuild()
+    __hash__ = object.__hash__  # by identity: a tuple's hash is the file's choice (MAX_HASHED_KEYS)
+
+
+class _Frozenset(frozenset):
+    """frozenset(...) as a pickle's REDUCE builds it: hashed by identity, for the same reason."""
+
+    __slots__ = ()
+    __hash__ = object.__hash__
+
+
+class _Complex(complex):
+    __slots__ = ()
+    __hash__ = object.__hash__
+
+
+_hash_budget = threading.local()  # hashy members the running safe_load's set builders may add
+
+
+def hashy(value: Any) -> bool:
+    """Whether a value's hash is the file's choice (see MAX_HASHED_KEYS)."""
+    kind = type(value)
+    if kind is int:
+        return not -(1 << 55) < value < 1 << 55
+    if kind is bool:
+        return False
+    return kind in (float, complex, tuple, frozenset) or (
+        isinstance(value, (int, float, complex, tuple, frozenset)) and kind.__hash__ is not object.__hash__
+    )
+
+
+def _charge_hashy(count: int) -> None:
+    left = getattr(_hash_budget, "left", None)
+    if left is None or not count:
+        return
+    _hash_budget.left = left - count
+    if left - count < 0:
+        raise UnsafePickleError(
+            f"more than {MAX_HASHED_KEYS:,} dict keys or set members are numbers or tuples, "
+            "whose hashes a file can make collide (hash flooding)", hint=CRAFTED,
+        )  # fmt: skip
 
 
 class Device(str):
@@ -792,9 +902,15 @@ def _data_only(kind: type) -> Callable[..., Any]:
     def build(*args: Any) -> Any:
         if args and not isinstance(args[0], (list, tuple, set, frozenset, dict, str, bytes)):
             raise UnsafePickleError(f"unexpected {kind.__name__} arguments {_short(args)}")
+        if args and isinstance(args[0], (list, tuple)):  # members hashed as the set is built
+            _charge_hashy(sum(map(hashy, args[0])))
         return kind(*args)
 
     return build
+
+
+def _complex(*args: Any) -> complex:
+    return _Complex(*args)
 
 
 def _bytes_from_text(kind: type) -> Callable[..., Any]:
@@ -820,14 +936,15 @@ def _reconstructor(cls: Any, base: Any = None, state: Any = None) -> Any:
 
 
 def _passthrough(value: Any = None, *rest: Any) -> Any:
+    _charge_hashy(hashy(value))  # the scans count what REDUCE returns as not hashy
     return value
 
 
 SAFE_FUNCTIONS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): _data_only(set),
-    ("builtins", "frozenset"): _data_only(frozenset),
-    ("builtins", "complex"): complex,
+    ("builtins", "frozenset"): _data_only(_Frozenset),
+    ("builtins", "complex"): _complex,
     ("builtins", "slice"): slice,
     ("builtins", "bytes"): _bytes_from_text(bytes),
     ("builtins", "bytearray"): _bytes_from_text(bytearray),
@@ -1271,6 +1388,8 @@ def safe_load(
     unpickler = SafeUnpickler(
         data[start:end], source=source, persistent_load=persistent_load, known_schema=known_schema
     )
+    outer = getattr(_hash_budget, "left", None)
+    _hash_budget.left = MAX_HASHED_KEYS
     try:
         with collect_refused_builds() as refused:
             obj = unpickler.load()
@@ -1289,4 +1408,6 @@ def safe_load(
     except Exception as exc:  # a malformed pickle can raise almost anything from the C unpickler
         detail = " ".join(str(exc).split())[:100]
         raise UnsafePickleError(f"{source}: malformed pickle ({type(exc).__name__}: {detail})", hint=DAMAGED) from exc
+    finally:
+        _hash_budget.left = outer
     return obj, [*unpickler.globals.values(), *refused_build_refs(refused, source)], end
