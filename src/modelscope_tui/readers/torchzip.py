@@ -137,14 +137,10 @@ def read_torch_zip(path: Path, archive: ZipArchive) -> Checkpoint:
 
 
 def _deflated_warning(ckpt: Checkpoint, archive: ZipArchive) -> None:
-    """torch.save writes every member stored: a deflated pickle or source was re-packed."""
+    """torch.save writes every member stored: what was inflated is recorded (a re-zipped
+    archive's storages are reported by audit's compressed-storage finding)."""
     if archive.deflated_read:
-        names = ", ".join(repr(n[:80]) for n in archive.deflated_read[:3])
-        more = f" and {len(archive.deflated_read) - 3:,} more" if len(archive.deflated_read) > 3 else ""
-        ckpt.warnings.append(
-            f"deflated member(s) {names}{more} inflated to {archive.inflated:,} bytes "
-            "(torch.save stores members uncompressed: the archive was re-packed)"
-        )
+        ckpt.metadata["inflated_members"] = {"names": archive.deflated_read[:16], "bytes": archive.inflated}
 
 
 def shadowed_pickle_globals(path: Path, archive: ZipArchive, problems: list[str]) -> list:

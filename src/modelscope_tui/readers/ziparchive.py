@@ -269,7 +269,7 @@ class ZipArchive:
                     pos += len(data)
                 else:
                     data = b""
-                out = d.decompress(data, INFLATE_CHUNK)
+                out = d.decompress(data, min(INFLATE_CHUNK, cap - produced + 1))
                 if not out and not data:
                     break  # input exhausted and nothing pending: the stream is cut short
                 produced += len(out)
