@@ -302,6 +302,9 @@ class GlobalRef:
 # reported as warnings (`Checkpoint.cap_names`).
 MAX_NAME_CHARS = 1024
 MAX_NAME_DEPTH = 64
+TREE_NODE_COST = 256  # a ModuleNode with its empty dicts and list, in bytes
+MIN_TREE_BUDGET = 64 << 20
+TREE_BUDGET_PER_TENSOR = 512  # a real 100k-tensor model's tree costs about 300 per tensor
 _CUT = "\u2026#"  # "…#" + 16 hex digits end a shortened name
 
 
@@ -509,8 +512,15 @@ class Checkpoint:
             return self.module_root
         root = ModuleNode("")
         by_path: dict[str, ModuleNode] = {"": root}
+        # Each implied module keeps its full name: names of 64 levels and 1 KB make 32 KB of
+        # them per tensor. The tree is bounded as a whole (TREE_NODE_COST per module plus its
+        # name's characters); past the budget a tensor joins its deepest existing module.
+        budget = max(MIN_TREE_BUDGET, TREE_BUDGET_PER_TENSOR * len(self.tensors))
+        spent = 0
+        folded: list[str] = []
 
         def node_for(path: str) -> ModuleNode:
+            nonlocal spent
             missing = []
             while path not in by_path:
                 parent, _, part = path.rpartition(".")
@@ -518,6 +528,9 @@ class Checkpoint:
                 path = parent
             node = by_path[path]
             for full, part in reversed(missing):
+                if spent + TREE_NODE_COST + len(full) > budget:
+                    break
+                spent += TREE_NODE_COST + len(full)
                 child = by_path[full] = ModuleNode(full)
                 node.children[part] = child
                 node = child
@@ -531,12 +544,21 @@ class Checkpoint:
             if node is None:
                 parent_path, _, part = path.rpartition(".")
                 parent = by_path.get(parent_path)
-                if parent is not None:  # the usual case, inline: a new module in a known one
+                if parent is not None and spent + TREE_NODE_COST + len(path) <= budget:
+                    # the usual case, inline: a new module in a known one
+                    spent += TREE_NODE_COST + len(path)
                     node = by_path[path] = ModuleNode(path)
                     parent.children[part] = node
                 else:
                     node = node_for(path)
+                    if node.name != path:
+                        folded.append(t.name)
             node.tensors.append(t)
+        if folded:
+            self.warnings.append(
+                f"the module tree implied by names reached its budget ({budget:,}); {len(folded):,} tensor(s) "
+                f"are listed under their deepest module shown: {folded[0][:60]!r}..."
+            )
         return root
 
     @property

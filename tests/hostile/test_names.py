@@ -161,3 +161,22 @@ def test_flat_state_dict_with_a_filter_lists_what_matches(tmp_path):
     assert rows == [f"t{i}" for i in range(10, 20)]
 
 
+
+
+def test_implied_tree_is_bounded_as_a_whole(tmp_path):
+    """10,000 names of 1,000 characters and 63 dots, all prefixes distinct, one memoised tensor
+    (a few MB of file): every implied module would keep its full name, 330 MB of them."""
+    from modelscope_tui.checkpoint import MIN_TREE_BUDGET, TREE_NODE_COST
+
+    part = "p" * 14
+    names = [f"{i:05d}" + ("." + part) * 63 + ".w" for i in range(10_000)]
+    first = uni(names[0]) + T + BINPUT + b"\x01"
+    rest = b"".join(uni(n) + BINGET + b"\x01" for n in names[1:])
+    path = torch_zip(tmp_path / "tree.pt", PROTO2 + EMPTY_DICT + MARK + first + rest + SETITEMS + STOP, DATA)
+    assert path.stat().st_size < 12 << 20
+    ckpt = open_checkpoint(path, strict=False)
+    nodes = list(ckpt.tree.walk())
+    cost = sum(TREE_NODE_COST + len(n.name) for n in nodes[1:])
+    assert cost <= max(MIN_TREE_BUDGET, 512 * len(ckpt.tensors))
+    assert sum(len(n.tensors) for n in nodes) == len(ckpt.tensors) == 10_000  # none lost
+    assert any("module tree implied by names reached its budget" in w for w in ckpt.warnings)
