@@ -1285,7 +1285,7 @@ def _problem_code(text: str) -> str:
 def unreadable_records(ckpt: Checkpoint) -> set[int]:
     """ids of tensor records whose bytes are not all in the file (metadata only)."""
     bad: set[int] = set(ckpt.over_budget)  # views past the file's budget: never read
-    sizes: dict[Path, int] = {}
+    sizes: dict[Any, int] = {}
     for t in ckpt.tensors:
         s = t.storage
         if s is None or t.numel == 0:
@@ -1296,13 +1296,12 @@ def unreadable_records(ckpt: Checkpoint) -> set[int]:
         if s.data_size is not None and s.data_size < s.nbytes:
             bad.add(id(t))
             continue
-        path = Path(s.file)
-        size = sizes.get(path)
+        size = sizes.get(s.file)  # keyed by the record's own value: no Path() per tensor (5 us)
         if size is None:
             try:
-                size = sizes[path] = path.stat().st_size
+                size = sizes[s.file] = Path(s.file).stat().st_size
             except OSError:
-                size = sizes[path] = -1
+                size = sizes[s.file] = -1
         if s.data_offset + s.nbytes > size:
             bad.add(id(t))
             continue
