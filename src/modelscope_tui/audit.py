@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import FLOATING_DTYPES, Checkpoint, TensorRecord, dims_key, prod
+from .checkpoint import FLOATING_DTYPES, Checkpoint, TensorRecord, block_index, dims_key, prod
 from .errors import MscopeError, TensorDataError
 from .tensordata import check_view
 from .units import fmt_bytes
@@ -1878,7 +1878,10 @@ def norm_profile(
         m = _LAYER.match(t.name)
         if m is None:
             continue
-        containers[m.group("container")][int(m.group("index"))][m.group("role")] = (
+        index = block_index(m.group("index"))
+        if index is None:
+            continue
+        containers[m.group("container")][index][m.group("role")] = (
             st.sumsq,
             st.numel,
             t.shape,

@@ -315,6 +315,12 @@ def dims_key(dims: tuple[int, ...]) -> str:
     return ",".join(map(str, dims))
 
 
+def block_index(part: str) -> int | None:
+    """A name part as a block number (`layers.12`), or None. At most 15 ASCII digits: longer
+    numbers (k * (2**61-1) all hash alike) must not become int keys of a set or dict."""
+    return int(part) if 0 < len(part) <= 15 and part.isascii() and part.isdigit() else None
+
+
 def cap_name(name: str) -> str:
     """`name`, or its first characters and a digest of the whole when it is too long."""
     if len(name) <= MAX_NAME_CHARS:

@@ -13,7 +13,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import compress
 
-from .checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord, can_require_grad
+from .checkpoint import (
+    PARAMETER,
+    Checkpoint,
+    ModuleNode,
+    TensorRecord,
+    block_index,
+    can_require_grad,
+)
 from .errors import MscopeError
 from .patterns import PatternError, compile_safe_regex, search_names
 from .units import fmt_count
@@ -215,8 +222,9 @@ class Session:
         for name in self._nodes:
             parts = name.split(".")
             for i, part in enumerate(parts):
-                if part.isdigit() and i > 0:
-                    groups[".".join(parts[:i])].add(int(part))
+                index = block_index(part) if i > 0 else None
+                if index is not None:
+                    groups[".".join(parts[:i])].add(index)
         found = [BlockGroup(p, sorted(ix)) for p, ix in groups.items() if len(ix) >= 2]
         # Prefer well-known container names, then the group with the most parameters.
         def weight(g: BlockGroup) -> tuple[int, int]:

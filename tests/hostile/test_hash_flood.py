@@ -264,3 +264,20 @@ def test_colliding_key_file_gives_one_clear_error(tmp_path):
     path = torch_zip(tmp_path / "flood.pt", SPELLINGS["setitems ints"], {})
     with pytest.raises(MscopeError, match="hash flooding"):
         open_checkpoint(path)
+
+
+def test_block_numbers_in_names_are_not_int_keys(tmp_path):
+    """`layers.<k * (2**61-1)>.weight`: numbers from names become set and dict keys (the norm
+    profile, block groups, "last N blocks"); past 15 digits they are not block numbers."""
+    from modelscope_tui.audit import audit_path
+    from modelscope_tui.checkpoint import block_index
+    from modelscope_tui.session import Session
+
+    assert block_index("12") == 12 and block_index(str(P)) is None and block_index("\u0661") is None
+    names = {f"layers.{k * P}.weight": tensor(storage("0", 4), 0, (4,), (1,)) for k in range(1, 3000)}
+    names.update({f"layers.{i}.weight": tensor(storage("0", 4), 0, (4,), (1,)) for i in range(3)})
+    path = torch_zip(tmp_path / "blocks.pt", state_pickle(names), {"0": struct.pack("<4f", 1, 2, 3, 4)})
+    report = audit_path(path, stats=True)
+    assert report is not None
+    groups = Session(open_checkpoint(path)).block_groups()
+    assert [g.indices for g in groups if g.prefix == "layers"] == [[0, 1, 2]]
