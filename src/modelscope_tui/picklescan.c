@@ -18,7 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MSCOPE_SCAN_VERSION 3
+#define MSCOPE_SCAN_VERSION 4
 
 /* Argument kinds (unpickler._OPCODES): >= 0 is a fixed argument of that many bytes. */
 enum {
@@ -67,12 +67,6 @@ static int32_t pop_objects(vec *s, int count) {
     return depth;
 }
 
-/* Two slots as one: the deeper depth, hashy when either is. */
-static int32_t combine(int32_t a, int32_t b) {
-    int32_t d = (a >> 1) > (b >> 1) ? (a >> 1) : (b >> 1);
-    return (d << 1) | ((a | b) & 1);
-}
-
 int mscope_scan_version(void) { return MSCOPE_SCAN_VERSION; }
 
 static uint64_t le(const uint8_t *p, int n) {
@@ -99,7 +93,8 @@ static int64_t scan(const uint8_t *data, int64_t len, int64_t start, const int8_
     if (start < 0 || start > len) return -1;
     const int64_t limit = len - start;
     int64_t pos = start, top = 0, cost = 0, hashed = 0;
-    int32_t deepest = 0, memoized = 0;
+    int32_t deepest = 0;
+    int64_t memo_len = 0; /* filled memo slots: where MEMOIZE stores, as in CPython */
     while (pos < len) {
         const uint8_t code = data[pos];
         const int k = kinds[code];
@@ -139,18 +134,25 @@ static int64_t scan(const uint8_t *data, int64_t len, int64_t start, const int8_
                 }
             }
             if (mode == N_GET) {
-                int32_t slot = (deepest << 1) | 1;
+                int32_t slot = (deepest << 1) | 1;  /* never stored: as deep as anything, hashy */
                 if (index >= 0 && index < memo->cap && memo->v[index] != MARK_DEPTH) slot = memo->v[index];
-                if (push(depths, combine(slot, memoized))) return -1;
+                if (push(depths, slot)) return -1;
             } else if (depths->n && depths->v[depths->n - 1] != MARK_DEPTH && index >= 0) {
                 if (index > limit) return -1;  /* refused below in any case */
                 if (vec_reserve(memo, index + 1, MARK_DEPTH)) return -1;
+                if (memo->v[index] == MARK_DEPTH) memo_len++;
                 memo->v[index] = depths->v[depths->n - 1];
             }
         } else if (mode == N_DUP) {
             if (depths->n && push(depths, depths->v[depths->n - 1])) return -1;
         } else if (mode == N_MEMOIZE) {
-            if (depths->n && depths->v[depths->n - 1] != MARK_DEPTH) memoized = combine(memoized, depths->v[depths->n - 1]);
+            if (depths->n && depths->v[depths->n - 1] != MARK_DEPTH) {
+                if (memo_len > limit) return -1; /* more entries than bytes: refused below anyway */
+                if (vec_reserve(memo, memo_len + 1, MARK_DEPTH)) return -1;
+                const int fresh = memo->v[memo_len] == MARK_DEPTH;
+                memo->v[memo_len] = depths->v[depths->n - 1];
+                if (fresh) memo_len++;
+            }
         } else {  /* to the mark */
             int32_t d = 0;
             const int role = key_role[code];

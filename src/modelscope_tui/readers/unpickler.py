@@ -311,7 +311,7 @@ def _nesting_bound(pickle_bytes: bytes) -> int:
     return len(pickle_bytes.translate(None, _NOT_NESTING))
 
 
-SCAN_VERSION = 3  # MSCOPE_SCAN_VERSION in picklescan.c
+SCAN_VERSION = 4  # MSCOPE_SCAN_VERSION in picklescan.c
 NATIVE_SCAN_MIN_BYTES = 1 << 20  # below this the regex is quicker than importing ctypes
 
 
@@ -389,7 +389,7 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
     modes, npops, npushes = _NEST_MODE, _NEST_POPS, _NEST_PUSHES
     depths: list[int] = []  # each stack slot: depth << 1 | hashy (MAX_NESTING, MAX_HASHED_KEYS); _MARK_DEPTH for a MARK
     memo: dict[int, int] = {}
-    deepest = memoized = 0  # memoized: MEMOIZE's slots combined (deepest, hashy if any was)
+    deepest = 0
     hashy, key_role = _HASHY, _KEY_ROLE
     hashed = 0  # hashy keys and members put into dicts and sets
     try:
@@ -430,17 +430,16 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
                     nl = data.find(b"\n", pos + 1, pos + 4097)
                     text = bytes(data[pos + 1 : nl]) if nl > 0 else b""
                     index = int(text) if text.isdigit() and len(text) < 12 else -1
-                if mode == _N_GET:
-                    slot = memo.get(index, deepest << 1 | 1)
-                    depths.append(max(slot >> 1, memoized >> 1) << 1 | ((slot | memoized) & 1))
-                elif depths and depths[-1] != _MARK_DEPTH:
+                if mode == _N_GET:  # an index never stored: as deep as anything, and hashy
+                    depths.append(memo.get(index, deepest << 1 | 1))
+                elif depths and depths[-1] != _MARK_DEPTH and index >= 0:
                     memo[index] = depths[-1]
             elif mode == _N_DUP:
                 if depths:
                     depths.append(depths[-1])
-            elif mode == _N_MEMOIZE:
+            elif mode == _N_MEMOIZE:  # stores at the memo's size, as CPython's unpicklers do
                 if depths and depths[-1] != _MARK_DEPTH:
-                    memoized = max(memoized >> 1, depths[-1] >> 1) << 1 | ((memoized | depths[-1]) & 1)
+                    memo[len(memo)] = depths[-1]
             else:  # to the mark: build one object of what is above it, or fill the one below it
                 depth = 0
                 role = key_role[code]
