@@ -67,6 +67,7 @@ def test_fast_scan_takes_ordinary_large_pickles(big_state_dict_pickle, monkeypat
     assert U._scan_fast(data, 0) is None
     assert U.scan_pickle(data, 0, "t") == len(data) == U._scan_exact(data, 0, "t") == native(data)
     monkeypatch.setattr(U, "MAX_NESTING", 1 << 40)
+    monkeypatch.setattr(U, "MAX_HASHED_KEYS", 1 << 40)  # its other bound (MAX_HASHED_KEYS), likewise
     assert U._scan_fast(data, 0) == len(data) == U._scan_exact(data, 0, "t")
 
 
@@ -86,6 +87,7 @@ def test_large_pickles_are_scanned_in_c(big_state_dict_pickle, monkeypatch):
 def test_fast_scan_with_trailing_bytes_checks_memo_against_the_pickle(big_state_dict_pickle, monkeypatch):
     # A legacy file: storages follow the pickle, so the buffer is far longer than the pickle.
     monkeypatch.setattr(U, "MAX_NESTING", 1 << 40)  # the regex's memo rule, not its depth bound
+    monkeypatch.setattr(U, "MAX_HASHED_KEYS", 1 << 40)  # nor its hashed-keys bound
     data = b"junk" + big_state_dict_pickle + bytes(5 * U._MEMO_STEP)
     assert U._scan_fast(data, 4) == 4 + len(big_state_dict_pickle) == native(data, 4)
 

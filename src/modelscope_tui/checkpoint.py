@@ -5,6 +5,8 @@ Readers fill these in from metadata alone; nothing here reads tensor bytes or im
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import threading
 from collections import Counter, defaultdict
@@ -292,6 +294,67 @@ class GlobalRef:
         return f"{self.module}.{self.name}"
 
 
+# -- names ----------------------------------------------------------------------------------
+# Names come from the file. A few names of 10,000 dots each took minutes and gigabytes: every
+# implied module keeps its full dotted name, so a name of L characters and d dots costs d*L. A
+# name is capped at MAX_NAME_CHARS (the cut keeps a digest of the whole, so distinct names stay
+# distinct) and the module tree implied by dots stops at MAX_NAME_DEPTH levels; both are
+# reported as warnings (`Checkpoint.cap_names`).
+MAX_NAME_CHARS = 1024
+MAX_NAME_DEPTH = 64
+TREE_NODE_COST = 256  # a ModuleNode with its empty dicts and list, in bytes
+MIN_TREE_BUDGET = 64 << 20
+TREE_BUDGET_PER_TENSOR = 512  # a real 100k-tensor model's tree costs about 300 per tensor
+_CUT = "\u2026#"  # "…#" + 16 hex digits end a shortened name
+
+
+def dims_key(dims: tuple[int, ...]) -> str:
+    """A shape or stride as a dict key. Tuples of ints hash as the file chooses (all of 100k
+    views' shapes can collide, and each insertion then compares with all before it); a str's
+    hash is keyed per process."""
+    return ",".join(map(str, dims))
+
+
+def block_index(part: str) -> int | None:
+    """A name part as a block number (`layers.12`), or None. At most 15 ASCII digits: longer
+    numbers (k * (2**61-1) all hash alike) must not become int keys of a set or dict."""
+    return int(part) if 0 < len(part) <= 15 and part.isascii() and part.isdigit() else None
+
+
+def cap_name(name: str) -> str:
+    """`name`, or its first characters and a digest of the whole when it is too long."""
+    if len(name) <= MAX_NAME_CHARS:
+        return name
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    return f"{name[: MAX_NAME_CHARS - len(_CUT) - 16]}{_CUT}{digest}"
+
+
+@functools.lru_cache(maxsize=4096)
+def cap_key(key: str) -> str:
+    """cap_name for one key: a memoised key repeated at every level is cut (and hashed) once."""
+    return cap_name(key)
+
+
+def join_name(where: str, key: str) -> str:
+    """`where.key`, capped: the work per join is bounded by MAX_NAME_CHARS, however long the key."""
+    if len(key) > MAX_NAME_CHARS:
+        key = cap_key(key)
+    return cap_name(f"{where}.{key}") if where else key
+
+
+def is_cut(name: str) -> bool:
+    return len(name) == MAX_NAME_CHARS and name[-16 - len(_CUT) : -16] == _CUT
+
+
+def module_path(name: str) -> str:
+    """The module a tensor name implies (everything before its last dot), at most MAX_NAME_DEPTH
+    levels deep: deeper components stay in the tensor's own name."""
+    path = name.rpartition(".")[0]
+    if path.count(".") >= MAX_NAME_DEPTH:
+        path = ".".join(path.split(".", MAX_NAME_DEPTH)[:MAX_NAME_DEPTH])
+    return path
+
+
 @dataclass(eq=False, slots=True, init=False)
 class ModuleNode:
     """A module in the tree: real (class and attributes from the file) or implied by names."""
@@ -334,7 +397,7 @@ class ModuleNode:
     def child(self, part: str) -> ModuleNode:
         node = self.children.get(part)
         if node is None:
-            node = ModuleNode(f"{self.name}.{part}" if self.name else part)
+            node = ModuleNode(join_name(self.name, part))
             self.children[part] = node
         return node
 
@@ -459,8 +522,15 @@ class Checkpoint:
             return self.module_root
         root = ModuleNode("")
         by_path: dict[str, ModuleNode] = {"": root}
+        # Each implied module keeps its full name: names of 64 levels and 1 KB make 32 KB of
+        # them per tensor. The tree is bounded as a whole (TREE_NODE_COST per module plus its
+        # name's characters); past the budget a tensor joins its deepest existing module.
+        budget = max(MIN_TREE_BUDGET, TREE_BUDGET_PER_TENSOR * len(self.tensors))
+        spent = 0
+        folded: list[str] = []
 
         def node_for(path: str) -> ModuleNode:
+            nonlocal spent
             missing = []
             while path not in by_path:
                 parent, _, part = path.rpartition(".")
@@ -468,6 +538,9 @@ class Checkpoint:
                 path = parent
             node = by_path[path]
             for full, part in reversed(missing):
+                if spent + TREE_NODE_COST + len(full) > budget:
+                    break
+                spent += TREE_NODE_COST + len(full)
                 child = by_path[full] = ModuleNode(full)
                 node.children[part] = child
                 node = child
@@ -476,17 +549,26 @@ class Checkpoint:
         for t in self.tensors:
             if t.section:
                 continue
-            path = t.name.rpartition(".")[0]
+            path = module_path(t.name)
             node = by_path.get(path)
             if node is None:
                 parent_path, _, part = path.rpartition(".")
                 parent = by_path.get(parent_path)
-                if parent is not None:  # the usual case, inline: a new module in a known one
+                if parent is not None and spent + TREE_NODE_COST + len(path) <= budget:
+                    # the usual case, inline: a new module in a known one
+                    spent += TREE_NODE_COST + len(path)
                     node = by_path[path] = ModuleNode(path)
                     parent.children[part] = node
                 else:
                     node = node_for(path)
+                    if node.name != path:
+                        folded.append(t.name)
             node.tensors.append(t)
+        if folded:
+            self.warnings.append(
+                f"the module tree implied by names reached its budget ({budget:,}); {len(folded):,} tensor(s) "
+                f"are listed under their deepest module shown: {folded[0][:60]!r}..."
+            )
         return root
 
     @property
@@ -505,6 +587,41 @@ class Checkpoint:
         return {(t.section, t.name): t for t in self.tensors}
 
     # -- derived facts -------------------------------------------------------------------------
+    def cap_names(self) -> None:
+        """Cap every tensor and entry name (cap_name) and warn about names that were cut or nest
+        deeper than the implied module tree goes. Readers cap names as they join them; this
+        catches the rest (safetensors headers, DCP metadata) and says what was cut."""
+        cut: list[str] = []
+        deep: list[str] = []
+        for t in self.tensors:
+            name = t.name
+            if len(name) > MAX_NAME_CHARS:
+                name = t.name = cap_name(name)
+            if is_cut(name):
+                cut.append(name)
+            if name.count(".") > MAX_NAME_DEPTH:
+                deep.append(name)
+        for e in self.entries:
+            if len(e.path) > MAX_NAME_CHARS:
+                e.path = cap_name(e.path)
+            if is_cut(e.path):
+                cut.append(e.path)
+
+        def first(names: list[str]) -> str:
+            more = f" and {len(names) - 1:,} more" if len(names) > 1 else ""
+            return f"{names[0][:60]!r}...{more}"
+
+        if cut:
+            self.warnings.append(
+                f"{len(cut):,} name(s) longer than {MAX_NAME_CHARS:,} characters are shown cut, "
+                f"ending in a digest of the whole name: {first(cut)}"
+            )
+        if deep:
+            self.warnings.append(
+                f"{len(deep):,} tensor name(s) nest deeper than {MAX_NAME_DEPTH} modules; the module "
+                f"tree stops at depth {MAX_NAME_DEPTH}: {first(deep)}"
+            )
+
     def link_shared_storages(self) -> None:
         """Mark tensors that share a storage (tied weights). Readers call this once at the end."""
         first_by_storage: dict[int, TensorRecord] = {}
@@ -519,8 +636,8 @@ class Checkpoint:
             t.tied_to = first.qualified_name
             if not first_by_view.get((sid,)):
                 first_by_view[(sid,)] = first
-                first_by_view[(sid, first.storage_offset, first.shape, first.stride, first.dtype)] = first
-            view = (sid, t.storage_offset, t.shape, t.stride, t.dtype)
+                first_by_view[(sid, first.storage_offset, dims_key(first.shape), dims_key(first.stride), first.dtype)] = first
+            view = (sid, t.storage_offset, dims_key(t.shape), dims_key(t.stride), t.dtype)
             original = first_by_view.setdefault(view, t)
             if original is not t and original.section == t.section:
                 t.alias_of = original.qualified_name

@@ -47,7 +47,7 @@ from .audit import (
     _Source,
     unreadable_records,
 )
-from .checkpoint import PARAMETER, Checkpoint, TensorRecord
+from .checkpoint import PARAMETER, Checkpoint, TensorRecord, dims_key
 from .errors import MscopeError, TensorDataError
 from .units import fmt_bytes
 
@@ -669,11 +669,11 @@ class DiffStream:
         for n in self.removed:
             r = ta[n]
             if r.storage is not None and r.dtype in _LAYOUT and id(r) not in self._bad:
-                sig_a[(r.shape, r.dtype)].append(n)
+                sig_a[(dims_key(r.shape), r.dtype)].append(n)
         for n in self.added:
             r = tb[n]
             if r.storage is not None and r.dtype in _LAYOUT and id(r) not in self._bad:
-                sig_b[(r.shape, r.dtype)].append(n)
+                sig_b[(dims_key(r.shape), r.dtype)].append(n)
         ambiguous = 0
         for sig, names_a in sig_a.items():
             names_b = sig_b.get(sig)

@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, block_index
 from .errors import MscopeError
 from .jsonfile import json_bytes, read_json_file
 from .patterns import compile_safe_regex
@@ -933,11 +933,11 @@ def _block_conditions(
     lead = prefix + "."
     indices = sorted(
         {
-            int(part)
+            index
             for name in names
             if name.startswith(lead)
-            for part in [name[len(lead) :].split(".", 1)[0]]
-            if part.isdigit()
+            for index in [block_index(name[len(lead) :].split(".", 1)[0])]
+            if index is not None
         }
     )
     if n > len(indices):

@@ -18,7 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MSCOPE_SCAN_VERSION 3
+#define MSCOPE_SCAN_VERSION 4
 
 /* Argument kinds (unpickler._OPCODES): >= 0 is a fixed argument of that many bytes. */
 enum {
@@ -31,6 +31,10 @@ enum {
 /* Nesting modes (unpickler._NEST_MODE): how an opcode changes the depth of the stack's objects. */
 enum { N_PLAIN, N_MARK, N_TO_MARK, N_INTO_MARK, N_POP_MARK, N_INTO, N_DUP, N_GET, N_PUT, N_MEMOIZE };
 #define MARK_DEPTH (-1)
+/* Key roles (unpickler._KEY_ROLE): where an opcode's dict keys or set members are. A stack
+ * slot holds depth << 1 | hashy (unpickler.MAX_HASHED_KEYS: a hash the file can choose). */
+enum { K_ROLE_NONE, K_ROLE_SECOND, K_ROLE_EVEN, K_ROLE_ALL };
+#define LONG1 0x8A
 
 /* Growable int32 arrays for the depth stack and the memo's depths. */
 typedef struct { int32_t *v; int64_t n, cap; } vec;
@@ -57,7 +61,7 @@ static int push(vec *a, int32_t x) {
 static int32_t pop_objects(vec *s, int count) {
     int32_t depth = 0;
     for (int i = 0; i < count && s->n && s->v[s->n - 1] != MARK_DEPTH; i++) {
-        int32_t d = s->v[--s->n] + 1;
+        int32_t d = (s->v[--s->n] >> 1) + 1;
         if (d > depth) depth = d;
     }
     return depth;
@@ -84,10 +88,11 @@ static int64_t find_newline(const uint8_t *data, int64_t len, int64_t from, int6
 static int64_t scan(const uint8_t *data, int64_t len, int64_t start, const int8_t *kinds,
                     const int32_t *costs, int64_t memory_ratio, int64_t min_memory,
                     const int8_t *modes, const int8_t *npops, const int8_t *npushes,
-                    int64_t max_nesting, vec *depths, vec *memo) {
+                    int64_t max_nesting, const int8_t *hashy, const int8_t *key_role,
+                    int64_t max_hashed, vec *depths, vec *memo) {
     if (start < 0 || start > len) return -1;
     const int64_t limit = len - start;
-    int64_t pos = start, top = 0, cost = 0;
+    int64_t pos = start, top = 0, cost = 0, hashed = 0;
     int32_t deepest = 0;
     int64_t memo_len = 0; /* filled memo slots: where MEMOIZE stores, as in CPython */
     while (pos < len) {
@@ -97,15 +102,19 @@ static int64_t scan(const uint8_t *data, int64_t len, int64_t start, const int8_
         const int mode = modes[code];
         if (mode == N_PLAIN) {
             int32_t d = pop_objects(depths, npops[code]);
+            int32_t h = hashy[code];
+            if (code == LONG1 && !npops[code] && pos + 1 < len && data[pos + 1] >= 8) h = 1;
             for (int i = 0; i < npushes[code]; i++)
-                if (push(depths, d)) return -1;
+                if (push(depths, (d << 1) | h)) return -1;
             if (npushes[code] && d > deepest) deepest = d;
         } else if (mode == N_MARK) {
             if (push(depths, MARK_DEPTH)) return -1;
         } else if (mode == N_INTO) {
+            if (key_role[code] == K_ROLE_SECOND && depths->n >= 2 && depths->v[depths->n - 2] != MARK_DEPTH)
+                hashed += depths->v[depths->n - 2] & 1;
             int32_t d = pop_objects(depths, npops[code]);
-            if (depths->n && depths->v[depths->n - 1] != MARK_DEPTH && d > depths->v[depths->n - 1]) {
-                depths->v[depths->n - 1] = d;
+            if (depths->n && depths->v[depths->n - 1] != MARK_DEPTH && d > (depths->v[depths->n - 1] >> 1)) {
+                depths->v[depths->n - 1] = (d << 1) | (depths->v[depths->n - 1] & 1);
                 if (d > deepest) deepest = d;
             }
         } else if (mode == N_GET || mode == N_PUT) {
@@ -125,9 +134,9 @@ static int64_t scan(const uint8_t *data, int64_t len, int64_t start, const int8_
                 }
             }
             if (mode == N_GET) {
-                int32_t d = deepest;
-                if (index >= 0 && index < memo->cap && memo->v[index] != MARK_DEPTH) d = memo->v[index];
-                if (push(depths, d)) return -1;
+                int32_t slot = (deepest << 1) | 1;  /* never stored: as deep as anything, hashy */
+                if (index >= 0 && index < memo->cap && memo->v[index] != MARK_DEPTH) slot = memo->v[index];
+                if (push(depths, slot)) return -1;
             } else if (depths->n && depths->v[depths->n - 1] != MARK_DEPTH && index >= 0) {
                 if (index > limit) return -1;  /* refused below in any case */
                 if (vec_reserve(memo, index + 1, MARK_DEPTH)) return -1;
@@ -146,19 +155,31 @@ static int64_t scan(const uint8_t *data, int64_t len, int64_t start, const int8_
             }
         } else {  /* to the mark */
             int32_t d = 0;
+            const int role = key_role[code];
+            int64_t items = 0, flagged_odd = 0, flagged_even = 0;  /* counted from the top */
             while (depths->n) {
                 int32_t t = depths->v[--depths->n];
                 if (t == MARK_DEPTH) break;
-                if (t + 1 > d) d = t + 1;
+                if ((t >> 1) + 1 > d) d = (t >> 1) + 1;
+                if (t & 1) {
+                    if (items & 1) flagged_odd++; else flagged_even++;
+                }
+                items++;
+            }
+            if (role == K_ROLE_ALL) {
+                hashed += flagged_odd + flagged_even;
+            } else if (role == K_ROLE_EVEN) {  /* keys at even offsets from the mark */
+                hashed += (items & 1) ? flagged_even : flagged_odd;
             }
             if (mode == N_TO_MARK) {
-                if (push(depths, d)) return -1;
+                if (push(depths, (d << 1) | hashy[code])) return -1;
             } else if (mode == N_INTO_MARK && depths->n && depths->v[depths->n - 1] != MARK_DEPTH &&
-                       d > depths->v[depths->n - 1]) {
-                depths->v[depths->n - 1] = d;
+                       d > (depths->v[depths->n - 1] >> 1)) {
+                depths->v[depths->n - 1] = (d << 1) | (depths->v[depths->n - 1] & 1);
             }
             if (d > deepest) deepest = d;
         }
+        if (hashed > max_hashed) return -1;
         if (deepest > max_nesting) return -1;
         pos += 1;
         if (k >= 0) {
@@ -221,10 +242,11 @@ static int64_t scan(const uint8_t *data, int64_t len, int64_t start, const int8_
 int64_t mscope_scan_pickle(const uint8_t *data, int64_t len, int64_t start, const int8_t *kinds,
                            const int32_t *costs, int64_t memory_ratio, int64_t min_memory,
                            const int8_t *modes, const int8_t *npops, const int8_t *npushes,
-                           int64_t max_nesting) {
+                           int64_t max_nesting, const int8_t *hashy, const int8_t *key_role,
+                           int64_t max_hashed) {
     vec depths = {0}, memo = {0};
     int64_t end = scan(data, len, start, kinds, costs, memory_ratio, min_memory, modes, npops,
-                       npushes, max_nesting, &depths, &memo);
+                       npushes, max_nesting, hashy, key_role, max_hashed, &depths, &memo);
     free(depths.v);
     free(memo.v);
     return end;

@@ -13,7 +13,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import compress
 
-from .checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord, can_require_grad
+from .checkpoint import (
+    PARAMETER,
+    Checkpoint,
+    ModuleNode,
+    TensorRecord,
+    block_index,
+    can_require_grad,
+)
 from .errors import MscopeError
 from .patterns import PatternError, compile_safe_regex, search_names
 from .units import fmt_count
@@ -227,7 +234,7 @@ class Session:
             for node in self._nodes.values():
                 if not node.name:  # a bare top-level Sequential: no prefix for a plan rule
                     continue
-                numbered = [(int(k), c) for k, c in node.children.items() if k.isdigit()]
+                numbered = [(i, c) for k, c in node.children.items() if (i := block_index(k)) is not None]
                 if len(numbered) < 2:
                     continue
                 first = _block_signature(numbered[0][1])

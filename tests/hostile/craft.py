@@ -119,3 +119,40 @@ def torch_zip(path: Path, data_pkl: bytes, storages: dict[str, bytes], deflate: 
     members += [(f"archive/data/{key}", data) for key, data in storages.items()]
     path.write_bytes(zip_bytes(members, deflate))
     return path
+
+
+def zip_lying(members: list[tuple[str, bytes, dict]]) -> bytes:
+    """A zip whose directory says what each member's `opts` choose: `method` (0 stored, 8
+    deflated: `data` is the uncompressed payload), `declared` (the uncompressed size written in
+    both headers instead of the real one), `zip64` (sizes as 0xFFFFFFFF with a zip64 extra
+    field carrying `declared`), `crc` (instead of the real CRC-32)."""
+    out = bytearray()
+    central = bytearray()
+    for name, data, opts in members:
+        raw = name.encode()
+        method = opts.get("method", 0)
+        body = zlib.compress(data, 9)[2:-4] if method == 8 else data
+        crc = opts.get("crc", zlib.crc32(data))
+        declared = opts.get("declared", len(data))
+        offset = len(out)
+        if opts.get("zip64"):
+            extra = struct.pack("<HHQQ", 1, 16, declared, len(body))
+            usize = csize = 0xFFFFFFFF
+        else:
+            extra, usize, csize = b"", declared, len(body)
+        out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, 0, method, 0, 0, crc, csize, usize, len(raw), len(extra))
+        out += raw + extra + body
+        central += struct.pack(
+            "<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, method, 0, 0, crc, csize, usize,
+            len(raw), len(extra), 0, 0, 0, 0, offset,
+        )  # fmt: skip
+        central += raw + extra
+    start = len(out)
+    out += central
+    out += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(central), start, 0)
+    return bytes(out)
+
+
+def big_pickle(size: int) -> bytes:
+    """A valid pickle of about `size` bytes (one long str): deflates to almost nothing."""
+    return PROTO2 + b"X" + struct.pack("<I", size) + b"a" * size + STOP

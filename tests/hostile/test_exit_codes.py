@@ -57,6 +57,29 @@ def _cases(d: Path) -> dict[str, Path]:
     sub = d / "views"
     sub.mkdir()
     cases["views-120"] = _stride0_views(sub, 120)
+    cases.update(_size_cases(d))
+    return cases
+
+
+def _size_cases(d: Path) -> dict[str, Path]:
+    """Deflated members, colliding keys and hostile names (test_inflate, test_hash_flood,
+    test_names): a few spellings of each, through every command."""
+    from test_hash_flood import SPELLINGS as FLOODS
+    from test_inflate import OVER_BUDGET, _torch, _torchscript
+    from test_names import SPELLINGS as NAMES
+
+    cases = {}
+    for name in ("honest size", "declares 1 KB", "zip64 declares 1 TB"):
+        pkl, opts = OVER_BUDGET[name]
+        cases[f"deflate-{name}"] = _torch(d / f"deflate-{name.replace(' ', '-')}.pt", pkl, opts)
+    code = [(f"m/code/__torch__/f{i}.py", b"#" * (6 << 20), {"method": 8}) for i in range(40)]
+    cases["deflate-code"] = _torchscript(d / "deflate-code.pt", code)
+    for name in ("setitems ints", "tuple2 of ints", "memo gets", "frozenset members"):
+        cases[f"flood-{name}"] = torch_zip(d / f"flood-{name.replace(' ', '-')}.pt", FLOODS[name], {})
+    for name in ("dots", "dots and length"):
+        cases[f"names-{name}"] = torch_zip(
+            d / f"names-{name.replace(' ', '-')}.pt", state_pickle(NAMES[name]()), {"0": bytes(16)}
+        )
     return cases
 
 
@@ -91,6 +114,15 @@ def test_every_hostile_case_exits_0_1_or_2(corpus):
             if args[0] == "audit" and "passwd" in name and r.returncode in (0, 1):
                 assert "root" not in r.stdout
     assert not bad, "\n".join(bad)
+
+
+def test_crc_of_deflated_members_exits_0_1_or_2(corpus):
+    """audit --crc inflates every deflated member: streamed, under the same address-space limit."""
+    _, cases = corpus
+    for name, path in cases.items():
+        if name.startswith("deflate-"):
+            r = _run("audit", "--crc", str(path))
+            assert r.returncode in (0, 1, 2) and "Traceback" not in r.stderr, (name, r.stderr[-300:])
 
 
 def test_refused_build_fails_the_dangerous_gate(corpus):

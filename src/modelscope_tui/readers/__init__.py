@@ -154,6 +154,7 @@ def _open_checkpoint(path: Path, strict: bool) -> Checkpoint:
         raise CorruptCheckpointError(
             "reading the file's metadata ran out of memory", path, "corrupt or hostile file"
         ) from exc
+    ckpt.cap_names()
     ckpt.link_shared_storages()
     ckpt.check_storage_bounds()
     _check_view_sizes(ckpt, path)

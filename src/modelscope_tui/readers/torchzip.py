@@ -14,11 +14,12 @@ from ..checkpoint import (
     Checkpoint,
     ModuleNode,
     StorageRecord,
+    join_name,
 )
 from ..errors import CorruptCheckpointError, MscopeError
 from .unpickler import Inert, StorageType, TensorRef, safe_load
 from .walk import Walker, is_plain
-from .ziparchive import STORED, ZipArchive
+from .ziparchive import STORED, InflateBudgetError, ZipArchive
 
 MAX_PICKLE_BYTES = 1 << 31
 MAX_CODE_BYTES = 16 << 20
@@ -196,8 +197,16 @@ def read_torch_zip(path: Path, archive: ZipArchive) -> Checkpoint:
     ckpt.globals.extend(other_member_globals(archive, [f"{prefix}data.pkl"], storages))
     ckpt.problems.extend(storages.problems)
     ckpt.refusals.extend(reference_refusals(archive, prefix))
+    _deflated_warning(ckpt, archive)
     Walker(ckpt).walk_root(root)
     return ckpt
+
+
+def _deflated_warning(ckpt: Checkpoint, archive: ZipArchive) -> None:
+    """torch.save writes every member stored: what was inflated is recorded (a re-zipped
+    archive's storages are reported by audit's compressed-storage finding)."""
+    if archive.deflated_read:
+        ckpt.metadata["inflated_members"] = {"names": archive.deflated_read[:16], "bytes": archive.inflated}
 
 
 def shadowed_pickle_globals(path: Path, archive: ZipArchive, problems: list[str]) -> list:
@@ -261,15 +270,25 @@ class ScriptClass:
         self.has_setstate = False
 
 
-def parse_script_code(archive: ZipArchive, prefix: str) -> dict[str, ScriptClass]:
-    """Class facts from the archive's `code/` sources, read as text (never compiled)."""
+def parse_script_code(archive: ZipArchive, prefix: str, skipped: list[str] | None = None) -> dict[str, ScriptClass]:
+    """Class facts from the archive's `code/` sources, read as text (never compiled). Deflated
+    sources past the file's inflate budget are not read; their names go to `skipped`."""
     classes: dict[str, ScriptClass] = {}
     code_dir = f"{prefix}code/"
     for name, entry in archive.entries.items():
-        if not (name.startswith(code_dir) and name.endswith(".py")) or entry.size > MAX_CODE_BYTES:
+        if not (name.startswith(code_dir) and name.endswith(".py")):
+            continue
+        if entry.size > MAX_CODE_BYTES:
+            if skipped is not None:
+                skipped.append(name)
             continue
         module = name[len(code_dir) : -3].replace("/", ".")
-        text = archive.read(name, MAX_CODE_BYTES).decode("utf-8", "replace")
+        try:
+            text = archive.read(name, MAX_CODE_BYTES).decode("utf-8", "replace")
+        except InflateBudgetError:
+            if skipped is not None:
+                skipped.append(name)
+            continue
         matches = list(_CLASS.finditer(text))
         for i, match in enumerate(matches):
             body = text[match.end() : matches[i + 1].start() if i + 1 < len(matches) else len(text)]
@@ -305,9 +324,11 @@ def script_class_path(qualname: str) -> str:
 
 def read_torchscript(path: Path, archive: ZipArchive, prefix: str) -> Checkpoint:
     byteorder = _byteorder(archive, prefix)
-    classes = parse_script_code(archive, prefix)
+    # data.pkl first: the pickle is what must be read; code/ sources only add class facts.
     storages = StorageTable(path, archive, f"{prefix}data/", byteorder)
     data = archive.read(f"{prefix}data.pkl", MAX_PICKLE_BYTES, verify=True)
+    skipped_code: list[str] = []
+    classes = parse_script_code(archive, prefix, skipped_code)
 
     def scripted(module: str, name: str) -> bool:
         return module == "__torch__" or module.startswith("__torch__.")
@@ -346,6 +367,13 @@ def read_torchscript(path: Path, archive: ZipArchive, prefix: str) -> Checkpoint
     ckpt.globals.extend(other_member_globals(archive, loaded, storages, const_storages))
     ckpt.problems.extend(storages.problems + const_storages.problems)
     ckpt.refusals.extend(reference_refusals(archive, prefix))
+    if skipped_code:
+        ckpt.warnings.append(
+            f"{len(skipped_code):,} code file(s) not read (deflated past the file's inflate budget of "
+            f"{archive.inflate_budget:,} bytes, or over {MAX_CODE_BYTES:,} bytes): {', '.join(repr(n[:80]) for n in skipped_code[:3])}"
+            + (f" and {len(skipped_code) - 3:,} more" if len(skipped_code) > 3 else "")
+        )
+    _deflated_warning(ckpt, archive)
     ckpt.metadata["code_files"] = sorted(n[len(prefix) :] for n in archive.entries if n.startswith(f"{prefix}code/") and n.endswith(".py"))
     if isinstance(root, Inert):
         ckpt.module_root = _walk_script_module(ckpt, root, classes)
@@ -387,7 +415,7 @@ def _walk_script_module(ckpt: Checkpoint, root_obj: Inert, classes: dict[str, Sc
                 node.training = value if isinstance(value, bool) else None
             elif isinstance(value, TensorRef):
                 kind = PARAMETER if key in info.parameters else BUFFER if key in info.buffers else TENSOR
-                node.tensors.append(walker.add_tensor(value, prefix + key, "", kind, True))
+                node.tensors.append(walker.add_tensor(value, join_name(node.name, key), "", kind, True))
             elif isinstance(value, Inert) and value.qualname.startswith("__torch__"):
                 if id(value) not in seen and depth < 200:
                     seen.add(id(value))

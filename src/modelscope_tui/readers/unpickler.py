@@ -17,6 +17,7 @@ import pickle
 import pickletools
 import re
 import struct
+import threading
 import types
 from collections import OrderedDict
 from collections.abc import Callable
@@ -84,6 +85,38 @@ def _nesting_table() -> tuple[list[int], list[int], list[int]]:
 
 
 _NEST_MODE, _NEST_POPS, _NEST_PUSHES = _nesting_table()
+
+# -- hash flooding ----------------------------------------------------------------------------
+# Python ints hash to themselves mod 2**61-1 (so k * (2**61-1) all hash to 0), and float, tuple
+# and frozenset hashes follow from their items': a file can fill a dict or set with keys that all
+# collide, and each insertion then compares against every earlier one (100k int keys: 83 s).
+# str and bytes hashes are keyed per process, and ints below 2**56 hash to distinct values. So
+# the scans also follow, for each stack slot, whether its hash is the file's choice ("hashy":
+# floats, longer ints, tuples, frozensets; a memo GET as the PUT recorded), and count such keys
+# and members going into dicts and sets (SETITEM, SETITEMS, DICT, ADDITEMS, FROZENSET). Past
+# MAX_HASHED_KEYS the pickle is refused. Slots hold depth << 1 | hashy. What the allowlisted
+# functions return (REDUCE) is never hashy: they return values hashed by identity or keyed
+# hashes, and the ones that build sets count their members (see _HashCount).
+MAX_HASHED_KEYS = 8192  # all colliding: about 33M comparisons, a fraction of a second
+_K_NONE, _K_SECOND, _K_EVEN, _K_ALL = 0, 1, 2, 3
+_LONG1 = 0x8A
+_STACK_GLOBAL = 0x93
+
+
+def _hash_tables() -> tuple[list[int], list[int]]:
+    """(hashy, key role) of each opcode byte. LONG1 is hashy from 8 bytes of value (decided
+    where its length byte is read)."""
+    hashy_ops = {"FLOAT", "BINFLOAT", "INT", "LONG", "LONG4", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "FROZENSET"}
+    roles = {"SETITEM": _K_SECOND, "SETITEMS": _K_EVEN, "DICT": _K_EVEN, "ADDITEMS": _K_ALL, "FROZENSET": _K_ALL}
+    hashy, role = [0] * 256, [0] * 256
+    for op in pickletools.opcodes:
+        code = op.code.encode("latin-1")[0]
+        hashy[code] = int(op.name in hashy_ops)
+        role[code] = roles.get(op.name, _K_NONE)
+    return hashy, role
+
+
+_HASHY, _KEY_ROLE = _hash_tables()
 
 # Rough bytes each opcode makes the C unpickler build and keep (CPython 3.11 object sizes; a
 # reference on the stack or in a container is 8). Length-prefixed and text arguments add two per
@@ -241,7 +274,24 @@ def _scan_fast(data: bytes | memoryview, start: int) -> int | None:
         return None
     if length > MAX_NESTING and _nesting_bound(bytes(data[start : pos + 1])) > MAX_NESTING:
         return None  # might nest too deep: the exact walk (or the C one) follows the depths
+    if length > MAX_HASHED_KEYS and _hashy_bound(bytes(data[start : pos + 1])) > MAX_HASHED_KEYS:
+        return None  # might put too many hashy keys in dicts: the exact walk counts them
     return pos + 1
+
+
+def _hashy_opcodes() -> bytes:
+    """Bytes of every opcode that can push a hashy slot: the hashy ones, LONG1, and the memo
+    GETs and DUP that copy one. Each hashy key put into a dict or set was pushed by one."""
+    copies = {code for code in range(256) if _NEST_MODE[code] in (_N_GET, _N_DUP)}
+    return bytes(code for code in range(256) if _HASHY[code] or code == _LONG1 or code in copies)
+
+
+_NOT_HASHY = bytes(set(range(256)) - set(_hashy_opcodes()))
+
+
+def _hashy_bound(pickle_bytes: bytes) -> int:
+    """An upper bound of the hashy keys and members (argument bytes count too)."""
+    return len(pickle_bytes.translate(None, _NOT_HASHY))
 
 
 def _nesting_opcodes() -> bytes:
@@ -262,7 +312,7 @@ def _nesting_bound(pickle_bytes: bytes) -> int:
     return len(pickle_bytes.translate(None, _NOT_NESTING))
 
 
-SCAN_VERSION = 3  # MSCOPE_SCAN_VERSION in picklescan.c
+SCAN_VERSION = 4  # MSCOPE_SCAN_VERSION in picklescan.c
 NATIVE_SCAN_MIN_BYTES = 1 << 20  # below this the regex is quicker than importing ctypes
 
 
@@ -283,13 +333,16 @@ def _native_scan() -> Callable[[bytes, int], int] | None:
 
     scan.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_char_p,
                      ctypes.POINTER(ctypes.c_int32), ctypes.c_int64, ctypes.c_int64,
-                     ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64]  # fmt: skip
+                     ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64,
+                     ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64]  # fmt: skip
     scan.restype = ctypes.c_int64
     kinds = bytes(k & 0xFF for k in _OPCODES)  # int8 in C
     costs = (ctypes.c_int32 * 256)(*_COSTS)
     modes, pops, pushes = bytes(_NEST_MODE), bytes(_NEST_POPS), bytes(_NEST_PUSHES)
+    hashy, roles = bytes(_HASHY), bytes(_KEY_ROLE)
     return lambda data, start: scan(data, len(data), start, kinds, costs, PICKLE_MEMORY_RATIO,
-                                    MIN_PICKLE_MEMORY, modes, pops, pushes, MAX_NESTING)  # fmt: skip
+                                    MIN_PICKLE_MEMORY, modes, pops, pushes, MAX_NESTING,
+                                    hashy, roles, MAX_HASHED_KEYS)  # fmt: skip
 
 
 def _scan_native(data: bytes | memoryview, start: int, small: bool = False) -> int | None:
@@ -335,10 +388,13 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
     cost = 0  # estimated bytes of objects the unpickler would build (see _OBJECT_COSTS)
     u32 = _U32.unpack_from
     modes, npops, npushes = _NEST_MODE, _NEST_POPS, _NEST_PUSHES
-    depths: list[int] = []  # depth of each stack slot (see MAX_NESTING); _MARK_DEPTH for a MARK
+    depths: list[int] = []  # each stack slot: depth << 1 | hashy (MAX_NESTING, MAX_HASHED_KEYS); _MARK_DEPTH for a MARK
     memo: dict[int, int] = {}
     deepest = 0
     op = start  # where the opcode being read starts: the valid prefix ends there (see run_prefix)
+    named = False  # a GLOBAL, INST or STACK_GLOBAL was read: without one, no prefix calls anything
+    hashy, key_role = _HASHY, _KEY_ROLE
+    hashed = 0  # hashy keys and members put into dicts and sets
     try:
         while pos < end:
             op = pos
@@ -348,24 +404,28 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
             mode = modes[code]
             if mode == _N_PLAIN and not npops[code]:  # the common case: push scalars/empties
                 if npushes[code]:
-                    depths.append(0)
+                    depths.append(1 if hashy[code] or (code == _LONG1 and data[pos + 1] >= 8) else 0)
             elif mode == _N_PLAIN:
+                if code == _STACK_GLOBAL:
+                    named = True
                 depth = 0
                 for _ in range(npops[code]):
                     if depths and depths[-1] != _MARK_DEPTH:
-                        depth = max(depth, depths.pop() + 1)
+                        depth = max(depth, (depths.pop() >> 1) + 1)
                 if npushes[code]:
-                    depths.extend([depth] * npushes[code])
+                    depths.extend([depth << 1 | hashy[code]] * npushes[code])
                     deepest = max(deepest, depth)
             elif mode == _N_MARK:
                 depths.append(_MARK_DEPTH)
             elif mode == _N_INTO:
+                if key_role[code] == _K_SECOND and len(depths) >= 2 and depths[-2] != _MARK_DEPTH:
+                    hashed += depths[-2] & 1
                 depth = 0
                 for _ in range(npops[code]):
                     if depths and depths[-1] != _MARK_DEPTH:
-                        depth = max(depth, depths.pop() + 1)
-                if depths and depths[-1] != _MARK_DEPTH and depth > depths[-1]:
-                    depths[-1] = depth
+                        depth = max(depth, (depths.pop() >> 1) + 1)
+                if depths and depths[-1] != _MARK_DEPTH and depth > depths[-1] >> 1:
+                    depths[-1] = depth << 1 | (depths[-1] & 1)
                     deepest = max(deepest, depth)
             elif mode == _N_GET or mode == _N_PUT:
                 if code == 0x68 or code == 0x71:  # BINGET / BINPUT: one byte
@@ -376,8 +436,8 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
                     nl = data.find(b"\n", pos + 1, pos + 4097)
                     text = bytes(data[pos + 1 : nl]) if nl > 0 else b""
                     index = int(text) if text.isdigit() and len(text) < 12 else -1
-                if mode == _N_GET:
-                    depths.append(memo.get(index, deepest))
+                if mode == _N_GET:  # an index never stored: as deep as anything, and hashy
+                    depths.append(memo.get(index, deepest << 1 | 1))
                 elif depths and depths[-1] != _MARK_DEPTH and index >= 0:
                     memo[index] = depths[-1]
             elif mode == _N_DUP:
@@ -388,16 +448,29 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
                     memo[len(memo)] = depths[-1]
             else:  # to the mark: build one object of what is above it, or fill the one below it
                 depth = 0
+                role = key_role[code]
+                flags = []  # hashy bit of each item, top first (for keys at even offsets)
                 while depths:
                     top_depth = depths.pop()
                     if top_depth == _MARK_DEPTH:
                         break
-                    depth = max(depth, top_depth + 1)
+                    depth = max(depth, (top_depth >> 1) + 1)
+                    if role:
+                        flags.append(top_depth & 1)
+                if role == _K_ALL:
+                    hashed += sum(flags)
+                elif role == _K_EVEN:  # key, value, key, value... from the mark up
+                    hashed += sum(flags[len(flags) - 1 :: -2])
                 if mode == _N_TO_MARK:
-                    depths.append(depth)
-                elif mode == _N_INTO_MARK and depths and depths[-1] != _MARK_DEPTH and depth > depths[-1]:
-                    depths[-1] = depth
+                    depths.append(depth << 1 | hashy[code])
+                elif mode == _N_INTO_MARK and depths and depths[-1] != _MARK_DEPTH and depth > depths[-1] >> 1:
+                    depths[-1] = depth << 1 | (depths[-1] & 1)
                 deepest = max(deepest, depth)
+            if hashed > MAX_HASHED_KEYS:
+                raise UnsafePickleError(
+                    f"{source}: more than {MAX_HASHED_KEYS:,} dict keys or set members are numbers or tuples, "
+                    f"whose hashes a file can make collide (hash flooding, at byte {pos:,})", hint=CRAFTED,
+                )  # fmt: skip
             if deepest > MAX_NESTING:
                 raise UnsafePickleError(
                     f"{source}: objects nest more than {MAX_NESTING:,} levels deep (at byte {pos:,})", hint=CRAFTED
@@ -410,6 +483,7 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
                 cost += 2 * n
                 pos += 4 + n
             elif k == _TWO_LINES:
+                named = True  # GLOBAL / INST: a prefix up to a failure may call something
                 first = data.find(b"\n", pos, pos + 4096)
                 second = data.find(b"\n", first + 1, first + 4097) if first >= 0 else -1
                 if second < 0:
@@ -469,9 +543,11 @@ def _scan_exact(data: bytes | memoryview, start: int, source: str) -> int:
         pass
     except UnsafePickleError as exc:
         exc.offset = op
+        exc.names_globals = named  # type: ignore[attr-defined]
         raise
     exc = UnsafePickleError(f"{source}: pickle data is truncated", hint="the file is incomplete; re-download or re-save it")
     exc.offset = pos if pos == end else op
+    exc.names_globals = named  # type: ignore[attr-defined]
     raise exc
 
 
@@ -665,6 +741,46 @@ class StorageType:
 class TorchSize(tuple):
     __slots__ = ()
     __setstate__ = RefuseBuild()
+    __hash__ = object.__hash__  # by identity: a tuple's hash is the file's choice (MAX_HASHED_KEYS)
+
+
+class _Frozenset(frozenset):
+    """frozenset(...) as a pickle's REDUCE builds it: hashed by identity, for the same reason."""
+
+    __slots__ = ()
+    __hash__ = object.__hash__
+
+
+class _Complex(complex):
+    __slots__ = ()
+    __hash__ = object.__hash__
+
+
+_hash_budget = threading.local()  # hashy members the running safe_load's set builders may add
+
+
+def hashy(value: Any) -> bool:
+    """Whether a value's hash is the file's choice (see MAX_HASHED_KEYS)."""
+    kind = type(value)
+    if kind is int:
+        return not -(1 << 55) < value < 1 << 55
+    if kind is bool:
+        return False
+    return kind in (float, complex, tuple, frozenset) or (
+        isinstance(value, (int, float, complex, tuple, frozenset)) and kind.__hash__ is not object.__hash__
+    )
+
+
+def _charge_hashy(count: int) -> None:
+    left = getattr(_hash_budget, "left", None)
+    if left is None or not count:
+        return
+    _hash_budget.left = left - count
+    if left - count < 0:
+        raise UnsafePickleError(
+            f"more than {MAX_HASHED_KEYS:,} dict keys or set members are numbers or tuples, "
+            "whose hashes a file can make collide (hash flooding)", hint=CRAFTED,
+        )  # fmt: skip
 
 
 class Device(str):
@@ -847,9 +963,15 @@ def _data_only(kind: type) -> Callable[..., Any]:
     def build(*args: Any) -> Any:
         if args and not isinstance(args[0], (list, tuple, set, frozenset, dict, str, bytes)):
             raise UnsafePickleError(f"unexpected {kind.__name__} arguments {_short(args)}")
+        if args and isinstance(args[0], (list, tuple)):  # members hashed as the set is built
+            _charge_hashy(sum(map(hashy, args[0])))
         return kind(*args)
 
     return build
+
+
+def _complex(*args: Any) -> complex:
+    return _Complex(*args)
 
 
 def _bytes_from_text(kind: type) -> Callable[..., Any]:
@@ -887,14 +1009,15 @@ def _reconstructor(cls: Any, base: Any = None, state: Any = None) -> Any:
 
 
 def _passthrough(value: Any = None, *rest: Any) -> Any:
+    _charge_hashy(hashy(value))  # the scans count what REDUCE returns as not hashy
     return value
 
 
 SAFE_FUNCTIONS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): _data_only(set),
-    ("builtins", "frozenset"): _data_only(frozenset),
-    ("builtins", "complex"): complex,
+    ("builtins", "frozenset"): _data_only(_Frozenset),
+    ("builtins", "complex"): _complex,
     ("builtins", "slice"): slice,
     ("builtins", "bytes"): _bytes_from_text(bytes),
     ("builtins", "bytearray"): _bytes_from_text(bytearray),
@@ -1672,11 +1795,15 @@ def safe_load(
         end = scan_pickle(data, start, source)
     except UnsafePickleError as exc:
         offset = getattr(exc, "offset", None)
-        _attach(exc, run_prefix(data, start, offset, source) if offset is not None else [])
+        named = getattr(exc, "names_globals", True)
+        _attach(exc, run_prefix(data, start, offset, source) if offset is not None and named else [])
+        _remember_failure(data, start, exc)
         raise
     unpickler = SafeUnpickler(
         data[start:end], source=source, persistent_load=persistent_load, known_schema=known_schema
     )
+    outer = getattr(_hash_budget, "left", None)
+    _hash_budget.left = MAX_HASHED_KEYS
     try:
         with collect_refused_builds() as refused:
             obj = unpickler.load()
@@ -1706,6 +1833,8 @@ def safe_load(
         raise _attach(
             UnsafePickleError(f"{source}: malformed pickle{detail}", hint=DAMAGED), unpickler.globals.values()
         ) from exc
+    finally:
+        _hash_budget.left = outer
     if unpickler.tampered:
         names = ", ".join(".".join(k) for k in unpickler.tampered[:2])
         raise _attach(
@@ -1765,9 +1894,36 @@ def _any_persistent_id(pid: Any) -> None:
     return None
 
 
+# The payload search (readers/payloads.py) scans what a reader just refused: the same bytes. A
+# refusal's globals are kept under a digest of the bytes, so the second look costs a hash, not
+# another scan (a 2 MB object flood took four exact scans, about 5 s).
+_FAILED_SCANS: dict[bytes, list[GlobalRef]] = {}
+MAX_REMEMBERED_BYTES = 64 << 20
+
+
+def _scan_key(data: bytes | memoryview, start: int) -> bytes | None:
+    if len(data) - start > MAX_REMEMBERED_BYTES:
+        return None
+    from _blake2 import blake2b  # the builtin: hashlib would load OpenSSL on every command
+
+    return blake2b(memoryview(data)[start:], digest_size=20).digest()
+
+
+def _remember_failure(data: bytes | memoryview, start: int, exc: MscopeError) -> None:
+    key = _scan_key(data, start)
+    if key is None:
+        return
+    if len(_FAILED_SCANS) >= 8:
+        _FAILED_SCANS.pop(next(iter(_FAILED_SCANS)))
+    _FAILED_SCANS[key] = list(getattr(exc, "pickle_globals", ()))
+
+
 def reachable_globals(data: bytes | memoryview, *, source: str, start: int = 0) -> tuple[list[GlobalRef], int | None]:
     """What loading the pickle at `data[start:]` would name and call, whatever follows: (globals,
     end offset, or None when the pickle is broken). For pickles outside a checkpoint's layout."""
+    key = _scan_key(data, start)
+    if key is not None and key in _FAILED_SCANS:
+        return list(_FAILED_SCANS[key]), None
     try:
         _, refs, end = safe_load(data, source=source, persistent_load=_any_persistent_id, start=start)
     except MscopeError as exc:

@@ -14,6 +14,7 @@ from typing import Any
 from ..checkpoint import (
     BUFFER,
     DTYPE_ITEMSIZE,
+    MAX_NAME_CHARS,
     PARAMETER,
     TENSOR,
     Checkpoint,
@@ -22,6 +23,7 @@ from ..checkpoint import (
     StorageRecord,
     TensorRecord,
     infer_kind,
+    join_name,
 )
 from .unpickler import Device, DType, Inert, StorageType, TensorRef
 
@@ -163,7 +165,7 @@ class Walker:
             self.walk_model(root)
             return
         for key, value in mapping_items(root):
-            key = key_text(key)
+            key = join_name("", key_text(key))
             if key == model_path:
                 ckpt.sections[key] = "model"
                 self.walk_model(value)
@@ -202,7 +204,7 @@ class Walker:
                 for key, value in item.items():
                     if type(key) is not str:
                         key = key_text(key)
-                    child = f"{where}.{key}" if where else key
+                    child = join_name(where, key) if where or len(key) > MAX_NAME_CHARS else key
                     if type(value) is TensorRef:
                         add_tensor(value, child[prefix_len:] if section else child, section)
                     else:
@@ -230,7 +232,7 @@ class Walker:
             stack.extend((child, child_path, depth + 1) for child_path, child in reversed(children))
 
     def children(self, item: Any, where: str) -> Iterator[tuple[str, Any]]:
-        join = (lambda k: f"{where}.{key_text(k)}") if where else key_text
+        join = (lambda k: join_name(where, key_text(k))) if where else (lambda k: join_name("", key_text(k)))
         if is_mapping(item):
             for k, v in mapping_items(item):
                 yield join(k), v
@@ -336,21 +338,20 @@ class Walker:
             training = state.get("training")
             node.training = training if isinstance(training, bool) else None
             non_persistent = state.get("_non_persistent_buffers_set") or ()
-            prefix = f"{node.name}." if node.name else ""
             for pname, ref in mapping_items(state.get("_parameters") or {}):
                 if isinstance(ref, TensorRef):
-                    rec = self.add_tensor(ref, prefix + key_text(pname), "", PARAMETER, True)
+                    rec = self.add_tensor(ref, join_name(node.name, key_text(pname)), "", PARAMETER, True)
                     node.tensors.append(rec)
             for bname, ref in mapping_items(state.get("_buffers") or {}):
                 if isinstance(ref, TensorRef):
-                    rec = self.add_tensor(ref, prefix + key_text(bname), "", BUFFER, True)
+                    rec = self.add_tensor(ref, join_name(node.name, key_text(bname)), "", BUFFER, True)
                     rec.persistent = bname not in non_persistent if isinstance(non_persistent, (set, frozenset, list)) else True
                     node.tensors.append(rec)
             for key, value in state.items():
                 if not isinstance(key, str) or key.startswith("_") or key == "training":
                     continue
                 if isinstance(value, TensorRef):
-                    node.tensors.append(self.add_tensor(value, prefix + key, "", TENSOR, True))
+                    node.tensors.append(self.add_tensor(value, join_name(node.name, key), "", TENSOR, True))
                 elif is_plain(value):
                     node.attributes[key] = value if not isinstance(value, str) or len(value) < 200 else value[:197] + "..."
                 else:

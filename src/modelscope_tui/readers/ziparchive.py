@@ -11,6 +11,7 @@ import mmap
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,17 @@ _LOCAL_HEAD = struct.Struct("<4s22x2H")  # signature; name and extra lengths at 
 _MAX_COMMENT = 0xFFFF
 STORED, DEFLATED = 0, 8
 SPARSE_MEMBER_BYTES = 64 << 10  # average member size above which local headers are pread
+# torch writes every member stored; a deflated one is unusual, and a 130 KB deflated data.pkl
+# inflated to 1.2 GB of RSS. What a file's members may inflate to, all reads together, is capped
+# at the file's own size (and MIN_INFLATE_BUDGET): no worse than the same members stored. The
+# cap holds against what the stream produces, not what the directory (or a zip64 field) claims.
+MIN_INFLATE_BUDGET = 8 << 20
+INFLATE_CHUNK = 1 << 20  # output per zlib call: memory while streaming is bounded by this
+_INPUT_CHUNK = 1 << 20
+
+
+class InflateBudgetError(CorruptCheckpointError):
+    """A deflated member would inflate past what the file may (ZipArchive.inflate_budget)."""
 
 
 @dataclass(slots=True)
@@ -65,6 +77,9 @@ class ZipArchive:
         # on which copy they take: torch's reader may load one we would not show)
         self._pread = False
         self.multidisk = False  # the end record names other disks: torch.load refuses the file
+        self.inflate_budget = max(MIN_INFLATE_BUDGET, self.size)
+        self.inflated = 0  # bytes inflated so far, by read()
+        self.deflated_read: list[str] = []  # deflated members read() inflated
         try:
             self._parse_directory()
         except BaseException:
@@ -230,32 +245,97 @@ class ZipArchive:
         return None
 
     def read(self, name: str, limit: int, verify: bool = False) -> bytes:
-        """The member's bytes, refusing members larger than `limit`, and deflated members whose
-        output differs from the size the directory declares (so a zip bomb inflates no further).
+        """The member's bytes, refusing members larger than `limit`. A deflated member is
+        inflated in chunks, charged to the file's inflate_budget, and refused as soon as the
+        stream produces more than the directory declares (so a zip bomb inflates no further).
         verify: also check the CRC (cheap for small members such as data.pkl)."""
         entry = self.entries.get(name)
         if entry is None:
             raise self._corrupt(f"member {name!r} is missing")
         if entry.size > limit:
             raise self._corrupt(f"member {name!r} is {entry.size:,} bytes, more than the {limit:,} allowed")
-        start = self.data_offset(entry)
-        raw = self.buffer[start : start + entry.compressed_size]
         if entry.method == STORED:
+            start = self.data_offset(entry)
             if entry.compressed_size != entry.size:
                 raise self._corrupt(f"member {name!r} has inconsistent sizes")
-            out = bytes(raw)
+            out = bytes(self.buffer[start : start + entry.size])
         elif entry.method == DEFLATED:
+            left = self.inflate_budget - self.inflated
+            if entry.size > left:
+                raise InflateBudgetError(
+                    f"deflated member {name!r} declares {entry.size:,} bytes, past what this file's members may "
+                    f"inflate to ({self.inflate_budget:,} bytes; {left:,} left)", self.path,
+                    "torch stores members uncompressed; re-save the file with torch.save",
+                )  # fmt: skip
+            parts = []
             try:
-                out = zlib.decompressobj(-15).decompress(raw, entry.size + 1)
-            except zlib.error as exc:
-                raise self._corrupt(f"member {name!r} does not inflate ({exc})") from exc
+                for part in self.inflate(entry, entry.size):
+                    parts.append(part)
+            finally:
+                self.inflated += sum(len(p) for p in parts)
+            out = b"".join(parts)
             if len(out) != entry.size:
                 raise self._corrupt(f"member {name!r} does not inflate to its declared {entry.size:,} bytes")
+            self.deflated_read.append(name)
         else:
             raise self._corrupt(f"member {name!r} uses unsupported compression method {entry.method}")
         if verify and zlib.crc32(out) & 0xFFFFFFFF != entry.crc:
             raise self._corrupt(f"member {name!r} fails its CRC check")
         return out
 
-    def check_crc(self, name: str, limit: int = 1 << 62) -> bool:
-        return zlib.crc32(self.read(name, limit)) & 0xFFFFFFFF == self.entries[name].crc
+    def inflate(self, entry: ZipEntry, cap: int) -> Iterator[bytes]:
+        """The inflated bytes of a deflated member in chunks of at most INFLATE_CHUNK, compressed
+        input fed from the map in chunks too. Raises CorruptCheckpointError once the stream
+        produces more than `cap` bytes (whatever the directory says) or ends early or badly."""
+        start = self.data_offset(entry)
+        pos, end = start, start + entry.compressed_size
+        d = zlib.decompressobj(-15)
+        produced = 0
+        try:
+            while not d.eof:
+                if d.unconsumed_tail:
+                    data = d.unconsumed_tail
+                elif pos < end:
+                    data = self.buffer[pos : min(pos + _INPUT_CHUNK, end)]
+                    pos += len(data)
+                else:
+                    data = b""
+                out = d.decompress(data, min(INFLATE_CHUNK, cap - produced + 1))
+                if not out and not data:
+                    break  # input exhausted and nothing pending: the stream is cut short
+                produced += len(out)
+                if produced > cap:
+                    raise self._corrupt(f"member {entry.name!r} inflates past its declared size ({cap:,} bytes)")
+                if out:
+                    yield out
+        except zlib.error as exc:
+            raise self._corrupt(f"member {entry.name!r} does not inflate ({exc})") from exc
+        if not d.eof:
+            raise self._corrupt(f"member {entry.name!r} ends before its deflate stream does")
+
+    def crc_ok(self, entry: ZipEntry, block: int = 16 << 20) -> bool:
+        """CRC-32 of a member against its directory entry, streamed: stored members a block of
+        the map at a time, deflated ones a chunk of output at a time (never more than the
+        declared size is inflated: a stream producing more is a mismatch)."""
+        crc = 0
+        if entry.method == STORED:
+            start = self.data_offset(entry)
+            stop = start + entry.compressed_size
+            for pos in range(start, stop, block):
+                crc = zlib.crc32(self.buffer[pos : min(pos + block, stop)], crc)
+            return crc & 0xFFFFFFFF == entry.crc
+        if entry.method != DEFLATED:
+            raise self._corrupt(f"member {entry.name!r} uses unsupported compression method {entry.method}")
+        size = 0
+        for part in self.inflate(entry, entry.size):
+            crc = zlib.crc32(part, crc)
+            size += len(part)
+        if size != entry.size:
+            raise self._corrupt(f"member {entry.name!r} does not inflate to its declared {entry.size:,} bytes")
+        return crc & 0xFFFFFFFF == entry.crc
+
+    def check_crc(self, name: str) -> bool:
+        entry = self.entries.get(name)
+        if entry is None:
+            raise self._corrupt(f"member {name!r} is missing")
+        return self.crc_ok(entry)
