@@ -468,3 +468,19 @@ async def test_norm_caveat_is_said_once_per_change_of_the_frozen_norms():
             await pilot.press("space")
             await pilot.pause()
         assert caveats() == 1
+
+
+async def test_help_says_there_is_no_forward_pass():
+    """torchinfo and Netron users look for output shapes and FLOPs first: say why not, and what
+    is offered instead."""
+    from modelscope_tui.tui.screens import NO_FORWARD_PASS, HelpScreen
+
+    app = MscopeApp(SAMPLES / "transformer_tied.pt")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await started(pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        texts = " ".join(str(w.render()) for w in app.screen.query("Static"))
+        assert "no forward pass" in texts and "FLOPs" in texts
+        assert "no forward pass" in NO_FORWARD_PASS

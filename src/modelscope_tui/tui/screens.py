@@ -282,6 +282,15 @@ class PathScreen(_PathPrompt):
                 yield Button("Cancel", id="cancel")
 
 
+NO_FORWARD_PASS = (
+    "\nmscope reads the file and runs no code from it, so no forward pass: no output shapes, "
+    "FLOPs or graph as torchinfo or Netron show (those need the model's code and an input). "
+    "What it has instead: every tensor's shape, dtype and bytes, parameter counts per module, "
+    "the module classes a full-module file names, memory for training (t / T) and the norm "
+    "profile of each module (d)."
+)
+
+
 class HelpScreen(_Modal):
     """Every key, grouped; the same actions are in the command palette (ctrl+p)."""
 
@@ -301,6 +310,7 @@ class HelpScreen(_Modal):
             yield Label("mscope keys (esc closes; ctrl+p lists every action)", classes="title")
             with VerticalScroll():
                 yield Static(table)
+                yield Static(NO_FORWARD_PASS, classes="note")
 
 
 class DeviceScreen(_Modal):
