@@ -262,19 +262,18 @@ def _nesting_bound(pickle_bytes: bytes) -> int:
     return len(pickle_bytes.translate(None, _NOT_NESTING))
 
 
-SCAN_VERSION = 3  # MSCOPE_SCAN_VERSION in picklescan.c
 NATIVE_SCAN_MIN_BYTES = 1 << 20  # below this the regex is quicker than importing ctypes
 
 
 @functools.lru_cache(maxsize=1)
 def _native_scan() -> Callable[[bytes, int], int] | None:
     """picklescan.c's walk bound to this module's opcode and cost tables: (data, start) -> end,
-    or -1 where _scan_exact refuses. None when the library is not built (the regex then)."""
+    or -1 where _scan_exact refuses. None when the library is not built or stale (the regex then)."""
     from .. import native
 
     lib = native.library()
     try:
-        if lib is None or lib.mscope_scan_version() != SCAN_VERSION:
+        if lib is None:
             return None
         scan = lib.mscope_scan_pickle
     except AttributeError:
