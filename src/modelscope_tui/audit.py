@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 from .checkpoint import FLOATING_DTYPES, Checkpoint, TensorRecord, prod
 from .errors import MscopeError, TensorDataError
 from .tensordata import check_view
-from .units import fmt_bytes
+from .units import fmt_bytes, sparkline
 
 if TYPE_CHECKING:
     from .tensordata import TensorData
@@ -2370,7 +2370,7 @@ def render_audit(report: AuditReport, console: Any, limit: int = 40) -> None:
             norms = [r["norm"] for r in prof["layers"]]
             console.print(
                 f"norm profile of {escape(prof['container'])} ({len(norms)} layers): "
-                f"{_spark(norms)}  min {min(norms):.4g}, max {max(norms):.4g}"
+                f"{sparkline(norms, fit=True, floor=True)}  min {min(norms):.4g}, max {max(norms):.4g}"
             )
     color = (
         "green"
@@ -2400,14 +2400,6 @@ def _fit_name(name: str, width: int) -> str:
 
 def _g(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
-
-
-def _spark(values: list[float]) -> str:
-    bars = "▁▂▃▄▅▆▇█"
-    lo, hi = min(values), max(values)
-    if hi <= lo:
-        return bars[3] * len(values)
-    return "".join(bars[min(7, int((v - lo) / (hi - lo) * 7.999))] for v in values)
 
 
 def parse_fail_on(text: str) -> tuple[str, ...]:
