@@ -1398,11 +1398,12 @@ def check_crc(
     """CRC-32 of every member of every zip file of the checkpoint against its directory entry."""
     import zlib
 
+    from .readers import is_zip
     from .readers.ziparchive import STORED, ZipArchive
 
     out: list[Finding] = []
     checked = members = 0
-    zips = [p for p in dict.fromkeys(Path(f) for f in (ckpt.files or [ckpt.path])) if _is_zip(p)]
+    zips = [p for p in dict.fromkeys(Path(f) for f in (ckpt.files or [ckpt.path])) if is_zip(p)]
     archives = []
     total = 0
     for path in zips:
@@ -1462,14 +1463,6 @@ def check_crc(
     if not zips:
         info["crc_note"] = f"{ckpt.format} files carry no checksums"
     return out, info
-
-
-def _is_zip(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
-    except OSError:
-        return False
 
 
 def add_safe_globals_line(globals_: Iterable[Any]) -> str | None:
