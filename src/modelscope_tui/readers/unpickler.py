@@ -624,7 +624,7 @@ _STORAGE_DTYPES = {
     "UntypedStorage": "uint8",
 }
 
-_TORCH_DTYPES = {
+TORCH_DTYPES = {
     "float64": "float64", "double": "float64", "float32": "float32", "float": "float32",
     "float16": "float16", "half": "float16", "bfloat16": "bfloat16",
     "complex128": "complex128", "cdouble": "complex128", "complex64": "complex64",
@@ -1428,15 +1428,15 @@ def _tamper(ref: GlobalRef, verb: str, *args: Any) -> None:
 def _torch_data_global(module: str, name: str) -> Any:
     """dtypes, storage types and layout constants torch pickles as plain globals."""
     if module == "torch":
-        if name in _TORCH_DTYPES:
-            return DType(_TORCH_DTYPES[name])
+        if name in TORCH_DTYPES:
+            return DType(TORCH_DTYPES[name])
         if name in _TORCH_NAMED_CONSTANTS:
             return f"torch.{name}"
     if module in ("torch", "torch.storage", "torch.cuda") and name.endswith("Storage"):
         dtype = _STORAGE_DTYPES.get(name)
         if dtype is None and name != "TypedStorage":
             guess = name[: -len("Storage")].lower()
-            dtype = _TORCH_DTYPES.get(guess)
+            dtype = TORCH_DTYPES.get(guess)
         if dtype is not None:
             return StorageType(name, dtype)
     return None
