@@ -370,7 +370,7 @@ def test_disk_full_injected(small_source, tmp_path, monkeypatch, at):
             real(fd, data[: len(data) // 2])
             raise enospc
 
-        monkeypatch.setattr(writers, "_copy_range", lambda *a: write_all(a[1], b"x" * 1000))
+        monkeypatch.setattr(writers, "copy_range", lambda *a: write_all(a[1], b"x" * 1000))
     elif at == "fsync":
         monkeypatch.setattr(writers.os, "fsync", lambda fd: (_ for _ in ()).throw(enospc))
     else:

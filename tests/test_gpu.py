@@ -27,6 +27,7 @@ from modelscope_tui.gpu import (
     map_cuda_devices,
     sample_to_dict,
 )
+from modelscope_tui.units import sparkline
 
 FIXED_HOST = HostMemory(64 << 30, 32 << 30, 100 << 20)
 
@@ -154,11 +155,20 @@ def test_history_is_bounded_by_minutes_over_interval():
 
 
 def test_sparkline():
-    assert gpu.sparkline([]) == ""
-    assert gpu.sparkline([0, 0]) == "▁▁"
-    line = gpu.sparkline([0, 50, 100], top=100)
+    """units.sparkline is the one sparkline (GPU memory here, norm profiles in audit and the TUI)."""
+    assert sparkline([]) == ""
+    assert sparkline([0, 0]) == "▁▁"
+    line = sparkline([0, 50, 100], top=100)
     assert line == "▁▅█"
-    assert len(gpu.sparkline(range(100), width=16)) == 16
+    assert len(sparkline(range(100), width=16)) == 16
+    assert sparkline([1, 2, 3], 2) == "▆█"
+    assert sparkline([5, 5], top=0) == "██"  # top 0: the largest value
+    # floor: a value takes the eighth of the scale it falls in (norm profiles)
+    assert sparkline([0, 0.5, 1.0]) == "▁▅█" and sparkline([0, 0.5, 1.0], floor=True) == "▁▄█"
+    assert sparkline([0.0, 0.0]) == "▁▁" and sparkline([0.0], floor=True) == "▁"
+    # fit: from the smallest value to the largest; all equal draws the middle cell (audit)
+    assert sparkline([10, 11, 12], fit=True, floor=True) == "▁▄█"
+    assert sparkline([3, 3, 3], fit=True) == "▄▄▄"
 
 
 # -- thread --------------------------------------------------------------------------------------

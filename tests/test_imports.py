@@ -51,6 +51,38 @@ def test_core_modules_never_import_textual(module):
     assert "textual" not in loaded and "torch" not in loaded
 
 
+PACKAGE = Path(__file__).resolve().parent.parent / "src" / "modelscope_tui"
+# Where Textual may be imported: the CLI (which starts the app) and the TUI package.
+UI_MODULES = ("modelscope_tui.cli", "modelscope_tui.__main__")
+
+
+def domain_modules() -> list[str]:
+    """Every module of the package outside cli.py and tui/, found from the source files (a new
+    module is covered without editing this list)."""
+    names = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        name = ".".join(parts)
+        if name in UI_MODULES or name == "modelscope_tui.tui" or name.startswith("modelscope_tui.tui."):
+            continue
+        names.append(name)
+    return names
+
+
+def test_domain_modules_never_import_textual():
+    """DESIGN.md: a domain module never imports textual (rendering lives in cli/ or tui/). All of
+    them in one process; on failure, each alone names the culprit."""
+    modules = domain_modules()
+    assert "modelscope_tui.checkpoint" in modules and "modelscope_tui.readers.unpickler" in modules
+    assert not any(m.startswith("modelscope_tui.tui") for m in modules)
+    loaded = modules_after("\n".join(f"import {m}" for m in modules))
+    if "textual" in loaded:
+        culprits = [m for m in modules if "textual" in modules_after(f"import {m}")]
+        pytest.fail(f"textual imported at import time by: {culprits}")
+
+
 @pytest.mark.parametrize(
     "sample",
     ["transformer_tied.pt", "legacy_cnn.pt", "scripted_cnn.pt", "gone_module_full.pt", "lightning.ckpt"],

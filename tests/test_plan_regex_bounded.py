@@ -60,3 +60,22 @@ def test_session_refuses_in_the_explorer_path() -> None:
     with pytest.raises(SessionError, match="refused"):
         session.freeze_pattern("(a+)+$", "regex")
     assert session.freeze_pattern("weight$", "regex").matched
+
+
+def test_one_glob_rule_in_code_and_in_the_generated_snippet():
+    """summary filters, Session.match and the freeze snippet share patterns.glob_matches; the
+    snippet's source form (glob_condition) says the same thing."""
+    import fnmatch
+
+    from modelscope_tui.patterns import glob_condition, glob_matches
+
+    names = ["encoder.layers.0.weight", "encoder.layers.10.bias", "head.weight", "Head.weight", "x"]
+    patterns = ["encoder.layers.[0-9]", "encoder", "head.weight", "*.bias", "encoder.layers.1?", "x", "[!e]*"]
+    for pattern in patterns:
+        code = compile(glob_condition(pattern), "<cond>", "eval")
+        for name in names:
+            want = fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+            assert glob_matches(name, pattern) == want
+            assert eval(code, {"fnmatch": fnmatch, "name": name}) == want
+    assert glob_matches("encoder.layers.3.weight", "encoder.layers.[0-9]")
+    assert not glob_matches("head.weight", "Head")

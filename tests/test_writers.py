@@ -517,13 +517,13 @@ def test_parent_is_a_file(frozen_case, tmp_path):
 def test_failure_mid_copy_leaves_nothing(frozen_case, tmp_path, monkeypatch):
     src, ckpt, trainable = frozen_case
     before = sha(src)
-    real = writers._copy_range
+    real = writers.copy_range
 
     def failing(src_fd, dst_fd, offset, length):
         real(src_fd, dst_fd, offset, length // 2)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writers, "_copy_range", failing)
+    monkeypatch.setattr(writers, "copy_range", failing)
     dest = tmp_path / "out.pt"
     with pytest.raises(SaveError, match="No space left"):
         save_with_requires_grad(ckpt, trainable, dest)

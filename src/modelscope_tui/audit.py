@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 from .checkpoint import FLOATING_DTYPES, Checkpoint, TensorRecord, block_index, dims_key, prod
 from .errors import MscopeError, TensorDataError
 from .tensordata import check_view
-from .units import fmt_bytes
+from .units import fmt_bytes, sparkline
 
 if TYPE_CHECKING:
     from .tensordata import TensorData
@@ -1400,11 +1400,12 @@ def check_crc(
 ) -> tuple[list[Finding], dict[str, Any]]:
     """CRC-32 of every member of every zip file of the checkpoint against its directory entry."""
 
+    from .readers import is_zip
     from .readers.ziparchive import STORED, ZipArchive
 
     out: list[Finding] = []
     checked = members = 0
-    zips = [p for p in dict.fromkeys(Path(f) for f in (ckpt.files or [ckpt.path])) if _is_zip(p)]
+    zips = [p for p in dict.fromkeys(Path(f) for f in (ckpt.files or [ckpt.path])) if is_zip(p)]
     archives = []
     total = 0
     for path in zips:
@@ -1469,14 +1470,6 @@ def check_crc(
     if not zips:
         info["crc_note"] = f"{ckpt.format} files carry no checksums"
     return out, info
-
-
-def _is_zip(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
-    except OSError:
-        return False
 
 
 def add_safe_globals_line(globals_: Iterable[Any]) -> str | None:
@@ -2380,7 +2373,7 @@ def render_audit(report: AuditReport, console: Any, limit: int = 40) -> None:
             norms = [r["norm"] for r in prof["layers"]]
             console.print(
                 f"norm profile of {escape(prof['container'])} ({len(norms)} layers): "
-                f"{_spark(norms)}  min {min(norms):.4g}, max {max(norms):.4g}"
+                f"{sparkline(norms, fit=True, floor=True)}  min {min(norms):.4g}, max {max(norms):.4g}"
             )
     color = (
         "green"
@@ -2410,14 +2403,6 @@ def _fit_name(name: str, width: int) -> str:
 
 def _g(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
-
-
-def _spark(values: list[float]) -> str:
-    bars = "▁▂▃▄▅▆▇█"
-    lo, hi = min(values), max(values)
-    if hi <= lo:
-        return bars[3] * len(values)
-    return "".join(bars[min(7, int((v - lo) / (hi - lo) * 7.999))] for v in values)
 
 
 def parse_fail_on(text: str) -> tuple[str, ...]:

@@ -85,9 +85,10 @@ def can_require_grad(dtype: str) -> bool:
     return dtype in GRAD_DTYPES
 
 
-def _trains(t: TensorRecord) -> bool:
-    """TensorRecord.trainable, as a function. (fill_stats and Checkpoint._compute_totals inline
-    it for parameters: `t.dtype in GRAD_DTYPES and (t.requires_grad or not t.kind_from_file)`.)"""
+def trains(t: TensorRecord) -> bool:
+    """Whether `t` trains when the checkpoint is loaded into its model (TensorRecord.trainable):
+    the one place of the rule. Only parameters of a dtype that can require grad train; a file
+    that keeps the Parameter is taken at its word, a state_dict's detached tensors train."""
     if t.kind != PARAMETER or t.dtype not in GRAD_DTYPES:
         return False
     return t.requires_grad if t.kind_from_file else True
@@ -252,7 +253,7 @@ class TensorRecord:
         the model makes parameters trainable. Files that keep the Parameter (full modules,
         TorchScript, saved Parameters) are taken at their word.
         """
-        return _trains(self)
+        return trains(self)
 
     @property
     def is_contiguous(self) -> bool:
@@ -428,7 +429,6 @@ def fill_stats(root: ModuleNode) -> None:
     for node in order:  # the list grows while it is walked
         if node.children:
             order.extend(node.children.values())
-    grad_dtypes = GRAD_DTYPES
     for node in reversed(order):
         count = params = trainable = buffers = nbytes = 0
         for t in node.tensors:
@@ -438,7 +438,7 @@ def fill_stats(root: ModuleNode) -> None:
             nbytes += t.nbytes
             if t.kind == PARAMETER:
                 params += t.numel
-                if t.dtype in grad_dtypes and (t.requires_grad or not t.kind_from_file):  # _trains
+                if trains(t):
                     trainable += t.numel
             else:
                 buffers += t.numel
@@ -700,7 +700,6 @@ class Checkpoint:
         file_bytes = 0  # unique storages, plus tensors without one
         seen_storages: set[int] = set()
         itemsizes = DTYPE_ITEMSIZE
-        grad_dtypes = GRAD_DTYPES
         for t in self.tensors:
             s = t.storage
             if s is None:
@@ -726,7 +725,7 @@ class Checkpoint:
             by_location[location] = by_location.get(location, 0) + size
             if t.kind == PARAMETER:
                 params += t.numel
-                if dtype in grad_dtypes and (t.requires_grad or not t.kind_from_file):  # _trains
+                if trains(t):
                     trainable += t.numel
             else:
                 buffers += t.numel

@@ -36,7 +36,7 @@ from .readers.picklepatch import PicklePatchError, contiguous_stride, rewrite_st
 from .readers.torchzip import MAX_PICKLE_BYTES, archive_prefix, is_torchscript
 from .readers.unpickler import scan_pickle
 from .readers.ziparchive import DEFLATED, STORED, ZipArchive
-from .writers import SaveError, _copy_range, atomic_write, sibling_path
+from .writers import SaveError, atomic_write, copy_range, sibling_path
 
 __all__ = [
     "CastPlan",
@@ -123,7 +123,7 @@ class TorchZipWriter:
     def copy(self, src_fd: int, offset: int, length: int) -> None:
         """Append bytes of another file (kernel copy where it can); their CRC is the caller's."""
         self.fh.flush()
-        _copy_range(src_fd, self.fh.fileno(), offset, length)
+        copy_range(src_fd, self.fh.fileno(), offset, length)
         self._count += length
         self.pos += length
 
@@ -433,10 +433,10 @@ def _remap_legacy(
 
     def write(fh: BinaryIO) -> None:
         fh.flush()
-        _copy_range(src_fd, fh.fileno(), 0, start)
+        copy_range(src_fd, fh.fileno(), 0, start)
         fh.write(new_pickle)
         fh.flush()
-        _copy_range(src_fd, fh.fileno(), end, size - end)
+        copy_range(src_fd, fh.fileno(), end, size - end)
         fh.flush()
         _verify_remap(reference, _read_fd(fh, path, _read_legacy_records), remap, path)
 
@@ -461,9 +461,9 @@ def _read_zip_records(path: Path, buf: Any) -> Checkpoint:
 
 
 def _read_legacy_records(path: Path, buf: Any) -> Checkpoint:
-    from .readers.legacy import _read_legacy
+    from .readers.legacy import read_legacy_mapped
 
-    return _read_legacy(path, buf)
+    return read_legacy_mapped(path, buf)
 
 
 def _read_fd(fh: BinaryIO, path: Path, read: Callable[[Path, Any], Checkpoint]) -> Checkpoint:

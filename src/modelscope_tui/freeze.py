@@ -71,7 +71,7 @@ from . import __version__
 from .checkpoint import Checkpoint, block_index
 from .errors import MscopeError
 from .jsonfile import json_bytes, read_json_file
-from .patterns import compile_safe_regex
+from .patterns import compile_safe_regex, glob_condition
 from .session import Change, Rule, Session
 from .units import safe_text
 from .writers import atomic_write, sibling_path
@@ -881,7 +881,7 @@ def _compact_predicate(data: dict[str, Any]) -> tuple[str, bool] | None:
                 lines += [f"    if name.startswith({last}):", "        frozen = False"]
             continue
         if selector == "glob":
-            cond = f"fnmatch.fnmatchcase(name, {value!r}) or fnmatch.fnmatchcase(name, {value + '.*'!r})"
+            cond = glob_condition(value)
         elif selector == "regex":
             try:  # replayed below on every name: only a pattern that cannot backtrack for ages
                 compile_safe_regex(value)

@@ -89,7 +89,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from .errors import MscopeError
-from .units import fmt_bytes, safe_text
+from .units import fmt_bytes, safe_text, sparkline
 
 SCHEMA = "mscope.gpus"
 SCHEMA_VERSION = 1
@@ -1426,22 +1426,6 @@ class GpuMonitor:
 
 # ---------------------------------------------------------------------------------------------
 # Rendering (rich, imported lazily) and JSON
-
-SPARK = "▁▂▃▄▅▆▇█"
-
-
-def sparkline(values: Sequence[float], width: int = 20, top: float | None = None) -> str:
-    """The last `width` values as block characters, scaled to `top` (default: their max)."""
-    vals = list(values)[-width:]
-    if not vals:
-        return ""
-    hi = top if top else max(vals)
-    if not hi:
-        return SPARK[0] * len(vals)
-    return "".join(
-        SPARK[min(len(SPARK) - 1, max(0, int(v / hi * (len(SPARK) - 1) + 0.5)))] for v in vals
-    )
-
 
 def _pct(value: Any) -> str:
     return na_or(value, lambda v: f"{v}%")

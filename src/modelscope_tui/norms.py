@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from .tensordata import TensorData
 
 EIGHTHS = " ▏▎▍▌▋▊▉█"
-SPARKS = "▁▂▃▄▅▆▇█"
 
 
 @dataclass(slots=True)
@@ -168,14 +167,6 @@ def bar(value: float, top: float, width: int) -> str:
     eighths = round(min(1.0, value / top) * width * 8)
     full, rest = divmod(eighths, 8)
     return "█" * full + (EIGHTHS[rest] if rest else "")
-
-
-def sparkline(values: list[float]) -> str:
-    """One cell per value, scaled from 0 to the largest."""
-    top = max(values, default=0.0)
-    if top <= 0:
-        return SPARKS[0] * len(values)
-    return "".join(SPARKS[min(7, int(v / top * 7.999))] for v in values)
 
 
 def format_profile(rows: list[NormRow], width: int = 60, limit: int = 40) -> list[str]:

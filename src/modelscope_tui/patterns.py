@@ -19,6 +19,7 @@ Freeze patterns are names and numbers (`blocks\\.(1[0-9]|2[0-3])\\.`, `.*norm.*`
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from typing import Any
 
@@ -43,6 +44,18 @@ _GROUPREFS = {
     for name in ("GROUPREF", "GROUPREF_EXISTS", "GROUPREF_IGNORE", "GROUPREF_LOC_IGNORE", "GROUPREF_UNI_IGNORE")
     if hasattr(_sre_constants, name)
 }
+
+
+def glob_matches(name: str, pattern: str) -> bool:
+    """The one glob rule of mscope (summary filters, freeze patterns, plan rules): `pattern`
+    matches the name itself or a module above it (`pattern` or `pattern.*`), case-sensitively."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+
+
+def glob_condition(pattern: str) -> str:
+    """glob_matches as Python source over a variable `name` (for the generated freeze snippet,
+    which runs without mscope and needs `import fnmatch`)."""
+    return f"fnmatch.fnmatchcase(name, {pattern!r}) or fnmatch.fnmatchcase(name, {pattern + '.*'!r})"
 
 
 class PatternError(MscopeError):

@@ -7,7 +7,6 @@ Parameter in the model, so they freeze and unfreeze together.
 
 from __future__ import annotations
 
-import fnmatch
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from .checkpoint import (
     can_require_grad,
 )
 from .errors import MscopeError
-from .patterns import PatternError, compile_safe_regex, search_names
+from .patterns import PatternError, compile_safe_regex, glob_matches, search_names
 from .units import fmt_count
 
 NORM_WITH_RUNNING_STATS = ("BatchNorm", "SyncBatchNorm", "InstanceNorm")
@@ -194,7 +193,7 @@ class Session:
                 raise SessionError(exc.message, hint=exc.hint) from None
         if kind != "glob":
             raise SessionError(f"unknown pattern kind {kind!r}")
-        return [n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + ".*")]
+        return [n for n in names if glob_matches(n, pattern)]
 
     def preview(self, names: Iterable[str]) -> Preview:
         names = list(names)

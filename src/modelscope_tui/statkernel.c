@@ -5,7 +5,7 @@
  * `mscope audit --stats` at 3.5x the time of merely touching the file's pages. This loop reads
  * each value once.
  *
- * Built by hatch_build.py into _statkernel.so and loaded with ctypes (no Python C API, so one
+ * Built by hatch_build.py into _native.so and loaded with ctypes (no Python C API, so one
  * build serves every Python version); audit.py falls back to numpy when it is missing.
  *
  * Values go in blocks of BLOCK. The AVX2 loop reads a block once for min, max, zeros, the sum
@@ -15,7 +15,7 @@
  * Inf, or values too large or small for float32 squares, takes an exact float64 path. Blocks
  * merge with Chan's formula in float64. The portable loop takes the exact path for every block.
  *
- * Keep MSCOPE_KERNEL_VERSION in step with VERSION in statkernel.py: a stale build is ignored.
+ * A stale build is ignored by its source hash (native.c), so there is no version to bump.
  */
 #include <math.h>
 #include <stdint.h>
@@ -26,7 +26,6 @@
 #include <immintrin.h>
 #endif
 
-#define MSCOPE_KERNEL_VERSION 1
 #define BLOCK 2048
 
 enum { KIND_F16 = 0, KIND_BF16 = 1, KIND_F32 = 2 };
@@ -36,8 +35,6 @@ typedef struct {
     double mn, mx;          /* over the values that are not NaN; meaningless when n == nan */
     double mean, m2, sumsq; /* over the finite values */
 } mscope_part;
-
-int mscope_kernel_version(void) { return MSCOPE_KERNEL_VERSION; }
 
 static inline float bits_to_float(uint32_t b) {
     float f;

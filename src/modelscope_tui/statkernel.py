@@ -1,8 +1,9 @@
 """ctypes binding of statkernel.c, the one-pass statistics loop behind `mscope audit --stats`.
 
 The library (native.py) is compiled at install time by hatch_build.py (plain C, no Python C API).
-When it is missing, stale (another MSCOPE_KERNEL_VERSION), or MSCOPE_STATS_KERNEL=numpy is
-set, `load()` returns None and audit.py uses its numpy kernels: same numbers, ~3x slower.
+When it is missing, stale (built from other sources: native.py checks their hash), or
+MSCOPE_STATS_KERNEL=numpy is set, `load()` returns None and audit.py uses its numpy kernels:
+same numbers, ~3x slower.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import os
 from . import native
 from .errors import TensorDataError
 
-VERSION = 1  # MSCOPE_KERNEL_VERSION in statkernel.c
 LIBRARY = native.LIBRARY
 KINDS = {"f16": 0, "bf16": 1, "f32": 2}
 _WIDTH = {0: 2, 1: 2, 2: 4}  # bytes per value of each kind
@@ -82,8 +82,7 @@ def load(portable: bool = False) -> Kernel | None:
     lib = native.library() if os.environ.get("MSCOPE_STATS_KERNEL", "").lower() != "numpy" else None
     if lib is not None:
         try:
-            if lib.mscope_kernel_version() == VERSION:
-                kernel = Kernel(lib, portable)
+            kernel = Kernel(lib, portable)
         except AttributeError:
             kernel = None
     _loaded[portable] = kernel

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
 import json
 from collections.abc import Iterator
@@ -10,6 +9,7 @@ from json.encoder import encode_basestring_ascii as _enc
 from typing import Any, NamedTuple
 
 from .checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord
+from .patterns import glob_matches
 from .readers import FORMAT_LABELS
 from .units import fmt_bytes, fmt_count, safe_text
 
@@ -20,7 +20,7 @@ AUTO_MAX_CHILDREN = 24  # ...and lists at most this many children of one module,
 
 
 def matches(name: str, pattern: str | None) -> bool:
-    return pattern is None or fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"{pattern}.*")
+    return pattern is None or glob_matches(name, pattern)
 
 
 def optimizer_summaries(ckpt: Checkpoint) -> dict[str, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 def fmt_bytes(n: int) -> str:
     size = float(n)
@@ -55,3 +57,43 @@ def _escape_char(c: str) -> str:
     # unicode_escape spells C0/C1/DEL as \xNN, BMP characters (surrogates included) as \uNNNN
     # and the rest as \UNNNNNNNN: always ASCII, always visible.
     return c.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
+SPARK = "▁▂▃▄▅▆▇█"  # eight levels, lowest first
+
+
+def sparkline(
+    values: Iterable[float],
+    width: int | None = None,
+    *,
+    top: float | None = None,
+    fit: bool = False,
+    floor: bool = False,
+) -> str:
+    """One block character per value: the one sparkline of mscope (GPU memory, norm profiles).
+
+    `width` keeps the last `width` values (all when None). The scale runs from 0 to `top`
+    (default, or when `top` is 0: the largest value; nothing above 0 draws the lowest cell), or
+    with `fit` from the smallest value to the largest (all equal: the middle cell). A value takes
+    the nearest of the eight levels, or with `floor` the eighth of the scale it falls in.
+    """
+    vals = list(values)
+    if width is not None:
+        vals = vals[-width:]
+    if not vals:
+        return ""
+    last = len(SPARK) - 1
+    if fit:
+        lo, hi = min(vals), max(vals)
+        if hi <= lo:
+            return SPARK[3] * len(vals)
+        span = hi - lo
+        scaled = [(v - lo) / span for v in vals]
+    else:
+        hi = top if top else max(vals)
+        if hi <= 0:
+            return SPARK[0] * len(vals)
+        scaled = [v / hi for v in vals]
+    if floor:
+        return "".join(SPARK[min(last, max(0, int(x * 7.999)))] for x in scaled)
+    return "".join(SPARK[min(last, max(0, int(x * last + 0.5)))] for x in scaled)

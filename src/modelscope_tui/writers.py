@@ -623,17 +623,17 @@ def _copy_with_patches(
     dst_fd = fh.fileno()
     pos = 0
     for patch in sorted(patches, key=lambda p: p.offset):
-        _copy_range(src_fd, dst_fd, pos, patch.offset - pos)
+        copy_range(src_fd, dst_fd, pos, patch.offset - pos)
         if os.pread(src_fd, len(patch.old), patch.offset) != patch.old:
             raise SaveError("the source changed while it was being copied", source, "try again")
         _write_all(dst_fd, patch.new)
         pos = patch.offset + len(patch.new)
-    _copy_range(src_fd, dst_fd, pos, size - pos)
+    copy_range(src_fd, dst_fd, pos, size - pos)
     if os.fstat(dst_fd).st_size != size:
         raise SaveError("the copy came out the wrong size", source, "nothing was changed")
 
 
-def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
     """Append src[offset:offset+length] to dst at its current position (kernel copy if it can)."""
     end = offset + length
     copy_file_range = getattr(os, "copy_file_range", None)

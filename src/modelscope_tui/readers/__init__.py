@@ -30,6 +30,18 @@ FORMAT_LABELS = {
 }
 
 
+ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header, or an empty archive's end record
+
+
+def is_zip(path: Path) -> bool:
+    """Whether the file starts like a zip archive (torch zip, TorchScript): sniff's own test,
+    for callers that only ask this (False when unreadable)."""
+    try:
+        return _read_head(path, 4) in ZIP_MAGICS
+    except OSError:
+        return False
+
+
 def sniff(path: Path) -> str:
     """The format name of a file or directory, decided by content (never by extension alone)."""
     if path.is_dir():
@@ -37,7 +49,7 @@ def sniff(path: Path) -> str:
     head = _read_head(path, 16)
     if not head:
         raise UnsupportedFormatError("file is empty", path, "the save was interrupted or the download failed")
-    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+    if head[:4] in ZIP_MAGICS:
         return "zip"
     if head[:4] == b"\x80\x02\x8a\x0a" and int.from_bytes(head[4:14], "little") == LEGACY_MAGIC:
         return "torch-legacy"

@@ -22,12 +22,12 @@ def read_legacy(path: Path) -> Checkpoint:
     with open(path, "rb") as fh:
         buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        return _read_legacy(path, buf)
+        return read_legacy_mapped(path, buf)
     finally:
         buf.close()
 
 
-def _read_legacy(path: Path, buf: mmap.mmap) -> Checkpoint:
+def read_legacy_mapped(path: Path, buf: mmap.mmap) -> Checkpoint:
     source = path.name
     pos = 0
     header: list[object] = []

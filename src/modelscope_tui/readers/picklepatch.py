@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import MscopeError
-from .unpickler import _TORCH_DTYPES
+from .unpickler import TORCH_DTYPES
 
 
 class PicklePatchError(MscopeError):
@@ -514,7 +514,7 @@ def _global(module: str, name: str) -> _Global:
 
 
 def _is_dtype(value: Any) -> bool:
-    return isinstance(value, _Global) and value.module == "torch" and value.name in _TORCH_DTYPES
+    return isinstance(value, _Global) and value.module == "torch" and value.name in TORCH_DTYPES
 
 
 def _storage_key(value: Any) -> str | None:

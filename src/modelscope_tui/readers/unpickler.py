@@ -312,19 +312,18 @@ def _nesting_bound(pickle_bytes: bytes) -> int:
     return len(pickle_bytes.translate(None, _NOT_NESTING))
 
 
-SCAN_VERSION = 4  # MSCOPE_SCAN_VERSION in picklescan.c
 NATIVE_SCAN_MIN_BYTES = 1 << 20  # below this the regex is quicker than importing ctypes
 
 
 @functools.lru_cache(maxsize=1)
 def _native_scan() -> Callable[[bytes, int], int] | None:
     """picklescan.c's walk bound to this module's opcode and cost tables: (data, start) -> end,
-    or -1 where _scan_exact refuses. None when the library is not built (the regex then)."""
+    or -1 where _scan_exact refuses. None when the library is not built or stale (the regex then)."""
     from .. import native
 
     lib = native.library()
     try:
-        if lib is None or lib.mscope_scan_version() != SCAN_VERSION:
+        if lib is None:
             return None
         scan = lib.mscope_scan_pickle
     except AttributeError:
@@ -701,7 +700,7 @@ _STORAGE_DTYPES = {
     "UntypedStorage": "uint8",
 }
 
-_TORCH_DTYPES = {
+TORCH_DTYPES = {
     "float64": "float64", "double": "float64", "float32": "float32", "float": "float32",
     "float16": "float16", "half": "float16", "bfloat16": "bfloat16",
     "complex128": "complex128", "cdouble": "complex128", "complex64": "complex64",
@@ -1552,15 +1551,15 @@ def _tamper(ref: GlobalRef, verb: str, *args: Any) -> None:
 def _torch_data_global(module: str, name: str) -> Any:
     """dtypes, storage types and layout constants torch pickles as plain globals."""
     if module == "torch":
-        if name in _TORCH_DTYPES:
-            return DType(_TORCH_DTYPES[name])
+        if name in TORCH_DTYPES:
+            return DType(TORCH_DTYPES[name])
         if name in _TORCH_NAMED_CONSTANTS:
             return f"torch.{name}"
     if module in ("torch", "torch.storage", "torch.cuda") and name.endswith("Storage"):
         dtype = _STORAGE_DTYPES.get(name)
         if dtype is None and name != "TypedStorage":
             guess = name[: -len("Storage")].lower()
-            dtype = _TORCH_DTYPES.get(guess)
+            dtype = TORCH_DTYPES.get(guess)
         if dtype is not None:
             return StorageType(name, dtype)
     return None

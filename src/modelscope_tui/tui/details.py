@@ -10,7 +10,7 @@ from ..checkpoint import ModuleNode, TensorRecord
 from ..readers import FORMAT_LABELS
 from ..session import Session
 from ..summary import optimizer_summaries
-from ..units import fmt_bytes, fmt_count, safe_text
+from ..units import fmt_bytes, fmt_count, safe_text, sparkline
 
 MAX_ENTRIES = 60
 
@@ -225,7 +225,7 @@ def norm_profile_details(rows, status: str | None = None) -> RenderableType:
     """A module's children as horizontal bars of their L2 norm (rows from norms.module_norms).
 
     status: a progress or error line while the profile is incomplete."""
-    from ..norms import bar, sparkline
+    from ..norms import bar
 
     parts: list[RenderableType] = [Text("\nnorm profile (L2 of each child)", style="bold underline")]
     if not rows:
@@ -236,7 +236,7 @@ def norm_profile_details(rows, status: str | None = None) -> RenderableType:
     values = [r.norm for r in rows if r.norm is not None]
     top = max(values, default=0.0)
     if len(rows) > 8 and values:
-        spark = sparkline([r.norm or 0.0 for r in rows[:48]])
+        spark = sparkline([r.norm or 0.0 for r in rows[:48]], floor=True)
         parts.append(Text(spark, style="green"))
     table = Table.grid(padding=(0, 1))
     table.add_column(no_wrap=True, overflow="ellipsis", max_width=18)

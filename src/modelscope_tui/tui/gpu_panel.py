@@ -12,19 +12,9 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from ..gpu import NA, GpuSample, GpuSnapshot, na_or
-from ..units import fmt_bytes, safe_text
+from ..units import fmt_bytes, safe_text, sparkline
 
-SPARK = "▁▂▃▄▅▆▇█"
 BAR_WIDTH = 20
-
-
-def sparkline(values: list[int], total: int | None, width: int) -> str:
-    """Last `width` values as block characters scaled to the GPU's total memory."""
-    if not values:
-        return ""
-    values = values[-width:]
-    top = total or max(values) or 1
-    return "".join(SPARK[min(len(SPARK) - 1, int(v / top * (len(SPARK) - 1) + 0.5))] for v in values)
 
 
 def memory_bar(gpu: GpuSnapshot, width: int) -> Text:
@@ -54,7 +44,8 @@ def gpu_block(gpu: GpuSnapshot, history: list[int], width: int) -> RenderableTyp
     if gpu.lost or gpu.status:
         return Group(title, Text(gpu.status or "lost", style="red"))
     lines: list[RenderableType] = [title, memory_bar(gpu, max(6, min(BAR_WIDTH, width - 18)))]
-    spark = sparkline(history, gpu.memory_total if gpu.memory_total is not NA else None, max(8, width - 2))
+    total = gpu.memory_total if gpu.memory_total is not NA else None
+    spark = sparkline(history, max(8, width - 2), top=total)
     if spark:
         lines.append(Text(spark, style="green"))
     stats = Text(
