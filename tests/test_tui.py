@@ -156,17 +156,22 @@ async def test_bad_regex_shows_message_not_traceback():
         assert not app.session.dirty
 
 
+async def freeze_batchnorms(app, pilot) -> list[str]:
+    """`c`, pick BatchNorm2d, `f`: the names of the frozen BatchNorm modules."""
+    await pilot.press("c")
+    option_list = app.screen.query_one("OptionList")
+    ids = [option_list.get_option_at_index(i).id for i in range(option_list.option_count)]
+    option_list.highlighted = ids.index("BatchNorm2d")
+    await pilot.press("f")
+    await pilot.pause()
+    return [n.name for n in app.session.modules_of_class("BatchNorm2d")]
+
+
 async def test_freeze_by_class_and_norm_caveat():
     app = MscopeApp(SAMPLES / "notebook_full.pt")
     async with app.run_test(size=(120, 36)) as pilot:
         await started(pilot)
-        await pilot.press("c")
-        option_list = app.screen.query_one("OptionList")
-        ids = [option_list.get_option_at_index(i).id for i in range(option_list.option_count)]
-        option_list.highlighted = ids.index("BatchNorm2d")
-        await pilot.press("f")
-        await pilot.pause()
-        bn = [n.name for n in app.session.modules_of_class("BatchNorm2d")]
+        bn = await freeze_batchnorms(app, pilot)
         assert bn and all(app.session.node_state(app.session.node(b)) == "frozen" for b in bn)
         messages = " ".join(n.message for n in app._notifications)
         assert "running statistics" in messages
@@ -450,13 +455,7 @@ async def test_norm_caveat_is_said_once_per_change_of_the_frozen_norms():
     app = MscopeApp(SAMPLES / "notebook_full.pt")
     async with app.run_test(size=(120, 36)) as pilot:
         await started(pilot)
-        await pilot.press("c")
-        option_list = app.screen.query_one("OptionList")
-        ids = [option_list.get_option_at_index(i).id for i in range(option_list.option_count)]
-        option_list.highlighted = ids.index("BatchNorm2d")
-        await pilot.press("f")
-        await pilot.pause()
-        bn = [n.name for n in app.session.modules_of_class("BatchNorm2d")]
+        bn = await freeze_batchnorms(app, pilot)
 
         def caveats() -> int:
             return sum("running statistics" in n.message for n in app._notifications)

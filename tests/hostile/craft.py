@@ -156,3 +156,30 @@ def zip_lying(members: list[tuple[str, bytes, dict]]) -> bytes:
 def big_pickle(size: int) -> bytes:
     """A valid pickle of about `size` bytes (one long str): deflates to almost nothing."""
     return PROTO2 + b"X" + struct.pack("<I", size) + b"a" * size + STOP
+
+
+# ----------------------------------------------------------------------------------------------
+# The pickle scans, as tests compare them
+# ----------------------------------------------------------------------------------------------
+def native_end(data: bytes) -> int | None:
+    """End offset the compiled scan gives, None when it refuses (skips without the library)."""
+    import pytest
+
+    from modelscope_tui.readers import unpickler
+
+    scan = unpickler._native_scan()
+    if scan is None:
+        pytest.skip("compiled library not built")
+    end = scan(data, 0)
+    return None if end < 0 else end
+
+
+def exact_end(data: bytes) -> int | None:
+    """End offset the exact (Python) scan gives, None when it refuses."""
+    from modelscope_tui.errors import UnsafePickleError
+    from modelscope_tui.readers import unpickler
+
+    try:
+        return unpickler._scan_exact(data, 0, "t")
+    except UnsafePickleError:
+        return None

@@ -26,6 +26,7 @@ from craft import (  # noqa: E402
     TUPLE1,
     glob,
     integer,
+    native_end,
     state_pickle,
     storage,
     tensor,
@@ -55,20 +56,12 @@ DEEP = {
 }
 
 
-def _native(data: bytes) -> int | None:
-    scan = U._native_scan()
-    if scan is None:
-        pytest.skip("compiled library not built")
-    end = scan(data, 0)
-    return None if end < 0 else end
-
-
 @pytest.mark.parametrize("name", DEEP)
 def test_deep_nesting_is_refused_by_every_scan(name):
     data = DEEP[name]
     with pytest.raises(UnsafePickleError, match="nest more than"):
         U._scan_exact(data, 0, "t")
-    assert _native(data) is None
+    assert native_end(data) is None
     assert U._scan_fast(data, 0) is None  # the regex defers; it never vouches for depth
     with pytest.raises(UnsafePickleError):
         U.scan_pickle(data, 0, "t")
@@ -82,7 +75,7 @@ def test_the_bound_is_the_same_in_c_and_python(depth):
     except UnsafePickleError:
         want = None
     assert (want is None) == (depth + 1 > U.MAX_NESTING)
-    assert _native(data) == want
+    assert native_end(data) == want
 
 
 @pytest.mark.parametrize("name", ["tuple1 key", "mark tuple key", "memo"])

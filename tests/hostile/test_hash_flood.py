@@ -33,6 +33,7 @@ from craft import (  # noqa: E402
     TUPLE3,
     glob,
     integer,
+    native_end,
     state_pickle,
     storage,
     tensor,
@@ -95,20 +96,12 @@ SPELLINGS = {
 }
 
 
-def _native(data: bytes) -> int | None:
-    scan = U._native_scan()
-    if scan is None:
-        pytest.skip("compiled library not built")
-    end = scan(data, 0)
-    return None if end < 0 else end
-
-
 @pytest.mark.parametrize("name", SPELLINGS)
 def test_colliding_keys_are_refused_by_every_scan(name):
     data = SPELLINGS[name]
     with pytest.raises(UnsafePickleError, match="hash flooding"):
         U._scan_exact(data, 0, "t")
-    assert _native(data) is None
+    assert native_end(data) is None
     assert U._scan_fast(data, 0) is None  # the regex defers; it never vouches for keys
     with pytest.raises(UnsafePickleError, match="hash flooding"):
         U.safe_load(data, source="t")
@@ -122,7 +115,7 @@ def test_the_bound_is_the_same_in_c_and_python(count):
     except UnsafePickleError:
         want = None
     assert (want is None) == (count > U.MAX_HASHED_KEYS)
-    assert _native(data) == want
+    assert native_end(data) == want
 
 
 @pytest.mark.parametrize(
@@ -136,7 +129,7 @@ def test_the_bound_is_the_same_in_c_and_python(count):
 )
 def test_keys_with_hashes_the_file_cannot_choose_are_not_counted(keys):
     data = PROTO2 + EMPTY_DICT + MARK + _pairs(keys) + SETITEMS + STOP
-    assert U._scan_exact(data, 0, "t") == len(data) == _native(data)
+    assert U._scan_exact(data, 0, "t") == len(data) == native_end(data)
     obj, _, _ = U.safe_load(data, source="t")
     assert len(obj) == N
 
@@ -144,7 +137,7 @@ def test_keys_with_hashes_the_file_cannot_choose_are_not_counted(keys):
 def test_values_are_not_keys():
     """Floats and tuples as dict values (hyper-parameters, shapes) cost nothing."""
     data = PROTO2 + EMPTY_DICT + MARK + b"".join(integer(i) + binfloat(1.0) + TUPLE1 for i in range(N)) + SETITEMS + STOP
-    assert U._scan_exact(data, 0, "t") == len(data) == _native(data)
+    assert U._scan_exact(data, 0, "t") == len(data) == native_end(data)
 
 
 # -- the allowlisted set builders (REDUCE), which the scans see as calls --------------------

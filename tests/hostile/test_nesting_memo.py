@@ -7,31 +7,21 @@ from __future__ import annotations
 
 import pickle
 import struct
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from modelscope_tui.errors import UnsafePickleError
 from modelscope_tui.readers import open_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from craft import exact_end, native_end  # noqa: E402
+
 from modelscope_tui.readers import unpickler as U
 
 PROTO4 = b"\x80\x04"
 EMPTY_TUPLE, TUPLE1, MEMOIZE, BINGET, LONG_BINGET, STOP = b")", b"\x85", b"\x94", b"h", b"j", b"."
-
-
-def native(data: bytes) -> int | None:
-    scan = U._native_scan()
-    if scan is None:
-        pytest.skip("compiled library not built")
-    end = scan(data, 0)
-    return None if end < 0 else end
-
-
-def exact(data: bytes) -> int | None:
-    try:
-        return U._scan_exact(data, 0, "t")
-    except UnsafePickleError:
-        return None
 
 
 def get(index: int) -> bytes:
@@ -47,7 +37,7 @@ def test_many_memoized_containers_are_not_deep(tmp_path, protocol):
     ckpt = open_checkpoint(path)
     assert len(ckpt.tensors) == 3000
     data = pickle.dumps(state, protocol=protocol)
-    assert exact(data) == native(data) == len(data)
+    assert exact_end(data) == native_end(data) == len(data)
 
 
 def shallow_memo_chain(n: int) -> bytes:
@@ -74,12 +64,12 @@ def deep_memo_chain_dup(n: int) -> bytes:
 @pytest.mark.parametrize("n", [10, 5000])
 def test_shallow_memo_traffic_is_accepted_by_both_scans(n):
     data = shallow_memo_chain(n)
-    assert exact(data) == native(data) == len(data)
+    assert exact_end(data) == native_end(data) == len(data)
 
 
 @pytest.mark.parametrize("build", [deep_memo_chain, deep_memo_chain_dup])
 def test_depth_carried_through_memoize_is_refused_by_both_scans(build):
     ok = build(U.MAX_NESTING - 5)
-    assert exact(ok) == native(ok) == len(ok)
+    assert exact_end(ok) == native_end(ok) == len(ok)
     deep = build(U.MAX_NESTING + 5)
-    assert exact(deep) is None and native(deep) is None
+    assert exact_end(deep) is None and native_end(deep) is None

@@ -1,6 +1,6 @@
 """Pickles a loader can reach outside the checkpoint's own layout, and in files we cannot read.
 
-`pickle.load`, `torch.load(weights_only=False)`, joblib and custom loaders run a pickle's opcodes
+Python's pickle loader, torch.load without weights_only, joblib and custom loaders run a pickle's opcodes
 one by one: a payload placed before a corruption runs before the loader notices it (nullifAI), and
 a pickle in a zip member that torch's layout does not name (at the root, `x.bin`, another folder,
 a copy whose local header names something else) is still one `zipfile.open` away. So a file we
