@@ -637,3 +637,15 @@ def test_fit_name_keeps_layer_numbers():
     assert audit._fit_name(name, 25) == "m.e.l.11.s.in_proj_weight"
     short = audit._fit_name(name, 12)
     assert len(short) == 12 and short.startswith("m.e.l") and "…" in short
+
+
+def test_stats_text_says_how_many_rows_it_shows_and_all_stats_shows_every_one():
+    path = str(Path(__file__).resolve().parent.parent / "sample_models" / "train_checkpoint.pt")
+    cmd = [sys.executable, "-m", "modelscope_tui", "audit", "--stats"]
+    short = subprocess.run([*cmd, path], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+    assert "10 of 46 tensors shown" in short.stdout and "--all-stats" in short.stdout
+    assert all(len(line) <= 80 for line in short.stdout.splitlines())
+    full = subprocess.run([*cmd, "--all-stats", path], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+    assert full.returncode == 0 and "tensors shown" not in full.stdout
+    table = full.stdout.split("statistics:", 1)[1]
+    assert sum(1 for line in table.splitlines() if line.strip().endswith("%")) == 46

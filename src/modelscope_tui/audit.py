@@ -2295,7 +2295,7 @@ def check_shard_set(path: Path) -> list[Finding]:
 # ----------------------------------------------------------------------------------------------
 # Text report
 # ----------------------------------------------------------------------------------------------
-def render_audit(report: AuditReport, console: Any, limit: int = 40) -> None:
+def render_audit(report: AuditReport, console: Any, limit: int = 40, all_stats: bool = False) -> None:
     """The text report: errors and warnings, notes (init-like 1-D tensors counted, not listed),
     the add_safe_globals line, statistics of flagged and largest tensors, the verdict last."""
     from rich.table import Table
@@ -2350,7 +2350,7 @@ def render_audit(report: AuditReport, console: Any, limit: int = 40) -> None:
         biggest = [
             s for s in sorted(report.stats.values(), key=lambda s: -s.numel) if s.name not in loud
         ]
-        rows = flagged[:20] + biggest[: max(3, 10 - len(flagged))]
+        rows = flagged + biggest if all_stats else flagged[:20] + biggest[: max(3, 10 - len(flagged))]
         # Numbers are never cut (at 80 columns they came out as "-0.1…"): their columns take
         # what they need and the tensor name gives way, shortened in the middle.
         heads: tuple[str, ...] = ("min", "max", "mean", "std", "norm", "zeros", "flags")
@@ -2369,6 +2369,11 @@ def render_audit(report: AuditReport, console: Any, limit: int = 40) -> None:
         for s, c in zip(rows, cells):
             table.add_row(escape(_fit_name(s.name, name_width)), *c)
         console.print(table)
+        if len(rows) < len(report.stats):
+            console.print(
+                f"[dim]{len(rows):,} of {len(report.stats):,} tensors shown (flagged, then largest);"
+                " --all-stats lists all[/]"
+            )
         for prof in report.norm_profile[:3]:
             norms = [r["norm"] for r in prof["layers"]]
             console.print(
@@ -2427,6 +2432,9 @@ def add_audit_arguments(parser: Any) -> None:
         "--stats", action="store_true", help="read every value: statistics, NaN/Inf, duplicates"
     )
     parser.add_argument(
+        "--all-stats", action="store_true", help="with --stats: a row for every tensor in the text"
+    )
+    parser.add_argument(
         "--dedupe",
         action="store_true",
         help="find duplicated tensors without --stats (reads candidates)",
@@ -2472,7 +2480,7 @@ def run_audit_command(args: Any) -> int:
     else:
         from .textout import text_console
 
-        render_audit(report, text_console())
+        render_audit(report, text_console(), all_stats=getattr(args, "all_stats", False))
     return report.exit_code
 
 
