@@ -140,3 +140,23 @@ def test_text_summary_folds_long_runs_of_modules(tmp_path):
     asked = mscope("summary", "--depth", "2", str(path)).stdout.splitlines()
     assert not any("more (" in line for line in asked)
     assert ["│", "└─", "499", "yes", "6", "24", "B"] in [line.split() for line in asked]
+
+
+def test_lightning_entries_put_hyper_parameters_first_and_fold_counters():
+    """A Lightning checkpoint listed ~30 loop counters, pushed hyper-parameters into "... more",
+    and showed six identical-looking callback lines (the key is the callback's repr)."""
+    import os
+
+    path = Path(__file__).resolve().parent.parent / "sample_models" / "lightning.ckpt"
+    run = subprocess.run(
+        [sys.executable, "-m", "modelscope_tui", "summary", str(path)],
+        capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"},
+    )  # fmt: skip
+    entries = run.stdout.split("Entries", 1)[1].splitlines()
+    text = "\n".join(entries)
+    assert text.index("hyper_parameters.lr") < text.index("epoch = 2") < text.index("loops.")
+    assert "loops.fit_loop.* = 18 counters (1 to 120)" in text
+    assert sum("batch_progress" in line for line in entries) == 0
+    assert "callbacks.ModelCheckpoint{…}.monitor = val_loss" in text
+    body = [line for line in entries if line.startswith("  ")]
+    assert len(body) == len(set(body))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Iterator
 from json.encoder import encode_basestring_ascii as _enc
 from typing import Any, NamedTuple
@@ -409,11 +410,11 @@ def render_summary(ckpt: Checkpoint, console: Any, depth: int | None = None, pat
         console.print(f"  {escape(safe_text(section))}: {escape(safe_text(line))}", overflow="ellipsis", no_wrap=True, crop=True)
     if ckpt.entries:
         console.print("[bold]Entries[/]")
-        shown = ckpt.entries[:40]
-        for e in shown:
-            console.print(Text(f"  {safe_text(e.path)} = {safe_text(_short_value(e.value))}"), overflow="ellipsis", no_wrap=True, crop=True)
-        if len(ckpt.entries) > len(shown):
-            console.print(f"  [dim]... {len(ckpt.entries) - len(shown):,} more (--json lists all)[/]")
+        lines, hidden = entry_lines(ckpt.entries)
+        for line in lines:
+            console.print(Text(f"  {safe_text(line)}"), overflow="ellipsis", no_wrap=True, crop=True)
+        if hidden:
+            console.print(f"  [dim]... {hidden:,} more (--json lists all)[/]")
     if ckpt.metadata.get("safetensors_metadata"):
         console.print("[bold]Metadata[/]")
         for k, v in ckpt.metadata["safetensors_metadata"].items():
@@ -448,6 +449,54 @@ def _render_globals(ckpt: Checkpoint, console: Any) -> None:
         console.print(f"[yellow]{len(rest)} global(s) outside the weights_only allowlist[/] [dim](a plain torch.load would import them)[/]")
         for g in rest:
             console.print(f"  {escape(safe_text(g.qualname))}", overflow="ellipsis", no_wrap=True, crop=True)
+
+
+HYPER_PREFIXES = ("hyper_parameters", "hparams", "config", "args", "cfg")
+FOLD_COUNTERS = 6  # more numeric entries than this under one parent fold into one line
+
+
+def entry_lines(entries: list, limit: int = 40) -> tuple[list[str], int]:
+    """Entries for the text summary: hyper-parameters first (they answer "how was this
+    trained"), runs of numeric counters under one parent (Lightning's `loops.*.batch_progress`)
+    folded into one line, identical lines once with a count. Returns (lines, entries not shown)."""
+    hyper = [e for e in entries if e.path.split(".", 1)[0] in HYPER_PREFIXES]
+    rest = [e for e in entries if e.path.split(".", 1)[0] not in HYPER_PREFIXES]
+    counters: dict[str, list] = {}
+    for e in rest:
+        parts = e.path.split(".")
+        if len(parts) >= 3 and isinstance(e.value, (int, float)):
+            counters.setdefault(".".join(parts[:2]), []).append(e)
+    folded = {k: v for k, v in counters.items() if len(v) > FOLD_COUNTERS}
+    lines: list[str] = []
+    counts: dict[str, int] = {}
+    done_groups: set[str] = set()
+    for e in hyper + rest:
+        group = ".".join(e.path.split(".")[:2])
+        if group in folded and isinstance(e.value, (int, float)):
+            if group not in done_groups:
+                done_groups.add(group)
+                values = [v.value for v in folded[group]]
+                line = f"{group}.* = {len(values)} counters ({min(values):g} to {max(values):g})"
+                counts[line] = 1
+                lines.append(line)
+            continue
+        line = f"{_short_path(e.path)} = {_short_value(e.value)}"
+        if line in counts:
+            counts[line] += 1
+            continue
+        counts[line] = 1
+        lines.append(line)
+    out = [f"{line} (x{counts[line]})" if counts[line] > 1 else line for line in lines]
+    return out[:limit], max(0, len(out) - limit)
+
+
+_BRACED = re.compile(r"\{[^{}]{8,}\}")
+
+
+def _short_path(path: str) -> str:
+    """Lightning keys its callbacks' state by their repr (`ModelCheckpoint{'monitor': ...}`):
+    the braces fold to `{…}` so the field after them stays visible."""
+    return _BRACED.sub("{…}", path) if len(path) > 40 else path
 
 
 def _short_value(value: Any, limit: int = 60) -> str:
