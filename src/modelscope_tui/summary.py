@@ -466,7 +466,12 @@ def entry_lines(entries: list, limit: int = 40) -> tuple[list[str], int]:
         parts = e.path.split(".")
         if len(parts) >= 3 and isinstance(e.value, (int, float)):
             counters.setdefault(".".join(parts[:2]), []).append(e)
-    folded = {k: v for k, v in counters.items() if len(v) > FOLD_COUNTERS}
+    # Counters repeat their leaf names (ready/started/completed under total and current);
+    # hyper-parameters do not (lr, eps, weight_decay) and stay listed.
+    folded = {
+        k: v for k, v in counters.items()
+        if len(v) > FOLD_COUNTERS and len({e.path.rsplit(".", 1)[-1] for e in v}) * 2 <= len(v)
+    }  # fmt: skip
     lines: list[str] = []
     counts: dict[str, int] = {}
     done_groups: set[str] = set()
