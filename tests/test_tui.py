@@ -483,3 +483,16 @@ async def test_help_says_there_is_no_forward_pass():
         texts = " ".join(str(w.render()) for w in app.screen.query("Static"))
         assert "no forward pass" in texts and "FLOPs" in texts
         assert "no forward pass" in NO_FORWARD_PASS
+
+
+async def test_filter_indicator_is_visible_at_80_columns():
+    app = MscopeApp(SAMPLES / "notebook_full.pt")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await started(pilot)
+        await pilot.press("space")  # unfreeze all: "● unsaved" joins the header too
+        await pilot.press("slash", *"weight", "enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert "unsaved" in header(app)
+        visible = header(app)[:78]  # what fits on the line
+        assert "filter: weight" in visible, visible

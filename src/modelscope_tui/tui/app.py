@@ -304,11 +304,11 @@ class MscopeApp(App[int]):
             header.append_text(self._diff_summary())
         else:
             header.append(self.session.totals_line(), style="bold green")
+        if self.filter_text:  # right after the totals: at 80 columns the tail of this line is cut
+            header.append(f" · filter: {safe_text(self.filter_text)}", style="magenta")
         if self.session.dirty:
             header.append(" ● unsaved", style="bold yellow")
         header.append(f" · {fmt_bytes(totals.nbytes)}")
-        if self.filter_text:
-            header.append(f" · filter: {safe_text(self.filter_text)}", style="magenta")
         locations = [loc for loc in totals.bytes_by_location if loc != "cpu"]
         if locations:
             header.append(f" · saved on {', '.join(locations)}", style="yellow")
