@@ -792,6 +792,9 @@ class Device(str):
 _TENSOR_SEQ = itertools.count()
 
 
+_object_new = object.__new__
+
+
 class TensorRef(TensorRecord):
     """A tensor as the pickle describes it, before the walker names it. `storage` is whatever
     persistent_load returned. The walker claims the object itself as the checkpoint's record
@@ -801,9 +804,13 @@ class TensorRef(TensorRecord):
     __slots__ = ("is_parameter", "subclass", "__weakref__")
 
     # The signature of torch._utils._rebuild_tensor_v2, so the unpickler calls the class itself
-    # (one Python call per tensor instead of two); hooks and metadata are ignored.
-    def __init__(
-        self,
+    # (one Python call per tensor instead of two); hooks and metadata are ignored. Built and
+    # validated in __new__, not __init__: NEWOBJ calls only `cls.__new__(cls, *args)`, and an
+    # instance that skipped validation (no storage, no shape) reached the walker.
+    __init__ = object.__init__
+
+    def __new__(
+        cls,
         storage: Any,
         offset: Any,
         shape: Any,
@@ -813,7 +820,8 @@ class TensorRef(TensorRecord):
         metadata: Any = None,
         *,
         dtype: str | None = None,
-    ):
+    ) -> TensorRef:
+        self = _object_new(cls)
         self.name = None
         self.storage = storage
         numel = 1  # the walker needs it when it claims this record
@@ -845,6 +853,7 @@ class TensorRef(TensorRecord):
         self.subclass = None
         # Creation order = order of the rebuild calls in the pickle stream (writers patch by it).
         self.pickle_seq = next(_TENSOR_SEQ)
+        return self
 
     def __repr__(self) -> str:
         return f"TensorRef({self.dtype}, {list(self.shape)})"
