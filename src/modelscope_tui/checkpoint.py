@@ -549,7 +549,9 @@ class Checkpoint:
         for t in self.tensors:
             if t.section:
                 continue
-            path = module_path(t.name)
+            path = t.name.rpartition(".")[0]  # module_path, inline for the usual shallow name
+            if path.count(".") >= MAX_NAME_DEPTH:
+                path = module_path(t.name)
             node = by_path.get(path)
             if node is None:
                 parent_path, _, part = path.rpartition(".")

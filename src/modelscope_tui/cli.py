@@ -178,11 +178,13 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             from .gcpause import paused_gc
             from .summary import summary_json_chunks
+            from .textout import raw_stream
 
+            out = raw_stream(sys.stdout)  # ASCII JSON, controls escaped: the escaping pass is moot
             with paused_gc():  # hundreds of thousands of small strings, no cycles
                 for chunk in summary_json_chunks(ckpt, args.depth, args.filter):
-                    sys.stdout.write(chunk)
-            sys.stdout.write("\n")
+                    out.write(chunk)
+            out.write("\n")
         else:
             from .summary import render_summary
             from .textout import text_console

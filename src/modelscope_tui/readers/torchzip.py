@@ -65,7 +65,9 @@ def reference_refusals(archive: ZipArchive, prefix: str) -> list[str]:
                 f"torch.load refuses this archive or reads another pickle: its record folder is "
                 f"{folder!r}, but the checkpoint's data.pkl is under {prefix!r}"
             )
-    for entry in list(archive.entries.values()) + archive.shadowed:
+    refused_mask = sum(1 << bit for bit in REFUSED_FLAGS)
+    flagged = archive.flag_bits & refused_mask  # or-ed over the directory: no walk when clean
+    for entry in list(archive.entries.values()) + archive.shadowed if flagged else ():
         bits = [what for bit, what in REFUSED_FLAGS.items() if entry.flags >> bit & 1]
         if bits:
             out.append(
@@ -73,7 +75,7 @@ def reference_refusals(archive: ZipArchive, prefix: str) -> list[str]:
                 f"(zip flag bits 0x{entry.flags:04x})"
             )
             break
-    for entry in archive.entries.values():
+    for entry in archive.entries.values() if archive.odd_methods else ():
         if entry.method not in (0, 8):
             out.append(
                 f"torch.load refuses this archive: member {entry.name[:80]!r} uses compression method "

@@ -77,6 +77,8 @@ class ZipArchive:
         # on which copy they take: torch's reader may load one we would not show)
         self._pread = False
         self.multidisk = False  # the end record names other disks: torch.load refuses the file
+        self.flag_bits = 0  # every member's general-purpose flags, or-ed (refusals check them)
+        self.odd_methods = False  # some member is neither stored nor deflated
         self.inflate_budget = max(MIN_INFLATE_BUDGET, self.size)
         self.inflated = 0  # bytes inflated so far, by read()
         self.deflated_read: list[str] = []  # deflated members read() inflated
@@ -146,6 +148,9 @@ class ZipArchive:
             (sig, flags, method, crc, csize, usize, nlen, xlen, clen, offset) = unpack(buf, p)
             if sig != b"PK\x01\x02":
                 raise self._corrupt("bad central directory entry")
+            self.flag_bits |= flags
+            if method != 0 and method != 8:
+                self.odd_methods = True
             if buf[p + 34 : p + 36] != b"\0\0":  # the entry's disk number: another disk
                 self.multidisk = True
             name_start = p + _CENTRAL.size
