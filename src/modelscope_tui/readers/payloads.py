@@ -54,8 +54,11 @@ def zip_member_globals(archive: ZipArchive, skip: Iterable[str] = (), include_sh
     """Dangerous globals of every member a loader could unpickle, read leniently (local header
     names and flag bits ignored, as torch's reader does). `skip`: members already loaded as
     pickles, and storages that tensors use (raw tensor bytes, never unpickled by anyone)."""
-    skipped = set(skip)
-    entries: list[ZipEntry] = [e for e in archive.entries.values() if e.name not in skipped]
+    skipped = skip if isinstance(skip, set) else set(skip)
+    by_name = archive.entries
+    # a set difference at C speed (100k storages skipped), then what is left in file order
+    left = by_name.keys() - skipped
+    entries: list[ZipEntry] = sorted((by_name[n] for n in left), key=lambda e: e.header_offset)
     if include_shadowed:  # earlier copies of a repeated name: another reader may take them
         entries += archive.shadowed
     found: list[GlobalRef] = []
