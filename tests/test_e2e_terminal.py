@@ -105,6 +105,6 @@ def test_gpu_panel_rows_update_in_a_real_terminal(tmp_path):
             spark = [r for r in rows if r and set(r) <= set("▁▂▃▄▅▆▇█")]
             assert spark, term.screen()
             lengths.append(len(spark[0]))
-        assert lengths == sorted(lengths) and lengths[-1] >= lengths[0] + 4, lengths
+        assert lengths == sorted(lengths) and lengths[-1] >= lengths[0] + 2, lengths  # ~6 ticks pass
     finally:
         term.close()
