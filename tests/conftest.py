@@ -82,3 +82,12 @@ def legacy_file(tmp_path):
     path = tmp_path / "legacy.pt"
     torch.save(small_state_dict(), path, _use_new_zipfile_serialization=False)
     return path
+
+
+async def settle(pilot) -> None:
+    """Wait until the app's workers stop starting new ones (streams start follow-up workers)."""
+    for _ in range(200):
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+        if not any(w.is_running for w in pilot.app.workers):
+            return

@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from conftest import run_cli
+from conftest import run_cli, settle
 from modelscope_tui.diff import ADDED, REMOVED, RENAMED, diff_checkpoints
 from modelscope_tui.readers import open_checkpoint
 
@@ -131,11 +131,7 @@ async def test_explorer_diff_mode_shows_flag_changes(grad_pair):
 
     app = MscopeApp(grad_pair / "b.pt", compare=grad_pair / "a.pt", show_gpus=False)
     async with app.run_test(size=(160, 48)) as pilot:
-        for _ in range(200):
-            await app.workers.wait_for_complete()
-            await pilot.pause()
-            if not any(w.is_running for w in app.workers):
-                break
+        await settle(pilot)
         assert "3 requires_grad changed" in str(app.query_one("#header").render())
 
         def details() -> str:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_cli
+from conftest import run_cli, settle
 from modelscope_tui.freeze import (
     PlanError,
     PlanMismatchWarning,
@@ -192,11 +192,7 @@ async def test_explorer_diff_plan_check_warns(plan):
     wide = plan.parent / "wide.pt"
     app = MscopeApp(wide, compare=wide, plan=plan, show_gpus=False)
     async with app.run_test(size=(160, 48)) as pilot:
-        for _ in range(200):
-            await app.workers.wait_for_complete()
-            await pilot.pause()
-            if not any(w.is_running for w in app.workers):
-                break
+        await settle(pilot)
         messages = [str(n.message) for n in app._notifications]
         assert any("was made for a different model" in m for m in messages), messages
         app.tree.move_cursor(app.tree.root)

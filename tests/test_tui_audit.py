@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from conftest import settle
 from modelscope_tui.tui.app import MscopeApp
 from modelscope_tui.tui.screens import AuditScreen
 
@@ -17,14 +18,6 @@ def details_text(app) -> str:
     console = Console(width=120, record=True, file=open("/dev/null", "w"))
     console.print(app.query_one("#details").content)
     return console.export_text()
-
-
-async def settle(pilot) -> None:
-    for _ in range(100):
-        await pilot.app.workers.wait_for_complete()
-        await pilot.pause()
-        if not any(w.is_running for w in pilot.app.workers):
-            return
 
 
 async def test_tensor_statistics_and_histogram_match_torch():

@@ -11,6 +11,7 @@ import torch
 from rich.console import Console
 from rich.style import Style
 
+from conftest import settle
 from diffpair import after_state_dict, before_state_dict, write_pair
 from modelscope_tui import cli, diff
 from modelscope_tui.audit import AuditCancelled
@@ -23,14 +24,6 @@ SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     return write_pair(tmp_path_factory.mktemp("pair"))
-
-
-async def settle(pilot) -> None:
-    for _ in range(200):
-        await pilot.app.workers.wait_for_complete()
-        await pilot.pause()
-        if not any(w.is_running for w in pilot.app.workers):
-            return
 
 
 def header(app) -> str:

@@ -10,18 +10,11 @@ import pytest
 from hostile.textattack import SPELLINGS, bad_chars, safetensors_file, torch_zip_file
 from modelscope_tui.tui.app import MscopeApp
 from modelscope_tui.tui.screens import ConfirmScreen
+from test_tui import started
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
 ALL = "".join(SPELLINGS.values())
-
-
-async def started(pilot) -> MscopeApp:
-    app = pilot.app
-    await app.workers.wait_for_complete()
-    await pilot.pause()
-    assert app.session is not None, app.error_line
-    return app
 
 
 
