@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from modelscope_tui import convert, open_checkpoint
 from modelscope_tui.convert import cast_copy, preview_cast, remap_locations
-from modelscope_tui.readers.picklepatch import scan_storage_locations
+from modelscope_tui.readers.pickle.patch import scan_storage_locations
 from modelscope_tui.writers import TEMP_MARK, SaveError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"

@@ -16,20 +16,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modelscope_tui.errors import UnsafePickleError
-from modelscope_tui.readers import unpickler as U
+from modelscope_tui.readers.pickle import scan as S
+from modelscope_tui.readers.pickle import unpickler as U
 from modelscope_tui.readers.ziparchive import ZipArchive
 
 
 def exact(data: bytes, start: int = 0) -> int | None:
     try:
-        return U._scan_exact(data, start, "t")
+        return S.scan_exact(data, start, "t")
     except UnsafePickleError:
         return None
 
 
 def native(data: bytes, start: int = 0) -> int | None:
     """picklescan.c's walk, whatever the size (scan_pickle only uses it on large pickles)."""
-    scan = U._native_scan()
+    scan = S.native_scan()
     assert scan is not None, "_native.so is not built: run pip install -e ."
     end = scan(data, start)
     return None if end < 0 else end
@@ -37,7 +38,7 @@ def native(data: bytes, start: int = 0) -> int | None:
 
 def agrees(data: bytes, start: int = 0) -> None:
     """The regex may defer (None) but never differ; the C walk must give the exact answer."""
-    fast = U._scan_fast(data, start)
+    fast = S._scan_fast(data, start)
     want = exact(data, start)
     assert fast is None or fast == want, (fast, want)
     assert native(data, start) == want, (native(data, start), want)
@@ -61,65 +62,65 @@ def big_state_dict_pickle(tmp_path_factory) -> bytes:
 
 def test_fast_scan_takes_ordinary_large_pickles(big_state_dict_pickle, monkeypatch):
     data = big_state_dict_pickle
-    assert len(data) > U._MEMO_STEP
+    assert len(data) > S._MEMO_STEP
     # The regex cannot follow depths: past MAX_NESTING nesting opcodes it defers (to C or the
     # exact walk, which follow them); with the bound out of the way it takes the whole pickle.
-    assert U._scan_fast(data, 0) is None
-    assert U.scan_pickle(data, 0, "t") == len(data) == U._scan_exact(data, 0, "t") == native(data)
-    monkeypatch.setattr(U, "MAX_NESTING", 1 << 40)
-    monkeypatch.setattr(U, "MAX_HASHED_KEYS", 1 << 40)  # its other bound (MAX_HASHED_KEYS), likewise
-    assert U._scan_fast(data, 0) == len(data) == U._scan_exact(data, 0, "t")
+    assert S._scan_fast(data, 0) is None
+    assert S.scan_pickle(data, 0, "t") == len(data) == S.scan_exact(data, 0, "t") == native(data)
+    monkeypatch.setattr(S, "MAX_NESTING", 1 << 40)
+    monkeypatch.setattr(S, "MAX_HASHED_KEYS", 1 << 40)  # its other bound (MAX_HASHED_KEYS), likewise
+    assert S._scan_fast(data, 0) == len(data) == S.scan_exact(data, 0, "t")
 
 
 def test_large_pickles_are_scanned_in_c(big_state_dict_pickle, monkeypatch):
-    data = big_state_dict_pickle + b"\x00" * U.NATIVE_SCAN_MIN_BYTES  # trailing bytes, as in legacy files
-    monkeypatch.setattr(U, "_scan_fast", lambda *a: pytest.fail("the regex ran"))
-    assert U.scan_pickle(data, 0, "t") == len(big_state_dict_pickle)
+    data = big_state_dict_pickle + b"\x00" * S.NATIVE_SCAN_MIN_BYTES  # trailing bytes, as in legacy files
+    monkeypatch.setattr(S, "_scan_fast", lambda *a: pytest.fail("the regex ran"))
+    assert S.scan_pickle(data, 0, "t") == len(big_state_dict_pickle)
     # an mmap (or any buffer but bytes) cannot go to C without a copy: those take the regex
     monkeypatch.undo()
-    assert U._scan_native(bytearray(data), 0) is None
-    assert U.scan_pickle(bytearray(data), 0, "t") == len(big_state_dict_pickle)
+    assert S._scan_native(bytearray(data), 0) is None
+    assert S.scan_pickle(bytearray(data), 0, "t") == len(big_state_dict_pickle)
     # without the compiled library (no compiler at install) the regex scan answers the same
-    monkeypatch.setattr(U, "_native_scan", lambda: None)
-    assert U.scan_pickle(data, 0, "t") == len(big_state_dict_pickle)
+    monkeypatch.setattr(S, "native_scan", lambda: None)
+    assert S.scan_pickle(data, 0, "t") == len(big_state_dict_pickle)
 
 
 def test_fast_scan_with_trailing_bytes_checks_memo_against_the_pickle(big_state_dict_pickle, monkeypatch):
     # A legacy file: storages follow the pickle, so the buffer is far longer than the pickle.
-    monkeypatch.setattr(U, "MAX_NESTING", 1 << 40)  # the regex's memo rule, not its depth bound
-    monkeypatch.setattr(U, "MAX_HASHED_KEYS", 1 << 40)  # nor its hashed-keys bound
-    data = b"junk" + big_state_dict_pickle + bytes(5 * U._MEMO_STEP)
-    assert U._scan_fast(data, 4) == 4 + len(big_state_dict_pickle) == native(data, 4)
+    monkeypatch.setattr(S, "MAX_NESTING", 1 << 40)  # the regex's memo rule, not its depth bound
+    monkeypatch.setattr(S, "MAX_HASHED_KEYS", 1 << 40)  # nor its hashed-keys bound
+    data = b"junk" + big_state_dict_pickle + bytes(5 * S._MEMO_STEP)
+    assert S._scan_fast(data, 4) == 4 + len(big_state_dict_pickle) == native(data, 4)
 
 
 def test_memo_index_just_past_the_pickle_is_refused(big_state_dict_pickle):
     data = big_state_dict_pickle
     # LONG_BINPUT whose index exceeds the pickle's own length, hidden before STOP.
     crafted = data[:-1] + b"N" + b"r" + struct.pack("<I", len(data) + 100) + b"0."
-    assert U._scan_fast(crafted, 0) is None
+    assert S._scan_fast(crafted, 0) is None
     assert native(crafted) is None
     with pytest.raises(UnsafePickleError, match="memo index"):
-        U.scan_pickle(crafted, 0, "t")
+        S.scan_pickle(crafted, 0, "t")
     # ...even when the buffer runs on long enough to make that index look plausible.
-    padded = crafted + bytes(4 * U._MEMO_STEP)
-    assert U._scan_fast(padded, 0) is None
+    padded = crafted + bytes(4 * S._MEMO_STEP)
+    assert S._scan_fast(padded, 0) is None
     assert native(padded) is None
     with pytest.raises(UnsafePickleError, match="memo index"):
-        U.scan_pickle(padded, 0, "t")
+        S.scan_pickle(padded, 0, "t")
 
 
 def test_object_flood_goes_to_the_exact_scan():
     flood = b"\x80\x02" + b"}" * 1_200_000 + b"."  # EMPTY_DICT: 64 bytes of objects per byte
-    assert U._scan_fast(flood, 0) is None
+    assert S._scan_fast(flood, 0) is None
     assert native(flood) is None
     with pytest.raises(UnsafePickleError, match="MiB of objects"):
-        U.scan_pickle(flood, 0, "t")
+        S.scan_pickle(flood, 0, "t")
 
 
 def test_truncated_string_defers():
     data = pickle.dumps(["a" * 1000, "b" * 20], protocol=2)
     for cut in (len(data) - 1, len(data) - 30, len(data) // 2):
-        assert U._scan_fast(data[:cut], 0) is None
+        assert S._scan_fast(data[:cut], 0) is None
         assert native(data[:cut]) is None
 
 
@@ -151,7 +152,7 @@ def test_fast_and_c_scans_never_disagree_with_exact(big_state_dict_pickle, data)
         elif action == "insert":
             buf[at:at] = data.draw(st.binary(min_size=1, max_size=8))
         else:
-            index = data.draw(st.sampled_from([len(buf), len(buf) + 1, 1 << 20, 1 << 31, U._MEMO_STEP * 3]))
+            index = data.draw(st.sampled_from([len(buf), len(buf) + 1, 1 << 20, 1 << 31, S._MEMO_STEP * 3]))
             buf[at:at] = b"r" + struct.pack("<I", index & 0xFFFFFFFF)
     agrees(bytes(buf))
     agrees(bytes(buf), data.draw(st.integers(0, 3)))  # start inside the data too

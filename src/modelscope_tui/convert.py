@@ -5,7 +5,7 @@ rename; never over an existing file unless asked, and then with a `.bak`), and c
 wrote before it replaces anything.
 
 `remap_locations` rewrites only the location strings of the storages' persistent ids in the
-pickle (the opcode walk in `readers.picklepatch`; nothing is unpickled for real) and copies every
+pickle (the opcode walk in `readers.pickle.patch`; nothing is unpickled for real) and copies every
 other archive member byte for byte into a zip laid out as torch's own writer lays it out.
 
 `cast_copy` writes the model part as a state dict (torch zip or safetensors), streaming one
@@ -32,9 +32,9 @@ from typing import Any, BinaryIO
 from .checkpoint import DTYPE_ITEMSIZE, FLOATING_DTYPES, Checkpoint, TensorRecord
 from .errors import MscopeError
 from .jsonfile import json_bytes
-from .readers.picklepatch import PicklePatchError, contiguous_stride, rewrite_storage_locations
+from .readers.pickle.patch import PicklePatchError, contiguous_stride, rewrite_storage_locations
+from .readers.pickle.scan import scan_pickle
 from .readers.torchzip import MAX_PICKLE_BYTES, archive_prefix, is_torchscript
-from .readers.unpickler import scan_pickle
 from .readers.ziparchive import DEFLATED, STORED, ZipArchive
 from .writers import SaveError, atomic_write, copy_range, sibling_path
 
@@ -285,7 +285,7 @@ def remap_locations(
 
     torch zip archives (state dicts, training checkpoints, full modules) and legacy (pre-1.6)
     files. Only the location strings that feed storage persistent ids change (see
-    `picklepatch.rewrite_storage_locations` for the one exception: a persistent id tuple that
+    `readers.pickle.patch.rewrite_storage_locations` for the one exception: a persistent id tuple that
     is itself read elsewhere). Every other member is copied byte for byte; the zip is rebuilt
     as torch writes it, each member's data aligned to the archive's `.storage_alignment` (64).
     Default destination: `model.cpu.pt` next to the source.

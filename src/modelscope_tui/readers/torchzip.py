@@ -17,7 +17,7 @@ from ..checkpoint import (
     join_name,
 )
 from ..errors import CorruptCheckpointError, MscopeError
-from .unpickler import Inert, StorageType, TensorRef, safe_load
+from .pickle.unpickler import Inert, StorageType, TensorRef, safe_load
 from .walk import Walker, is_plain
 from .ziparchive import STORED, InflateBudgetError, ZipArchive
 

@@ -1,11 +1,11 @@
-/* mscope's pickle pre-scan in C: the same walk as unpickler._scan_exact, 50x faster.
+/* mscope's pickle pre-scan in C: the same walk as scan.scan_exact, 50x faster.
  *
  * Why it exists: before CPython's C unpickler sees a pickle from a file, every opcode is walked
  * once to check lengths and memo indices against the bytes present and to bound the memory the
- * objects would take (see unpickler.scan_pickle). In Python (a regex) that walk took 0.15 s of a
+ * objects would take (see scan.scan_pickle). In Python (a regex) that walk took 0.15 s of a
  * 100k-tensor state_dict's 2 s summary.
  *
- * It knows no opcodes itself: unpickler.py passes its opcode table (the argument kind of each
+ * It knows no opcodes itself: scan.py passes its opcode table (the argument kind of each
  * byte, codes below) and its cost table, so there is one description of the pickle format. Any
  * refusal returns -1 and Python walks the pickle again to word the error; this loop must
  * accept exactly what _scan_exact accepts (tests hold them equal on random and mutated pickles).
@@ -18,7 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Argument kinds (unpickler._OPCODES): >= 0 is a fixed argument of that many bytes. */
+/* Argument kinds (scan._OPCODES): >= 0 is a fixed argument of that many bytes. */
 enum {
     K_NEWLINE = -1, K_COUNT1 = -2, K_COUNT4S = -3, K_COUNT4U = -4, K_COUNT8 = -5,
     K_LONG_BINPUT = -6, K_PUT = -7, K_STOP = -8, K_INVALID = -9, K_TWO_LINES = -10
@@ -26,11 +26,11 @@ enum {
 
 #define MAX_LINE 4096
 
-/* Nesting modes (unpickler._NEST_MODE): how an opcode changes the depth of the stack's objects. */
+/* Nesting modes (scan._NEST_MODE): how an opcode changes the depth of the stack's objects. */
 enum { N_PLAIN, N_MARK, N_TO_MARK, N_INTO_MARK, N_POP_MARK, N_INTO, N_DUP, N_GET, N_PUT, N_MEMOIZE };
 #define MARK_DEPTH (-1)
-/* Key roles (unpickler._KEY_ROLE): where an opcode's dict keys or set members are. A stack
- * slot holds depth << 1 | hashy (unpickler.MAX_HASHED_KEYS: a hash the file can choose). */
+/* Key roles (scan._KEY_ROLE): where an opcode's dict keys or set members are. A stack
+ * slot holds depth << 1 | hashy (scan.MAX_HASHED_KEYS: a hash the file can choose). */
 enum { K_ROLE_NONE, K_ROLE_SECOND, K_ROLE_EVEN, K_ROLE_ALL };
 #define LONG1 0x8A
 
@@ -80,7 +80,7 @@ static int64_t find_newline(const uint8_t *data, int64_t len, int64_t from, int6
 }
 
 /* End offset (just past STOP) of the pickle at data[start], or -1 when _scan_exact refuses it.
- * The depth rules are unpickler._scan_exact's (see MAX_NESTING there). */
+ * The depth rules are scan.scan_exact's (see MAX_NESTING there). */
 static int64_t scan(const uint8_t *data, int64_t len, int64_t start, const int8_t *kinds,
                     const int32_t *costs, int64_t memory_ratio, int64_t min_memory,
                     const int8_t *modes, const int8_t *npops, const int8_t *npushes,

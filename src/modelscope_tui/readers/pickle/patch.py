@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import MscopeError
+from ...errors import MscopeError
 from .unpickler import TORCH_DTYPES
 
 
