@@ -1,5 +1,7 @@
 """Pickles, parsed and never executed.
 
+- `opcodes`: the one table of opcodes (argument, stack effect, what the scan charges) and the one
+  tokenizer that every opcode walker below reads them with.
 - `scan`: the opcode pre-scan every pickle passes before anything is built from it (lengths, memo
   indices, memory, nesting, hash flooding); `scan_exact` is the specification, picklescan.c its
   compiled mirror.
