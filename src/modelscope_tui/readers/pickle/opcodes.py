@@ -4,7 +4,8 @@ Four walkers read opcodes: the exact pre-scan (scan.scan_exact, the specificatio
 mirror (picklescan.c, which gets the columns of this table as arrays), and the two symbolic
 machines of patch.py. They must agree on where each opcode's argument ends (that is the security
 boundary: a length read wrongly by one of them lets bytes through as opcodes that another
-skipped as data), so none of them decodes arguments by hand: they read `OPCODES` and `tokens`.
+skipped as data), so the Python ones decode no argument by hand: they read `OPCODES` and
+`tokens`, and picklescan.c's token() is a line-by-line mirror of `tokens` (tests hold them equal).
 
 The facts come from pickletools' descriptions; only what the scan adds on top (how an opcode
 changes nesting depth, whether it pushes a value whose hash a file controls, which of its items
@@ -123,7 +124,6 @@ def _describe(op: pickletools.OpcodeInfo) -> Opcode:
 
 _BY_CODE = {o.code: o for o in map(_describe, pickletools.opcodes)}
 OPCODES: tuple[Opcode | None, ...] = tuple(_BY_CODE.get(byte) for byte in range(256))
-BY_NAME: dict[str, Opcode] = {o.name: o for o in OPCODES if o is not None}
 
 
 def column(field: str, missing: int = 0) -> list[int]:
@@ -134,7 +134,6 @@ def column(field: str, missing: int = 0) -> list[int]:
 ARG = column("arg", ARG_INVALID)
 WIDTH = column("width")
 COST = column("cost", 8)  # an invalid byte is refused before the cost is looked at
-
 
 
 def _fixed_formats() -> list[struct.Struct | None]:
@@ -152,7 +151,7 @@ def _fixed_formats() -> list[struct.Struct | None]:
 _FIXED = _fixed_formats()
 
 # -- the tokenizer --------------------------------------------------------------------------------
-# Why a malformed argument stops the walk; the walker words it (see Token).
+# Why a malformed argument stops the walk; the walker words it (see tokens).
 TRUNCATED = "truncated"  # the argument runs past the end of the data
 NEGATIVE = "negative length"
 UNTERMINATED = "unterminated text argument"  # no newline within MAX_LINE bytes
@@ -160,28 +159,21 @@ MALFORMED_GLOBAL = "malformed global name"  # GLOBAL / INST without both lines
 UNKNOWN = "unknown opcode"
 
 
-class Token(NamedTuple):
-    """One opcode as `tokens` yields it (a plain tuple: unpack it in hot loops).
-
-    `next` is the offset of the following opcode. `arg` is the decoded value of a fixed
-    argument (an int, or BINFLOAT's float), the offset where a counted or text argument's bytes
-    start (they end at `next`, or at `next - 1` before a text argument's newline), for GLOBAL
-    and INST the offset of the newline between module and name, and None otherwise.
-
-    A malformed argument gives one last token with `next` = -1 and `arg` the reason (TRUNCATED,
-    NEGATIVE, UNTERMINATED, MALFORMED_GLOBAL, UNKNOWN), so a walker can still apply the opcode's
-    stack effect before it refuses, as the exact scan does.
-    """
-
-    code: int
-    at: int
-    arg: object
-    next: int
-
-
 def tokens(data: bytes, pos: int = 0) -> Iterator[tuple[int, int, object, int]]:
-    """The opcodes of the pickle at `data[pos]`, up to and including STOP (see Token). Ends
-    without STOP when the data does. Reads nothing past the end, whatever a length says."""
+    """(opcode, its offset, argument, offset of the next opcode) for each opcode of the pickle
+    at `data[pos]`, up to and including STOP; without STOP when the data ends first. Reads nothing
+    past the end, whatever a length says.
+
+    The argument is the decoded value of a fixed one (an int, or BINFLOAT's float), the offset
+    where a counted or text argument's bytes start (they end at the next opcode, or one byte
+    before it for a text argument's newline), for GLOBAL and INST the offset of the newline
+    between module and name, and None for none.
+
+    A malformed argument ends the walk with one last tuple whose next offset is -1 and whose
+    argument is the reason (TRUNCATED, NEGATIVE, UNTERMINATED, MALFORMED_GLOBAL, UNKNOWN), so a
+    walker can still apply the opcode's stack effect before it refuses, as the exact scan does.
+    Plain tuples, not a NamedTuple: a torch pickle has 30 opcodes per tensor.
+    """
     kinds, widths, fixed = ARG, WIDTH, _FIXED
     end = len(data)
     find = data.find
