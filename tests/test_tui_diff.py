@@ -267,7 +267,7 @@ def test_cli_diff_in_a_terminal_opens_the_explorer(pair, monkeypatch, capsys):
     import modelscope_tui.tui.app as app_module
 
     monkeypatch.setattr(app_module, "run_app", fake_run_app)
-    monkeypatch.setattr(cli, "has_terminal", lambda: True)  # keys in and screen out
+    monkeypatch.setattr(cli.common, "has_terminal", lambda: True)  # keys in and screen out
     assert cli.main(["diff", str(a), str(b), "--atol", "1e-3"]) == 0
     (path, kwargs), = calls
     assert path == str(b) and kwargs["compare"] == str(a) and kwargs["atol"] == 1e-3
