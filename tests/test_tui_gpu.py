@@ -117,7 +117,7 @@ async def test_move_whole_model_to_cpu_shows_device_column():
         await pilot.press("enter")
         await app.workers.wait_for_complete()
         await pilot.pause()
-        placement = app.placement
+        placement = app.mover.placement
         assert placement is not None
         assert {placement.device_of(t.name) for t in app.session.ckpt.model_tensors} == {"cpu"}
         assert "cpu 85.0 KB" in str(app.query_one("#header").render())
@@ -148,7 +148,7 @@ async def test_out_of_memory_move_rolls_back(monkeypatch):
         await pilot.pause()
         messages = " ".join(n.message for n in app._notifications)
         assert "out of memory on cpu: needed" in messages and "nothing was moved" in messages
-        assert not app.placement.device
+        assert not app.mover.placement.device
 
 
 FIXED_HOST = HostMemory(64 << 30, 48 << 30, 300 << 20)
@@ -178,7 +178,7 @@ def test_gpu_panel_snapshot(snap_compare, size, monkeypatch):
         sample = fixed_sample()
         panel.histories = {g.nvml_index: [int(g.memory_total * f / 10) for f in range(1, 9)] for g in sample.gpus}
         panel.sample = sample
-        pilot.app._update_estimate()
+        pilot.app.update_estimate()
         await pilot.app.workers.wait_for_complete()
         await pilot.pause()
 

@@ -10,10 +10,12 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.screen import ModalScreen
 from textual.suggester import Suggester
 from textual.widgets import Button, Input, Label, OptionList, RadioButton, RadioSet, Static
 from textual.widgets.option_list import Option
+from textual.worker import Worker, get_current_worker
 
 from ..errors import MscopeError
 from ..session import BlockGroup, Session
@@ -106,6 +108,11 @@ class PatternScreen(_Modal):
     def update_preview(self) -> None:
         self._preview(self.query_one("#pattern", Input).value, self.kind)
 
+    @dataclass
+    class PreviewReady(Message, bubble=False):
+        text: Text
+        worker: Worker  # a preview of what was typed before is dropped
+
     @work(thread=True, exclusive=True, exit_on_error=False)
     def _preview(self, pattern: str, kind: str) -> None:
         if not pattern:
@@ -123,11 +130,12 @@ class PatternScreen(_Modal):
                     text.append(f"\n  … {len(names) - 5:,} more", style="dim")
             except MscopeError as exc:
                 text = Text(exc.message, style="red")
-        self.app.call_from_thread(self._show_preview, text)
+        self.post_message(self.PreviewReady(text, get_current_worker()))
 
-    def _show_preview(self, text: Text) -> None:
-        if self.is_attached:
-            self.query_one("#preview", Static).update(text)
+    @on(PreviewReady)
+    def _show_preview(self, event: PreviewReady) -> None:
+        if not event.worker.is_cancelled:  # a newer preview replaced this one's worker
+            self.query_one("#preview", Static).update(event.text)
 
     @on(Input.Submitted, "#pattern")
     def _submit(self) -> None:
@@ -354,13 +362,24 @@ class ProgressScreen(_Modal):
             with Horizontal(classes="buttons"):
                 yield Button("Cancel", id="cancel", variant="error")
 
-    def update_progress(self, done: int, total: int) -> None:
+    @dataclass
+    class Progress(Message, bubble=False):
+        """Posted to the screen by the job's worker thread; only the newest queued one is drawn."""
+
+        done: int
+        total: int
+
+        def can_replace(self, message: Message) -> bool:
+            return isinstance(message, ProgressScreen.Progress)
+
+    @on(Progress)
+    def update_progress(self, event: Progress) -> None:
         from textual.widgets import ProgressBar
 
         if not self.is_attached:
             return
-        self.query_one("#progress", ProgressBar).update(total=max(total, 1), progress=done)
-        self.query_one("#progress-text", Static).update(f"{fmt_bytes(done)} of {fmt_bytes(total)}")
+        self.query_one("#progress", ProgressBar).update(total=max(event.total, 1), progress=event.done)
+        self.query_one("#progress-text", Static).update(f"{fmt_bytes(event.done)} of {fmt_bytes(event.total)}")
 
     def action_cancel(self) -> None:
         self.cancel_event.set()

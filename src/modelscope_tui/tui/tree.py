@@ -186,6 +186,20 @@ class ParamTree(Tree[Row]):
         if end < len(rows):
             node.add_leaf("more", Row(more_of=module, depth=depth, shown=end, ghost=ghost))
 
+    def expand_visible(self, node: TreeNode[Row], budget: int) -> int:
+        """Expand `node` and what is under it, depth first, until `budget` rows were added;
+        returns the budget left (<= 0: stopped early)."""
+        stack = [node]
+        while stack and budget > 0:
+            current = stack.pop()
+            if current.allow_expand:
+                current.expand()
+                if not current.children and current.data and current.data.module:
+                    self._add_children(current, current.data.module, 0)
+                budget -= len(current.children)
+                stack.extend(reversed(current.children))
+        return budget
+
     def load_more(self, node: TreeNode[Row]) -> None:
         row = node.data
         if row is None or row.more_of is None or node.parent is None:
