@@ -9,7 +9,7 @@ from rich.console import Console
 
 from conftest import settle
 from modelscope_tui.tui.app import MscopeApp
-from modelscope_tui.tui.screens import AuditScreen
+from modelscope_tui.tui.screens.audit import AuditScreen
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 

@@ -16,7 +16,8 @@ from diffpair import after_state_dict, before_state_dict, write_pair
 from modelscope_tui import cli, diff
 from modelscope_tui.audit import AuditCancelled
 from modelscope_tui.tui.app import MscopeApp
-from modelscope_tui.tui.screens import CompareScreen, HelpScreen
+from modelscope_tui.tui.screens.compare import CompareScreen
+from modelscope_tui.tui.screens.help import HelpScreen
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 

@@ -10,8 +10,8 @@ import pytest
 from modelscope_tui import placement as placement_mod
 from modelscope_tui.gpu import HostMemory, SimulatedBackend
 from modelscope_tui.tui.app import MscopeApp
-from modelscope_tui.tui.gpu_panel import GpuPanel
-from modelscope_tui.tui.screens import DeviceScreen
+from modelscope_tui.tui.screens.device import DeviceScreen
+from modelscope_tui.tui.widgets.gpu_panel import GpuPanel
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
@@ -214,7 +214,7 @@ async def test_export_device_map_after_move(tmp_path):
 async def test_cast_copy_and_cpu_copy_from_the_explorer(tmp_path):
     import torch
 
-    from modelscope_tui.tui.screens import ConfirmScreen
+    from modelscope_tui.tui.screens.confirm import ConfirmScreen
 
     src = tmp_path / "model.pt"
     src.write_bytes((SAMPLES / "cnn_state_dict.pt").read_bytes())
@@ -310,7 +310,7 @@ def test_first_move_imports_torch_off_the_ui_thread():
         f"""
         import asyncio, sys
         from modelscope_tui.tui.app import MscopeApp
-        from modelscope_tui.tui.screens import DeviceScreen
+        from modelscope_tui.tui.screens.device import DeviceScreen
         async def main():
             app = MscopeApp({str(SAMPLES / "cnn_state_dict.pt")!r}, show_gpus=False)
             async with app.run_test(size=(120, 36)) as pilot:

@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Group
 from rich.text import Text
@@ -39,18 +40,6 @@ from .controllers.diff import DiffController, DiffJob
 from .controllers.estimate import EstimateJob, Estimator
 from .controllers.filter import FilterJob, TreeFilter
 from .controllers.values import NormProfiler, NormsJob, StatsJob, TensorStats
-from .details import (
-    diff_file_details,
-    diff_module_details,
-    diff_tensor_details,
-    file_details,
-    ghost_details,
-    module_details,
-    norm_profile_details,
-    stats_details,
-    tensor_details,
-)
-from .gpu_panel import GpuPanel
 from .messages import (
     Audited,
     CheckpointFailed,
@@ -69,21 +58,23 @@ from .messages import (
     Notice,
     StatsReady,
 )
-from .screens import (
-    AuditScreen,
-    ClassScreen,
-    CompareScreen,
-    ConfirmScreen,
-    DeviceScreen,
-    HelpScreen,
-    LargestScreen,
-    LastNScreen,
-    PathScreen,
-    PatternChoice,
-    PatternScreen,
-    ProgressScreen,
+from .widgets.details import (
+    diff_file_details,
+    diff_module_details,
+    diff_tensor_details,
+    file_details,
+    ghost_details,
+    module_details,
+    norm_profile_details,
+    stats_details,
+    tensor_details,
 )
-from .tree import DIFF_MARKS, ParamTree, Row
+from .widgets.gpu_panel import GpuPanel
+from .widgets.tree import DIFF_MARKS, ParamTree, Row
+
+if TYPE_CHECKING:
+    from .screens.pattern import PatternChoice
+    from .screens.progress import ProgressScreen
 
 
 def _while_running(handler):
@@ -570,6 +561,8 @@ class MscopeApp(App[int]):
             self._after_change(self.session.invert().message)
 
     def action_pattern(self) -> None:
+        from .screens.pattern import PatternScreen
+
         if not self._guard():
             return
 
@@ -586,6 +579,8 @@ class MscopeApp(App[int]):
         self.push_screen(PatternScreen(self.session), done)
 
     def action_freeze_class(self) -> None:
+        from .screens.module_class import ClassScreen
+
         if not self._guard():
             return
 
@@ -596,6 +591,8 @@ class MscopeApp(App[int]):
         self.push_screen(ClassScreen(self.session), done)
 
     def action_last_n(self) -> None:
+        from .screens.last_n import LastNScreen
+
         if not self._guard():
             return
         groups = self.session.block_groups()
@@ -653,6 +650,8 @@ class MscopeApp(App[int]):
         return sibling_path(src, "freeze-plan", ".json")
 
     def action_save_plan(self, then_quit: bool = False) -> None:
+        from .screens.path import PathScreen
+
         if not self._guard():
             return
 
@@ -681,6 +680,8 @@ class MscopeApp(App[int]):
             self.exit(0)
 
     def _confirm_overwrite(self, target: Path, proceed) -> None:
+        from .screens.confirm import ConfirmScreen
+
         def answered(answer: str | None) -> None:
             if answer == "overwrite":
                 proceed()
@@ -695,6 +696,8 @@ class MscopeApp(App[int]):
         )
 
     def action_save_checkpoint(self) -> None:
+        from .screens.path import PathScreen
+
         if not self._guard():
             return
         ckpt = self.session.ckpt
@@ -842,6 +845,8 @@ class MscopeApp(App[int]):
         self.notify("children sorted by size" if tree.sort_by_size else "children in file order", timeout=2)
 
     def action_largest(self) -> None:
+        from .screens.largest import LargestScreen
+
         if not self._guard():
             return
 
@@ -859,6 +864,8 @@ class MscopeApp(App[int]):
         self.call_after_refresh(self._update_columns)
 
     def action_help(self) -> None:
+        from .screens.help import HelpScreen
+
         self.push_screen(HelpScreen(self.KEY_HELP))
 
     async def action_quit(self) -> None:
@@ -875,6 +882,8 @@ class MscopeApp(App[int]):
         super().notify(safe_text(message, multiline=True), title=safe_text(title), severity=severity, timeout=timeout, markup=False)
 
     def action_quit_app(self) -> None:
+        from .screens.confirm import ConfirmScreen
+
         if self.session is None or not self.session.dirty:
             self.exit(0)
             return
@@ -983,6 +992,8 @@ class MscopeApp(App[int]):
 
     # -- audit and copies ----------------------------------------------------------------------
     def action_audit(self) -> None:
+        from .screens.progress import ProgressScreen
+
         if not self._guard():
             return
         cancel = threading.Event()
@@ -995,7 +1006,7 @@ class MscopeApp(App[int]):
         from ..audit import run_audit
 
         def progress(p) -> None:
-            screen.post_message(ProgressScreen.Progress(p.done, p.total))
+            screen.post_message(screen.Progress(p.done, p.total))
 
         report = run_audit(self.session.ckpt, stats=True, progress=progress, cancel=cancel)
         self.post_message(Audited(screen, report))
@@ -1003,6 +1014,8 @@ class MscopeApp(App[int]):
     @on(Audited)
     @_while_running
     def _audited(self, event: Audited) -> None:
+        from .screens.audit import AuditScreen
+
         if event.screen.is_attached:
             event.screen.dismiss(None)
         for name, stats in event.report.stats.items():
@@ -1031,6 +1044,8 @@ class MscopeApp(App[int]):
         self._convert(lambda: remap_locations(ckpt, "cpu"))
 
     def action_cast_copy(self) -> None:
+        from .screens.confirm import ConfirmScreen
+
         if not self._guard():
             return
         from ..convert import cast_copy, preview_cast
@@ -1085,6 +1100,9 @@ class MscopeApp(App[int]):
     @on(DevicesListed)
     @_while_running
     def _choose_device(self, event: DevicesListed) -> None:
+        from .screens.device import DeviceScreen
+        from .screens.progress import ProgressScreen
+
         def chosen(device: str | None) -> None:
             if device is not None:
                 job = self.mover.start(event.names, device)
@@ -1097,7 +1115,7 @@ class MscopeApp(App[int]):
     @work(thread=True, exclusive=True, exit_on_error=False, group="move")
     def _move(self, job: MoveJob, screen: ProgressScreen) -> None:
         def progress(done: int, total: int) -> None:
-            screen.post_message(ProgressScreen.Progress(done, total))
+            screen.post_message(screen.Progress(done, total))
 
         message, severity = self.mover.move(job, progress)
         self.post_message(Moved(screen, message, severity))
@@ -1113,6 +1131,8 @@ class MscopeApp(App[int]):
         self.refresh_state()
 
     def action_export_device_map(self) -> None:
+        from .screens.path import PathScreen
+
         if not self._guard():
             return
         if not self.mover.placed:
@@ -1136,6 +1156,8 @@ class MscopeApp(App[int]):
 
     # -- diff mode -----------------------------------------------------------------------------
     def action_compare(self) -> None:
+        from .screens.compare import CompareScreen
+
         if not self._guard():
             return
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .controllers.estimate import EstimateJob
     from .controllers.filter import FilterJob, FilterResult
     from .controllers.values import NormsJob, NormsResult
-    from .screens import ProgressScreen
+    from .screens.progress import ProgressScreen
 
 
 class _Progress(Message):

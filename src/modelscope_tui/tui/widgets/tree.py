@@ -15,8 +15,8 @@ from textual.message import Message
 from textual.widgets import Tree
 from textual.widgets._tree import TreeNode
 
-from ..checkpoint import PARAMETER, ModuleNode, TensorRecord
-from ..diff import (
+from ...checkpoint import PARAMETER, ModuleNode, TensorRecord
+from ...diff import (
     ADDED,
     CHANGED,
     CLOSE,
@@ -31,8 +31,8 @@ from ..diff import (
     LiveModule,
     TensorDiff,
 )
-from ..session import Session
-from ..units import fmt_bytes, fmt_count, safe_text
+from ...session import Session
+from ...units import fmt_bytes, fmt_count, safe_text
 
 PAGE = 200  # children added per expansion step; a flat 100k-tensor dict stays responsive
 GUIDE = 3
