@@ -34,6 +34,7 @@ from ..errors import MscopeError
 from ..readers import FORMAT_LABELS
 from ..session import Session
 from ..units import fmt_bytes, safe_text
+from . import keys
 from .controllers.caveats import NormCaveat
 from .controllers.devices import DeviceMover, MoveJob
 from .controllers.diff import DiffController, DiffJob
@@ -99,78 +100,9 @@ class MscopeApp(App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "mscope"
 
-    BINDINGS = [
-        Binding("space", "toggle_freeze", "Freeze/unfreeze", show=False),
-        Binding("f", "freeze", "Freeze"),
-        Binding("u", "unfreeze", "Unfreeze"),
-        Binding("p", "pattern", "Pattern"),
-        Binding("c", "freeze_class", "Class", show=False),
-        Binding("l", "last_n", "Last N", show=False),
-        Binding("F", "freeze_all", "Freeze all", show=False),
-        Binding("U", "unfreeze_all", "Unfreeze all", show=False),
-        Binding("i", "invert", "Invert", show=False),
-        Binding("z,ctrl+z", "undo", "Undo"),
-        Binding("y,ctrl+y", "redo", "Redo", show=False),
-        Binding("b", "eval_norms", "Eval norms", show=False),
-        Binding("s", "save_plan", "Save plan"),
-        Binding("w", "save_checkpoint", "Write ckpt", show=False),
-        Binding("slash", "filter", "Filter"),
-        Binding("L", "largest", "Largest", show=False),
-        Binding("o", "sort", "Sort by size", show=False),
-        Binding("e", "expand_all", "Expand all", show=False),
-        Binding("E", "collapse_all", "Collapse all", show=False),
-        Binding("d", "toggle_details", "Details"),
-        Binding("g", "toggle_gpus", "GPUs"),
-        Binding("m", "move", "Move to device", show=False),
-        Binding("t", "cycle_precision", "Precision", show=False),
-        Binding("D", "export_device_map", "Device map", show=False),
-        Binding("A", "audit", "Audit", show=False),
-        Binding("C", "cpu_copy", "CPU copy", show=False),
-        Binding("P", "cast_copy", "Cast copy", show=False),
-        Binding("T", "cycle_optimizer", "Optimizer", show=False),
-        Binding("v", "compare", "Compare"),
-        Binding("n", "next_change", "Next change", show=False),
-        Binding("N", "previous_change", "Previous change", show=False),
-        Binding("x", "stop_compare", "Stop comparing", show=False),
-        Binding("question_mark", "help", "Help"),
-        Binding("q", "quit_app", "Quit"),
-    ]
-
-    KEY_HELP = [
-        ("↑ ↓ / mouse", "move"),
-        ("→ / ←", "expand / collapse (← on a leaf goes to its module)"),
-        ("enter", "expand or collapse; load more children"),
-        ("space", "freeze or unfreeze the selected tensor or the whole module"),
-        ("f / u", "freeze / unfreeze the selection"),
-        ("F / U", "freeze all / unfreeze all (with a filter: only the tensors it shows)"),
-        ("i", "invert (trainable <-> frozen)"),
-        ("p", "freeze or unfreeze by glob or regex, with a live preview"),
-        ("c", "freeze or unfreeze every module of a class (LayerNorm, BatchNorm2d...)"),
-        ("l", "train only the last N repeated blocks (layers.*, h.*, blocks.*)"),
-        ("b", "record eval mode for frozen norm layers with running stats"),
-        ("z / y", "undo / redo (also ctrl+z / ctrl+y)"),
-        ("s", "save the freeze plan (JSON, for apply_freeze_plan)"),
-        ("w", "write a copy of the checkpoint with the new requires_grad (full modules, TorchScript)"),
-        ("/", "filter the tree as you type (glob or substring); esc clears (in the box or the tree)"),
-        ("L", "jump to the largest tensors"),
-        ("o", "sort children by size"),
-        ("e / E", "expand all under the cursor / collapse all"),
-        ("d", "show or hide the details pane"),
-        ("g", "show or hide the GPU panel (live memory, processes, fine-tune estimate)"),
-        ("m", "move the selection (or the whole model from the root) onto a device"),
-        ("t / T", "fine-tune estimate: next training precision / next optimizer"),
-        ("D", "export the current placement as a Hugging Face device_map JSON"),
-        ("A", "audit the file (integrity, load-ability, waste, NaN/Inf and statistics); enter jumps"),
-        ("C", "save a copy loadable anywhere (every stored location remapped to cpu)"),
-        ("P", "save a copy of the model cast to fp32 / bf16 / fp16 (size previewed; selection or all)"),
-        ("v", "diff mode: compare this file (B) against another checkpoint (A), any format"),
-        ("n / N", "diff mode: jump to the next / previous changed, added or removed tensor"),
-        ("x", "diff mode: stop comparing values (esc too, when nothing else is open)"),
-        ("ctrl+p", "command palette: every action by name"),
-        ("?", "this help"),
-        ("q", "quit (asks when there are unsaved changes)"),
-    ]
-
+    BINDINGS = keys.BINDINGS
+    # The help screen's rows; they name the app's keys, the tree's and the command palette's.
+    KEY_HELP = keys.help_rows([*BINDINGS, *ParamTree.BINDINGS, Binding(App.COMMAND_PALETTE_BINDING, "command_palette")])
 
     def __init__(
         self,
@@ -1311,14 +1243,13 @@ class MscopeApp(App[int]):
             self.monitor = None
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        yield from super().get_system_commands(screen)
-        for binding in self.BINDINGS:
-            if binding.action in ("quit_app",):
-                continue
-            label = binding.description or binding.action
-            yield SystemCommand(label, f"{label} ({binding.key})", getattr(self, f"action_{binding.action}"))
-        yield SystemCommand("Quit mscope", "quit (asks about unsaved changes)", self.action_quit_app)
-
+        """Textual's commands, then every action of BINDINGS once; Textual's "Quit" gives way to
+        ours (it asks about unsaved changes)."""
+        ours = keys.palette(self.BINDINGS)
+        titles = {title for title, _, _ in ours}
+        yield from (command for command in super().get_system_commands(screen) if command.title not in titles)
+        for title, help_text, action in ours:
+            yield SystemCommand(title, help_text, getattr(self, f"action_{action}"))
 
 def run_app(
     path: str | os.PathLike, gpu_interval: float = 1.0, prefetch=None, gc_paused: bool = False, **diff
