@@ -35,7 +35,7 @@ class DeviceMover:
         return available_devices()
 
     def start(self, names: list[str], device: str) -> MoveJob:
-        return self._jobs.start(MoveJob(names, device))  # type: ignore[return-value]
+        return self._jobs.start(MoveJob(names, device))
 
     def move(self, job: MoveJob, progress=None) -> tuple[str, str]:
         """Worker thread: read the tensors from the file onto the device, all or nothing.

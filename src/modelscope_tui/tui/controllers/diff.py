@@ -70,7 +70,7 @@ class DiffController:
         `batches` on a worker."""
         self.compare_path = Path(path)
         self.plan_lines = None
-        return self._jobs.start(DiffJob(self.compare_path, prefetch))  # type: ignore[return-value]
+        return self._jobs.start(DiffJob(self.compare_path, prefetch))
 
     def open(self, job: DiffJob, b: Checkpoint):
         """Worker thread: open A, match names. Returns (stream, live); raises MscopeError."""

@@ -44,7 +44,7 @@ class Estimator:
 
     def start(self, session: Session) -> EstimateJob:
         """A new estimate is needed (freeze state, precision or optimizer changed)."""
-        return self._jobs.start(EstimateJob(session, self.precision, self.optimizer))  # type: ignore[return-value]
+        return self._jobs.start(EstimateJob(session, self.precision, self.optimizer))
 
     @staticmethod
     def compute(job: EstimateJob):

@@ -33,7 +33,7 @@ class TreeFilter:
 
     def start(self, text: str, names: Iterable[str], a_only=None) -> FilterJob:
         """Typing: each key starts a new job and the one before is dropped."""
-        return self._jobs.start(FilterJob(text, names, a_only))  # type: ignore[return-value]
+        return self._jobs.start(FilterJob(text, names, a_only))
 
     def is_current(self, job: FilterJob) -> bool:
         return self._jobs.is_current(job)

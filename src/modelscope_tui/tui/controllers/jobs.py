@@ -4,6 +4,7 @@ results of a replaced job are dropped when they arrive."""
 from __future__ import annotations
 
 import threading
+from typing import TypeVar
 
 
 class Job:
@@ -15,6 +16,9 @@ class Job:
         self.cancel = threading.Event()
 
 
+J = TypeVar("J", bound=Job)
+
+
 class Latest:
     """The newest Job of one kind. Identity, not a counter: a job is current while it is the
     one object this holds."""
@@ -22,7 +26,7 @@ class Latest:
     def __init__(self) -> None:
         self.job: Job | None = None
 
-    def start(self, job: Job) -> Job:
+    def start(self, job: J) -> J:
         """Make `job` the current one; the previous one is cancelled."""
         self.cancel()
         self.job = job

@@ -38,7 +38,7 @@ class TensorStats:
         return self.cache.get(name)
 
     def start(self, record: TensorRecord) -> StatsJob:
-        return self._jobs.start(StatsJob(record))  # type: ignore[return-value]
+        return self._jobs.start(StatsJob(record))
 
     @staticmethod
     def compute(job: StatsJob) -> tuple | None:
@@ -137,12 +137,12 @@ class NormProfiler:
             return Profile(rows)
         if not start:
             return Profile(rows, AUDIT_HINT)
-        job = None
+        job: NormsJob | None = None
         if self.running != module and visible:
             job = self._jobs.start(NormsJob(module, dict(self.stats), dict(self.errors)))
             self.running = module
             self._status[module] = COMPUTING
-        return Profile(rows, self._status.get(module, COMPUTING), job)  # type: ignore[arg-type]
+        return Profile(rows, self._status.get(module, COMPUTING), job)
 
     def compute(self, job: NormsJob, progress=None) -> NormsResult:
         """Worker thread: statistics of the tensors under the job's module that have none yet
