@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import FLOATING_DTYPES, Checkpoint, TensorRecord, block_index, dims_key, prod
 from .errors import MscopeError, TensorDataError
+from .jsonfile import compact_json
 from .tensordata import check_view
 from .units import fmt_bytes, sparkline
 
@@ -381,9 +382,8 @@ class AuditReport:
         }
 
     def to_json(self) -> str:
-        import json
 
-        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
+        return compact_json(self.to_dict(), allow_nan=False)
 
 
 def sorted_findings(findings: Iterable[Finding]) -> list[Finding]:

@@ -49,6 +49,7 @@ from .audit import (
 )
 from .checkpoint import PARAMETER, Checkpoint, TensorRecord, dims_key
 from .errors import TensorDataError
+from .jsonfile import compact_json
 from .units import fmt_bytes
 
 if TYPE_CHECKING:
@@ -351,13 +352,12 @@ class DiffReport:
         }
 
     def to_json(self) -> str:
-        import json
 
         # The tensor and module lists are JSON-safe already (their to_dict passes floats through
         # _num); walking their 100k+ values again with _jsonable took most of a big diff's time.
         safe = ("tensors", "modules")
         out = {k: v if k in safe else _jsonable(v) for k, v in self.to_dict().items()}
-        return json.dumps(out, separators=(",", ":"), allow_nan=False)
+        return compact_json(out, allow_nan=False)
 
 
 def _describe(d: TensorDiff) -> str:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from collections.abc import Iterator
 from json.encoder import encode_basestring_ascii as _enc
 from typing import Any, NamedTuple
 
 from .checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord
+from .jsonfile import compact_json
 from .patterns import glob_matches
 from .readers import FORMAT_LABELS
 from .units import fmt_bytes, fmt_count, safe_text
@@ -193,12 +193,12 @@ def summary_json_chunks(
     keys = list(data)
     split = keys.index("modules")
     assert keys[split + 1] == "tensors"
-    yield _dumps({k: data[k] for k in keys[:split]})[:-1] + ',"modules":['
+    yield compact_json({k: data[k] for k in keys[:split]})[:-1] + ',"modules":['
     yield from _joined(_modules_json(summary_modules(ckpt, depth, pattern)), batch)
     yield '],"tensors":['
     tensors = ckpt.tensors if pattern is None else [t for t in ckpt.tensors if matches(t.name, pattern)]
     yield from _joined(_tensors_json(tensors), batch)
-    yield "]," + _dumps({k: data[k] for k in keys[split + 2 :]})[1:]
+    yield "]," + compact_json({k: data[k] for k in keys[split + 2 :]})[1:]
 
 
 def _joined(items: Iterator[str], batch: int) -> Iterator[str]:
@@ -212,8 +212,6 @@ def _joined(items: Iterator[str], batch: int) -> Iterator[str]:
         first = False
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
 
 
 def _scalar(value: Any) -> str:
@@ -225,7 +223,7 @@ def _scalar(value: Any) -> str:
         return "false"
     if type(value) is str:
         return _enc(value)
-    return _dumps(value)
+    return compact_json(value)
 
 
 def _modules_json(nodes: Iterator[ModuleNode]) -> Iterator[str]:
@@ -238,7 +236,7 @@ def _modules_json(nodes: Iterator[ModuleNode]) -> Iterator[str]:
         if node.class_path is None and node.training is None and not node.attributes:
             middle = implied
         else:
-            attributes = _dumps({k: _jsonable(v) for k, v in node.attributes.items()})
+            attributes = compact_json({k: _jsonable(v) for k, v in node.attributes.items()})
             middle = f'"class":{_scalar(node.class_path)},"training":{_scalar(node.training)},"attributes":{attributes}'
         yield (
             f'{{"name":{enc(node.name)},{middle},"tensors":{stats.tensors},"parameters":{stats.params},'

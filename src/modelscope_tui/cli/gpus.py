@@ -34,9 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 in every GPU state (no GPU is a valid answer); 2 for bad arguments."""
-    import json
-
     from ..gpu import GpuMonitor, render_sample, sample_to_dict
+    from ..jsonfile import compact_json
 
     if not args.interval > 0 or args.interval > 3600:
         raise MscopeError("--interval must be a number of seconds above 0 (at most 3600)")
@@ -46,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.json and not args.watch:
             sys.stdout.write(
-                json.dumps(sample_to_dict(monitor.sample()), separators=(",", ":")) + "\n"
+                compact_json(sample_to_dict(monitor.sample())) + "\n"
             )
             return 0
         if args.json:
@@ -54,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             while True:
                 s = monitor.sample()
                 sys.stdout.write(
-                    json.dumps(sample_to_dict(s, monitor), separators=(",", ":")) + "\n"
+                    compact_json(sample_to_dict(s, monitor)) + "\n"
                 )
                 sys.stdout.flush()
                 n += 1
