@@ -855,7 +855,7 @@ def check_panel(path: Path, seconds: float) -> None:
 
     from modelscope_tui import gpu as gpu_mod
     from modelscope_tui.tui.app import MscopeApp
-    from modelscope_tui.tui.gpu_panel import GpuPanel
+    from modelscope_tui.tui.widgets.gpu_panel import GpuPanel
 
     ticks: list[float] = []
     real_sample = gpu_mod.NvmlBackend.sample

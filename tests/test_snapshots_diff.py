@@ -22,7 +22,7 @@ async def compared(pilot) -> None:
     for _ in range(200):
         await app.workers.wait_for_complete()
         await pilot.pause()
-        if app.live is not None and not app.live.running and not any(w.is_running for w in app.workers):
+        if app.diff.live is not None and not app.diff.live.running and not any(w.is_running for w in app.workers):
             break
     await pilot.press("down", "down", "right")
     await pilot.pause()

@@ -165,7 +165,7 @@ def test_lightning_entries_put_hyper_parameters_first_and_fold_counters():
 def test_optimizer_hyper_parameters_are_not_folded_as_counters():
     """Folding is for repeated counters; lr, eps and weight_decay stay listed."""
     from modelscope_tui.checkpoint import Entry
-    from modelscope_tui.summary import entry_lines
+    from modelscope_tui.cli.summary import entry_lines
 
     groups = [Entry(f"optimizer.param_groups.0.{k}", "float", v) for k, v in
               {"lr": 5e-4, "eps": 1e-8, "weight_decay": 0, "momentum": 0.9, "dampening": 0, "initial_lr": 1e-3, "beta": 0.5}.items()]  # fmt: skip

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from modelscope_tui.tui.app import MscopeApp
-from modelscope_tui.tui.screens import ConfirmScreen, HelpScreen, LargestScreen, PatternScreen
+from modelscope_tui.tui.screens.confirm import ConfirmScreen
+from modelscope_tui.tui.screens.help import HelpScreen
+from modelscope_tui.tui.screens.largest import LargestScreen
+from modelscope_tui.tui.screens.pattern import PatternScreen
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
@@ -388,7 +391,8 @@ async def test_state_dict_write_explains_plan_instead():
 async def test_path_prompts_answer_from_their_buttons():
     """Save and Compare share one path dialog: the primary button and Enter give the path,
     Cancel gives None."""
-    from modelscope_tui.tui.screens import CompareScreen, PathScreen
+    from modelscope_tui.tui.screens.compare import CompareScreen
+    from modelscope_tui.tui.screens.path import PathScreen
 
     dialogs = [(lambda: PathScreen("Save plan", "plan.json"), "plan.json"), (lambda: CompareScreen("b.pt", "a.pt"), "a.pt")]
     app = MscopeApp(SAMPLES / "cnn_state_dict.pt")
@@ -472,7 +476,7 @@ async def test_norm_caveat_is_said_once_per_change_of_the_frozen_norms():
 async def test_help_says_there_is_no_forward_pass():
     """torchinfo and Netron users look for output shapes and FLOPs first: say why not, and what
     is offered instead."""
-    from modelscope_tui.tui.screens import NO_FORWARD_PASS, HelpScreen
+    from modelscope_tui.tui.screens.help import NO_FORWARD_PASS, HelpScreen
 
     app = MscopeApp(SAMPLES / "transformer_tied.pt")
     async with app.run_test(size=(120, 36)) as pilot:

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from conftest import settle
 from modelscope_tui.tui.app import MscopeApp
-from modelscope_tui.tui.screens import AuditScreen
+from modelscope_tui.tui.screens.audit import AuditScreen
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
@@ -29,7 +29,7 @@ async def test_tensor_statistics_and_histogram_match_torch():
         await settle(pilot)
         text = details_text(app)
         assert "histogram" in text
-        stats, _ = app._stats_cache["blocks.0.linear1.weight"]
+        stats, _ = app.stats.cache["blocks.0.linear1.weight"]
         assert abs(stats.mean - ref.mean().item()) < 1e-6
         assert abs(stats.std - ref.std(correction=0).item()) < 1e-6
         assert stats.min == ref.min().item() and stats.max == ref.max().item()

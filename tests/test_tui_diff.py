@@ -16,7 +16,8 @@ from diffpair import after_state_dict, before_state_dict, write_pair
 from modelscope_tui import cli, diff
 from modelscope_tui.audit import AuditCancelled
 from modelscope_tui.tui.app import MscopeApp
-from modelscope_tui.tui.screens import CompareScreen, HelpScreen
+from modelscope_tui.tui.screens.compare import CompareScreen
+from modelscope_tui.tui.screens.help import HelpScreen
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
@@ -59,7 +60,7 @@ async def test_diff_mode_colours_tree_summary_and_details(pair):
     app = MscopeApp(b, compare=a, show_gpus=False)
     async with app.run_test(size=(160, 48)) as pilot:
         await settle(pilot)
-        assert app.live is not None and not app.live.running
+        assert app.diff.live is not None and not app.diff.live.running
         top = header(app)
         for part in ("Δ vs before.pt", "6 changed", "1 close", "1 shape", "1 dtype", "2 added", "2 removed", "1 renamed", "10 same"):
             assert part in top, top
@@ -136,9 +137,9 @@ async def test_tree_comes_from_metadata_first_and_cancel_leaves_app_responsive(p
     async with app.run_test(size=(120, 36)) as pilot:
         for _ in range(200):
             await pilot.pause(0.02)
-            if app.live is not None and started.is_set():
+            if app.diff.live is not None and started.is_set():
                 break
-        assert app.live is not None and app.live.running
+        assert app.diff.live is not None and app.diff.live.running
         await pilot.pause()
         top = header(app)
         # metadata-level statuses at once; values still pending
@@ -156,7 +157,7 @@ async def test_tree_comes_from_metadata_first_and_cancel_leaves_app_responsive(p
         app.tree.focus()
         await pilot.press("x")
         await settle(pilot)
-        assert app.live.cancelled and not app.live.running
+        assert app.diff.live.cancelled and not app.diff.live.running
         assert "stopped" in header(app)
         assert not app.query_one("#diff-progress").display
         # still responsive: keys move the cursor and the details follow
@@ -175,7 +176,7 @@ async def test_compare_from_inside_the_app_and_jump_between_changes(pair):
     app = MscopeApp(b, show_gpus=False)
     async with app.run_test(size=(120, 36)) as pilot:
         await settle(pilot)
-        assert "trainable" in header(app) and app.live is None
+        assert "trainable" in header(app) and app.diff.live is None
         commands = {c.title for c in app.get_system_commands(app.screen)}
         assert {"Compare", "Next change", "Previous change", "Stop comparing"} <= commands
         assert any(key == "v" for key, _ in app.KEY_HELP)
@@ -185,7 +186,7 @@ async def test_compare_from_inside_the_app_and_jump_between_changes(pair):
         app.screen.query_one("#path").value = str(a)
         await pilot.press("enter")
         await settle(pilot)
-        assert app.live is not None and "Δ vs before.pt" in header(app) and "6 changed" in header(app)
+        assert app.diff.live is not None and "Δ vs before.pt" in header(app) and "6 changed" in header(app)
         # n / N walk through the changes in tree order (tensors, then modules)
         app.tree.move_cursor(app.tree.root)
         await pilot.press("n")
@@ -207,14 +208,14 @@ async def test_compare_from_inside_the_app_and_jump_between_changes(pair):
         await pilot.pause()
         await pilot.click("#leave")
         await settle(pilot)
-        assert app.live is None and app.tree.diff is None and "trainable" in header(app)
+        assert app.diff.live is None and app.tree.diff is None and "trainable" in header(app)
         # a missing file is a message, not a crash
         await pilot.press("v")
         await pilot.pause()
         app.screen.query_one("#path").value = "/nonexistent/model.pt"
         await pilot.press("enter")
         await settle(pilot)
-        assert app.live is None
+        assert app.diff.live is None
 
 
 async def test_norm_profile_of_a_module_is_computed_once():
@@ -223,7 +224,7 @@ async def test_norm_profile_of_a_module_is_computed_once():
     app = MscopeApp(path, show_gpus=False)
     async with app.run_test(size=(160, 48)) as pilot:
         await settle(pilot)
-        assert "A (audit) computes it" in details_text(app) and not app._norm_stats  # never unasked
+        assert "A (audit) computes it" in details_text(app) and not app.norms.stats  # never unasked
         app.tree.reveal(module_name="blocks.0")
         await settle(pilot)
         text = details_text(app)
@@ -232,10 +233,10 @@ async def test_norm_profile_of_a_module_is_computed_once():
             expect = math.sqrt(sum(float(v.double().pow(2).sum()) for k, v in ref.items() if k.startswith(f"blocks.0.{child}.")))
             line = next(line for line in text.splitlines() if line.strip().startswith(child + " "))
             assert f"{expect:.4g}" in line and "█" in line, line
-        assert "blocks.0" in app._norm_done
+        assert "blocks.0" in app.norms.done
         runs = []
         original = app._compute_norms
-        app._compute_norms = lambda *a, **k: (runs.append(a[0]), original(*a, **k))
+        app._compute_norms = lambda *a, **k: (runs.append(a[0].module), original(*a, **k))
         app.tree.reveal(module_name="blocks.1")
         await settle(pilot)
         app.tree.reveal(module_name="blocks.0")
@@ -267,7 +268,7 @@ def test_cli_diff_in_a_terminal_opens_the_explorer(pair, monkeypatch, capsys):
     import modelscope_tui.tui.app as app_module
 
     monkeypatch.setattr(app_module, "run_app", fake_run_app)
-    monkeypatch.setattr(cli, "has_terminal", lambda: True)  # keys in and screen out
+    monkeypatch.setattr(cli.common, "has_terminal", lambda: True)  # keys in and screen out
     assert cli.main(["diff", str(a), str(b), "--atol", "1e-3"]) == 0
     (path, kwargs), = calls
     assert path == str(b) and kwargs["compare"] == str(a) and kwargs["atol"] == 1e-3
@@ -290,7 +291,7 @@ async def test_plan_check_shows_in_header_and_root_details(pair, tmp_path):
     async with app.run_test(size=(160, 48)) as pilot:
         await settle(pilot)
         assert "plan: frozen moved" in header(app)  # blocks.0.mlp.bias was cast to float16
-        assert app.live.report.exit_code == 1
+        assert app.diff.live.report.exit_code == 1
         app.tree.move_cursor(app.tree.root)
         await settle(pilot)
         text = details_text(app)

@@ -9,7 +9,7 @@ import pytest
 
 from hostile.textattack import SPELLINGS, bad_chars, safetensors_file, torch_zip_file
 from modelscope_tui.tui.app import MscopeApp
-from modelscope_tui.tui.screens import ConfirmScreen
+from modelscope_tui.tui.screens.confirm import ConfirmScreen
 from test_tui import started
 
 ROOT = Path(__file__).resolve().parent.parent

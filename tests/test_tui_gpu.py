@@ -10,8 +10,8 @@ import pytest
 from modelscope_tui import placement as placement_mod
 from modelscope_tui.gpu import HostMemory, SimulatedBackend
 from modelscope_tui.tui.app import MscopeApp
-from modelscope_tui.tui.gpu_panel import GpuPanel
-from modelscope_tui.tui.screens import DeviceScreen
+from modelscope_tui.tui.screens.device import DeviceScreen
+from modelscope_tui.tui.widgets.gpu_panel import GpuPanel
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
@@ -117,7 +117,7 @@ async def test_move_whole_model_to_cpu_shows_device_column():
         await pilot.press("enter")
         await app.workers.wait_for_complete()
         await pilot.pause()
-        placement = app.placement
+        placement = app.mover.placement
         assert placement is not None
         assert {placement.device_of(t.name) for t in app.session.ckpt.model_tensors} == {"cpu"}
         assert "cpu 85.0 KB" in str(app.query_one("#header").render())
@@ -148,7 +148,7 @@ async def test_out_of_memory_move_rolls_back(monkeypatch):
         await pilot.pause()
         messages = " ".join(n.message for n in app._notifications)
         assert "out of memory on cpu: needed" in messages and "nothing was moved" in messages
-        assert not app.placement.device
+        assert not app.mover.placement.device
 
 
 FIXED_HOST = HostMemory(64 << 30, 48 << 30, 300 << 20)
@@ -178,7 +178,7 @@ def test_gpu_panel_snapshot(snap_compare, size, monkeypatch):
         sample = fixed_sample()
         panel.histories = {g.nvml_index: [int(g.memory_total * f / 10) for f in range(1, 9)] for g in sample.gpus}
         panel.sample = sample
-        pilot.app._update_estimate()
+        pilot.app.update_estimate()
         await pilot.app.workers.wait_for_complete()
         await pilot.pause()
 
@@ -214,7 +214,7 @@ async def test_export_device_map_after_move(tmp_path):
 async def test_cast_copy_and_cpu_copy_from_the_explorer(tmp_path):
     import torch
 
-    from modelscope_tui.tui.screens import ConfirmScreen
+    from modelscope_tui.tui.screens.confirm import ConfirmScreen
 
     src = tmp_path / "model.pt"
     src.write_bytes((SAMPLES / "cnn_state_dict.pt").read_bytes())
@@ -310,7 +310,7 @@ def test_first_move_imports_torch_off_the_ui_thread():
         f"""
         import asyncio, sys
         from modelscope_tui.tui.app import MscopeApp
-        from modelscope_tui.tui.screens import DeviceScreen
+        from modelscope_tui.tui.screens.device import DeviceScreen
         async def main():
             app = MscopeApp({str(SAMPLES / "cnn_state_dict.pt")!r}, show_gpus=False)
             async with app.run_test(size=(120, 36)) as pilot:

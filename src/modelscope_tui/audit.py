@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import FLOATING_DTYPES, Checkpoint, TensorRecord, block_index, dims_key, prod
 from .errors import MscopeError, TensorDataError
+from .jsonfile import compact_json
 from .tensordata import check_view
 from .units import fmt_bytes, sparkline
 
@@ -381,9 +382,8 @@ class AuditReport:
         }
 
     def to_json(self) -> str:
-        import json
 
-        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
+        return compact_json(self.to_dict(), allow_nan=False)
 
 
 def sorted_findings(findings: Iterable[Finding]) -> list[Finding]:
@@ -2420,121 +2420,6 @@ def parse_fail_on(text: str) -> tuple[str, ...]:
     return () if names == ("none",) else names
 
 
-# ----------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------
-def add_audit_arguments(parser: Any) -> None:
-    parser.add_argument("file", help="checkpoint file or directory (sharded / DCP)")
-    parser.add_argument(
-        "--json", action="store_true", help="machine-readable output (docs/audit-schema.md)"
-    )
-    parser.add_argument(
-        "--stats", action="store_true", help="read every value: statistics, NaN/Inf, duplicates"
-    )
-    parser.add_argument(
-        "--all-stats", action="store_true", help="with --stats: a row for every tensor in the text"
-    )
-    parser.add_argument(
-        "--dedupe",
-        action="store_true",
-        help="find duplicated tensors without --stats (reads candidates)",
-    )
-    parser.add_argument(
-        "--crc", action="store_true", help="check every zip member's CRC-32 (reads the whole file)"
-    )
-    parser.add_argument(
-        "--fail-on",
-        default=",".join(DEFAULT_FAIL_ON),
-        metavar="LIST",
-        help=f"exit 1 when a finding of these kinds is found (default {','.join(DEFAULT_FAIL_ON)}; "
-        f"'none' never fails; choices: {', '.join(FAIL_ON_CHOICES)})",
-    )
-    parser.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_BYTES / (1 << 20), metavar="MB",
-                        help="bytes read per chunk and thread (memory bound; default 2)")  # fmt: skip
-    parser.add_argument(
-        "--threads", type=int, default=None, metavar="N", help="worker threads for --stats"
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-
-
-def run_audit_command(args: Any) -> int:
-    import sys
-
-    fail_on = parse_fail_on(args.fail_on)
-    if args.chunk_mb <= 0 or (args.threads is not None and args.threads < 1):
-        raise MscopeError("--chunk-mb must be more than 0 and --threads at least 1")
-    with cli_progress("reading") as progress:
-        report = audit_path(
-            args.file,
-            stats=args.stats,
-            dedupe=args.dedupe,
-            crc=args.crc,
-            fail_on=fail_on,
-            chunk_bytes=max(4096, int(args.chunk_mb * (1 << 20))),
-            threads=args.threads,
-            progress=progress,
-        )
-    if args.json:
-        sys.stdout.write(report.to_json())
-        sys.stdout.write("\n")
-    else:
-        from .textout import text_console
-
-        render_audit(report, text_console(), all_stats=getattr(args, "all_stats", False))
-    return report.exit_code
-
-
-class cli_progress:  # noqa: N801 - used as a context manager, like a function
-    """A rich progress bar on stderr (bytes done / total, rate, ETA) when stderr is a terminal;
-    otherwise a None callback (nothing printed, nothing imported)."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.bar = None
-        self.task = None
-
-    def __enter__(self) -> ProgressFn | None:
-        import sys
-
-        if not sys.stderr.isatty():
-            return None
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-        from rich.progress import Progress as Bar
-
-        from .textout import text_console
-
-        self.bar = Bar(
-            TextColumn(self.label),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("[dim]{task.description}", markup=True),
-            console=text_console(stderr=True),
-            transient=True,
-        )
-        self.bar.start()
-        self.task = self.bar.add_task("", total=None)
-        return self.update
-
-    def update(self, p: Progress) -> None:
-        from rich.markup import escape
-
-        self.bar.update(
-            self.task, completed=p.done, total=p.total or None, description=escape(p.tensor[-40:])
-        )
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 __all__ = [
     "AuditCancelled",
     "AuditReport",
@@ -2543,7 +2428,6 @@ __all__ = [
     "Histogram",
     "Progress",
     "TensorStats",
-    "add_audit_arguments",
     "audit_path",
     "children_norms",
     "norm_profile",

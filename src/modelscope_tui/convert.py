@@ -16,7 +16,6 @@ chunk, whatever the size of the model.
 from __future__ import annotations
 
 import ctypes
-import json
 import mmap
 import os
 import re
@@ -31,7 +30,7 @@ from typing import Any, BinaryIO
 
 from .checkpoint import DTYPE_ITEMSIZE, FLOATING_DTYPES, Checkpoint, TensorRecord
 from .errors import MscopeError
-from .jsonfile import json_bytes
+from .jsonfile import compact_json, json_bytes
 from .readers.pickle.patch import PicklePatchError, contiguous_stride, rewrite_storage_locations
 from .readers.pickle.scan import scan_pickle
 from .readers.torchzip import MAX_PICKLE_BYTES, archive_prefix, is_torchscript
@@ -963,7 +962,7 @@ def _safetensors_metadata(ckpt: Checkpoint, plan: CastPlan) -> dict[str, str]:
     metadata.pop(TIED_METADATA_KEY, None)
     tied = {t.name: t.alias_of for t in plan.tensors if t.alias_of is not None}
     if tied:
-        metadata[TIED_METADATA_KEY] = json.dumps(tied, separators=(",", ":"))
+        metadata[TIED_METADATA_KEY] = compact_json(tied)
     return metadata
 
 

@@ -48,7 +48,8 @@ from .audit import (
     unreadable_records,
 )
 from .checkpoint import PARAMETER, Checkpoint, TensorRecord, dims_key
-from .errors import MscopeError, TensorDataError
+from .errors import TensorDataError
+from .jsonfile import compact_json
 from .units import fmt_bytes
 
 if TYPE_CHECKING:
@@ -351,13 +352,12 @@ class DiffReport:
         }
 
     def to_json(self) -> str:
-        import json
 
         # The tensor and module lists are JSON-safe already (their to_dict passes floats through
         # _num); walking their 100k+ values again with _jsonable took most of a big diff's time.
         safe = ("tensors", "modules")
         out = {k: v if k in safe else _jsonable(v) for k, v in self.to_dict().items()}
-        return json.dumps(out, separators=(",", ":"), allow_nan=False)
+        return compact_json(out, allow_nan=False)
 
 
 def _describe(d: TensorDiff) -> str:
@@ -1052,76 +1052,6 @@ def check_plan(
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
-def add_diff_arguments(parser) -> None:
-    parser.add_argument("file_a", metavar="A", help="checkpoint before (file or directory)")
-    parser.add_argument("file_b", metavar="B", help="checkpoint after (any format)")
-    parser.add_argument(
-        "--json", action="store_true", help="machine-readable output (docs/audit-schema.md)"
-    )
-    parser.add_argument(
-        "--atol", type=float, default=1e-8, help="absolute tolerance (default 1e-8)"
-    )
-    parser.add_argument(
-        "--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)"
-    )
-    parser.add_argument(
-        "--plan",
-        metavar="PLAN",
-        help="freeze plan: check its frozen parameters stayed bit-identical",
-    )
-    parser.add_argument(
-        "--all-sections",
-        action="store_true",
-        help="also compare optimizer and other sections (prints text)",
-    )
-    parser.add_argument(
-        "--text",
-        action="store_true",
-        help="print the report even in a terminal (default there: the explorer in diff mode)",
-    )
-    parser.add_argument(
-        "--depth", type=int, default=2, metavar="N", help="modules shown down to depth N (text)"
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-
-
-def run_diff_command(args) -> int:
-    import sys
-
-    from .audit import cli_progress
-    from .readers import open_checkpoint
-
-    if args.atol < 0 or args.rtol < 0:
-        raise MscopeError("--atol and --rtol must be 0 or more")
-    a = open_checkpoint(args.file_a, strict=False)
-    b = open_checkpoint(args.file_b, strict=False)
-    if args.plan:
-        from .freeze import load_plan
-
-        load_plan(args.plan)  # a bad plan fails before the long pass
-    with cli_progress("comparing") as progress:
-        report = diff_checkpoints(
-            a,
-            b,
-            args.atol,
-            args.rtol,
-            progress=progress,
-            sections="all" if args.all_sections else "model",
-        )
-    if args.plan:
-        check = check_plan(report, args.plan, a)
-        for line in check.fingerprint:  # a plan made for another model is never silent
-            print(f"mscope: warning: {line.strip()}", file=sys.stderr)
-    if args.json:
-        sys.stdout.write(report.to_json())
-        sys.stdout.write("\n")
-    else:
-        from .textout import text_console
-
-        render_diff(report, text_console(), args.depth)
-    return report.exit_code
-
-
 def render_diff(report: DiffReport, console: Any, depth: int = 2, limit: int = 20) -> None:
     from rich.table import Table
 

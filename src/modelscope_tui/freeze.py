@@ -53,19 +53,17 @@ This module never imports torch at import time; `apply_freeze_plan` works on the
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import keyword
 import os
 import re
-import sys
 import textwrap
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .checkpoint import Checkpoint, block_index
@@ -74,7 +72,7 @@ from .jsonfile import json_bytes, read_json_file
 from .patterns import compile_safe_regex, glob_condition
 from .session import Change, Rule, Session
 from .units import safe_text
-from .writers import atomic_write, sibling_path
+from .writers import atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -315,10 +313,10 @@ def load_plan(plan: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
 
     Raises PlanError (one line, naming the file) on anything wrong.
     """
-    return _load(plan)[0]
+    return read_plan(plan)[0]
 
 
-def _load(plan: str | os.PathLike | dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+def read_plan(plan: str | os.PathLike | dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     if isinstance(plan, dict):
         return _validate(plan, None), None
     if not isinstance(plan, (str, os.PathLike)):
@@ -448,7 +446,7 @@ def apply_plan_to_session(
     without a fingerprint is applied with one warning saying it was not checked. Checkpoint
     parameters the plan does not mention keep their current state.
     """
-    data, source = _load(plan)
+    data, source = read_plan(plan)
     label = Path(source).name if source else "plan"
     fp = check_fingerprint(data, checkpoint_shapes(session.ckpt), session.canonical)
     if strict and fp.status == "mismatch":
@@ -585,7 +583,7 @@ def apply_freeze_plan(
     """
     import warnings as _warnings
 
-    data, source = _load(plan)
+    data, source = read_plan(plan)
     label = Path(source).name if source else "the plan"
     fp = check_fingerprint(
         data, model_shapes(model), (n for n, _ in model.named_parameters(remove_duplicate=False))
@@ -701,7 +699,7 @@ def plan_snippet(
     what differs, or with `strict=True` raises RuntimeError. A plan without a fingerprint gets
     a comment saying the model is not checked.
     """
-    data, _ = _load(plan)
+    data, _ = read_plan(plan)
     if not all(part.isidentifier() and not keyword.iskeyword(part) for part in var.split(".")):
         raise PlanError(f"--var {var!r} is not a Python name (like model or self.model)")
     compact = _compact_predicate(data)
@@ -946,139 +944,3 @@ def _block_conditions(
     before = tuple(f"{lead}{i}." for i in indices if i not in keep)
     last = tuple(f"{lead}{i}." for i in keep)
     return before, last
-
-
-# -- command line ------------------------------------------------------------------------------
-class _Step(argparse.Action):
-    """Collects --freeze/--unfreeze/--freeze-class/--train-last in the order given."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        steps = list(getattr(namespace, "steps", None) or [])
-        steps.append((option_string, values))
-        namespace.steps = steps
-
-
-def add_plan_arguments(plan: argparse.ArgumentParser) -> None:
-    plan.add_argument("file", help="checkpoint file or directory")
-    plan.add_argument(
-        "--freeze",
-        action=_Step,
-        dest="steps",
-        metavar="GLOB",
-        help="freeze tensors matching GLOB (repeatable)",
-    )
-    plan.add_argument(
-        "--unfreeze",
-        action=_Step,
-        dest="steps",
-        metavar="GLOB",
-        help="unfreeze tensors matching GLOB (repeatable)",
-    )
-    plan.add_argument(
-        "--regex",
-        action="store_true",
-        help="--freeze/--unfreeze patterns are regular expressions (search)",
-    )
-    plan.add_argument(
-        "--freeze-class",
-        action=_Step,
-        dest="steps",
-        metavar="NAME",
-        help="freeze every module of this class",
-    )
-    plan.add_argument(
-        "--train-last",
-        action=_Step,
-        dest="steps",
-        type=int,
-        metavar="N",
-        help="freeze the repeated blocks except the last N",
-    )
-    plan.add_argument(
-        "--eval-norms",
-        action="store_true",
-        help="keep frozen norm layers with running statistics in eval mode",
-    )
-    plan.add_argument(
-        "-o",
-        "--output",
-        default=None,
-        metavar="PLAN",
-        help="where to write the plan (default: FILE.freeze-plan.json next to FILE)",
-    )
-    plan.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing PLAN (the old one is kept as PLAN.bak)",
-    )
-    plan.add_argument("--debug", action="store_true", help="show tracebacks")
-    plan.set_defaults(steps=[])
-
-
-def add_apply_plan_arguments(apply: argparse.ArgumentParser) -> None:
-    apply.add_argument("plan", help="freeze plan JSON (from `mscope plan` or the explorer)")
-    apply.add_argument(
-        "--var", default="model", help="name of the model variable in your script (default: model)"
-    )
-    apply.add_argument(
-        "--strict",
-        action="store_true",
-        help="the snippet raises (instead of warning) when the model does not match the plan's fingerprint",
-    )
-    apply.add_argument("--debug", action="store_true", help="show tracebacks")
-
-
-def run_plan_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """`mscope plan FILE [rules] -o PLAN`: build a plan through a Session and save it."""
-    from .readers import open_checkpoint
-
-    out = out or sys.stdout
-    dest = Path(args.output) if args.output else None
-    if dest is not None and dest.exists() and not args.overwrite:
-        raise PlanError("file exists", dest, "use --overwrite to replace it, or another -o")
-    ckpt = open_checkpoint(args.file)
-    session = Session(ckpt)
-    kind = "regex" if args.regex else "glob"
-    for option, value in args.steps:
-        if option == "--freeze-class":
-            if not session.modules_of_class(value):
-                known = (
-                    ", ".join(session.classes())
-                    or "none: this file has no module classes (a state_dict)"
-                )
-                raise PlanError(f"no module of class {value!r} (classes: {known})", ckpt.path)
-            result = session.freeze_class(value)
-        elif option == "--train-last":
-            result = session.train_last_n_blocks(value)
-        else:
-            result = session.freeze_pattern(value, kind, value=option == "--unfreeze")
-            if not result.matched:
-                raise PlanError(f"{option} {value!r} matches no tensor", ckpt.path)
-        print(f"{option} {value}: {result.message}", file=out)
-    if args.eval_norms:
-        norms = session.frozen_norm_layers()
-        if norms:
-            session.set_eval_mode(norms)
-            print(
-                f"--eval-norms: {len(norms)} frozen norm layer(s) stay in eval: {', '.join(norms)}",
-                file=out,
-            )
-        else:
-            print("--eval-norms: no frozen norm layer with running statistics", file=out)
-    print(session.totals_line(), file=out)
-    dest = dest or sibling_path(Path(args.file), "freeze-plan", ".json")
-    written = save_plan(session, dest, overwrite=args.overwrite)
-    print(f"wrote {written}", file=out)
-    return 0
-
-
-def run_apply_plan_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """`mscope apply-plan PLAN [--var model]`: print the plain-PyTorch snippet."""
-    data, source = _load(args.plan)
-    if data["checkpoint"].get("fingerprint") is None:
-        label = Path(source).name if source else "the plan"
-        print(
-            f"mscope: warning: {safe_text(FingerprintCheck('absent').summary(label))}", file=sys.stderr
-        )
-    (out or sys.stdout).write(plan_snippet(data, var=args.var, strict=args.strict))
-    return 0

@@ -45,3 +45,10 @@ def json_bytes(value: Any, **kwargs: Any) -> bytes:
         return text.encode("utf-8")
     except UnicodeEncodeError:
         return json.dumps(value, ensure_ascii=True, **kwargs).encode("ascii")
+
+
+def compact_json(value: Any, allow_nan: bool = True) -> str:
+    """The one encoder of every `--json` output: no spaces, ASCII (controls and non-ASCII names
+    escaped, so a terminal never sees raw file text). allow_nan=False for documents whose schema
+    says numbers are finite (a NaN there is a bug, not data)."""
+    return json.dumps(value, separators=(",", ":"), allow_nan=allow_nan)

@@ -164,7 +164,7 @@ def assert_bounded(run: Run, case: Case, command: str) -> None:
 async def test_explorer(corpus, runs, name):
     """The explorer opens the case with the danger notified, or exits 2 with one line."""
     from modelscope_tui.tui.app import MscopeApp
-    from modelscope_tui.tui.details import file_details
+    from modelscope_tui.tui.widgets.details import file_details
 
     case = corpus[name]
     app = MscopeApp(case.path, show_gpus=False)

@@ -85,7 +85,7 @@ def test_explorer_file_details_show_the_refusal(tmp_path):
 
     from modelscope_tui.readers import open_checkpoint
     from modelscope_tui.session import Session
-    from modelscope_tui.tui.details import file_details
+    from modelscope_tui.tui.widgets.details import file_details
 
     path = D.VARIANTS["st-trailing-bytes"][2](tmp_path)
     console = Console(width=200, record=True, color_system=None)

@@ -1,14 +1,23 @@
-"""The explorer: `mscope FILE`. A thin view over Session; every action is a Session method."""
+"""The explorer: `mscope FILE`. A thin view: every freeze action is a Session method, feature
+state lives in plain controllers (controllers/), and worker threads report through messages
+(messages.py) handled here on the UI thread.
+
+Workers are `exclusive` (Textual cancels the group's older worker) where the older one has nothing
+left to say: opening, the device list, a move, a save, the filter. Statistics, norms, the estimate
+and a diff are replaced through their controller's Job instead, which stops the older thread early
+(domain code polls its cancel event) and decides what its late results are worth: a thread worker
+cancelled by Textual keeps running unseen, and `workers.wait_for_complete()` raises for it."""
 
 from __future__ import annotations
 
-import fnmatch
+import functools
 import gc
 import os
 import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Group
 from rich.text import Text
@@ -18,13 +27,39 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Input, LoadingIndicator, Static
+from textual.worker import Worker, WorkerState
 
 from ..checkpoint import Checkpoint
 from ..errors import MscopeError
 from ..readers import FORMAT_LABELS
 from ..session import Session
 from ..units import fmt_bytes, safe_text
-from .details import (
+from . import keys
+from .controllers.caveats import NormCaveat
+from .controllers.devices import DeviceMover, MoveJob
+from .controllers.diff import DiffController, DiffJob
+from .controllers.estimate import EstimateJob, Estimator
+from .controllers.filter import FilterJob, TreeFilter
+from .controllers.values import NormProfiler, NormsJob, StatsJob, TensorStats
+from .messages import (
+    Audited,
+    CheckpointFailed,
+    CheckpointOpened,
+    DevicesListed,
+    DiffFailed,
+    DiffOpened,
+    DiffProgress,
+    DiffResults,
+    EstimateReady,
+    FilterReady,
+    GpuSampled,
+    Moved,
+    NormsProgress,
+    NormsReady,
+    Notice,
+    StatsReady,
+)
+from .widgets.details import (
     diff_file_details,
     diff_module_details,
     diff_tensor_details,
@@ -35,105 +70,39 @@ from .details import (
     stats_details,
     tensor_details,
 )
-from .gpu_panel import GpuPanel
-from .screens import (
-    AuditScreen,
-    ClassScreen,
-    CompareScreen,
-    ConfirmScreen,
-    DeviceScreen,
-    HelpScreen,
-    LargestScreen,
-    LastNScreen,
-    PathScreen,
-    PatternChoice,
-    PatternScreen,
-    ProgressScreen,
-)
-from .tree import DIFF_MARKS, ParamTree, Row
+from .widgets.gpu_panel import GpuPanel
+from .widgets.tree import DIFF_MARKS, ParamTree, Row
+
+if TYPE_CHECKING:
+    from .screens.pattern import PatternChoice
+    from .screens.progress import ProgressScreen
+
+
+def _while_running(handler):
+    """For handlers of what worker threads post: a report queued before the app began to close
+    is handled after the widgets it would update are gone, so it is dropped then."""
+
+    @functools.wraps(handler)
+    def guarded(self, event):
+        if self.is_running:
+            handler(self, event)
+
+    return guarded
+
 
 EXPAND_ALL_LIMIT = 3000  # nodes added by one "expand all"; more would stall the terminal
 EXIT_AFTER_PAINT_ENV = "MSCOPE_EXIT_AFTER_PAINT"  # benchmarks: quit once the tree is painted
 NARROW = 100  # below this width the details pane starts hidden
 WIDE = 140  # from this width the GPU panel starts shown
-DIFF_BATCH_SECONDS = 0.1  # diff results reach the UI in batches at most this often
 
 
 class MscopeApp(App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "mscope"
 
-    BINDINGS = [
-        Binding("space", "toggle_freeze", "Freeze/unfreeze", show=False),
-        Binding("f", "freeze", "Freeze"),
-        Binding("u", "unfreeze", "Unfreeze"),
-        Binding("p", "pattern", "Pattern"),
-        Binding("c", "freeze_class", "Class", show=False),
-        Binding("l", "last_n", "Last N", show=False),
-        Binding("F", "freeze_all", "Freeze all", show=False),
-        Binding("U", "unfreeze_all", "Unfreeze all", show=False),
-        Binding("i", "invert", "Invert", show=False),
-        Binding("z,ctrl+z", "undo", "Undo"),
-        Binding("y,ctrl+y", "redo", "Redo", show=False),
-        Binding("b", "eval_norms", "Eval norms", show=False),
-        Binding("s", "save_plan", "Save plan"),
-        Binding("w", "save_checkpoint", "Write ckpt", show=False),
-        Binding("slash", "filter", "Filter"),
-        Binding("L", "largest", "Largest", show=False),
-        Binding("o", "sort", "Sort by size", show=False),
-        Binding("e", "expand_all", "Expand all", show=False),
-        Binding("E", "collapse_all", "Collapse all", show=False),
-        Binding("d", "toggle_details", "Details"),
-        Binding("g", "toggle_gpus", "GPUs"),
-        Binding("m", "move", "Move to device", show=False),
-        Binding("t", "cycle_precision", "Precision", show=False),
-        Binding("D", "export_device_map", "Device map", show=False),
-        Binding("A", "audit", "Audit", show=False),
-        Binding("C", "cpu_copy", "CPU copy", show=False),
-        Binding("P", "cast_copy", "Cast copy", show=False),
-        Binding("T", "cycle_optimizer", "Optimizer", show=False),
-        Binding("v", "compare", "Compare"),
-        Binding("n", "next_change", "Next change", show=False),
-        Binding("N", "previous_change", "Previous change", show=False),
-        Binding("x", "stop_compare", "Stop comparing", show=False),
-        Binding("question_mark", "help", "Help"),
-        Binding("q", "quit_app", "Quit"),
-    ]
-
-    KEY_HELP = [
-        ("↑ ↓ / mouse", "move"),
-        ("→ / ←", "expand / collapse (← on a leaf goes to its module)"),
-        ("enter", "expand or collapse; load more children"),
-        ("space", "freeze or unfreeze the selected tensor or the whole module"),
-        ("f / u", "freeze / unfreeze the selection"),
-        ("F / U", "freeze all / unfreeze all (with a filter: only the tensors it shows)"),
-        ("i", "invert (trainable <-> frozen)"),
-        ("p", "freeze or unfreeze by glob or regex, with a live preview"),
-        ("c", "freeze or unfreeze every module of a class (LayerNorm, BatchNorm2d...)"),
-        ("l", "train only the last N repeated blocks (layers.*, h.*, blocks.*)"),
-        ("b", "record eval mode for frozen norm layers with running stats"),
-        ("z / y", "undo / redo (also ctrl+z / ctrl+y)"),
-        ("s", "save the freeze plan (JSON, for apply_freeze_plan)"),
-        ("w", "write a copy of the checkpoint with the new requires_grad (full modules, TorchScript)"),
-        ("/", "filter the tree as you type (glob or substring); esc clears (in the box or the tree)"),
-        ("L", "jump to the largest tensors"),
-        ("o", "sort children by size"),
-        ("e / E", "expand all under the cursor / collapse all"),
-        ("d", "show or hide the details pane"),
-        ("g", "show or hide the GPU panel (live memory, processes, fine-tune estimate)"),
-        ("m", "move the selection (or the whole model from the root) onto a device"),
-        ("t / T", "fine-tune estimate: next training precision / next optimizer"),
-        ("D", "export the current placement as a Hugging Face device_map JSON"),
-        ("A", "audit the file (integrity, load-ability, waste, NaN/Inf and statistics); enter jumps"),
-        ("C", "save a copy loadable anywhere (every stored location remapped to cpu)"),
-        ("P", "save a copy of the model cast to fp32 / bf16 / fp16 (size previewed; selection or all)"),
-        ("v", "diff mode: compare this file (B) against another checkpoint (A), any format"),
-        ("n / N", "diff mode: jump to the next / previous changed, added or removed tensor"),
-        ("x", "diff mode: stop comparing values (esc too, when nothing else is open)"),
-        ("ctrl+p", "command palette: every action by name"),
-        ("?", "this help"),
-        ("q", "quit (asks when there are unsaved changes)"),
-    ]
+    BINDINGS = keys.BINDINGS
+    # The help screen's rows; they name the app's keys, the tree's and the command palette's.
+    KEY_HELP = keys.help_rows([*BINDINGS, *ParamTree.BINDINGS, Binding(App.COMMAND_PALETTE_BINDING, "command_palette")])
 
     def __init__(
         self,
@@ -149,42 +118,22 @@ class MscopeApp(App[int]):
         compare_prefetch=None,
     ):
         super().__init__()
-        self._prefetch = prefetch  # a Future of open_checkpoint started before Textual loaded
-        # Diff mode: this file is B; `compare` is A (the baseline), opened once B is shown.
-        self.compare_path = Path(compare) if compare is not None else None
-        self._compare_prefetch = compare_prefetch
-        self.atol, self.rtol = atol, rtol
-        self.plan_path = plan
-        self.plan_lines: list[str] | None = None
-        self.live = None  # LiveDiff while in diff mode
-        self._diff_cancel = threading.Event()
-        self._diff_generation = 0
-        # Norm profiles: per-tensor statistics (shared by every profile), modules done, progress.
-        self._norm_stats: dict = {}
-        self._norm_rows: dict[tuple[str, int], list] = {}
-        self._norm_errors: dict[str, str] = {}
-        self._norm_done: set[str] = set()
-        self._norm_status: dict[str, str] = {}
-        self._norm_running: str | None = None
-        self._norm_cancel = threading.Event()
-        self.gpu_interval = gpu_interval
-        self.show_gpus = show_gpus
-        self.monitor = None
-        self.placement = None
-        self._estimate = None
-        self._estimate_generation = 0
-        self._stats_cache: dict[str, tuple] = {}  # tensor -> (stats, histogram) or an error line
-        self._stats_cancel = threading.Event()
-        self._fit_key = None
-        self.train_precision = "bf16-mixed"
-        self.train_optimizer = "adamw"
         self.path = Path(path) if path is not None else checkpoint.path if checkpoint else None
         self._preloaded = checkpoint
+        self._prefetch = prefetch  # a Future of open_checkpoint started before Textual loaded
         self.session: Session | None = None
         self.error_line: str | None = None
-        self.filter_text = ""
-        self._reveal_after_filter = None  # the row to return to once a cleared filter is applied
-        self._norms_warned: frozenset[str] = frozenset()  # frozen norm layers already warned about
+        # Diff mode: this file is B; `compare` is A (the baseline), opened once B is shown.
+        self.diff = DiffController(compare, atol, rtol, plan, compare_prefetch)
+        self.stats = TensorStats()
+        self.norms: NormProfiler | None = None  # these two need the checkpoint: made once it is open
+        self.mover: DeviceMover | None = None
+        self.estimator = Estimator()
+        self.filter = TreeFilter()
+        self.norm_caveat = NormCaveat()
+        self.gpu_interval = gpu_interval
+        self.show_gpus = show_gpus
+        self.monitor = None  # a GpuMonitor while the GPU panel is shown
         self.exit_after_paint = bool(os.environ.get(EXIT_AFTER_PAINT_ENV))
         self.resume_gc_after_paint = False  # run_app sets it when the command paused gc at start
 
@@ -221,14 +170,20 @@ class MscopeApp(App[int]):
         try:
             ckpt = self._prefetch.result() if self._prefetch is not None else open_checkpoint(path)
         except MscopeError as exc:
-            self.call_from_thread(self._failed, exc.line())
+            self.post_message(CheckpointFailed(exc.line()))
             return
-        self.call_from_thread(self._loaded, ckpt)
+        self.post_message(CheckpointOpened(ckpt))
 
-    def _failed(self, line: str) -> None:
-        self.error_line = line
+    @on(CheckpointFailed)
+    def _failed(self, event: CheckpointFailed) -> None:
+        self.error_line = event.line
         self._resume_gc()
         self.exit(return_code=2)
+
+    @on(CheckpointOpened)
+    @_while_running
+    def _opened(self, event: CheckpointOpened) -> None:
+        self._loaded(event.ckpt)
 
     def _resume_gc(self) -> None:
         """The `mscope` command starts with gc off, and the app turns it on after the first
@@ -242,6 +197,8 @@ class MscopeApp(App[int]):
 
     def _loaded(self, ckpt: Checkpoint) -> None:
         self.session = Session(ckpt)
+        self.norms = NormProfiler(ckpt)
+        self.mover = DeviceMover(self.session)
         tree = ParamTree(self.session, id="tree")
         self.query_one("#loading").remove()
         self.query_one("#tree-pane").mount(tree, before="#diff-progress")
@@ -264,8 +221,8 @@ class MscopeApp(App[int]):
         self.call_after_refresh(self._resume_gc)
         if self.exit_after_paint:
             self.call_after_refresh(self._painted)
-        if self.compare_path is not None:
-            self._start_compare(self.compare_path, self._compare_prefetch)
+        if self.diff.compare_path is not None:
+            self._start_compare(self.diff.compare_path, self.diff.prefetch)
 
     def _painted(self) -> None:
         """Benchmarks: report seconds since MSCOPE_BENCH_T0 (the spawn time), then quit."""
@@ -281,13 +238,33 @@ class MscopeApp(App[int]):
     def tree(self) -> ParamTree:
         return self.query_one("#tree", ParamTree)
 
+    @on(Worker.StateChanged)
+    def _worker_failed(self, event: Worker.StateChanged) -> None:
+        """Every worker's unexpected error: one line, like the CLI, never a traceback. Before the
+        file is open it ends the app (the CLI prints the line); after, it is a notification."""
+        if event.state != WorkerState.ERROR:
+            return
+        error = event.worker.error
+        line = error.line() if isinstance(error, MscopeError) else f"internal error: {type(error).__name__}: {error}"
+        line = " ".join(str(line).split())[:300]
+        if self.session is None:
+            self.error_line = line
+            self.exit(return_code=2 if isinstance(error, MscopeError) else 3)
+        else:
+            self.notify(line, severity="error", timeout=10)
+
+    @on(Notice)
+    @_while_running
+    def _notice(self, event: Notice) -> None:
+        self.notify(event.message, severity=event.severity, timeout=event.timeout)
+
     # -- state display -------------------------------------------------------------------------
     def refresh_state(self) -> None:
         if self.session is None:
             return
         self._render_header()
         self._update_columns()
-        self._update_estimate()
+        self.update_estimate()
         if self.query("#tree"):
             self.tree.repaint()
             node = self.tree.cursor_node
@@ -296,25 +273,25 @@ class MscopeApp(App[int]):
     def _render_header(self) -> None:
         ckpt = self.session.ckpt
         totals = ckpt.totals()
+        live = self.diff.live
         header = Text()
-        if self.live is None or self.size.width >= NARROW:  # diff mode: B's name is on the root row
+        if live is None or self.size.width >= NARROW:  # diff mode: B's name is on the root row
             header.append(safe_text(ckpt.path.name), style="bold")
             header.append("  ")
-        if self.live is not None:
+        if live is not None:
             header.append_text(self._diff_summary())
         else:
             header.append(self.session.totals_line(), style="bold green")
-        if self.filter_text:  # right after the totals: at 80 columns the tail of this line is cut
-            header.append(f" · filter: {safe_text(self.filter_text)}", style="magenta")
+        if self.filter.text:  # right after the totals: at 80 columns the tail of this line is cut
+            header.append(f" · filter: {safe_text(self.filter.text)}", style="magenta")
         if self.session.dirty:
             header.append(" ● unsaved", style="bold yellow")
         header.append(f" · {fmt_bytes(totals.nbytes)}")
         locations = [loc for loc in totals.bytes_by_location if loc != "cpu"]
         if locations:
             header.append(f" · saved on {', '.join(locations)}", style="yellow")
-        if self.placement is not None and self.placement.device:
-            placed = self.placement.bytes_by_device()
-            header.append(" · " + ", ".join(f"{d} {fmt_bytes(b)}" for d, b in placed.items() if d != "file"), style="magenta")
+        if self.mover is not None and self.mover.placed:
+            header.append(" · " + self.mover.placed_line(), style="magenta")
         header.append(f" · {ckpt.kind.replace('_', ' ')} · {FORMAT_LABELS.get(ckpt.format, ckpt.format)}", style="dim")
         dtypes = ", ".join(totals.bytes_by_dtype)
         if dtypes:
@@ -323,7 +300,7 @@ class MscopeApp(App[int]):
 
     def _diff_summary(self) -> Text:
         """Diff mode header: `Δ vs A.pt: 3 changed · 1 added · … · 20 same`, then progress."""
-        live = self.live
+        live = self.diff.live
         text = Text(f"Δ vs {safe_text(live.a.path.name)}: ", style="bold")
         first = True
         for status, n in live.summary():
@@ -340,8 +317,8 @@ class MscopeApp(App[int]):
             text.append(f" · comparing {live.fraction:.0%}", style="bold")
         elif live.cancelled:
             text.append(" · stopped", style="bold yellow")
-        if self.plan_lines:
-            ok = "bit-identical in B" in self.plan_lines[0] or "freezes no" in self.plan_lines[0]
+        if self.diff.plan_lines:
+            ok = self.diff.plan_ok
             text.append(" · plan ok" if ok else " · plan: frozen moved", style="green" if ok else "bold red")
         return text
 
@@ -362,32 +339,27 @@ class MscopeApp(App[int]):
         if self.session is None:
             return
         details = self.query_one("#details", Static)
-        live = self.live
+        live = self.diff.live
         if row is None or (row.module is None and row.tensor is None):
             details.update("")
         elif row.ghost:
             details.update(ghost_details(row, live) if live is not None else "")
         elif row.tensor is not None:
-            device = self.placement.device_of(row.tensor.name) if self.placement is not None else None
-            cached = self._stats_cache.get(row.tensor.qualified_name)
+            cached = self.stats.get(row.tensor.qualified_name)
             values = stats_details(*cached) if cached is not None else stats_details(None)
-            content = tensor_details(self.session, row.tensor, device, values)
+            content = tensor_details(self.session, row.tensor, self.mover.device_of(row.tensor.name), values)
             if live is not None:
                 content = Group(diff_tensor_details(live.tensor(row.tensor.name), live), Text(""), content)
             details.update(content)
             if cached is None and self.query_one("#details-pane").display:
-                self._stats_cancel.set()
-                self._stats_cancel = threading.Event()
-                self._compute_stats(row.tensor, self._stats_cancel)
+                self._compute_stats(self.stats.start(row.tensor))
         elif row.module is not None and row.module.name == "":
             content = file_details(self.session)
             # The root's profile reads the whole model: shown once the statistics are at hand
             # (after an audit, or every top-level module's profile), never started unasked.
-            profile = self._profile(row.module.name, start=False)
-            if profile is not None:
-                content = Group(content, profile)
+            content = Group(content, self._profile(row.module.name, start=False))
             if live is not None:
-                content = Group(diff_file_details(live, self.plan_lines), Text(""), content)
+                content = Group(diff_file_details(live, self.diff.plan_lines), Text(""), content)
             details.update(content)
         else:
             content = module_details(self.session, row.module, self._profile(row.module.name))
@@ -398,66 +370,48 @@ class MscopeApp(App[int]):
     def _profile(self, module: str, start: bool = True):
         """The norm profile of a module's children, from the statistics at hand; starts a worker
         for the missing ones (once per module) when the details pane is shown."""
-        from ..norms import norm_rows
-
-        # Cached until new statistics arrive (the dict only grows): refresh_state() redraws the
-        # details after every freeze, and the root's rows walk every tensor (200 ms at 100k).
-        key = (module, len(self._norm_stats))
-        rows = self._norm_rows.get(key)
-        if rows is None:
-            rows = norm_rows(self.session.ckpt, module, self._norm_stats)
-            self._norm_rows = {key: rows, **{k: v for k, v in self._norm_rows.items() if k[1] == key[1]}}
-        if module in self._norm_done:
-            return norm_profile_details(rows)
-        if all(r.complete for r in rows):
-            self._norm_done.add(module)
-            return norm_profile_details(rows)
-        if not start:
-            return norm_profile_details(rows, "A (audit) computes it for the whole model")
-        if self._norm_running != module and self.query_one("#details-pane").display:
-            self._norm_cancel.set()
-            self._norm_cancel = threading.Event()
-            self._norm_running = module
-            self._norm_status[module] = "computing norms…"
-            self._compute_norms(module, dict(self._norm_stats), dict(self._norm_errors), self._norm_cancel)
-        return norm_profile_details(rows, self._norm_status.get(module, "computing norms…"))
+        visible = self.query_one("#details-pane").display
+        profile = self.norms.profile(module, start=start, visible=visible)
+        if profile.job is not None:
+            self._compute_norms(profile.job)
+        return norm_profile_details(profile.rows, profile.status)
 
     @work(thread=True, exit_on_error=False, group="norms")
-    def _compute_norms(self, module: str, known: dict, errors: dict, cancel: threading.Event) -> None:
-        """Statistics of the tensors under `module` that have none yet (streamed, cancellable)."""
-        from ..audit import AuditCancelled
-        from ..norms import module_norms
-
-        new: dict = {}
-
+    def _compute_norms(self, job: NormsJob) -> None:
         def progress(p) -> None:
-            self.call_from_thread(self._norms_progress, module, cancel, p.done, p.total)
+            self.post_message(NormsProgress(job, p.done, p.total))
 
-        complete = True
-        try:
-            module_norms(
-                self.session.ckpt, module, known, progress=progress, cancel=cancel, errors=errors,
-                on_stats=lambda r, st: new.__setitem__(r.qualified_name, st),
-            )  # fmt: skip
-        except AuditCancelled:
-            complete = False
-        self.call_from_thread(self._norms_ready, module, cancel, new, errors, complete)
+        self.post_message(NormsReady(job, self.norms.compute(job, progress)))
 
-    def _norms_progress(self, module: str, cancel: threading.Event, done: int, total: int) -> None:
-        if cancel is not self._norm_cancel:
-            return
-        self._norm_status[module] = f"computing norms… {done / total:.0%} of {fmt_bytes(total)}" if total else "computing norms…"
-        self._refresh_details_if(module=module)
+    @on(NormsProgress)
+    @_while_running
+    def _norms_progress(self, event: NormsProgress) -> None:
+        if self.norms.progress(event.job, event.done, event.total):
+            self._refresh_details_if(module=event.job.module)
 
-    def _norms_ready(self, module: str, cancel: threading.Event, new: dict, errors: dict, complete: bool) -> None:
-        self._norm_stats.update(new)
-        self._norm_errors.update(errors)
-        if cancel is self._norm_cancel:
-            self._norm_running = None
-        if complete:
-            self._norm_done.add(module)
-            self._norm_status.pop(module, None)
-            self._refresh_details_if(module=module)
+    @on(NormsReady)
+    @_while_running
+    def _norms_ready(self, event: NormsReady) -> None:
+        if self.norms.finish(event.job, event.result):
+            self._refresh_details_if(module=event.job.module)
+
+    @work(thread=True, exit_on_error=False, group="stats")
+    def _compute_stats(self, job: StatsJob) -> None:
+        """Statistics and histogram of one tensor, streamed (cancelled by the next row)."""
+        result = TensorStats.compute(job)
+        if result is not None:
+            self.post_message(StatsReady(job.record.qualified_name, result))
+
+    @on(StatsReady)
+    @_while_running
+    def _stats_ready(self, event: StatsReady) -> None:
+        stats = self.stats.store(event.name, event.result)
+        if stats is not None:
+            self.norms.add(event.name, stats)
+        node = self.tree.cursor_node if self.query("#tree") else None
+        row = node.data if node is not None else None
+        if row is not None and row.tensor is not None and row.tensor.qualified_name == event.name:
+            self._show_row(row)
 
     def _show_cursor_row(self) -> None:
         """Redraw the details of whatever the cursor is on (new figures arrived for it)."""
@@ -487,21 +441,9 @@ class MscopeApp(App[int]):
         self.refresh_state()
         if message:
             self.notify(message, severity=severity, timeout=3)
-        self._check_norms()
-
-    def _check_norms(self) -> None:
-        """Warn about frozen norm layers once per set of them, not after every action."""
-        pending = frozenset(m for m in self.session.frozen_norm_layers() if m not in self.session.eval_modules)
-        if pending == self._norms_warned:
-            return
-        self._norms_warned = pending
-        if pending:
-            self.notify(
-                f"{len(pending)} frozen norm layer(s) still update running statistics in train mode; "
-                "press b to record eval mode for them in the plan",
-                severity="warning",
-                timeout=6,
-            )
+        caveat = self.norm_caveat.check(self.session)
+        if caveat:
+            self.notify(caveat, severity="warning", timeout=6)
 
     def _guard(self) -> bool:
         return self.session is not None and bool(self.query("#tree"))
@@ -551,6 +493,8 @@ class MscopeApp(App[int]):
             self._after_change(self.session.invert().message)
 
     def action_pattern(self) -> None:
+        from .screens.pattern import PatternScreen
+
         if not self._guard():
             return
 
@@ -567,6 +511,8 @@ class MscopeApp(App[int]):
         self.push_screen(PatternScreen(self.session), done)
 
     def action_freeze_class(self) -> None:
+        from .screens.module_class import ClassScreen
+
         if not self._guard():
             return
 
@@ -577,6 +523,8 @@ class MscopeApp(App[int]):
         self.push_screen(ClassScreen(self.session), done)
 
     def action_last_n(self) -> None:
+        from .screens.last_n import LastNScreen
+
         if not self._guard():
             return
         groups = self.session.block_groups()
@@ -634,6 +582,8 @@ class MscopeApp(App[int]):
         return sibling_path(src, "freeze-plan", ".json")
 
     def action_save_plan(self, then_quit: bool = False) -> None:
+        from .screens.path import PathScreen
+
         if not self._guard():
             return
 
@@ -662,6 +612,8 @@ class MscopeApp(App[int]):
             self.exit(0)
 
     def _confirm_overwrite(self, target: Path, proceed) -> None:
+        from .screens.confirm import ConfirmScreen
+
         def answered(answer: str | None) -> None:
             if answer == "overwrite":
                 proceed()
@@ -676,6 +628,8 @@ class MscopeApp(App[int]):
         )
 
     def action_save_checkpoint(self) -> None:
+        from .screens.path import PathScreen
+
         if not self._guard():
             return
         ckpt = self.session.ckpt
@@ -707,9 +661,9 @@ class MscopeApp(App[int]):
         try:
             path = save_with_requires_grad(self.session.ckpt, flags, target, overwrite=overwrite)
         except MscopeError as exc:
-            self.call_from_thread(self.notify, exc.line(), severity="error", timeout=8)
+            self.post_message(Notice(exc.line(), "error", 8))
             return
-        self.call_from_thread(self.notify, f"checkpoint written to {path}", timeout=5)
+        self.post_message(Notice(f"checkpoint written to {path}"))
 
     # -- navigation ----------------------------------------------------------------------------
     def action_filter(self) -> None:
@@ -721,7 +675,22 @@ class MscopeApp(App[int]):
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
-        self._compute_filter(event.value)
+        if self.session is None:
+            return
+        live = self.diff.live  # diff mode: what only A has is in the tree too
+        job = self.filter.start(event.value, self.session.records, live.a_only_names if live is not None else None)
+        self._compute_filter(job)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="filter")
+    def _compute_filter(self, job: FilterJob) -> None:
+        self.post_message(FilterReady(job, TreeFilter.compute(job)))
+
+    @on(FilterReady)
+    @_while_running
+    def _filter_ready(self, event: FilterReady) -> None:
+        if self.filter.is_current(event.job):
+            result = event.result
+            self._apply_filter(result.text, result.tensors, result.modules)
 
     @on(Input.Submitted, "#filter")
     def _filter_submitted(self) -> None:
@@ -736,7 +705,7 @@ class MscopeApp(App[int]):
             event.stop()
         elif (
             event.key == "escape"
-            and self.filter_text
+            and self.filter.text
             and len(self.screen_stack) == 1
             and self.query("#tree")
             and self.focused is self.tree
@@ -745,8 +714,7 @@ class MscopeApp(App[int]):
             event.stop()
         elif (
             event.key == "escape"
-            and self.live is not None
-            and self.live.running
+            and self.diff.running
             and len(self.screen_stack) == 1
             and self.query("#tree")
             and self.focused is self.tree
@@ -754,31 +722,9 @@ class MscopeApp(App[int]):
             self.action_stop_compare()
             event.stop()
 
-    @work(thread=True, exclusive=True, exit_on_error=False, group="filter")
-    def _compute_filter(self, text: str) -> None:
-        if not text:
-            self.call_from_thread(self._apply_filter, text, None, None)
-            return
-        needle = text.lower()
-        glob = any(c in text for c in "*?[")
-        names = []
-        candidates = list(self.session.records)
-        if self.live is not None:  # diff mode: what only A has is in the tree too
-            candidates += self.live.a_only_names()
-        for name in candidates:
-            low = name.lower()
-            if (glob and fnmatch.fnmatchcase(low, needle)) or (not glob and needle in low):
-                names.append(name)
-        modules = {""}
-        for name in names:
-            parts = name.split(".")[:-1]
-            for i in range(1, len(parts) + 1):
-                modules.add(".".join(parts[:i]))
-        self.call_from_thread(self._apply_filter, text, set(names), modules)
-
     def clear_filter(self) -> None:
         """Esc in the tree after a filter: show everything again, staying on the same row."""
-        self._reveal_after_filter = self.tree.cursor_node.data if self.tree.cursor_node is not None else None
+        self.filter.reveal_after = self.tree.cursor_node.data if self.tree.cursor_node is not None else None
         box = self.query_one("#filter", Input)
         box.display = False
         if box.value:
@@ -787,38 +733,32 @@ class MscopeApp(App[int]):
             self._apply_filter("", None, None)
 
     def _apply_filter(self, text: str, tensors: set[str] | None, modules: set[str] | None) -> None:
-        self.filter_text = text
+        self.filter.text = text
         tree = self.tree
         tree.visible_tensors = tensors
         tree.visible_modules = modules
         tree.populate()
-        row, self._reveal_after_filter = self._reveal_after_filter, None
+        row, self.filter.reveal_after = self.filter.reveal_after, None
         if row is not None and not text:
             if row.tensor is not None:
                 tree.reveal(tensor_name=row.tensor.name)
             elif row.module is not None and row.module.name:
                 tree.reveal(module_name=row.module.name)
         if tensors is not None and len(tensors) <= 300:
-            self._expand_visible(tree.root, EXPAND_ALL_LIMIT)
+            tree.expand_visible(tree.root, EXPAND_ALL_LIMIT)
         self.refresh_state()
 
-    def _expand_visible(self, node, budget: int) -> int:
-        stack = [node]
-        while stack and budget > 0:
-            current = stack.pop()
-            if current.allow_expand:
-                current.expand()
-                if not current.children and current.data and current.data.module:
-                    self.tree._add_children(current, current.data.module, 0)
-                budget -= len(current.children)
-                stack.extend(reversed(current.children))
-        return budget
+    def _drop_filter(self) -> None:
+        """Before jumping to a row the filter may hide."""
+        if self.filter.text:
+            self._apply_filter("", None, None)
+            self.query_one("#filter", Input).value = ""
 
     def action_expand_all(self) -> None:
         if not self._guard():
             return
         node = self.tree.cursor_node or self.tree.root
-        left = self._expand_visible(node, EXPAND_ALL_LIMIT)
+        left = self.tree.expand_visible(node, EXPAND_ALL_LIMIT)
         if left <= 0:
             self.notify(f"expanded the first {EXPAND_ALL_LIMIT:,} rows; use / to filter large models", timeout=4)
 
@@ -837,15 +777,15 @@ class MscopeApp(App[int]):
         self.notify("children sorted by size" if tree.sort_by_size else "children in file order", timeout=2)
 
     def action_largest(self) -> None:
+        from .screens.largest import LargestScreen
+
         if not self._guard():
             return
 
         def done(name: str | None) -> None:
             if name is None:
                 return
-            if self.filter_text:
-                self._apply_filter("", None, None)
-                self.query_one("#filter", Input).value = ""
+            self._drop_filter()
             self.tree.reveal(tensor_name=name)
 
         self.push_screen(LargestScreen(self.session), done)
@@ -856,6 +796,8 @@ class MscopeApp(App[int]):
         self.call_after_refresh(self._update_columns)
 
     def action_help(self) -> None:
+        from .screens.help import HelpScreen
+
         self.push_screen(HelpScreen(self.KEY_HELP))
 
     async def action_quit(self) -> None:
@@ -872,6 +814,8 @@ class MscopeApp(App[int]):
         super().notify(safe_text(message, multiline=True), title=safe_text(title), severity=severity, timeout=timeout, markup=False)
 
     def action_quit_app(self) -> None:
+        from .screens.confirm import ConfirmScreen
+
         if self.session is None or not self.session.dirty:
             self.exit(0)
             return
@@ -891,7 +835,7 @@ class MscopeApp(App[int]):
             done,
         )
 
-    # -- GPUs and devices ----------------------------------------------------------------------
+    # -- GPUs and the fine-tune estimate ---------------------------------------------------------
     def _set_gpu_panel(self, show: bool) -> None:
         panel = self.query_one("#gpu-panel", GpuPanel)
         panel.display = show
@@ -906,106 +850,82 @@ class MscopeApp(App[int]):
                 return
             self.monitor.start(self.gpu_interval, self._sample_from_thread)
         elif not show and self.monitor is not None:
-            self.monitor.close(timeout=0)  # never wait on a tick that is calling into the UI
+            self.monitor.close(timeout=0)  # never wait on a tick that is posting to the UI
             self.monitor = None
         if show:
-            self._update_estimate()
+            self.update_estimate()
 
     def _sample_from_thread(self, sample) -> None:
+        """The monitor's thread, once per tick."""
         try:
-            self.call_from_thread(self._gpu_sample, sample)
+            self.post_message(GpuSampled(sample))
         except RuntimeError:
-            pass  # the app is shutting down
+            pass  # the app is shutting down (its event loop is closed)
 
-    def _gpu_sample(self, sample) -> None:
+    @on(GpuSampled)
+    @_while_running
+    def _gpu_sampled(self, event: GpuSampled) -> None:
         panel = self.query_one("#gpu-panel", GpuPanel)
         if self.monitor is not None:
-            panel.histories = {g.nvml_index: self.monitor.memory_history(g.nvml_index) for g in sample.gpus}
-        panel.sample = sample
-        self._update_estimate(recompute=False)
+            panel.histories = {g.nvml_index: self.monitor.memory_history(g.nvml_index) for g in event.sample.gpus}
+        panel.sample = event.sample
+        self.update_estimate(recompute=False)
 
-    def _update_estimate(self, recompute: bool = True) -> None:
+    def update_estimate(self, recompute: bool = True) -> None:
         """Estimate lines under the GPU panel; a new GPU sample only redoes the cheap fit lines."""
         panel = self.query_one("#gpu-panel", GpuPanel)
         if not panel.display or self.session is None:
             return
-        from rich.text import Text as _Text
-
-        from ..estimate import fit_line, fits, panel_lines
-
-        if recompute or self._estimate is None:
-            # O(tensors): computed on a thread so a freeze of 50k tensors repaints at once.
-            self._estimate_generation += 1
-            self._compute_estimate(self.train_precision, self.train_optimizer, self._estimate_generation)
-            if self._estimate is None:
+        estimator = self.estimator
+        if recompute or estimator.estimate is None:
+            self._compute_estimate(estimator.start(self.session))
+            if estimator.estimate is None:
                 return
-        est = self._estimate
-        sample = panel.sample
-        gpus = [g for g in sample.gpus if isinstance(g.memory_free, int)] if sample is not None and sample.ok else []
-        # Redraw the fit lines when free memory moves by 64 MB or more, not on every tick.
-        fit_key = (id(est), tuple((g.nvml_index, g.memory_free >> 26) for g in gpus))
-        if not recompute and fit_key == self._fit_key:
+        key = estimator.fit_key(panel.sample)
+        if not recompute and key == estimator.drawn:
             return
         if not panel.size.width:
             # Just shown and not laid out yet: draw once its width is known, not at a guess
             # (whether a guess or the real width won used to depend on timing).
-            self._fit_key = None
-            self.call_after_refresh(self._update_estimate, False)
+            estimator.drawn = None
+            self.call_after_refresh(self.update_estimate, False)
             return
-        self._fit_key = fit_key
+        estimator.drawn = key
         width = max(20, panel.size.width - 4)
-        lines = [_Text(line) for line in panel_lines(est, None, width=width)]
-        for g in gpus:
-            fit = f"GPU{g.nvml_index}: " + fit_line(est, g.memory_free)
-            lines.append(_Text(fit[:width], style="green" if fits(est, g.memory_free)[0] else "red"))
-        lines.append(_Text("t / T: precision / optimizer"[:width], style="dim"))
-        panel.estimate_lines = lines
-        if self.placement is not None and self.placement.device:
-            by_device = self.placement.bytes_by_device()
-            panel.placement_line = "placed: " + ", ".join(f"{d} {fmt_bytes(b)}" for d, b in by_device.items() if d != "file")
+        panel.estimate_lines = [Text(line, style=style) for line, style in estimator.lines(panel.sample, width)]
+        if self.mover is not None and self.mover.placed:
+            panel.placement_line = "placed: " + self.mover.placed_line()
         panel.refresh_panel()
 
     @work(thread=True, exit_on_error=False, group="estimate")
-    def _compute_estimate(self, precision: str, optimizer: str, generation: int) -> None:
-        from ..estimate import estimate_for_session
+    def _compute_estimate(self, job: EstimateJob) -> None:
+        self.post_message(EstimateReady(job, Estimator.compute(job)))
 
-        est = estimate_for_session(self.session, precision, optimizer)
-        self.call_from_thread(self._estimate_ready, est, generation)
+    @on(EstimateReady)
+    @_while_running
+    def _estimate_ready(self, event: EstimateReady) -> None:
+        if self.estimator.ready(event.job, event.estimate):
+            self.update_estimate(recompute=False)
 
-    def _estimate_ready(self, est, generation: int) -> None:
-        if generation != self._estimate_generation:
-            return  # a newer change is being estimated
-        self._estimate = est
-        self._update_estimate(recompute=False)
+    def action_cycle_precision(self) -> None:
+        precision = self.estimator.cycle_precision()
+        self.update_estimate()
+        self.notify(f"estimate for {precision}", timeout=2)
 
-    @work(thread=True, exit_on_error=False, group="stats")
-    def _compute_stats(self, record, cancel: threading.Event) -> None:
-        """Statistics and histogram of one tensor, streamed (cached; cancelled by the next row)."""
-        from ..audit import AuditCancelled, stats_supported, tensor_histogram, tensor_stats
-        from ..tensordata import TensorData
+    def action_cycle_optimizer(self) -> None:
+        optimizer = self.estimator.cycle_optimizer()
+        self.update_estimate()
+        self.notify(f"estimate for optimizer {optimizer}", timeout=2)
 
-        if not stats_supported(record.dtype):
-            result: tuple = (f"no statistics for {record.dtype}", None)
-        else:
-            try:
-                with TensorData() as data:
-                    stats = tensor_stats(data, record, cancel=cancel)
-                    result = (stats, tensor_histogram(data, record, bins=30, stats=stats, cancel=cancel))
-            except AuditCancelled:
-                return
-            except MscopeError as exc:
-                result = (exc.message, None)
-        self.call_from_thread(self._stats_ready, record.qualified_name, result)
+    def action_toggle_gpus(self) -> None:
+        panel = self.query_one("#gpu-panel", GpuPanel)
+        self._set_gpu_panel(not panel.display)
+        self.call_after_refresh(self._update_columns)
 
-    def _stats_ready(self, name: str, result: tuple) -> None:
-        self._stats_cache[name] = result
-        if not isinstance(result[0], str):
-            self._norm_stats.setdefault(name, result[0])
-        node = self.tree.cursor_node if self.query("#tree") else None
-        if node is not None and node.data is not None and node.data.tensor is not None and node.data.tensor.qualified_name == name:
-            self._show_row(node.data)
-
+    # -- audit and copies ----------------------------------------------------------------------
     def action_audit(self) -> None:
+        from .screens.progress import ProgressScreen
+
         if not self._guard():
             return
         cancel = threading.Event()
@@ -1018,17 +938,21 @@ class MscopeApp(App[int]):
         from ..audit import run_audit
 
         def progress(p) -> None:
-            self.call_from_thread(screen.update_progress, p.done, p.total)
+            screen.post_message(screen.Progress(p.done, p.total))
 
         report = run_audit(self.session.ckpt, stats=True, progress=progress, cancel=cancel)
-        self.call_from_thread(self._audit_done, screen, report)
+        self.post_message(Audited(screen, report))
 
-    def _audit_done(self, screen: ProgressScreen, report) -> None:
-        if screen.is_attached:
-            screen.dismiss(None)
-        for name, stats in report.stats.items():
-            self._stats_cache.setdefault(name, (stats, None))
-            self._norm_stats.setdefault(name, stats)
+    @on(Audited)
+    @_while_running
+    def _audited(self, event: Audited) -> None:
+        from .screens.audit import AuditScreen
+
+        if event.screen.is_attached:
+            event.screen.dismiss(None)
+        for name, stats in event.report.stats.items():
+            self.stats.add(name, stats)
+            self.norms.add(name, stats)
         self._show_cursor_row()  # the root's norm profile said "A (audit) computes it…"
 
         def jump(tensor: str | None) -> None:
@@ -1037,7 +961,7 @@ class MscopeApp(App[int]):
                 if not section:
                     self.tree.reveal(tensor_name=name)
 
-        self.push_screen(AuditScreen(report), jump)
+        self.push_screen(AuditScreen(event.report), jump)
 
     def action_cpu_copy(self) -> None:
         if not self._guard():
@@ -1052,10 +976,11 @@ class MscopeApp(App[int]):
         self._convert(lambda: remap_locations(ckpt, "cpu"))
 
     def action_cast_copy(self) -> None:
+        from .screens.confirm import ConfirmScreen
+
         if not self._guard():
             return
         from ..convert import cast_copy, preview_cast
-        from ..units import fmt_bytes as fb
 
         node = self.tree.cursor_node
         names = None if node is None or node is self.tree.root else self.selected_names()
@@ -1063,7 +988,7 @@ class MscopeApp(App[int]):
         try:
             for dtype, label in (("bfloat16", "bf16"), ("float16", "fp16"), ("float32", "fp32")):
                 before, after, changed = preview_cast(self.session.ckpt, dtype, names)
-                answers.append((dtype, f"{label}: {fb(before)} → {fb(after)}", "primary"))
+                answers.append((dtype, f"{label}: {fmt_bytes(before)} → {fmt_bytes(after)}", "primary"))
         except MscopeError as exc:
             self.notify(exc.line(), severity="error", timeout=8)
             return
@@ -1085,56 +1010,11 @@ class MscopeApp(App[int]):
         try:
             path = job()
         except MscopeError as exc:
-            self.call_from_thread(self.notify, exc.line(), severity="error", timeout=8)
+            self.post_message(Notice(exc.line(), "error", 8))
             return
-        self.call_from_thread(self.notify, f"saved {path}", timeout=6)
+        self.post_message(Notice(f"saved {path}", timeout=6))
 
-    def action_cycle_precision(self) -> None:
-        from ..estimate import PRECISIONS
-
-        names = [p for p in PRECISIONS if p != "as-saved"]
-        self.train_precision = names[(names.index(self.train_precision) + 1) % len(names)]
-        self._update_estimate()
-        self.notify(f"estimate for {self.train_precision}", timeout=2)
-
-    def action_cycle_optimizer(self) -> None:
-        from ..estimate import OPTIMIZERS
-
-        names = list(OPTIMIZERS)
-        self.train_optimizer = names[(names.index(self.train_optimizer) + 1) % len(names)]
-        self._update_estimate()
-        self.notify(f"estimate for optimizer {self.train_optimizer}", timeout=2)
-
-    def action_export_device_map(self) -> None:
-        if not self._guard():
-            return
-        if self.placement is None or not self.placement.device:
-            self.notify("nothing placed yet: move the model or a module to a device first (m)", severity="warning")
-            return
-        from ..devicemap import export_device_map, save_device_map
-        from ..writers import sibling_path
-
-        device_map = export_device_map(self.session, self.placement.device, default="cpu")
-        src = self.session.ckpt.path
-
-        def done(target: str | None) -> None:
-            if target is None:
-                return
-            try:
-                path = save_device_map(device_map, target)
-            except MscopeError as exc:
-                self.notify(exc.line(), severity="error", timeout=8)
-                return
-            self.notify(f"device map saved to {path}", timeout=5)
-
-        default = sibling_path(src.parent / src.name if src.is_dir() else src, "device-map", ".json")
-        self.push_screen(PathScreen("Save device_map (for from_pretrained)", str(default)), done)
-
-    def action_toggle_gpus(self) -> None:
-        panel = self.query_one("#gpu-panel", GpuPanel)
-        self._set_gpu_panel(not panel.display)
-        self.call_after_refresh(self._update_columns)
-
+    # -- devices -------------------------------------------------------------------------------
     def action_move(self) -> None:
         if not self._guard():
             return
@@ -1147,63 +1027,69 @@ class MscopeApp(App[int]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="devices")
     def _list_devices(self, names: list[str], what: str) -> None:
-        from ..placement import available_devices
+        self.post_message(DevicesListed(DeviceMover.devices(), names, what))  # imports torch: off the UI thread
 
-        devices = available_devices()  # imports torch: off the UI thread
-        self.call_from_thread(self._choose_device, devices, names, what)
+    @on(DevicesListed)
+    @_while_running
+    def _choose_device(self, event: DevicesListed) -> None:
+        from .screens.device import DeviceScreen
+        from .screens.progress import ProgressScreen
 
-    def _choose_device(self, devices, names: list[str], what: str) -> None:
         def chosen(device: str | None) -> None:
             if device is not None:
-                cancel = threading.Event()
-                screen = ProgressScreen(f"Moving {what} to {device}", cancel)
+                job = self.mover.start(event.names, device)
+                screen = ProgressScreen(f"Moving {event.what} to {device}", job.cancel)
                 self.push_screen(screen)
-                self._move(names, device, screen, cancel)
+                self._move(job, screen)
 
-        self.push_screen(DeviceScreen(devices, what), chosen)
+        self.push_screen(DeviceScreen(event.devices, event.what), chosen)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="move")
-    def _move(self, names: list[str], device: str, screen: ProgressScreen, cancel: threading.Event) -> None:
-        from ..placement import Placement
-
-        if self.placement is None:
-            self.placement = Placement(self.session.ckpt)
-
+    def _move(self, job: MoveJob, screen: ProgressScreen) -> None:
         def progress(done: int, total: int) -> None:
-            self.call_from_thread(screen.update_progress, done, total)
+            screen.post_message(screen.Progress(done, total))
 
-        try:
-            result = self.placement.move(names, device, progress=progress, cancel=cancel)
-        except MscopeError as exc:
-            self.call_from_thread(self._moved, screen, exc.line(), "error")
-            return
-        self.call_from_thread(self._moved, screen, result.message, "warning" if result.cancelled else "information")
+        message, severity = self.mover.move(job, progress)
+        self.post_message(Moved(screen, message, severity))
 
-    def _moved(self, screen: ProgressScreen, message: str, severity: str) -> None:
-        if screen.is_attached:
-            screen.dismiss(None)
-        if self.placement is not None and self.placement.device:
-            self.tree.device_of = self.placement.device_of
-        self.notify(message, severity=severity, timeout=6)
+    @on(Moved)
+    @_while_running
+    def _moved(self, event: Moved) -> None:
+        if event.screen.is_attached:
+            event.screen.dismiss(None)
+        if self.mover.placed:
+            self.tree.device_of = self.mover.placement.device_of
+        self.notify(event.message, severity=event.severity, timeout=6)
         self.refresh_state()
 
-    def on_worker_state_changed(self, event) -> None:
-        """A worker that died unexpectedly: one line, like the CLI, never a traceback."""
-        from textual.worker import WorkerState
+    def action_export_device_map(self) -> None:
+        from .screens.path import PathScreen
 
-        if event.state != WorkerState.ERROR:
+        if not self._guard():
             return
-        error = event.worker.error
-        line = error.line() if isinstance(error, MscopeError) else f"internal error: {type(error).__name__}: {error}"
-        line = " ".join(str(line).split())[:300]
-        if self.session is None:
-            self.error_line = line
-            self.exit(return_code=2 if isinstance(error, MscopeError) else 3)
-        else:
-            self.notify(line, severity="error", timeout=10)
+        if not self.mover.placed:
+            self.notify("nothing placed yet: move the model or a module to a device first (m)", severity="warning")
+            return
+        from ..devicemap import save_device_map
+
+        device_map = self.mover.device_map()
+
+        def done(target: str | None) -> None:
+            if target is None:
+                return
+            try:
+                path = save_device_map(device_map, target)
+            except MscopeError as exc:
+                self.notify(exc.line(), severity="error", timeout=8)
+                return
+            self.notify(f"device map saved to {path}", timeout=5)
+
+        self.push_screen(PathScreen("Save device_map (for from_pretrained)", str(self.mover.default_map_path())), done)
 
     # -- diff mode -----------------------------------------------------------------------------
     def action_compare(self) -> None:
+        from .screens.compare import CompareScreen
+
         if not self._guard():
             return
 
@@ -1219,101 +1105,64 @@ class MscopeApp(App[int]):
                 return
             self._start_compare(path)
 
-        if self.compare_path is not None:
-            default = str(self.compare_path)
-        else:
-            src = self.session.ckpt.path
-            folder = src if src.is_dir() else src.parent
-            default = "" if str(folder) == "." else str(folder) + os.sep
-        self.push_screen(CompareScreen(self.session.ckpt.path.name, default, in_diff=self.live is not None), done)
+        default = self.diff.default_path(self.session.ckpt)
+        self.push_screen(CompareScreen(self.session.ckpt.path.name, default, in_diff=self.diff.live is not None), done)
 
     def _start_compare(self, path: Path, prefetch=None) -> None:
         """Open A, show the tree coloured from metadata at once, then compare values in a worker."""
-        self._diff_cancel.set()
-        self._diff_cancel = threading.Event()
-        self._diff_generation += 1
-        self.compare_path = Path(path)
-        self.plan_lines = None
+        job = self.diff.start(path, prefetch)
         self._set_progress(f"opening {path} …")
-        self._open_compare(self.compare_path, prefetch, self._diff_generation, self._diff_cancel)
+        self._compare(job)
 
-    @work(thread=True, exit_on_error=False, group="diff-open")
-    def _open_compare(self, path: Path, prefetch, generation: int, cancel: threading.Event) -> None:
-        from ..diff import DiffStream, LiveDiff
-        from ..readers import open_checkpoint
-
+    @work(thread=True, exit_on_error=False, group="diff")
+    def _compare(self, job: DiffJob) -> None:
         try:
-            a = prefetch.result() if prefetch is not None else open_checkpoint(path, strict=False)
-            stream = DiffStream(a, self.session.ckpt, self.atol, self.rtol)
-            live = LiveDiff(stream)  # built here; from now on only the UI thread touches it
+            stream, live = self.diff.open(job, self.session.ckpt)
         except MscopeError as exc:
-            self.call_from_thread(self._compare_failed, generation, exc.line())
+            self.post_message(DiffFailed(job, exc.line()))
             return
-        live.running = True
-        self.call_from_thread(self._compare_ready, generation, live)
-        self._compare_values(stream, generation, cancel)
+        self.post_message(DiffOpened(job, live))
 
-    def _compare_failed(self, generation: int, line: str) -> None:
-        if generation != self._diff_generation:
+        def progress(p) -> None:  # at most every 0.1 s, also inside one big tensor
+            self.post_message(DiffProgress(job, p.done))
+
+        for batch in self.diff.batches(job, stream, progress):
+            self.post_message(DiffResults(job, batch))
+
+    @on(DiffFailed)
+    @_while_running
+    def _compare_failed(self, event: DiffFailed) -> None:
+        if not self.diff.is_current(event.job):
             return
         self._set_progress(None)
-        if self._compare_prefetch is not None and self.live is None:
-            self.error_line = line  # `mscope diff A B`: a bad A is a bad command, like the CLI
+        if event.job.prefetch is not None and self.diff.live is None:
+            self.error_line = event.line  # `mscope diff A B`: a bad A is a bad command, like the CLI
             self.exit(return_code=2)
             return
-        self.notify(line, severity="error", timeout=8)
+        self.notify(event.line, severity="error", timeout=8)
 
-    def _compare_ready(self, generation: int, live) -> None:
-        if generation != self._diff_generation:
+    @on(DiffOpened)
+    @_while_running
+    def _compare_ready(self, event: DiffOpened) -> None:
+        if not self.diff.ready(event.job, event.live):
             return
         cursor = self.tree.cursor_node.data if self.tree.cursor_node is not None else None
-        self.live = live
-        self.tree.diff = live
+        self.tree.diff = event.live
         self.tree.populate()
         if cursor is not None and not cursor.ghost and cursor.tensor is not None:
             self.tree.reveal(tensor_name=cursor.tensor.name)
         elif cursor is not None and not cursor.ghost and cursor.module is not None and cursor.module.name:
             self.tree.reveal(module_name=cursor.module.name)
-        self._set_progress(self._progress_line())
+        self._set_progress(self.diff.progress_line())
         self.refresh_state()
 
-    def _compare_values(self, stream, generation: int, cancel: threading.Event) -> None:
-        """Runs on the open worker's thread: values pair by pair, results to the UI in batches."""
-        import time
-
-        batch: list = []
-        last = time.monotonic()
-
-        def progress(p) -> None:  # at most every 0.1 s, also inside one big tensor
-            self.call_from_thread(self._diff_progress, generation, p.done)
-
-        for d in stream.run(progress=progress, cancel=cancel):
-            batch.append(d)
-            now = time.monotonic()
-            if now - last >= DIFF_BATCH_SECONDS:
-                self.call_from_thread(self._diff_results, generation, batch, stream.done_bytes)
-                batch, last = [], now
-        report = stream.finish()
-        plan_lines = None
-        if self.plan_path is not None and not report.cancelled:
-            from ..diff import check_plan
-
-            try:
-                plan_lines = check_plan(report, self.plan_path, stream.a).lines()
-            except MscopeError as exc:
-                plan_lines = [exc.line()]
-        self.call_from_thread(self._diff_results, generation, batch, stream.done_bytes, report, plan_lines)
-
-    def _diff_results(self, generation: int, batch: list, done: int, report=None, plan_lines=None) -> None:
-        if generation != self._diff_generation or self.live is None:
+    @on(DiffResults)
+    @_while_running
+    def _diff_results(self, event: DiffResults) -> None:
+        if not self.diff.apply(event.job, event.batch):
             return
-        live = self.live
-        for d in batch:
-            live.apply(d)
-        live.done_bytes = done
+        live, report, plan_lines = self.diff.live, event.batch.report, event.batch.plan_lines
         if report is not None:
-            live.finish(report)
-            self.plan_lines = plan_lines
             if report.cancelled:
                 self.notify(f"comparison stopped: {live.pending:,} tensor(s) not compared", severity="warning", timeout=5)
             elif plan_lines:
@@ -1322,35 +1171,28 @@ class MscopeApp(App[int]):
                 if report.plan is not None and report.plan.fingerprint:
                     # a plan made for another model is never silent (the root lists the names)
                     self.notify(report.plan.fingerprint[0], severity="warning", timeout=10)
-        self._set_progress(self._progress_line())
+        self._set_progress(self.diff.progress_line())
         self._render_header()
         self.tree.repaint()
         node = self.tree.cursor_node
         if node is not None:
             self._show_row(node.data)
 
-    def _diff_progress(self, generation: int, done: int) -> None:
-        if generation == self._diff_generation and self.live is not None and self.live.running:
-            self.live.done_bytes = done
-            self._set_progress(self._progress_line())
+    @on(DiffProgress)
+    @_while_running
+    def _diff_progress(self, event: DiffProgress) -> None:
+        if self.diff.progress(event.job, event.done):
+            self._set_progress(self.diff.progress_line())
             self._render_header()
-
-    def _progress_line(self) -> str | None:
-        live = self.live
-        if live is None or not live.running:
-            return None
-        return (
-            f"comparing {fmt_bytes(live.done_bytes)} / {fmt_bytes(live.total_bytes)} "
-            f"({live.fraction:.0%}) · {live.pending:,} to go · x stops"
-        )
 
     def _set_progress(self, line: str | None) -> None:
         widget = self.query_one("#diff-progress", Static)
         widget.display = line is not None
         if line is not None:
-            if self.live is not None and self.live.running and self.live.total_bytes:
+            live = self.diff.live
+            if live is not None and live.running and live.total_bytes:
                 width = 12
-                full = round(self.live.fraction * width)
+                full = round(live.fraction * width)
                 text = Text("█" * full + "░" * (width - full) + " ", style="green")
                 text.append(line)
                 widget.update(text)
@@ -1358,67 +1200,32 @@ class MscopeApp(App[int]):
                 widget.update(Text(line))
 
     def action_stop_compare(self) -> None:
-        if self.live is not None and self.live.running:
-            self._diff_cancel.set()
+        if self.diff.stop():
             self._set_progress("stopping…")
-        elif self.live is None:
+        elif self.diff.live is None:
             self.notify("not in diff mode: v compares this file against another", timeout=3)
 
     def _leave_diff(self) -> None:
-        self._diff_cancel.set()
-        self._diff_generation += 1
-        self.live = None
-        self.plan_lines = None
-        self.compare_path = None
+        self.diff.leave()
         self._set_progress(None)
         self.tree.diff = None
         self.tree.populate()
         self.refresh_state()
 
-    def _change_order(self) -> list[tuple[str, bool]]:
-        """(name, ghost) of every tensor that differs, in tree order (tensors, then modules)."""
-        from ..diff import IDENTICAL, PENDING, RENAMED
-
-        live = self.live
-        out: list[tuple[str, bool]] = []
-        stack: list[tuple[object, bool]] = [(self.session.ckpt.tree, False)]
-        while stack:
-            module, ghost = stack.pop()
-            if not ghost:
-                for t in module.tensors:
-                    d = live.tensor(t.name)
-                    if d is not None and d.status not in (IDENTICAL, PENDING, RENAMED):
-                        out.append((t.name, False))
-            for t in live.ghost_tensors(module.name):
-                d = live.a_tensor(t.name)
-                if d is not None and d.status != RENAMED:
-                    out.append((t.name, True))
-            children = [] if ghost else [(m, False) for m in module.children.values()]
-            children += [(live.a_module(n) or _Named(n), True) for n in live.ghost_modules(module.name)]
-            stack.extend(reversed(children))
-        return out
-
     def _jump_change(self, step: int) -> None:
         if not self._guard():
             return
-        if self.live is None:
+        if self.diff.live is None:
             self.notify("not in diff mode: v compares this file against another", timeout=3)
-            return
-        order = self._change_order()
-        if not order:
-            self.notify("no changes" + (" found yet" if self.live.running else ""), timeout=3)
             return
         node = self.tree.cursor_node
         row = node.data if node is not None else None
         here = (row.tensor.name, row.ghost) if row is not None and row.tensor is not None else None
-        if here in order:
-            index = (order.index(here) + step) % len(order)
-        else:
-            index = 0 if step > 0 else len(order) - 1
-        name, _ = order[index]
-        if self.filter_text:
-            self._apply_filter("", None, None)
-            self.query_one("#filter", Input).value = ""
+        name = self.diff.next_change(self.session.ckpt, here, step)
+        if name is None:
+            self.notify("no changes" + (" found yet" if self.diff.running else ""), timeout=3)
+            return
+        self._drop_filter()
         self.tree.reveal(tensor_name=name)
 
     def action_next_change(self) -> None:
@@ -1428,30 +1235,21 @@ class MscopeApp(App[int]):
         self._jump_change(-1)
 
     def on_unmount(self) -> None:
-        for event in (self._diff_cancel, self._norm_cancel, self._stats_cancel):
-            event.set()
+        for controller in (self.diff, self.norms, self.stats, self.mover, self.estimator):
+            if controller is not None:
+                controller.close()
         if self.monitor is not None:
             self.monitor.close(timeout=0)
             self.monitor = None
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        yield from super().get_system_commands(screen)
-        for binding in self.BINDINGS:
-            if binding.action in ("quit_app",):
-                continue
-            label = binding.description or binding.action
-            yield SystemCommand(label, f"{label} ({binding.key})", getattr(self, f"action_{binding.action}"))
-        yield SystemCommand("Quit mscope", "quit (asks about unsaved changes)", self.action_quit_app)
-
-
-class _Named:
-    """A stand-in module (name only) for a module A has whose node cannot be found."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.tensors: list = []
-        self.children: dict = {}
-
+        """Textual's commands, then every action of BINDINGS once; Textual's "Quit" gives way to
+        ours (it asks about unsaved changes)."""
+        ours = keys.palette(self.BINDINGS)
+        titles = {title for title, _, _ in ours}
+        yield from (command for command in super().get_system_commands(screen) if command.title not in titles)
+        for title, help_text, action in ours:
+            yield SystemCommand(title, help_text, getattr(self, f"action_{action}"))
 
 def run_app(
     path: str | os.PathLike, gpu_interval: float = 1.0, prefetch=None, gc_paused: bool = False, **diff
@@ -1471,7 +1269,4 @@ def run_app(
             gc.enable()
     if app.error_line:
         return 2, app.error_line
-    code = app.return_code or 0
-    if code == 0 and app.live is not None and app.live.report is not None:
-        code = app.live.report.exit_code
-    return code, None
+    return app.return_code or app.diff.exit_code, None

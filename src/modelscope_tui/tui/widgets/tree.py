@@ -15,8 +15,8 @@ from textual.message import Message
 from textual.widgets import Tree
 from textual.widgets._tree import TreeNode
 
-from ..checkpoint import PARAMETER, ModuleNode, TensorRecord
-from ..diff import (
+from ...checkpoint import PARAMETER, ModuleNode, TensorRecord
+from ...diff import (
     ADDED,
     CHANGED,
     CLOSE,
@@ -31,8 +31,8 @@ from ..diff import (
     LiveModule,
     TensorDiff,
 )
-from ..session import Session
-from ..units import fmt_bytes, fmt_count, safe_text
+from ...session import Session
+from ...units import fmt_bytes, fmt_count, safe_text
 
 PAGE = 200  # children added per expansion step; a flat 100k-tensor dict stays responsive
 GUIDE = 3
@@ -185,6 +185,20 @@ class ParamTree(Tree[Row]):
                 node.add_leaf(row.tensor.name.rsplit(".", 1)[-1], row)
         if end < len(rows):
             node.add_leaf("more", Row(more_of=module, depth=depth, shown=end, ghost=ghost))
+
+    def expand_visible(self, node: TreeNode[Row], budget: int) -> int:
+        """Expand `node` and what is under it, depth first, until `budget` rows were added;
+        returns the budget left (<= 0: stopped early)."""
+        stack = [node]
+        while stack and budget > 0:
+            current = stack.pop()
+            if current.allow_expand:
+                current.expand()
+                if not current.children and current.data and current.data.module:
+                    self._add_children(current, current.data.module, 0)
+                budget -= len(current.children)
+                stack.extend(reversed(current.children))
+        return budget
 
     def load_more(self, node: TreeNode[Row]) -> None:
         row = node.data

@@ -11,8 +11,8 @@ from textual.geometry import Region
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from ..gpu import NA, GpuSample, GpuSnapshot, na_or
-from ..units import fmt_bytes, safe_text, sparkline
+from ...gpu import NA, GpuSample, GpuSnapshot, na_or
+from ...units import fmt_bytes, safe_text, sparkline
 
 BAR_WIDTH = 20
 
