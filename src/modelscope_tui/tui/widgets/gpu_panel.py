@@ -11,7 +11,8 @@ from textual.geometry import Region
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from ...gpu import NA, GpuSample, GpuSnapshot, na_or
+from ...gpu.na import NA, na_or
+from ...gpu.snapshot import GpuSample, GpuSnapshot
 from ...units import fmt_bytes, safe_text, sparkline
 
 BAR_WIDTH = 20
