@@ -3,7 +3,8 @@
     python bench/bench_gpu_import.py [--runs 15] [--nvitop-site DIR]
 
 Each statement runs in fresh processes, alternating, and is timed inside the process
-(perf_counter around the import only, so interpreter start-up is not counted):
+(perf_counter and process CPU time around the import only, so interpreter start-up is not
+counted; CPU time is the steadier figure on a loaded machine):
 
 - warm: bytecode and files in the page cache (every run after the first of the day);
 - cold: the files that statement opens are first dropped from the page cache with
@@ -42,13 +43,13 @@ CHILD = """
 import sys, time
 {pre}
 before = set(sys.modules)
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 {stmt}
-dt = time.perf_counter() - t
+dt, dc = time.perf_counter() - t, time.process_time() - c
 import json
 new = sorted(set(sys.modules) - before)
 files = [getattr(sys.modules[m], "__file__", None) for m in new]
-print(json.dumps({{"seconds": dt, "modules": len(new), "files": [f for f in files if f]}}))
+print(json.dumps({{"seconds": dt, "cpu": dc, "modules": len(new), "files": [f for f in files if f]}}))
 """
 
 
@@ -96,19 +97,21 @@ def main() -> None:
         statements.update(THEIRS)
     env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
     opened = {label: child(pre, stmt, env) for label, (pre, stmt) in statements.items()}
-    times: dict[tuple[str, str], list[float]] = {}
+    times: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.runs):
         for label, (pre, stmt) in statements.items():  # alternate, so load drifts hit all alike
-            times.setdefault((label, "warm"), []).append(child(pre, stmt, env)["seconds"])
+            times.setdefault((label, "warm"), []).append(child(pre, stmt, env))
             evict(opened[label]["files"])
-            times.setdefault((label, "cold"), []).append(child(pre, stmt, env)["seconds"])
-    print(f"{'statement':46} {'mode':5} {'median':>8} {'min':>8} {'max':>8} {'modules':>8}")
+            times.setdefault((label, "cold"), []).append(child(pre, stmt, env))
+    print(f"{'statement':46} {'mode':5} {'median':>8} {'min':>8} {'cpu med':>8} {'modules':>8}")
     for label in statements:
         for mode in ("warm", "cold"):
-            t = sorted(x * 1e3 for x in times[(label, mode)])
+            runs = times[(label, mode)]
+            wall = sorted(r["seconds"] * 1e3 for r in runs)
+            cpu = statistics.median(r["cpu"] * 1e3 for r in runs)
             print(
-                f"{label:46} {mode:5} {statistics.median(t):7.1f}ms {t[0]:7.1f}ms {t[-1]:7.1f}ms"
-                f" {opened[label]['modules']:8}"
+                f"{label:46} {mode:5} {statistics.median(wall):7.1f}ms {wall[0]:7.1f}ms"
+                f" {cpu:7.1f}ms {opened[label]['modules']:8}"
             )
     print(f"({args.runs} runs each, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs)")
 
