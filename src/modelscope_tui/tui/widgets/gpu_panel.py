@@ -5,6 +5,8 @@ It only draws what it is given: the app sets `sample`, `histories` and `estimate
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Group, RenderableType
 from rich.text import Text
 from textual.geometry import Region
@@ -12,8 +14,10 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from ...gpu.na import NA, na_or
-from ...gpu.snapshot import GpuSample, GpuSnapshot
 from ...units import fmt_bytes, safe_text, sparkline
+
+if TYPE_CHECKING:  # the explorer starts without the GPU layer; it comes with the first sample
+    from ...gpu.snapshot import GpuSample, GpuSnapshot
 
 BAR_WIDTH = 20
 
