@@ -841,7 +841,7 @@ class MscopeApp(App[int]):
         panel.display = show
         panel.compact = self.size.width < NARROW
         if show and self.monitor is None:
-            from ..gpu import GpuMonitor
+            from ..gpu.monitor import GpuMonitor
 
             try:
                 self.monitor = GpuMonitor.from_env(interval=self.gpu_interval)

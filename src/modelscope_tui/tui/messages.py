@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
     from ..diff import LiveDiff
     from ..estimate import MemoryEstimate
-    from ..gpu import GpuSample
+    from ..gpu.snapshot import GpuSample
     from ..placement import DeviceInfo
     from .controllers.diff import Batch, DiffJob
     from .controllers.estimate import EstimateJob
