@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from modelscope_tui import writers
-from modelscope_tui.freeze import load_plan, save_plan
 from modelscope_tui.readers import open_checkpoint
-from modelscope_tui.session import Session
+from modelscope_tui.training.plan import load_plan, save_plan
+from modelscope_tui.training.session import Session
 from modelscope_tui.writers import (
     TEMP_MARK,
     SaveError,
@@ -84,8 +84,8 @@ CHILD = textwrap.dedent(
     ckpt = open_checkpoint(src)
     frozen = json.loads(os.environ["FROZEN"])
     if mode == "plan":
-        from modelscope_tui.freeze import save_plan
-        from modelscope_tui.session import Session
+        from modelscope_tui.training.plan import save_plan
+        from modelscope_tui.training.session import Session
         session = Session(ckpt)
         session.freeze(list(frozen))
     print("ready", flush=True)

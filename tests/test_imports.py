@@ -35,13 +35,16 @@ CORE = [
     "modelscope_tui.readers.legacy",
     "modelscope_tui.readers.walk",
     "modelscope_tui.gpu",
-    "modelscope_tui.session",
-    "modelscope_tui.freeze",
-    "modelscope_tui.estimate",
-    "modelscope_tui.placement",
+    "modelscope_tui.training.session",
+    "modelscope_tui.training.plan",
+    "modelscope_tui.training.fingerprint",
+    "modelscope_tui.training.apply",
+    "modelscope_tui.training.snippet",
+    "modelscope_tui.training.estimate",
+    "modelscope_tui.training.placement",
+    "modelscope_tui.training.devicemap",
     "modelscope_tui.writers",
     "modelscope_tui.convert",
-    "modelscope_tui.devicemap",
 ]
 
 

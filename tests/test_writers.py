@@ -21,7 +21,7 @@ from modelscope_tui import open_checkpoint, writers
 from modelscope_tui.errors import CorruptCheckpointError
 from modelscope_tui.readers import legacy as legacy_reader
 from modelscope_tui.readers.picklepatch import scan_tensor_rebuilds
-from modelscope_tui.session import Session
+from modelscope_tui.training.session import Session
 from modelscope_tui.writers import TEMP_MARK, SaveError, save_with_requires_grad
 
 MODEL_SOURCE = '''

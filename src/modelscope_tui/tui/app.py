@@ -32,7 +32,7 @@ from textual.worker import Worker, WorkerState
 from ..checkpoint import Checkpoint
 from ..errors import MscopeError
 from ..readers import FORMAT_LABELS
-from ..session import Session
+from ..training.session import Session
 from ..units import fmt_bytes, safe_text
 from . import keys
 from .controllers.caveats import NormCaveat
@@ -529,7 +529,7 @@ class MscopeApp(App[int]):
             return
         groups = self.session.block_groups()
         if not groups:
-            from ..session import NO_BLOCKS_HINT
+            from ..training.session import NO_BLOCKS_HINT
 
             self.notify(f"no repeated blocks found: {NO_BLOCKS_HINT}", severity="warning")
             return
@@ -595,7 +595,7 @@ class MscopeApp(App[int]):
         self.push_screen(PathScreen("Save freeze plan", str(self.default_plan_path()), note), done)
 
     def _save_plan_to(self, target: Path, then_quit: bool, overwrite: bool) -> None:
-        from ..freeze import save_plan
+        from ..training.plan import save_plan
 
         if target.exists() and not overwrite:
             self._confirm_overwrite(target, lambda: self._save_plan_to(target, then_quit, overwrite=True))
@@ -1070,7 +1070,7 @@ class MscopeApp(App[int]):
         if not self.mover.placed:
             self.notify("nothing placed yet: move the model or a module to a device first (m)", severity="warning")
             return
-        from ..devicemap import save_device_map
+        from ..training.devicemap import save_device_map
 
         device_map = self.mover.device_map()
 
