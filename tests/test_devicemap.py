@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+
+from modelscope_tui import open_checkpoint
+from modelscope_tui.errors import MscopeError
 from modelscope_tui.training.devicemap import (
     BalancedMap,
     DeviceMapError,
@@ -20,9 +23,6 @@ from modelscope_tui.training.devicemap import (
     save_device_map,
     tie_conflicts,
 )
-
-from modelscope_tui import open_checkpoint
-from modelscope_tui.errors import MscopeError
 from modelscope_tui.training.session import Session
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"

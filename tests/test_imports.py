@@ -43,8 +43,11 @@ CORE = [
     "modelscope_tui.training.estimate",
     "modelscope_tui.training.placement",
     "modelscope_tui.training.devicemap",
-    "modelscope_tui.writers",
-    "modelscope_tui.convert",
+    "modelscope_tui.write.atomic",
+    "modelscope_tui.write.requires_grad",
+    "modelscope_tui.write.remap",
+    "modelscope_tui.write.cast",
+    "modelscope_tui.write.zipwriter",
 ]
 
 

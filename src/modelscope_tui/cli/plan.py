@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     from ..readers import open_checkpoint
     from ..training.plan import PlanError, save_plan
     from ..training.session import Selector, Session
-    from ..writers import sibling_path
+    from ..write.atomic import sibling_path
 
     out = out or sys.stdout
     dest = Path(args.output) if args.output else None

@@ -203,7 +203,7 @@ def save_device_map(
     device_map: Mapping[str, Device], path: str | os.PathLike, overwrite: bool = False
 ) -> Path:
     """Write the map atomically; an existing file needs `overwrite=True` (kept as `path.bak`)."""
-    from ..writers import atomic_write
+    from ..write.atomic import atomic_write
 
     data = device_map_bytes(device_map)
     return atomic_write(path, lambda fh: fh.write(data), overwrite=overwrite)

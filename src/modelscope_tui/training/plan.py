@@ -59,7 +59,7 @@ from typing import Any
 from .. import __version__
 from ..errors import MscopeError
 from ..jsonfile import json_bytes, read_json_file
-from ..writers import atomic_write
+from ..write.atomic import atomic_write
 from .fingerprint import checkpoint_fingerprint, checkpoint_shapes
 from .session import Action, Selector, Session
 

@@ -574,7 +574,7 @@ class MscopeApp(App[int]):
 
     # -- saving --------------------------------------------------------------------------------
     def default_plan_path(self) -> Path:
-        from ..writers import sibling_path
+        from ..write.atomic import sibling_path
 
         src = self.session.ckpt.path
         if src.is_dir():
@@ -640,7 +640,7 @@ class MscopeApp(App[int]):
                 timeout=6,
             )
             return
-        from ..writers import sibling_path
+        from ..write.atomic import sibling_path
 
         def done(target: str | None) -> None:
             if target is None:
@@ -655,7 +655,7 @@ class MscopeApp(App[int]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="save")
     def _write_checkpoint(self, target: Path, overwrite: bool = False) -> None:
-        from ..writers import save_with_requires_grad
+        from ..write.requires_grad import save_with_requires_grad
 
         flags = {name: self.session.is_trainable(name) for name in self.session.canonical}
         try:
@@ -970,7 +970,7 @@ class MscopeApp(App[int]):
         if not locations:
             self.notify("every tensor is already stored for the CPU; nothing to remap", timeout=4)
             return
-        from ..convert import remap_locations
+        from ..write.remap import remap_locations
 
         ckpt = self.session.ckpt
         self._convert(lambda: remap_locations(ckpt, "cpu"))
@@ -980,7 +980,7 @@ class MscopeApp(App[int]):
 
         if not self._guard():
             return
-        from ..convert import cast_copy, preview_cast
+        from ..write.cast import cast_copy, preview_cast
 
         node = self.tree.cursor_node
         names = None if node is None or node is self.tree.root else self.selected_names()

@@ -70,7 +70,7 @@ class DeviceMover:
         return export_device_map(self.session, self.placement.device, default="cpu")
 
     def default_map_path(self) -> Path:
-        from ...writers import sibling_path
+        from ...write.atomic import sibling_path
 
         src = self.session.ckpt.path
         return sibling_path(src.parent / src.name if src.is_dir() else src, "device-map", ".json")
