@@ -248,6 +248,7 @@ def apply_freeze_plan(
         if f and t:
             conflicts.append(f"{', '.join(f)} frozen but tied {', '.join(t)} trainable: frozen")
         value = not f
+        # checkpoint.can_require_grad's rule, asked of torch itself: this is a live tensor.
         if value and not (param.is_floating_point() or param.is_complex()):
             notes.append(
                 f"{names[0]} is {str(param.dtype).removeprefix('torch.')} and cannot require grad"
