@@ -376,9 +376,10 @@ def exercise(path: Path) -> str:
     from rich.console import Console
 
     from modelscope_tui.audit import stats_supported, tensor_stats
+    from modelscope_tui.cli.summary import render_summary
     from modelscope_tui.errors import MscopeError
     from modelscope_tui.readers import open_checkpoint
-    from modelscope_tui.summary import render_summary, summary_dict
+    from modelscope_tui.summary import summary_dict
     from modelscope_tui.tensordata import TensorData
 
     try:
