@@ -68,6 +68,10 @@ class NodeState(StrEnum):
     MIXED = "mixed"
 
 
+# node_state runs for every painted row; an Enum class attribute costs ~90 ns on Python 3.11.
+_TRAINABLE, _FROZEN, _MIXED = NodeState.TRAINABLE, NodeState.FROZEN, NodeState.MIXED
+
+
 @dataclass(slots=True)
 class Rule:
     """One user decision, kept in order for the freeze plan."""
@@ -199,13 +203,9 @@ class Session:
             if not tied:
                 return None
             values = {self.trainable[c] for c in tied}
-            if len(values) > 1:
-                return NodeState.MIXED
-            return NodeState.TRAINABLE if values.pop() else NodeState.FROZEN
+            return _MIXED if len(values) > 1 else _TRAINABLE if values.pop() else _FROZEN
         trainable = self._count(node.name)
-        if trainable == params:
-            return NodeState.TRAINABLE
-        return NodeState.FROZEN if trainable == 0 else NodeState.MIXED
+        return _TRAINABLE if trainable == params else _FROZEN if trainable == 0 else _MIXED
 
     def totals(self) -> tuple[int, int]:
         """(trainable elements, all parameter elements), tied parameters counted once."""
