@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from modelscope_tui import open_checkpoint
 from modelscope_tui.errors import MscopeError
-from modelscope_tui.readers.picklepatch import scan_storage_locations
+from modelscope_tui.readers.pickle.patch import scan_storage_locations
 from modelscope_tui.write import cast as cast_mod
 from modelscope_tui.write import zipwriter
 from modelscope_tui.write.atomic import TEMP_MARK, SaveError

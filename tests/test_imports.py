@@ -30,7 +30,7 @@ CORE = [
     "modelscope_tui.summary",
     "modelscope_tui.cli",
     "modelscope_tui.readers",
-    "modelscope_tui.readers.unpickler",
+    "modelscope_tui.readers.pickle.unpickler",
     "modelscope_tui.readers.torchzip",
     "modelscope_tui.readers.legacy",
     "modelscope_tui.readers.walk",
@@ -81,7 +81,7 @@ def test_domain_modules_never_import_textual():
     """DESIGN.md: a domain module never imports textual (rendering lives in cli/ or tui/). All of
     them in one process; on failure, each alone names the culprit."""
     modules = domain_modules()
-    assert "modelscope_tui.checkpoint" in modules and "modelscope_tui.readers.unpickler" in modules
+    assert "modelscope_tui.checkpoint" in modules and "modelscope_tui.readers.pickle.unpickler" in modules
     assert not any(m.startswith("modelscope_tui.tui") for m in modules)
     loaded = modules_after("\n".join(f"import {m}" for m in modules))
     if "textual" in loaded:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from modelscope_tui import native, statkernel
-from modelscope_tui.readers import unpickler as U
+from modelscope_tui.readers.pickle import scan as S
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,9 +59,10 @@ def test_a_build_without_a_hash_is_ignored(tmp_path):
 
 def test_editing_a_source_changes_the_hash(tmp_path):
     for name in native.SOURCES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(native.HERE / name, tmp_path / name)
     assert native.source_hash(tmp_path) == native.source_hash()
-    with open(tmp_path / "picklescan.c", "a") as f:
+    with open(tmp_path / "readers" / "pickle" / "picklescan.c", "a") as f:
         f.write("/* edited */\n")
     assert native.source_hash(tmp_path) != native.source_hash()
     (tmp_path / "statkernel.c").unlink()
@@ -79,12 +80,12 @@ def test_the_installed_library_is_current():
 def test_no_library_means_the_python_paths(monkeypatch):
     monkeypatch.setattr(native, "_opened", [None])
     monkeypatch.setattr(statkernel, "_loaded", {})
-    U._native_scan.cache_clear()
+    S.native_scan.cache_clear()
     try:
         assert statkernel.load() is None
-        assert U._native_scan() is None
+        assert S.native_scan() is None
     finally:
-        U._native_scan.cache_clear()
+        S.native_scan.cache_clear()
 
 
 def test_no_compiler_warns_and_builds_nothing(tmp_path, monkeypatch, capsys):

@@ -20,7 +20,7 @@ import torch
 from modelscope_tui import open_checkpoint
 from modelscope_tui.errors import CorruptCheckpointError
 from modelscope_tui.readers import legacy as legacy_reader
-from modelscope_tui.readers.picklepatch import scan_tensor_rebuilds
+from modelscope_tui.readers.pickle.patch import scan_tensor_rebuilds
 from modelscope_tui.training.session import Session
 from modelscope_tui.write import requires_grad
 from modelscope_tui.write.atomic import TEMP_MARK, SaveError

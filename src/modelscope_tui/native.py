@@ -14,7 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 LIBRARY = HERE / "_native.so"
-SOURCES = ("native.c", "statkernel.c", "picklescan.c")  # compiled together, hashed together
+SOURCES = ("native.c", "statkernel.c", "readers/pickle/picklescan.c")  # compiled together, hashed together
 _opened: list[ctypes.CDLL | None] = []
 
 

@@ -137,7 +137,7 @@ def number_sites(data: bytes) -> list[tuple[int, int, str]]:
 
 
 def _pickle_end(data: bytes, start: int) -> int:
-    from modelscope_tui.readers.unpickler import scan_pickle
+    from modelscope_tui.readers.pickle.scan import scan_pickle
 
     return scan_pickle(data, start)
 

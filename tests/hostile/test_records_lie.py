@@ -88,7 +88,7 @@ def test_build_cannot_rewrite_a_record(tmp_path, where, attrs, spelling):
 
 def test_build_on_the_class_does_not_leak_into_the_next_file(tmp_path):
     """The classes are shared by every file this process opens (the explorer opens several)."""
-    from modelscope_tui.readers.unpickler import TensorRef
+    from modelscope_tui.readers.pickle.unpickler import TensorRef
 
     attack = _attack("class", {"__init__": "x", "storage_offset": 9}, "slots")
     open_checkpoint(_write(tmp_path, "attack", attack))

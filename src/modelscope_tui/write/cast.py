@@ -22,7 +22,7 @@ from ..checkpoint import DTYPE_ITEMSIZE, FLOATING_DTYPES, Checkpoint, TensorReco
 from ..enums import StrEnum
 from ..errors import MscopeError, TensorDataError
 from ..jsonfile import compact_json, json_bytes
-from ..readers.picklepatch import contiguous_stride
+from ..readers.pickle.patch import contiguous_stride
 from .atomic import (
     SaveError,
     as_save_error,

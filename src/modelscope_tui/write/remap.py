@@ -2,7 +2,7 @@
 
 The fix for "Attempting to deserialize object on a CUDA device" on machines without that device.
 Only the location strings of the storages' persistent ids change in the pickle (the opcode walk
-in `readers.picklepatch`; nothing is unpickled for real); every other archive member is copied
+in `readers.pickle.patch`; nothing is unpickled for real); every other archive member is copied
 byte for byte into a zip laid out as torch's own writer lays it out (zipwriter.py). The new file
 is read back and compared with the source before atomic_write renames it into place.
 """
@@ -18,9 +18,9 @@ from typing import Any, BinaryIO
 
 from ..checkpoint import Checkpoint
 from ..errors import MscopeError
-from ..readers.picklepatch import PicklePatchError, rewrite_storage_locations
+from ..readers.pickle.patch import PicklePatchError, rewrite_storage_locations
+from ..readers.pickle.scan import scan_pickle
 from ..readers.torchzip import MAX_PICKLE_BYTES, archive_prefix, is_torchscript
-from ..readers.unpickler import scan_pickle
 from ..readers.ziparchive import DEFLATED, STORED, ZipArchive
 from .atomic import (
     SaveError,
@@ -59,7 +59,7 @@ def remap_locations(
 
     torch zip archives (state dicts, training checkpoints, full modules) and legacy (pre-1.6)
     files. Only the location strings that feed storage persistent ids change (see
-    `picklepatch.rewrite_storage_locations` for the one exception: a persistent id tuple that
+    `readers.pickle.patch.rewrite_storage_locations` for the one exception: a persistent id tuple that
     is itself read elsewhere). Every other member is copied byte for byte; the zip is rebuilt
     as torch writes it, each member's data aligned to the archive's `.storage_alignment` (64).
     Default destination: `model.cpu.pt` next to the source.

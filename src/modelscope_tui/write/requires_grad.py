@@ -20,9 +20,9 @@ from typing import BinaryIO
 
 from ..checkpoint import PARAMETER, Checkpoint, TensorRecord, can_require_grad
 from ..errors import MscopeError
-from ..readers.picklepatch import PicklePatchError, TensorRebuild, scan_tensor_rebuilds
+from ..readers.pickle.patch import PicklePatchError, TensorRebuild, scan_tensor_rebuilds
+from ..readers.pickle.scan import scan_pickle
 from ..readers.torchzip import archive_prefix
-from ..readers.unpickler import scan_pickle
 from ..readers.ziparchive import STORED, ZipArchive, ZipEntry
 from .atomic import SaveError, atomic_write, copy_range, sibling_path, write_all
 from .zipwriter import CENTRAL, EOCD, EOCD64, EOCD64_LOCATOR, FLAG_DESCRIPTOR

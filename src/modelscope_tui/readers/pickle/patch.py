@@ -1,7 +1,8 @@
-"""Find the bytes of a pickle that hold each tensor's requires_grad flag, without unpickling.
+"""Find the bytes of a pickle that hold each tensor's requires_grad flag or a storage's
+location, without unpickling, and rewrite them.
 
-A symbolic stack machine walks the opcodes (pure Python, decoded here) and evaluates just
-enough to see the torch rebuild calls: their storage key, offset, shape, stride, and where a literal
+A symbolic stack machine walks the opcodes (as opcodes.tokens reads them, the same reading as
+the pre-scan's) and evaluates just enough to see the torch rebuild calls: their storage key, offset, shape, stride, and where a literal
 `True`/`False` argument was pushed. Everything else becomes an opaque value. Nothing is imported
 or called.
 
@@ -22,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import MscopeError
+from ...errors import MscopeError
+from .opcodes import OPCODES, tokens
 from .unpickler import TORCH_DTYPES
 
 
@@ -185,35 +187,21 @@ class _Machine:
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, data: bytes) -> None:
-        """Decode and evaluate opcodes. Hand-rolled (not pickletools.genops, which is several
-        times slower); the branches are ordered by how often torch pickles use each opcode."""
+        """Evaluate the opcodes opcodes.tokens reads; the branches are ordered by how often
+        torch pickles use each opcode."""
         memo = self.memo
         reused = self.reused
         metastack = self.metastack
         stack = self.stack
-        u32 = _U32.unpack_from
-        n = len(data)
-        pos = 0
-        while pos < n:
-            at = pos
-            op = data[pos]
-            pos += 1
+        for op, at, arg, nxt in tokens(data):
+            if nxt < 0:  # a malformed argument, or not an opcode (opcodes.tokens says which)
+                raise PicklePatchError(f"{self.source}: {arg} at byte {at} (opcode 0x{op:02x})")
             if op == 0x68:  # h BINGET
-                value = memo[data[pos]]
-                pos += 1
+                value = memo[arg]
                 reused.add(id(value))
                 stack.append(value)
-            elif op == 0x72:  # r LONG_BINPUT
-                memo[u32(data, pos)[0]] = stack[-1]
-                pos += 4
-            elif op == 0x6A:  # j LONG_BINGET
-                value = memo[u32(data, pos)[0]]
-                pos += 4
-                reused.add(id(value))
-                stack.append(value)
-            elif op == 0x71:  # q BINPUT
-                memo[data[pos]] = stack[-1]
-                pos += 1
+            elif op == 0x72 or op == 0x71:  # r LONG_BINPUT, q BINPUT
+                memo[arg] = stack[-1]
             elif op == 0x52:  # R REDUCE
                 args = stack.pop()
                 func = stack[-1]
@@ -225,11 +213,14 @@ class _Machine:
             elif op == 0x29:  # ) EMPTY_TUPLE
                 stack.append(())
             elif op == 0x4B:  # K BININT1
-                stack.append(data[pos])
-                pos += 1
+                stack.append(arg)
             elif op == 0x28:  # ( MARK
                 metastack.append(stack)
                 stack = []
+            elif op == 0x6A:  # j LONG_BINGET
+                value = memo[arg]
+                reused.add(id(value))
+                stack.append(value)
             elif op == 0x7D or op == 0x8F:  # } EMPTY_DICT, EMPTY_SET
                 stack.append(OPAQUE)
             elif op == 0x85:  # TUPLE1
@@ -240,16 +231,8 @@ class _Machine:
                 value = tuple(stack)
                 stack = metastack.pop()
                 stack.append(value)
-            elif op == 0x58:  # X BINUNICODE
-                size = u32(data, pos)[0]
-                pos += 4
-                stack.append(data[pos : pos + size].decode("utf-8", "surrogatepass"))
-                pos += size
-            elif op == 0x8C:  # SHORT_BINUNICODE
-                size = data[pos]
-                pos += 1
-                stack.append(data[pos : pos + size].decode("utf-8", "surrogatepass"))
-                pos += size
+            elif op == 0x58 or op == 0x8C:  # X BINUNICODE, SHORT_BINUNICODE
+                stack.append(data[arg:nxt].decode("utf-8", "surrogatepass"))
             elif op == 0x94:  # MEMOIZE
                 memo[len(memo)] = stack[-1]
             elif op == 0x86:  # TUPLE2
@@ -259,12 +242,9 @@ class _Machine:
             elif op == 0x89:  # NEWFALSE
                 stack.append(BoolArg(False, at))
             elif op == 0x63:  # c GLOBAL
-                first = data.index(b"\n", pos)
-                second = data.index(b"\n", first + 1)
-                module = data[pos:first].decode("utf-8", "surrogateescape")
-                name = data[first + 1 : second].decode("utf-8", "surrogateescape")
+                module = data[at + 1 : arg].decode("utf-8", "surrogateescape")
+                name = data[arg + 1 : nxt - 1].decode("utf-8", "surrogateescape")
                 stack.append(_global(module, name))
-                pos = second + 1
             elif op == 0x93:  # STACK_GLOBAL
                 name = stack.pop()
                 stack[-1] = _global(str(stack[-1]), str(name))
@@ -279,12 +259,8 @@ class _Machine:
                 del stack[-1]
             elif op == 0x51:  # Q BINPERSID
                 stack[-1] = _Persid(stack[-1])
-            elif op == 0x4D:  # M BININT2
-                stack.append(data[pos] | data[pos + 1] << 8)
-                pos += 2
-            elif op == 0x4A:  # J BININT
-                stack.append(_I32.unpack_from(data, pos)[0])
-                pos += 4
+            elif op == 0x4D or op == 0x4A or op == 0x47:  # M BININT2, J BININT, G BINFLOAT
+                stack.append(arg)
             elif op == 0x5D:  # ] EMPTY_LIST
                 stack.append(_List())
             elif op == 0x61:  # a APPEND
@@ -298,35 +274,17 @@ class _Machine:
                     stack[-1].extend(items)
             elif op == 0x73:  # s SETITEM
                 del stack[-2:]
-            elif op == 0x95:  # FRAME
-                pos += 8
-            elif op == 0x80:  # PROTO
-                pos += 1
+            elif op == 0x95 or op == 0x80:  # FRAME, PROTO
+                pass
             elif op == 0x2E:  # . STOP
-                self.end = pos
+                self.end = nxt
                 self.mark_shared()
                 return
-            elif op == 0x47:  # G BINFLOAT
-                stack.append(_F64.unpack_from(data, pos)[0])
-                pos += 8
-            elif op == 0x8A:  # LONG1
-                size = data[pos]
-                pos += 1
-                stack.append(int.from_bytes(data[pos : pos + size], "little", signed=True))
-                pos += size
-            elif op == 0x8B:  # LONG4
-                size = _I32.unpack_from(data, pos)[0]
-                if size < 0:
-                    raise PicklePatchError(f"{self.source}: negative LONG4 length at byte {at}")
-                pos += 4
-                stack.append(int.from_bytes(data[pos : pos + size], "little", signed=True))
-                pos += size
+            elif op == 0x8A or op == 0x8B:  # LONG1, LONG4
+                stack.append(int.from_bytes(data[arg:nxt], "little", signed=True))
             elif op in _COUNTED:  # bytes / str with a length prefix
-                width, kind = _COUNTED[op]
-                size = int.from_bytes(data[pos : pos + width], "little")
-                pos += width
-                raw = data[pos : pos + size]
-                pos += size
+                raw = data[arg:nxt]
+                kind = _COUNTED[op]
                 if kind == "str":
                     stack.append(raw.decode("utf-8", "surrogateescape"))
                 elif kind == "bytes":
@@ -334,12 +292,10 @@ class _Machine:
                 else:
                     stack.append(OPAQUE)
             elif op in _TEXT_ARG:  # protocol 0 opcodes whose argument is one line of text
-                end = data.index(b"\n", pos)
-                text = data[pos:end]
-                start_text, pos = pos, end + 1
+                text = data[arg : nxt - 1]
                 if op == 0x49:  # I INT; `I01` / `I00` are protocol 0/1's True / False
                     if text in (b"01", b"00"):
-                        stack.append(BoolArg(text == b"01", start_text, text=True))
+                        stack.append(BoolArg(text == b"01", arg, text=True))
                     else:
                         stack.append(int(text))
                 elif op == 0x4C:  # L LONG
@@ -362,9 +318,7 @@ class _Machine:
                     stack.append(value)
                 else:  # P PERSID
                     stack.append(_Persid(text.decode("ascii", "surrogateescape")))
-            elif op == 0x69:  # i INST: two lines, then pops to the mark
-                first = data.index(b"\n", pos)
-                pos = data.index(b"\n", first + 1) + 1
+            elif op == 0x69:  # i INST: pops to the mark
                 stack = metastack.pop()
                 stack.append(OPAQUE)
             elif op == 0x6F:  # o OBJ
@@ -392,17 +346,12 @@ class _Machine:
                 reused.add(id(value))
                 self.kept.append(value)  # keep its id unique for the rest of the scan
                 stack.append(value)
-            elif op == 0x82 or op == 0x83 or op == 0x84:  # EXT1 / EXT2 / EXT4
-                pos += {0x82: 1, 0x83: 2, 0x84: 4}[op]
-                stack.append(OPAQUE)
-            elif op == 0x97:  # NEXT_BUFFER
+            elif op == 0x82 or op == 0x83 or op == 0x84 or op == 0x97:  # EXT1/2/4, NEXT_BUFFER
                 stack.append(OPAQUE)
             elif op == 0x98:  # READONLY_BUFFER
                 pass
-            else:
-                raise PicklePatchError(
-                    f"{self.source}: unknown pickle opcode 0x{op:02x} at byte {at}"
-                )
+            else:  # pragma: no cover - every opcode has a branch above
+                raise PicklePatchError(f"{self.source}: opcode 0x{op:02x} at byte {at} is not modelled")
         raise PicklePatchError(f"{self.source}: pickle is truncated (no STOP)")
 
     def mark_shared(self) -> None:
@@ -488,17 +437,15 @@ class _Machine:
 
 
 _U32 = struct.Struct("<I")
-_I32 = struct.Struct("<i")
-_F64 = struct.Struct(">d")
-# Length-prefixed arguments: opcode -> (bytes of the length, what the payload becomes).
+# Length-prefixed arguments other than the common str and the ints: what the payload becomes.
 _COUNTED = {
-    0x54: (4, "str"),  # T BINSTRING (Python 2 str; read as text like the safe unpickler)
-    0x55: (1, "str"),  # U SHORT_BINSTRING
-    0x42: (4, "bytes"),  # B BINBYTES
-    0x43: (1, "bytes"),  # C SHORT_BINBYTES
-    0x8E: (8, "bytes"),  # BINBYTES8
-    0x8D: (8, "str"),  # BINUNICODE8
-    0x96: (8, "opaque"),  # BYTEARRAY8
+    0x54: "str",  # T BINSTRING (Python 2 str; read as text like the safe unpickler)
+    0x55: "str",  # U SHORT_BINSTRING
+    0x42: "bytes",  # B BINBYTES
+    0x43: "bytes",  # C SHORT_BINBYTES
+    0x8E: "bytes",  # BINBYTES8
+    0x8D: "str",  # BINUNICODE8
+    0x96: "opaque",  # BYTEARRAY8
 }
 # INT, LONG, FLOAT, STRING, UNICODE, PUT, GET, PERSID
 _TEXT_ARG = frozenset(b"ILFSVpgP")
@@ -550,7 +497,7 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
 # A second, smaller symbolic machine. It models only what a persistent id is made of (strings,
 # tuples, the memo) and remembers, for every string on the stack, the opcode that put it there
 # (its literal push, or the GET/DUP that fetched it again). Every other value is opaque; the
-# stack effect of the opcodes it does not model comes from pickletools' descriptions.
+# stack effect of the opcodes it does not model comes from opcodes.OPCODES.
 
 
 @dataclass(eq=False, slots=True)
@@ -592,30 +539,8 @@ class LocationScan:
     end: int = 0
 
 
-def _location_effects() -> dict[int, tuple[bool, int, int]]:
-    """opcode -> (pops to a mark first, items popped (below the mark), items pushed)."""
-    import pickletools
-
-    table = {}
-    for op in pickletools.opcodes:
-        before, after = op.stack_before, op.stack_after
-        code = op.code.encode("latin-1")[0]
-        if pickletools.markobject in before:
-            table[code] = (True, before.index(pickletools.markobject), len(after))
-        else:
-            table[code] = (False, len(before), len(after))
-    return table
-
-
-_EFFECTS: dict[int, tuple[bool, int, int]] | None = None
 _STR_OPS = frozenset(b"\x8cX\x8dUTVS")
 _MEMO_PUT_OPS = frozenset(b"qrp\x94")
-_ARG_FIXED = {
-    0x4B: 1, 0x4D: 2, 0x4A: 4, 0x47: 8, 0x80: 1, 0x82: 1, 0x83: 2, 0x84: 4,
-}  # fmt: skip
-_ARG_COUNTED = {0x8A: (1, False), 0x8B: (4, True), 0x42: (4, False), 0x43: (1, False),
-                0x8E: (8, False), 0x96: (8, False)}  # fmt: skip
-_ARG_LINE = frozenset(b"ILFP")
 
 
 def scan_storage_locations(
@@ -634,80 +559,41 @@ def scan_storage_locations(
 
 
 def _scan_locations(data: bytes, source: str) -> LocationScan:
-    global _EFFECTS
-    if _EFFECTS is None:
-        _EFFECTS = _location_effects()
-    effects = _EFFECTS
     result = LocationScan()
     stack: list[Any] = []
     metastack: list[list[Any]] = []
     memo: dict[int, Any] = {}
-    u32 = _U32.unpack_from
-    n = len(data)
-    pos = 0
-    while pos < n:
-        at = pos
-        op = data[pos]
-        pos += 1
+    for op, at, arg, pos in tokens(data):
+        if pos < 0:  # a malformed argument, or not an opcode (opcodes.tokens says which)
+            raise PicklePatchError(f"{source}: {arg} at byte {at} (opcode 0x{op:02x})")
         if op in _STR_OPS:
-            if op == 0x8C or op == 0x55:  # SHORT_BINUNICODE, SHORT_BINSTRING
-                size = data[pos]
-                pos += 1
-            elif op == 0x58 or op == 0x54:  # BINUNICODE, BINSTRING
-                size = u32(data, pos)[0]
-                pos += 4
-            elif op == 0x8D:  # BINUNICODE8
-                size = int.from_bytes(data[pos : pos + 8], "little")
-                pos += 8
-            else:  # UNICODE, STRING: one line of text
-                size = data.index(b"\n", pos) - pos
-            raw = data[pos : pos + size]
-            if len(raw) != size:
-                raise PicklePatchError(f"{source}: pickle is truncated")
-            pos += size
-            if op == 0x56:  # V UNICODE
-                value = raw.decode("raw-unicode-escape")
-                pos += 1
-            elif op == 0x53:  # S STRING
-                if len(raw) < 2 or raw[:1] != raw[-1:] or raw[:1] not in (b"'", b'"'):
-                    raise PicklePatchError(f"{source}: malformed STRING at byte {at}")
-                value = codecs.escape_decode(raw[1:-1])[0].decode("utf-8", "surrogateescape")
-                pos += 1
+            if op == 0x56 or op == 0x53:  # UNICODE, STRING: one line of text
+                raw = data[arg : pos - 1]
+                if op == 0x56:
+                    value = raw.decode("raw-unicode-escape")
+                else:
+                    if len(raw) < 2 or raw[:1] != raw[-1:] or raw[:1] not in (b"'", b'"'):
+                        raise PicklePatchError(f"{source}: malformed STRING at byte {at}")
+                    value = codecs.escape_decode(raw[1:-1])[0].decode("utf-8", "surrogateescape")
             else:
-                value = raw.decode("utf-8", "surrogateescape")
+                value = data[arg:pos].decode("utf-8", "surrogateescape")
             obj = StrObject(value, op, at, pos)
             use = StrUse(obj, at, pos, "push")
             obj.uses.append(use)
             stack.append(use)
         elif op == 0x68 or op == 0x6A or op == 0x67:  # BINGET, LONG_BINGET, GET
-            if op == 0x68:
-                index = data[pos]
-                pos += 1
-            elif op == 0x6A:
-                index = u32(data, pos)[0]
-                pos += 4
-            else:
-                end = data.index(b"\n", pos)
-                index = int(data[pos:end])
-                pos = end + 1
-            value = memo[index]
+            value = memo[int(data[arg : pos - 1]) if op == 0x67 else arg]
             if type(value) is StrUse:
                 value = StrUse(value.obj, at, pos, "get")
                 value.obj.uses.append(value)
             stack.append(value)
         elif op in _MEMO_PUT_OPS:
-            if op == 0x71:  # BINPUT
-                index = data[pos]
-                pos += 1
-            elif op == 0x72:  # LONG_BINPUT
-                index = u32(data, pos)[0]
-                pos += 4
-            elif op == 0x70:  # PUT
-                end = data.index(b"\n", pos)
-                index = int(data[pos:end])
-                pos = end + 1
-            else:  # MEMOIZE
+            if op == 0x70:  # PUT
+                index = int(data[arg : pos - 1])
+            elif op == 0x94:  # MEMOIZE
                 index = len(memo)
+            else:  # BINPUT, LONG_BINPUT
+                index = arg
             memo[index] = stack[-1]
         elif op == 0x28:  # MARK
             metastack.append(stack)
@@ -753,42 +639,18 @@ def _scan_locations(data: bytes, source: str) -> LocationScan:
         elif op == 0x2E:  # STOP
             result.end = pos
             return result
-        elif op == 0x95:  # FRAME
-            length = int.from_bytes(data[pos : pos + 8], "little")
-            result.frames.append((pos, pos + 8, pos + 8 + length))
-            pos += 8
-        elif op == 0x63 or op == 0x69:  # GLOBAL, INST: two lines
-            first = data.index(b"\n", pos)
-            pos = data.index(b"\n", first + 1) + 1
-            if op == 0x63:
-                stack.append(OPAQUE)
-            else:
+        elif op == 0x95:  # FRAME: (offset of the 8-byte length, first byte of the frame, its end)
+            result.frames.append((at + 1, pos, pos + arg))
+        else:  # modelled by its stack effect alone (opcodes.OPCODES)
+            effect = OPCODES[op]
+            if effect.to_mark:
                 stack = metastack.pop()
-                stack.append(OPAQUE)
-        else:
-            effect = effects.get(op)
-            if effect is None:
-                raise PicklePatchError(f"{source}: unknown pickle opcode 0x{op:02x} at byte {at}")
-            if op in _ARG_FIXED:
-                pos += _ARG_FIXED[op]
-            elif op in _ARG_COUNTED:
-                width, signed = _ARG_COUNTED[op]
-                size = int.from_bytes(data[pos : pos + width], "little", signed=signed)
-                if size < 0:
-                    raise PicklePatchError(f"{source}: negative length at byte {at}")
-                pos += width + size
-            elif op in _ARG_LINE:
-                pos = data.index(b"\n", pos) + 1
-            to_mark, popped, pushed = effect
-            if to_mark:
-                stack = metastack.pop()
+            popped = effect.pops
             if popped:
                 if popped > len(stack):
                     raise PicklePatchError(f"{source}: stack underflow at byte {at}")
                 del stack[-popped:]
-            stack.extend([OPAQUE] * pushed)
-        if pos > n:
-            break
+            stack.extend([OPAQUE] * effect.pushes)
     raise PicklePatchError(f"{source}: pickle is truncated (no STOP)")
 
 

@@ -1,14 +1,16 @@
-/* mscope's pickle pre-scan in C: the same walk as unpickler._scan_exact, 50x faster.
+/* mscope's pickle pre-scan in C: the same walk as scan.scan_exact, 50x faster.
  *
  * Why it exists: before CPython's C unpickler sees a pickle from a file, every opcode is walked
- * once to check lengths and memo indices against the bytes present and to bound the memory the
- * objects would take (see unpickler.scan_pickle). In Python (a regex) that walk took 0.15 s of a
- * 100k-tensor state_dict's 2 s summary.
+ * once to check lengths and memo indices against the bytes present and to bound the memory,
+ * nesting and hash-flooding keys of the objects it would build (see scan.scan_pickle). In
+ * Python that walk takes 1.8 s of a 100k-tensor state_dict; here 25 ms.
  *
- * It knows no opcodes itself: unpickler.py passes its opcode table (the argument kind of each
- * byte, codes below) and its cost table, so there is one description of the pickle format. Any
- * refusal returns -1 and Python walks the pickle again to word the error; this loop must
- * accept exactly what _scan_exact accepts (tests hold them equal on random and mutated pickles).
+ * It knows no opcodes itself: scan.py passes the columns of opcodes.OPCODES (each byte's
+ * argument kind and width, object cost, nesting mode, stack effect, hashiness and key role), so
+ * there is one description of the pickle format. token() reads arguments exactly as
+ * opcodes.tokens does. Any refusal returns -1 and Python walks the pickle again to word the
+ * error; this loop must accept exactly what scan_exact accepts (tests hold them equal on random,
+ * mutated and grammar-built pickles).
  *
  * Every read is checked against `len`: the input is hostile.
  *
@@ -18,19 +20,17 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Argument kinds (unpickler._OPCODES): >= 0 is a fixed argument of that many bytes. */
-enum {
-    K_NEWLINE = -1, K_COUNT1 = -2, K_COUNT4S = -3, K_COUNT4U = -4, K_COUNT8 = -5,
-    K_LONG_BINPUT = -6, K_PUT = -7, K_STOP = -8, K_INVALID = -9, K_TWO_LINES = -10
-};
+/* Argument kinds (opcodes.ARG_*); a fixed argument's or a count's width comes beside it. */
+enum { ARG_NONE, ARG_FIXED, ARG_COUNT, ARG_COUNT_SIGNED, ARG_LINE, ARG_TWO_LINES, ARG_INVALID };
 
-#define MAX_LINE 4096
+#define MAX_LINE 4096 /* opcodes.MAX_LINE */
+#define STOP 0x2E
 
-/* Nesting modes (unpickler._NEST_MODE): how an opcode changes the depth of the stack's objects. */
+/* Nesting modes (opcodes.NEST_*): how an opcode changes the depth of the stack's objects. */
 enum { N_PLAIN, N_MARK, N_TO_MARK, N_INTO_MARK, N_POP_MARK, N_INTO, N_DUP, N_GET, N_PUT, N_MEMOIZE };
 #define MARK_DEPTH (-1)
-/* Key roles (unpickler._KEY_ROLE): where an opcode's dict keys or set members are. A stack
- * slot holds depth << 1 | hashy (unpickler.MAX_HASHED_KEYS: a hash the file can choose). */
+/* Key roles (opcodes.KEYS_*): where an opcode's dict keys or set members are. A stack
+ * slot holds depth << 1 | hashy (scan.MAX_HASHED_KEYS: a hash the file can choose). */
 enum { K_ROLE_NONE, K_ROLE_SECOND, K_ROLE_EVEN, K_ROLE_ALL };
 #define LONG1 0x8A
 
@@ -79,10 +79,67 @@ static int64_t find_newline(const uint8_t *data, int64_t len, int64_t from, int6
     return hit ? (int64_t)(hit - data) : -1;
 }
 
-/* End offset (just past STOP) of the pickle at data[start], or -1 when _scan_exact refuses it.
- * The depth rules are unpickler._scan_exact's (see MAX_NESTING there). */
+/* One opcode's argument, read as opcodes.tokens reads it: the offset of the next opcode, or -1
+ * when the argument is malformed (truncated, a negative length, no newline within MAX_LINE).
+ * *arg gets a fixed argument's value (as unsigned: only memo indices are used), the offset where
+ * a counted or text argument's bytes start, or for two lines the offset of the first newline. */
+static int64_t token(const uint8_t *data, int64_t len, int64_t pos, int kind, int width, int64_t *arg) {
+    pos += 1; /* past the opcode */
+    switch (kind) {
+    case ARG_NONE:
+        return pos;
+    case ARG_FIXED:
+        if (len - pos < width) return -1;
+        *arg = (int64_t)le(data + pos, width);
+        return pos + width;
+    case ARG_COUNT:
+    case ARG_COUNT_SIGNED: {
+        if (len - pos < width) return -1;
+        const uint64_t n = le(data + pos, width);
+        if (kind == ARG_COUNT_SIGNED && (n & 0x80000000u)) return -1; /* negative length */
+        pos += width;
+        if (n > (uint64_t)(len - pos)) return -1;
+        *arg = pos;
+        return pos + (int64_t)n;
+    }
+    case ARG_LINE: {
+        const int64_t nl = find_newline(data, len, pos, MAX_LINE);
+        if (nl < 0) return -1;
+        *arg = pos;
+        return nl + 1;
+    }
+    case ARG_TWO_LINES: {
+        const int64_t first = find_newline(data, len, pos, MAX_LINE);
+        if (first < 0) return -1;
+        const int64_t second = find_newline(data, len, first + 1, MAX_LINE);
+        if (second < 0) return -1;
+        *arg = first;
+        return second + 1;
+    }
+    default:
+        return -1; /* not an opcode */
+    }
+}
+
+/* The memo index a GET or PUT names (scan._memo_index): its fixed argument, or its text line
+ * when that is 1 to 11 decimal digits; -1 otherwise. */
+static int64_t memo_index(const uint8_t *data, int kind, int64_t arg, int64_t next) {
+    if (next < 0) return -1;
+    if (kind != ARG_LINE) return arg;
+    const int64_t n = next - 1 - arg;
+    if (n < 1 || n >= 12) return -1;
+    int64_t index = 0;
+    for (int64_t i = arg; i < next - 1; i++) {
+        if (data[i] < '0' || data[i] > '9') return -1;
+        index = index * 10 + (data[i] - '0');
+    }
+    return index;
+}
+
+/* End offset (just past STOP) of the pickle at data[start], or -1 when scan_exact refuses it.
+ * The depth and hash rules are scan.scan_exact's (see MAX_NESTING and MAX_HASHED_KEYS there). */
 static int64_t scan(const uint8_t *data, int64_t len, int64_t start, const int8_t *kinds,
-                    const int32_t *costs, int64_t memory_ratio, int64_t min_memory,
+                    const int8_t *widths, const int32_t *costs, int64_t memory_ratio, int64_t min_memory,
                     const int8_t *modes, const int8_t *npops, const int8_t *npushes,
                     int64_t max_nesting, const int8_t *hashy, const int8_t *key_role,
                     int64_t max_hashed, vec *depths, vec *memo) {
@@ -93,13 +150,15 @@ static int64_t scan(const uint8_t *data, int64_t len, int64_t start, const int8_
     int64_t memo_len = 0; /* filled memo slots: where MEMOIZE stores, as in CPython */
     while (pos < len) {
         const uint8_t code = data[pos];
-        const int k = kinds[code];
+        const int kind = kinds[code];
+        int64_t arg = 0;
+        const int64_t next = token(data, len, pos, kind, widths[code], &arg);
         cost += costs[code];
         const int mode = modes[code];
         if (mode == N_PLAIN) {
             int32_t d = pop_objects(depths, npops[code]);
             int32_t h = hashy[code];
-            if (code == LONG1 && !npops[code] && pos + 1 < len && data[pos + 1] >= 8) h = 1;
+            if (code == LONG1 && next >= 0 && next - arg >= 8) h = 1;
             for (int i = 0; i < npushes[code]; i++)
                 if (push(depths, (d << 1) | h)) return -1;
             if (npushes[code] && d > deepest) deepest = d;
@@ -114,27 +173,14 @@ static int64_t scan(const uint8_t *data, int64_t len, int64_t start, const int8_
                 if (d > deepest) deepest = d;
             }
         } else if (mode == N_GET || mode == N_PUT) {
-            int64_t index = -1;
-            if (code == 0x68 || code == 0x71) {
-                if (pos + 1 < len) index = data[pos + 1];
-            } else if (code == 0x6A || code == 0x72) {
-                if (pos + 5 <= len) index = (int64_t)le(data + pos + 1, 4);
-            } else {
-                const int64_t nl = find_newline(data, len, pos + 1, MAX_LINE);
-                if (nl > pos + 1 && nl - (pos + 1) < 12) {
-                    index = 0;
-                    for (int64_t i = pos + 1; i < nl; i++) {
-                        if (data[i] < '0' || data[i] > '9') { index = -1; break; }
-                        index = index * 10 + (data[i] - '0');
-                    }
-                }
-            }
+            const int64_t index = memo_index(data, kind, arg, next);
             if (mode == N_GET) {
                 int32_t slot = (deepest << 1) | 1;  /* never stored: as deep as anything, hashy */
                 if (index >= 0 && index < memo->cap && memo->v[index] != MARK_DEPTH) slot = memo->v[index];
                 if (push(depths, slot)) return -1;
             } else if (depths->n && depths->v[depths->n - 1] != MARK_DEPTH && index >= 0) {
-                if (index > limit) return -1;  /* refused below in any case */
+                /* LONG_BINPUT and PUT past the limit are refused below; BINPUT stays under 256 */
+                if (index > limit && index > 255) return -1;
                 if (vec_reserve(memo, index + 1, MARK_DEPTH)) return -1;
                 if (memo->v[index] == MARK_DEPTH) memo_len++;
                 memo->v[index] = depths->v[depths->n - 1];
@@ -143,7 +189,7 @@ static int64_t scan(const uint8_t *data, int64_t len, int64_t start, const int8_
             if (depths->n && push(depths, depths->v[depths->n - 1])) return -1;
         } else if (mode == N_MEMOIZE) {
             if (depths->n && depths->v[depths->n - 1] != MARK_DEPTH) {
-                if (memo_len > limit) return -1; /* more entries than bytes: refused below anyway */
+                if (memo_len > limit) return -1; /* more entries than bytes: cannot happen */
                 if (vec_reserve(memo, memo_len + 1, MARK_DEPTH)) return -1;
                 const int fresh = memo->v[memo_len] == MARK_DEPTH;
                 memo->v[memo_len] = depths->v[depths->n - 1];
@@ -177,72 +223,45 @@ static int64_t scan(const uint8_t *data, int64_t len, int64_t start, const int8_
         }
         if (hashed > max_hashed) return -1;
         if (deepest > max_nesting) return -1;
-        pos += 1;
-        if (k >= 0) {
-            pos += k;  /* past the end: the loop ends, truncated */
-        } else if (k == K_COUNT4U || k == K_COUNT4S || k == K_COUNT8) {
-            const int width = k == K_COUNT8 ? 8 : 4;
-            if (len - pos < width) return -1;
-            uint64_t n = le(data + pos, width);
-            if (k == K_COUNT4S && (n & 0x80000000u)) return -1;  /* negative length */
-            pos += width;
-            if (n > (uint64_t)(len - pos)) return -1;  /* runs past the end: truncated */
-            cost += 2 * (int64_t)n;
-            pos += (int64_t)n;
-        } else if (k == K_COUNT1) {
-            if (pos >= len) return -1;
-            const int64_t n = data[pos];
-            cost += 2 * n;
-            pos += 1 + n;
-        } else if (k == K_LONG_BINPUT) {
-            if (len - pos < 4) return -1;
-            const int64_t index = (int64_t)le(data + pos, 4);
-            if (index > limit) return -1;
-            if (index > top) top = index;
-            pos += 4;
-        } else if (k == K_TWO_LINES) {
-            const int64_t first = find_newline(data, len, pos, MAX_LINE);
-            if (first < 0) return -1;
-            const int64_t second = find_newline(data, len, first + 1, MAX_LINE);
-            if (second < 0) return -1;
-            pos = second + 1;
-        } else if (k == K_NEWLINE || k == K_PUT) {
-            const int64_t nl = find_newline(data, len, pos, MAX_LINE);
-            if (nl < 0) return -1;
-            if (k == K_PUT) {
-                if (nl == pos) return -1;  /* b"".isdigit() is False */
-                int64_t index = 0;
-                for (int64_t i = pos; i < nl; i++) {
-                    if (data[i] < '0' || data[i] > '9') return -1;
-                    index = index * 10 + (data[i] - '0');
-                    if (index > limit) return -1;
-                }
-                if (index > top) top = index;
+        if (next < 0) return -1; /* a malformed argument */
+        if (kind == ARG_COUNT || kind == ARG_COUNT_SIGNED) {
+            cost += 2 * (next - arg);
+        } else if (kind == ARG_LINE) {
+            cost += 2 * (next - 1 - arg);
+        }
+        if (mode == N_PUT && kind == ARG_LINE) { /* PUT: any number of digits, at most limit */
+            if (next - 1 == arg) return -1;  /* b"".isdigit() is False */
+            int64_t index = 0;
+            for (int64_t i = arg; i < next - 1; i++) {
+                if (data[i] < '0' || data[i] > '9') return -1;
+                index = index * 10 + (data[i] - '0');
+                if (index > limit) return -1;
             }
-            cost += 2 * (nl - pos);
-            pos = nl + 1;
-        } else if (k == K_STOP) {
-            const int64_t length = pos - start;
+            if (index > top) top = index;
+        } else if (mode == N_PUT && widths[code] == 4) { /* LONG_BINPUT */
+            if (arg > limit) return -1;
+            if (arg > top) top = arg;
+        } else if (code == STOP) {
+            const int64_t length = next - start;
             if (top > length) return -1;
             cost += 8 * top;
             int64_t budget = memory_ratio * length;
             if (budget < min_memory) budget = min_memory;
-            return cost > budget ? -1 : pos;
-        } else {
-            return -1;  /* unknown opcode */
+            return cost > budget ? -1 : next;
         }
+        pos = next;
     }
     return -1;  /* no STOP: truncated */
 }
 
 int64_t mscope_scan_pickle(const uint8_t *data, int64_t len, int64_t start, const int8_t *kinds,
-                           const int32_t *costs, int64_t memory_ratio, int64_t min_memory,
-                           const int8_t *modes, const int8_t *npops, const int8_t *npushes,
-                           int64_t max_nesting, const int8_t *hashy, const int8_t *key_role,
-                           int64_t max_hashed) {
+                           const int8_t *widths, const int32_t *costs, int64_t memory_ratio,
+                           int64_t min_memory, const int8_t *modes, const int8_t *npops,
+                           const int8_t *npushes, int64_t max_nesting, const int8_t *hashy,
+                           const int8_t *key_role, int64_t max_hashed) {
     vec depths = {0}, memo = {0};
-    int64_t end = scan(data, len, start, kinds, costs, memory_ratio, min_memory, modes, npops,
-                       npushes, max_nesting, hashy, key_role, max_hashed, &depths, &memo);
+    int64_t end = scan(data, len, start, kinds, widths, costs, memory_ratio, min_memory, modes,
+                       npops, npushes, max_nesting, hashy, key_role, max_hashed, &depths, &memo);
     free(depths.v);
     free(memo.v);
     return end;
