@@ -549,7 +549,7 @@ def check_move(path: Path) -> None:
     import torch
 
     from modelscope_tui import open_checkpoint
-    from modelscope_tui.placement import Placement
+    from modelscope_tui.training.placement import Placement
 
     dev = torch.device("cuda:0")
     ckpt = open_checkpoint(path)
@@ -628,7 +628,7 @@ def check_oom(path: Path, mon: GpuMonitor) -> None:
     import torch
 
     from modelscope_tui import open_checkpoint
-    from modelscope_tui.placement import Placement, PlacementError
+    from modelscope_tui.training.placement import Placement, PlacementError
 
     dev = torch.device("cuda:0")
     ckpt = open_checkpoint(path)
@@ -694,7 +694,7 @@ def check_oom(path: Path, mon: GpuMonitor) -> None:
 def train_once(precision: str, optimizer: str, trainable: set[str], fused: bool = False) -> dict:
     import torch
 
-    from modelscope_tui.estimate import PRECISIONS
+    from modelscope_tui.training.estimate import PRECISIONS
 
     spec = PRECISIONS[precision]
     dtype = {
@@ -783,8 +783,8 @@ def train_once(precision: str, optimizer: str, trainable: set[str], fused: bool 
 
 def check_estimate(path: Path) -> None:
     from modelscope_tui import open_checkpoint
-    from modelscope_tui.estimate import OPTIMIZERS, PRECISIONS, estimate_for_session
-    from modelscope_tui.session import Session
+    from modelscope_tui.training.estimate import OPTIMIZERS, PRECISIONS, estimate_for_session
+    from modelscope_tui.training.session import Session
 
     ckpt = open_checkpoint(path)
     full = Session(ckpt)

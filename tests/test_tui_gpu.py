@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from modelscope_tui import placement as placement_mod
 from modelscope_tui.gpu.simulated import SimulatedBackend
 from modelscope_tui.gpu.snapshot import HostMemory
+from modelscope_tui.training import placement as placement_mod
 from modelscope_tui.tui.app import MscopeApp
 from modelscope_tui.tui.screens.device import DeviceScreen
 from modelscope_tui.tui.widgets.gpu_panel import GpuPanel

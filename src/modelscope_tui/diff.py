@@ -1015,7 +1015,8 @@ def check_plan(
     did not change at all.) With `model` (A, the checkpoint the plan should have been made for),
     its names/shapes/dtypes are checked against the plan's fingerprint: a mismatch, or a plan
     without one, becomes `fingerprint` warning lines. The result is stored on `diff.plan` too."""
-    from .freeze import check_fingerprint, checkpoint_shapes, load_plan
+    from .training.fingerprint import check_fingerprint, checkpoint_shapes
+    from .training.plan import load_plan
 
     data = load_plan(plan)
     where = str(plan) if isinstance(plan, (str, os.PathLike)) else None

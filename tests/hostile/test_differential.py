@@ -84,7 +84,7 @@ def test_explorer_file_details_show_the_refusal(tmp_path):
     from rich.console import Console
 
     from modelscope_tui.readers import open_checkpoint
-    from modelscope_tui.session import Session
+    from modelscope_tui.training.session import Session
     from modelscope_tui.tui.widgets.details import file_details
 
     path = D.VARIANTS["st-trailing-bytes"][2](tmp_path)

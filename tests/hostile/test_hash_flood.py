@@ -267,7 +267,7 @@ def test_block_numbers_in_names_are_not_int_keys(tmp_path):
     profile, block groups, "last N blocks"); past 15 digits they are not block numbers."""
     from modelscope_tui.audit import audit_path
     from modelscope_tui.checkpoint import block_index
-    from modelscope_tui.session import Session
+    from modelscope_tui.training.session import Session
 
     assert block_index("12") == 12 and block_index(str(P)) is None and block_index("\u0661") is None
     names = {f"layers.{k * P}.weight": tensor(storage("0", 4), 0, (4,), (1,)) for k in range(1, 3000)}

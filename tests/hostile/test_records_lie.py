@@ -179,7 +179,7 @@ def test_kernel_binding_checks_its_range():
 
 def test_placement_bounds_check(tmp_path):
     from modelscope_tui.checkpoint import Checkpoint
-    from modelscope_tui.placement import Placement, PlacementError
+    from modelscope_tui.training.placement import Placement, PlacementError
 
     t = _forged(tmp_path, offset=1 << 40, shape=(1,))
     with TensorData() as data, pytest.raises((PlacementError, TensorDataError)):

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     a = open_checkpoint(args.file_a, strict=False)
     b = open_checkpoint(args.file_b, strict=False)
     if args.plan:
-        from ..freeze import load_plan
+        from ..training.plan import load_plan
 
         load_plan(args.plan)  # a bad plan fails before the long pass
     with progress_bar("comparing") as progress:
@@ -93,7 +93,7 @@ def run_explorer(args: argparse.Namespace) -> int:
         if not os.path.exists(path):
             raise MscopeError("no such file or directory", path)
     if args.plan:
-        from ..freeze import load_plan
+        from ..training.plan import load_plan
 
         load_plan(args.plan)  # a bad plan fails before the explorer starts
     # Both files parse while Textual imports; like the text diff, damaged files still compare.

@@ -32,7 +32,7 @@ from textual.worker import Worker, WorkerState
 from ..checkpoint import Checkpoint
 from ..errors import MscopeError
 from ..readers import FORMAT_LABELS
-from ..session import Session
+from ..training.session import Session
 from ..units import fmt_bytes, safe_text
 from . import keys
 from .controllers.caveats import NormCaveat
@@ -529,7 +529,7 @@ class MscopeApp(App[int]):
             return
         groups = self.session.block_groups()
         if not groups:
-            from ..session import NO_BLOCKS_HINT
+            from ..training.session import NO_BLOCKS_HINT
 
             self.notify(f"no repeated blocks found: {NO_BLOCKS_HINT}", severity="warning")
             return
@@ -574,7 +574,7 @@ class MscopeApp(App[int]):
 
     # -- saving --------------------------------------------------------------------------------
     def default_plan_path(self) -> Path:
-        from ..writers import sibling_path
+        from ..write.atomic import sibling_path
 
         src = self.session.ckpt.path
         if src.is_dir():
@@ -595,7 +595,7 @@ class MscopeApp(App[int]):
         self.push_screen(PathScreen("Save freeze plan", str(self.default_plan_path()), note), done)
 
     def _save_plan_to(self, target: Path, then_quit: bool, overwrite: bool) -> None:
-        from ..freeze import save_plan
+        from ..training.plan import save_plan
 
         if target.exists() and not overwrite:
             self._confirm_overwrite(target, lambda: self._save_plan_to(target, then_quit, overwrite=True))
@@ -640,7 +640,7 @@ class MscopeApp(App[int]):
                 timeout=6,
             )
             return
-        from ..writers import sibling_path
+        from ..write.atomic import sibling_path
 
         def done(target: str | None) -> None:
             if target is None:
@@ -655,7 +655,7 @@ class MscopeApp(App[int]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="save")
     def _write_checkpoint(self, target: Path, overwrite: bool = False) -> None:
-        from ..writers import save_with_requires_grad
+        from ..write.requires_grad import save_with_requires_grad
 
         flags = {name: self.session.is_trainable(name) for name in self.session.canonical}
         try:
@@ -970,7 +970,7 @@ class MscopeApp(App[int]):
         if not locations:
             self.notify("every tensor is already stored for the CPU; nothing to remap", timeout=4)
             return
-        from ..convert import remap_locations
+        from ..write.remap import remap_locations
 
         ckpt = self.session.ckpt
         self._convert(lambda: remap_locations(ckpt, "cpu"))
@@ -980,7 +980,7 @@ class MscopeApp(App[int]):
 
         if not self._guard():
             return
-        from ..convert import cast_copy, preview_cast
+        from ..write.cast import cast_copy, preview_cast
 
         node = self.tree.cursor_node
         names = None if node is None or node is self.tree.root else self.selected_names()
@@ -1070,7 +1070,7 @@ class MscopeApp(App[int]):
         if not self.mover.placed:
             self.notify("nothing placed yet: move the model or a module to a device first (m)", severity="warning")
             return
-        from ..devicemap import save_device_map
+        from ..training.devicemap import save_device_map
 
         device_map = self.mover.device_map()
 

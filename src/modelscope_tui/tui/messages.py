@@ -13,9 +13,9 @@ if TYPE_CHECKING:
     from ..audit import AuditReport
     from ..checkpoint import Checkpoint
     from ..diff import LiveDiff
-    from ..estimate import MemoryEstimate
     from ..gpu.snapshot import GpuSample
-    from ..placement import DeviceInfo
+    from ..training.estimate import MemoryEstimate
+    from ..training.placement import DeviceInfo
     from .controllers.diff import Batch, DiffJob
     from .controllers.estimate import EstimateJob
     from .controllers.filter import FilterJob, FilterResult

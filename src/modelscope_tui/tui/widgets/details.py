@@ -8,8 +8,8 @@ from rich.text import Text
 
 from ...checkpoint import ModuleNode, TensorRecord
 from ...readers import FORMAT_LABELS
-from ...session import Session
 from ...summary import optimizer_summaries
+from ...training.session import Session
 from ...units import fmt_bytes, fmt_count, safe_text, sparkline
 
 MAX_ENTRIES = 60

@@ -31,7 +31,7 @@ from ...diff import (
     LiveModule,
     TensorDiff,
 )
-from ...session import Session
+from ...training.session import Session
 from ...units import fmt_bytes, fmt_count, safe_text
 
 PAGE = 200  # children added per expansion step; a flat 100k-tensor dict stays responsive

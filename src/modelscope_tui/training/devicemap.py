@@ -12,7 +12,6 @@ Pure Python: no torch. See docs/memory-estimate.md for the balancing algorithm.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 from collections import deque
@@ -21,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord
-from .errors import MscopeError
-from .jsonfile import json_bytes, read_json_file
-from .units import fmt_bytes
+from ..checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord
+from ..errors import MscopeError
+from ..jsonfile import json_bytes, read_json_file
+from ..units import fmt_bytes
+from .placement import FILE
 
 if TYPE_CHECKING:
     from .session import Session
@@ -35,7 +35,6 @@ NAMED_DEVICES = ("cpu", "disk", "meta")
 OFFLOAD_DEVICES = ("cpu", "disk")
 _ACCEL = re.compile(r"^(cuda|xpu|npu|hpu|mlu|musa|mps)(?::(\d+))?$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-FILE_PLACEMENT = "file"  # placement.FILE: not materialised, so not a device
 
 
 class DeviceMapError(MscopeError):
@@ -142,7 +141,7 @@ def export_device_map(
     placed: dict[str, Device] = {}
     for name in records:
         value = devices.get(name)
-        if value is None or value == FILE_PLACEMENT:
+        if value is None or value == FILE:
             if default_dev is None:
                 raise DeviceMapError(
                     f"no device for tensor {name!r}", hint="place it, or give a default device"
@@ -189,18 +188,24 @@ def _compress(ckpt: Checkpoint, placed: Mapping[str, Device]) -> dict[str, Devic
     return out
 
 
+def device_map_bytes(device_map: Mapping[str, Device]) -> bytes:
+    """The map as transformers reads it (`json.load` then `device_map=`), with a newline: the
+    one spelling of the file (jsonfile.json_bytes: UTF-8, names as they are)."""
+    return json_bytes(dict(device_map), indent=2) + b"\n"
+
+
 def device_map_json(device_map: Mapping[str, Device]) -> str:
-    """The map as transformers reads it (`json.load` then `device_map=`), with a newline."""
-    return json.dumps(dict(device_map), indent=2, ensure_ascii=False) + "\n"
+    """device_map_bytes as text."""
+    return device_map_bytes(device_map).decode("utf-8")
 
 
 def save_device_map(
     device_map: Mapping[str, Device], path: str | os.PathLike, overwrite: bool = False
 ) -> Path:
     """Write the map atomically; an existing file needs `overwrite=True` (kept as `path.bak`)."""
-    from .writers import atomic_write
+    from ..write.atomic import atomic_write
 
-    data = json_bytes(dict(device_map), indent=2) + b"\n"
+    data = device_map_bytes(device_map)
     return atomic_write(path, lambda fh: fh.write(data), overwrite=overwrite)
 
 

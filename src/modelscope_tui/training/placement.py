@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import Checkpoint, TensorRecord
-from .errors import MscopeError
-from .units import fmt_bytes
+from ..checkpoint import Checkpoint, TensorRecord
+from ..errors import MscopeError, TensorDataError
+from ..units import fmt_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -110,7 +110,7 @@ class Placement:
 
     def _materialise_all(self, groups, target, total, progress, cancel) -> dict[str, Any] | None:
         """Every group onto the target; None when cancelled (what was copied is dropped)."""
-        from .tensordata import TensorData
+        from ..tensordata import TensorData
 
         created: dict[str, Any] = {}
         done = 0
@@ -135,8 +135,7 @@ class Placement:
         """One storage onto the target, then each tensor as a view of it (ties preserved)."""
         import torch
 
-        from .errors import TensorDataError
-        from .tensordata import check_view, torch_dtype
+        from ..tensordata import check_view, torch_dtype
 
         first = group[0]
         if first.storage is None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import compress
 
-from .checkpoint import (
+from ..checkpoint import (
     PARAMETER,
     Checkpoint,
     ModuleNode,
@@ -20,9 +21,10 @@ from .checkpoint import (
     block_index,
     can_require_grad,
 )
-from .errors import MscopeError
-from .patterns import PatternError, compile_safe_regex, glob_matches, search_names
-from .units import fmt_count
+from ..enums import StrEnum
+from ..errors import MscopeError
+from ..patterns import PatternError, compile_safe_regex, glob_matches, search_names
+from ..units import fmt_count
 
 NORM_WITH_RUNNING_STATS = ("BatchNorm", "SyncBatchNorm", "InstanceNorm")
 BLOCK_CONTAINERS = ("layers", "layer", "h", "blocks", "block", "encoder.layer", "decoder.layers", "transformer.h", "model.layers", "resblocks")
@@ -36,17 +38,51 @@ class SessionError(MscopeError):
     """A request the session cannot honour (bad pattern, nothing to undo...)."""
 
 
+class Action(StrEnum):
+    """What a rule did; a plan file stores the value (plan.py)."""
+
+    FREEZE = "freeze"
+    UNFREEZE = "unfreeze"
+    INVERT = "invert"
+    RESTORE = "restore"  # the state of another plan, loaded as one step
+
+
+class Selector(StrEnum):
+    """How a rule chose its tensors; a plan file stores the value."""
+
+    NAMES = "names"
+    GLOB = "glob"
+    REGEX = "regex"
+    CLASS = "class"
+    ALL = "all"
+    INVERT = "invert"
+    LAST_N_BLOCKS = "last_n_blocks"
+    PLAN = "plan"
+
+
+class NodeState(StrEnum):
+    """A module's parameters taken together (Session.node_state)."""
+
+    TRAINABLE = "trainable"
+    FROZEN = "frozen"
+    MIXED = "mixed"
+
+
+# node_state runs for every painted row; an Enum class attribute costs ~90 ns on Python 3.11.
+_TRAINABLE, _FROZEN, _MIXED = NodeState.TRAINABLE, NodeState.FROZEN, NodeState.MIXED
+
+
 @dataclass(slots=True)
 class Rule:
     """One user decision, kept in order for the freeze plan."""
 
-    action: str  # "freeze" | "unfreeze"
-    selector: str  # "names" | "glob" | "regex" | "class" | "all" | "invert" | "last_n_blocks"
+    action: Action
+    selector: Selector
     value: str = ""  # the pattern, class name, or "prefix:N"
     count: int = 0  # tensors it changed when applied
 
     def describe(self) -> str:
-        target = {"all": "everything", "invert": "inverted"}.get(self.selector, f"{self.selector} {self.value}")
+        target = {Selector.ALL: "everything", Selector.INVERT: "inverted"}.get(self.selector, f"{self.selector} {self.value}")
         return f"{self.action} {target}".strip()
 
 
@@ -124,8 +160,6 @@ class Session:
         self._generation = 0
         self._count_cache: dict[str, tuple[int, int]] = {}
         self._subtree_params: dict[str, tuple[list[str], list[int]]] = {}
-        self._norm_modules: list[ModuleNode] | None = None
-        self._block_groups: list[BlockGroup] | None = None
 
     # -- queries -------------------------------------------------------------------------------
     def is_trainable(self, name: str) -> bool:
@@ -160,8 +194,8 @@ class Session:
         """Trainable parameter elements in the subtree (kept up to date incrementally)."""
         return self._count(node.name)
 
-    def node_state(self, node: ModuleNode) -> str | None:
-        """'trainable' | 'frozen' | 'mixed' | None (no parameters)."""
+    def node_state(self, node: ModuleNode) -> NodeState | None:
+        """The state of the module's parameters; None when it has none."""
         params = node.stats.params
         if not params:
             # A module whose weights are all tied elsewhere (lm_head -> embed) follows them.
@@ -169,9 +203,9 @@ class Session:
             if not tied:
                 return None
             values = {self.trainable[c] for c in tied}
-            return "mixed" if len(values) > 1 else "trainable" if values.pop() else "frozen"
+            return _MIXED if len(values) > 1 else _TRAINABLE if values.pop() else _FROZEN
         trainable = self._count(node.name)
-        return "trainable" if trainable == params else "frozen" if trainable == 0 else "mixed"
+        return _TRAINABLE if trainable == params else _FROZEN if trainable == 0 else _MIXED
 
     def totals(self) -> tuple[int, int]:
         """(trainable elements, all parameter elements), tied parameters counted once."""
@@ -183,15 +217,15 @@ class Session:
         return f"trainable {fmt_count(trainable)} / {fmt_count(total)} ({pct:.1f}%)"
 
     # -- matching ------------------------------------------------------------------------------
-    def match(self, pattern: str, kind: str = "glob") -> list[str]:
+    def match(self, pattern: str, kind: str = Selector.GLOB) -> list[str]:
         """Model tensor names matching a glob (`encoder.layers.[0-9].*`) or a regex (search)."""
         names = list(self.records)
-        if kind == "regex":  # from the user or a plan file: shape-checked, time-bounded
+        if kind == Selector.REGEX:  # from the user or a plan file: shape-checked, time-bounded
             try:
                 return search_names(compile_safe_regex(pattern), names)
             except PatternError as exc:
                 raise SessionError(exc.message, hint=exc.hint) from None
-        if kind != "glob":
+        if kind != Selector.GLOB:
             raise SessionError(f"unknown pattern kind {kind!r}")
         return [n for n in names if glob_matches(n, pattern)]
 
@@ -228,27 +262,29 @@ class Session:
         names, shapes, dtypes and kinds, with at least one parameter. A Sequential of mixed
         layers (conv, norm, activation, pooling) is not a group; a transformer's layers are.
         """
-        if self._block_groups is None:
-            found = []
-            for node in self._nodes.values():
-                if not node.name:  # a bare top-level Sequential: no prefix for a plan rule
-                    continue
-                numbered = [(i, c) for k, c in node.children.items() if (i := block_index(k)) is not None]
-                if len(numbered) < 2:
-                    continue
-                first = _block_signature(numbered[0][1])
-                if not first[2] or any(_block_signature(c) != first for _, c in numbered[1:]):
-                    continue
-                found.append(BlockGroup(node.name, sorted(i for i, _ in numbered)))
-
-            # Prefer well-known container names, then the group with the most parameters.
-            def weight(g: BlockGroup) -> tuple[int, int]:
-                node = self._nodes.get(g.prefix)
-                known = any(g.prefix == c or g.prefix.endswith("." + c) for c in BLOCK_CONTAINERS)
-                return (1 if known else 0, node.stats.params if node else 0)
-
-            self._block_groups = sorted(found, key=weight, reverse=True)
         return list(self._block_groups)
+
+    @cached_property
+    def _block_groups(self) -> list[BlockGroup]:
+        found = []
+        for node in self._nodes.values():
+            if not node.name:  # a bare top-level Sequential: no prefix for a plan rule
+                continue
+            numbered = [(i, c) for k, c in node.children.items() if (i := block_index(k)) is not None]
+            if len(numbered) < 2:
+                continue
+            first = _block_signature(numbered[0][1])
+            if not first[2] or any(_block_signature(c) != first for _, c in numbered[1:]):
+                continue
+            found.append(BlockGroup(node.name, sorted(i for i, _ in numbered)))
+
+        # Prefer well-known container names, then the group with the most parameters.
+        def weight(g: BlockGroup) -> tuple[int, int]:
+            node = self._nodes.get(g.prefix)
+            known = any(g.prefix == c or g.prefix.endswith("." + c) for c in BLOCK_CONTAINERS)
+            return (1 if known else 0, node.stats.params if node else 0)
+
+        return sorted(found, key=weight, reverse=True)
 
     def frozen_norm_layers(self) -> list[str]:
         """Norm modules with running statistics whose parameters are all frozen.
@@ -256,9 +292,11 @@ class Session:
         Freezing requires_grad does not stop BatchNorm from updating running_mean/var in train
         mode; these need eval mode to be truly frozen.
         """
-        if self._norm_modules is None:
-            self._norm_modules = [n for n in self._nodes.values() if n.name and _has_running_stats(n)]
         return [n.name for n in self._norm_modules if n.stats.params and self._count(n.name) == 0]
+
+    @cached_property
+    def _norm_modules(self) -> list[ModuleNode]:
+        return [n for n in self._nodes.values() if n.name and _has_running_stats(n)]
 
     # -- changes -------------------------------------------------------------------------------
     def set_trainable(self, names: Iterable[str], value: bool, rule: Rule | None = None, description: str = "") -> ChangeResult:
@@ -292,10 +330,10 @@ class Session:
         return ChangeResult(len(targets), len(names), skipped, message or change.description)
 
     def freeze(self, names: Iterable[str], rule: Rule | None = None) -> ChangeResult:
-        return self.set_trainable(names, False, rule or Rule("freeze", "names"))
+        return self.set_trainable(names, False, rule or Rule(Action.FREEZE, Selector.NAMES))
 
     def unfreeze(self, names: Iterable[str], rule: Rule | None = None) -> ChangeResult:
-        return self.set_trainable(names, True, rule or Rule("unfreeze", "names"))
+        return self.set_trainable(names, True, rule or Rule(Action.UNFREEZE, Selector.NAMES))
 
     def toggle(self, names: Iterable[str]) -> ChangeResult:
         """Freeze if everything trainable among `names` trains now, else unfreeze them all."""
@@ -304,30 +342,31 @@ class Session:
         if not canon:
             return ChangeResult(0, len(names), names, "no trainable tensors here (integer/bool tensors cannot require grad)")
         value = not all(map(self.trainable.__getitem__, canon))
-        return self.set_trainable(names, value, Rule("unfreeze" if value else "freeze", "names", _names_value(names)))
+        action = Action.UNFREEZE if value else Action.FREEZE
+        return self.set_trainable(names, value, Rule(action, Selector.NAMES, _names_value(names)))
 
-    def freeze_pattern(self, pattern: str, kind: str = "glob", value: bool = False) -> ChangeResult:
-        names = self.match(pattern, kind)
-        action = "unfreeze" if value else "freeze"
-        return self.set_trainable(names, value, Rule(action, kind, pattern), f"{action} {kind} {pattern}")
+    def freeze_pattern(self, pattern: str, kind: str = Selector.GLOB, value: bool = False) -> ChangeResult:
+        names = self.match(pattern, kind)  # refuses a kind other than glob or regex
+        action = Action.UNFREEZE if value else Action.FREEZE
+        return self.set_trainable(names, value, Rule(action, Selector(kind), pattern), f"{action} {kind} {pattern}")
 
     def freeze_class(self, class_name: str, value: bool = False) -> ChangeResult:
         names = [t.name for node in self.modules_of_class(class_name) for t in node.all_tensors()]
-        action = "unfreeze" if value else "freeze"
-        return self.set_trainable(names, value, Rule(action, "class", class_name), f"{action} every {class_name}")
+        action = Action.UNFREEZE if value else Action.FREEZE
+        return self.set_trainable(names, value, Rule(action, Selector.CLASS, class_name), f"{action} every {class_name}")
 
     def freeze_all(self) -> ChangeResult:
-        return self.set_trainable(list(self.records), False, Rule("freeze", "all"), "freeze all")
+        return self.set_trainable(list(self.records), False, Rule(Action.FREEZE, Selector.ALL), "freeze all")
 
     def unfreeze_all(self) -> ChangeResult:
-        return self.set_trainable(list(self.records), True, Rule("unfreeze", "all"), "unfreeze all")
+        return self.set_trainable(list(self.records), True, Rule(Action.UNFREEZE, Selector.ALL), "unfreeze all")
 
     def invert(self) -> ChangeResult:
         names = list(self.trainable)
         if not names:
             return ChangeResult(0, 0, [], "no trainable parameters in this file")
         before = [self.trainable[n] for n in names]
-        change = Change("invert", names, before, [not b for b in before], Rule("invert", "invert"))
+        change = Change("invert", names, before, [not b for b in before], Rule(Action.INVERT, Selector.INVERT))
         change.rule.count = len(names)
         self._apply(change, forward=True)
         self._undo.append(change)
@@ -355,7 +394,7 @@ class Session:
         before = [self.trainable[c] for c in before_names]
         train_set = {self.canonical[n] for n in names_train if n in self.canonical}
         after = [c in train_set for c in before_names]
-        rule = Rule("unfreeze", "last_n_blocks", f"{group.prefix}:{n}")
+        rule = Rule(Action.UNFREEZE, Selector.LAST_N_BLOCKS, f"{group.prefix}:{n}")
         change = Change(f"train only the last {n} of {group.prefix}", before_names, before, after, rule)
         rule.count = sum(1 for b, a in zip(before, after) if b != a)
         if not rule.count:

@@ -20,13 +20,12 @@ estimate is a floor, and its notes say so.
 
 from __future__ import annotations
 
-import textwrap
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .checkpoint import (
+from ..checkpoint import (
     COMPLEX_DTYPES,
     DTYPE_ITEMSIZE,
     FLOATING_DTYPES,
@@ -34,8 +33,8 @@ from .checkpoint import (
     Checkpoint,
     can_require_grad,
 )
-from .errors import MscopeError
-from .units import fmt_bytes, fmt_bytes_short, fmt_count
+from ..errors import MscopeError
+from ..units import fmt_bytes, fmt_count
 
 if TYPE_CHECKING:
     from .session import Session
@@ -413,7 +412,7 @@ def fits(estimate: MemoryEstimate | int, free_bytes: int) -> tuple[bool, int]:
     return headroom >= 0, headroom
 
 
-# -- rendering -----------------------------------------------------------------------------------
+# -- text for the explorer's panel (plain strings; `mscope estimate` renders its own in cli/) ------
 def _row(label: str, value: str, width: int) -> str:
     room = width - len(value) - 1
     if len(label) > room:
@@ -448,67 +447,3 @@ def panel_lines(
     lines.append(f"trains {fmt_count(est.trainable)} of {fmt_count(est.parameters)} params")
     lines.append("+ activations (not counted)")
     return [line[:width].rstrip() for line in lines]
-
-
-def render_text(est: MemoryEstimate, free_bytes: int | None = None) -> str:
-    """A multi-line report for the CLI (fits 80 columns)."""
-    spec = PRECISIONS[est.precision]
-    what = "inference (weights only)" if not est.training else f"training with {est.optimizer}"
-    lines = [f"{est.precision}: {spec.label}; {what}"]
-    for label, nbytes in est.components():
-        lines.append(f"  {label:<28} {fmt_bytes(nbytes):>12}  {nbytes:>18,} B")
-    lines.append(f"  {'total':<28} {fmt_bytes(est.total):>12}  {est.total:>18,} B")
-    if est.step_scratch:
-        lines.append(f"  {'peak during the step':<28} {fmt_bytes(est.peak):>12}  {est.peak:>18,} B")
-    pct = 100.0 * est.trainable / est.parameters if est.parameters else 0.0
-    lines.append(f"  trainable {est.trainable:,} of {est.parameters:,} parameters ({pct:.1f}%)")
-    if est.buffers:
-        lines.append(f"  buffers {est.buffers:,} elements")
-    if free_bytes is not None:
-        lines.append(f"  {fit_line(est, free_bytes)} (of {fmt_bytes(free_bytes)} free)")
-    for note in est.notes:
-        lines.extend(textwrap.wrap(note, 80, initial_indent="  note: ", subsequent_indent=" " * 8))
-    return "\n".join(lines)
-
-
-TABLE_FOOTER = (
-    "total: held between steps; peak: during the optimizer step (torch's default Adam",
-    "makes one temporary per parameter). Model states only: activations (batch x",
-    "sequence length), the CUDA context and allocator overhead are not included",
-)
-TABLE_HEADER = ("precision", "optimizer", "weights", "grads", "master", "optim", "total", "peak")
-
-
-def render_table(rows: Sequence[MemoryEstimate], free_bytes: int | None = None) -> str:
-    """The estimate_table() rows as an aligned text table (at most 80 columns)."""
-    header = list(TABLE_HEADER) + (["fits"] if free_bytes is not None else [])
-    body = []
-    for est in rows:
-        cells = [
-            est.precision,
-            est.optimizer,
-            fmt_bytes_short(est.weights),
-            _dash(est.gradients),
-            _dash(est.master_weights),
-            _dash(est.optimizer_states),
-            fmt_bytes_short(est.total),
-            fmt_bytes_short(est.peak),
-        ]
-        if free_bytes is not None:
-            cells.append("yes" if fits(est, free_bytes)[0] else "no")
-        body.append(cells)
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    out = []
-    for cells in [header, *body]:
-        parts = [
-            f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))
-        ]
-        out.append("  ".join(parts).rstrip())
-    notes = list(TABLE_FOOTER)
-    if free_bytes is not None:
-        notes.insert(0, f"fits: the peak against {fmt_bytes(free_bytes)} free")
-    return "\n".join(out + notes)
-
-
-def _dash(nbytes: int) -> str:
-    return fmt_bytes_short(nbytes) if nbytes else "-"
