@@ -21,10 +21,14 @@ from safetensors.torch import save_file
 
 from conftest import run_cli
 from modelscope_tui import audit
-from modelscope_tui.audit import audit_path, run_audit, stream_stats, tensor_histogram, tensor_stats
-from modelscope_tui.errors import TensorDataError
+from modelscope_tui.audit import audit_path, run_audit
+from modelscope_tui.errors import Cancelled, TensorDataError
 from modelscope_tui.readers import open_checkpoint
-from modelscope_tui.tensordata import TensorData
+from modelscope_tui.values import kernels
+from modelscope_tui.values.chunks import stats_supported
+from modelscope_tui.values.data import TensorData
+from modelscope_tui.values.stats import DEFAULT_CHUNK_BYTES
+from modelscope_tui.values.stream import stream_stats, tensor_histogram, tensor_stats
 from statref import reference
 
 
@@ -46,7 +50,7 @@ def assert_stats(st, x: torch.Tensor, rel: float = 2e-6) -> None:
         assert math.isclose(got, want, rel_tol=rel, abs_tol=rel * scale), (st.name, key, got, want)
 
 
-def stats_of(path: Path, chunk_bytes: int = audit.DEFAULT_CHUNK_BYTES) -> dict:
+def stats_of(path: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict:
     ckpt = open_checkpoint(path, strict=False)
     with TensorData() as data:
         return {t.name: tensor_stats(data, t, chunk_bytes) for t in ckpt.tensors}
@@ -139,13 +143,13 @@ def stats_file(tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend", ["native", "numpy"])
-@pytest.mark.parametrize("chunk", [4096, audit.DEFAULT_CHUNK_BYTES])
+@pytest.mark.parametrize("chunk", [4096, DEFAULT_CHUNK_BYTES])
 def test_stats_match_torch(stats_file, chunk, backend, monkeypatch):
     """Both kernels: the compiled one-pass loop (statkernel.c) and the numpy fallback."""
     if backend == "numpy":
-        monkeypatch.setattr(audit, "_native", None)
+        monkeypatch.setattr(kernels, "compiled", None)
     else:
-        assert audit.native_kernel() is not None
+        assert kernels.compiled_kernel() is not None
     path, tensors = stats_file
     got = stats_of(path, chunk)
     for name, x in tensors.items():
@@ -171,7 +175,7 @@ def test_stats_of_half_precision_are_accurate_on_a_big_tensor(tmp_path):
 def test_threads_give_the_same_numbers(stats_file):
     path, _ = stats_file
     ckpt = open_checkpoint(path, strict=False)
-    records = [t for t in ckpt.tensors if audit.stats_supported(t.dtype)]
+    records = [t for t in ckpt.tensors if stats_supported(t.dtype)]
     with TensorData() as data:
         one = {r.name: s.to_dict() for r, s in stream_stats(data, records, 4096, threads=1)}
         three = {r.name: s.to_dict() for r, s in stream_stats(data, records, 4096, threads=3)}
@@ -243,7 +247,7 @@ def test_memory_is_bounded_by_the_chunk_not_the_tensor(tmp_path):
 def test_stream_reports_progress_and_can_be_cancelled(stats_file):
     path, _ = stats_file
     ckpt = open_checkpoint(path, strict=False)
-    records = [t for t in ckpt.tensors if audit.stats_supported(t.dtype)]
+    records = [t for t in ckpt.tensors if stats_supported(t.dtype)]
     seen = []
     with TensorData() as data:
         list(stream_stats(data, records, 4096, threads=1, progress=seen.append))
@@ -253,7 +257,7 @@ def test_stream_reports_progress_and_can_be_cancelled(stats_file):
     cancel.set()
     report = run_audit(ckpt, stats=True, cancel=cancel)
     assert report.cancelled and report.verdict == "cancelled" and report.exit_code == 1
-    with TensorData() as data, pytest.raises(audit.AuditCancelled):
+    with TensorData() as data, pytest.raises(Cancelled):
         tensor_stats(data, ckpt.tensor("fp32"), 4096, cancel=cancel)
 
 
@@ -570,10 +574,10 @@ def test_native_source_refuses_a_view_past_its_storage(stats_file):
     path, _ = stats_file
     ckpt = open_checkpoint(path, strict=False)
     record = next(t for t in ckpt.tensors if t.name == "fp16")
-    assert audit.native_kernel() is not None
+    assert kernels.compiled_kernel() is not None
     record.storage_offset = record.storage.nbytes // 2 // record.itemsize
     with TensorData() as data, pytest.raises(TensorDataError, match="does not fit its storage"):
-        audit.tensor_stats(data, record)
+        tensor_stats(data, record)
 
 
 def test_audit_module_is_light():

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from diffpair import after_state_dict, before_state_dict, write_pair
-from modelscope_tui.audit import AuditCancelled
 from modelscope_tui.diff import (
     ADDED,
     CHANGED,
@@ -25,6 +24,7 @@ from modelscope_tui.diff import (
     LiveDiff,
     diff_checkpoints,
 )
+from modelscope_tui.errors import Cancelled
 from modelscope_tui.norms import format_profile, module_norms, norm_rows
 from modelscope_tui.readers import open_checkpoint
 
@@ -135,7 +135,7 @@ def test_module_norms_tied_and_cancel():
     cancel = threading.Event()
     cancel.set()
     stats: dict = {}
-    with pytest.raises(AuditCancelled):
+    with pytest.raises(Cancelled):
         module_norms(a, "blocks", stats, cancel=cancel)
     assert not all(r.complete for r in norm_rows(a, "blocks", stats))
 

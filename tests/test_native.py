@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from modelscope_tui import native, statkernel
+from modelscope_tui import native
 from modelscope_tui.readers import unpickler as U
+from modelscope_tui.values import statkernel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,12 +60,13 @@ def test_a_build_without_a_hash_is_ignored(tmp_path):
 
 def test_editing_a_source_changes_the_hash(tmp_path):
     for name in native.SOURCES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(native.HERE / name, tmp_path / name)
     assert native.source_hash(tmp_path) == native.source_hash()
     with open(tmp_path / "picklescan.c", "a") as f:
         f.write("/* edited */\n")
     assert native.source_hash(tmp_path) != native.source_hash()
-    (tmp_path / "statkernel.c").unlink()
+    (tmp_path / "values" / "statkernel.c").unlink()
     assert native.source_hash(tmp_path) is None
     assert native.open_library(native.LIBRARY, None) is None
 
@@ -98,7 +100,7 @@ def test_no_stale_library_names_are_left():
     for path in (
         ROOT / ".gitignore",
         ROOT / "pyproject.toml",
-        *native.HERE.glob("*.c"),
-        *native.HERE.glob("*.py"),
+        *native.HERE.rglob("*.c"),
+        *native.HERE.rglob("*.py"),
     ):
         assert "_statkernel.so" not in path.read_text(), path

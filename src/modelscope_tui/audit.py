@@ -6,44 +6,13 @@ or the largest tensor. No Textual, and no torch unless a tensor's dtype needs it
 
 API (the CLI and the explorer use these):
 
-- `tensor_stats(data, record, chunk_bytes=..., cancel=None) -> TensorStats`: one tensor's min, max,
-  mean, std, L2 norm, zeros, NaN and Inf counts in one streamed pass.
-- `tensor_histogram(data, record, bins=40, stats=None) -> Histogram`: a second pass for the
-  details pane.
 - `run_audit(ckpt, stats=False, dedupe=False, crc=False, ...) -> AuditReport`: every check; with
   `stats` the statistics of every tensor (thread pool over chunks, progress and cancel).
 - `audit_path(path, **kw) -> AuditReport`: opens the file (damaged files and broken shard sets
   become findings instead of errors) and runs the audit.
 - `children_norms(stats, ckpt, module)`: the norm profile of a module's children.
 
-Statistics, exactly:
-- `min` / `max` over every value that is not NaN (so +-inf show up there); `mean`, `std`
-  (population, `torch.std(x, correction=0)`), `norm` (L2) and `sumsq` over the finite values.
-- The compiled kernel (statkernel.c, built at install; see statkernel.py) takes contiguous
-  fp16 / bf16 / float32 tensors: one pass over memory per chunk, straight from the mapping by
-  address (numpy is not even imported), on a thread per core (ctypes releases the GIL). 1.3B fp16
-  values: 0.25 s on 2 threads, the time of touching the pages. Its mean is within ~1e-8 of the
-  RMS of float64 truth (float32 lanes of <= 64 terms, float64 beyond). Everything else, or every
-  tensor when the library is missing, takes the numpy kernels below (same numbers, ~3x slower).
-- numpy: one pass per chunk. fp16 / bf16 min, max, zeros and NaN/Inf presence come from integer
-  reductions on the raw bits; the values are widened to float32 exactly (fp16: shift, mask,
-  rebias; numpy's own float16 cast is 6x slower; bf16: each int16 pair read as one int32 word,
-  no cast loop) and summed over rows of 2,048 in float32 (np.vecdot), rows and
-  chunks combined in float64 with Chan's formula; a chunk whose mean is large next to its spread
-  is re-centred first, so `std` does not cancel away, and one whose values are all below 2^-50
-  (float32 squares would underflow) is summed in float64. Chunks with NaN / Inf take an exact
-  slower path (min / max without np.fmin, which signalling NaNs fool). Measured error against
-  float64 torch: < 1e-6 relative. Cost on a 2-core box: ~1 ns per fp16 value and thread, i.e.
-  ~10 numpy passes (bench/fused_pass_probe.py times both kernels).
-- Measured and rejected: one np.bincount over the 16-bit patterns (exact sums from a 65,536-entry
-  table) costs ~2 ns per value, twice the whole kernel; fp16 widened as int32 pairs is no faster
-  than the cast; pread into a reused buffer instead of the
-  mmap costs a copy and was slower; smaller chunks that stay in L2 lose more to per-call overhead
-  than they gain (numpy's loops here run at SSE width either way).
-- Threads: one per physical core; numpy and ctypes release the GIL inside each loop. Chunks of 2 MB (in
-  tasks of 4) keep 2 threads 1.4-1.6x faster than one on a 2-core box; 1 MB chunks gain less
-  (more GIL hand-offs), 4 MB ones fall out of cache.
-- numpy, not torch: importing torch costs seconds, the order of a whole pass over a 1.3B model.
+Statistics are computed by the value layer (values/: chunks, kernels, stream_stats).
 """
 
 from __future__ import annotations
@@ -51,23 +20,25 @@ from __future__ import annotations
 import math
 import os
 import re
-import struct
 import threading
 import time
-from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import FLOATING_DTYPES, Checkpoint, TensorRecord, block_index, dims_key, prod
-from .errors import MscopeError, TensorDataError
-from .jsonfile import compact_json
-from .tensordata import check_view
+from .checkpoint import FLOATING_DTYPES, Checkpoint, TensorRecord, block_index, dims_key
+from .errors import Cancelled, MscopeError, TensorDataError
+from .jsonfile import compact_json, jsonable
 from .units import fmt_bytes, sparkline
+from .values.chunks import LAYOUT
+from .values.digest import digest, is_constant, same_bytes
+from .values.stats import DEFAULT_CHUNK_BYTES, EXPLODING_ABS, Progress, ProgressFn, TensorStats
+from .values.stream import default_threads, stream_stats
 
 if TYPE_CHECKING:
-    from .tensordata import TensorData
+    from .values.data import TensorData
 
 SCHEMA = "mscope.audit"
 SCHEMA_VERSION = 1
@@ -75,10 +46,6 @@ SCHEMA_VERSION = 1
 ERROR, WARNING, INFO = "error", "warning", "info"
 SEVERITY_ORDER = {ERROR: 0, WARNING: 1, INFO: 2}
 
-DEFAULT_CHUNK_BYTES = 2 << 20  # source bytes per chunk (per-thread scratch: 2x for fp16, <= 8x)
-EXPLODING_ABS = 1e4
-DEAD_ZERO_FRACTION = 0.99
-VANISHED_ABS = 1e-6
 OUTLIER_FACTOR = 10.0
 OVERSIZED_RATIO = 2.0
 OVERSIZED_MIN_WASTE = 64 << 10
@@ -172,7 +139,7 @@ class Finding:
             "category": self.category,
             "message": self.message,
             "tensor": self.tensor,
-            "details": _jsonable(self.details),
+            "details": jsonable(self.details),
         }
 
 
@@ -180,102 +147,6 @@ def finding(
     code: str, message: str, tensor: str | None = None, severity: str | None = None, **details: Any
 ) -> Finding:
     return Finding(severity or CODES[code][1], code, message, tensor, details)
-
-
-@dataclass(slots=True)
-class TensorStats:
-    """Statistics of one tensor (see the module docstring for the exact definitions)."""
-
-    name: str  # qualified name
-    dtype: str
-    shape: tuple[int, ...]
-    numel: int
-    min: float | None = None
-    max: float | None = None
-    mean: float | None = None
-    std: float | None = None
-    sumsq: float = 0.0
-    zeros: int = 0
-    nan: int = 0
-    inf: int = 0
-    finite: int = 0
-    flags: list[str] = field(default_factory=list)
-
-    @property
-    def norm(self) -> float:
-        return math.sqrt(self.sumsq)
-
-    @property
-    def zero_fraction(self) -> float:
-        return self.zeros / self.numel if self.numel else 0.0
-
-    @property
-    def abs_max(self) -> float | None:
-        if self.min is None or self.max is None:
-            return None
-        return max(abs(self.min), abs(self.max))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-            "numel": self.numel,
-            "min": _num(self.min),
-            "max": _num(self.max),
-            "mean": _num(self.mean),
-            "std": _num(self.std),
-            "norm": _num(self.norm),
-            "zero_fraction": self.zero_fraction,
-            "zeros": self.zeros,
-            "nan": self.nan,
-            "inf": self.inf,
-            "flags": list(self.flags),
-        }
-
-
-@dataclass(slots=True)
-class Histogram:
-    lo: float
-    hi: float
-    counts: list[int]
-    nan: int = 0
-    inf: int = 0  # +-inf are outside every bin
-
-    @property
-    def edges(self) -> list[float]:
-        n = len(self.counts)
-        return [self.lo + (self.hi - self.lo) * i / n for i in range(n + 1)]
-
-
-@dataclass(slots=True)
-class Progress:
-    """Where a streamed pass is: bytes done / total, elapsed seconds, ETA, current tensor."""
-
-    done: int
-    total: int
-    elapsed: float
-    tensor: str = ""
-
-    @property
-    def fraction(self) -> float:
-        return self.done / self.total if self.total else 1.0
-
-    @property
-    def eta(self) -> float | None:
-        if self.done <= 0 or self.elapsed <= 0:
-            return None
-        return max(0.0, (self.total - self.done) * self.elapsed / self.done)
-
-
-ProgressFn = Callable[[Progress], None]
-
-
-class AuditCancelled(MscopeError):
-    """A streamed pass was cancelled through its `cancel` event."""
-
-    def __init__(self) -> None:
-        super().__init__("cancelled")
 
 
 @dataclass
@@ -368,15 +239,15 @@ class AuditReport:
                 "counts": self.counts(),
             },
             "findings": [f.to_dict() for f in sorted_findings(self.findings)],
-            "integrity": _jsonable(self.integrity),
-            "loadability": _jsonable(self.loadability),
-            "waste": _jsonable(self.waste),
+            "integrity": jsonable(self.integrity),
+            "loadability": jsonable(self.loadability),
+            "waste": jsonable(self.waste),
             "stats": None
             if not self.stats_requested
             else {
-                **_jsonable(self.stats_info),
+                **jsonable(self.stats_info),
                 "tensors": [s.to_dict() for s in self.stats.values()],
-                "norm_profile": _jsonable(self.norm_profile),
+                "norm_profile": jsonable(self.norm_profile),
             },
             "cancelled": self.cancelled,
         }
@@ -389,888 +260,6 @@ class AuditReport:
 def sorted_findings(findings: Iterable[Finding]) -> list[Finding]:
     return sorted(findings, key=lambda f: SEVERITY_ORDER.get(f.severity, 3))
 
-
-def _num(x: float | None) -> float | str | None:
-    """JSON numbers; non-finite ones as the strings "nan", "inf", "-inf" (strict JSON)."""
-    if x is None:
-        return None
-    if math.isfinite(x):
-        return x
-    return "nan" if x != x else ("inf" if x > 0 else "-inf")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float):
-        return _num(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
-
-
-# ----------------------------------------------------------------------------------------------
-# Chunk kernels (compiled, else numpy)
-# ----------------------------------------------------------------------------------------------
-_np = None
-
-
-def _numpy():
-    global _np
-    if _np is None:
-        import numpy
-
-        _np = numpy
-    return _np
-
-
-@dataclass(slots=True)
-class _Part:
-    """Partial statistics of some elements; merged with Chan's formula."""
-
-    n: int = 0  # elements
-    finite: int = 0
-    nan: int = 0
-    inf: int = 0
-    zeros: int = 0
-    mn: float | None = None
-    mx: float | None = None
-    mean: float = 0.0  # of the finite values
-    m2: float = 0.0  # sum of squared deviations from `mean`
-    sumsq: float = 0.0
-
-    def merge(self, o: _Part) -> None:
-        if o.n == 0:
-            return
-        self.n += o.n
-        self.nan += o.nan
-        self.inf += o.inf
-        self.zeros += o.zeros
-        if o.mn is not None:
-            self.mn = o.mn if self.mn is None else min(self.mn, o.mn)
-        if o.mx is not None:
-            self.mx = o.mx if self.mx is None else max(self.mx, o.mx)
-        if o.finite:
-            total = self.finite + o.finite
-            delta = o.mean - self.mean
-            self.mean += delta * o.finite / total
-            self.m2 += o.m2 + delta * delta * self.finite * o.finite / total
-            self.finite = total
-            self.sumsq += o.sumsq
-
-
-class _Scratch(threading.local):
-    """Per-thread buffers, reused for every chunk (each allocated on first use): float32 values,
-    float32 re-centred values, and bytes for the float / integer kernels."""
-
-    def __init__(self) -> None:
-        self.cap = 0
-        self._values = self._squares = self._tmp = None
-
-    def ensure(self, n: int) -> None:
-        if n <= self.cap:
-            return
-        self.cap = max(n, 1 << 16)
-        self._values = self._squares = self._tmp = None
-
-    def _get(self, attr: str, dtype: str, per: int):
-        buf = getattr(self, attr)
-        if buf is None:
-            np = _numpy()
-            buf = np.empty(per * self.cap, dtype=dtype)
-            setattr(self, attr, buf)
-        return buf
-
-    @property
-    def values(self):
-        return self._get("_values", "float32", 1)
-
-    @property
-    def squares(self):
-        return self._get("_squares", "float32", 1)
-
-    @property
-    def tmp(self):
-        return self._get("_tmp", "uint8", 8)
-
-
-_scratch = _Scratch()
-
-# dtype -> (component numpy dtype name, components per element, kernel)
-_LAYOUT: dict[str, tuple[str, int, str]] = {
-    "float16": ("int16", 1, "f16"),
-    "bfloat16": ("int16", 1, "bf16"),
-    "float32": ("float32", 1, "float"),
-    "float64": ("float64", 1, "float"),
-    "complex64": ("float32", 2, "float"),
-    "complex128": ("float64", 2, "float"),
-    "complex32": ("int16", 2, "f16"),
-    "int8": ("int8", 1, "int"),
-    "int16": ("int16", 1, "int"),
-    "int32": ("int32", 1, "int"),
-    "int64": ("int64", 1, "int"),
-    "uint8": ("uint8", 1, "int"),
-    "uint16": ("uint16", 1, "int"),
-    "uint32": ("uint32", 1, "int"),
-    "uint64": ("uint64", 1, "int"),
-    "bool": ("uint8", 1, "int"),
-    "float8_e4m3fn": ("uint8", 1, "torch"),
-    "float8_e5m2": ("uint8", 1, "torch"),
-    "float8_e4m3fnuz": ("uint8", 1, "torch"),
-    "float8_e5m2fnuz": ("uint8", 1, "torch"),
-    "float8_e8m0fnu": ("uint8", 1, "torch"),
-}
-# 16-bit floats: exponent mask, and how to turn one bit pattern into a Python float.
-_HALF_EXP = {"f16": 0x7C00, "bf16": 0x7F80}
-
-
-def stats_supported(dtype: str) -> bool:
-    return dtype in _LAYOUT
-
-
-_F16_VALUES: list[float] | None = None
-
-
-def _half_value(bits: int, kernel: str) -> float:
-    bits &= 0xFFFF
-    if kernel == "f16":
-        global _F16_VALUES
-        if _F16_VALUES is None:
-            np = _numpy()
-            _F16_VALUES = (
-                np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float64).tolist()
-            )
-        return _F16_VALUES[bits]
-    return struct.unpack("<f", struct.pack("<I", bits << 16))[0]
-
-
-def _widen_half(c16, kernel: str, out):
-    """int16 bit patterns of fp16 / bf16 -> exact float32 in `out` (finite values only for fp16)."""
-    np = _numpy()
-    w = out.view(np.int32)
-    if kernel == "bf16":
-        np.left_shift(
-            c16.view(np.uint16), 16, out=w.view(np.uint32), casting="unsafe", dtype=np.uint32
-        )
-        return out
-    # fp16: sign-extend, move exponent+mantissa into place, clear the copies of the sign bit the
-    # extension left in bits 28..30, then rebias the exponent (x 2^112; exact, subnormals too).
-    np.left_shift(c16, 13, out=w, casting="unsafe", dtype=np.int32)
-    np.bitwise_and(w, np.int32(-0x70000001), out=w)  # 0x8FFFFFFF
-    np.multiply(out, np.float32(2.0**112), out=out)
-    return out
-
-
-def _widen_half_unordered(c16, kernel: str, out):
-    """Like `_widen_half` but the values may land in `out` in another order (fine for sums).
-
-    bf16: each int16 pair is read as one int32 word, and a mask and a shift give both values
-    with plain int32 loops instead of an int16 -> int32 cast: 1.5x faster. fp16 needs five
-    such steps (shift, shift, shift, mask, rebias) and measured no faster than the ordered cast,
-    so it takes `_widen_half`; so do an odd count and a buffer that is not 4-byte aligned."""
-    np = _numpy()
-    n = c16.size
-    if kernel != "bf16" or n < 2 or n % 2 or not c16.flags.c_contiguous:
-        return _widen_half(c16, kernel, out)
-    p = c16.view(np.int32)  # each word holds two values: one in bits 0..15, one in 16..31
-    if not p.flags.aligned:
-        return _widen_half(c16, kernel, out)
-    w = out.view(np.int32)
-    h = n // 2
-    np.bitwise_and(p, np.int32(-0x10000), out=w[h:])  # the upper value is a float32 already
-    np.left_shift(p, 16, out=w[:h])
-    return out
-
-
-_BIG = 2.0**56  # below this, float32 squares summed over a row of 2,048 cannot overflow
-_TINY = 2.0**-50  # float32 squares of values below this lose digits (min normal 2^-126)
-_ROW = 2048  # sums run over rows of this many values (float32 error ~1e-7), rows added in float64
-_ONES: dict[str, Any] = {}
-
-
-def _sum_sumsq(f) -> tuple[float, float]:
-    """(sum, sum of squares) of a float32 / float64 array, float64 results.
-
-    Rows of _ROW values are reduced with np.vecdot (BLAS dot per row, ~10 values/ns) and the row
-    results summed in float64; plain BLAS dot over a whole chunk was measured 100x less accurate
-    (float32 accumulators over 10^5+ values), numpy's pairwise sum 4x slower."""
-    np = _numpy()
-    n = f.size
-    m = n - n % _ROW
-    s = q = 0.0
-    vecdot = getattr(np, "vecdot", None)
-    if m and vecdot is not None:
-        ones = _ONES.get(f.dtype.char)
-        if ones is None:
-            ones = _ONES[f.dtype.char] = np.ones(_ROW, dtype=f.dtype)
-        rows = f[:m].reshape(-1, _ROW)
-        s = float(vecdot(rows, ones).sum(dtype=np.float64))
-        q = float(vecdot(rows, rows).sum(dtype=np.float64))
-    else:
-        m = 0
-    if m < n:
-        tail = f[m:].astype(np.float64)
-        s += float(np.add.reduce(tail))
-        q += float(np.dot(tail, tail))
-    return s, q
-
-
-def _moments(f, part: _Part, scratch=None) -> None:
-    """mean / m2 / sumsq of a finite float32 or float64 array into part (float64 results).
-    `scratch`: an array of f's dtype and size to re-centre into, or a function returning one
-    (called only when needed; allocated when None).
-
-    Values whose squares underflow float32 (every |value| below 2^-50: bf16 / fp32 subnormals
-    and their neighbours) are summed in float64 instead; the caller knows the chunk's min and max
-    (`part.mn` / `part.mx`), which decide."""
-    np = _numpy()
-    n = f.size
-    part.finite = n
-    if n == 0:
-        return
-    if f.dtype == np.float32 and part.mn is not None and part.mx is not None:
-        am = max(abs(part.mn), abs(part.mx))
-        if 0 < am < _TINY:
-            f = f.astype(np.float64)
-            scratch = None
-    s, q = _sum_sumsq(f)
-    if not (math.isfinite(s) and math.isfinite(q)):  # float32 squares overflow past 1.8e19
-        g = f.astype(np.float64)
-        s = float(np.add.reduce(g))
-        q = float(np.add.reduce(g * g))
-    mean = s / n
-    if mean * mean * n > 1e-2 * q and n > 1:
-        # The mean dominates: re-centre on it so m2 = q - s^2/n does not cancel away.
-        k = f.dtype.type(mean)
-        if callable(scratch):
-            scratch = scratch()
-        if scratch is None or scratch.dtype != f.dtype or scratch.size != n:
-            scratch = np.empty_like(f)
-        d = np.subtract(f, k, out=scratch)
-        ds, dq = _sum_sumsq(d)
-        if not (math.isfinite(ds) and math.isfinite(dq)):  # float32 deviations overflowed
-            g = f.astype(np.float64) - float(k)
-            ds, dq = float(np.add.reduce(g)), float(np.dot(g, g))
-        part.mean = float(k) + ds / n
-        part.m2 = max(0.0, dq - ds * ds / n)
-    else:
-        part.mean = mean
-        part.m2 = max(0.0, q - s * s / n)
-    part.sumsq = q
-
-
-def _float_zeros(f, tmp) -> int:
-    """Elements equal to +-0 of a float array, counted on the bits (count_nonzero on floats is slow)."""
-    np = _numpy()
-    u = f.view(np.uint32 if f.itemsize == 4 else np.uint64)
-    s = tmp[: u.nbytes].view(u.dtype)
-    np.left_shift(u, 1, out=s)
-    return f.size - int(np.count_nonzero(s))
-
-
-def _slow_float_part(f) -> _Part:
-    """Correct for any float array, NaN and Inf included (used when a chunk has them)."""
-    np = _numpy()
-    part = _Part(n=f.size)
-    nan = np.isnan(f)
-    part.nan = int(np.count_nonzero(nan))
-    inf = np.isinf(f)
-    part.inf = int(np.count_nonzero(inf))
-    part.zeros = int(f.size - np.count_nonzero(f))
-    if part.nan < f.size:
-        # Not np.fmin / np.fmax: a signalling NaN (fp16 0x7C01, a widened bf16 0x7F81...) makes
-        # them return NaN or drop the values before it (IEEE minNum), so reduce without NaN.
-        seen = f[~nan] if part.nan else f
-        part.mn = float(seen.min())
-        part.mx = float(seen.max())
-    finite = f[~(nan | inf)].astype(np.float64)
-    _moments(finite, part)
-    return part
-
-
-_native: Any = False  # statkernel.Kernel once loaded; None when unavailable
-
-
-def native_kernel():
-    """The compiled one-pass kernel (statkernel.c), or None: numpy kernels then."""
-    global _native
-    if _native is False:
-        from . import statkernel
-
-        _native = statkernel.load()
-    return _native
-
-
-def _native_part(chunk, kernel: str) -> _Part | None:
-    """_chunk_part through the compiled kernel; None where it does not apply."""
-    nk = _native if _native is not False else native_kernel()
-    if nk is None or not chunk.size or not chunk.flags.c_contiguous:
-        return None
-    if kernel == "f16":
-        kind = 0
-    elif kernel == "bf16":
-        kind = 1
-    elif kernel == "float" and chunk.dtype.char == "f":
-        kind = 2
-    else:
-        return None
-    address = chunk.ctypes.data
-    return _native_call(nk, address, chunk.size, kind, address, address + chunk.nbytes)
-
-
-def _native_call(nk, address: int, count: int, kind: int, lo: int | None = None, hi: int | None = None) -> _Part:
-    c = nk.stats(address, count, kind, lo, hi)
-    seen = c.n - c.nan
-    part = _Part(n=c.n, finite=c.finite, nan=c.nan, inf=c.inf, zeros=c.zeros)
-    if seen:
-        part.mn, part.mx = c.mn, c.mx
-    if c.finite:
-        part.mean, part.m2, part.sumsq = c.mean, c.m2, c.sumsq
-    return part
-
-
-def _chunk_part(chunk, kernel: str) -> _Part:
-    """Statistics of one contiguous chunk of components (see _LAYOUT), or of an
-    (address, count, kind) chunk from a native _Source."""
-    if type(chunk) is tuple:
-        return _native_call(native_kernel(), *chunk)
-    part = _native_part(chunk, kernel)
-    if part is not None:
-        return part
-    return _numpy_chunk_part(chunk, kernel)
-
-
-def _numpy_chunk_part(chunk, kernel: str) -> _Part:
-    np = _numpy()
-    if kernel in ("f16", "bf16") and chunk.size:
-        sc = _scratch
-        sc.ensure(chunk.size)
-        return _half_part(chunk, kernel, sc)  # sets np.errstate itself, only where it can matter
-    with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow has its fallback
-        return _chunk_part_inner(chunk, kernel)
-
-
-def _half_part(chunk, kernel: str, sc: _Scratch) -> _Part:
-    """fp16 / bf16: min, max, zeros and NaN/Inf presence from integer reductions on the bits,
-    moments from the values widened to float32."""
-    np = _numpy()
-    n = chunk.size
-    exp = _HALF_EXP[kernel]
-    hi = int(chunk.max())
-    uhi = int(chunk.view(np.uint16).max())
-    if hi >= exp or uhi >= (0x8000 | exp):  # some +-Inf / NaN: exact but slower
-        with np.errstate(over="ignore", invalid="ignore"):
-            if kernel == "f16":
-                return _slow_float_part(chunk.view(np.float16).astype(np.float32))
-            return _slow_float_part(_widen_half(chunk, kernel, np.empty(n, np.float32)))
-    lo = int(chunk.min())
-    part = _Part(n=n)
-    zeros = n - int(np.count_nonzero(chunk))
-    if lo == -32768:  # -0.0 is 0x8000, the smallest int16
-        zeros += int(np.count_nonzero(chunk == -32768))
-    part.zeros = zeros
-    # Bits as int16 order the positive values; among negatives a larger int16 is a larger
-    # magnitude. So max = the largest non-negative, else the negative nearest zero (lo), and
-    # min = the largest-magnitude negative (the uint16 maximum), else the smallest positive.
-    part.mx = _half_value(hi if hi >= 0 else lo, kernel)
-    part.mn = _half_value(uhi if uhi >= 0x8000 else lo, kernel)
-    f = _widen_half_unordered(chunk, kernel, sc.values[:n])
-    if max(-part.mn, part.mx) < _BIG:  # always for fp16: no float32 flag can rise
-        _moments(f, part, lambda: sc.squares[:n])
-    else:
-        with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow has its fallback
-            _moments(f, part, lambda: sc.squares[:n])
-    return part
-
-
-def _chunk_part_inner(chunk, kernel: str) -> _Part:
-    np = _numpy()
-    n = chunk.size
-    if n == 0:
-        return _Part()
-    sc = _scratch
-    sc.ensure(n)
-    if kernel in ("f16", "bf16"):
-        return _half_part(chunk, kernel, sc)
-    if kernel == "float":
-        mn = float(chunk.min())
-        mx = float(chunk.max())
-        if not (math.isfinite(mn) and math.isfinite(mx)):
-            return _slow_float_part(chunk)
-        part = _Part(n=n, mn=mn, mx=mx)
-        part.zeros = _float_zeros(chunk, sc.tmp)
-        if chunk.dtype == np.float32:
-            _moments(chunk, part, lambda: sc.squares[:n])
-        else:
-            _moments(chunk, part, lambda: sc.tmp[: 8 * n].view(np.float64))
-        return part
-    if kernel == "int":
-        part = _Part(n=n)
-        part.zeros = n - int(np.count_nonzero(chunk))
-        part.mn = float(chunk.min())
-        part.mx = float(chunk.max())
-        f = sc.tmp[: 8 * n].view(np.float64)
-        np.copyto(f, chunk, casting="unsafe")
-        _moments(f, part)
-        return part
-    raise ValueError(kernel)
-
-
-def _torch_floats(chunk, dtype: str):
-    """float8 bytes -> float32 numpy (torch knows these formats; numpy does not)."""
-    import torch
-
-    from .tensordata import torch_dtype
-
-    t = torch.from_numpy(chunk).view(torch_dtype(dtype)).float()
-    return t.numpy()
-
-
-# ----------------------------------------------------------------------------------------------
-# Chunking a tensor
-# ----------------------------------------------------------------------------------------------
-def _is_dense(record: TensorRecord) -> bool:
-    """The view covers exactly numel consecutive elements of its storage, in some order."""
-    dims = sorted((st, n) for n, st in zip(record.shape, record.stride) if n != 1)
-    expected = 1
-    for st, n in dims:
-        if st != expected:
-            return False
-        expected *= n
-    return True
-
-
-def _slabs(shape: tuple[int, ...], chunk: int) -> Iterator[tuple]:
-    """Index tuples covering a tensor of `shape` in row-major order, each <= chunk elements."""
-    if not shape:
-        yield ()
-        return
-    inner = prod(shape[1:])
-    if inner <= chunk:
-        step = max(1, chunk // max(inner, 1))
-        for s in range(0, shape[0], step):
-            yield (slice(s, min(s + step, shape[0])),)
-        return
-    for i in range(shape[0]):
-        for rest in _slabs(shape[1:], chunk):
-            yield (i, *rest)
-
-
-_NATIVE_KIND = {("f16", "int16"): 0, ("bf16", "int16"): 1, ("float", "float32"): 2}
-
-
-class _Source:
-    """A tensor's elements as chunks of numpy components, straight from the mmap.
-
-    With `native` (statistics only) a contiguous fp16 / bf16 / float32 tensor comes as
-    (address, count, kind) chunks for the compiled kernel instead, and numpy is not imported."""
-
-    def __init__(
-        self,
-        data: TensorData,
-        record: TensorRecord,
-        chunk_bytes: int,
-        ordered: bool = False,
-        native: bool = False,
-    ):
-        comp, per, kernel = _LAYOUT[record.dtype]
-        self.record = record
-        self.ordered = ordered
-        self.kernel = kernel
-        self.per = per
-        s = record.storage
-        itemsize = record.itemsize
-        self.elements = max(1, chunk_bytes // max(1, itemsize))
-        self.numel = record.numel
-        self.nbytes = record.nbytes
-        contiguous = record.is_contiguous or (not ordered and _is_dense(record))
-        self.address = None
-        self.native_kind = _NATIVE_KIND.get((kernel, comp)) if native and contiguous else None
-        if self.native_kind is not None and (s is None or s.byteorder != "big"):
-            if native_kernel() is not None:
-                address, length = data.storage_address(record)
-                check_view(record, length)  # a compiled loop must never read past it
-                start = record.storage_offset * itemsize
-                if start < 0 or start + self.nbytes > length:  # dense: numel values from start
-                    raise TensorDataError(
-                        f"tensor {record.qualified_name!r} does not fit its storage "
-                        f"({start + self.nbytes:,} bytes needed, {length:,} stored)"
-                    )
-                self.bounds = (address, address + length)
-                self.address = address + start
-                self.comp_size = itemsize // per
-                self.flat = self.view = None
-                return
-        np = _numpy()
-        self.comp = np.dtype(comp)
-        raw = data.storage_bytes(record)  # TensorDataError if missing / truncated / compressed
-        check_view(record, len(raw))  # as_strided below trusts offset, shape and stride
-        self.swap = s is not None and s.byteorder == "big" and self.comp.itemsize > 1
-        carrier = np.frombuffer(raw, dtype=np.uint8)
-        if self.numel == 0:
-            self.flat = None
-            self.view = None
-        elif contiguous:
-            start = record.storage_offset * itemsize
-            self.flat = carrier[start : start + self.numel * itemsize]
-            self.view = None
-        else:
-            from numpy.lib.stride_tricks import as_strided
-
-            self.flat = None
-            base = carrier[record.storage_offset * itemsize :]
-            elem = np.dtype((np.void, itemsize))
-            self.view = as_strided(
-                base.view(elem)
-                if base.size % itemsize == 0
-                else base[: base.size - base.size % itemsize].view(elem),
-                shape=record.shape,
-                strides=tuple(st * itemsize for st in record.stride),
-                writeable=False,
-            )
-
-    def chunks(self) -> Iterator[tuple[int, Any]]:
-        """(source bytes, components) for each chunk, in row-major order when `ordered`."""
-        if self.numel == 0:
-            return
-        step = self.elements * self.record.itemsize
-        if self.address is not None:
-            address, size, kind = self.address, self.comp_size, self.native_kind
-            lo, hi = self.bounds
-            for start in range(0, self.nbytes, step):
-                nbytes = min(step, self.nbytes - start)
-                yield nbytes, (address + start, nbytes // size, kind, lo, hi)
-            return
-        if self.flat is not None:
-            for start in range(0, self.flat.size, step):
-                raw = self.flat[start : start + step]
-                yield raw.size, self._components(raw)
-            return
-        np = _numpy()
-        if not self.ordered:
-            for idx in _slabs(self.record.shape, self.elements):
-                block = np.ascontiguousarray(self.view[idx]).reshape(-1).view(np.uint8)
-                yield block.size, self._components(block)
-            return
-        # Ordered (diff): the other side may be contiguous and cut in chunks of exactly `step`
-        # bytes, and chunks are compared pairwise, so the slabs are regrouped to that size.
-        pending: list = []
-        size = 0
-        for idx in _slabs(self.record.shape, self.elements):
-            block = np.ascontiguousarray(self.view[idx]).reshape(-1).view(np.uint8)
-            pending.append(block)
-            size += block.size
-            while size >= step:
-                joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
-                out, rest = joined[:step], joined[step:]
-                yield out.size, self._components(out)
-                pending, size = ([rest] if rest.size else []), rest.size
-        if pending:
-            joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
-            yield joined.size, self._components(joined)
-
-    def _components(self, raw):
-        c = raw.view(self.comp)
-        if self.swap:
-            c = c.byteswap()
-        if self.kernel == "torch":
-            return _torch_floats(c, self.record.dtype)
-        return c
-
-    @property
-    def chunk_kernel(self) -> str:
-        return "float" if self.kernel == "torch" else self.kernel
-
-
-def _finish(record: TensorRecord, part: _Part, name: str | None = None) -> TensorStats:
-    st = TensorStats(
-        name=name or record.qualified_name,
-        dtype=record.dtype,
-        shape=tuple(record.shape),
-        numel=record.numel,
-        min=part.mn,
-        max=part.mx,
-        zeros=part.zeros,
-        nan=part.nan,
-        inf=part.inf,
-        finite=part.finite,
-        sumsq=part.sumsq,
-    )
-    if part.finite:
-        st.mean = part.mean
-        st.std = math.sqrt(part.m2 / part.finite)
-    if _LAYOUT.get(record.dtype, ("", 1, ""))[1] == 2:
-        st.numel = part.n  # complex: statistics are over the real and imaginary parts
-    st.flags = stat_flags(record, st)
-    return st
-
-
-def stat_flags(record: TensorRecord, st: TensorStats) -> list[str]:
-    """Flags for one tensor's statistics (codes of CODES)."""
-    flags = []
-    if st.nan:
-        flags.append("nan")
-    if st.inf:
-        flags.append("inf")
-    if st.numel == 0:
-        return flags
-    if st.zeros == st.numel:
-        flags.append("all-zero")
-    elif st.min is not None and st.min == st.max and not st.nan and st.numel > 1:
-        flags.append("constant")
-    floating = record.dtype in FLOATING_DTYPES or record.dtype.startswith("complex")
-    if floating:
-        am = st.abs_max
-        if am is not None and am > EXPLODING_ABS and math.isfinite(am):
-            flags.append("exploding")
-        if st.zeros != st.numel and st.numel >= 16 and "constant" not in flags:
-            if st.zero_fraction >= DEAD_ZERO_FRACTION or (am is not None and am < VANISHED_ABS):
-                flags.append("dead")
-    return flags
-
-
-def tensor_stats(
-    data: TensorData,
-    record: TensorRecord,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    cancel: threading.Event | None = None,
-) -> TensorStats:
-    """One tensor's statistics in one streamed pass (memory: one chunk).
-
-    Raises TensorDataError when its bytes cannot be read, AuditCancelled when `cancel` is set,
-    and MscopeError for a dtype without statistics (see `stats_supported`).
-    """
-    if record.dtype not in _LAYOUT:
-        raise MscopeError(f"no statistics for dtype {record.dtype}")
-    src = _Source(data, record, chunk_bytes, native=True)
-    total = _Part()
-    kernel = src.chunk_kernel
-    for _, comps in src.chunks():
-        if cancel is not None and cancel.is_set():
-            raise AuditCancelled()
-        total.merge(_chunk_part(comps, kernel))
-    return _finish(record, total)
-
-
-def tensor_histogram(
-    data: TensorData,
-    record: TensorRecord,
-    bins: int = 40,
-    stats: TensorStats | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    cancel: threading.Event | None = None,
-) -> Histogram:
-    """Counts of the finite values in `bins` equal bins between their min and max (a second pass;
-    pass `stats` when you have them, or they are computed first)."""
-    np = _numpy()
-    if stats is None:
-        stats = tensor_stats(data, record, chunk_bytes, cancel)
-    lo = stats.min if stats.min is not None and math.isfinite(stats.min) else None
-    hi = stats.max if stats.max is not None and math.isfinite(stats.max) else None
-    if stats.inf or lo is None or hi is None:  # range of the finite values needs its own pass
-        lo, hi = _finite_range(data, record, chunk_bytes, cancel)
-    if lo is None:
-        return Histogram(0.0, 0.0, [0] * bins, stats.nan, stats.inf)
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0) * 1e-6
-    counts = np.zeros(bins, dtype=np.int64)
-    src = _Source(data, record, chunk_bytes)
-    for _, comps in src.chunks():
-        if cancel is not None and cancel.is_set():
-            raise AuditCancelled()
-        f = _as_float(comps, src.chunk_kernel)
-        # float64: numpy refuses bins narrower than the data's own precision ("Too many bins
-        # for data range"), e.g. a float32 constant 1.0 whose range is widened by 1e-6 above
-        f = f[np.isfinite(f)].astype(np.float64, copy=False)
-        counts += np.histogram(f, bins=bins, range=(lo, hi))[0]
-    return Histogram(lo, hi, [int(c) for c in counts], stats.nan, stats.inf)
-
-
-def _finite_range(data, record, chunk_bytes, cancel) -> tuple[float | None, float | None]:
-    np = _numpy()
-    lo = hi = None
-    src = _Source(data, record, chunk_bytes)
-    for _, comps in src.chunks():
-        if cancel is not None and cancel.is_set():
-            raise AuditCancelled()
-        f = _as_float(comps, src.chunk_kernel)
-        f = f[np.isfinite(f)]
-        if f.size:
-            a, b = float(f.min()), float(f.max())
-            lo = a if lo is None else min(lo, a)
-            hi = b if hi is None else max(hi, b)
-    return lo, hi
-
-
-def _as_float(comps, kernel: str):
-    """Components as a float array with NaN / Inf intact (float32 where exact, else float64)."""
-    np = _numpy()
-    if kernel == "f16":
-        return comps.view(np.float16).astype(np.float32)
-    if kernel == "bf16":
-        return _widen_half(comps, "bf16", np.empty(comps.size, np.float32))
-    if kernel == "int":
-        return comps.astype(np.float64)
-    return comps
-
-
-# ----------------------------------------------------------------------------------------------
-# Streaming many tensors: a thread pool over chunks
-# ----------------------------------------------------------------------------------------------
-_TASK_CHUNKS = 4  # chunks per pool task (see stream_stats)
-
-
-def _chunk_parts(work: list[tuple[Any, str]]) -> list[_Part]:
-    """_chunk_part of each (components, kernel); None components (an empty tensor): no part."""
-    return [_Part() if comps is None else _chunk_part(comps, kernel) for comps, kernel in work]
-
-
-def default_threads() -> int:
-    """One per physical core of the usable CPUs (SMT siblings share the SIMD units the kernels
-    run on), 1 to 8. Where the topology cannot be read: half the CPUs."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = list(range(os.cpu_count() or 1))
-    cores = set()
-    for cpu in cpus:
-        try:
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as fh:
-                cores.add(fh.read().strip())
-        except OSError:
-            return max(1, min(8, len(cpus) // 2))
-    return max(1, min(8, len(cores)))
-
-
-def stream_stats(
-    data: TensorData,
-    records: list[TensorRecord],
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    threads: int | None = None,
-    progress: ProgressFn | None = None,
-    cancel: threading.Event | None = None,
-    on_error: Callable[[TensorRecord, MscopeError], None] | None = None,
-) -> Iterator[tuple[TensorRecord, TensorStats]]:
-    """Statistics of many tensors, yielded in order as each completes.
-
-    Chunks go to a pool of `threads` workers (numpy releases the GIL in its loops) in tasks of a
-    few chunks; at most 2 x threads tasks are in flight, each holding views of the mapped file
-    (a strided tensor's chunks are copies: one per task), so memory is bounded by the chunk size. A tensor whose bytes
-    cannot be read goes to `on_error` and the stream continues. Raises AuditCancelled.
-    """
-    threads = threads or default_threads()
-    total = sum(r.nbytes for r in records)
-    state = {"done": 0, "last": 0.0}
-    t0 = time.perf_counter()
-
-    def report(name: str, force: bool = False) -> None:
-        if progress is None:
-            return
-        now = time.perf_counter()
-        if force or now - state["last"] >= 0.1:
-            state["last"] = now
-            progress(Progress(state["done"], total, now - t0, name))
-
-    def check_cancel() -> None:
-        if cancel is not None and cancel.is_set():
-            raise AuditCancelled()
-
-    report("", force=True)
-    if threads <= 1:
-        for r in records:
-            check_cancel()
-            try:
-                src = _Source(data, r, chunk_bytes, native=True)
-                part = _Part()
-                kernel = src.chunk_kernel
-                for nbytes, comps in src.chunks():
-                    check_cancel()
-                    part.merge(_chunk_part(comps, kernel))
-                    state["done"] += nbytes
-                    report(r.qualified_name)
-            except TensorDataError as exc:
-                if on_error is None:
-                    raise
-                on_error(r, exc)
-                continue
-            yield r, _finish(r, part)
-        report("", force=True)
-        return
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    # Chunks go to the pool in tasks of up to _TASK_CHUNKS chunks (whole small tensors share a
-    # task): fewer futures and thread wake-ups. Each task's parts come back one per chunk and are
-    # merged here in stream order, so the numbers equal the single-thread ones bit for bit.
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mscope-stats")
-    pending: deque = deque()  # (items, future); items: (record, nbytes, last chunk?)
-    parts: dict[int, _Part] = {}
-    dropped: set[int] = set()  # records whose bytes failed part way: queued chunks are ignored
-    limit = 2 * threads
-    items: list[tuple[TensorRecord, int, bool]] = []
-    work: list[tuple[Any, str]] = []
-    task_bytes = 0
-
-    def submit() -> None:
-        nonlocal items, work, task_bytes
-        if items:
-            pending.append((items, pool.submit(_chunk_parts, work)))
-            items, work, task_bytes = [], [], 0
-
-    def drain(until: int) -> Iterator[tuple[TensorRecord, TensorStats]]:
-        while len(pending) > until:
-            done_items, fut = pending.popleft()
-            for (r, nbytes, last), part in zip(done_items, fut.result()):
-                key = id(r)
-                if key in dropped:
-                    continue
-                parts.setdefault(key, _Part()).merge(part)
-                state["done"] += nbytes
-                if last:
-                    yield r, _finish(r, parts.pop(key))
-            report(done_items[-1][0].qualified_name)
-
-    try:
-        for r in records:
-            check_cancel()
-            start = len(items)
-            try:
-                src = _Source(data, r, chunk_bytes, native=True)
-                kernel = src.chunk_kernel
-                copies = (src.flat is None and src.address is None) or src.kernel == "torch"  # copied chunks
-                for nbytes, comps in src.chunks():
-                    items.append((r, nbytes, False))
-                    work.append((comps, kernel))
-                    task_bytes += nbytes
-                    if copies or task_bytes >= _TASK_CHUNKS * chunk_bytes:
-                        submit()
-                        start = 0
-                        check_cancel()
-                        if len(pending) >= limit:
-                            yield from drain(threads)
-            except TensorDataError as exc:
-                del items[start:], work[start:]
-                task_bytes = sum(n for _, n, _ in items)
-                dropped.add(id(r))
-                if on_error is None:
-                    raise
-                on_error(r, exc)
-                continue
-            items.append((r, 0, True))  # the tensor ends: yield it once everything before is in
-            work.append((None, kernel))
-            if len(items) >= 256:
-                submit()
-                if len(pending) >= limit:
-                    yield from drain(threads)
-        submit()
-        yield from drain(0)
-    finally:
-        for _, fut in pending:
-            fut.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
-    report("", force=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1429,7 +418,7 @@ def check_crc(
             crc_budget = inflate_left = max(CRC_INFLATE_BUDGET, CRC_INFLATE_RATIO * archive.size)
             for entry in archive.entries.values():
                 if cancel is not None and cancel.is_set():
-                    raise AuditCancelled()
+                    raise Cancelled()
                 members += 1
                 key = entry.name.rsplit("/", 1)[-1]
                 tensor = by_key.get((str(archive.path), key)) if "/data/" in entry.name else None
@@ -1769,28 +758,6 @@ def _union_length(spans: list[tuple[int, int]]) -> int:
 # ----------------------------------------------------------------------------------------------
 # Duplicates (reads bytes)
 # ----------------------------------------------------------------------------------------------
-def _same_bytes(data: TensorData, a: TensorRecord, b: TensorRecord, chunk_bytes: int) -> bool:
-    np = _numpy()
-    sa, sb = (
-        _Source(data, a, chunk_bytes, ordered=True),
-        _Source(data, b, chunk_bytes, ordered=True),
-    )
-    for (_, ca), (_, cb) in zip(sa.chunks(), sb.chunks()):
-        if not np.array_equal(ca.view(np.uint8), cb.view(np.uint8)):
-            return False
-    return True
-
-
-def _digest(data: TensorData, t: TensorRecord, chunk_bytes: int) -> bytes:
-    import hashlib
-
-    np = _numpy()
-    h = hashlib.blake2b(digest_size=16)
-    for _, c in _Source(data, t, chunk_bytes, ordered=True).chunks():
-        h.update(np.ascontiguousarray(c).view(np.uint8).data)
-    return h.digest()
-
-
 def find_duplicates(
     data: TensorData,
     ckpt: Checkpoint,
@@ -1817,7 +784,7 @@ def find_duplicates(
             or t.nbytes < DUPLICATE_MIN_BYTES
         ):
             continue
-        if t.dtype not in _LAYOUT:
+        if t.dtype not in LAYOUT:
             continue
         if (
             id(t.storage) in seen_storage
@@ -1837,36 +804,26 @@ def find_duplicates(
         if len(members) < 2:
             continue
         if cancel is not None and cancel.is_set():
-            raise AuditCancelled()
+            raise Cancelled()
         try:
             if stats is not None:
                 first = members[0]
                 same = [first] + [
-                    m for m in members[1:] if _same_bytes(data, first, m, chunk_bytes)
+                    m for m in members[1:] if same_bytes(data, first, m, chunk_bytes)
                 ]
                 if len(same) > 1:
                     out.append(same)
                 continue
             by_digest: dict[bytes, list[TensorRecord]] = defaultdict(list)
             for m in members:
-                by_digest[_digest(data, m, chunk_bytes)].append(m)
+                by_digest[digest(data, m, chunk_bytes)].append(m)
             for same in by_digest.values():
-                if len(same) > 1 and not _is_constant(data, same[0], chunk_bytes):
+                if len(same) > 1 and not is_constant(data, same[0], chunk_bytes):
                     out.append(same)
         except TensorDataError:
             continue
     return out
 
-
-def _is_constant(data: TensorData, t: TensorRecord, chunk_bytes: int) -> bool:
-    np = _numpy()
-    first = None
-    for _, c in _Source(data, t, chunk_bytes, ordered=True).chunks():
-        if first is None:
-            first = c[:1].copy()
-        if not np.all(c == first[0]):
-            return False
-    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2040,14 +997,14 @@ def run_audit(
         if stats:
             _run_stats(report, ckpt, bad, chunk_bytes, threads, progress, cancel)
         if dedupe or stats:
-            from .tensordata import TensorData
+            from .values.data import TensorData
 
             with TensorData() as data:
                 groups = find_duplicates(
                     data, ckpt, report.stats if stats else None, bad, cancel=cancel
                 )
             _duplicate_findings(report, groups)
-    except AuditCancelled:
+    except Cancelled:
         report.cancelled = True
     return report
 
@@ -2074,7 +1031,7 @@ def _duplicate_findings(report: AuditReport, groups: list[list[TensorRecord]]) -
 
 
 def _run_stats(report, ckpt, bad, chunk_bytes, threads, progress, cancel) -> None:
-    from .tensordata import TensorData
+    from .values.data import TensorData
 
     records = []
     by_view: dict[tuple, TensorRecord] = {}
@@ -2084,7 +1041,7 @@ def _run_stats(report, ckpt, bad, chunk_bytes, threads, progress, cancel) -> Non
     for t in ckpt.tensors:
         if id(t) in bad or t.storage is None:
             continue
-        if t.dtype not in _LAYOUT:
+        if t.dtype not in LAYOUT:
             no_stats[t.dtype] += 1
             skipped.append({"tensor": t.qualified_name, "reason": f"dtype {t.dtype}"})
             continue
@@ -2421,18 +1378,12 @@ def parse_fail_on(text: str) -> tuple[str, ...]:
 
 
 __all__ = [
-    "AuditCancelled",
+    "Cancelled",
     "AuditReport",
     "CODES",
     "Finding",
-    "Histogram",
-    "Progress",
-    "TensorStats",
     "audit_path",
     "children_norms",
     "norm_profile",
     "run_audit",
-    "stream_stats",
-    "tensor_histogram",
-    "tensor_stats",
 ]

@@ -32,28 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .audit import (
-    _LAYOUT,
-    DEFAULT_CHUNK_BYTES,
-    AuditCancelled,
-    Progress,
-    ProgressFn,
-    _as_float,
-    _chunk_part,
-    _digest,
-    _jsonable,
-    _num,
-    _numpy,
-    _Source,
-    unreadable_records,
-)
+from .audit import unreadable_records
 from .checkpoint import PARAMETER, Checkpoint, TensorRecord, dims_key
-from .errors import TensorDataError
-from .jsonfile import compact_json
+from .errors import Cancelled, TensorDataError
+from .jsonfile import compact_json, json_number, jsonable
 from .units import fmt_bytes
+from .values.chunks import LAYOUT, Source
+from .values.digest import digest
+from .values.kernels import as_float, chunk_part, numpy_module
+from .values.stats import DEFAULT_CHUNK_BYTES, Progress, ProgressFn
 
 if TYPE_CHECKING:
-    from .tensordata import TensorData
+    from .values.data import TensorData
 
 SCHEMA = "mscope.diff"
 SCHEMA_VERSION = 1
@@ -127,9 +117,9 @@ class TensorDiff:
             "a_dtype": self.a_dtype,
             "b_dtype": self.b_dtype,
             "numel": self.numel,
-            "max_abs": _num(self.max_abs),
-            "rel_l2": _num(self.rel_l2),
-            "cosine": _num(self.cosine),
+            "max_abs": json_number(self.max_abs),
+            "rel_l2": json_number(self.rel_l2),
+            "cosine": json_number(self.cosine),
             "mismatched": self.mismatched,
             "message": self.message,
             "a_requires_grad": self.a_requires_grad,
@@ -185,8 +175,8 @@ class ModuleDiff:
             "added": self.added,
             "removed": self.removed,
             "renamed": self.renamed,
-            "max_abs": _num(self.max_abs),
-            "rel_l2": _num(self.rel_l2),
+            "max_abs": json_number(self.max_abs),
+            "rel_l2": json_number(self.rel_l2),
         }
 
 
@@ -354,9 +344,9 @@ class DiffReport:
     def to_json(self) -> str:
 
         # The tensor and module lists are JSON-safe already (their to_dict passes floats through
-        # _num); walking their 100k+ values again with _jsonable took most of a big diff's time.
+        # json_number); walking their 100k+ values again with jsonable took most of a big diff's time.
         safe = ("tensors", "modules")
-        out = {k: v if k in safe else _jsonable(v) for k, v in self.to_dict().items()}
+        out = {k: v if k in safe else jsonable(v) for k, v in self.to_dict().items()}
         return compact_json(out, allow_nan=False)
 
 
@@ -418,8 +408,8 @@ def _prefix_map(
 # Comparing values
 # ----------------------------------------------------------------------------------------------
 def _to_f64(comps, kernel: str):
-    np = _numpy()
-    return _as_float(comps, kernel).astype(np.float64, copy=False)
+    np = numpy_module()
+    return as_float(comps, kernel).astype(np.float64, copy=False)
 
 
 class _Acc:
@@ -443,19 +433,19 @@ def _compare_values(
     cancel: threading.Event | None,
     on_bytes,
 ) -> _Acc:
-    np = _numpy()
+    np = numpy_module()
     elems = max(1, chunk_bytes // max(a.itemsize, b.itemsize))
-    sa = _Source(da, a, elems * a.itemsize, ordered=True)
-    sb = _Source(db, b, elems * b.itemsize, ordered=True)
+    sa = Source(da, a, elems * a.itemsize, ordered=True)
+    sb = Source(db, b, elems * b.itemsize, ordered=True)
     ka, kb = sa.chunk_kernel, sb.chunk_kernel
     same_dtype = a.dtype == b.dtype
     acc = _Acc()
     for (na, ca), (nb, cb) in zip(sa.chunks(), sb.chunks()):
         if cancel is not None and cancel.is_set():
-            raise AuditCancelled()
+            raise Cancelled()
         on_bytes(na + nb)
         if same_dtype and np.array_equal(ca.view(np.uint8), cb.view(np.uint8)):
-            q = _chunk_part(ca, ka).sumsq
+            q = chunk_part(ca, ka).sumsq
             acc.aa += q
             acc.bb += q
             acc.ab += q
@@ -563,9 +553,9 @@ class DiffStream:
             d.status = SHAPE_CHANGED
             return d
         comparable = (
-            ra.dtype in _LAYOUT
-            and rb.dtype in _LAYOUT
-            and _LAYOUT[ra.dtype][1] == _LAYOUT[rb.dtype][1]
+            ra.dtype in LAYOUT
+            and rb.dtype in LAYOUT
+            and LAYOUT[ra.dtype].per == LAYOUT[rb.dtype].per
             and ra.storage is not None
             and rb.storage is not None
         )
@@ -584,7 +574,7 @@ class DiffStream:
         if ra.dtype != rb.dtype:
             d.status = DTYPE_CHANGED
         d.pending = True
-        if ra.dtype in _LAYOUT and rb.dtype in _LAYOUT:
+        if ra.dtype in LAYOUT and rb.dtype in LAYOUT:
             self.total += ra.nbytes + rb.nbytes
         return d
 
@@ -600,7 +590,7 @@ class DiffStream:
 
         On cancel the stream stops and `report.cancelled` is set; the pairs not reached stay
         pending (and are left out of `finish()`'s report)."""
-        from .tensordata import TensorData
+        from .values.data import TensorData
 
         t0 = time.perf_counter()
         state = {"last": 0.0}
@@ -618,7 +608,7 @@ class DiffStream:
                     if not m.pending or (m.a_name, m.b_name) in self.results:
                         continue
                     if cancel is not None and cancel.is_set():
-                        raise AuditCancelled()
+                        raise Cancelled()
                     ra, rb = self._ta[m.a_name], self._tb[m.b_name]
                     d = _copy(m)
                     d.pending = False
@@ -638,7 +628,7 @@ class DiffStream:
                     for d in self._renames(da, db, cancel):
                         self.renamed.append(d)
                         yield d
-        except AuditCancelled:
+        except Cancelled:
             self.report.cancelled = True
         self.seconds += time.perf_counter() - t0
         if progress is not None:
@@ -668,11 +658,11 @@ class DiffStream:
         sig_b: dict[tuple, list[str]] = defaultdict(list)
         for n in self.removed:
             r = ta[n]
-            if r.storage is not None and r.dtype in _LAYOUT and id(r) not in self._bad:
+            if r.storage is not None and r.dtype in LAYOUT and id(r) not in self._bad:
                 sig_a[(dims_key(r.shape), r.dtype)].append(n)
         for n in self.added:
             r = tb[n]
-            if r.storage is not None and r.dtype in _LAYOUT and id(r) not in self._bad:
+            if r.storage is not None and r.dtype in LAYOUT and id(r) not in self._bad:
                 sig_b[(dims_key(r.shape), r.dtype)].append(n)
         ambiguous = 0
         for sig, names_a in sig_a.items():
@@ -682,17 +672,17 @@ class DiffStream:
             digests_b: dict[bytes, list[str]] = defaultdict(list)
             for n in names_b:
                 if cancel is not None and cancel.is_set():
-                    raise AuditCancelled()
+                    raise Cancelled()
                 try:
-                    digests_b[_digest(db, tb[n], chunk_bytes)].append(n)
+                    digests_b[digest(db, tb[n], chunk_bytes)].append(n)
                 except TensorDataError:
                     continue
             digests_a: dict[bytes, list[str]] = defaultdict(list)
             for n in names_a:
                 if cancel is not None and cancel.is_set():
-                    raise AuditCancelled()
+                    raise Cancelled()
                 try:
-                    digests_a[_digest(da, ta[n], chunk_bytes)].append(n)
+                    digests_a[digest(da, ta[n], chunk_bytes)].append(n)
                 except TensorDataError:
                     continue
             # A rename only when the bytes are unique on both sides: equal constant tensors (two

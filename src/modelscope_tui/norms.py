@@ -2,7 +2,7 @@
 the L2 norm of its floating-point values. The explorer shows it in a module's details pane;
 scripts call `module_norms` directly.
 
-Statistics come from audit's streamed `stream_stats` (memory bounded by the chunk size), kept by
+Statistics come from the value layer's streamed `stream_stats` (memory bounded by the chunk size), kept by
 the caller in a dict (qualified name -> TensorStats) so a second profile, or a profile of a parent,
 reads nothing twice; the profile itself is `audit.children_norms` over those statistics.
 No Textual; numpy only while statistics are computed.
@@ -16,12 +16,15 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .audit import ProgressFn, TensorStats, children_norms, stats_supported, stream_stats
+from .audit import children_norms
 from .checkpoint import FLOATING_DTYPES, Checkpoint, ModuleNode, TensorRecord
 from .errors import MscopeError
+from .values.chunks import stats_supported
+from .values.stats import ProgressFn, TensorStats
+from .values.stream import stream_stats
 
 if TYPE_CHECKING:
-    from .tensordata import TensorData
+    from .values.data import TensorData
 
 EIGHTHS = " ▏▎▍▌▋▊▉█"
 
@@ -130,7 +133,7 @@ def module_norms(
     lacks with `stream_stats` and adding them to `stats` (and, one by one, to `on_stats`).
 
     Tensors whose bytes cannot be read go to `errors` (name -> message) and are skipped next time.
-    Raises AuditCancelled when `cancel` is set (what was computed is kept in `stats`).
+    Raises Cancelled when `cancel` is set (what was computed is kept in `stats`).
     """
     stats = {} if stats is None else stats
     errors = {} if errors is None else errors
@@ -140,7 +143,7 @@ def module_norms(
         if t.qualified_name not in stats and t.qualified_name not in errors
     ]
     if todo:
-        from .tensordata import TensorData
+        from .values.data import TensorData
 
         def failed(record: TensorRecord, exc: MscopeError) -> None:
             errors[record.qualified_name] = exc.message

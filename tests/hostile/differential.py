@@ -517,7 +517,7 @@ def mscope(path: Path) -> dict:
     from modelscope_tui.audit import ERROR, audit_path, unreadable_records
     from modelscope_tui.errors import MscopeError
     from modelscope_tui.readers import open_checkpoint
-    from modelscope_tui.tensordata import TensorData
+    from modelscope_tui.values.data import TensorData
 
     try:
         report = audit_path(path)

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import TensorRecord
-from .errors import TensorDataError
+from ..checkpoint import TensorRecord
+from ..errors import TensorDataError
 
 if TYPE_CHECKING:
     import torch
