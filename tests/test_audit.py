@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import run_cli
-from modelscope_tui import audit
-from modelscope_tui.audit import audit_path, run_audit
+from modelscope_tui.audit.norms import children_norms
+from modelscope_tui.audit.runner import audit_path, run_audit
+from modelscope_tui.cli.audit import fit_name, fmt_g, render_audit
 from modelscope_tui.errors import Cancelled, TensorDataError
 from modelscope_tui.readers import open_checkpoint
 from modelscope_tui.values import kernels
@@ -538,7 +539,7 @@ def test_children_norms(tmp_path):
     torch.save(sd, tmp_path / "m.pt")
     report = audit_path(tmp_path / "m.pt", stats=True)
     ckpt = open_checkpoint(tmp_path / "m.pt")
-    rows = audit.children_norms(report.stats, ckpt, "layers")
+    rows = children_norms(report.stats, ckpt, "layers")
     assert [r["name"] for r in rows] == ["layers.0", "layers.1", "layers.2"]
     want = math.sqrt(
         sum(
@@ -547,7 +548,7 @@ def test_children_norms(tmp_path):
         )
     )
     assert math.isclose(rows[1]["norm"], want, rel_tol=1e-6) and rows[1]["complete"]
-    assert audit.children_norms(report.stats, ckpt, "nope") == []
+    assert children_norms(report.stats, ckpt, "nope") == []
 
 
 def test_stats_do_not_import_numpy_for_contiguous_half_and_float32(tmp_path):
@@ -560,8 +561,8 @@ def test_stats_do_not_import_numpy_for_contiguous_half_and_float32(tmp_path):
     }
     save_file(tensors, tmp_path / "m.safetensors")
     code = (
-        "import sys; from modelscope_tui import audit;"
-        f"r = audit.audit_path({str(tmp_path / 'm.safetensors')!r}, stats=True);"
+        "import sys; from modelscope_tui.audit.runner import audit_path;"
+        f"r = audit_path({str(tmp_path / 'm.safetensors')!r}, stats=True);"
         "print(len(r.stats), 'numpy' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -581,7 +582,15 @@ def test_native_source_refuses_a_view_past_its_storage(stats_file):
 
 
 def test_audit_module_is_light():
-    code = "import sys, modelscope_tui.audit, modelscope_tui.diff; print(sorted({'torch', 'numpy', 'textual', 'rich'} & set(sys.modules)))"
+    """Every module of audit/, diff/ and values/ imports without torch, numpy, textual or rich."""
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "for name in ('audit', 'diff', 'values'):\n"
+        "    pkg = importlib.import_module('modelscope_tui.' + name)\n"
+        "    for m in pkgutil.iter_modules(getattr(pkg, '__path__', [])):\n"
+        "        importlib.import_module(f'{pkg.__name__}.{m.name}')\n"
+        "print(sorted({'torch', 'numpy', 'textual', 'rich'} & set(sys.modules)))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
@@ -624,22 +633,22 @@ def test_text_report_keeps_every_number_whole_at_80_columns(tmp_path):
     torch.save(sd, tmp_path / "m.pt")
     report = audit_path(tmp_path / "m.pt", stats=True)
     out = io.StringIO()
-    audit.render_audit(report, Console(file=out, width=80, color_system=None, highlight=False))
+    render_audit(report, Console(file=out, width=80, color_system=None, highlight=False))
     text = out.getvalue()
     assert max(len(line) for line in text.splitlines()) <= 80
     for i in range(3):
         st = report.stats[f"model.encoder.layers.{i}.self_attention.in_proj_weight"]
         row = next(line for line in text.splitlines() if line.startswith(f"m.e.l.{i}.s.in_proj_weight "))
         for value in (st.min, st.max, st.mean, st.std, st.norm):
-            assert audit._g(value) in row.split(), row
+            assert fmt_g(value) in row.split(), row
 
 
 def test_fit_name_keeps_layer_numbers():
     name = "model.encoder.layers.11.self_attention.in_proj_weight"
-    assert audit._fit_name(name, 60) == name
-    assert audit._fit_name(name, 40) == "m.e.l.11.self_attention.in_proj_weight"
-    assert audit._fit_name(name, 25) == "m.e.l.11.s.in_proj_weight"
-    short = audit._fit_name(name, 12)
+    assert fit_name(name, 60) == name
+    assert fit_name(name, 40) == "m.e.l.11.self_attention.in_proj_weight"
+    assert fit_name(name, 25) == "m.e.l.11.s.in_proj_weight"
+    short = fit_name(name, 12)
     assert len(short) == 12 and short.startswith("m.e.l") and "…" in short
 
 

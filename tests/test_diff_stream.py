@@ -1,5 +1,5 @@
 """The incremental diff (DiffStream / LiveDiff) behind the explorer's diff mode, and the norm
-profile of a module's children (norms.py): domain code, no terminal."""
+profile of a module's children (audit/norms.py): domain code, no terminal."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from diffpair import after_state_dict, before_state_dict, write_pair
+from modelscope_tui.audit.norms import format_profile, module_norms, norm_rows
 from modelscope_tui.diff import (
     ADDED,
     CHANGED,
@@ -25,7 +26,6 @@ from modelscope_tui.diff import (
     diff_checkpoints,
 )
 from modelscope_tui.errors import Cancelled
-from modelscope_tui.norms import format_profile, module_norms, norm_rows
 from modelscope_tui.readers import open_checkpoint
 
 
@@ -143,7 +143,7 @@ def test_module_norms_tied_and_cancel():
 def test_norms_and_diff_stay_free_of_textual_and_torch():
     from test_imports import modules_after
 
-    loaded = modules_after("import modelscope_tui.norms, modelscope_tui.diff")
+    loaded = modules_after("import modelscope_tui.audit.norms, modelscope_tui.diff")
     assert not {"textual", "torch", "numpy"} & loaded
 
 

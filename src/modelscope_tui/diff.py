@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .audit import unreadable_records
 from .checkpoint import PARAMETER, Checkpoint, TensorRecord, dims_key
 from .errors import Cancelled, TensorDataError
 from .jsonfile import compact_json, json_number, jsonable
 from .units import fmt_bytes
 from .values.chunks import LAYOUT, Source
+from .values.data import unreadable_records
 from .values.digest import digest
 from .values.kernels import as_float, chunk_part, numpy_module
 from .values.stats import DEFAULT_CHUNK_BYTES, Progress, ProgressFn

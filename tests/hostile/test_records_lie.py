@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from craft import BUILD, build_state, glob, state_pickle, storage, tensor, torch_zip  # noqa: E402
 
-from modelscope_tui.audit import run_audit  # noqa: E402
+from modelscope_tui.audit.runner import run_audit  # noqa: E402
 from modelscope_tui.checkpoint import StorageRecord, TensorRecord  # noqa: E402
 from modelscope_tui.diff import diff_checkpoints  # noqa: E402
 from modelscope_tui.errors import TensorDataError  # noqa: E402

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from textual.message import Message
 
 if TYPE_CHECKING:
-    from ..audit import AuditReport
+    from ..audit.findings import AuditReport
     from ..checkpoint import Checkpoint
     from ..diff import LiveDiff
     from ..estimate import MemoryEstimate

@@ -12,8 +12,8 @@ from ...units import fmt_bytes
 from .jobs import Job, Latest
 
 if TYPE_CHECKING:
+    from ...audit.norms import NormRow
     from ...checkpoint import Checkpoint, TensorRecord
-    from ...norms import NormRow
 
 HISTOGRAM_BINS = 30
 AUDIT_HINT = "A (audit) computes it for the whole model"
@@ -117,7 +117,7 @@ class NormProfiler:
     def rows(self, module: str) -> list[NormRow]:
         """Cached until new statistics arrive (the dict only grows): the details are redrawn
         after every freeze, and the root's rows walk every tensor (200 ms at 100k)."""
-        from ...norms import norm_rows
+        from ...audit.norms import norm_rows
 
         key = (module, len(self.stats))
         rows = self._rows.get(key)
@@ -148,7 +148,7 @@ class NormProfiler:
     def compute(self, job: NormsJob, progress=None) -> NormsResult:
         """Worker thread: statistics of the tensors under the job's module that have none yet
         (streamed; a cancelled job keeps what it finished)."""
-        from ...norms import module_norms
+        from ...audit.norms import module_norms
 
         result = NormsResult(errors=job.errors)
         try:

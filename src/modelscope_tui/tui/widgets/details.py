@@ -225,7 +225,7 @@ def norm_profile_details(rows, status: str | None = None) -> RenderableType:
     """A module's children as horizontal bars of their L2 norm (rows from norms.module_norms).
 
     status: a progress or error line while the profile is incomplete."""
-    from ...norms import bar
+    from ...audit.norms import bar
 
     parts: list[RenderableType] = [Text("\nnorm profile (L2 of each child)", style="bold underline")]
     if not rows:
