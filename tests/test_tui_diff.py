@@ -13,7 +13,8 @@ from rich.style import Style
 
 from conftest import settle
 from diffpair import after_state_dict, before_state_dict, write_pair
-from modelscope_tui import cli, diff
+from modelscope_tui import cli
+from modelscope_tui.diff import stream as diff_stream
 from modelscope_tui.errors import Cancelled
 from modelscope_tui.tui.app import MscopeApp
 from modelscope_tui.tui.screens.compare import CompareScreen
@@ -132,7 +133,7 @@ async def test_tree_comes_from_metadata_first_and_cancel_leaves_app_responsive(p
             raise AssertionError("never cancelled")
         raise Cancelled()
 
-    monkeypatch.setattr(diff, "_compare_values", blocked)
+    monkeypatch.setattr(diff_stream, "compare_values", blocked)
     app = MscopeApp(b, compare=a, show_gpus=False)
     async with app.run_test(size=(120, 36)) as pilot:
         for _ in range(200):

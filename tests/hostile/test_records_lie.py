@@ -23,7 +23,7 @@ from craft import BUILD, build_state, glob, state_pickle, storage, tensor, torch
 
 from modelscope_tui.audit.runner import run_audit  # noqa: E402
 from modelscope_tui.checkpoint import StorageRecord, TensorRecord  # noqa: E402
-from modelscope_tui.diff import diff_checkpoints  # noqa: E402
+from modelscope_tui.diff.stream import diff_checkpoints  # noqa: E402
 from modelscope_tui.errors import TensorDataError  # noqa: E402
 from modelscope_tui.readers import open_checkpoint  # noqa: E402
 from modelscope_tui.values import kernels  # noqa: E402

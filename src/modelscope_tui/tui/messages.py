@@ -12,7 +12,7 @@ from textual.message import Message
 if TYPE_CHECKING:
     from ..audit.findings import AuditReport
     from ..checkpoint import Checkpoint
-    from ..diff import LiveDiff
+    from ..diff.live import LiveDiff
     from ..estimate import MemoryEstimate
     from ..gpu import GpuSample
     from ..placement import DeviceInfo
