@@ -8,26 +8,15 @@ import gc
 import math
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..diff.report import (
-    ADDED,
-    CHANGED,
-    CLOSE,
-    DTYPE_CHANGED,
-    IDENTICAL,
-    REMOVED,
-    RENAMED,
-    SHAPE_CHANGED,
-    UNREADABLE,
-    DiffReport,
-    describe,
-    grad_word,
-)
 from ..errors import MscopeError
 from ..units import fmt_bytes
 from . import common
 from .common import error, prefetch, progress_bar
+
+if TYPE_CHECKING:
+    from ..diff.report import DiffReport
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,8 +124,23 @@ def run_explorer(args: argparse.Namespace) -> int:
 
 
 def render_diff(report: DiffReport, console: Any, depth: int = 2, limit: int = 20) -> None:
+    """The text report: per-module table to `depth`, then changed, renamed, added, removed and
+    requires_grad-changed tensors (`limit` each), the plan check, and the summary line."""
     from rich.table import Table
 
+    from ..diff.report import (
+        ADDED,
+        CHANGED,
+        CLOSE,
+        DTYPE_CHANGED,
+        IDENTICAL,
+        REMOVED,
+        RENAMED,
+        SHAPE_CHANGED,
+        UNREADABLE,
+        describe,
+        grad_word,
+    )
     from ..textout import safe_markup as escape  # text from files: controls, then markup
 
     console.print(

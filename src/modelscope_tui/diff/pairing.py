@@ -17,7 +17,8 @@ PREFIXES = (
 
 
 def tensors_by_name(ckpt: Checkpoint, sections: str) -> dict[str, TensorRecord]:
-    """The tensors a diff compares, by name: the model's (\"model\") or every section's, qualified (\"all\")."""
+    """The tensors a diff compares, by name: the model's ("model"), or every section's under
+    qualified names ("all"). The first of a repeated name wins."""
     out: dict[str, TensorRecord] = {}
     for t in ckpt.tensors:
         if sections == "model" and t.section != "":

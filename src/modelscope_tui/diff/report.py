@@ -40,6 +40,7 @@ IDENTICAL, CLOSE, CHANGED = Status.IDENTICAL, Status.CLOSE, Status.CHANGED
 ADDED, REMOVED, RENAMED = Status.ADDED, Status.REMOVED, Status.RENAMED
 SHAPE_CHANGED, DTYPE_CHANGED = Status.SHAPE_CHANGED, Status.DTYPE_CHANGED
 UNREADABLE, PENDING = Status.UNREADABLE, Status.PENDING
+# A finished report's statuses, in the order its counts list them (PENDING is never one).
 STATUSES = (
     IDENTICAL,
     CLOSE,

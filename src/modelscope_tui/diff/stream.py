@@ -48,7 +48,7 @@ def diff_checkpoints(
 ) -> DiffReport:
     """Compare the model tensors of A and B (every section's with sections="all").
 
-    Tensors are matched by name; see the module docstring for the statuses. When `cancel` is
+    Tensors are matched by name; see report.Status (and the package docstring). When `cancel` is
     set the report comes back with `cancelled=True` and the tensors compared so far (and every
     status known from metadata alone).
     """
