@@ -350,7 +350,7 @@ def check_torch(mon: GpuMonitor) -> bool:
             )
 
     from modelscope_tui import open_checkpoint
-    from modelscope_tui.tensordata import TensorData
+    from modelscope_tui.values.data import TensorData
 
     dev = torch.device("cuda:0")
     torch.cuda.synchronize(dev)

@@ -14,8 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from modelscope_tui import native, statkernel
+from modelscope_tui import native
 from modelscope_tui.readers.pickle import scan as S
+from modelscope_tui.values import statkernel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -69,7 +70,7 @@ def test_editing_a_source_changes_the_hash(tmp_path):
     with open(tmp_path / "readers" / "pickle" / "picklescan.c", "a") as f:
         f.write("/* edited */\n")
     assert native.source_hash(tmp_path) != native.source_hash()
-    (tmp_path / "statkernel.c").unlink()
+    (tmp_path / "values" / "statkernel.c").unlink()
     assert native.source_hash(tmp_path) is None
     assert native.open_library(native.LIBRARY, None) is None
 
@@ -103,8 +104,8 @@ def test_no_stale_library_names_are_left():
     for path in (
         ROOT / ".gitignore",
         ROOT / "pyproject.toml",
-        *native.HERE.glob("*.c"),
-        *native.HERE.glob("*.py"),
+        *native.HERE.rglob("*.c"),
+        *native.HERE.rglob("*.py"),
     ):
         assert "_statkernel.so" not in path.read_text(), path
 

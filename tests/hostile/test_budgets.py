@@ -33,7 +33,7 @@ from craft import (  # noqa: E402
     torch_zip,
 )  # fmt: skip
 
-from modelscope_tui.diff import diff_checkpoints  # noqa: E402
+from modelscope_tui.diff.stream import diff_checkpoints  # noqa: E402
 from modelscope_tui.errors import MscopeError, UnsafePickleError  # noqa: E402
 from modelscope_tui.readers import MIN_VIEW_BUDGET, open_checkpoint  # noqa: E402
 from modelscope_tui.readers.pickle import scan as S  # noqa: E402

@@ -98,7 +98,7 @@ def test_damaged_legacy_magic_is_not_a_clean_pickle(tmp_path):
     data[6] ^= 0x01  # inside the pickled magic number: the file now sniffs as a plain pickle
     path = tmp_path / "legacy.pt"
     path.write_bytes(bytes(data))
-    from modelscope_tui.audit import audit_path
+    from modelscope_tui.audit.runner import audit_path
 
     report = audit_path(path)
     assert any(f.code == "reference-loader-refuses" and "magic number" in f.message for f in report.findings)

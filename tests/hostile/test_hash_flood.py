@@ -265,7 +265,7 @@ def test_colliding_key_file_gives_one_clear_error(tmp_path):
 def test_block_numbers_in_names_are_not_int_keys(tmp_path):
     """`layers.<k * (2**61-1)>.weight`: numbers from names become set and dict keys (the norm
     profile, block groups, "last N blocks"); past 15 digits they are not block numbers."""
-    from modelscope_tui.audit import audit_path
+    from modelscope_tui.audit.runner import audit_path
     from modelscope_tui.checkpoint import block_index
     from modelscope_tui.training.session import Session
 

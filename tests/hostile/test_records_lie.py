@@ -21,12 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from craft import BUILD, build_state, glob, state_pickle, storage, tensor, torch_zip  # noqa: E402
 
-from modelscope_tui.audit import run_audit, tensor_stats  # noqa: E402
+from modelscope_tui.audit.runner import run_audit  # noqa: E402
 from modelscope_tui.checkpoint import StorageRecord, TensorRecord  # noqa: E402
-from modelscope_tui.diff import diff_checkpoints  # noqa: E402
+from modelscope_tui.diff.stream import diff_checkpoints  # noqa: E402
 from modelscope_tui.errors import TensorDataError  # noqa: E402
 from modelscope_tui.readers import open_checkpoint  # noqa: E402
-from modelscope_tui.tensordata import TensorData  # noqa: E402
+from modelscope_tui.values import kernels  # noqa: E402
+from modelscope_tui.values.data import TensorData  # noqa: E402
+from modelscope_tui.values.stream import tensor_stats  # noqa: E402
 
 VALUES = (1.0, 2.0, 3.0, 4.0)
 DATA = struct.pack("<4f", *VALUES)
@@ -156,15 +158,13 @@ def test_point_of_use_refuses_forged_records(tmp_path, lie, monkeypatch):
         with pytest.raises(TensorDataError):
             tensor_stats(data, t)  # the compiled kernel's path
         monkeypatch.setenv("MSCOPE_STATS_KERNEL", "numpy")
-        import modelscope_tui.audit as audit
-
-        monkeypatch.setattr(audit, "native_kernel", lambda: None)
+        monkeypatch.setattr(kernels, "compiled", None)
         with pytest.raises(TensorDataError):
             tensor_stats(data, t)  # numpy's as_strided path
 
 
 def test_kernel_binding_checks_its_range():
-    from modelscope_tui import statkernel
+    from modelscope_tui.values import statkernel
 
     kernel = statkernel.load()
     if kernel is None:

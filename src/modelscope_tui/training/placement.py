@@ -110,7 +110,7 @@ class Placement:
 
     def _materialise_all(self, groups, target, total, progress, cancel) -> dict[str, Any] | None:
         """Every group onto the target; None when cancelled (what was copied is dropped)."""
-        from ..tensordata import TensorData
+        from ...values.data import TensorData
 
         created: dict[str, Any] = {}
         done = 0
@@ -135,7 +135,7 @@ class Placement:
         """One storage onto the target, then each tensor as a view of it (ties preserved)."""
         import torch
 
-        from ..tensordata import check_view, torch_dtype
+        from ..values.data import check_view, torch_dtype
 
         first = group[0]
         if first.storage is None:

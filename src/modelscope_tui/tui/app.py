@@ -935,7 +935,7 @@ class MscopeApp(App[int]):
 
     @work(thread=True, exit_on_error=False, group="audit")
     def _audit(self, screen: ProgressScreen, cancel: threading.Event) -> None:
-        from ..audit import run_audit
+        from ..audit.runner import run_audit
 
         def progress(p) -> None:
             screen.post_message(screen.Progress(p.done, p.total))

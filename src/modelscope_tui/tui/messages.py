@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 from textual.message import Message
 
 if TYPE_CHECKING:
-    from ..audit import AuditReport
+    from ..audit.findings import AuditReport
     from ..checkpoint import Checkpoint
-    from ..diff import LiveDiff
+    from ..diff.live import LiveDiff
     from ..gpu.snapshot import GpuSample
     from ..training.estimate import MemoryEstimate
     from ..training.placement import DeviceInfo

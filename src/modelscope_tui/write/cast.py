@@ -152,7 +152,7 @@ def cast_copy(
     metadata = _safetensors_metadata(ckpt, plan) if plan.fmt is CastFormat.SAFETENSORS else None
 
     def write(fh: BinaryIO) -> None:
-        from ..tensordata import TensorData
+        from ..values.data import TensorData
 
         try:
             with TensorData() as data:
@@ -295,7 +295,7 @@ def _selected_names(
 
 
 def _check_readable(r: TensorRecord, path: Path) -> None:
-    from ..tensordata import UNLOADABLE_DTYPES
+    from ..values.data import UNLOADABLE_DTYPES
 
     s = r.storage
     if r.note is not None or s is None:
@@ -350,7 +350,7 @@ def _preflight(plan: CastPlan, path: Path) -> None:
     """Fail before any file exists: every dtype readable and each conversion supported by torch."""
     import torch
 
-    from ..tensordata import torch_dtype
+    from ..values.data import torch_dtype
 
     pairs = {(b.src_dtype, b.dtype) for b in plan.blocks}
     for src, dst in pairs:

@@ -16,7 +16,8 @@ from textual.widgets import Tree
 from textual.widgets._tree import TreeNode
 
 from ...checkpoint import PARAMETER, ModuleNode, TensorRecord
-from ...diff import (
+from ...diff.live import LiveDiff, LiveModule
+from ...diff.report import (
     ADDED,
     CHANGED,
     CLOSE,
@@ -27,8 +28,6 @@ from ...diff import (
     RENAMED,
     SHAPE_CHANGED,
     UNREADABLE,
-    LiveDiff,
-    LiveModule,
     TensorDiff,
 )
 from ...training.session import Session

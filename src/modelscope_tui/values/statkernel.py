@@ -2,7 +2,7 @@
 
 The library (native.py) is compiled at install time by hatch_build.py (plain C, no Python C API).
 When it is missing, stale (built from other sources: native.py checks their hash), or
-MSCOPE_STATS_KERNEL=numpy is set, `load()` returns None and audit.py uses its numpy kernels:
+MSCOPE_STATS_KERNEL=numpy is set, `load()` returns None and kernels.py uses numpy instead:
 same numbers, ~3x slower.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import ctypes
 import os
 
-from . import native
-from .errors import TensorDataError
+from .. import native
+from ..errors import TensorDataError
 
 LIBRARY = native.LIBRARY
 KINDS = {"f16": 0, "bf16": 1, "f32": 2}
@@ -36,7 +36,7 @@ class CPart(ctypes.Structure):
 
 class Kernel:
     """The loaded library. `stats` releases the GIL (ctypes does for every foreign call), so
-    audit's thread pool runs it on several cores."""
+    stream_stats' thread pool runs it on several cores."""
 
     def __init__(self, lib: ctypes.CDLL, portable: bool = False) -> None:
         self._fn = lib.mscope_stats

@@ -12,10 +12,10 @@ import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .checkpoint import TensorRecord
-from .errors import TensorDataError
+from ..checkpoint import Checkpoint, TensorRecord
+from ..errors import TensorDataError
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +53,36 @@ def check_view(record: TensorRecord, available: int) -> None:
         raise TensorDataError(
             f"tensor {where!r} does not fit its storage ({needed:,} bytes needed, {max(available, 0):,} stored)"
         )
+
+
+def unreadable_records(ckpt: Checkpoint) -> set[int]:
+    """ids of tensor records whose bytes are not all in the file (metadata only): the audit and
+    the diff never read them (files opened with strict=False keep such records)."""
+    bad: set[int] = set(ckpt.over_budget)  # views past the file's budget: never read
+    sizes: dict[Any, int] = {}
+    for t in ckpt.tensors:
+        s = t.storage
+        if s is None or t.numel == 0:
+            continue
+        if s.data_offset is None or s.compressed or s.file is None:
+            bad.add(id(t))
+            continue
+        if s.data_size is not None and s.data_size < s.nbytes:
+            bad.add(id(t))
+            continue
+        size = sizes.get(s.file)  # keyed by the record's own value: no Path() per tensor (5 us)
+        if size is None:
+            try:
+                size = sizes[s.file] = Path(s.file).stat().st_size
+            except OSError:
+                size = sizes[s.file] = -1
+        if s.data_offset + s.nbytes > size:
+            bad.add(id(t))
+            continue
+        last = t.storage_offset + sum((n - 1) * st for n, st in zip(t.shape, t.stride))
+        if (last + 1) * t.itemsize > s.nbytes:
+            bad.add(id(t))
+    return bad
 
 
 class TensorData:

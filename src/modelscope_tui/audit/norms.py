@@ -1,29 +1,163 @@
-"""The norm profile of a module's children: per child module (or, for a leaf module, per tensor)
-the L2 norm of its floating-point values. The explorer shows it in a module's details pane;
-scripts call `module_norms` directly.
+"""Norm profiles: L2 norms of floating-point values added up per module.
 
-Statistics come from audit's streamed `stream_stats` (memory bounded by the chunk size), kept by
-the caller in a dict (qualified name -> TensorStats) so a second profile, or a profile of a parent,
-reads nothing twice; the profile itself is `audit.children_norms` over those statistics.
-No Textual; numpy only while statistics are computed.
+- `norm_profile` (audit --stats): per repeated block (`layers.0`, `layers.1`...) its norm, and
+  each parameter compared across the blocks built alike (`norm-outlier` findings).
+- `children_norms` / `module_norms` (the explorer's module details pane, scripts): per child
+  module (or, for a leaf module, per tensor) the norm of its values.
+
+Statistics come from the value layer's streamed `stream_stats` (memory bounded by the chunk
+size), kept by the caller in a dict (qualified name -> TensorStats) so a second profile, or a
+profile of a parent, reads nothing twice. No Textual; numpy only while statistics are computed.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import threading
-from collections.abc import Callable, MutableMapping
+from collections import defaultdict
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .audit import ProgressFn, TensorStats, children_norms, stats_supported, stream_stats
-from .checkpoint import FLOATING_DTYPES, Checkpoint, ModuleNode, TensorRecord
-from .errors import MscopeError
+from ..checkpoint import (
+    FLOATING_DTYPES,
+    Checkpoint,
+    ModuleNode,
+    TensorRecord,
+    block_index,
+    dims_key,
+)
+from ..errors import MscopeError
+from ..values.chunks import stats_supported
+from ..values.stats import ProgressFn, TensorStats
+from ..values.stream import stream_stats
+from .findings import Finding, finding
 
 if TYPE_CHECKING:
-    from .tensordata import TensorData
+    from ..values.data import TensorData
 
 EIGHTHS = " ▏▎▍▌▋▊▉█"
+OUTLIER_FACTOR = 10.0
+
+
+_LAYER = re.compile(r"^(?P<container>.*?)\.(?P<index>\d+)\.(?P<role>.+)$")
+
+
+def norm_profile(
+    stats: Mapping[str, TensorStats], ckpt: Checkpoint
+) -> tuple[list[dict[str, Any]], list[Finding]]:
+    """Per repeated block (`transformer.h.0`, `layers.11`...) the L2 norm of its floating-point
+    parameters, and each parameter compared across the blocks built alike (same names and
+    shapes, so a Sequential's conv and BatchNorm are not compared): a norm more than
+    OUTLIER_FACTOR from the median of at least 4 such blocks is a `norm-outlier` finding."""
+    containers: dict[str, dict[int, dict[str, tuple[float, int, tuple]]]] = defaultdict(
+        lambda: defaultdict(dict)
+    )
+    for t in ckpt.tensors:
+        if t.section != "" or t.alias_of is not None:
+            continue
+        st = stats.get(t.qualified_name)
+        if st is None or t.dtype not in FLOATING_DTYPES:
+            continue
+        m = _LAYER.match(t.name)
+        if m is None:
+            continue
+        index = block_index(m.group("index"))
+        if index is None:
+            continue
+        containers[m.group("container")][index][m.group("role")] = (
+            st.sumsq,
+            st.numel,
+            t.shape,
+        )
+    profile = []
+    findings: list[Finding] = []
+    for container, layers in containers.items():
+        if len(layers) < 2:
+            continue
+        rows = []
+        for index in sorted(layers):
+            roles = layers[index]
+            rows.append(
+                {
+                    "index": index,
+                    "module": f"{container}.{index}",
+                    "norm": math.sqrt(sum(v[0] for v in roles.values())),
+                    "numel": sum(v[1] for v in roles.values()),
+                }
+            )
+        groups: dict[frozenset, list[int]] = defaultdict(list)
+        for index, roles in layers.items():
+            groups[frozenset((r, dims_key(v[2])) for r, v in roles.items())].append(index)
+        roles_out: dict[str, list[float]] = {}
+        for signature, indices in groups.items():
+            for role in sorted(r for r, _ in signature):
+                values = [(i, math.sqrt(layers[i][role][0])) for i in sorted(indices)]
+                if len(groups) == 1:
+                    roles_out[role] = [v for _, v in values]
+                if len(values) < 4:
+                    continue
+                ordered = sorted(v for _, v in values)
+                median = ordered[len(ordered) // 2]
+                if median <= 0:
+                    continue
+                for i, v in values:
+                    if v > OUTLIER_FACTOR * median or v < median / OUTLIER_FACTOR:
+                        name = f"{container}.{i}.{role}"
+                        findings.append(
+                            finding(
+                                "norm-outlier",
+                                f"{name}: L2 norm {v:.4g} is far from the median {median:.4g} of {role} "
+                                f"over {len(values)} alike layers of {container}",
+                                name,
+                                norm=v,
+                                median=median,
+                            )
+                        )
+        profile.append({"container": container, "layers": rows, "roles": roles_out})
+    return profile, findings
+
+
+def children_norms(
+    stats: Mapping[str, TensorStats], ckpt: Checkpoint, module: str
+) -> list[dict[str, Any]]:
+    """The norm profile of a module's children (explorer: a module's details pane).
+
+    Returns one dict per child module or direct tensor: name, norm (sqrt of summed squares of the
+    finite values), numel, and `complete` (every floating tensor under it has statistics).
+    """
+    node = find_module(ckpt, module)
+    if node is None:
+        return []
+    rows = []
+    for child in node.children.values():
+        total = 0.0
+        numel = 0
+        complete = True
+        for t in child.all_tensors():
+            if t.dtype not in FLOATING_DTYPES or t.alias_of is not None:
+                continue
+            st = stats.get(t.qualified_name)
+            if st is None:
+                complete = False
+                continue
+            total += st.sumsq
+            numel += st.numel
+        rows.append(
+            {"name": child.name, "norm": math.sqrt(total), "numel": numel, "complete": complete}
+        )
+    for t in node.tensors:
+        st = stats.get(t.qualified_name)
+        rows.append(
+            {
+                "name": t.name,
+                "norm": st.norm if st else None,
+                "numel": t.numel,
+                "complete": st is not None,
+            }
+        )
+    return rows
 
 
 @dataclass(slots=True)
@@ -130,7 +264,7 @@ def module_norms(
     lacks with `stream_stats` and adding them to `stats` (and, one by one, to `on_stats`).
 
     Tensors whose bytes cannot be read go to `errors` (name -> message) and are skipped next time.
-    Raises AuditCancelled when `cancel` is set (what was computed is kept in `stats`).
+    Raises Cancelled when `cancel` is set (what was computed is kept in `stats`).
     """
     stats = {} if stats is None else stats
     errors = {} if errors is None else errors
@@ -140,7 +274,7 @@ def module_norms(
         if t.qualified_name not in stats and t.qualified_name not in errors
     ]
     if todo:
-        from .tensordata import TensorData
+        from ..values.data import TensorData
 
         def failed(record: TensorRecord, exc: MscopeError) -> None:
             errors[record.qualified_name] = exc.message

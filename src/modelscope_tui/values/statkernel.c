@@ -6,7 +6,7 @@
  * each value once.
  *
  * Built by hatch_build.py into _native.so and loaded with ctypes (no Python C API, so one
- * build serves every Python version); audit.py falls back to numpy when it is missing.
+ * build serves every Python version); values/kernels.py falls back to numpy when it is missing.
  *
  * Values go in blocks of BLOCK. The AVX2 loop reads a block once for min, max, zeros, the sum
  * and the sum of squares (float32 lanes of at most 64 terms, then float64); only a block whose
