@@ -59,6 +59,7 @@ from .messages import (
     Notice,
     StatsReady,
 )
+from .panes import DETAILS, GPUS, NARROW, WIDE, fit_panes
 from .widgets.details import (
     diff_file_details,
     diff_module_details,
@@ -71,7 +72,7 @@ from .widgets.details import (
     tensor_details,
 )
 from .widgets.gpu_panel import GpuPanel
-from .widgets.tree import DIFF_MARKS, ParamTree, Row
+from .widgets.tree import DIFF_MARKS, ParamTree, Row, Seen
 
 if TYPE_CHECKING:
     from .screens.pattern import PatternChoice
@@ -92,8 +93,6 @@ def _while_running(handler):
 
 EXPAND_ALL_LIMIT = 3000  # nodes added by one "expand all"; more would stall the terminal
 EXIT_AFTER_PAINT_ENV = "MSCOPE_EXIT_AFTER_PAINT"  # benchmarks: quit once the tree is painted
-NARROW = 100  # below this width the details pane starts hidden
-WIDE = 140  # from this width the GPU panel starts shown
 
 
 class MscopeApp(App[int]):
@@ -133,6 +132,9 @@ class MscopeApp(App[int]):
         self.norm_caveat = NormCaveat()
         self.gpu_interval = gpu_interval
         self.show_gpus = show_gpus
+        # The panes the user wants shown; a pane may still be hidden for lack of room (panes.py).
+        self.want_details: bool | None = None  # set at mount, from the terminal's width
+        self.want_gpus: bool | None = None
         self.monitor = None  # a GpuMonitor while the GPU panel is shown
         self.exit_after_paint = bool(os.environ.get(EXIT_AFTER_PAINT_ENV))
         self.resume_gc_after_paint = False  # run_app sets it when the command paused gc at start
@@ -154,9 +156,11 @@ class MscopeApp(App[int]):
     def on_mount(self) -> None:
         self.query_one("#filter", Input).display = False
         self.query_one("#diff-progress", Static).display = False
-        self.query_one("#details-pane").display = self.size.width >= NARROW
-        show = self.show_gpus if self.show_gpus is not None else self.size.width >= WIDE
-        self._set_gpu_panel(show)
+        self.query_one("#details-pane").display = False  # until _fit_panes gives them room
+        self.query_one("#gpu-panel", GpuPanel).display = False
+        self.want_details = self.size.width >= NARROW
+        self.want_gpus = self.show_gpus if self.show_gpus is not None else self.size.width >= WIDE
+        self._fit_panes()
         self.query_one("#header", Static).update(Text(f"mscope · opening {safe_text(self.path)} …"))
         if self._preloaded is not None:
             self._loaded(self._preloaded)
@@ -204,6 +208,7 @@ class MscopeApp(App[int]):
         self.query_one("#tree-pane").mount(tree, before="#diff-progress")
         tree.populate()
         tree.focus()
+        self._fit_panes()
         self.refresh_state()
         self._show_row(tree.root.data)
         if ckpt.dangerous_globals:
@@ -327,9 +332,55 @@ class MscopeApp(App[int]):
             self.tree.fit_width()
             self.query_one("#columns", Static).update(self.tree.column_header())
 
-    @on(ParamTree.Resized)
-    def _tree_resized(self) -> None:
+    @on(ParamTree.LayoutChanged)
+    def _tree_layout_changed(self, event: ParamTree.LayoutChanged) -> None:
+        if event.need_changed:
+            self._fit_panes(may_close=False)
         self._update_columns()
+
+    # -- who gets the width ----------------------------------------------------------------------
+    def on_resize(self) -> None:
+        self._fit_panes()
+
+    def _fit_panes(self, opened: str | None = None, may_close: bool = True) -> None:
+        """Give the tree what it needs (names, shapes, dtypes), then the side panes what is left
+        (panes.py). A wanted pane left out is said once, and comes back when there is room."""
+        if self.want_details is None:  # not mounted yet
+            return
+        details = self.query_one("#details-pane")
+        panel = self.query_one("#gpu-panel", GpuPanel)
+        need = self.tree.needed_width() if self.query("#tree") else Seen().needed_width()
+        if may_close:
+            fit = fit_panes(self.size.width, need, self.want_details, self.want_gpus, opened)
+        else:  # the tree grew: narrow what is shown, never open or close a pane
+            fit = fit_panes(self.size.width, need, details.display, panel.display, may_close=False)
+        for pane in fit.closed:
+            shown = (details if pane == DETAILS else panel).display
+            if pane == opened or shown:
+                self._say_no_room(pane, need, opened)
+        details.display = fit.details is not None
+        if fit.details is not None:
+            details.styles.width = fit.details
+        if fit.gpus is not None:
+            if panel.styles.width is None or panel.styles.width.value != fit.gpus:
+                self.estimator.drawn = None  # the estimate lines are drawn for the panel's width
+            panel.styles.width = panel.styles.min_width = fit.gpus
+            panel.compact = fit.compact
+        if (fit.gpus is not None) != panel.display:
+            self._set_gpu_panel(fit.gpus is not None)
+        elif fit.gpus is not None:
+            self.call_after_refresh(self.update_estimate, False)
+        self.call_after_refresh(self._update_columns)  # showing a pane sends the tree no Resize
+
+    def _say_no_room(self, pane: str, need: int, opened: str | None) -> None:
+        name, key = ("details pane", "d") if pane == DETAILS else ("GPU panel", "g")
+        why = f"the tree needs {need} of {self.size.width} columns for names, shapes and dtypes"
+        if pane == opened:
+            self.notify(f"no room for the {name}: {why}", severity="warning", timeout=5)
+        elif opened is not None:
+            self.notify(f"{name} hidden to make room ({key} shows it again)", timeout=4)
+        else:
+            self.notify(f"{name} hidden: {why}; it returns when the terminal is wider", timeout=5)
 
     @on(ParamTree.RowHighlighted)
     def _row_highlighted(self, event: ParamTree.RowHighlighted) -> None:
@@ -791,9 +842,8 @@ class MscopeApp(App[int]):
         self.push_screen(LargestScreen(self.session), done)
 
     def action_toggle_details(self) -> None:
-        pane = self.query_one("#details-pane")
-        pane.display = not pane.display
-        self.call_after_refresh(self._update_columns)
+        self.want_details = not self.query_one("#details-pane").display
+        self._fit_panes(opened=DETAILS if self.want_details else None)
 
     def action_help(self) -> None:
         from .screens.help import HelpScreen
@@ -837,9 +887,9 @@ class MscopeApp(App[int]):
 
     # -- GPUs and the fine-tune estimate ---------------------------------------------------------
     def _set_gpu_panel(self, show: bool) -> None:
+        """Show or hide the panel (its width is _fit_panes' choice) and start or stop sampling."""
         panel = self.query_one("#gpu-panel", GpuPanel)
         panel.display = show
-        panel.compact = self.size.width < NARROW
         if show and self.monitor is None:
             from ..gpu import GpuMonitor
 
@@ -918,9 +968,8 @@ class MscopeApp(App[int]):
         self.notify(f"estimate for optimizer {optimizer}", timeout=2)
 
     def action_toggle_gpus(self) -> None:
-        panel = self.query_one("#gpu-panel", GpuPanel)
-        self._set_gpu_panel(not panel.display)
-        self.call_after_refresh(self._update_columns)
+        self.want_gpus = not self.query_one("#gpu-panel", GpuPanel).display
+        self._fit_panes(opened=GPUS if self.want_gpus else None)
 
     # -- audit and copies ----------------------------------------------------------------------
     def action_audit(self) -> None:
