@@ -249,3 +249,100 @@ async def test_no_two_sibling_rows_read_the_same(sample, size, long_names, monke
                 assert len(set(shown)) == len(shown), names
                 assert all(cell for cell in shown), names
             check_every_row(app)
+
+
+# -- the details pane and the header -----------------------------------------------------------------
+def rendered(renderable, width: int) -> list[str]:
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=open("/dev/null", "w"), color_system=None)
+    console.print(renderable)
+    return console.export_text().splitlines()
+
+
+@pytest.fixture(scope="module")
+def notebook():
+    from modelscope_tui.readers import open_checkpoint
+    from modelscope_tui.session import Session
+
+    return Session(open_checkpoint(SAMPLES / "notebook_full.pt"))
+
+
+@pytest.mark.parametrize("width", [18, 22, 24, 27, 30, 40, 60])
+def test_details_wrap_on_word_and_path_boundaries(notebook, width):
+    from modelscope_tui.tui.widgets.details import module_details
+
+    lines = rendered(module_details(notebook, notebook.node("stem")), width)
+    assert all(len(line) <= width for line in lines)
+    text = "\n".join(lines)
+    path = "torch.nn.modules.container.Sequential"
+    if width > len(path) + 2:
+        assert path in text  # whole, on one line
+    else:  # broken after a dot, never inside a word
+        joined = "".join(line.strip() for line in lines if line.strip() and line.strip() in path)
+        assert joined == path, lines
+        for line in lines:
+            part = line.strip()
+            if part and part in path and not path.endswith(part):
+                assert part.endswith("."), lines
+
+
+@pytest.mark.parametrize("width", [22, 27, 40])
+def test_a_value_that_does_not_fit_goes_under_its_label(notebook, width):
+    from modelscope_tui.tui.widgets.details import tensor_details
+
+    t = notebook.records["stem.0.weight"]
+    lines = rendered(tensor_details(notebook, t), width)
+    label = next(i for i, line in enumerate(lines) if line.startswith("saved requires_grad"))
+    if width < 2 * len("saved requires_grad"):  # a label this long takes half the pane at most
+        assert lines[label].rstrip() == "saved requires_grad"
+        assert lines[label + 1] == f"  {t.requires_grad}"
+    else:
+        assert lines[label].split() == ["saved", "requires_grad", str(t.requires_grad)]
+    exact = f"({t.nbytes:,})"
+    assert any(exact in line for line in lines)  # exact bytes, never cut
+
+
+def test_numbers_are_never_broken(notebook):
+    from rich.text import Text
+
+    from modelscope_tui.tui.widgets.details import wrap
+
+    for width in range(4, 14):
+        pieces = [p.plain.rstrip() for p in wrap(Text("cosine 0.0095006538 of 1,234,567"), width)]
+        assert "0.0095006538" in pieces or width < 12, pieces
+        assert all(len(p) <= width for p in pieces)
+
+
+def test_root_details_give_exact_counts(notebook):
+    from modelscope_tui.tui.widgets.details import file_details
+
+    text = "\n".join(rendered(file_details(notebook), 60))
+    trainable, total = notebook.totals()
+    assert f"{total:,}" in text and f"{trainable:,}" in text
+
+
+async def test_freezing_one_batchnorm_shows_in_the_header():
+    """`trainable 1.6K / 1.6K (99.0%)` hid the change: the counts go exact when they would read
+    the same."""
+    app = MscopeApp(SAMPLES / "cnn_state_dict.pt", show_gpus=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        app.tree.reveal(module_name="features.1")
+        await pilot.pause()
+        await pilot.press("space")
+        await pilot.pause()
+        header = str(app.query_one("#header").render())
+        trainable, total = app.session.totals()
+        assert trainable < total
+        assert f"trainable {trainable:,} / {total:,} (99.0%)" in header, header
+
+
+def test_percent_says_100_and_0_only_when_exact():
+    from modelscope_tui.tui.widgets.details import count_pair, percent
+
+    assert percent(5, 5) == "100.0%" and percent(0, 5) == "0.0%"
+    assert percent(999_999, 1_000_000) == "99.9999%"
+    assert percent(1, 10**7) == "0.00001%"
+    assert count_pair(1_600, 2_200) == "1.6K / 2.2K"
+    assert count_pair(1_594, 1_610) == "1,594 / 1,610"

@@ -61,6 +61,7 @@ from .messages import (
 )
 from .panes import DETAILS, GPUS, NARROW, WIDE, fit_panes
 from .widgets.details import (
+    count_pair,
     diff_file_details,
     diff_module_details,
     diff_tensor_details,
@@ -68,6 +69,7 @@ from .widgets.details import (
     ghost_details,
     module_details,
     norm_profile_details,
+    percent,
     stats_details,
     tensor_details,
 )
@@ -286,7 +288,9 @@ class MscopeApp(App[int]):
         if live is not None:
             header.append_text(self._diff_summary())
         else:
-            header.append(self.session.totals_line(), style="bold green")
+            # Compact counts, unless they hide a change (one frozen BatchNorm of 1.6K params).
+            trainable, total = self.session.totals()
+            header.append(f"trainable {count_pair(trainable, total)} ({percent(trainable, total)})", style="bold green")
         if self.filter.text:  # right after the totals: at 80 columns the tail of this line is cut
             header.append(f" · filter: {safe_text(self.filter.text)}", style="magenta")
         if self.session.dirty:
