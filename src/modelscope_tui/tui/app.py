@@ -26,7 +26,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Input, LoadingIndicator, Static
+from textual.widgets import Input, LoadingIndicator, Static
 from textual.worker import Worker, WorkerState
 
 from ..checkpoint import Checkpoint
@@ -73,6 +73,7 @@ from .widgets.details import (
     stats_details,
     tensor_details,
 )
+from .widgets.footer import ModeFooter
 from .widgets.gpu_panel import GpuPanel
 from .widgets.tree import DIFF_MARKS, ParamTree, Row, Seen
 
@@ -153,10 +154,11 @@ class MscopeApp(App[int]):
                 yield Static("", id="details")
             yield GpuPanel(id="gpu-panel")
         yield Input(placeholder="filter: substring or glob (esc clears)", id="filter")
-        yield Footer()
+        yield ModeFooter(id="footer")
 
     def on_mount(self) -> None:
         self.query_one("#filter", Input).display = False
+        self._set_footer_mode()
         self.query_one("#diff-progress", Static).display = False
         self.query_one("#details-pane").display = False  # until _fit_panes gives them room
         self.query_one("#gpu-panel", GpuPanel).display = False
@@ -1207,6 +1209,7 @@ class MscopeApp(App[int]):
         elif cursor is not None and not cursor.ghost and cursor.module is not None and cursor.module.name:
             self.tree.reveal(module_name=cursor.module.name)
         self._set_progress(self.diff.progress_line())
+        self._set_footer_mode()
         self.refresh_state()
 
     @on(DiffResults)
@@ -1238,6 +1241,10 @@ class MscopeApp(App[int]):
             self._set_progress(self.diff.progress_line())
             self._render_header()
 
+    def _set_footer_mode(self) -> None:
+        """Diff mode advertises its own keys, not the freeze keys (keys.py)."""
+        self.query_one(ModeFooter).hidden = keys.NOT_IN_DIFF if self.diff.live is not None else keys.DIFF_ONLY
+
     def _set_progress(self, line: str | None) -> None:
         widget = self.query_one("#diff-progress", Static)
         widget.display = line is not None
@@ -1263,6 +1270,7 @@ class MscopeApp(App[int]):
         self._set_progress(None)
         self.tree.diff = None
         self.tree.populate()
+        self._set_footer_mode()
         self.refresh_state()
 
     def _jump_change(self, step: int) -> None:
