@@ -38,16 +38,22 @@ def test_shape_is_the_last_column_standing(width, depth):
 def test_indentation_narrows_before_dtype_goes():
     wide = plan_layout(200, 6, WIDTHS, NAME_MIN)
     assert wide.guide == 3 and len(wide.columns) == 5
-    # at depth 6 a 46-cell tree keeps shape and dtype only with two-cell indentation
-    narrow = plan_layout(46, 6, WIDTHS, NAME_MIN)
+    # at depth 6 three cells of indentation per level leave no room for shape and dtype, two do
+    # (margin 2, icon 2, shape 7 + 1, dtype 8 + 1)
+    width = 2 + 6 * 2 + 2 + NAME_MIN + 8 + 9
+    narrow = plan_layout(width, 6, WIDTHS, NAME_MIN)
     assert narrow.guide == 2 and [k for k, _ in narrow.columns] == ["shape", "dtype"]
-    last = plan_layout(30, 6, WIDTHS, NAME_MIN)
-    assert [k for k, _ in last.columns] == ["shape"]
+    assert plan_layout(width + 6, 6, WIDTHS, NAME_MIN).guide == 3
+    last = plan_layout(width - 1, 6, WIDTHS, NAME_MIN)
+    assert last.guide == 2 and [k for k, _ in last.columns] == ["shape"]
 
 
 def test_diff_mode_keeps_the_change_column_after_dtype():
-    keys = [k for k, _ in plan_layout(55, 2, WIDTHS, NAME_MIN, diff=True).columns]
+    width = 2 + 2 * 3 + 2 + NAME_MIN + 8 + 9 + 13  # margin, guides, icon, name, shape, dtype, change
+    keys = [k for k, _ in plan_layout(width, 2, WIDTHS, NAME_MIN, diff=True).columns]
     assert keys == ["shape", "dtype", "change"]  # train and bytes went first
+    keys = [k for k, _ in plan_layout(width + 6, 2, WIDTHS, NAME_MIN, diff=True).columns]
+    assert keys == ["shape", "dtype", "train", "change"]
 
 
 @pytest.mark.parametrize(
@@ -346,3 +352,12 @@ def test_percent_says_100_and_0_only_when_exact():
     assert percent(1, 10**7) == "0.00001%"
     assert count_pair(1_600, 2_200) == "1.6K / 2.2K"
     assert count_pair(1_594, 1_610) == "1,594 / 1,610"
+
+
+def test_panes_narrow_for_what_the_tree_would_like_but_never_close_for_it():
+    roomy = fit_panes(120, 40, details=True, gpus=True)
+    fit = fit_panes(120, 40, details=True, gpus=True, tree_wants=46)
+    assert not fit.closed and fit.details is not None and fit.gpus is not None
+    assert fit.details < roomy.details and 120 - fit.details - fit.gpus >= 46
+    tight = fit_panes(80, 40, details=True, gpus=False, tree_wants=70)
+    assert tight.details == 24 and not tight.closed  # narrowed to its minimum, still shown

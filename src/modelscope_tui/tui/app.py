@@ -355,11 +355,13 @@ class MscopeApp(App[int]):
             return
         details = self.query_one("#details-pane")
         panel = self.query_one("#gpu-panel", GpuPanel)
-        need = self.tree.needed_width() if self.query("#tree") else Seen().needed_width()
+        tree = self.tree if self.query("#tree") else None
+        need = tree.needed_width() if tree is not None else Seen().needed_width()
+        wants = tree.wanted_width() if tree is not None else need
         if may_close:
-            fit = fit_panes(self.size.width, need, self.want_details, self.want_gpus, opened)
+            fit = fit_panes(self.size.width, need, self.want_details, self.want_gpus, opened, tree_wants=wants)
         else:  # the tree grew: narrow what is shown, never open or close a pane
-            fit = fit_panes(self.size.width, need, details.display, panel.display, may_close=False)
+            fit = fit_panes(self.size.width, need, details.display, panel.display, may_close=False, tree_wants=wants)
         for pane in fit.closed:
             shown = (details if pane == DETAILS else panel).display
             if pane == opened or shown:

@@ -1,9 +1,11 @@
 """Who gets the explorer's width: the tree first, then the side panes (plain Python, no Textual).
 
-The tree needs room for its deepest row's name, shape and dtype (ParamTree.needed_width). The
-details pane and the GPU panel take what is left: each at its preferred width when there is room,
-else narrower down to a minimum, the GPU panel as one line per GPU before it goes, and a pane
-that still does not fit is closed (the app says so, and opens it again when the terminal grows).
+The tree needs room for its deepest row's name, shape and dtype (ParamTree.needed_width), and
+would like one column more (the train column; ParamTree.wanted_width). The details pane and the
+GPU panel take what is left: each at its preferred width when there is room, else narrower down
+to a minimum, the GPU panel as one line per GPU before it goes, and a pane that still does not
+fit is closed (the app says so, and opens it again when the terminal grows). What the tree would
+like only narrows the panes, never closes one.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ def fit_panes(
     gpus: bool,
     opened: str | None = None,
     may_close: bool = True,
+    tree_wants: int = 0,
 ) -> PaneFit:
     """Widths for the wanted panes (`details`, `gpus`) beside a tree that needs `tree_needs`.
 
     opened: the pane the user just asked for; when both cannot stay, the other one goes.
     may_close: False when only the tree's content grew (a deeper row): panes narrow to their
-    minimum then, but a key press deeper into the tree never closes one."""
+    minimum then, but a key press deeper into the tree never closes one.
+    tree_wants: a width the tree would rather have; panes narrow toward it, down to their minimum."""
     compact = width < NARROW
     want = {DETAILS: details, GPUS: gpus}
     closed: list[str] = []
@@ -51,16 +55,17 @@ def fit_panes(
         room = width - tree_needs
         if sum(sizes.values()) <= room or not may_close or not any(want.values()):
             break
-        shrunk = _shrink(sizes, room, want, allow_compact=True)
-        if shrunk is not None:
-            sizes, compact = shrunk
+        shrunk, shrunk_compact, fits = _shrink(sizes, room, allow_compact=True)
+        if fits:
+            sizes, compact = shrunk, shrunk_compact
             break
         victim = next(p for p in order if want[p])
         want[victim] = False
         closed.append(victim)
-    if not may_close and sum(sizes.values()) > width - tree_needs:
-        shrunk = _shrink(sizes, width - tree_needs, want, allow_compact=False)
-        sizes = shrunk[0] if shrunk is not None else _minimums(sizes, compact)
+    if not may_close:
+        sizes = _shrink(sizes, width - tree_needs, allow_compact=False)[0]
+    if tree_wants > tree_needs:
+        sizes = _shrink(sizes, width - tree_wants, allow_compact=False)[0]
     return PaneFit(sizes.get(DETAILS), sizes.get(GPUS), compact, tuple(closed))
 
 
@@ -73,33 +78,24 @@ def _sizes(width: int, want: dict[str, bool], compact: bool) -> dict[str, int]:
     return sizes
 
 
-def _shrink(sizes: dict[str, int], room: int, want: dict[str, bool], allow_compact: bool):
-    """Narrow the panes to fit `room`: the details pane to its minimum, then the GPU panel to
-    its minimum, then (allow_compact) to one line per GPU. None when even that is too wide."""
+def _shrink(sizes: dict[str, int], room: int, allow_compact: bool) -> tuple[dict[str, int], bool, bool]:
+    """Narrow the panes toward `room`: the details pane to its minimum, then the GPU panel to
+    its minimum, then (allow_compact) to one line per GPU. (sizes, compact, whether they fit)."""
     sizes = dict(sizes)
     compact = sizes.get(GPUS) == GPU_COMPACT
     over = sum(sizes.values()) - room
     if over > 0 and DETAILS in sizes:
-        cut = min(over, sizes[DETAILS] - DETAILS_MIN)
+        cut = min(over, max(0, sizes[DETAILS] - DETAILS_MIN))
         sizes[DETAILS] -= cut
         over -= cut
     if over > 0 and GPUS in sizes and not compact:
-        cut = min(over, sizes[GPUS] - GPU_MIN)
+        cut = min(over, max(0, sizes[GPUS] - GPU_MIN))
         sizes[GPUS] -= cut
         over -= cut
         if over > 0 and allow_compact:
             over -= sizes[GPUS] - GPU_COMPACT
             sizes[GPUS], compact = GPU_COMPACT, True
-    return (sizes, compact) if over <= 0 else None
-
-
-def _minimums(sizes: dict[str, int], compact: bool) -> dict[str, int]:
-    out = dict(sizes)
-    if DETAILS in out:
-        out[DETAILS] = DETAILS_MIN
-    if GPUS in out:
-        out[GPUS] = GPU_COMPACT if compact else GPU_MIN
-    return out
+    return sizes, compact, over <= 0
 
 
 def _clamp(value: int, low: int, high: int) -> int:

@@ -63,15 +63,17 @@ class Fields:
                     yield Text(" " * indent) + piece
 
 
-# Where a line may end, best first: after a space; after a slash or comma; after a dot; after
-# an underscore, dash or colon. Dots and the rest only before a letter: `conv.Conv2d` may break,
-# a number such as `0.0095006538` never does.
+# Where a line may end, best first: after a space (not one after a digit); after a slash or
+# comma; after a dot; after an underscore, dash or colon. Dots and the rest only before a letter:
+# `conv.Conv2d` may break, a number such as `0.0095006538` never does.
 BREAKS = (" ", "/,;", ".", "_-:")
 
 
 def _break_rank(plain: str, k: int) -> int | None:
     """The rank in BREAKS of a break after plain[k], or None where a line may not end."""
     c = plain[k]
+    if c == " " and k and plain[k - 1].isdigit():
+        return None  # a number stays with its unit: `60 B`, `33 elements`
     for rank, chars in enumerate(BREAKS):
         if c in chars:
             if rank < 2 or (k + 1 < len(plain) and plain[k + 1].isalpha()):

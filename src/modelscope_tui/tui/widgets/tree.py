@@ -39,7 +39,7 @@ PAGE = 200  # children added per expansion step; a flat 100k-tensor dict stays r
 MARGIN = 2  # the vertical scrollbar, and one cell so that a row never touches it
 ICON = 2  # "▼ ", "▶ " or "  " before every name
 GUIDES = (3, 2)  # cells of indentation per level: 2 when 3 would squeeze the names or drop dtype
-NAME_MIN = 12  # cells the deepest row's name keeps before a column is dropped ("running_mean")
+NAME_MIN = 16  # cells the deepest row's name keeps before a column is dropped ("1 BatchNorm2d")
 # Columns in the order a narrow tree drops them, last first: the name and the shape always stay,
 # since the shape is what a user reads first. Display order is ORDER / DIFF_ORDER.
 PRIORITY = ("shape", "dtype", "train", "device", "numel", "bytes")
@@ -207,8 +207,8 @@ class Row:
 
 @dataclass(slots=True)
 class Seen:
-    """What the tree has shown so far: its deepest row, its longest name and the widest value of
-    each content-sized column. It only grows, so columns do not jump as rows come and go."""
+    """What the tree has shown so far: its deepest row, its longest name (with a module's class)
+    and the widest value of each content-sized column. It only grows, so columns do not jump as rows come and go."""
 
     depth: int = 1
     name: int = 4
@@ -354,9 +354,10 @@ class ParamTree(Tree[Row]):
             )
         if row.module is not None:
             m = row.module
-            return self.seen.note(
-                row.depth, m.short_name, numel=fmt_count(m.stats.params), bytes=fmt_bytes(m.stats.nbytes)
-            )
+            label = m.short_name or self.session.ckpt.path.name  # the root shows the file's name
+            if m.class_name:
+                label += " " + m.class_name
+            return self.seen.note(row.depth, label, numel=fmt_count(m.stats.params), bytes=fmt_bytes(m.stats.nbytes))
         return False
 
     def expand_visible(self, node: TreeNode[Row], budget: int) -> int:
@@ -433,6 +434,12 @@ class ParamTree(Tree[Row]):
 
     def needed_width(self) -> int:
         return self.seen.needed_width()
+
+    def wanted_width(self) -> int:
+        """needed_width and the next column in priority (train; in diff mode, change): what the
+        side panes narrow for, though they do not close for it."""
+        third = (DIFF_PRIORITY if self.diff is not None else PRIORITY)[2]
+        return self.seen.needed_width() + FIXED_WIDTHS[third] + 1
 
     @property
     def layout(self) -> Layout:
