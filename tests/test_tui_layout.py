@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from conftest import settle
 from modelscope_tui.tui.app import MscopeApp
 from modelscope_tui.tui.panes import DETAILS, GPU_COMPACT, GPUS, fit_panes
-from modelscope_tui.tui.widgets.tree import NAME_MIN, plan_layout, shape_text, shorten
+from modelscope_tui.tui.widgets.tree import NAME_MIN, name_cells, plan_layout, shape_text, shorten
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
@@ -26,7 +26,7 @@ WIDTHS = {"shape": 7, "dtype": 8, "numel": 5, "bytes": 8}
 @pytest.mark.parametrize("width", range(20, 201, 3))
 @pytest.mark.parametrize("depth", [1, 3, 6, 9])
 def test_shape_is_the_last_column_standing(width, depth):
-    layout = plan_layout(width, depth, WIDTHS, NAME_MIN)
+    layout = plan_layout(width, {depth: NAME_MIN}, WIDTHS)
     keys = [k for k, _ in layout.columns]
     assert "shape" in keys
     # columns go in priority order: a column is shown only if every one before it is
@@ -35,24 +35,34 @@ def test_shape_is_the_last_column_standing(width, depth):
     assert priority[: len(keys)] == sorted(keys, key=priority.index)
 
 
-def test_indentation_narrows_before_dtype_goes():
-    wide = plan_layout(200, 6, WIDTHS, NAME_MIN)
+def test_indentation_narrows_before_dtype_or_train_goes():
+    wide = plan_layout(200, {6: NAME_MIN}, WIDTHS)
     assert wide.guide == 3 and len(wide.columns) == 5
-    # at depth 6 three cells of indentation per level leave no room for shape and dtype, two do
-    # (margin 2, icon 2, shape 7 + 1, dtype 8 + 1)
-    width = 2 + 6 * 2 + 2 + NAME_MIN + 8 + 9
-    narrow = plan_layout(width, 6, WIDTHS, NAME_MIN)
-    assert narrow.guide == 2 and [k for k, _ in narrow.columns] == ["shape", "dtype"]
-    assert plan_layout(width + 6, 6, WIDTHS, NAME_MIN).guide == 3
-    last = plan_layout(width - 1, 6, WIDTHS, NAME_MIN)
-    assert last.guide == 2 and [k for k, _ in last.columns] == ["shape"]
+    # at depth 6 three cells of indentation per level leave no room for shape, dtype and train;
+    # two do (margin 2, icon 2, shape 7 + 1, dtype 8 + 1, train 5 + 1)
+    width = 2 + 2 + 6 * 2 + NAME_MIN + 8 + 9 + 6
+    narrow = plan_layout(width, {6: NAME_MIN}, WIDTHS)
+    assert narrow.guide == 2 and [k for k, _ in narrow.columns] == ["shape", "dtype", "train"]
+    assert plan_layout(width + 6, {6: NAME_MIN}, WIDTHS).guide == 3
+    less = plan_layout(width - 1, {6: NAME_MIN}, WIDTHS)
+    assert less.guide == 2 and [k for k, _ in less.columns] == ["shape", "dtype"]
+    last = plan_layout(width - 10, {6: NAME_MIN}, WIDTHS)
+    assert [k for k, _ in last.columns] == ["shape"]
+
+
+def test_short_names_deep_down_leave_room_for_columns():
+    """Only the name that needs most counts: a long root name and short leaves deep down."""
+    names = {0: 40, 1: 9, 6: 6}  # `weight` at depth 6
+    keys = [k for k, _ in plan_layout(60, names, WIDTHS).columns]
+    assert keys == ["shape", "dtype", "train", "numel"]
+    assert name_cells(names, 3) == max(NAME_MIN, 3 + 9, 18 + 6)
 
 
 def test_diff_mode_keeps_the_change_column_after_dtype():
-    width = 2 + 2 * 3 + 2 + NAME_MIN + 8 + 9 + 13  # margin, guides, icon, name, shape, dtype, change
-    keys = [k for k, _ in plan_layout(width, 2, WIDTHS, NAME_MIN, diff=True).columns]
+    width = 2 + 2 + 2 * 3 + NAME_MIN + 8 + 9 + 13  # margin, icon, guides, name, shape, dtype, change
+    keys = [k for k, _ in plan_layout(width, {2: NAME_MIN}, WIDTHS, diff=True).columns]
     assert keys == ["shape", "dtype", "change"]  # train and bytes went first
-    keys = [k for k, _ in plan_layout(width + 6, 2, WIDTHS, NAME_MIN, diff=True).columns]
+    keys = [k for k, _ in plan_layout(width + 6, {2: NAME_MIN}, WIDTHS, diff=True).columns]
     assert keys == ["shape", "dtype", "train", "change"]
 
 

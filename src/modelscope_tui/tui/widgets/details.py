@@ -63,17 +63,21 @@ class Fields:
                     yield Text(" " * indent) + piece
 
 
-# Where a line may end, best first: after a space (not one after a digit); after a slash or
-# comma; after a dot; after an underscore, dash or colon. Dots and the rest only before a letter:
-# `conv.Conv2d` may break, a number such as `0.0095006538` never does.
+# Where a line may end, best first: after a space; after a slash or comma; after a dot; after
+# an underscore, dash or colon; last, after the space that joins a number to its unit. Dots and
+# the rest only before a letter: `conv.Conv2d` may break, a number (`0.0095006538`) never does.
 BREAKS = (" ", "/,;", ".", "_-:")
+UNIT_BREAK = len(BREAKS)  # `60 B`, `33 elements`: kept together unless nothing else fits
+UNIT_MAX = 10
 
 
 def _break_rank(plain: str, k: int) -> int | None:
-    """The rank in BREAKS of a break after plain[k], or None where a line may not end."""
+    """The rank of a break after plain[k] (lower is better), or None where a line may not end."""
     c = plain[k]
     if c == " " and k and plain[k - 1].isdigit():
-        return None  # a number stays with its unit: `60 B`, `33 elements`
+        unit = plain[k + 1 :].split(" ", 1)[0]
+        if unit[:1].isalpha() and len(unit.rstrip(",;)")) <= UNIT_MAX:
+            return UNIT_BREAK
     for rank, chars in enumerate(BREAKS):
         if c in chars:
             if rank < 2 or (k + 1 < len(plain) and plain[k + 1].isalpha()):
@@ -94,7 +98,8 @@ def _cut(plain: str, start: int, width: int) -> int:
     for rank in sorted(found):
         if found[rank] - start >= width // 2:
             return found[rank]
-    return max(found.values(), default=end)
+    usual = [cut for rank, cut in found.items() if rank != UNIT_BREAK]
+    return max(usual or found.values(), default=end)
 
 
 def wrap(text: Text, width: int) -> list[Text]:

@@ -39,14 +39,14 @@ PAGE = 200  # children added per expansion step; a flat 100k-tensor dict stays r
 MARGIN = 2  # the vertical scrollbar, and one cell so that a row never touches it
 ICON = 2  # "▼ ", "▶ " or "  " before every name
 GUIDES = (3, 2)  # cells of indentation per level: 2 when 3 would squeeze the names or drop dtype
-NAME_MIN = 16  # cells the deepest row's name keeps before a column is dropped ("1 BatchNorm2d")
+NAME_MIN = 16  # cells a name keeps before a column is dropped ("1 BatchNorm2d"), if it is as long
 # Columns in the order a narrow tree drops them, last first: the name and the shape always stay,
 # since the shape is what a user reads first. Display order is ORDER / DIFF_ORDER.
 PRIORITY = ("shape", "dtype", "train", "device", "numel", "bytes")
 DIFF_PRIORITY = ("shape", "dtype", "change", "train", "device", "bytes")
 ORDER = ("shape", "dtype", "train", "numel", "bytes", "device")
 DIFF_ORDER = ("shape", "dtype", "train", "change", "bytes", "device")
-ESSENTIAL = 2  # shape and dtype: the indentation narrows before either is dropped
+ESSENTIAL = 3  # shape, dtype and train (change): the indentation narrows before one is dropped
 RIGHT_ALIGNED = ("numel", "bytes")
 # Widths of the columns whose values are words of known length; the others follow their content.
 FIXED_WIDTHS = {"train": 5, "change": 12, "device": 7}
@@ -113,13 +113,15 @@ class Layout:
 
 
 def plan_layout(
-    width: int, depth: int, widths: dict[str, int], name_need: int, diff: bool = False, device: bool = False
+    width: int, names: dict[int, int], widths: dict[str, int], diff: bool = False, device: bool = False
 ) -> Layout:
-    """The columns for a tree `width` cells wide whose deepest row is at `depth`.
+    """The columns for a tree `width` cells wide whose rows at depth d have names up to
+    names[d] cells long.
 
-    Every row ends at the same cell, so the deepest row has the least room for its name. Columns
-    are dropped from the end of the priority list until that name gets `name_need` cells, but
-    shape and dtype are kept by narrowing the indentation first, and shape is never dropped."""
+    Every row ends at the same cell, so a deep row has less room for its name than a shallow
+    one. Columns are dropped from the end of the priority list until every row's name gets
+    its length or NAME_MIN cells, but the indentation narrows before shape, dtype or train go,
+    and shape is never dropped."""
     priority = [k for k in (DIFF_PRIORITY if diff else PRIORITY) if device or k != "device"]
     order = DIFF_ORDER if diff else ORDER
     sized = {k: FIXED_WIDTHS.get(k) or widths[k] for k in priority}
@@ -127,16 +129,24 @@ def plan_layout(
     def layout(guide: int, keys: list[str]) -> Layout:
         return Layout(guide, tuple((k, sized[k]) for k in order if k in keys))
 
-    def name_room(guide: int, keys: list[str]) -> int:
-        return width - MARGIN - depth * guide - ICON - sum(sized[k] + 1 for k in keys)
+    def short(guide: int, keys: list[str]) -> bool:
+        """Would some name get fewer cells than it needs?"""
+        room = width - MARGIN - ICON - sum(sized[k] + 1 for k in keys)
+        return room < name_cells(names, guide)
 
     for guide, keep in ((GUIDES[0], ESSENTIAL), (GUIDES[1], ESSENTIAL), (GUIDES[1], 1)):
         keys = list(priority)
-        while len(keys) > keep and name_room(guide, keys) < name_need:
+        while len(keys) > keep and short(guide, keys):
             keys.pop()
-        if name_room(guide, keys) >= name_need:
+        if not short(guide, keys):
             return layout(guide, keys)
     return layout(GUIDES[1], priority[:1])
+
+
+def name_cells(names: dict[int, int], guide: int) -> int:
+    """Cells from the tree's left edge to the end of the name that needs most: the indentation
+    of its depth and the name's length, or NAME_MIN when longer (it is shortened then)."""
+    return max((depth * guide + min(n, NAME_MIN) for depth, n in names.items()), default=0)
 
 
 def shorten(name: str, width: int, siblings: Iterable[str] = ()) -> str:
@@ -207,11 +217,11 @@ class Row:
 
 @dataclass(slots=True)
 class Seen:
-    """What the tree has shown so far: its deepest row, its longest name (with a module's class)
-    and the widest value of each content-sized column. It only grows, so columns do not jump as rows come and go."""
+    """What the tree has shown so far: the longest name (with a module's class) at each depth
+    and the widest value of each content-sized column. It only grows, so columns do not jump
+    as rows come and go."""
 
-    depth: int = 1
-    name: int = 4
+    names: dict[int, int] = field(default_factory=lambda: {1: 4})
     widths: dict[str, int] = field(
         default_factory=lambda: {"shape": 5, "dtype": 5, "numel": 5, "bytes": 5}
     )
@@ -219,10 +229,8 @@ class Seen:
     def note(self, depth: int, name: str, **values: str) -> bool:
         """Record a row; True when something grew (the layout may change)."""
         grew = False
-        if depth > self.depth:
-            self.depth, grew = depth, True
-        if len(name) > self.name:
-            self.name, grew = len(name), True
+        if len(name) > self.names.get(depth, 0):
+            self.names[depth], grew = len(name), True
         widths = self.widths
         for key, value in values.items():
             n = min(len(value), CONTENT_CAPS[key])
@@ -230,16 +238,12 @@ class Seen:
                 widths[key], grew = n, True
         return grew
 
-    @property
-    def name_need(self) -> int:
-        return min(NAME_MIN, self.name)
-
     def needed_width(self) -> int:
-        """The width at which the deepest row shows its name (NAME_MIN cells, or the longest
-        name when shorter), its shape and its dtype at the usual indentation: what the side
-        panes leave to the tree before they take any."""
+        """The width at which every row shows its name (NAME_MIN cells of a longer one), its
+        shape and its dtype at the usual indentation: what the side panes leave to the tree
+        before they take any."""
         w = self.widths
-        return MARGIN + self.depth * GUIDES[0] + ICON + self.name_need + w["shape"] + w["dtype"] + 2
+        return MARGIN + ICON + name_cells(self.names, GUIDES[0]) + w["shape"] + w["dtype"] + 2
 
 
 class ParamTree(Tree[Row]):
@@ -422,14 +426,8 @@ class ParamTree(Tree[Row]):
             self.post_message(self.LayoutChanged(need_changed))
 
     def _plan(self) -> Layout:
-        seen = self.seen
         return plan_layout(
-            self.size.width,
-            seen.depth,
-            seen.widths,
-            seen.name_need,
-            diff=self.diff is not None,
-            device=self.device_of is not None,
+            self.size.width, self.seen.names, self.seen.widths, diff=self.diff is not None, device=self.device_of is not None
         )
 
     def needed_width(self) -> int:
