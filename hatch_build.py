@@ -3,8 +3,13 @@
 statkernel.c (audit's one-pass statistics) and picklescan.c (the pickle pre-scan) go into one
 plain shared library loaded with ctypes (no Python C API): it needs only a C compiler, and
 mscope works without it (numpy kernels and a regex scan, slower). So a failed compile warns and
-the install goes on. The library lands next to the source, which is where an editable install
-imports from; a regular wheel also gets it as a forced include and a platform tag.
+the install goes on with a pure-Python wheel (py3-none-any). An editable install gets the library
+next to the sources, where it imports from; a regular wheel gets it built in a temporary
+directory (the checkout is left alone) as a forced include, tagged for this platform the way a
+package index accepts: `py3-none-manylinux_2_NN_x86_64` for this machine's glibc (see
+`platform_tag`), never `linux_x86_64`, which PyPI refuses. `CC` names the compiler; when it is
+set and not there (CC=/nonexistent), no other compiler is tried, so that is how to build the
+pure wheel on purpose.
 
 The build embeds the sha256 of the C sources (native.source_hash, passed as -DMSCOPE_SOURCE_HASH
 to native.c); native.py ignores a library whose hash differs from the sources it ships, so a
@@ -20,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 try:
@@ -33,13 +39,35 @@ SLOWER = "audit --stats and large pickles will use slower Python paths"
 
 
 def _compiler() -> list[str] | None:
-    for candidate in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
+    """The C compiler's argv: `CC` when set (and only it: a user who names a compiler, or a
+    missing one to get the pure wheel, is obeyed), else Python's own CC, cc, gcc or clang."""
+    chosen = os.environ.get("CC")
+    candidates = [chosen] if chosen else [sysconfig.get_config_var("CC"), "cc", "gcc", "clang"]
+    for candidate in candidates:
         if not candidate:
             continue
         argv = shlex.split(candidate)
         if argv and shutil.which(argv[0]):
             return argv
     return None
+
+
+def platform_tag() -> str:
+    """The platform part of the wheel tag. On Linux, PEP 600's `manylinux_2_NN_<arch>` for the
+    build machine's glibc (`musllinux_1_N_<arch>` on musl): the library is plain C that links
+    only libc, and glibc's symbol versions keep it loadable on that glibc and every later one.
+    The tag comes from `packaging.tags` (hatchling's own dependency), the code pip uses to decide
+    what this machine installs. Elsewhere sysconfig's platform (`macosx_...`), as before."""
+    plat = sysconfig.get_platform().replace("-", "_").replace(".", "_")
+    if not plat.startswith("linux"):
+        return plat
+    from packaging.tags import platform_tags
+
+    for tag in platform_tags():  # newest libc first; `linux_<arch>` is also listed: skip it
+        if tag.startswith(("manylinux_", "musllinux_")):
+            return tag
+    print(f"mscope: unknown libc, wheel tagged {plat}: it installs here, an index refuses it", file=sys.stderr)
+    return plat
 
 
 def native_module(root: Path):
@@ -60,7 +88,8 @@ def compile_kernel(root: Path, target: Path | None = None, source_hash: str | No
     embedded = native.source_hash(root / PACKAGE) if source_hash is None else source_hash
     cc = _compiler()
     if cc is None:
-        print(f"mscope: no C compiler found; {SLOWER}", file=sys.stderr)
+        named = f" (CC={os.environ['CC']!r})" if os.environ.get("CC") else ""
+        print(f"mscope: no C compiler found{named}; {SLOWER}", file=sys.stderr)
         return None
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
     sources = [str(root / PACKAGE / name) for name in native.SOURCES]
@@ -83,11 +112,20 @@ class CustomBuildHook(BuildHookInterface):
     def initialize(self, version: str, build_data: dict) -> None:
         if self.target_name != "wheel":
             return
-        built = compile_kernel(Path(self.root))
-        if built is None or version == "editable":
+        root = Path(self.root)
+        if version == "editable":  # the library goes where the editable install imports from
+            compile_kernel(root)
             return
+        self._build_dir = tempfile.mkdtemp(prefix="mscope-native-")
+        built = compile_kernel(root, target=Path(self._build_dir) / LIBRARY.name)
+        if built is None:
+            return  # pure-Python wheel: py3-none-any, installs anywhere
         build_data["force_include"][str(built)] = f"modelscope_tui/{LIBRARY.name}"
         build_data["pure_python"] = False
         # Plain C behind ctypes: any Python 3 on this platform can load it (not cp311-cp311).
-        platform = sysconfig.get_platform().replace("-", "_").replace(".", "_")
-        build_data["tag"] = f"py3-none-{platform}"
+        build_data["tag"] = f"py3-none-{platform_tag()}"
+
+    def finalize(self, version: str, build_data: dict, artifact_path: str) -> None:
+        build_dir = getattr(self, "_build_dir", None)
+        if build_dir is not None:
+            shutil.rmtree(build_dir, ignore_errors=True)

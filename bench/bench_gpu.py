@@ -11,7 +11,9 @@ import resource
 import statistics
 import time
 
-from modelscope_tui.gpu import GpuMonitor, NvmlBackend, SimulatedBackend
+from modelscope_tui.gpu.monitor import GpuMonitor
+from modelscope_tui.gpu.nvml import NvmlBackend
+from modelscope_tui.gpu.simulated import SimulatedBackend
 
 
 def tick_times(monitor: GpuMonitor, n: int = 200) -> list[float]:

@@ -10,10 +10,10 @@ as a real run does), the file read as fp16 values:
 
   touch           one byte of every 4 KiB page (what bench_audit.py's floor does after start-up)
   read-all        numpy max over uint64 words: every byte read, the cheapest numpy pass there is
-  compiled kernel audit's one-pass kernel (statkernel.c, what `mscope audit --stats` runs)
-  numpy kernels   audit's numpy fallback (MSCOPE_STATS_KERNEL=numpy, or no compiler at install)
+  compiled kernel the one-pass kernel (values/statkernel.c, what `mscope audit --stats` runs)
+  numpy kernels   the numpy fallback (MSCOPE_STATS_KERNEL=numpy, or no compiler at install)
 
-each with 1 thread and with N (default: audit.default_threads()). Whole-process costs (Python
+each with 1 thread and with N (default: values.stream.default_threads()). Whole-process costs (Python
 start, imports, parsing) come on top of every line; bench_audit.py measures those.
 """
 
@@ -31,7 +31,8 @@ import numpy as np
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent / "src"))
-from modelscope_tui import audit, statkernel  # noqa: E402
+from modelscope_tui.values import kernels, statkernel  # noqa: E402
+from modelscope_tui.values.stream import default_threads  # noqa: E402
 
 CHUNK = 2 << 20
 
@@ -83,7 +84,7 @@ def numpy_kernel(path: Path, threads: int) -> None:
     run_threads(
         threads,
         -(-size // CHUNK),
-        lambda i: audit._numpy_chunk_part(
+        lambda i: kernels.numpy_chunk_part(
             a[i * CHUNK : min(size, (i + 1) * CHUNK)].view(np.int16), "f16"
         ),
     )
@@ -92,7 +93,7 @@ def numpy_kernel(path: Path, threads: int) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("file", nargs="?", type=Path, default=BENCH_DIR / "_data" / "gpt_1p3b_fp16.pt")
-    ap.add_argument("--threads", type=int, default=audit.default_threads())
+    ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--repeat", type=int, default=3, help="runs of each pass (the best counts)")
     args = ap.parse_args()
     if not args.file.exists():

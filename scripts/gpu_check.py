@@ -4,7 +4,7 @@
     python scripts/gpu_check.py [--full] [--out DIR] [--panel-seconds 30]
 
 Always (10-30 s):
-1. NVML through `modelscope_tui.gpu` against `nvidia-smi --query-gpu=...`: count, name, UUID,
+1. NVML through `modelscope_tui.gpu` (nvml.py) against `nvidia-smi --query-gpu=...`: count, name, UUID,
    PCI bus id, memory total/used/reserved, utilisation, temperature, power draw, MIG mode.
 2. The CUDA index mapping worked out before CUDA starts against torch's own, in this process
    and in child processes under several CUDA_VISIBLE_DEVICES spellings (a permutation, full and
@@ -58,7 +58,9 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "src"))
 
-from modelscope_tui.gpu import NA, GpuMonitor, NvmlBackend  # noqa: E402
+from modelscope_tui.gpu.monitor import GpuMonitor  # noqa: E402
+from modelscope_tui.gpu.na import NA  # noqa: E402
+from modelscope_tui.gpu.nvml import NvmlBackend  # noqa: E402
 
 failures: list[str] = []
 results: dict = {"checks": []}  # everything measured, for --out
@@ -348,7 +350,7 @@ def check_torch(mon: GpuMonitor) -> bool:
             )
 
     from modelscope_tui import open_checkpoint
-    from modelscope_tui.tensordata import TensorData
+    from modelscope_tui.values.data import TensorData
 
     dev = torch.device("cuda:0")
     torch.cuda.synchronize(dev)
@@ -547,7 +549,7 @@ def check_move(path: Path) -> None:
     import torch
 
     from modelscope_tui import open_checkpoint
-    from modelscope_tui.placement import Placement
+    from modelscope_tui.training.placement import Placement
 
     dev = torch.device("cuda:0")
     ckpt = open_checkpoint(path)
@@ -626,7 +628,7 @@ def check_oom(path: Path, mon: GpuMonitor) -> None:
     import torch
 
     from modelscope_tui import open_checkpoint
-    from modelscope_tui.placement import Placement, PlacementError
+    from modelscope_tui.training.placement import Placement, PlacementError
 
     dev = torch.device("cuda:0")
     ckpt = open_checkpoint(path)
@@ -692,7 +694,7 @@ def check_oom(path: Path, mon: GpuMonitor) -> None:
 def train_once(precision: str, optimizer: str, trainable: set[str], fused: bool = False) -> dict:
     import torch
 
-    from modelscope_tui.estimate import PRECISIONS
+    from modelscope_tui.training.estimate import PRECISIONS
 
     spec = PRECISIONS[precision]
     dtype = {
@@ -781,8 +783,8 @@ def train_once(precision: str, optimizer: str, trainable: set[str], fused: bool 
 
 def check_estimate(path: Path) -> None:
     from modelscope_tui import open_checkpoint
-    from modelscope_tui.estimate import OPTIMIZERS, PRECISIONS, estimate_for_session
-    from modelscope_tui.session import Session
+    from modelscope_tui.training.estimate import OPTIMIZERS, PRECISIONS, estimate_for_session
+    from modelscope_tui.training.session import Session
 
     ckpt = open_checkpoint(path)
     full = Session(ckpt)
@@ -853,12 +855,11 @@ def check_estimate(path: Path) -> None:
 def check_panel(path: Path, seconds: float) -> None:
     import asyncio
 
-    from modelscope_tui import gpu as gpu_mod
     from modelscope_tui.tui.app import MscopeApp
     from modelscope_tui.tui.widgets.gpu_panel import GpuPanel
 
     ticks: list[float] = []
-    real_sample = gpu_mod.NvmlBackend.sample
+    real_sample = NvmlBackend.sample
 
     def timed(self):
         t0 = time.perf_counter()
@@ -867,7 +868,7 @@ def check_panel(path: Path, seconds: float) -> None:
         finally:
             ticks.append(time.perf_counter() - t0)
 
-    gpu_mod.NvmlBackend.sample = timed
+    NvmlBackend.sample = timed
 
     def panel_text(app) -> str:
         from rich.console import Console
@@ -999,7 +1000,7 @@ def check_panel(path: Path, seconds: float) -> None:
     try:
         asyncio.run(run())
     finally:
-        gpu_mod.NvmlBackend.sample = real_sample
+        NvmlBackend.sample = real_sample
     import torch as _t
 
     _t.cuda.empty_cache()

@@ -20,11 +20,16 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import run_cli
-from modelscope_tui import audit
-from modelscope_tui.audit import audit_path, run_audit, stream_stats, tensor_histogram, tensor_stats
-from modelscope_tui.errors import TensorDataError
+from modelscope_tui.audit.norms import children_norms
+from modelscope_tui.audit.runner import audit_path, run_audit
+from modelscope_tui.cli.audit import fit_name, fmt_g, render_audit
+from modelscope_tui.errors import Cancelled, TensorDataError
 from modelscope_tui.readers import open_checkpoint
-from modelscope_tui.tensordata import TensorData
+from modelscope_tui.values import kernels
+from modelscope_tui.values.chunks import stats_supported
+from modelscope_tui.values.data import TensorData
+from modelscope_tui.values.stats import DEFAULT_CHUNK_BYTES
+from modelscope_tui.values.stream import stream_stats, tensor_histogram, tensor_stats
 from statref import reference
 
 
@@ -46,7 +51,7 @@ def assert_stats(st, x: torch.Tensor, rel: float = 2e-6) -> None:
         assert math.isclose(got, want, rel_tol=rel, abs_tol=rel * scale), (st.name, key, got, want)
 
 
-def stats_of(path: Path, chunk_bytes: int = audit.DEFAULT_CHUNK_BYTES) -> dict:
+def stats_of(path: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict:
     ckpt = open_checkpoint(path, strict=False)
     with TensorData() as data:
         return {t.name: tensor_stats(data, t, chunk_bytes) for t in ckpt.tensors}
@@ -139,13 +144,13 @@ def stats_file(tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend", ["native", "numpy"])
-@pytest.mark.parametrize("chunk", [4096, audit.DEFAULT_CHUNK_BYTES])
+@pytest.mark.parametrize("chunk", [4096, DEFAULT_CHUNK_BYTES])
 def test_stats_match_torch(stats_file, chunk, backend, monkeypatch):
     """Both kernels: the compiled one-pass loop (statkernel.c) and the numpy fallback."""
     if backend == "numpy":
-        monkeypatch.setattr(audit, "_native", None)
+        monkeypatch.setattr(kernels, "compiled", None)
     else:
-        assert audit.native_kernel() is not None
+        assert kernels.compiled_kernel() is not None
     path, tensors = stats_file
     got = stats_of(path, chunk)
     for name, x in tensors.items():
@@ -171,7 +176,7 @@ def test_stats_of_half_precision_are_accurate_on_a_big_tensor(tmp_path):
 def test_threads_give_the_same_numbers(stats_file):
     path, _ = stats_file
     ckpt = open_checkpoint(path, strict=False)
-    records = [t for t in ckpt.tensors if audit.stats_supported(t.dtype)]
+    records = [t for t in ckpt.tensors if stats_supported(t.dtype)]
     with TensorData() as data:
         one = {r.name: s.to_dict() for r, s in stream_stats(data, records, 4096, threads=1)}
         three = {r.name: s.to_dict() for r, s in stream_stats(data, records, 4096, threads=3)}
@@ -243,7 +248,7 @@ def test_memory_is_bounded_by_the_chunk_not_the_tensor(tmp_path):
 def test_stream_reports_progress_and_can_be_cancelled(stats_file):
     path, _ = stats_file
     ckpt = open_checkpoint(path, strict=False)
-    records = [t for t in ckpt.tensors if audit.stats_supported(t.dtype)]
+    records = [t for t in ckpt.tensors if stats_supported(t.dtype)]
     seen = []
     with TensorData() as data:
         list(stream_stats(data, records, 4096, threads=1, progress=seen.append))
@@ -253,7 +258,7 @@ def test_stream_reports_progress_and_can_be_cancelled(stats_file):
     cancel.set()
     report = run_audit(ckpt, stats=True, cancel=cancel)
     assert report.cancelled and report.verdict == "cancelled" and report.exit_code == 1
-    with TensorData() as data, pytest.raises(audit.AuditCancelled):
+    with TensorData() as data, pytest.raises(Cancelled):
         tensor_stats(data, ckpt.tensor("fp32"), 4096, cancel=cancel)
 
 
@@ -534,7 +539,7 @@ def test_children_norms(tmp_path):
     torch.save(sd, tmp_path / "m.pt")
     report = audit_path(tmp_path / "m.pt", stats=True)
     ckpt = open_checkpoint(tmp_path / "m.pt")
-    rows = audit.children_norms(report.stats, ckpt, "layers")
+    rows = children_norms(report.stats, ckpt, "layers")
     assert [r["name"] for r in rows] == ["layers.0", "layers.1", "layers.2"]
     want = math.sqrt(
         sum(
@@ -543,7 +548,7 @@ def test_children_norms(tmp_path):
         )
     )
     assert math.isclose(rows[1]["norm"], want, rel_tol=1e-6) and rows[1]["complete"]
-    assert audit.children_norms(report.stats, ckpt, "nope") == []
+    assert children_norms(report.stats, ckpt, "nope") == []
 
 
 def test_stats_do_not_import_numpy_for_contiguous_half_and_float32(tmp_path):
@@ -556,8 +561,8 @@ def test_stats_do_not_import_numpy_for_contiguous_half_and_float32(tmp_path):
     }
     save_file(tensors, tmp_path / "m.safetensors")
     code = (
-        "import sys; from modelscope_tui import audit;"
-        f"r = audit.audit_path({str(tmp_path / 'm.safetensors')!r}, stats=True);"
+        "import sys; from modelscope_tui.audit.runner import audit_path;"
+        f"r = audit_path({str(tmp_path / 'm.safetensors')!r}, stats=True);"
         "print(len(r.stats), 'numpy' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -570,14 +575,22 @@ def test_native_source_refuses_a_view_past_its_storage(stats_file):
     path, _ = stats_file
     ckpt = open_checkpoint(path, strict=False)
     record = next(t for t in ckpt.tensors if t.name == "fp16")
-    assert audit.native_kernel() is not None
+    assert kernels.compiled_kernel() is not None
     record.storage_offset = record.storage.nbytes // 2 // record.itemsize
     with TensorData() as data, pytest.raises(TensorDataError, match="does not fit its storage"):
-        audit.tensor_stats(data, record)
+        tensor_stats(data, record)
 
 
 def test_audit_module_is_light():
-    code = "import sys, modelscope_tui.audit, modelscope_tui.diff; print(sorted({'torch', 'numpy', 'textual', 'rich'} & set(sys.modules)))"
+    """Every module of audit/, diff/ and values/ imports without torch, numpy, textual or rich."""
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "for name in ('audit', 'diff', 'values'):\n"
+        "    pkg = importlib.import_module('modelscope_tui.' + name)\n"
+        "    for m in pkgutil.iter_modules(getattr(pkg, '__path__', [])):\n"
+        "        importlib.import_module(f'{pkg.__name__}.{m.name}')\n"
+        "print(sorted({'torch', 'numpy', 'textual', 'rich'} & set(sys.modules)))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
@@ -620,22 +633,22 @@ def test_text_report_keeps_every_number_whole_at_80_columns(tmp_path):
     torch.save(sd, tmp_path / "m.pt")
     report = audit_path(tmp_path / "m.pt", stats=True)
     out = io.StringIO()
-    audit.render_audit(report, Console(file=out, width=80, color_system=None, highlight=False))
+    render_audit(report, Console(file=out, width=80, color_system=None, highlight=False))
     text = out.getvalue()
     assert max(len(line) for line in text.splitlines()) <= 80
     for i in range(3):
         st = report.stats[f"model.encoder.layers.{i}.self_attention.in_proj_weight"]
         row = next(line for line in text.splitlines() if line.startswith(f"m.e.l.{i}.s.in_proj_weight "))
         for value in (st.min, st.max, st.mean, st.std, st.norm):
-            assert audit._g(value) in row.split(), row
+            assert fmt_g(value) in row.split(), row
 
 
 def test_fit_name_keeps_layer_numbers():
     name = "model.encoder.layers.11.self_attention.in_proj_weight"
-    assert audit._fit_name(name, 60) == name
-    assert audit._fit_name(name, 40) == "m.e.l.11.self_attention.in_proj_weight"
-    assert audit._fit_name(name, 25) == "m.e.l.11.s.in_proj_weight"
-    short = audit._fit_name(name, 12)
+    assert fit_name(name, 60) == name
+    assert fit_name(name, 40) == "m.e.l.11.self_attention.in_proj_weight"
+    assert fit_name(name, 25) == "m.e.l.11.s.in_proj_weight"
+    short = fit_name(name, 12)
     assert len(short) == 12 and short.startswith("m.e.l") and "…" in short
 
 

@@ -1,4 +1,4 @@
-"""audit's chunk kernels against torch's own reductions (float64), chunk by chunk.
+"""The value layer's chunk kernels (values/kernels.py) against torch's own reductions (float64), chunk by chunk.
 
 Each kernel test runs on every backend: numpy, the compiled one-pass kernel (statkernel.c) with
 its AVX2 loop where the CPU has one, and the same library forced onto its portable C loop.
@@ -12,12 +12,14 @@ chunks, and a mean much larger than the spread (re-centred moments).
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from modelscope_tui import audit, statkernel
+from modelscope_tui.values import kernels, statkernel
+from modelscope_tui.values.stream import default_threads, stream_stats
 from statref import reference
 
 HALF = {"f16": torch.float16, "bf16": torch.bfloat16}
@@ -28,13 +30,13 @@ BACKENDS = ["numpy", "native", "portable"]
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    """Point audit at one backend for the test (the library is built by `pip install -e .`)."""
+    """Point the kernels at one backend for the test (the library is built by `pip install -e .`)."""
     if request.param == "numpy":
         kernel = None
     else:
         kernel = statkernel.load(portable=request.param == "portable")
         assert kernel is not None, f"{statkernel.LIBRARY} is not built: run pip install -e ."
-    monkeypatch.setattr(audit, "_native", kernel)
+    monkeypatch.setattr(kernels, "compiled", kernel)
     return request.param
 
 
@@ -42,8 +44,8 @@ def test_native_kernel_is_built_and_current():
     """pip install builds the library (hatch_build.py); a missing compiler would cost 3x speed."""
     kernel = statkernel.load()
     assert kernel is not None
-    assert audit.native_kernel() is kernel
-    if audit.os.uname().machine in ("x86_64", "AMD64"):
+    assert kernels.compiled_kernel() is kernel
+    if os.uname().machine in ("x86_64", "AMD64"):
         flags = open("/proc/cpuinfo").read()
         if all(f" {f}" in flags for f in ("avx2", "fma", "f16c")):
             assert kernel.isa == "AVX2"
@@ -55,7 +57,7 @@ def test_native_kernel_is_not_loaded_when_disabled(monkeypatch):
     assert statkernel.load() is None
 
 
-def check(part: audit._Part, x: torch.Tensor, rel: float = 1e-6) -> None:
+def check(part: kernels.Part, x: torch.Tensor, rel: float = 1e-6) -> None:
     ref = reference(x)
     assert (part.n, part.zeros, part.nan, part.inf, part.finite) == (
         x.numel(), ref["zeros"], ref["nan"], ref["inf"], ref["finite"],
@@ -132,7 +134,7 @@ def cases(dtype: torch.dtype) -> dict[str, torch.Tensor]:
 def test_half_kernel_matches_torch(kernel, backend):
     for name, x in cases(HALF[kernel]).items():
         try:
-            check(audit._chunk_part(bits(x), kernel), x)
+            check(kernels.chunk_part(bits(x), kernel), x)
         except AssertionError as exc:
             raise AssertionError(f"{kernel} {name}: {exc}") from exc
 
@@ -145,7 +147,7 @@ def test_half_kernel_on_an_unaligned_buffer(kernel, backend):
     raw[2:] = bits(x).view(np.uint8)
     chunk = raw[2:].view(np.int16)
     assert chunk.ctypes.data % 4 == 2
-    check(audit._chunk_part(chunk, kernel), x)
+    check(kernels.chunk_part(chunk, kernel), x)
 
 
 @pytest.mark.parametrize("kernel", ["f16", "bf16"])
@@ -153,10 +155,10 @@ def test_pair_widening_gives_the_same_values(kernel):
     """The int32-pair widening equals the ordered one up to order, bit for bit, for every finite
     16-bit pattern (and keeps -0.0)."""
     pattern = np.arange(65536, dtype=np.uint16).view(np.int16)
-    exp = audit._HALF_EXP[kernel]
+    exp = kernels.HALF_EXP[kernel]
     finite = pattern[(pattern.view(np.uint16) & exp) != exp].copy()
-    ordered = audit._widen_half(finite, kernel, np.empty(finite.size, np.float32))
-    paired = audit._widen_half_unordered(finite, kernel, np.empty(finite.size, np.float32))
+    ordered = kernels.widen_half(finite, kernel, np.empty(finite.size, np.float32))
+    paired = kernels.widen_half_unordered(finite, kernel, np.empty(finite.size, np.float32))
     assert np.array_equal(np.sort(ordered.view(np.int32)), np.sort(paired.view(np.int32)))
     want = torch.from_numpy(finite).view(HALF[kernel]).float().numpy()
     assert np.array_equal(ordered.view(np.int32), want.view(np.int32))
@@ -168,14 +170,14 @@ def test_half_kernel_many_chunks_accumulate_in_float64(kernel, backend):
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(2_000_000, generator=g) * 0.02 + 0.003).to(HALF[kernel])
     raw = bits(x)
-    total = audit._Part()
+    total = kernels.Part()
     for s in range(0, raw.size, 32768):
-        total.merge(audit._chunk_part(raw[s : s + 32768], kernel))
+        total.merge(kernels.chunk_part(raw[s : s + 32768], kernel))
     check(total, x)
 
 
 def test_default_threads_counts_cores():
-    n = audit.default_threads()
+    n = default_threads()
     assert 1 <= n <= 8
 
 
@@ -191,7 +193,7 @@ def test_float_kernel_signalling_nan_and_tiny_values(backend):
         for dtype in (np.float32, np.float64):
             with np.errstate(invalid="ignore"):  # casting a signalling NaN quiets it
                 chunk = values.astype(dtype)
-            check(audit._chunk_part(chunk, "float"), torch.from_numpy(chunk.copy()))
+            check(kernels.chunk_part(chunk, "float"), torch.from_numpy(chunk.copy()))
 
 
 def test_stream_threads_match_one_thread_and_skip_unreadable_tensors(tmp_path):
@@ -202,7 +204,7 @@ def test_stream_threads_match_one_thread_and_skip_unreadable_tensors(tmp_path):
 
     from modelscope_tui.errors import TensorDataError
     from modelscope_tui.readers import open_checkpoint
-    from modelscope_tui.tensordata import TensorData
+    from modelscope_tui.values.data import TensorData
 
     g = torch.Generator().manual_seed(2)
     tensors = {f"t{i:02d}": torch.randn(300 + 97 * i, generator=g).half() for i in range(20)}
@@ -223,7 +225,7 @@ def test_stream_threads_match_one_thread_and_skip_unreadable_tensors(tmp_path):
     for threads in (1, 2, 3):
         errors: list[str] = []
         with Flaky() as data:
-            stream = audit.stream_stats(
+            stream = stream_stats(
                 data,
                 records,
                 4096,
@@ -258,7 +260,7 @@ def test_kernels_across_block_edges(dtype, backend):
         chunk = bits(x) if dtype != torch.float32 else x.numpy()
         kernel = {torch.float16: "f16", torch.bfloat16: "bf16"}.get(dtype, "float")
         try:
-            check(audit._chunk_part(chunk, kernel), x.float())
+            check(kernels.chunk_part(chunk, kernel), x.float())
         except AssertionError as exc:
             raise AssertionError(f"{dtype} {name}: {exc}") from exc
 
@@ -267,7 +269,7 @@ def test_float32_cases_match_torch(backend):
     """The half-precision special cases, in float32 (the compiled kernel's third loop)."""
     for name, x in cases(torch.float32).items():
         try:
-            check(audit._chunk_part(x.numpy(), "float"), x)
+            check(kernels.chunk_part(x.numpy(), "float"), x)
         except AssertionError as exc:
             raise AssertionError(f"float32 {name}: {exc}") from exc
 
@@ -302,10 +304,10 @@ def test_compiled_kernel_agrees_with_numpy_on_random_chunks(kernel):
         parts = []
         try:
             for backend in (None, native, portable):
-                audit._native = backend
-                parts.append(audit._chunk_part(chunk, kernel))
+                kernels.compiled = backend
+                parts.append(kernels.chunk_part(chunk, kernel))
         finally:
-            audit._native = False  # loaded again on next use
+            kernels.compiled = False  # loaded again on next use
         ref = reference(x)
         rms = math.sqrt(ref["sumsq"] / ref["finite"]) if ref["finite"] else 1.0
         for p in parts:

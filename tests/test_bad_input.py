@@ -620,7 +620,7 @@ def test_many_distinct_globals(tmp_path, monkeypatch):
     assert time.monotonic() - start < 5
     assert result.rc == 2 and "different globals" in result.stderr, result.output
     # in-process, with a lower cap so the check stays cheap
-    monkeypatch.setattr("modelscope_tui.readers.unpickler.MAX_GLOBALS", 100)
+    monkeypatch.setattr("modelscope_tui.readers.pickle.unpickler.MAX_GLOBALS", 100)
     path.write_bytes(names(150))
     check_bad(path, UnsafePickleError, in_process=True)
     path.write_bytes(names(100))

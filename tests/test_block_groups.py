@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import run_cli
 from modelscope_tui import open_checkpoint
-from modelscope_tui.session import Session, SessionError
+from modelscope_tui.training.session import Session, SessionError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
@@ -71,7 +71,7 @@ def test_train_last_freezes_only_the_blocks(files, name):
 
 @pytest.mark.parametrize("prefix", ["stem", "widths", "single", "acts"])
 def test_explicit_non_group_refused(files, prefix):
-    from modelscope_tui.session import BlockGroup
+    from modelscope_tui.training.session import BlockGroup
 
     s = Session(open_checkpoint(files / "full.pt"))
     with pytest.raises(SessionError, match="not a group of repeated blocks"):

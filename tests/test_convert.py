@@ -18,10 +18,14 @@ import torch.serialization
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from modelscope_tui import convert, open_checkpoint
-from modelscope_tui.convert import cast_copy, preview_cast, remap_locations
-from modelscope_tui.readers.picklepatch import scan_storage_locations
-from modelscope_tui.writers import TEMP_MARK, SaveError
+from modelscope_tui import open_checkpoint
+from modelscope_tui.errors import MscopeError
+from modelscope_tui.readers.pickle.patch import scan_storage_locations
+from modelscope_tui.write import cast as cast_mod
+from modelscope_tui.write import zipwriter
+from modelscope_tui.write.atomic import TEMP_MARK, SaveError
+from modelscope_tui.write.cast import cast_copy, preview_cast
+from modelscope_tui.write.remap import remap_locations
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 CUDA_ERROR = "Attempting to deserialize object on a CUDA device"
@@ -268,7 +272,7 @@ def test_remap_zip64_layout(tmp_path, monkeypatch):
     src = tmp_path / "m.pt"
     with stored_as(fresh_cuda()):
         torch.save(sd, src)
-    monkeypatch.setattr(convert, "ZIP64_LIMIT", 1)
+    monkeypatch.setattr(zipwriter, "ZIP64_LIMIT", 1)
     out = remap_locations(open_checkpoint(src))
     raw = out.read_bytes()
     assert raw.count(b"PK\x01\x02") == len(members(src))
@@ -344,13 +348,13 @@ def test_cast_state_dict_to_torch(tmp_path, dtype, monkeypatch):
     src = tmp_path / "model.pt"
     torch.save(sd, src)
     ckpt = open_checkpoint(src)
-    monkeypatch.setattr(convert, "CHUNK_BYTES", 24)  # many chunks per tensor
+    monkeypatch.setattr(cast_mod, "CHUNK_BYTES", 24)  # many chunks per tensor
     before, after, changed = preview_cast(ckpt, dtype)
 
     out = cast_copy(ckpt, dtype)
 
     target = getattr(torch, dtype)
-    assert out.name == f"model.{convert._TAGS[dtype]}.pt"
+    assert out.name == f"model.{cast_mod._TAGS[dtype]}.pt"
     monkeypatch.setenv("TORCH_SERIALIZATION_DEBUG", "1")
     got = load(out)
     assert list(got) == list(sd)
@@ -518,11 +522,11 @@ def test_cast_failure_midway_removes_the_temp_file(tmp_path, monkeypatch):
     def broken(data, block):
         calls.append(block.key)
         if len(calls) == 2:
-            raise convert.MscopeError("disk on fire")
+            raise MscopeError("disk on fire")
         yield from original(data, block)
 
-    original = convert._block_chunks
-    monkeypatch.setattr(convert, "_block_chunks", broken)
+    original = cast_mod._block_chunks
+    monkeypatch.setattr(cast_mod, "_block_chunks", broken)
     with pytest.raises(SaveError, match="disk on fire"):
         cast_copy(ckpt, "bf16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
@@ -541,7 +545,7 @@ def test_cast_refuses_a_file_changed_since_it_was_opened(tmp_path):
 def test_preview_reads_no_tensor_bytes_and_imports_no_torch():
     code = (
         "import sys; from modelscope_tui import open_checkpoint; "
-        "from modelscope_tui.convert import preview_cast; "
+        "from modelscope_tui.write.cast import preview_cast; "
         f"print(preview_cast(open_checkpoint({str(SAMPLES / 'transformer_tied.pt')!r}), 'bf16')); "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )

@@ -30,18 +30,18 @@ import pytest
 import torch
 from torch import nn
 
-from modelscope_tui import writers
-from modelscope_tui.freeze import load_plan, save_plan
 from modelscope_tui.readers import open_checkpoint
-from modelscope_tui.session import Session
-from modelscope_tui.writers import (
+from modelscope_tui.training.plan import load_plan, save_plan
+from modelscope_tui.training.session import Session
+from modelscope_tui.write import atomic, requires_grad
+from modelscope_tui.write.atomic import (
     TEMP_MARK,
     SaveError,
     atomic_write,
     remove_stale_temps,
-    save_with_requires_grad,
     temp_owner,
 )
+from modelscope_tui.write.requires_grad import save_with_requires_grad
 
 LAYERS = 10  # Linear(1024, 1024) each: 42 MB of float32
 FROZEN = {f"{i}.{p}": False for i in range(0, LAYERS, 2) for p in ("weight", "bias")}
@@ -84,8 +84,8 @@ CHILD = textwrap.dedent(
     ckpt = open_checkpoint(src)
     frozen = json.loads(os.environ["FROZEN"])
     if mode == "plan":
-        from modelscope_tui.freeze import save_plan
-        from modelscope_tui.session import Session
+        from modelscope_tui.training.plan import save_plan
+        from modelscope_tui.training.session import Session
         session = Session(ckpt)
         session.freeze(list(frozen))
     print("ready", flush=True)
@@ -93,7 +93,7 @@ CHILD = textwrap.dedent(
     if mode == "plan":
         save_plan(session, dest, overwrite=overwrite)
     else:
-        from modelscope_tui.writers import save_with_requires_grad
+        from modelscope_tui.write.requires_grad import save_with_requires_grad
         save_with_requires_grad(ckpt, frozen, dest, overwrite=overwrite)
     print(f"done {time.perf_counter() - start:.4f}", flush=True)
     """
@@ -299,7 +299,8 @@ def test_disk_full_real_write_limit(small_source, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         from modelscope_tui.readers import open_checkpoint
-        from modelscope_tui.writers import SaveError, save_with_requires_grad
+        from modelscope_tui.write.atomic import SaveError
+        from modelscope_tui.write.requires_grad import save_with_requires_grad
         try:
             save_with_requires_grad(open_checkpoint({str(src)!r}), {frozen!r}, {str(tmp_path / "out.pt")!r})
         except SaveError as exc:
@@ -364,17 +365,17 @@ def test_disk_full_injected(small_source, tmp_path, monkeypatch, at):
     before = snapshot(src, old)
     enospc = OSError(errno.ENOSPC, "No space left on device")
     if at == "write":
-        real = writers._write_all
+        real = atomic.write_all
 
         def write_all(fd, data):
             real(fd, data[: len(data) // 2])
             raise enospc
 
-        monkeypatch.setattr(writers, "copy_range", lambda *a: write_all(a[1], b"x" * 1000))
+        monkeypatch.setattr(requires_grad, "copy_range", lambda *a: write_all(a[1], b"x" * 1000))
     elif at == "fsync":
-        monkeypatch.setattr(writers.os, "fsync", lambda fd: (_ for _ in ()).throw(enospc))
+        monkeypatch.setattr(atomic.os, "fsync", lambda fd: (_ for _ in ()).throw(enospc))
     else:
-        monkeypatch.setattr(writers.os, "replace", lambda a, b: (_ for _ in ()).throw(enospc))
+        monkeypatch.setattr(atomic.os, "replace", lambda a, b: (_ for _ in ()).throw(enospc))
     for target, overwrite in ((dest, False), (old, True)):
         with pytest.raises(SaveError) as info:
             save_with_requires_grad(ckpt, frozen, target, overwrite=overwrite)
@@ -398,8 +399,8 @@ def test_plan_disk_full(small_source, tmp_path, monkeypatch):
             self.fh.write(data[:10])
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    real = writers.os.fdopen
-    monkeypatch.setattr(writers.os, "fdopen", lambda fd, mode: _Wrapped(real(fd, mode), Full))
+    real = atomic.os.fdopen
+    monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: _Wrapped(real(fd, mode), Full))
     with pytest.raises(SaveError) as info:
         save_plan(session, plan, overwrite=True)
     assert_clean_failure(info, tmp_path, before, "disk is full")
@@ -438,7 +439,7 @@ def test_cannot_create_temp(small_source, tmp_path, monkeypatch, err, words):
     def refuse(*args, **kwargs):
         raise OSError(err, os.strerror(err))
 
-    monkeypatch.setattr(writers.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", refuse)
     with pytest.raises(SaveError) as info:
         save_with_requires_grad(open_checkpoint(src), frozen, tmp_path / "out.pt")
     assert_clean_failure(info, tmp_path, before, *words)
@@ -468,7 +469,7 @@ def test_permission_denied_on_rename_keeps_everything(small_source, tmp_path, mo
     def refuse(a, b):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(writers.os, "replace", refuse)
+    monkeypatch.setattr(atomic.os, "replace", refuse)
     with pytest.raises(SaveError) as info:
         save_with_requires_grad(open_checkpoint(src), frozen, dest, overwrite=True)
     assert_clean_failure(info, tmp_path, before, "permission denied")
@@ -538,7 +539,7 @@ def test_backup_falls_back_to_a_copy_without_hard_links(small_source, tmp_path, 
     def no_links(a, b):
         raise OSError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(writers.os, "link", no_links)
+    monkeypatch.setattr(atomic.os, "link", no_links)
     save_with_requires_grad(open_checkpoint(src), frozen, src, overwrite=True)
     assert sha(tmp_path / "small.pt.bak") == original
     assert not temps(tmp_path)

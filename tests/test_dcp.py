@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, Wri
 
 from modelscope_tui.errors import CorruptCheckpointError, MscopeError
 from modelscope_tui.readers import open_checkpoint
-from modelscope_tui.tensordata import TensorData
+from modelscope_tui.values.data import TensorData
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

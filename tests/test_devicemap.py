@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from modelscope_tui import open_checkpoint
-from modelscope_tui.devicemap import (
+from modelscope_tui.errors import MscopeError
+from modelscope_tui.training.devicemap import (
     BalancedMap,
     DeviceMapError,
     balanced_device_map,
@@ -22,8 +23,7 @@ from modelscope_tui.devicemap import (
     save_device_map,
     tie_conflicts,
 )
-from modelscope_tui.errors import MscopeError
-from modelscope_tui.session import Session
+from modelscope_tui.training.session import Session
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 

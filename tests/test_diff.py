@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import run_cli
-from modelscope_tui.diff import (
+from modelscope_tui.diff.plan import check_plan
+from modelscope_tui.diff.report import (
     ADDED,
     CHANGED,
     CLOSE,
@@ -22,9 +23,8 @@ from modelscope_tui.diff import (
     RENAMED,
     SHAPE_CHANGED,
     UNREADABLE,
-    check_plan,
-    diff_checkpoints,
 )
+from modelscope_tui.diff.stream import diff_checkpoints
 from modelscope_tui.readers import open_checkpoint
 
 

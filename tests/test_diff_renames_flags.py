@@ -12,7 +12,8 @@ from rich.console import Console
 from torch import nn
 
 from conftest import run_cli, settle
-from modelscope_tui.diff import ADDED, REMOVED, RENAMED, diff_checkpoints
+from modelscope_tui.diff.report import ADDED, REMOVED, RENAMED
+from modelscope_tui.diff.stream import diff_checkpoints
 from modelscope_tui.readers import open_checkpoint
 
 

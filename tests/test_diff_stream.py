@@ -1,5 +1,5 @@
 """The incremental diff (DiffStream / LiveDiff) behind the explorer's diff mode, and the norm
-profile of a module's children (norms.py): domain code, no terminal."""
+profile of a module's children (audit/norms.py): domain code, no terminal."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from diffpair import after_state_dict, before_state_dict, write_pair
-from modelscope_tui.audit import AuditCancelled
-from modelscope_tui.diff import (
+from modelscope_tui.audit.norms import format_profile, module_norms, norm_rows
+from modelscope_tui.diff.live import LiveDiff
+from modelscope_tui.diff.report import (
     ADDED,
     CHANGED,
     CLOSE,
@@ -21,11 +22,9 @@ from modelscope_tui.diff import (
     REMOVED,
     RENAMED,
     SHAPE_CHANGED,
-    DiffStream,
-    LiveDiff,
-    diff_checkpoints,
 )
-from modelscope_tui.norms import format_profile, module_norms, norm_rows
+from modelscope_tui.diff.stream import DiffStream, diff_checkpoints
+from modelscope_tui.errors import Cancelled
 from modelscope_tui.readers import open_checkpoint
 
 
@@ -135,7 +134,7 @@ def test_module_norms_tied_and_cancel():
     cancel = threading.Event()
     cancel.set()
     stats: dict = {}
-    with pytest.raises(AuditCancelled):
+    with pytest.raises(Cancelled):
         module_norms(a, "blocks", stats, cancel=cancel)
     assert not all(r.complete for r in norm_rows(a, "blocks", stats))
 
@@ -143,7 +142,9 @@ def test_module_norms_tied_and_cancel():
 def test_norms_and_diff_stay_free_of_textual_and_torch():
     from test_imports import modules_after
 
-    loaded = modules_after("import modelscope_tui.norms, modelscope_tui.diff")
+    loaded = modules_after(
+        "import modelscope_tui.audit.norms, modelscope_tui.diff.live, modelscope_tui.diff.plan, modelscope_tui.diff.stream"
+    )
     assert not {"textual", "torch", "numpy"} & loaded
 
 

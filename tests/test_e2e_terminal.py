@@ -90,9 +90,10 @@ def test_gpu_panel_rows_update_in_a_real_terminal(tmp_path):
     terminal every changed row must still arrive. The sparkline gains a point each tick."""
     launcher = tmp_path / "launch.py"
     launcher.write_text(
-        "from modelscope_tui import gpu as g\n"
+        "from modelscope_tui.gpu.monitor import GpuMonitor\n"
+        "from modelscope_tui.gpu.simulated import SimulatedBackend\n"
         "from modelscope_tui.tui.app import MscopeApp\n"
-        "g.GpuMonitor.from_env = classmethod(lambda cls, env=None, **kw: cls(g.SimulatedBackend(1, seed=0, name='H200'), **kw))\n"
+        "GpuMonitor.from_env = classmethod(lambda cls, env=None, **kw: cls(SimulatedBackend(1, seed=0, name='H200'), **kw))\n"
         f"MscopeApp({str(SAMPLES / 'transformer_tied.pt')!r}, show_gpus=True, gpu_interval=0.5).run()\n"
     )
     term = Terminal([sys.executable, str(launcher)], tmp_path, width=160, height=48)

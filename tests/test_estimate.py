@@ -24,8 +24,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelscope_tui import open_checkpoint
+from modelscope_tui.cli.estimate import render_table, render_text
 from modelscope_tui.errors import MscopeError
-from modelscope_tui.estimate import (
+from modelscope_tui.training.estimate import (
     OPTIMIZERS,
     PANEL_WIDTH,
     PRECISIONS,
@@ -37,11 +38,9 @@ from modelscope_tui.estimate import (
     fits,
     inventory,
     panel_lines,
-    render_table,
-    render_text,
     tensor_bytes,
 )
-from modelscope_tui.session import Session
+from modelscope_tui.training.session import Session
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 MiB, GiB = 2**20, 2**30
@@ -463,7 +462,7 @@ def test_inventory_groups_by_dtype_and_state():
 
 def test_estimate_module_stays_light():
     code = (
-        "import sys, modelscope_tui.estimate, modelscope_tui.devicemap\n"
+        "import sys, modelscope_tui.training.estimate, modelscope_tui.training.devicemap\n"
         "print(sorted(m for m in ('torch', 'textual', 'numpy') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

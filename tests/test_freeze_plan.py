@@ -16,18 +16,11 @@ from pathlib import Path
 import pytest
 
 from modelscope_tui import open_checkpoint
-from modelscope_tui.freeze import (
-    PlanError,
-    _model_fingerprint,
-    apply_freeze_plan,
-    apply_plan_to_session,
-    checkpoint_fingerprint,
-    load_plan,
-    plan_from_session,
-    plan_snippet,
-    save_plan,
-)
-from modelscope_tui.session import Session
+from modelscope_tui.training.apply import apply_freeze_plan, apply_plan_to_session
+from modelscope_tui.training.fingerprint import checkpoint_fingerprint, model_fingerprint
+from modelscope_tui.training.plan import PlanError, load_plan, plan_from_session, save_plan
+from modelscope_tui.training.session import Session
+from modelscope_tui.training.snippet import plan_snippet
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
@@ -509,12 +502,15 @@ def test_fingerprint_same_for_pt_and_safetensors(tmp_path):
     TinyLM = model_ns()["TinyLM"]
     model = TinyLM()
     torch.save(model.state_dict(), tmp_path / "tiny.pt")
-    assert _model_fingerprint(model) == checkpoint_fingerprint(
+    assert model_fingerprint(model) == checkpoint_fingerprint(
         open_checkpoint(tmp_path / "tiny.pt")
     )
 
 
 def test_freeze_module_import_is_light():
-    code = "import modelscope_tui.freeze, modelscope_tui, sys; print(int('torch' in sys.modules))"
+    code = (
+        "import modelscope_tui.training.plan, modelscope_tui.training.apply, modelscope_tui.training.snippet,"
+        " modelscope_tui, sys; print(int('torch' in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "0", proc.stderr

@@ -14,19 +14,16 @@ from types import SimpleNamespace
 import pynvml
 import pytest
 
-from modelscope_tui import gpu
+from modelscope_tui.cli.gpus import gpu_lines, render_sample
 from modelscope_tui.errors import MscopeError
-from modelscope_tui.gpu import (
-    NA,
-    DeviceIdentity,
-    GpuMonitor,
-    GpuSample,
-    HostMemory,
-    NvmlBackend,
-    SimulatedBackend,
-    map_cuda_devices,
-    sample_to_dict,
-)
+from modelscope_tui.gpu.backend import FAILURES, NO_PERMISSION_STATUS
+from modelscope_tui.gpu.cuda import DeviceIdentity, map_cuda_devices
+from modelscope_tui.gpu.monitor import GpuMonitor
+from modelscope_tui.gpu.na import NA, na_or
+from modelscope_tui.gpu.nvml import NvmlBackend
+from modelscope_tui.gpu.schema import sample_to_dict
+from modelscope_tui.gpu.simulated import SimulatedBackend
+from modelscope_tui.gpu.snapshot import GpuSample, HostMemory, TorchMemory
 from modelscope_tui.units import sparkline
 
 FIXED_HOST = HostMemory(64 << 30, 32 << 30, 100 << 20)
@@ -44,7 +41,7 @@ def sim(n: int = 3, **kw) -> SimulatedBackend:
 def test_na_renders_and_is_falsy():
     assert str(NA) == "n/a" and repr(NA) == "NA" and not NA
     assert f"{NA:>5}" == "  n/a" and f"{NA:.1f}" == "n/a"
-    assert gpu.na_or(NA) == "n/a" and gpu.na_or(5, lambda v: f"{v}%") == "5%"
+    assert na_or(NA) == "n/a" and na_or(5, lambda v: f"{v}%") == "5%"
     assert type(NA)() is NA
     import copy
     import pickle
@@ -100,7 +97,7 @@ def test_simulated_failure_states_carry_host_ram():
     for key in ("no-driver", "driver-mismatch", "no-permission", "no-gpus"):
         s = sim(2, init_error=key).sample()
         assert s.state == key and not s.ok and s.gpus == ()
-        assert s.status.startswith(gpu.FAILURES[key]) and "\n" not in s.status
+        assert s.status.startswith(FAILURES[key]) and "\n" not in s.status
         assert s.host.total is not NA
     s = sim(0).sample()
     assert s.state == "no-gpus" and s.host == FIXED_HOST
@@ -529,7 +526,7 @@ def test_nvml_unsupported_queries_become_na():
     assert g.util_gpu is NA and g.temperature is NA and g.power_draw is NA and g.power_limit is NA
     assert g.memory_reserved is NA and g.memory_used == 1 << 30, "v1 memory info when v2 is missing"
     assert g.processes == () and g.mig_mode is NA
-    rows = dict(gpu.gpu_lines(g))
+    rows = dict(gpu_lines(g))
     assert "n/a" in rows["load"]
 
 
@@ -594,7 +591,7 @@ def test_nvml_per_gpu_permission_problem():
             return i
 
     s = NvmlBackend(Partial(2), env={}).sample()
-    assert s.ok and s.gpus[0].status == gpu.NO_PERMISSION_STATUS and s.gpus[0].memory_used is NA
+    assert s.ok and s.gpus[0].status == NO_PERMISSION_STATUS and s.gpus[0].memory_used is NA
     assert s.gpus[1].memory_used == 2 << 30
 
 
@@ -635,7 +632,7 @@ def test_nvml_uses_torch_when_cuda_is_initialised(monkeypatch):
     s = b.sample()
     assert s.cuda_mapping.source == "torch" and s.cuda_mapping.exact
     assert [g.cuda_index for g in s.gpus] == [1, 0]
-    assert s.gpus[1].torch_memory == gpu.TorchMemory(5 << 20, 10 << 20, 15 << 20)
+    assert s.gpus[1].torch_memory == TorchMemory(5 << 20, 10 << 20, 15 << 20)
     assert s.gpus[0].torch_memory.allocated == 7 << 20
     assert s.by_cuda_index(0).nvml_index == 1
 
@@ -686,7 +683,7 @@ def test_render_fits_80_columns():
     for _ in range(4):
         s = mon.sample()
     console = Console(width=80, record=True, file=open(os.devnull, "w"))
-    console.print(gpu.render_sample(s, mon))
+    console.print(render_sample(s, mon))
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "SIMULATED" in text and "(this process)" in text and "torch" in text and "lost" in text
@@ -753,9 +750,11 @@ def test_cli_watch_and_bad_input():
 
 def test_gpu_module_imports_neither_textual_nor_torch():
     code = (
-        "import sys, modelscope_tui.gpu as g\n"
-        "g.GpuMonitor.from_env({'MSCOPE_SIMULATE_GPUS': '2'}).sample()\n"
-        "g.GpuMonitor().sample()\n"
+        "import sys\n"
+        "from modelscope_tui.gpu.monitor import GpuMonitor\n"
+        "from modelscope_tui.gpu.schema import sample_to_dict\n"
+        "sample_to_dict(GpuMonitor.from_env({'MSCOPE_SIMULATE_GPUS': '2'}).sample())\n"
+        "GpuMonitor().sample()\n"
         "print(sorted(m for m in ('textual', 'torch', 'pynvml', 'rich') if m in sys.modules))"
     )
     out = subprocess.run(

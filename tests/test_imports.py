@@ -30,18 +30,25 @@ CORE = [
     "modelscope_tui.summary",
     "modelscope_tui.cli",
     "modelscope_tui.readers",
-    "modelscope_tui.readers.unpickler",
+    "modelscope_tui.readers.pickle.unpickler",
     "modelscope_tui.readers.torchzip",
     "modelscope_tui.readers.legacy",
     "modelscope_tui.readers.walk",
-    "modelscope_tui.gpu",
-    "modelscope_tui.session",
-    "modelscope_tui.freeze",
-    "modelscope_tui.estimate",
-    "modelscope_tui.placement",
-    "modelscope_tui.writers",
-    "modelscope_tui.convert",
-    "modelscope_tui.devicemap",
+    "modelscope_tui.gpu.monitor",
+    "modelscope_tui.gpu.schema",
+    "modelscope_tui.training.session",
+    "modelscope_tui.training.plan",
+    "modelscope_tui.training.fingerprint",
+    "modelscope_tui.training.apply",
+    "modelscope_tui.training.snippet",
+    "modelscope_tui.training.estimate",
+    "modelscope_tui.training.placement",
+    "modelscope_tui.training.devicemap",
+    "modelscope_tui.write.atomic",
+    "modelscope_tui.write.requires_grad",
+    "modelscope_tui.write.remap",
+    "modelscope_tui.write.cast",
+    "modelscope_tui.write.zipwriter",
 ]
 
 
@@ -75,7 +82,7 @@ def test_domain_modules_never_import_textual():
     """DESIGN.md: a domain module never imports textual (rendering lives in cli/ or tui/). All of
     them in one process; on failure, each alone names the culprit."""
     modules = domain_modules()
-    assert "modelscope_tui.checkpoint" in modules and "modelscope_tui.readers.unpickler" in modules
+    assert "modelscope_tui.checkpoint" in modules and "modelscope_tui.readers.pickle.unpickler" in modules
     assert not any(m.startswith("modelscope_tui.tui") for m in modules)
     loaded = modules_after("\n".join(f"import {m}" for m in modules))
     if "textual" in loaded:

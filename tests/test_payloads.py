@@ -215,8 +215,11 @@ def torch_model_tensor_count(fmt: str, tmp_path: Path) -> int:
 
 @pytest.fixture(scope="module", autouse=True)
 def _readers_imported():
-    """Import every reader module up front so the sys.modules check below sees only the file's doing."""
-    open_checkpoint(Path(__file__).resolve().parent.parent / "sample_models" / "legacy_cnn.pt")
+    """Import every reader module up front so the sys.modules check below sees only the file's doing
+    (a zip sample too: its members' payload search and the compiled scan load their modules)."""
+    samples = Path(__file__).resolve().parent.parent / "sample_models"
+    open_checkpoint(samples / "legacy_cnn.pt")
+    open_checkpoint(samples / "cnn_state_dict.pt")
 
 
 def _check_opened(ckpt, payload: Payload, marker: Path) -> None:

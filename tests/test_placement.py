@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from modelscope_tui import open_checkpoint
-from modelscope_tui import placement as placement_mod
-from modelscope_tui.placement import FILE, Placement, PlacementError, available_devices
+from modelscope_tui.training import placement as placement_mod
+from modelscope_tui.training.placement import FILE, Placement, PlacementError, available_devices
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 

@@ -15,16 +15,15 @@ import torch
 from torch import nn
 
 from conftest import run_cli, settle
-from modelscope_tui.freeze import (
-    PlanError,
+from modelscope_tui.readers import open_checkpoint
+from modelscope_tui.training.apply import (
     PlanMismatchWarning,
     PlanUncheckedWarning,
     apply_freeze_plan,
     apply_plan_to_session,
-    save_plan,
 )
-from modelscope_tui.readers import open_checkpoint
-from modelscope_tui.session import Session
+from modelscope_tui.training.plan import PlanError, save_plan
+from modelscope_tui.training.session import Session
 
 
 def net(width: int = 8, extra: bool = False, dtype=torch.float32) -> nn.Module:

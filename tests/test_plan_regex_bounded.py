@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from modelscope_tui.freeze import plan_snippet
 from modelscope_tui.patterns import PatternError, compile_safe_regex
+from modelscope_tui.training.snippet import plan_snippet
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 EVIL = ["(a+)+$", "(a|aa)+$", "(a*)*b", "(x?)+y", "(\\w+\\s?)+$", "(.*a){12}", "(a)\\1+$", "a*a*a*b"]
@@ -54,7 +54,7 @@ def test_apply_plan_with_a_hostile_rule_spells_out_names_fast(tmp_path: Path) ->
 
 def test_session_refuses_in_the_explorer_path() -> None:
     from modelscope_tui.readers import open_checkpoint
-    from modelscope_tui.session import Session, SessionError
+    from modelscope_tui.training.session import Session, SessionError
 
     session = Session(open_checkpoint(SAMPLES / "cnn_state_dict.pt"))
     with pytest.raises(SessionError, match="refused"):

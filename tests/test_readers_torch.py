@@ -12,7 +12,7 @@ import torch
 
 from modelscope_tui import open_checkpoint
 from modelscope_tui.checkpoint import BUFFER, PARAMETER
-from modelscope_tui.tensordata import TensorData
+from modelscope_tui.values.data import TensorData
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from modelscope_tui.errors import CorruptCheckpointError, MscopeError, UnsupportedFormatError
 from modelscope_tui.readers import open_checkpoint
 from modelscope_tui.readers.safetensors import natural_key, read_safetensors
-from modelscope_tui.tensordata import TensorData
+from modelscope_tui.values.data import TensorData
 
 
 def tensors() -> dict[str, torch.Tensor]:

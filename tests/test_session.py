@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from modelscope_tui import open_checkpoint
 from modelscope_tui.checkpoint import PARAMETER
-from modelscope_tui.session import Session, SessionError
+from modelscope_tui.training.session import Session, SessionError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 

@@ -165,7 +165,7 @@ def test_lightning_entries_put_hyper_parameters_first_and_fold_counters():
 def test_optimizer_hyper_parameters_are_not_folded_as_counters():
     """Folding is for repeated counters; lr, eps and weight_decay stay listed."""
     from modelscope_tui.checkpoint import Entry
-    from modelscope_tui.summary import entry_lines
+    from modelscope_tui.cli.summary import entry_lines
 
     groups = [Entry(f"optimizer.param_groups.0.{k}", "float", v) for k, v in
               {"lr": 5e-4, "eps": 1e-8, "weight_decay": 0, "momentum": 0.9, "dampening": 0, "initial_lr": 1e-3, "beta": 0.5}.items()]  # fmt: skip
@@ -173,3 +173,78 @@ def test_optimizer_hyper_parameters_are_not_folded_as_counters():
     lines, hidden = entry_lines(groups + progress)
     assert "optimizer.param_groups.0.lr = 0.0005" in lines and not hidden
     assert lines[-1] == "loops.fit.* = 8 counters (3 to 3)"
+
+
+def _table_rows(text: str) -> list[str]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Module / tensor"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("trainable params: ") or line.endswith("shows more)"))
+    return lines[start + 1 : end]
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+@pytest.mark.parametrize("sample", ALL_SAMPLES)
+def test_text_summary_never_cuts_shape_or_dtype(sample, columns):
+    """Every tensor row shows its whole shape and dtype, at 80 and at 200 columns."""
+    doc = json.loads(mscope("summary", "--json", str(SAMPLES / sample)).stdout)
+    result = mscope("summary", str(SAMPLES / sample), columns=columns)
+    assert result.returncode == 0, result.stderr
+    assert max(len(line) for line in result.stdout.splitlines()) <= columns
+    rows = _table_rows(result.stdout)
+    assert not any("…" in cell for row in rows for cell in row.split("  ")[1:] if cell.strip())
+    if len(doc["tensors"]) <= 400:  # listed one per row
+        model = [t for t in doc["tensors"] if t["section"] == "" or doc["sections"].get(t["section"]) == "model"]
+        for t in model:
+            shape = "×".join(map(str, t["shape"])) or "scalar"
+            assert any(shape in row and t["dtype"] in row for row in rows), (t["name"], shape)
+
+
+def _long_names(tmp_path: Path) -> Path:
+    sd = {}
+    for i in range(2):
+        block = f"model.decoder.layers.{i}.self_attn_with_a_very_long_module_name"
+        sd[f"{block}.in_proj_weight_of_the_attention"] = torch.zeros(96, 32)
+        sd[f"{block}.in_proj_bias_of_the_attention"] = torch.zeros(96)
+        sd[f"{block}.norm.running_mean_of_this_long_batch_norm"] = torch.zeros(4)
+        sd[f"{block}.norm.running_var_of_this_long_batch_norm"] = torch.zeros(4)
+    sd["model.decoder.embed_tokens.weight"] = torch.zeros(50272, 20, dtype=torch.bfloat16)
+    sd["tiny_fp8"] = torch.zeros(3, dtype=torch.float8_e4m3fn)
+    sd["tiny_complex"] = torch.zeros(3, dtype=torch.complex128)
+    path = tmp_path / "long.pt"
+    torch.save(sd, path)
+    return path
+
+
+@pytest.mark.parametrize("columns", [80, 100, 200])
+def test_shortened_siblings_stay_apart(tmp_path, columns):
+    """Names give way to shape and dtype, but two siblings never read the same."""
+    result = mscope("summary", str(_long_names(tmp_path)), columns=columns)
+    assert result.returncode == 0, result.stderr
+    rows = _table_rows(result.stdout)
+    assert max(len(line) for line in result.stdout.splitlines()) <= columns
+    for shape, dtype in (("96×32", "float32"), ("50272×20", "bfloat16"), ("3", "float8_e4m3fn"), ("3", "complex128")):
+        assert any(f" {shape} " in f" {row} " and dtype in row for row in rows)
+    def name(row: str) -> str:
+        return row.lstrip("│├└─ ").split("  ")[0]
+
+    tensor_names = [name(row) for row in rows if "float32" in row]
+    assert len(set(tensor_names[:2])) == 2, tensor_names  # in_proj_weight… / in_proj_bias…
+    norms = [name(row) for row in rows if " 4 " in f" {row} "]
+    assert len(norms) == 4 and norms[0] != norms[1], norms  # running_mean… / running_var…
+
+
+def test_wide_shows_exact_counts_and_full_names(tmp_path):
+    result = mscope("summary", "--wide", str(_long_names(tmp_path)), columns=80)
+    assert "1,005,440" in result.stdout and "in_proj_weight_of_the_attention" in result.stdout
+    narrow = mscope("summary", str(_long_names(tmp_path)), columns=80).stdout
+    assert "1,005,440" not in narrow and "1.0M" in narrow
+
+
+def test_header_wraps_between_dtypes_and_marks_views():
+    out = mscope("summary", str(SAMPLES / "dtypes.pt"), columns=80).stdout
+    head = out.split("Module / tensor")[0].splitlines()[1:]
+    assert len(head) > 1
+    for line in head:  # a size is never split from its unit: no line starts with "B," or ends in a number
+        assert not line.startswith(("B", "KB")) and not line.rstrip(",").split()[-1].isdigit(), line
+    assert "526 B (470 B stored: views share storage)" in out
+    assert "base_slice (view of base)" in out

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from diffpair import after_state_dict, before_state_dict, write_pair
-from modelscope_tui.gpu import HostMemory, SimulatedBackend
+from modelscope_tui.gpu.simulated import SimulatedBackend
+from modelscope_tui.gpu.snapshot import HostMemory
 from modelscope_tui.readers import open_checkpoint
-from modelscope_tui.session import Session
+from modelscope_tui.training.session import Session
 from modelscope_tui.tui.controllers.caveats import NormCaveat
 from modelscope_tui.tui.controllers.devices import DeviceMover
 from modelscope_tui.tui.controllers.diff import DiffController

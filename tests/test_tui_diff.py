@@ -13,8 +13,9 @@ from rich.style import Style
 
 from conftest import settle
 from diffpair import after_state_dict, before_state_dict, write_pair
-from modelscope_tui import cli, diff
-from modelscope_tui.audit import AuditCancelled
+from modelscope_tui import cli
+from modelscope_tui.diff import stream as diff_stream
+from modelscope_tui.errors import Cancelled
 from modelscope_tui.tui.app import MscopeApp
 from modelscope_tui.tui.screens.compare import CompareScreen
 from modelscope_tui.tui.screens.help import HelpScreen
@@ -130,9 +131,9 @@ async def test_tree_comes_from_metadata_first_and_cancel_leaves_app_responsive(p
         started.set()
         if not cancel.wait(20):
             raise AssertionError("never cancelled")
-        raise AuditCancelled()
+        raise Cancelled()
 
-    monkeypatch.setattr(diff, "_compare_values", blocked)
+    monkeypatch.setattr(diff_stream, "compare_values", blocked)
     app = MscopeApp(b, compare=a, show_gpus=False)
     async with app.run_test(size=(120, 36)) as pilot:
         for _ in range(200):

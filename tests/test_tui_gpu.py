@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from modelscope_tui import placement as placement_mod
-from modelscope_tui.gpu import HostMemory, SimulatedBackend
+from modelscope_tui.gpu.simulated import SimulatedBackend
+from modelscope_tui.gpu.snapshot import HostMemory
+from modelscope_tui.training import placement as placement_mod
 from modelscope_tui.tui.app import MscopeApp
 from modelscope_tui.tui.screens.device import DeviceScreen
 from modelscope_tui.tui.widgets.gpu_panel import GpuPanel
@@ -244,7 +245,7 @@ async def test_idle_gpu_costs_no_repaints(monkeypatch):
     Once the sparkline is full, ticks that change nothing on screen must not repaint."""
     import time
 
-    from modelscope_tui import gpu as gpu_mod
+    from modelscope_tui.gpu.monitor import GpuMonitor
 
     class StillBackend(SimulatedBackend):
         def sample(self):
@@ -253,7 +254,7 @@ async def test_idle_gpu_costs_no_repaints(monkeypatch):
             return dataclasses.replace(self._first, timestamp=time.time())
 
     monkeypatch.setattr(
-        gpu_mod.GpuMonitor,
+        GpuMonitor,
         "from_env",
         classmethod(lambda cls, env=None, **kw: cls(StillBackend(1, seed=0), **kw)),
     )

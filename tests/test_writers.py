@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from modelscope_tui import open_checkpoint, writers
+from modelscope_tui import open_checkpoint
 from modelscope_tui.errors import CorruptCheckpointError
 from modelscope_tui.readers import legacy as legacy_reader
-from modelscope_tui.readers.picklepatch import scan_tensor_rebuilds
-from modelscope_tui.session import Session
-from modelscope_tui.writers import TEMP_MARK, SaveError, save_with_requires_grad
+from modelscope_tui.readers.pickle.patch import scan_tensor_rebuilds
+from modelscope_tui.training.session import Session
+from modelscope_tui.write import requires_grad
+from modelscope_tui.write.atomic import TEMP_MARK, SaveError
+from modelscope_tui.write.requires_grad import save_with_requires_grad
 
 MODEL_SOURCE = '''
 import torch
@@ -517,13 +519,13 @@ def test_parent_is_a_file(frozen_case, tmp_path):
 def test_failure_mid_copy_leaves_nothing(frozen_case, tmp_path, monkeypatch):
     src, ckpt, trainable = frozen_case
     before = sha(src)
-    real = writers.copy_range
+    real = requires_grad.copy_range
 
     def failing(src_fd, dst_fd, offset, length):
         real(src_fd, dst_fd, offset, length // 2)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writers, "copy_range", failing)
+    monkeypatch.setattr(requires_grad, "copy_range", failing)
     dest = tmp_path / "out.pt"
     with pytest.raises(SaveError, match="No space left"):
         save_with_requires_grad(ckpt, trainable, dest)

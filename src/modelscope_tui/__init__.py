@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
-    from .freeze import FreezeReport
+    from .training.apply import FreezeReport
 
 __all__ = ["__version__", "apply_freeze_plan", "open_checkpoint"]
 
@@ -28,8 +28,8 @@ def apply_freeze_plan(
 ) -> FreezeReport:
     """Set requires_grad and eval mode on `model` from a freeze plan (path or dict).
 
-    See `modelscope_tui.freeze.apply_freeze_plan`; torch is not imported here, the model brings it.
+    See `modelscope_tui.training.apply.apply_freeze_plan`; torch is not imported here, the model brings it.
     """
-    from .freeze import apply_freeze_plan as _apply
+    from .training.apply import apply_freeze_plan as _apply
 
     return _apply(model, plan, strict=strict, keep_eval=keep_eval)

@@ -48,3 +48,11 @@ class UnsafePickleError(MscopeError):
 
 class TensorDataError(MscopeError):
     """A tensor's bytes cannot be read (missing, truncated, compressed, unsupported dtype)."""
+
+
+class Cancelled(MscopeError):
+    """A streamed pass (statistics, audit, diff, norm profile) was stopped through its `cancel`
+    event; what it computed so far is kept by its caller."""
+
+    def __init__(self) -> None:
+        super().__init__("cancelled")

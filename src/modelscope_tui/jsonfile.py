@@ -1,8 +1,11 @@
-"""Small JSON side files (plans, device maps): read with one-line errors, never a traceback."""
+"""JSON in one place: small side files (plans, device maps) read with one-line errors, never a
+traceback, and the one encoder of every `--json` output (compact_json; json_number and jsonable
+spell non-finite floats as strings)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -52,3 +55,26 @@ def compact_json(value: Any, allow_nan: bool = True) -> str:
     escaped, so a terminal never sees raw file text). allow_nan=False for documents whose schema
     says numbers are finite (a NaN there is a bug, not data)."""
     return json.dumps(value, separators=(",", ":"), allow_nan=allow_nan)
+
+
+def json_number(x: float | None) -> float | str | None:
+    """JSON numbers; non-finite ones as the strings "nan", "inf", "-inf" (strict JSON)."""
+    if x is None:
+        return None
+    if math.isfinite(x):
+        return x
+    return "nan" if x != x else ("inf" if x > 0 else "-inf")
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with every float through json_number, dict keys as strings and anything else that
+    JSON has no type for as its str(): safe for compact_json(allow_nan=False)."""
+    if isinstance(value, float):
+        return json_number(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)

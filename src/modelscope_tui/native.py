@@ -1,4 +1,4 @@
-"""The compiled helpers (_native.so: native.c, statkernel.c, picklescan.c), opened once with ctypes.
+"""The compiled helpers (_native.so: native.c, values/statkernel.c, picklescan.c), opened once with ctypes.
 
 hatch_build.py builds the library at install time and embeds `source_hash()` of the C sources in
 it (`mscope_source_hash()`, from native.c). `library()` opens it only when that hash equals the
@@ -14,7 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 LIBRARY = HERE / "_native.so"
-SOURCES = ("native.c", "statkernel.c", "picklescan.c")  # compiled together, hashed together
+SOURCES = ("native.c", "values/statkernel.c", "readers/pickle/picklescan.c")  # compiled together, hashed together
 _opened: list[ctypes.CDLL | None] = []
 
 

@@ -165,9 +165,9 @@ def native_end(data: bytes) -> int | None:
     """End offset the compiled scan gives, None when it refuses (skips without the library)."""
     import pytest
 
-    from modelscope_tui.readers import unpickler
+    from modelscope_tui.readers.pickle.scan import native_scan
 
-    scan = unpickler._native_scan()
+    scan = native_scan()
     if scan is None:
         pytest.skip("compiled library not built")
     end = scan(data, 0)
@@ -177,9 +177,9 @@ def native_end(data: bytes) -> int | None:
 def exact_end(data: bytes) -> int | None:
     """End offset the exact (Python) scan gives, None when it refuses."""
     from modelscope_tui.errors import UnsafePickleError
-    from modelscope_tui.readers import unpickler
+    from modelscope_tui.readers.pickle.scan import scan_exact
 
     try:
-        return unpickler._scan_exact(data, 0, "t")
+        return scan_exact(data, 0, "t")
     except UnsafePickleError:
         return None

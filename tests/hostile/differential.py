@@ -514,10 +514,11 @@ def mscope(path: Path) -> dict:
     describes it."""
     import numpy as np
 
-    from modelscope_tui.audit import ERROR, audit_path, unreadable_records
+    from modelscope_tui.audit.findings import ERROR
+    from modelscope_tui.audit.runner import audit_path
     from modelscope_tui.errors import MscopeError
     from modelscope_tui.readers import open_checkpoint
-    from modelscope_tui.tensordata import TensorData
+    from modelscope_tui.values.data import TensorData, unreadable_records
 
     try:
         report = audit_path(path)

@@ -418,7 +418,7 @@ def _(ctx: Ctx) -> Path:
 # -- legacy format -----------------------------------------------------------------------------------
 def _legacy_parts(ctx: Ctx) -> tuple[bytes, bytes]:
     """(the three header pickles, everything after them) of a real legacy file."""
-    from modelscope_tui.readers.unpickler import scan_pickle
+    from modelscope_tui.readers.pickle.scan import scan_pickle
 
     data = torch_file(ctx, name="base.pt", _use_new_zipfile_serialization=False).read_bytes()
     pos = 0

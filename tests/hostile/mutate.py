@@ -137,7 +137,7 @@ def number_sites(data: bytes) -> list[tuple[int, int, str]]:
 
 
 def _pickle_end(data: bytes, start: int) -> int:
-    from modelscope_tui.readers.unpickler import scan_pickle
+    from modelscope_tui.readers.pickle.scan import scan_pickle
 
     return scan_pickle(data, start)
 
@@ -375,11 +375,13 @@ def exercise(path: Path) -> str:
 
     from rich.console import Console
 
-    from modelscope_tui.audit import stats_supported, tensor_stats
+    from modelscope_tui.cli.summary import render_summary
     from modelscope_tui.errors import MscopeError
     from modelscope_tui.readers import open_checkpoint
-    from modelscope_tui.summary import render_summary, summary_dict
-    from modelscope_tui.tensordata import TensorData
+    from modelscope_tui.summary import summary_dict
+    from modelscope_tui.values.chunks import stats_supported
+    from modelscope_tui.values.data import TensorData
+    from modelscope_tui.values.stream import tensor_stats
 
     try:
         ckpt = open_checkpoint(path)

@@ -1,6 +1,6 @@
 """Small files that cost huge time or memory (issue #12, section 2): nesting depth and views.
 
-No timed asserts: depth is checked by what the scans decide (exact, C and regex must agree), and
+No timed asserts: depth is checked by what the scans decide (exact and C must agree), and
 the view budget by the bytes the diff says it read.
 """
 
@@ -33,10 +33,10 @@ from craft import (  # noqa: E402
     torch_zip,
 )  # fmt: skip
 
-from modelscope_tui.diff import diff_checkpoints  # noqa: E402
+from modelscope_tui.diff.stream import diff_checkpoints  # noqa: E402
 from modelscope_tui.errors import MscopeError, UnsafePickleError  # noqa: E402
 from modelscope_tui.readers import MIN_VIEW_BUDGET, open_checkpoint  # noqa: E402
-from modelscope_tui.readers import unpickler as U  # noqa: E402
+from modelscope_tui.readers.pickle import scan as S  # noqa: E402
 
 N = 200_000
 FROZENSET, ADDITEMS, EMPTY_SET, APPEND, BUILD, REDUCE, BINPUT, BINGET = b"\x91", b"\x90", b"\x8f", b"a", b"b", b"R", b"q", b"h"
@@ -57,24 +57,26 @@ DEEP = {
 
 
 @pytest.mark.parametrize("name", DEEP)
-def test_deep_nesting_is_refused_by_every_scan(name):
+def test_deep_nesting_is_refused_by_every_scan(name, monkeypatch):
     data = DEEP[name]
     with pytest.raises(UnsafePickleError, match="nest more than"):
-        U._scan_exact(data, 0, "t")
+        S.scan_exact(data, 0, "t")
     assert native_end(data) is None
-    assert U._scan_fast(data, 0) is None  # the regex defers; it never vouches for depth
     with pytest.raises(UnsafePickleError):
-        U.scan_pickle(data, 0, "t")
+        S.scan_pickle(data, 0, "t")
+    monkeypatch.setattr(S, "native_scan", lambda: None)  # no compiled library: the same refusal
+    with pytest.raises(UnsafePickleError, match="nest more than"):
+        S.scan_pickle(data, 0, "t")
 
 
-@pytest.mark.parametrize("depth", [U.MAX_NESTING - 2, U.MAX_NESTING + 1])
+@pytest.mark.parametrize("depth", [S.MAX_NESTING - 2, S.MAX_NESTING + 1])
 def test_the_bound_is_the_same_in_c_and_python(depth):
     data = PROTO2 + EMPTY_DICT + EMPTY_TUPLE + TUPLE1 * depth + NONE + SETITEM + STOP
     try:
-        want = U._scan_exact(data, 0, "t")
+        want = S.scan_exact(data, 0, "t")
     except UnsafePickleError:
         want = None
-    assert (want is None) == (depth + 1 > U.MAX_NESTING)
+    assert (want is None) == (depth + 1 > S.MAX_NESTING)
     assert native_end(data) == want
 
 

@@ -84,7 +84,7 @@ def test_explorer_file_details_show_the_refusal(tmp_path):
     from rich.console import Console
 
     from modelscope_tui.readers import open_checkpoint
-    from modelscope_tui.session import Session
+    from modelscope_tui.training.session import Session
     from modelscope_tui.tui.widgets.details import file_details
 
     path = D.VARIANTS["st-trailing-bytes"][2](tmp_path)
@@ -98,7 +98,7 @@ def test_damaged_legacy_magic_is_not_a_clean_pickle(tmp_path):
     data[6] ^= 0x01  # inside the pickled magic number: the file now sniffs as a plain pickle
     path = tmp_path / "legacy.pt"
     path.write_bytes(bytes(data))
-    from modelscope_tui.audit import audit_path
+    from modelscope_tui.audit.runner import audit_path
 
     report = audit_path(path)
     assert any(f.code == "reference-loader-refuses" and "magic number" in f.message for f in report.findings)

@@ -2,7 +2,7 @@
 
 Python ints hash to themselves mod 2**61-1, so k * (2**61-1) all hash to 0; floats, tuples and
 frozensets hash from their items. 100k such keys took 83 s. Every spelling below is built
-opcode by opcode and must be refused by the scans (exact, C and regex agree) or by the
+opcode by opcode and must be refused by the scans (exact and C agree) or by the
 unpickler's set builders, before any table is built. No timed asserts: the refusal happens in
 the scan, which never hashes anything.
 """
@@ -42,7 +42,8 @@ from craft import (  # noqa: E402
 
 from modelscope_tui.errors import MscopeError, UnsafePickleError  # noqa: E402
 from modelscope_tui.readers import open_checkpoint  # noqa: E402
-from modelscope_tui.readers import unpickler as U  # noqa: E402
+from modelscope_tui.readers.pickle import scan as S  # noqa: E402
+from modelscope_tui.readers.pickle import unpickler as U  # noqa: E402
 
 N = 20_000  # well past MAX_HASHED_KEYS; each spelling's keys all hash alike
 P = (1 << 61) - 1
@@ -97,24 +98,26 @@ SPELLINGS = {
 
 
 @pytest.mark.parametrize("name", SPELLINGS)
-def test_colliding_keys_are_refused_by_every_scan(name):
+def test_colliding_keys_are_refused_by_every_scan(name, monkeypatch):
     data = SPELLINGS[name]
     with pytest.raises(UnsafePickleError, match="hash flooding"):
-        U._scan_exact(data, 0, "t")
+        S.scan_exact(data, 0, "t")
     assert native_end(data) is None
-    assert U._scan_fast(data, 0) is None  # the regex defers; it never vouches for keys
+    with pytest.raises(UnsafePickleError, match="hash flooding"):
+        U.safe_load(data, source="t")
+    monkeypatch.setattr(S, "native_scan", lambda: None)  # no compiled library: the same refusal
     with pytest.raises(UnsafePickleError, match="hash flooding"):
         U.safe_load(data, source="t")
 
 
-@pytest.mark.parametrize("count", [U.MAX_HASHED_KEYS, U.MAX_HASHED_KEYS + 1])
+@pytest.mark.parametrize("count", [S.MAX_HASHED_KEYS, S.MAX_HASHED_KEYS + 1])
 def test_the_bound_is_the_same_in_c_and_python(count):
     data = PROTO2 + EMPTY_DICT + MARK + _pairs(INT_KEYS[:count]) + SETITEMS + STOP
     try:
-        want = U._scan_exact(data, 0, "t")
+        want = S.scan_exact(data, 0, "t")
     except UnsafePickleError:
         want = None
-    assert (want is None) == (count > U.MAX_HASHED_KEYS)
+    assert (want is None) == (count > S.MAX_HASHED_KEYS)
     assert native_end(data) == want
 
 
@@ -129,7 +132,7 @@ def test_the_bound_is_the_same_in_c_and_python(count):
 )
 def test_keys_with_hashes_the_file_cannot_choose_are_not_counted(keys):
     data = PROTO2 + EMPTY_DICT + MARK + _pairs(keys) + SETITEMS + STOP
-    assert U._scan_exact(data, 0, "t") == len(data) == native_end(data)
+    assert S.scan_exact(data, 0, "t") == len(data) == native_end(data)
     obj, _, _ = U.safe_load(data, source="t")
     assert len(obj) == N
 
@@ -137,7 +140,7 @@ def test_keys_with_hashes_the_file_cannot_choose_are_not_counted(keys):
 def test_values_are_not_keys():
     """Floats and tuples as dict values (hyper-parameters, shapes) cost nothing."""
     data = PROTO2 + EMPTY_DICT + MARK + b"".join(integer(i) + binfloat(1.0) + TUPLE1 for i in range(N)) + SETITEMS + STOP
-    assert U._scan_exact(data, 0, "t") == len(data) == native_end(data)
+    assert S.scan_exact(data, 0, "t") == len(data) == native_end(data)
 
 
 # -- the allowlisted set builders (REDUCE), which the scans see as calls --------------------
@@ -262,9 +265,9 @@ def test_colliding_key_file_gives_one_clear_error(tmp_path):
 def test_block_numbers_in_names_are_not_int_keys(tmp_path):
     """`layers.<k * (2**61-1)>.weight`: numbers from names become set and dict keys (the norm
     profile, block groups, "last N blocks"); past 15 digits they are not block numbers."""
-    from modelscope_tui.audit import audit_path
+    from modelscope_tui.audit.runner import audit_path
     from modelscope_tui.checkpoint import block_index
-    from modelscope_tui.session import Session
+    from modelscope_tui.training.session import Session
 
     assert block_index("12") == 12 and block_index(str(P)) is None and block_index("\u0661") is None
     names = {f"layers.{k * P}.weight": tensor(storage("0", 4), 0, (4,), (1,)) for k in range(1, 3000)}

@@ -29,7 +29,7 @@ from craft import (  # noqa: E402
     zip_lying,
 )  # fmt: skip
 
-from modelscope_tui.audit import check_crc  # noqa: E402
+from modelscope_tui.audit.integrity import check_crc  # noqa: E402
 from modelscope_tui.errors import CorruptCheckpointError, MscopeError  # noqa: E402
 from modelscope_tui.readers import open_checkpoint  # noqa: E402
 from modelscope_tui.readers.ziparchive import (  # noqa: E402
@@ -202,10 +202,10 @@ def test_crc_of_a_lying_member_is_a_finding(tmp_path, opts):
 
 def test_crc_inflates_no_more_than_its_budget(tmp_path, monkeypatch):
     """What --crc inflates per file is bounded too; members past it are named, not checked."""
-    import modelscope_tui.audit as audit
+    import modelscope_tui.audit.integrity as integrity
 
-    monkeypatch.setattr(audit, "CRC_INFLATE_BUDGET", 3 << 20)
-    monkeypatch.setattr(audit, "CRC_INFLATE_RATIO", 1)
+    monkeypatch.setattr(integrity, "CRC_INFLATE_BUDGET", 3 << 20)
+    monkeypatch.setattr(integrity, "CRC_INFLATE_RATIO", 1)
     members = [(f"archive/x{i}", bytes(2 << 20), D8) for i in range(4)]
     path = _torch(tmp_path / "many.pt", GOOD_PKL, {}, members)
     found, info = check_crc(open_checkpoint(path, strict=False))

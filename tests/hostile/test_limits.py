@@ -22,7 +22,8 @@ from conftest import small_state_dict
 from modelscope_tui.cli import main as cli_main
 from modelscope_tui.errors import CorruptCheckpointError, MscopeError, UnsafePickleError
 from modelscope_tui.readers import open_checkpoint
-from modelscope_tui.readers.unpickler import PICKLE_MEMORY_RATIO, render_call, safe_load
+from modelscope_tui.readers.pickle.scan import PICKLE_MEMORY_RATIO
+from modelscope_tui.readers.pickle.unpickler import render_call, safe_load
 from modelscope_tui.readers.ziparchive import ZipArchive
 from test_bad_input import GB, FakeStorage, FakeTensor, crafted_tensor_file, crafted_zip
 from test_bad_input import torch_like_pickle as torch_pickle
@@ -126,15 +127,15 @@ def test_real_state_dicts_are_far_below_the_object_budget():
     loaded, _, _ = safe_load(data, source="big", persistent_load=lambda pid: None)
     assert len(loaded) == 20_000
     # and the budget is what admits it: a third of the ratio would refuse it
-    from modelscope_tui.readers import unpickler
+    from modelscope_tui.readers.pickle import scan
 
-    saved = unpickler.PICKLE_MEMORY_RATIO, unpickler.MIN_PICKLE_MEMORY
+    saved = scan.PICKLE_MEMORY_RATIO, scan.MIN_PICKLE_MEMORY
     try:
-        unpickler.PICKLE_MEMORY_RATIO, unpickler.MIN_PICKLE_MEMORY = PICKLE_MEMORY_RATIO // 4, 0
+        scan.PICKLE_MEMORY_RATIO, scan.MIN_PICKLE_MEMORY = PICKLE_MEMORY_RATIO // 4, 0
         with pytest.raises(UnsafePickleError):
             safe_load(data, source="big", persistent_load=lambda pid: None)
     finally:
-        unpickler.PICKLE_MEMORY_RATIO, unpickler.MIN_PICKLE_MEMORY = saved
+        scan.PICKLE_MEMORY_RATIO, scan.MIN_PICKLE_MEMORY = saved
 
 
 def test_deep_nesting_never_recurses_out(tmp_path):

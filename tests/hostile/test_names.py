@@ -32,8 +32,9 @@ from craft import (  # noqa: E402
 )  # fmt: skip
 
 from modelscope_tui.checkpoint import MAX_NAME_CHARS, MAX_NAME_DEPTH, is_cut  # noqa: E402
+from modelscope_tui.cli.summary import render_summary  # noqa: E402
 from modelscope_tui.readers import open_checkpoint  # noqa: E402
-from modelscope_tui.summary import AUTO_MAX_CHILDREN, render_summary, summary_json_chunks  # noqa: E402
+from modelscope_tui.summary import AUTO_MAX_CHILDREN, summary_json_chunks  # noqa: E402
 from modelscope_tui.textout import text_console  # noqa: E402
 
 BINPUT, BINGET = b"q", b"h"

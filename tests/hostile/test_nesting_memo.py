@@ -18,7 +18,7 @@ from modelscope_tui.readers import open_checkpoint
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from craft import exact_end, native_end  # noqa: E402
 
-from modelscope_tui.readers import unpickler as U
+from modelscope_tui.readers.pickle import scan as S
 
 PROTO4 = b"\x80\x04"
 EMPTY_TUPLE, TUPLE1, MEMOIZE, BINGET, LONG_BINGET, STOP = b")", b"\x85", b"\x94", b"h", b"j", b"."
@@ -69,7 +69,7 @@ def test_shallow_memo_traffic_is_accepted_by_both_scans(n):
 
 @pytest.mark.parametrize("build", [deep_memo_chain, deep_memo_chain_dup])
 def test_depth_carried_through_memoize_is_refused_by_both_scans(build):
-    ok = build(U.MAX_NESTING - 5)
+    ok = build(S.MAX_NESTING - 5)
     assert exact_end(ok) == native_end(ok) == len(ok)
-    deep = build(U.MAX_NESTING + 5)
+    deep = build(S.MAX_NESTING + 5)
     assert exact_end(deep) is None and native_end(deep) is None

@@ -34,7 +34,7 @@ from hostile.pickleops import (
     write_zip,
 )
 from modelscope_tui.cli import main as cli_main
-from modelscope_tui.readers.unpickler import TensorRef, _rebuild_parameter
+from modelscope_tui.readers.pickle.unpickler import TensorRef, _rebuild_parameter
 
 CMD = "touch /tmp/mscope-never-runs"
 PAYLOAD = call(glob("os", "system"), s(CMD))

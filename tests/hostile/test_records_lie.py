@@ -21,12 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from craft import BUILD, build_state, glob, state_pickle, storage, tensor, torch_zip  # noqa: E402
 
-from modelscope_tui.audit import run_audit, tensor_stats  # noqa: E402
+from modelscope_tui.audit.runner import run_audit  # noqa: E402
 from modelscope_tui.checkpoint import StorageRecord, TensorRecord  # noqa: E402
-from modelscope_tui.diff import diff_checkpoints  # noqa: E402
+from modelscope_tui.diff.stream import diff_checkpoints  # noqa: E402
 from modelscope_tui.errors import TensorDataError  # noqa: E402
 from modelscope_tui.readers import open_checkpoint  # noqa: E402
-from modelscope_tui.tensordata import TensorData  # noqa: E402
+from modelscope_tui.values import kernels  # noqa: E402
+from modelscope_tui.values.data import TensorData  # noqa: E402
+from modelscope_tui.values.stream import tensor_stats  # noqa: E402
 
 VALUES = (1.0, 2.0, 3.0, 4.0)
 DATA = struct.pack("<4f", *VALUES)
@@ -88,7 +90,7 @@ def test_build_cannot_rewrite_a_record(tmp_path, where, attrs, spelling):
 
 def test_build_on_the_class_does_not_leak_into_the_next_file(tmp_path):
     """The classes are shared by every file this process opens (the explorer opens several)."""
-    from modelscope_tui.readers.unpickler import TensorRef
+    from modelscope_tui.readers.pickle.unpickler import TensorRef
 
     attack = _attack("class", {"__init__": "x", "storage_offset": 9}, "slots")
     open_checkpoint(_write(tmp_path, "attack", attack))
@@ -156,15 +158,13 @@ def test_point_of_use_refuses_forged_records(tmp_path, lie, monkeypatch):
         with pytest.raises(TensorDataError):
             tensor_stats(data, t)  # the compiled kernel's path
         monkeypatch.setenv("MSCOPE_STATS_KERNEL", "numpy")
-        import modelscope_tui.audit as audit
-
-        monkeypatch.setattr(audit, "native_kernel", lambda: None)
+        monkeypatch.setattr(kernels, "compiled", None)
         with pytest.raises(TensorDataError):
             tensor_stats(data, t)  # numpy's as_strided path
 
 
 def test_kernel_binding_checks_its_range():
-    from modelscope_tui import statkernel
+    from modelscope_tui.values import statkernel
 
     kernel = statkernel.load()
     if kernel is None:
@@ -179,7 +179,7 @@ def test_kernel_binding_checks_its_range():
 
 def test_placement_bounds_check(tmp_path):
     from modelscope_tui.checkpoint import Checkpoint
-    from modelscope_tui.placement import Placement, PlacementError
+    from modelscope_tui.training.placement import Placement, PlacementError
 
     t = _forged(tmp_path, offset=1 << 40, shape=(1,))
     with TensorData() as data, pytest.raises((PlacementError, TensorDataError)):

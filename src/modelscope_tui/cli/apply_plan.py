@@ -23,14 +23,16 @@ def add_arguments(apply: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """`mscope apply-plan PLAN [--var model]`: print the plain-PyTorch snippet."""
-    from ..freeze import FingerprintCheck, plan_snippet, read_plan
+    from ..training.fingerprint import FingerprintCheck, FingerprintStatus
+    from ..training.plan import read_plan
+    from ..training.snippet import plan_snippet
     from ..units import safe_text
 
     data, source = read_plan(args.plan)
     if data["checkpoint"].get("fingerprint") is None:
         label = Path(source).name if source else "the plan"
         print(
-            f"mscope: warning: {safe_text(FingerprintCheck('absent').summary(label))}", file=sys.stderr
+            f"mscope: warning: {safe_text(FingerprintCheck(FingerprintStatus.ABSENT).summary(label))}", file=sys.stderr
         )
     (out or sys.stdout).write(plan_snippet(data, var=args.var, strict=args.strict))
     return 0

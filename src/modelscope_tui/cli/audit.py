@@ -1,16 +1,30 @@
-"""`mscope audit FILE`: integrity, load-ability, waste; --stats reads every value."""
+"""`mscope audit FILE`: integrity, load-ability, waste; --stats reads every value. The arguments,
+the run, and the text report (rich, imported when the report is printed)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
+from typing import Any
 
+from ..audit.findings import (
+    DEFAULT_FAIL_ON,
+    ERROR,
+    FAIL_ON_CHOICES,
+    INFO,
+    WARNING,
+    AuditReport,
+    parse_fail_on,
+    sorted_findings,
+)
 from ..errors import MscopeError
+from ..units import fmt_bytes, sparkline
+from ..values.stats import DEFAULT_CHUNK_BYTES
 from .common import progress_bar
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..audit import DEFAULT_CHUNK_BYTES, DEFAULT_FAIL_ON, FAIL_ON_CHOICES
 
     parser.add_argument("file", help="checkpoint file or directory (sharded / DCP)")
     parser.add_argument(
@@ -45,9 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-
 def run(args: argparse.Namespace) -> int:
-    from ..audit import audit_path, parse_fail_on, render_audit
+    from ..audit.runner import audit_path
 
     fail_on = parse_fail_on(args.fail_on)
     if args.chunk_mb <= 0 or (args.threads is not None and args.threads < 1):
@@ -71,3 +84,120 @@ def run(args: argparse.Namespace) -> int:
 
         render_audit(report, text_console(), all_stats=getattr(args, "all_stats", False))
     return report.exit_code
+
+
+def render_audit(report: AuditReport, console: Any, limit: int = 40, all_stats: bool = False) -> None:
+    """The text report: errors and warnings, notes (init-like 1-D tensors counted, not listed),
+    the add_safe_globals line, statistics of flagged and largest tensors, the verdict last."""
+    from rich.table import Table
+
+    from ..textout import safe_markup as escape  # text from files: controls, then markup
+
+    name = report.path.name
+    console.print(
+        f"[bold]{escape(name)}[/] · {report.format} · {report.tensors:,} tensors · {fmt_bytes(report.file_bytes)}"
+    )
+    style = {ERROR: "bold red", WARNING: "yellow", INFO: "dim"}
+    folded = Counter(
+        f.code for f in report.findings if f.severity == INFO and f.code in ("all-zero", "constant")
+    )
+    findings = [
+        f for f in sorted_findings(report.findings) if not (f.severity == INFO and f.code in folded)
+    ]
+    shown = findings[:limit]
+    if shown:
+        table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+        table.add_column("", no_wrap=True)
+        table.add_column("code", no_wrap=True)
+        table.add_column("finding", overflow="fold")
+        for f in shown:
+            table.add_row(
+                f"[{style.get(f.severity, '')}]{f.severity}[/]", f.code, escape(f.message)
+            )
+        console.print(table)
+        if len(findings) > len(shown):
+            console.print(
+                f"[dim]... {len(findings) - len(shown)} more findings (--json lists all)[/]"
+            )
+    if folded:
+        what = " and ".join(
+            f"{n} {'all-zero' if c == 'all-zero' else 'constant'}" for c, n in folded.items()
+        )
+        console.print(
+            f"[dim]notes: {what} 1-D tensor(s) (biases / norm weights as initialised; --json lists them)[/]"
+        )
+    line = report.loadability.get("add_safe_globals")
+    if line and not report.loadability.get("dangerous_globals"):
+        console.print("[bold]to load with weights_only=True[/] (only if you trust the file):")
+        console.print(f"  {escape(line)}", soft_wrap=True)
+    if report.stats_requested and report.stats:
+        info = report.stats_info
+        console.print(
+            f"[bold]statistics[/]: {len(report.stats):,} tensors, {fmt_bytes(info.get('bytes_read', 0))} "
+            f"read in {info.get('seconds', 0):.2f} s ({info.get('threads')} thread(s))"
+        )
+        loud = {f.tensor for f in report.findings if f.severity != INFO and f.tensor}
+        flagged = [s for s in report.stats.values() if s.name in loud]
+        biggest = [
+            s for s in sorted(report.stats.values(), key=lambda s: -s.numel) if s.name not in loud
+        ]
+        rows = flagged + biggest if all_stats else flagged[:20] + biggest[: max(3, 10 - len(flagged))]
+        # Numbers are never cut (at 80 columns they came out as "-0.1…"): their columns take
+        # what they need and the tensor name gives way, shortened in the middle.
+        heads: tuple[str, ...] = ("min", "max", "mean", "std", "norm", "zeros", "flags")
+        cells = [
+            [fmt_g(s.min), fmt_g(s.max), fmt_g(s.mean), fmt_g(s.std), fmt_g(s.norm), f"{100 * s.zero_fraction:.1f}%", ",".join(s.flags)]
+            for s in rows
+        ]  # fmt: skip
+        if not any(c[-1] for c in cells):  # no flags: the names get the room
+            heads, cells = heads[:-1], [c[:-1] for c in cells]
+        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+        name_width = max(12, min(40, console.width - sum(widths) - 2 * len(heads)))
+        table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+        table.add_column("tensor", no_wrap=True, max_width=name_width)
+        for head, width in zip(heads, widths):
+            table.add_column(head, no_wrap=True, min_width=width, justify="left" if head == "flags" else "right")
+        for s, c in zip(rows, cells):
+            table.add_row(escape(fit_name(s.name, name_width)), *c)
+        console.print(table)
+        if len(rows) < len(report.stats):
+            console.print(
+                f"[dim]{len(rows):,} of {len(report.stats):,} tensors shown (flagged, then largest);"
+                " --all-stats lists all[/]"
+            )
+        for prof in report.norm_profile[:3]:
+            norms = [r["norm"] for r in prof["layers"]]
+            console.print(
+                f"norm profile of {escape(prof['container'])} ({len(norms)} layers): "
+                f"{sparkline(norms, fit=True, floor=True)}  min {min(norms):.4g}, max {max(norms):.4g}"
+            )
+    color = (
+        "green"
+        if report.ok and not report.counts()[ERROR]
+        else ("red" if not report.ok else "yellow")
+    )
+    console.print(f"[bold {color}]{escape(report.verdict_line())}[/]")
+
+
+def fit_name(name: str, width: int) -> str:
+    """A dotted name in `width` columns: module names shortened to their first letter from the
+    left, numbers and the last part kept (`m.e.layers.0.self_attn.in_proj_weight` ->
+    `m.e.l.0.s.in_proj_weight`), so layer numbers stay visible; then cut in the middle."""
+    if len(name) <= width:
+        return name
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if len(parts[i]) > 1 and not parts[i].isdigit():
+            parts[i] = parts[i][0]
+            short = ".".join(parts)
+            if len(short) <= width:
+                return short
+    short = ".".join(parts)
+    head = (width - 1) // 2
+    return short[:head] + "…" + short[len(short) - (width - 1 - head) :]
+
+
+def fmt_g(x: float | None) -> str:
+    """A statistic in a table cell: 4 significant digits, '-' when there is none."""
+    return "-" if x is None else f"{x:.4g}"
+

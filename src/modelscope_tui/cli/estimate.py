@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
+from collections.abc import Sequence
+
+from ..training.estimate import PRECISIONS, MemoryEstimate, fit_line, fits
+from ..units import fmt_bytes, fmt_bytes_short
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,15 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import estimate as est
     from ..readers import open_checkpoint
-    from ..session import Session
+    from ..training import estimate as est
+    from ..training.session import Session
 
     if args.precision or args.optimizer:  # a typo is one error line, before any output
         est.estimate([], args.precision or "fp32", args.optimizer or "adamw")
     session = Session(open_checkpoint(args.file))
     if args.plan:
-        from ..freeze import apply_plan_to_session
+        from ..training.apply import apply_plan_to_session
 
         report = apply_plan_to_session(session, args.plan, strict=args.strict)
         # A plan made for another model must not pass as "already matches": every mismatch
@@ -43,12 +48,76 @@ def run(args: argparse.Namespace) -> int:
         print(report.message)
     free = None
     if args.free:
-        from ..devicemap import parse_size
+        from ..training.devicemap import parse_size
 
         free = parse_size(args.free)
     print(session.totals_line())
     if args.precision or args.optimizer:
-        print(est.render_text(est.estimate_for_session(session, args.precision or "fp32", args.optimizer or "adamw"), free))
+        print(render_text(est.estimate_for_session(session, args.precision or "fp32", args.optimizer or "adamw"), free))
     else:
-        print(est.render_table(est.estimate_table(session), free))
+        print(render_table(est.estimate_table(session), free))
     return 0
+
+
+def render_text(est: MemoryEstimate, free_bytes: int | None = None) -> str:
+    """A multi-line report for the CLI (fits 80 columns)."""
+    spec = PRECISIONS[est.precision]
+    what = "inference (weights only)" if not est.training else f"training with {est.optimizer}"
+    lines = [f"{est.precision}: {spec.label}; {what}"]
+    for label, nbytes in est.components():
+        lines.append(f"  {label:<28} {fmt_bytes(nbytes):>12}  {nbytes:>18,} B")
+    lines.append(f"  {'total':<28} {fmt_bytes(est.total):>12}  {est.total:>18,} B")
+    if est.step_scratch:
+        lines.append(f"  {'peak during the step':<28} {fmt_bytes(est.peak):>12}  {est.peak:>18,} B")
+    pct = 100.0 * est.trainable / est.parameters if est.parameters else 0.0
+    lines.append(f"  trainable {est.trainable:,} of {est.parameters:,} parameters ({pct:.1f}%)")
+    if est.buffers:
+        lines.append(f"  buffers {est.buffers:,} elements")
+    if free_bytes is not None:
+        lines.append(f"  {fit_line(est, free_bytes)} (of {fmt_bytes(free_bytes)} free)")
+    for note in est.notes:
+        lines.extend(textwrap.wrap(note, 80, initial_indent="  note: ", subsequent_indent=" " * 8))
+    return "\n".join(lines)
+
+
+TABLE_FOOTER = (
+    "total: held between steps; peak: during the optimizer step (torch's default Adam",
+    "makes one temporary per parameter). Model states only: activations (batch x",
+    "sequence length), the CUDA context and allocator overhead are not included",
+)
+TABLE_HEADER = ("precision", "optimizer", "weights", "grads", "master", "optim", "total", "peak")
+
+
+def render_table(rows: Sequence[MemoryEstimate], free_bytes: int | None = None) -> str:
+    """The estimate_table() rows as an aligned text table (at most 80 columns)."""
+    header = list(TABLE_HEADER) + (["fits"] if free_bytes is not None else [])
+    body = []
+    for est in rows:
+        cells = [
+            est.precision,
+            est.optimizer,
+            fmt_bytes_short(est.weights),
+            _dash(est.gradients),
+            _dash(est.master_weights),
+            _dash(est.optimizer_states),
+            fmt_bytes_short(est.total),
+            fmt_bytes_short(est.peak),
+        ]
+        if free_bytes is not None:
+            cells.append("yes" if fits(est, free_bytes)[0] else "no")
+        body.append(cells)
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    out = []
+    for cells in [header, *body]:
+        parts = [
+            f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))
+        ]
+        out.append("  ".join(parts).rstrip())
+    notes = list(TABLE_FOOTER)
+    if free_bytes is not None:
+        notes.insert(0, f"fits: the peak against {fmt_bytes(free_bytes)} free")
+    return "\n".join(out + notes)
+
+
+def _dash(nbytes: int) -> str:
+    return fmt_bytes_short(nbytes) if nbytes else "-"

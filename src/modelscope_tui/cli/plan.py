@@ -77,10 +77,10 @@ def add_arguments(plan: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """`mscope plan FILE [rules] -o PLAN`: build a plan through a Session and save it."""
-    from ..freeze import PlanError, save_plan
     from ..readers import open_checkpoint
-    from ..session import Session
-    from ..writers import sibling_path
+    from ..training.plan import PlanError, save_plan
+    from ..training.session import Selector, Session
+    from ..write.atomic import sibling_path
 
     out = out or sys.stdout
     dest = Path(args.output) if args.output else None
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         raise PlanError("file exists", dest, "use --overwrite to replace it, or another -o")
     ckpt = open_checkpoint(args.file)
     session = Session(ckpt)
-    kind = "regex" if args.regex else "glob"
+    kind = Selector.REGEX if args.regex else Selector.GLOB
     for option, value in args.steps:
         if option == "--freeze-class":
             if not session.modules_of_class(value):

@@ -110,7 +110,7 @@ def _is_headerless_pickle(path: Path, limit: int = 64 << 20) -> bool:
     """Protocol 0/1 pickles (old files, hand-written payloads) have no magic bytes: accept a small
     file whose opcodes parse cleanly to a STOP at its very end."""
     from ..errors import UnsafePickleError
-    from .unpickler import scan_pickle
+    from .pickle.scan import scan_pickle
 
     if path.stat().st_size > limit:
         return False
@@ -185,7 +185,7 @@ def _payloads_of_unreadable(path: Path, exc: MscopeError) -> None:
     error every dangerous global a loader would reach (`exc.pickle_globals`; see readers.payloads),
     and make its one line say what would run."""
     from .payloads import dangerous, file_globals, merge
-    from .unpickler import would_call
+    from .pickle.unpickler import would_call
 
     found = dangerous(getattr(exc, "pickle_globals", ()))
     said = bool(found)  # safe_load already put them in the message

@@ -24,9 +24,9 @@ from typing import Any
 
 from ..checkpoint import DTYPE_ITEMSIZE, Checkpoint, GlobalRef, StorageRecord
 from ..errors import CorruptCheckpointError, MscopeError
+from .pickle.unpickler import MAX_DIM, MAX_DIMS, DType, Inert, StorageType, TensorRef, safe_load
 from .safetensors import Header, contiguous_stride, read_header, short
 from .sharded import merge_global, resolve_inside
-from .unpickler import MAX_DIM, MAX_DIMS, DType, Inert, StorageType, TensorRef, safe_load
 from .walk import MAX_DEPTH, Walker
 
 METADATA_NAME = ".metadata"

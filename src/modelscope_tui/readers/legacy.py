@@ -13,8 +13,8 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint
 from ..errors import CorruptCheckpointError
+from .pickle.unpickler import safe_load
 from .torchzip import StorageTable
-from .unpickler import safe_load
 from .walk import Walker
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..checkpoint import GlobalRef
 from ..errors import MscopeError
-from .unpickler import reachable_globals
+from .pickle.unpickler import reachable_globals
 from .ziparchive import STORED, ZipArchive, ZipEntry
 
 MAX_MEMBER_BYTES = 64 << 20  # per stored member scanned (torch pickles are read whole up to 2 GB)

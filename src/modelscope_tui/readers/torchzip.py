@@ -17,7 +17,7 @@ from ..checkpoint import (
     join_name,
 )
 from ..errors import CorruptCheckpointError, MscopeError
-from .unpickler import Inert, StorageType, TensorRef, safe_load
+from .pickle.unpickler import Inert, StorageType, TensorRef, safe_load
 from .walk import Walker, is_plain
 from .ziparchive import STORED, InflateBudgetError, ZipArchive
 
@@ -114,6 +114,7 @@ class StorageTable:
         self.byteorder = byteorder
         self.records: dict[str, StorageRecord] = {}
         self.problems: list[str] = []  # what Checkpoint.check_storage_bounds cannot see
+        self.members: list[str] = []  # archive members holding these storages (set by locate)
 
         self.load = self._loader()  # the persistent_load to pass to the unpickler
 
@@ -155,10 +156,12 @@ class StorageTable:
         if archive is None:
             return
         entries, folder = archive.entries, self.folder
+        members = self.members
         for key, record in self.records.items():
             entry = entries.get(folder + key)
             if entry is None:
                 continue
+            members.append(entry.name)  # the directory's own string: its hash is already known
             start = entry.data_start
             if start is None:
                 start = archive.data_offset(entry)
@@ -239,7 +242,7 @@ def other_member_globals(archive: ZipArchive, loaded: list[str], *tables: Storag
 
     skip = set(loaded)
     for table in tables:
-        skip.update(map(table.folder.__add__, table.records))  # C-level: 100k storages
+        skip.update(table.members)  # C-level: 100k storages, their hashes cached by the directory
     return zip_member_globals(archive, skip, include_shadowed=False)
 
 

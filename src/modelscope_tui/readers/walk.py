@@ -25,7 +25,7 @@ from ..checkpoint import (
     infer_kind,
     join_name,
 )
-from .unpickler import Device, DType, Inert, StorageType, TensorRef
+from .pickle.unpickler import Device, DType, Inert, StorageType, TensorRef
 
 MODEL_KEYS = (
     "state_dict",

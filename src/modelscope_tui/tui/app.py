@@ -32,7 +32,7 @@ from textual.worker import Worker, WorkerState
 from ..checkpoint import Checkpoint
 from ..errors import MscopeError
 from ..readers import FORMAT_LABELS
-from ..session import Session
+from ..training.session import Session
 from ..units import fmt_bytes, safe_text
 from . import keys
 from .controllers.caveats import NormCaveat
@@ -588,7 +588,7 @@ class MscopeApp(App[int]):
             return
         groups = self.session.block_groups()
         if not groups:
-            from ..session import NO_BLOCKS_HINT
+            from ..training.session import NO_BLOCKS_HINT
 
             self.notify(f"no repeated blocks found: {NO_BLOCKS_HINT}", severity="warning")
             return
@@ -633,7 +633,7 @@ class MscopeApp(App[int]):
 
     # -- saving --------------------------------------------------------------------------------
     def default_plan_path(self) -> Path:
-        from ..writers import sibling_path
+        from ..write.atomic import sibling_path
 
         src = self.session.ckpt.path
         if src.is_dir():
@@ -654,7 +654,7 @@ class MscopeApp(App[int]):
         self.push_screen(PathScreen("Save freeze plan", str(self.default_plan_path()), note), done)
 
     def _save_plan_to(self, target: Path, then_quit: bool, overwrite: bool) -> None:
-        from ..freeze import save_plan
+        from ..training.plan import save_plan
 
         if target.exists() and not overwrite:
             self._confirm_overwrite(target, lambda: self._save_plan_to(target, then_quit, overwrite=True))
@@ -699,7 +699,7 @@ class MscopeApp(App[int]):
                 timeout=6,
             )
             return
-        from ..writers import sibling_path
+        from ..write.atomic import sibling_path
 
         def done(target: str | None) -> None:
             if target is None:
@@ -714,7 +714,7 @@ class MscopeApp(App[int]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="save")
     def _write_checkpoint(self, target: Path, overwrite: bool = False) -> None:
-        from ..writers import save_with_requires_grad
+        from ..write.requires_grad import save_with_requires_grad
 
         flags = {name: self.session.is_trainable(name) for name in self.session.canonical}
         try:
@@ -899,7 +899,7 @@ class MscopeApp(App[int]):
         panel = self.query_one("#gpu-panel", GpuPanel)
         panel.display = show
         if show and self.monitor is None:
-            from ..gpu import GpuMonitor
+            from ..gpu.monitor import GpuMonitor
 
             try:
                 self.monitor = GpuMonitor.from_env(interval=self.gpu_interval)
@@ -992,7 +992,7 @@ class MscopeApp(App[int]):
 
     @work(thread=True, exit_on_error=False, group="audit")
     def _audit(self, screen: ProgressScreen, cancel: threading.Event) -> None:
-        from ..audit import run_audit
+        from ..audit.runner import run_audit
 
         def progress(p) -> None:
             screen.post_message(screen.Progress(p.done, p.total))
@@ -1027,7 +1027,7 @@ class MscopeApp(App[int]):
         if not locations:
             self.notify("every tensor is already stored for the CPU; nothing to remap", timeout=4)
             return
-        from ..convert import remap_locations
+        from ..write.remap import remap_locations
 
         ckpt = self.session.ckpt
         self._convert(lambda: remap_locations(ckpt, "cpu"))
@@ -1037,7 +1037,7 @@ class MscopeApp(App[int]):
 
         if not self._guard():
             return
-        from ..convert import cast_copy, preview_cast
+        from ..write.cast import cast_copy, preview_cast
 
         node = self.tree.cursor_node
         names = None if node is None or node is self.tree.root else self.selected_names()
@@ -1127,7 +1127,7 @@ class MscopeApp(App[int]):
         if not self.mover.placed:
             self.notify("nothing placed yet: move the model or a module to a device first (m)", severity="warning")
             return
-        from ..devicemap import save_device_map
+        from ..training.devicemap import save_device_map
 
         device_map = self.mover.device_map()
 

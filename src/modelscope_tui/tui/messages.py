@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 from textual.message import Message
 
 if TYPE_CHECKING:
-    from ..audit import AuditReport
+    from ..audit.findings import AuditReport
     from ..checkpoint import Checkpoint
-    from ..diff import LiveDiff
-    from ..estimate import MemoryEstimate
-    from ..gpu import GpuSample
-    from ..placement import DeviceInfo
+    from ..diff.live import LiveDiff
+    from ..gpu.snapshot import GpuSample
+    from ..training.estimate import MemoryEstimate
+    from ..training.placement import DeviceInfo
     from .controllers.diff import Batch, DiffJob
     from .controllers.estimate import EstimateJob
     from .controllers.filter import FilterJob, FilterResult

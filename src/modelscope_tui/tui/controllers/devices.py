@@ -11,7 +11,7 @@ from ...units import fmt_bytes
 from .jobs import Job, Latest
 
 if TYPE_CHECKING:
-    from ...session import Session
+    from ...training.session import Session
 
 
 class MoveJob(Job):
@@ -30,7 +30,7 @@ class DeviceMover:
     def devices() -> list:
         """Worker thread: every device, unavailable ones with the reason (imports torch, which
         takes seconds the first time)."""
-        from ...placement import available_devices
+        from ...training.placement import available_devices
 
         return available_devices()
 
@@ -40,7 +40,7 @@ class DeviceMover:
     def move(self, job: MoveJob, progress=None) -> tuple[str, str]:
         """Worker thread: read the tensors from the file onto the device, all or nothing.
         Returns (message, severity) for the user."""
-        from ...placement import Placement
+        from ...training.placement import Placement
 
         if self.placement is None:
             self.placement = Placement(self.session.ckpt)
@@ -65,12 +65,12 @@ class DeviceMover:
 
     def device_map(self) -> dict:
         """The placement as a Hugging Face device_map (tensors not moved: cpu)."""
-        from ...devicemap import export_device_map
+        from ...training.devicemap import export_device_map
 
         return export_device_map(self.session, self.placement.device, default="cpu")
 
     def default_map_path(self) -> Path:
-        from ...writers import sibling_path
+        from ...write.atomic import sibling_path
 
         src = self.session.ckpt.path
         return sibling_path(src.parent / src.name if src.is_dir() else src, "device-map", ".json")

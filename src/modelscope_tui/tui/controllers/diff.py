@@ -74,7 +74,8 @@ class DiffController:
 
     def open(self, job: DiffJob, b: Checkpoint):
         """Worker thread: open A, match names. Returns (stream, live); raises MscopeError."""
-        from ...diff import DiffStream, LiveDiff
+        from ...diff.live import LiveDiff
+        from ...diff.stream import DiffStream
         from ...readers import open_checkpoint
 
         a = job.prefetch.result() if job.prefetch is not None else open_checkpoint(job.path, strict=False)
@@ -97,7 +98,7 @@ class DiffController:
         report = stream.finish()
         plan_lines = None
         if self.plan_path is not None and not report.cancelled:
-            from ...diff import check_plan
+            from ...diff.plan import check_plan
 
             try:
                 plan_lines = check_plan(report, self.plan_path, stream.a).lines()
@@ -186,7 +187,7 @@ class DiffController:
 
     def change_order(self, b: Checkpoint) -> list[tuple[str, bool]]:
         """(name, ghost) of every tensor that differs, in tree order (tensors, then modules)."""
-        from ...diff import IDENTICAL, PENDING, RENAMED
+        from ...diff.report import IDENTICAL, PENDING, RENAMED
 
         live = self.live
         out: list[tuple[str, bool]] = []

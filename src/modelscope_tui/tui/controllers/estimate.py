@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from .jobs import Job, Latest
 
 if TYPE_CHECKING:
-    from ...session import Session
+    from ...training.session import Session
 
 HINT = "t / T: precision / optimizer"
 
@@ -29,14 +29,14 @@ class Estimator:
         self._jobs = Latest()
 
     def cycle_precision(self) -> str:
-        from ...estimate import PRECISIONS
+        from ...training.estimate import PRECISIONS
 
         names = [p for p in PRECISIONS if p != "as-saved"]
         self.precision = names[(names.index(self.precision) + 1) % len(names)]
         return self.precision
 
     def cycle_optimizer(self) -> str:
-        from ...estimate import OPTIMIZERS
+        from ...training.estimate import OPTIMIZERS
 
         names = list(OPTIMIZERS)
         self.optimizer = names[(names.index(self.optimizer) + 1) % len(names)]
@@ -49,7 +49,7 @@ class Estimator:
     @staticmethod
     def compute(job: EstimateJob):
         """Worker thread: O(tensors), so a freeze of 50k tensors repaints before it is done."""
-        from ...estimate import estimate_for_session
+        from ...training.estimate import estimate_for_session
 
         return estimate_for_session(job.session, job.precision, job.optimizer)
 
@@ -74,7 +74,7 @@ class Estimator:
     def lines(self, sample, width: int) -> list[tuple[str, str]]:
         """(text, style) lines: the estimate, one fit line per GPU (green fits, red does not),
         then the keys that change it. Every line at most `width` columns."""
-        from ...estimate import fit_line, fits, panel_lines
+        from ...training.estimate import fit_line, fits, panel_lines
 
         est = self.estimate
         out = [(line, "") for line in panel_lines(est, None, width=width)]

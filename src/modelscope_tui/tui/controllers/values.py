@@ -7,13 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ...errors import MscopeError
+from ...errors import Cancelled, MscopeError
 from ...units import fmt_bytes
 from .jobs import Job, Latest
 
 if TYPE_CHECKING:
+    from ...audit.norms import NormRow
     from ...checkpoint import Checkpoint, TensorRecord
-    from ...norms import NormRow
 
 HISTOGRAM_BINS = 30
 AUDIT_HINT = "A (audit) computes it for the whole model"
@@ -44,8 +44,9 @@ class TensorStats:
     def compute(job: StatsJob) -> tuple | None:
         """Worker thread: stream the tensor's values twice (statistics, then the histogram).
         None when the job was cancelled."""
-        from ...audit import AuditCancelled, stats_supported, tensor_histogram, tensor_stats
-        from ...tensordata import TensorData
+        from ...values.chunks import stats_supported
+        from ...values.data import TensorData
+        from ...values.stream import tensor_histogram, tensor_stats
 
         record = job.record
         if not stats_supported(record.dtype):
@@ -55,7 +56,7 @@ class TensorStats:
                 stats = tensor_stats(data, record, cancel=job.cancel)
                 histogram = tensor_histogram(data, record, bins=HISTOGRAM_BINS, stats=stats, cancel=job.cancel)
                 return (stats, histogram)
-        except AuditCancelled:
+        except Cancelled:
             return None
         except MscopeError as exc:
             return (exc.message, None)
@@ -116,7 +117,7 @@ class NormProfiler:
     def rows(self, module: str) -> list[NormRow]:
         """Cached until new statistics arrive (the dict only grows): the details are redrawn
         after every freeze, and the root's rows walk every tensor (200 ms at 100k)."""
-        from ...norms import norm_rows
+        from ...audit.norms import norm_rows
 
         key = (module, len(self.stats))
         rows = self._rows.get(key)
@@ -147,8 +148,7 @@ class NormProfiler:
     def compute(self, job: NormsJob, progress=None) -> NormsResult:
         """Worker thread: statistics of the tensors under the job's module that have none yet
         (streamed; a cancelled job keeps what it finished)."""
-        from ...audit import AuditCancelled
-        from ...norms import module_norms
+        from ...audit.norms import module_norms
 
         result = NormsResult(errors=job.errors)
         try:
@@ -156,7 +156,7 @@ class NormProfiler:
                 self.ckpt, job.module, job.known, progress=progress, cancel=job.cancel, errors=job.errors,
                 on_stats=lambda r, st: result.stats.__setitem__(r.qualified_name, st),
             )  # fmt: skip
-        except AuditCancelled:
+        except Cancelled:
             result.complete = False
         return result
 

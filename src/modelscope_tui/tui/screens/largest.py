@@ -8,7 +8,7 @@ from textual.containers import Vertical
 from textual.widgets import Label, OptionList
 from textual.widgets.option_list import Option
 
-from ...session import Session
+from ...training.session import Session
 from ...units import fmt_bytes
 from .modal import Modal
 

@@ -7,7 +7,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Input, Label, RadioButton, RadioSet, Static
 
-from ...session import BlockGroup
+from ...training.session import BlockGroup
 from .modal import Modal
 
 

@@ -9,7 +9,7 @@ from textual.containers import Vertical
 from textual.widgets import Label, OptionList, Static
 from textual.widgets.option_list import Option
 
-from ...session import Session
+from ...training.session import Session
 from .modal import Modal
 
 

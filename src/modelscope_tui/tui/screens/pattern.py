@@ -13,7 +13,7 @@ from textual.widgets import Button, Input, Label, RadioButton, RadioSet, Static
 from textual.worker import Worker, get_current_worker
 
 from ...errors import MscopeError
-from ...session import Session
+from ...training.session import Session
 from ...units import fmt_count
 from .modal import Modal
 

@@ -8,8 +8,8 @@ from rich.text import Text
 
 from ...checkpoint import ModuleNode, TensorRecord
 from ...readers import FORMAT_LABELS
-from ...session import Session
 from ...summary import optimizer_summaries
+from ...training.session import Session
 from ...units import fmt_bytes, fmt_count, safe_text, sparkline
 
 MAX_ENTRIES = 60
@@ -332,7 +332,7 @@ def norm_profile_details(rows, status: str | None = None) -> RenderableType:
     """A module's children as horizontal bars of their L2 norm (rows from norms.module_norms).
 
     status: a progress or error line while the profile is incomplete."""
-    from ...norms import bar
+    from ...audit.norms import bar
 
     parts: list[RenderableType] = [Text("\nnorm profile (L2 of each child)", style="bold underline")]
     if not rows:
@@ -378,7 +378,7 @@ def _status_text(status: str) -> Text:
 
 def diff_tensor_details(d, live) -> RenderableType:
     """What changed in one tensor between A and B: status, names, shapes, dtypes, figures."""
-    from ...diff import ADDED, CHANGED, CLOSE, PENDING, REMOVED
+    from ...diff.report import ADDED, CHANGED, CLOSE, PENDING, REMOVED
 
     table = _table()
     if d is None:
@@ -399,7 +399,7 @@ def diff_tensor_details(d, live) -> RenderableType:
     if d.a_dtype and d.b_dtype and d.a_dtype != d.b_dtype:
         table.add_row("dtype", f"{d.a_dtype} → {d.b_dtype}")
     if d.grad_changed:
-        from ...diff import grad_word
+        from ...diff.report import grad_word
 
         table.add_row(
             "requires_grad",
@@ -423,7 +423,7 @@ def diff_tensor_details(d, live) -> RenderableType:
 
 def diff_module_details(m, live) -> RenderableType:
     """A module's aggregate in diff mode: how many of its tensors changed, and how much."""
-    from ...diff import IDENTICAL, PENDING
+    from ...diff.report import IDENTICAL, PENDING
 
     table = _table()
     table.add_row("change", _status_text(m.status))
@@ -460,7 +460,7 @@ def diff_file_details(live, plan_lines: list[str] | None = None) -> RenderableTy
     if live.cancelled:
         table.add_row("", Text(f"cancelled: {live.pending:,} not compared (v compares again)", style="yellow"))
     if live.grad_changed:
-        from ...diff import grad_word
+        from ...diff.report import grad_word
 
         grads = Text(f"{len(live.grad_changed):,} changed", style="yellow")
         for name, d in list(live.grad_changed.items())[:5]:

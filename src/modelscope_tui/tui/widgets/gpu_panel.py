@@ -5,14 +5,19 @@ It only draws what it is given: the app sets `sample`, `histories` and `estimate
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Group, RenderableType
 from rich.text import Text
 from textual.geometry import Region
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from ...gpu import NA, GpuSample, GpuSnapshot, na_or
+from ...gpu.na import NA, na_or
 from ...units import fmt_bytes, safe_text, sparkline
+
+if TYPE_CHECKING:  # the explorer starts without the GPU layer; it comes with the first sample
+    from ...gpu.snapshot import GpuSample, GpuSnapshot
 
 BAR_WIDTH = 20
 

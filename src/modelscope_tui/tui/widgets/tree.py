@@ -17,7 +17,8 @@ from textual.widgets import Tree
 from textual.widgets._tree import TreeNode
 
 from ...checkpoint import PARAMETER, ModuleNode, TensorRecord
-from ...diff import (
+from ...diff.live import LiveDiff, LiveModule
+from ...diff.report import (
     ADDED,
     CHANGED,
     CLOSE,
@@ -28,11 +29,9 @@ from ...diff import (
     RENAMED,
     SHAPE_CHANGED,
     UNREADABLE,
-    LiveDiff,
-    LiveModule,
     TensorDiff,
 )
-from ...session import Session
+from ...training.session import Session
 from ...units import fmt_bytes, fmt_count, safe_text
 
 PAGE = 200  # children added per expansion step; a flat 100k-tensor dict stays responsive

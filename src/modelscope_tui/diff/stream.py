@@ -1,0 +1,293 @@
+"""The diff as a stream, for views that must show something at once: `DiffStream` pairs the
+names and decides what metadata alone can (added, removed, shape or dtype changed, unreadable),
+then `run()` compares values pair by pair and looks for renames, yielding each result as it is
+known; `finish()` gives the DiffReport. `diff_checkpoints` is a stream run to the end.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+from ..checkpoint import Checkpoint, TensorRecord, dims_key
+from ..errors import Cancelled, TensorDataError
+from ..values.chunks import LAYOUT
+from ..values.data import unreadable_records
+from ..values.digest import digest
+from ..values.stats import DEFAULT_CHUNK_BYTES, Progress, ProgressFn
+from .compare import compare_values, fill
+from .pairing import prefix_map, tensors_by_name
+from .report import (
+    ADDED,
+    DTYPE_CHANGED,
+    PENDING,
+    REMOVED,
+    RENAMED,
+    SHAPE_CHANGED,
+    UNREADABLE,
+    DiffReport,
+    Status,
+    TensorDiff,
+    module_summary,
+    stored_requires_grad,
+)
+
+
+def diff_checkpoints(
+    a: Checkpoint,
+    b: Checkpoint,
+    atol: float = 1e-8,
+    rtol: float = 1e-5,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    sections: str = "model",
+    detect_renames: bool = True,
+) -> DiffReport:
+    """Compare the model tensors of A and B (every section's with sections="all").
+
+    Tensors are matched by name; see report.Status (and the package docstring). When `cancel` is
+    set the report comes back with `cancelled=True` and the tensors compared so far (and every
+    status known from metadata alone).
+    """
+    stream = DiffStream(a, b, atol, rtol, chunk_bytes, sections, detect_renames)
+    for _ in stream.run(progress, cancel):
+        pass
+    return stream.finish()
+
+
+class DiffStream:
+    """A diff in two steps, for views that must show something at once (the explorer).
+
+    Constructing it matches the names and reads no tensor bytes: `metadata` then holds one
+    TensorDiff per pair, removed and added tensor, with every status that metadata decides
+    (added, removed, shape-changed, dtype-changed, unreadable); pairs whose values are still to be
+    compared have `pending=True` (status PENDING, or DTYPE_CHANGED for a cast). `run()` compares
+    the values, pair by pair, then looks for renames, and yields each result as it is known: a new
+    TensorDiff replacing the pending one with the same names, or a RENAMED one replacing a
+    removed + added pair. `finish()` assembles the DiffReport `diff_checkpoints` returns.
+
+    The objects in `metadata` are never changed after construction, so a UI thread may read them
+    while `run()` goes on in a worker.
+    """
+
+    def __init__(
+        self,
+        a: Checkpoint,
+        b: Checkpoint,
+        atol: float = 1e-8,
+        rtol: float = 1e-5,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        sections: str = "model",
+        detect_renames: bool = True,
+    ) -> None:
+        self.a, self.b = a, b
+        self.chunk_bytes = chunk_bytes
+        self.detect_renames = detect_renames
+        self.report = DiffReport(a.path, b.path, a.format, b.format, atol, rtol)
+        self.a_tensors, self.b_tensors = ta, tb = tensors_by_name(a, sections), tensors_by_name(b, sections)
+        # Files are opened strict=False: records whose bytes the reader found outside the file
+        # (or past the view budget) are never read, as in audit; they are reported unreadable.
+        self._bad = unreadable_records(a) | unreadable_records(b)
+        mapping, note = prefix_map(ta, tb)
+        if note:
+            self.report.notes.append(note)
+        mapped_b = set(mapping.values())
+        self.removed = [n for n in ta if n not in mapping]
+        self.added = [n for n in tb if n not in mapped_b]
+        self.pairs: list[TensorDiff] = []
+        self.total = 0  # bytes the value comparison reads (both sides)
+        for an in ta:
+            if an in mapping:
+                self.pairs.append(self._pair(an, mapping[an]))
+        self._removed = [_one_side(REMOVED, an, ta[an]) for an in self.removed]
+        self._added = [_one_side(ADDED, bn, tb[bn]) for bn in self.added]
+        self.results: dict[tuple[str | None, str | None], TensorDiff] = {}
+        self.renamed: list[TensorDiff] = []
+        self.done_bytes = 0
+        self.seconds = 0.0
+
+    def _pair(self, an: str, bn: str) -> TensorDiff:
+        ra, rb = self.a_tensors[an], self.b_tensors[bn]
+        d = TensorDiff(
+            bn, PENDING, an, bn, tuple(ra.shape), tuple(rb.shape), ra.dtype, rb.dtype, rb.numel,
+            a_requires_grad=stored_requires_grad(ra), b_requires_grad=stored_requires_grad(rb),
+        )  # fmt: skip
+        if ra.shape != rb.shape:
+            d.status = SHAPE_CHANGED
+            return d
+        comparable = (
+            ra.dtype in LAYOUT
+            and rb.dtype in LAYOUT
+            and LAYOUT[ra.dtype].per == LAYOUT[rb.dtype].per
+            and ra.storage is not None
+            and rb.storage is not None
+        )
+        if comparable and (id(ra) in self._bad or id(rb) in self._bad):
+            d.status = UNREADABLE
+            side = "A" if id(ra) in self._bad else "B"
+            d.message = f"skipped: its bytes in {side} lie outside the file or past its view budget (see mscope audit)"
+            return d
+        if not comparable:
+            d.status = DTYPE_CHANGED if ra.dtype != rb.dtype else UNREADABLE
+            if d.status == UNREADABLE:
+                d.message = (
+                    f"no values to compare (dtype {ra.dtype}, {ra.note or rb.note or 'no storage'})"
+                )
+            return d
+        if ra.dtype != rb.dtype:
+            d.status = DTYPE_CHANGED
+        d.pending = True
+        if ra.dtype in LAYOUT and rb.dtype in LAYOUT:
+            self.total += ra.nbytes + rb.nbytes
+        return d
+
+    @property
+    def metadata(self) -> list[TensorDiff]:
+        """Pairs (in A's order), then removed, then added: what is known without reading bytes."""
+        return self.pairs + self._removed + self._added
+
+    def run(
+        self, progress: ProgressFn | None = None, cancel: threading.Event | None = None
+    ) -> Iterator[TensorDiff]:
+        """Compare values (memory: one chunk per side), yielding each result as it is known.
+
+        On cancel the stream stops and `report.cancelled` is set; the pairs not reached stay
+        pending (and are left out of `finish()`'s report)."""
+        from ..values.data import TensorData
+
+        t0 = time.perf_counter()
+        state = {"last": 0.0}
+
+        def on_bytes(n: int, name: str = "") -> None:
+            self.done_bytes += n
+            now = time.perf_counter()
+            if progress is not None and now - state["last"] >= 0.1:
+                state["last"] = now
+                progress(Progress(self.done_bytes, self.total, now - t0, name))
+
+        try:
+            with TensorData() as da, TensorData() as db:
+                for m in self.pairs:
+                    if not m.pending or (m.a_name, m.b_name) in self.results:
+                        continue
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled()
+                    ra, rb = self.a_tensors[m.a_name], self.b_tensors[m.b_name]
+                    d = _copy(m)
+                    d.pending = False
+                    try:
+                        acc = compare_values(
+                            da, db, ra, rb, self.report.atol, self.report.rtol,
+                            self.chunk_bytes, cancel, lambda n, _bn=m.b_name: on_bytes(n, _bn),
+                        )  # fmt: skip
+                    except TensorDataError as exc:
+                        d.status = UNREADABLE
+                        d.message = exc.message
+                    else:
+                        fill(d, acc, ra.dtype != rb.dtype)
+                    self.results[(m.a_name, m.b_name)] = d
+                    yield d
+                if self.detect_renames and self.removed and self.added and not self.renamed:
+                    for d in self._renames(da, db, cancel):
+                        self.renamed.append(d)
+                        yield d
+        except Cancelled:
+            self.report.cancelled = True
+        self.seconds += time.perf_counter() - t0
+        if progress is not None:
+            progress(Progress(self.done_bytes, self.total, self.seconds, ""))
+
+    def finish(self) -> DiffReport:
+        """The report: pairs (compared or decided by metadata), removed, added, renamed."""
+        report = self.report
+        renamed_a = {d.a_name for d in self.renamed}
+        renamed_b = {d.b_name for d in self.renamed}
+        pairs = [self.results.get((m.a_name, m.b_name), m) for m in self.pairs]
+        report.tensors = (
+            [d for d in pairs if not d.pending]
+            + [d for d in self._removed if d.a_name not in renamed_a]
+            + [d for d in self._added if d.b_name not in renamed_b]
+            + self.renamed
+        )
+        report.modules = module_summary(report.tensors)
+        report.seconds = self.seconds
+        report.bytes_read = self.done_bytes
+        return report
+
+    def _renames(self, da, db, cancel) -> Iterator[TensorDiff]:
+        """Removed x added with the same shape and dtype, compared by a BLAKE2b of their bytes."""
+        ta, tb, chunk_bytes = self.a_tensors, self.b_tensors, self.chunk_bytes
+        sig_a: dict[tuple, list[str]] = defaultdict(list)
+        sig_b: dict[tuple, list[str]] = defaultdict(list)
+        for n in self.removed:
+            r = ta[n]
+            if r.storage is not None and r.dtype in LAYOUT and id(r) not in self._bad:
+                sig_a[(dims_key(r.shape), r.dtype)].append(n)
+        for n in self.added:
+            r = tb[n]
+            if r.storage is not None and r.dtype in LAYOUT and id(r) not in self._bad:
+                sig_b[(dims_key(r.shape), r.dtype)].append(n)
+        ambiguous = 0
+        for sig, names_a in sig_a.items():
+            names_b = sig_b.get(sig)
+            if not names_b:
+                continue
+            digests_b: dict[bytes, list[str]] = defaultdict(list)
+            for n in names_b:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+                try:
+                    digests_b[digest(db, tb[n], chunk_bytes)].append(n)
+                except TensorDataError:
+                    continue
+            digests_a: dict[bytes, list[str]] = defaultdict(list)
+            for n in names_a:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+                try:
+                    digests_a[digest(da, ta[n], chunk_bytes)].append(n)
+                except TensorDataError:
+                    continue
+            # A rename only when the bytes are unique on both sides: equal constant tensors (two
+            # BatchNorm weights of all ones) say nothing about which name became which.
+            for h, hits_a in digests_a.items():
+                hits_b = digests_b.get(h)
+                if not hits_b:
+                    continue
+                if len(hits_a) != 1 or len(hits_b) != 1:
+                    ambiguous += len(hits_a) + len(hits_b)
+                    continue
+                n, bn = hits_a[0], hits_b[0]
+                if n in tb or bn in ta:  # the name is on the other side too: not a rename
+                    continue
+                r = ta[n]
+                yield TensorDiff(bn, RENAMED, n, bn, tuple(r.shape), tuple(r.shape), r.dtype, r.dtype, r.numel,
+                                 message=f"renamed? {n} -> {bn} (identical bytes)",
+                                 a_requires_grad=stored_requires_grad(r),
+                                 b_requires_grad=stored_requires_grad(tb[bn]))  # fmt: skip
+        if ambiguous:
+            self.report.notes.append(
+                f"{ambiguous:,} removed/added tensor(s) hold bytes that several of them share "
+                "(e.g. constant weights): not reported as renames"
+            )
+
+
+def _one_side(status: Status, name: str, r: TensorRecord) -> TensorDiff:
+    flag = stored_requires_grad(r)
+    if status == REMOVED:
+        return TensorDiff(name, REMOVED, name, None, tuple(r.shape), None, r.dtype, None, r.numel,
+                          a_requires_grad=flag)  # fmt: skip
+    return TensorDiff(name, ADDED, None, name, None, tuple(r.shape), None, r.dtype, r.numel,
+                      b_requires_grad=flag)  # fmt: skip
+
+
+def _copy(d: TensorDiff) -> TensorDiff:
+    return TensorDiff(
+        d.name, d.status, d.a_name, d.b_name, d.a_shape, d.b_shape, d.a_dtype, d.b_dtype,
+        d.numel, message=d.message, pending=d.pending,
+        a_requires_grad=d.a_requires_grad, b_requires_grad=d.b_requires_grad,
+    )  # fmt: skip
+

@@ -1,0 +1,449 @@
+"""Will my fine-tune fit? Memory for the model states of a training (or inference) run.
+
+Pure Python, no torch: the numbers come from the checkpoint's metadata and the session's freeze
+state. What is counted (see docs/memory-estimate.md for the formulas and the published numbers
+they reproduce):
+
+- weights: every model tensor (parameters and buffers) in the precision's weight dtype; only
+  floating-point tensors are cast, integer/bool buffers (`num_batches_tracked`, `position_ids`)
+  and complex tensors keep their stored dtype, as `module.to(dtype)` / `.half()` / `.float()` do;
+- gradients: trainable parameters only, in the precision's gradient dtype;
+- master weights: an fp32 copy of the trainable parameters (`*-mixed` precisions only);
+- optimizer states: trainable parameters only, `states` tensors of the optimizer per parameter.
+
+Tied parameters (one storage under two names) count once; frozen parameters need no gradient,
+master copy or optimizer state. `total` is what a step leaves allocated; `peak` adds what the
+optimizer step allocates and frees (measured on an H200, docs/memory-estimate.md), and is what
+must fit. Activations, the CUDA context and allocator fragmentation are not included: the
+estimate is a floor, and its notes say so.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..checkpoint import (
+    COMPLEX_DTYPES,
+    DTYPE_ITEMSIZE,
+    FLOATING_DTYPES,
+    PARAMETER,
+    Checkpoint,
+    can_require_grad,
+)
+from ..errors import MscopeError
+from ..units import fmt_bytes, fmt_count
+
+if TYPE_CHECKING:
+    from .session import Session
+
+PANEL_WIDTH = 38
+
+
+class EstimateError(MscopeError):
+    """An unknown precision or optimizer name."""
+
+
+@dataclass(frozen=True, slots=True)
+class Precision:
+    """How a training precision stores each model state (None: the tensor's stored dtype)."""
+
+    name: str
+    weights: str | None  # dtype of floating-point parameters and buffers
+    grads: str | None  # dtype of the gradients of trainable parameters
+    master: bool  # an fp32 master copy of every trainable parameter
+    states: str | None  # dtype of the optimizer states
+    label: str  # short description for tables and the panel (<= 22 characters)
+    description: str  # one line: what it is and which framework settings mean it
+
+
+PRECISIONS: dict[str, Precision] = {
+    p.name: p
+    for p in (
+        Precision(
+            "as-saved",
+            None,
+            None,
+            False,
+            None,
+            "stored dtypes",
+            "each tensor keeps its stored dtype; grads and optimizer states in the parameter's "
+            "dtype (torch's default when you neither cast nor autocast)",
+        ),
+        Precision(
+            "fp32",
+            "float32",
+            "float32",
+            False,
+            "float32",
+            "fp32",
+            "everything in float32 (model.float())",
+        ),
+        Precision(
+            "amp",
+            "float32",
+            "float32",
+            False,
+            "float32",
+            "fp32 + autocast",
+            "torch.autocast: fp32 weights, grads and optimizer states; half copies made during "
+            "the forward pass are transient (HF Trainer bf16=True/fp16=True, accelerate "
+            "mixed_precision, Lightning precision='bf16-mixed'/'16-mixed')",
+        ),
+        Precision(
+            "bf16-mixed",
+            "bfloat16",
+            "bfloat16",
+            True,
+            "float32",
+            "bf16 + fp32 master",
+            "bf16 weights and grads, fp32 master copy and fp32 optimizer states for trainable "
+            "parameters (DeepSpeed bf16, Megatron; not Lightning's 'bf16-mixed', which is amp)",
+        ),
+        Precision(
+            "fp16-mixed",
+            "float16",
+            "float16",
+            True,
+            "float32",
+            "fp16 + fp32 master",
+            "fp16 weights and grads, fp32 master copy and fp32 optimizer states for trainable "
+            "parameters (DeepSpeed fp16, apex O2, Megatron; not Lightning's '16-mixed', which is "
+            "amp)",
+        ),
+        Precision(
+            "bf16",
+            "bfloat16",
+            "bfloat16",
+            False,
+            "bfloat16",
+            "pure bf16",
+            "everything in bfloat16, optimizer states too (model.to(torch.bfloat16), Lightning "
+            "precision='bf16-true')",
+        ),
+        Precision(
+            "fp16",
+            "float16",
+            "float16",
+            False,
+            "float16",
+            "pure fp16",
+            "everything in float16, optimizer states too (model.half(), Lightning "
+            "precision='16-true'); numerically fragile for training",
+        ),
+    )
+}
+
+# Optimizer states per trainable parameter; "none" means inference: no grads, no states.
+OPTIMIZERS: dict[str, int] = {"adamw": 2, "adam": 2, "sgd-momentum": 1, "sgd": 0, "none": 0}
+
+# Temporaries of torch's default optimizer step on CUDA (the foreach implementation), per
+# trainable parameter, in the state dtype: Adam/AdamW build sqrt(exp_avg_sq) for every parameter
+# at once; SGD works in place. Measured on an H200 with torch 2.11 (docs/memory-estimate.md):
+# the step peaks at exactly this much above the model states; `fused=True` needs none of it.
+STEP_TEMPORARIES: dict[str, int] = {"adamw": 1, "adam": 1, "sgd-momentum": 0, "sgd": 0, "none": 0}
+
+ACTIVATIONS_NOTE = "activations are not included (they grow with batch and sequence length)"
+OVERHEAD_NOTE = (
+    "the CUDA context, allocator fragmentation and temporary buffers are not included either"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryEstimate:
+    """Bytes of model state for one precision and optimizer. `total` is their sum."""
+
+    precision: str
+    optimizer: str
+    weights: int  # all parameters and buffers, tied ones once
+    gradients: int  # trainable parameters only
+    master_weights: int  # fp32 copy of trainable parameters (*-mixed only)
+    optimizer_states: int  # trainable parameters only
+    parameters: int  # parameter elements, tied ones once
+    trainable: int  # trainable parameter elements
+    buffers: int  # elements of buffers and plain tensors
+    notes: tuple[str, ...] = ()
+    step_scratch: int = 0  # freed again after the optimizer step (see STEP_TEMPORARIES)
+
+    @property
+    def total(self) -> int:
+        """What stays allocated between steps (weights, grads, master copy, states)."""
+        return self.weights + self.gradients + self.master_weights + self.optimizer_states
+
+    @property
+    def peak(self) -> int:
+        """The most the optimizer step holds at once: what must fit on the GPU."""
+        return self.total + self.step_scratch
+
+    @property
+    def training(self) -> bool:
+        return self.optimizer != "none"
+
+    @property
+    def label(self) -> str:
+        return f"{self.precision}, {'inference' if not self.training else self.optimizer}"
+
+    def components(self, short: bool = False) -> list[tuple[str, int]]:
+        """(label, bytes) for each non-zero part, in a fixed order (weights always listed).
+        `short` labels are at most 7 characters: weights, grads, master, optim."""
+        spec = PRECISIONS[self.precision]
+        states = OPTIMIZERS[self.optimizer]
+        if short:
+            labels = ("weights", "grads", "master", "optim")
+        else:
+            labels = (
+                f"weights{_dtype_tag(spec.weights)}",
+                f"gradients{_dtype_tag(spec.grads)}",
+                "master weights (fp32)",
+                f"optimizer ({states}x{_short_dtype(spec.states)})",
+            )
+        parts = (self.weights, self.gradients, self.master_weights, self.optimizer_states)
+        return [(label, n) for i, (label, n) in enumerate(zip(labels, parts)) if n or i == 0]
+
+
+def _short_dtype(dtype: str | None) -> str:
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", None: "stored"}.get(
+        dtype, dtype or ""
+    )
+
+
+def _dtype_tag(dtype: str | None) -> str:
+    return f" ({_short_dtype(dtype)})" if dtype else ""
+
+
+def _check(precision: str, optimizer: str) -> tuple[Precision, int]:
+    spec = PRECISIONS.get(precision)
+    if spec is None:
+        raise EstimateError(
+            f"unknown precision {precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}"
+        )
+    states = OPTIMIZERS.get(optimizer)
+    if states is None:
+        raise EstimateError(
+            f"unknown optimizer {optimizer!r}", hint=f"choose one of {', '.join(OPTIMIZERS)}"
+        )
+    return spec, states
+
+
+def _itemsize(dtype: str) -> int:
+    return DTYPE_ITEMSIZE.get(dtype, 1)
+
+
+def tensor_bytes(
+    numel: int,
+    dtype: str,
+    trainable: bool,
+    is_parameter: bool,
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+) -> tuple[int, int, int, int]:
+    """(weights, gradients, master weights, optimizer states) bytes for one tensor."""
+    spec, states = _check(precision, optimizer)
+    return _tensor_bytes(numel, dtype, trainable, is_parameter, spec, states, optimizer != "none")
+
+
+def _tensor_bytes(
+    numel: int,
+    dtype: str,
+    trainable: bool,
+    is_parameter: bool,
+    spec: Precision,
+    states: int,
+    training: bool,
+) -> tuple[int, int, int, int]:
+    floating = dtype in FLOATING_DTYPES
+    stored = _itemsize(dtype)
+    weight_size = _itemsize(spec.weights) if floating and spec.weights else stored
+    weights = numel * weight_size
+    if not (training and trainable and is_parameter and can_require_grad(dtype)):
+        return weights, 0, 0, 0
+    if not floating:  # complex: grads and states are the parameter's dtype, no master copy
+        return weights, weights, 0, states * weights
+    grads = numel * (_itemsize(spec.grads) if spec.grads else stored)
+    master = numel * 4 if spec.master else 0
+    optim = states * numel * (_itemsize(spec.states) if spec.states else stored)
+    return weights, grads, master, optim
+
+
+def _step_scratch(
+    numel: int, dtype: str, grads: int, master: int, spec: Precision, optimizer: str
+) -> int:
+    """Bytes the optimizer step allocates and frees for one group of trainable tensors."""
+    if not grads:  # frozen, inference, or a buffer
+        return 0
+    temporaries = STEP_TEMPORARIES[optimizer]
+    if master:  # the step runs on the fp32 copy, with fp32 gradients made for it
+        return master + temporaries * master
+    state_size = (
+        _itemsize(spec.states) if spec.states and dtype in FLOATING_DTYPES else _itemsize(dtype)
+    )
+    return temporaries * numel * state_size
+
+
+# An inventory is the model reduced to what the estimate needs: element counts per
+# (dtype, trainable, is_parameter). Building it once makes every estimate O(#dtypes).
+Inventory = Counter
+
+
+def inventory(source: Session | Checkpoint) -> Inventory:
+    """Element counts per (dtype, trainable, is_parameter) for a Session (its freeze state) or
+    a Checkpoint (trainable as saved). Tied tensors (one storage, same view) count once."""
+    ckpt = source if isinstance(source, Checkpoint) else source.ckpt
+    is_trainable = (
+        (lambda t: t.trainable) if source is ckpt else (lambda t: source.is_trainable(t.name))
+    )
+    counts: Inventory = Counter()
+    for t in ckpt.model_tensors:
+        if t.alias_of is not None:
+            continue
+        is_param = t.kind == PARAMETER
+        counts[(t.dtype, bool(is_param and is_trainable(t)), is_param)] += t.numel
+    return counts
+
+
+def estimate(
+    params: Iterable[tuple[int, str, bool, bool]] | Inventory,
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+) -> MemoryEstimate:
+    """Memory for tensors given as (numel, dtype, trainable, is_parameter), each counted as
+    given (deduplicate tied tensors first), or for an `inventory()`.
+
+    `trainable` is honoured only for floating-point/complex parameters (torch's rule).
+    """
+    spec, states = _check(precision, optimizer)
+    if isinstance(params, Counter):
+        counts = params
+    else:
+        counts = Counter()
+        for numel, dtype, trainable, is_param in params:
+            counts[(dtype, bool(trainable and is_param), bool(is_param))] += int(numel)
+    training = optimizer != "none"
+    weights = grads = master = optim = scratch = 0
+    n_params = n_trainable = n_buffers = 0
+    cast_from: set[str] = set()
+    complex_kept = False
+    for (dtype, trainable, is_param), numel in counts.items():
+        trainable = trainable and can_require_grad(dtype)
+        w, g, m, o = _tensor_bytes(numel, dtype, trainable, is_param, spec, states, training)
+        weights += w
+        grads += g
+        master += m
+        optim += o
+        scratch += _step_scratch(numel, dtype, g, m, spec, optimizer)
+        if is_param:
+            n_params += numel
+            n_trainable += numel if trainable else 0
+        else:
+            n_buffers += numel
+        if numel and dtype in FLOATING_DTYPES and spec.weights and dtype != spec.weights:
+            cast_from.add(dtype)
+        if numel and dtype in COMPLEX_DTYPES:
+            complex_kept = True
+    notes = [ACTIVATIONS_NOTE, OVERHEAD_NOTE]
+    if cast_from:
+        notes.append(
+            f"floating-point tensors stored as {', '.join(sorted(cast_from))} are counted as "
+            f"{spec.weights}"
+        )
+    if complex_kept:
+        notes.append("complex tensors keep their stored dtype")
+    if training and not n_trainable:
+        notes.append("nothing is trainable: no gradients or optimizer states")
+    if precision == "amp" and training:
+        notes.append("autocast's half-precision copies of weights are transient (not counted)")
+    if scratch:
+        notes.append(
+            f"the optimizer step briefly needs {fmt_bytes(scratch)} more (step peak"
+            f" {fmt_bytes(weights + grads + master + optim + scratch)}): "
+            + "; ".join(
+                (
+                    [
+                        f"torch's default {optimizer} step makes one temporary per parameter (fused=True avoids it)"
+                    ]
+                    if STEP_TEMPORARIES[optimizer]
+                    else []
+                )
+                + (["fp32 gradients for the master weights"] if spec.master else [])
+            )
+        )
+    if precision == "fp16" and training and n_trainable:
+        notes.append("pure fp16 training (fp16 optimizer states) is numerically fragile")
+    return MemoryEstimate(
+        precision=precision,
+        optimizer=optimizer,
+        weights=weights,
+        gradients=grads,
+        master_weights=master,
+        optimizer_states=optim,
+        parameters=n_params,
+        trainable=n_trainable,
+        buffers=n_buffers,
+        notes=tuple(notes),
+        step_scratch=scratch,
+    )
+
+
+def estimate_for_session(
+    session: Session | Checkpoint, precision: str = "fp32", optimizer: str = "adamw"
+) -> MemoryEstimate:
+    """The estimate for the session's current freeze state (or a checkpoint as saved)."""
+    return estimate(inventory(session), precision, optimizer)
+
+
+def estimate_table(
+    session: Session | Checkpoint,
+    precisions: Sequence[str] | None = None,
+    optimizers: Sequence[str] | None = None,
+) -> list[MemoryEstimate]:
+    """One estimate per precision x optimizer (all of them by default), precision-major."""
+    counts = inventory(session)
+    precisions = list(PRECISIONS) if precisions is None else list(precisions)
+    optimizers = list(OPTIMIZERS) if optimizers is None else list(optimizers)
+    return [estimate(counts, p, o) for p in precisions for o in optimizers]
+
+
+def fits(estimate: MemoryEstimate | int, free_bytes: int) -> tuple[bool, int]:
+    """(fits, headroom): headroom = free - needed (the step peak), negative when it does not fit."""
+    needed = estimate if isinstance(estimate, int) else estimate.peak
+    headroom = int(free_bytes) - needed
+    return headroom >= 0, headroom
+
+
+# -- text for the explorer's panel (plain strings; `mscope estimate` renders its own in cli/) ------
+def _row(label: str, value: str, width: int) -> str:
+    room = width - len(value) - 1
+    if len(label) > room:
+        label = label[: max(room - 1, 0)] + "…" if room > 1 else ""
+    return f"{label:<{room}} {value}" if room > 0 else value[-width:]
+
+
+def fit_line(est: MemoryEstimate | int, free_bytes: int) -> str:
+    """'fits: 3.1 GB to spare (of 24.0 GB free)' or 'does not fit: 1.2 GB short (of ...)'."""
+    ok, headroom = fits(est, free_bytes)
+    if ok:
+        return f"fits: {fmt_bytes(headroom)} to spare"
+    return f"does not fit: {fmt_bytes(-headroom)} short"
+
+
+def panel_lines(
+    est: MemoryEstimate, free_bytes: int | None = None, width: int = PANEL_WIDTH
+) -> list[str]:
+    """A compact rendering for the side panel: every line at most `width` (38) columns."""
+    title = f"{PRECISIONS[est.precision].label}, {est.optimizer if est.training else 'inference'}"
+    lines = [title[:width].rstrip()]
+    long_parts = est.components()
+    fits_long = all(len(label) + len(fmt_bytes(n)) < width for label, n in long_parts)
+    for label, nbytes in long_parts if fits_long else est.components(short=True):
+        lines.append(_row(label, fmt_bytes(nbytes), width))
+    lines.append(_row("total", fmt_bytes(est.total), width))
+    if est.step_scratch:
+        lines.append(_row("step peak", fmt_bytes(est.peak), width))
+    if free_bytes is not None:
+        lines.append(_row("free", fmt_bytes(free_bytes), width))
+        lines.append(fit_line(est, free_bytes)[:width])
+    lines.append(f"trains {fmt_count(est.trainable)} of {fmt_count(est.parameters)} params")
+    lines.append("+ activations (not counted)")
+    return [line[:width].rstrip() for line in lines]

@@ -1,0 +1,212 @@
+"""Tensor bytes on demand: the only module that materialises tensor data, and imports torch.
+
+A record's storage is a byte range of a file (zip member stored uncompressed, safetensors data
+region, legacy storage, DCP item). We mmap the file copy-on-write, view the range with
+`torch.frombuffer`, and apply the record's shape/stride/offset. Memory is bounded by the tensor:
+`copy=False` returns a view of the page cache, `copy=True` only the elements the tensor covers.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..checkpoint import Checkpoint, TensorRecord
+from ..errors import TensorDataError
+
+if TYPE_CHECKING:
+    import torch
+
+UNLOADABLE_DTYPES = frozenset({"qint8", "quint8", "qint32", "quint4x2", "quint2x4"})
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or name in UNLOADABLE_DTYPES:
+        raise TensorDataError(f"dtype {name} cannot be read by this torch ({torch.__version__})")
+    return dtype
+
+
+def check_view(record: TensorRecord, available: int) -> None:
+    """Raise TensorDataError unless every element the record's view touches (offset, shape,
+    stride) lies in the first `available` bytes of its storage. Called where bytes are used
+    (as_strided, the kernels, the chunkers), not only where the file was parsed: numpy's and
+    torch's as_strided trust their numbers, and a wrong one reads outside the mapping (SIGSEGV)."""
+    shape, stride, offset = record.shape, record.stride, record.storage_offset
+    where = record.qualified_name
+    if type(offset) is not int or offset < 0 or len(shape) != len(stride):
+        raise TensorDataError(f"tensor {where!r} has an invalid storage offset or stride ({offset!r}, {stride!r})")
+    last = offset
+    for n, st in zip(shape, stride):
+        if type(n) is not int or type(st) is not int or n < 0 or st < 0:
+            raise TensorDataError(f"tensor {where!r} has an invalid shape or stride ({shape!r}, {stride!r})")
+        if n == 0:
+            return  # no element is read
+        last += (n - 1) * st
+    needed = (last + 1) * record.itemsize
+    if needed > available:
+        raise TensorDataError(
+            f"tensor {where!r} does not fit its storage ({needed:,} bytes needed, {max(available, 0):,} stored)"
+        )
+
+
+def unreadable_records(ckpt: Checkpoint) -> set[int]:
+    """ids of tensor records whose bytes are not all in the file (metadata only): the audit and
+    the diff never read them (files opened with strict=False keep such records)."""
+    bad: set[int] = set(ckpt.over_budget)  # views past the file's budget: never read
+    sizes: dict[Any, int] = {}
+    for t in ckpt.tensors:
+        s = t.storage
+        if s is None or t.numel == 0:
+            continue
+        if s.data_offset is None or s.compressed or s.file is None:
+            bad.add(id(t))
+            continue
+        if s.data_size is not None and s.data_size < s.nbytes:
+            bad.add(id(t))
+            continue
+        size = sizes.get(s.file)  # keyed by the record's own value: no Path() per tensor (5 us)
+        if size is None:
+            try:
+                size = sizes[s.file] = Path(s.file).stat().st_size
+            except OSError:
+                size = sizes[s.file] = -1
+        if s.data_offset + s.nbytes > size:
+            bad.add(id(t))
+            continue
+        last = t.storage_offset + sum((n - 1) * st for n, st in zip(t.shape, t.stride))
+        if (last + 1) * t.itemsize > s.nbytes:
+            bad.add(id(t))
+    return bad
+
+
+class TensorData:
+    """Opens each file once (mmap) and hands out tensors for records. Use as a context manager."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._bases: dict[int, int] = {}  # id(mapping) -> its address (storage_address)
+
+    def __enter__(self) -> TensorData:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for buf in self._maps.values():
+            try:
+                buf.close()
+            except BufferError:
+                pass  # a copy=False tensor still views it; the mapping goes when that tensor does
+        self._maps.clear()
+        self._bases.clear()
+
+    def _map(self, path: Path | str) -> mmap.mmap:
+        buf = self._maps.get(path)
+        if buf is None:
+            try:
+                with open(path, "rb") as fh:
+                    if os.fstat(fh.fileno()).st_size == 0:
+                        raise TensorDataError("file is empty", path)
+                    # ACCESS_COPY: writable for torch.frombuffer, never written back to the file.
+                    buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            except OSError as exc:
+                raise TensorDataError(f"cannot read tensor data: {exc.strerror or exc}", path) from exc
+            self._maps[path] = buf
+        return buf
+
+    def storage_bytes(self, record: TensorRecord) -> memoryview:
+        """The raw bytes of the record's whole storage, checked against the file."""
+        buf, start, end = self._locate(record)
+        return memoryview(buf)[start:end]
+
+    def storage_address(self, record: TensorRecord) -> tuple[int, int]:
+        """(address, length) of the record's storage in the mapping, checked like
+        `storage_bytes`: for compiled loops (the statistics kernel) that take no buffer object.
+        Valid until this TensorData closes."""
+        buf, start, end = self._locate(record)
+        base = self._bases.get(id(buf))
+        if base is None:
+            import ctypes
+
+            # ACCESS_COPY maps are writable, which from_buffer needs; the export ends with `view`.
+            view = ctypes.c_char.from_buffer(buf)
+            base = self._bases[id(buf)] = ctypes.addressof(view)
+            del view
+        return base + start, end - start
+
+    def _locate(self, record: TensorRecord) -> tuple[mmap.mmap, int, int]:
+        s = record.storage
+        where = record.qualified_name
+        if s is None or s.file is None:
+            raise TensorDataError(f"tensor {where!r} has no stored data ({record.note or 'no storage'})")
+        if s.data_offset is None:
+            raise TensorDataError(f"storage {s.key!r} of tensor {where!r} is missing from the file", s.file)
+        if s.compressed:
+            raise TensorDataError(f"storage {s.key!r} of tensor {where!r} is compressed; torch stores it raw", s.file)
+        offset, size = s.data_offset, s.data_size
+        if type(offset) is not int or offset < 0 or (size is not None and (type(size) is not int or size < 0)):
+            raise TensorDataError(f"storage {s.key!r} of tensor {where!r} has an invalid location", s.file)
+        buf = self._map(s.file)  # no Path() per call: 5 us each, 100k times in a big diff
+        end = s.data_offset + s.nbytes
+        available = s.data_offset + (s.data_size if s.data_size is not None else s.nbytes)
+        if end > min(len(buf), available):
+            raise TensorDataError(
+                f"storage {s.key!r} of tensor {where!r} is truncated "
+                f"({max(0, min(len(buf), available) - s.data_offset):,} of {s.nbytes:,} bytes)",
+                s.file,
+            )
+        return buf, s.data_offset, end
+
+    def tensor(self, record: TensorRecord, copy: bool = True) -> torch.Tensor:
+        """The tensor exactly as torch.load would give it (values, dtype, shape, stride)."""
+        import torch
+
+        s = record.storage
+        dtype = torch_dtype(record.dtype)
+        raw = self.storage_bytes(record)
+        itemsize = record.itemsize
+        count = len(raw) // itemsize
+        if record.numel == 0:
+            return torch.empty_strided(record.shape, record.stride or (), dtype=dtype)
+        if count == 0:  # torch.frombuffer refuses an empty buffer with a ValueError
+            raise TensorDataError(f"tensor {record.qualified_name!r} does not fit its storage: it holds no elements")
+        flat = torch.frombuffer(raw, dtype=torch.uint8, count=count * itemsize)
+        if s is not None and s.byteorder == "big" and itemsize > 1:
+            flat = flat.view(-1, itemsize).flip(1).reshape(-1)
+        flat = flat.view(dtype)
+        check_view(record, count * itemsize)
+        try:
+            view = flat.as_strided(record.shape, record.stride, record.storage_offset)
+        except RuntimeError as exc:
+            raise TensorDataError(f"tensor {record.qualified_name!r} does not fit its storage: {exc}") from exc
+        if not copy:
+            return view
+        try:
+            return view.clone()
+        except RuntimeError as exc:  # a view repeating its bytes (stride 0) can outgrow memory
+            raise TensorDataError(
+                f"tensor {record.qualified_name!r} ({record.nbytes:,} bytes) cannot be copied into memory"
+            ) from exc
+
+    def chunks(self, record: TensorRecord, chunk_bytes: int = 16 << 20) -> Iterator[torch.Tensor]:
+        """The tensor's elements, flattened, in pieces of at most `chunk_bytes` (for streaming)."""
+        view = self.tensor(record, copy=False)
+        if not view.is_contiguous():
+            view = view.reshape(-1)  # copies only when the view has gaps; bounded by the tensor
+        flat = view.reshape(-1)
+        step = max(1, chunk_bytes // max(1, record.itemsize))
+        for start in range(0, flat.numel(), step):
+            yield flat[start : start + step]
+
+
+def load_tensor(record: TensorRecord) -> torch.Tensor:
+    """One tensor (a copy), reading only its bytes."""
+    with TensorData() as data:
+        return data.tensor(record, copy=True)
