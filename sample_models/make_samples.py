@@ -115,6 +115,60 @@ class TinyTransformerLM(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query attention projections, named as in transformers' LlamaAttention."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        head_dim = dim // heads
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, dim, bias=False)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, dim: int, hidden: int, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(dim, heads, kv_heads)
+        self.mlp = LlamaMLP(dim, hidden)
+        self.input_layernorm = RMSNorm(dim)
+        self.post_attention_layernorm = RMSNorm(dim)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, vocab: int, dim: int, hidden: int, layers: int, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(dim, hidden, heads, kv_heads) for _ in range(layers))
+        self.norm = RMSNorm(dim)
+
+
+class LlamaTiny(nn.Module):
+    """The parameter names of transformers' LlamaForCausalLM (deep Hugging Face-style names:
+    `model.layers.N.self_attn.q_proj.weight`), at a few thousand parameters per layer. Only the
+    weights matter here: mscope reads files and never runs a forward pass."""
+
+    def __init__(self, vocab: int = 256, dim: int = 32, hidden: int = 88, layers: int = 4) -> None:
+        super().__init__()
+        self.model = LlamaModel(vocab, dim, hidden, layers, heads=4, kv_heads=2)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+
 def make_cnn() -> SmallCNN:
     seed(0)
     model = SmallCNN()
@@ -292,6 +346,17 @@ def write_transformer_safetensors() -> None:
         str(HERE / "transformer.safetensors"),
         metadata={"format": "pt", "model": "tiny-transformer"},
     )
+
+
+def write_llama_tiny() -> None:
+    """A Llama-like decoder in bfloat16 safetensors, as transformers' save_pretrained writes it
+    (untied lm_head, metadata {'format': 'pt'})."""
+    from safetensors.torch import save_file
+
+    seed(7)
+    sd = LlamaTiny().state_dict()
+    sd = OrderedDict((k, v.detach().to(torch.bfloat16).contiguous()) for k, v in sd.items())
+    save_file(sd, str(HERE / "llama_tiny.safetensors"), metadata={"format": "pt"})
 
 
 def _split_in_two(names: list[str], sizes: dict[str, int]) -> tuple[list[str], list[str]]:
@@ -570,8 +635,12 @@ def main() -> None:
         write_sharded_bin,
         write_dcp,
         write_dtypes,
+        write_llama_tiny,
     ]
+    only = set(sys.argv[1:])  # e.g. `make_samples.py write_llama_tiny`: just those
     for w in writers:
+        if only and w.__name__ not in only:
+            continue
         w()
         print(f"ok  {w.__name__}")
 

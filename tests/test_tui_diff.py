@@ -313,3 +313,29 @@ async def test_compare_prompt_keeps_the_prefilled_folder(pair, tmp_path, monkeyp
         prefilled = field.value
         await pilot.press(*"x.pt")
         assert field.value == prefilled + "x.pt", (prefilled, field.value)
+
+
+async def test_diff_mode_footer_advertises_diff_keys_not_freeze_keys(pair):
+    """The footer listed f Freeze, u Unfreeze, p Pattern... in diff mode. The keys still work
+    (and `?` lists them); the footer offers n (next change) instead."""
+    a, b = pair
+
+    def footer_actions(app) -> set[str]:
+        return {k.action.removeprefix("app.") for k in app.query("FooterKey") if hasattr(k, "action")}
+
+    plain = MscopeApp(b, show_gpus=False)
+    async with plain.run_test(size=(160, 40)) as pilot:
+        await settle(pilot)
+        shown = footer_actions(plain)
+        assert {"freeze", "unfreeze", "save_plan"} <= shown and "next_change" not in shown
+    app = MscopeApp(b, compare=a, show_gpus=False)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await settle(pilot)
+        assert app.diff.live is not None
+        shown = footer_actions(app)
+        assert not shown & {"toggle_freeze", "freeze", "unfreeze", "pattern", "undo", "save_plan"}, shown
+        assert {"next_change", "compare", "filter", "help", "quit_app"} <= shown, shown
+        name = next(iter(app.session.records))
+        app.tree.reveal(tensor_name=name)
+        await pilot.press("f")  # still freezes
+        assert not app.session.is_trainable(name)

@@ -26,7 +26,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Input, LoadingIndicator, Static
+from textual.widgets import Input, LoadingIndicator, Static
 from textual.worker import Worker, WorkerState
 
 from ..checkpoint import Checkpoint
@@ -59,7 +59,9 @@ from .messages import (
     Notice,
     StatsReady,
 )
+from .panes import DETAILS, GPUS, NARROW, WIDE, fit_panes
 from .widgets.details import (
+    count_pair,
     diff_file_details,
     diff_module_details,
     diff_tensor_details,
@@ -67,11 +69,13 @@ from .widgets.details import (
     ghost_details,
     module_details,
     norm_profile_details,
+    percent,
     stats_details,
     tensor_details,
 )
+from .widgets.footer import ModeFooter
 from .widgets.gpu_panel import GpuPanel
-from .widgets.tree import DIFF_MARKS, ParamTree, Row
+from .widgets.tree import DIFF_MARKS, ParamTree, Row, Seen
 
 if TYPE_CHECKING:
     from .screens.pattern import PatternChoice
@@ -92,8 +96,6 @@ def _while_running(handler):
 
 EXPAND_ALL_LIMIT = 3000  # nodes added by one "expand all"; more would stall the terminal
 EXIT_AFTER_PAINT_ENV = "MSCOPE_EXIT_AFTER_PAINT"  # benchmarks: quit once the tree is painted
-NARROW = 100  # below this width the details pane starts hidden
-WIDE = 140  # from this width the GPU panel starts shown
 
 
 class MscopeApp(App[int]):
@@ -133,6 +135,9 @@ class MscopeApp(App[int]):
         self.norm_caveat = NormCaveat()
         self.gpu_interval = gpu_interval
         self.show_gpus = show_gpus
+        # The panes the user wants shown; a pane may still be hidden for lack of room (panes.py).
+        self.want_details: bool | None = None  # set at mount, from the terminal's width
+        self.want_gpus: bool | None = None
         self.monitor = None  # a GpuMonitor while the GPU panel is shown
         self.exit_after_paint = bool(os.environ.get(EXIT_AFTER_PAINT_ENV))
         self.resume_gc_after_paint = False  # run_app sets it when the command paused gc at start
@@ -149,14 +154,17 @@ class MscopeApp(App[int]):
                 yield Static("", id="details")
             yield GpuPanel(id="gpu-panel")
         yield Input(placeholder="filter: substring or glob (esc clears)", id="filter")
-        yield Footer()
+        yield ModeFooter(id="footer")
 
     def on_mount(self) -> None:
         self.query_one("#filter", Input).display = False
+        self._set_footer_mode()
         self.query_one("#diff-progress", Static).display = False
-        self.query_one("#details-pane").display = self.size.width >= NARROW
-        show = self.show_gpus if self.show_gpus is not None else self.size.width >= WIDE
-        self._set_gpu_panel(show)
+        self.query_one("#details-pane").display = False  # until _fit_panes gives them room
+        self.query_one("#gpu-panel", GpuPanel).display = False
+        self.want_details = self.size.width >= NARROW
+        self.want_gpus = self.show_gpus if self.show_gpus is not None else self.size.width >= WIDE
+        self._fit_panes()
         self.query_one("#header", Static).update(Text(f"mscope · opening {safe_text(self.path)} …"))
         if self._preloaded is not None:
             self._loaded(self._preloaded)
@@ -204,6 +212,7 @@ class MscopeApp(App[int]):
         self.query_one("#tree-pane").mount(tree, before="#diff-progress")
         tree.populate()
         tree.focus()
+        self._fit_panes()
         self.refresh_state()
         self._show_row(tree.root.data)
         if ckpt.dangerous_globals:
@@ -281,7 +290,9 @@ class MscopeApp(App[int]):
         if live is not None:
             header.append_text(self._diff_summary())
         else:
-            header.append(self.session.totals_line(), style="bold green")
+            # Compact counts, unless they hide a change (one frozen BatchNorm of 1.6K params).
+            trainable, total = self.session.totals()
+            header.append(f"trainable {count_pair(trainable, total)} ({percent(trainable, total)})", style="bold green")
         if self.filter.text:  # right after the totals: at 80 columns the tail of this line is cut
             header.append(f" · filter: {safe_text(self.filter.text)}", style="magenta")
         if self.session.dirty:
@@ -327,9 +338,57 @@ class MscopeApp(App[int]):
             self.tree.fit_width()
             self.query_one("#columns", Static).update(self.tree.column_header())
 
-    @on(ParamTree.Resized)
-    def _tree_resized(self) -> None:
+    @on(ParamTree.LayoutChanged)
+    def _tree_layout_changed(self, event: ParamTree.LayoutChanged) -> None:
+        if event.need_changed:
+            self._fit_panes(may_close=False)
         self._update_columns()
+
+    # -- who gets the width ----------------------------------------------------------------------
+    def on_resize(self) -> None:
+        self._fit_panes()
+
+    def _fit_panes(self, opened: str | None = None, may_close: bool = True) -> None:
+        """Give the tree what it needs (names, shapes, dtypes), then the side panes what is left
+        (panes.py). A wanted pane left out is said once, and comes back when there is room."""
+        if self.want_details is None:  # not mounted yet
+            return
+        details = self.query_one("#details-pane")
+        panel = self.query_one("#gpu-panel", GpuPanel)
+        tree = self.tree if self.query("#tree") else None
+        need = tree.needed_width() if tree is not None else Seen().needed_width()
+        wants = tree.wanted_width() if tree is not None else need
+        if may_close:
+            fit = fit_panes(self.size.width, need, self.want_details, self.want_gpus, opened, tree_wants=wants)
+        else:  # the tree grew: narrow what is shown, never open or close a pane
+            fit = fit_panes(self.size.width, need, details.display, panel.display, may_close=False, tree_wants=wants)
+        for pane in fit.closed:
+            shown = (details if pane == DETAILS else panel).display
+            if pane == opened or shown:
+                self._say_no_room(pane, need, opened)
+        details.display = fit.details is not None
+        if fit.details is not None:
+            details.styles.width = fit.details
+        if fit.gpus is not None:
+            if panel.styles.width is None or panel.styles.width.value != fit.gpus:
+                self.estimator.drawn = None  # the estimate lines are drawn for the panel's width
+            panel.styles.width = panel.styles.min_width = fit.gpus
+            panel.compact = fit.compact
+        if (fit.gpus is not None) != panel.display:
+            self._set_gpu_panel(fit.gpus is not None)
+        elif fit.gpus is not None:
+            self.call_after_refresh(self.update_estimate, False)
+        self.call_after_refresh(self._update_columns)  # showing a pane sends the tree no Resize
+
+    def _say_no_room(self, pane: str, need: int, opened: str | None) -> None:
+        name, key = ("details pane", "d") if pane == DETAILS else ("GPU panel", "g")
+        why = f"the tree needs {need} of {self.size.width} columns for names, shapes and dtypes"
+        if pane == opened:
+            self.notify(f"no room for the {name}: {why}", severity="warning", timeout=5)
+        elif opened is not None:
+            self.notify(f"{name} hidden to make room ({key} shows it again)", timeout=4)
+        else:
+            self.notify(f"{name} hidden: {why}; it returns when the terminal is wider", timeout=5)
 
     @on(ParamTree.RowHighlighted)
     def _row_highlighted(self, event: ParamTree.RowHighlighted) -> None:
@@ -791,9 +850,8 @@ class MscopeApp(App[int]):
         self.push_screen(LargestScreen(self.session), done)
 
     def action_toggle_details(self) -> None:
-        pane = self.query_one("#details-pane")
-        pane.display = not pane.display
-        self.call_after_refresh(self._update_columns)
+        self.want_details = not self.query_one("#details-pane").display
+        self._fit_panes(opened=DETAILS if self.want_details else None)
 
     def action_help(self) -> None:
         from .screens.help import HelpScreen
@@ -837,9 +895,9 @@ class MscopeApp(App[int]):
 
     # -- GPUs and the fine-tune estimate ---------------------------------------------------------
     def _set_gpu_panel(self, show: bool) -> None:
+        """Show or hide the panel (its width is _fit_panes' choice) and start or stop sampling."""
         panel = self.query_one("#gpu-panel", GpuPanel)
         panel.display = show
-        panel.compact = self.size.width < NARROW
         if show and self.monitor is None:
             from ..gpu.monitor import GpuMonitor
 
@@ -918,9 +976,8 @@ class MscopeApp(App[int]):
         self.notify(f"estimate for optimizer {optimizer}", timeout=2)
 
     def action_toggle_gpus(self) -> None:
-        panel = self.query_one("#gpu-panel", GpuPanel)
-        self._set_gpu_panel(not panel.display)
-        self.call_after_refresh(self._update_columns)
+        self.want_gpus = not self.query_one("#gpu-panel", GpuPanel).display
+        self._fit_panes(opened=GPUS if self.want_gpus else None)
 
     # -- audit and copies ----------------------------------------------------------------------
     def action_audit(self) -> None:
@@ -1154,6 +1211,7 @@ class MscopeApp(App[int]):
         elif cursor is not None and not cursor.ghost and cursor.module is not None and cursor.module.name:
             self.tree.reveal(module_name=cursor.module.name)
         self._set_progress(self.diff.progress_line())
+        self._set_footer_mode()
         self.refresh_state()
 
     @on(DiffResults)
@@ -1185,6 +1243,10 @@ class MscopeApp(App[int]):
             self._set_progress(self.diff.progress_line())
             self._render_header()
 
+    def _set_footer_mode(self) -> None:
+        """Diff mode advertises its own keys, not the freeze keys (keys.py)."""
+        self.query_one(ModeFooter).hidden = keys.NOT_IN_DIFF if self.diff.live is not None else keys.DIFF_ONLY
+
     def _set_progress(self, line: str | None) -> None:
         widget = self.query_one("#diff-progress", Static)
         widget.display = line is not None
@@ -1210,6 +1272,7 @@ class MscopeApp(App[int]):
         self._set_progress(None)
         self.tree.diff = None
         self.tree.populate()
+        self._set_footer_mode()
         self.refresh_state()
 
     def _jump_change(self, step: int) -> None:

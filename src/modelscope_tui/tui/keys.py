@@ -37,7 +37,7 @@ BINDINGS = [
     Binding("P", "cast_copy", "Cast copy", show=False),
     Binding("T", "cycle_optimizer", "Optimizer", show=False),
     Binding("v", "compare", "Compare"),
-    Binding("n", "next_change", "Next change", show=False),
+    Binding("n", "next_change", "Next change"),  # shown in diff mode only (ModeFooter)
     Binding("N", "previous_change", "Previous change", show=False),
     Binding("x", "stop_compare", "Stop comparing", show=False),
     Binding("question_mark", "help", "Help"),
@@ -80,6 +80,11 @@ HELP: list[tuple[tuple[str, ...] | str, str]] = [
     (("help",), "this help"),
     (("quit_app",), "quit (asks when there are unsaved changes)"),
 ]
+
+# What the footer leaves out: outside diff mode the diff keys, in it the freeze keys (they
+# still work, and `?` and the command palette list them).
+DIFF_ONLY = frozenset({"next_change"})
+NOT_IN_DIFF = frozenset({"toggle_freeze", "freeze", "unfreeze", "pattern", "undo", "save_plan"})
 
 KEY_NAMES = {"slash": "/", "question_mark": "?", "right": "→", "left": "←"}
 

@@ -15,26 +15,112 @@ from ...units import fmt_bytes, fmt_count, safe_text, sparkline
 MAX_ENTRIES = 60
 
 
-NARROW = 44  # below this many columns the labels wrap, so values keep room (80x24 terminals)
-NARROW_LABEL = 13  # "requires_grad"
+LABEL_MAX = 20  # "saved requires_grad"; longer labels (entry paths) go on a line of their own
+LABEL_MIN = 13  # "requires_grad", "out_channels": kept beside their values in a narrow pane
+VALUE_INDENT = 2  # a value under its label
 
 
-class _DetailsTable(Table):
-    """Label / value rows. In a narrow pane (the details pane of an 80-column terminal is ~27
-    wide) a label like "saved requires_grad" would take most of the width and fold every value
-    into a column of two-letter lines, so labels wrap at spaces there instead."""
+class Fields:
+    """Label / value rows, each value beside its label when it fits, else on lines of its own
+    under the label. Long values wrap where a reader would break them: at spaces, and after
+    the dots, slashes and underscores of names and paths (`torch.nn.modules.container.` /
+    `Sequential`), never inside a word or a number (rich's folding cut `conta` / `iner`)."""
 
-    def __rich_console__(self, console, options):
-        labels = self.columns[0]
-        narrow = options.max_width < NARROW
-        labels.no_wrap = not narrow
-        labels.max_width = NARROW_LABEL if narrow else None
-        yield from super().__rich_console__(console, options)
+    def __init__(self) -> None:
+        self.rows: list[tuple[Text, Text]] = []
 
-    def add_row(self, *cells, **kwargs) -> None:
+    def add_row(self, label: str | Text, value: str | Text | RenderableType = "") -> None:
         """Plain strings here hold names, keys and values from the file: shown as text (never
         rich markup, so `[bold]` in a name stays literal) with unsafe characters escaped."""
-        super().add_row(*(_cell(c) for c in cells), **kwargs)
+        label, value = _cell(label), _cell(value)
+        if not isinstance(value, Text):
+            raise TypeError(f"a details value is text, not {type(value).__name__}")
+        label = label.copy()
+        label.stylize("bold")
+        self.rows.append((label, value))
+
+    def __rich_console__(self, console, options):
+        width = max(8, options.max_width)
+        cap = min(LABEL_MAX, max(LABEL_MIN, width // 2))
+        label_w = max((label.cell_len for label, _ in self.rows if label.cell_len <= cap), default=0)
+        indent = label_w + 1  # where the value of the row above began
+        for label, value in self.rows:
+            lines = value.split("\n", allow_blank=True) if "\n" in value.plain else [value]
+            if label.plain:
+                beside = label.cell_len <= label_w and all(line.cell_len < width - label_w for line in lines)
+                if beside:
+                    indent = label_w + 1
+                    first = label.copy()
+                    first.pad_right(indent - label.cell_len)
+                    yield first + lines[0]
+                    lines = lines[1:]
+                else:
+                    yield from wrap(label, width)
+                    indent = VALUE_INDENT
+            # the value's (other) lines; a row without a label continues the value above
+            for line in lines:
+                for piece in wrap(line, width - indent):
+                    yield Text(" " * indent) + piece
+
+
+# Where a line may end, best first: after a space; after a slash or comma; after a dot; after
+# an underscore, dash or colon; last, after the space that joins a number to its unit. Dots and
+# the rest only before a letter: `conv.Conv2d` may break, a number (`0.0095006538`) never does.
+BREAKS = (" ", "/,;", ".", "_-:")
+UNIT_BREAK = len(BREAKS)  # `60 B`, `33 elements`: kept together unless nothing else fits
+UNIT_MAX = 10
+
+
+def _break_rank(plain: str, k: int) -> int | None:
+    """The rank of a break after plain[k] (lower is better), or None where a line may not end."""
+    c = plain[k]
+    if c == " " and k and plain[k - 1].isdigit():
+        unit = plain[k + 1 :].split(" ", 1)[0]
+        if unit[:1].isalpha() and len(unit.rstrip(",;)")) <= UNIT_MAX:
+            return UNIT_BREAK
+    for rank, chars in enumerate(BREAKS):
+        if c in chars:
+            if rank < 2 or (k + 1 < len(plain) and plain[k + 1].isalpha()):
+                return rank
+            return None
+    return None
+
+
+def _cut(plain: str, start: int, width: int) -> int:
+    """Where the line that begins at `start` ends: at the best kind of boundary that still
+    fills half the line, else the last boundary of any kind, else at `width` (no boundary)."""
+    end = start + width
+    found: dict[int, int] = {}  # rank -> the last cut of that rank
+    for k in range(end - 1, start, -1):
+        rank = _break_rank(plain, k)
+        if rank is not None and rank not in found:
+            found[rank] = k + 1
+    for rank in sorted(found):
+        if found[rank] - start >= width // 2:
+            return found[rank]
+    usual = [cut for rank, cut in found.items() if rank != UNIT_BREAK]
+    return max(usual or found.values(), default=end)
+
+
+def wrap(text: Text, width: int) -> list[Text]:
+    """`text` in lines of at most `width` cells, broken at boundaries (BREAKS); a hard break
+    only inside a run with none. Styles are kept."""
+    plain = text.plain
+    if len(plain) <= width or width < 1:
+        return [text]
+    offsets = []
+    start, n = 0, len(plain)
+    while n - start > width:
+        start = _cut(plain, start, width)
+        while start < n - 1 and plain[start] == " ":  # no line starts with a space
+            start += 1
+        offsets.append(start)
+    lines = []
+    for piece in text.divide(offsets):
+        piece.rstrip_end(width)  # the space a line ends at stays: copied text reads as it was
+        if piece.plain:
+            lines.append(piece)
+    return lines
 
 
 def _cell(cell):
@@ -52,11 +138,8 @@ def _safe_rich_text(text: Text) -> Text:
     return Text(safe_text(text.plain, multiline=True), style=text.style)
 
 
-def _table() -> Table:
-    table = _DetailsTable.grid(padding=(0, 1))
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column(overflow="fold")
-    return table
+def _table() -> Fields:
+    return Fields()
 
 
 def tensor_details(session: Session, t: TensorRecord, device: str | None = None, values: RenderableType | None = None) -> RenderableType:
@@ -146,7 +229,7 @@ def module_details(session: Session, m: ModuleNode, profile: RenderableType | No
         table.add_row("trainable", f"{trainable:,} ({state})")
     table.add_row("buffers", f"{stats.buffers:,} elements")
     table.add_row("tensors", f"{stats.tensors:,}")
-    table.add_row("bytes", fmt_bytes(stats.nbytes))
+    table.add_row("bytes", f"{fmt_bytes(stats.nbytes)} ({stats.nbytes:,})")
     parts: list[RenderableType] = [table]
     if profile is not None:
         parts.append(profile)
@@ -177,6 +260,9 @@ def file_details(session: Session) -> RenderableType:
     if ckpt.model_path:
         table.add_row("model at", ckpt.model_path)
     table.add_row("hierarchy", "from the file" if ckpt.has_real_hierarchy else "implied by names")
+    trainable, total = session.totals()
+    table.add_row("params", f"{total:,}")
+    table.add_row("trainable", f"{trainable:,} ({percent(trainable, total)})")
     table.add_row("stored on", ", ".join(f"{k} {fmt_bytes(v)}" for k, v in totals.bytes_by_location.items()) or "-")
     table.add_row("dtypes", ", ".join(f"{k} {fmt_bytes(v)}" for k, v in totals.bytes_by_dtype.items()) or "-")
     parts: list[RenderableType] = [table]
@@ -209,6 +295,27 @@ def file_details(session: Session) -> RenderableType:
     for w in ckpt.refusals + ckpt.warnings:
         parts.append(Text(f"warning: {safe_text(w)}", style="yellow"))
     return Group(*parts)
+
+
+def percent(part: int, whole: int) -> str:
+    """part/whole in percent, with the decimals it takes to read 100% or 0% only when it is."""
+    if not whole:
+        return "0.0%"
+    pct = 100.0 * part / whole
+    for decimals in range(1, 7):
+        text = f"{pct:.{decimals}f}"
+        if (part == whole or float(text) < 100) and (part == 0 or float(text) > 0):
+            break
+    return f"{text}%"
+
+
+def count_pair(part: int, whole: int) -> str:
+    """`1.6K / 2.2K`; exact (`1,584 / 1,600`) when the compact forms would read the same but
+    the counts differ: freezing one BatchNorm must show."""
+    a, b = fmt_count(part), fmt_count(whole)
+    if a == b and part != whole:
+        return f"{part:,} / {whole:,}"
+    return f"{a} / {b}"
 
 
 def _short(value: object, limit: int = 80) -> str:

@@ -6,7 +6,8 @@ costs repainting the visible lines. Children are added when a node is expanded, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from rich.style import Style
 from rich.text import Text
@@ -34,8 +35,22 @@ from ...training.session import Session
 from ...units import fmt_bytes, fmt_count, safe_text
 
 PAGE = 200  # children added per expansion step; a flat 100k-tensor dict stays responsive
-GUIDE = 3
-COLUMNS = (("shape", 13), ("dtype", 9), ("train", 5), ("numel", 7), ("bytes", 9))
+MARGIN = 2  # the vertical scrollbar, and one cell so that a row never touches it
+ICON = 2  # "▼ ", "▶ " or "  " before every name
+GUIDES = (3, 2)  # cells of indentation per level: 2 when 3 would squeeze the names or drop dtype
+NAME_MIN = 16  # cells a name keeps before a column is dropped ("1 BatchNorm2d"), if it is as long
+# Columns in the order a narrow tree drops them, last first: the name and the shape always stay,
+# since the shape is what a user reads first. Display order is ORDER / DIFF_ORDER.
+PRIORITY = ("shape", "dtype", "train", "device", "numel", "bytes")
+DIFF_PRIORITY = ("shape", "dtype", "change", "train", "device", "bytes")
+ORDER = ("shape", "dtype", "train", "numel", "bytes", "device")
+DIFF_ORDER = ("shape", "dtype", "train", "change", "bytes", "device")
+ESSENTIAL = 3  # shape, dtype and train (change): the indentation narrows before one is dropped
+RIGHT_ALIGNED = ("numel", "bytes")
+# Widths of the columns whose values are words of known length; the others follow their content.
+FIXED_WIDTHS = {"train": 5, "change": 12, "device": 7}
+# Content widths are capped so that one odd value (a hostile 64-dim shape) cannot take the row.
+CONTENT_CAPS = {"shape": 23, "dtype": 14, "numel": 8, "bytes": 10}
 MARKS = {
     "trainable": ("✓ yes", "green"),
     "frozen": ("✗ no", "red"),
@@ -44,8 +59,6 @@ MARKS = {
 }
 # What the 5-wide train column says for a tensor that cannot train ("buffer" was cut to "buffe").
 KIND_LABELS = {"buffer": "buf", "tensor": "data", "parameter": "param"}
-DIFF_COLUMNS = (("shape", 13), ("dtype", 9), ("change", 11), ("bytes", 9))
-DIFF_TRAIN_WIDTH = 110  # diff mode keeps the train column from this tree width
 # Diff mode: status -> (mark, style, word). Names and the change column take the style. Textual
 # maps ANSI names through its terminal theme, where red and magenta (and blue and bright blue) are
 # one colour, so the structural statuses use explicit colours that stay apart from the others.
@@ -81,6 +94,104 @@ def diff_cell(d: TensorDiff | LiveModule | None) -> tuple[str, str]:
     return (mark if status == PENDING else f"{mark} {word}", style)
 
 
+def shape_text(shape: tuple[int, ...]) -> str:
+    return "×".join(map(str, shape)) or "scalar"
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Which columns a tree of some width shows, how wide, and the indentation per level."""
+
+    guide: int
+    columns: tuple[tuple[str, int], ...]  # (key, width) in display order
+
+    @property
+    def fixed(self) -> int:
+        """Cells the columns take, one space before each."""
+        return sum(w + 1 for _, w in self.columns)
+
+
+def plan_layout(
+    width: int, names: dict[int, int], widths: dict[str, int], diff: bool = False, device: bool = False
+) -> Layout:
+    """The columns for a tree `width` cells wide whose rows at depth d have names up to
+    names[d] cells long.
+
+    Every row ends at the same cell, so a deep row has less room for its name than a shallow
+    one. Columns are dropped from the end of the priority list until every row's name gets
+    its length or NAME_MIN cells, but the indentation narrows before shape, dtype or train go,
+    and shape is never dropped."""
+    priority = [k for k in (DIFF_PRIORITY if diff else PRIORITY) if device or k != "device"]
+    order = DIFF_ORDER if diff else ORDER
+    sized = {k: FIXED_WIDTHS.get(k) or widths[k] for k in priority}
+
+    def layout(guide: int, keys: list[str]) -> Layout:
+        return Layout(guide, tuple((k, sized[k]) for k in order if k in keys))
+
+    def short(guide: int, keys: list[str]) -> bool:
+        """Would some name get fewer cells than it needs?"""
+        room = width - MARGIN - ICON - sum(sized[k] + 1 for k in keys)
+        return room < name_cells(names, guide)
+
+    for guide, keep in ((GUIDES[0], ESSENTIAL), (GUIDES[1], ESSENTIAL), (GUIDES[1], 1)):
+        keys = list(priority)
+        while len(keys) > keep and short(guide, keys):
+            keys.pop()
+        if not short(guide, keys):
+            return layout(guide, keys)
+    return layout(GUIDES[1], priority[:1])
+
+
+def name_cells(names: dict[int, int], guide: int) -> int:
+    """Cells from the tree's left edge to the end of the name that needs most: the indentation
+    of its depth and the name's length, or NAME_MIN when longer (it is shortened then)."""
+    return max((depth * guide + min(n, NAME_MIN) for depth, n in names.items()), default=0)
+
+
+def shorten(name: str, width: int, siblings: Iterable[str] = ()) -> str:
+    """`name` in `width` cells, told apart from its siblings: a middle ellipsis keeps both ends
+    (`in_p…weight` / `in_p…j_bias`, `q_p…oj` / `k_p…oj`), with the cut moved until no other
+    sibling that is shortened too could read the same; when only the middle differs, a window
+    around the difference (`…attn…`). Siblings that fit are shown whole and never contain it."""
+    if len(name) <= width:
+        return name
+    if width <= 1:
+        return "…"[:width]
+    keep = width - 1
+    others = [o for o in siblings if o != name and len(o) > width]
+    whole = {o for o in siblings if len(o) <= width}
+    # For each other long sibling: how many leading and trailing characters it shares with
+    # `name`. A cut keeping h leading and t trailing ones reads the same as that sibling's
+    # cut with the same split exactly when h <= prefix and t <= suffix.
+    shared = [(_common_prefix(name, o), _common_prefix(name[::-1], o[::-1])) for o in others]
+    head0 = keep // 2  # the tail gets the extra cell: weight/bias, mean/var differ at the end
+    for h in sorted(range(keep + 1), key=lambda h: (abs(h - head0), -h)):
+        t = keep - h
+        if not any(h <= p and t <= q for p, q in shared):
+            text = name[:h] + "…" + (name[-t:] if t else "")
+            if text not in whole:
+                return text
+    # Only the middle tells them apart: show a window of it between two ellipses.
+    span = width - 2
+    if span >= 1:
+        first = max((p for p, _ in shared), default=0)
+        starts = sorted(range(1, len(name) - span), key=lambda i: abs(i - (first - span // 2)))
+        for i in starts:
+            window = name[i : i + span]
+            if not any(window in o for o in others):
+                return "…" + window + "…"
+    return name[:head0] + "…" + name[-(keep - head0) :]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @dataclass(slots=True)
 class Row:
     """What a tree line stands for."""
@@ -103,6 +214,37 @@ class Row:
         return []
 
 
+@dataclass(slots=True)
+class Seen:
+    """What the tree has shown so far: the longest name (with a module's class) at each depth
+    and the widest value of each content-sized column. It only grows, so columns do not jump
+    as rows come and go."""
+
+    names: dict[int, int] = field(default_factory=lambda: {1: 4})
+    widths: dict[str, int] = field(
+        default_factory=lambda: {"shape": 5, "dtype": 5, "numel": 5, "bytes": 5}
+    )
+
+    def note(self, depth: int, name: str, **values: str) -> bool:
+        """Record a row; True when something grew (the layout may change)."""
+        grew = False
+        if len(name) > self.names.get(depth, 0):
+            self.names[depth], grew = len(name), True
+        widths = self.widths
+        for key, value in values.items():
+            n = min(len(value), CONTENT_CAPS[key])
+            if n > widths[key]:
+                widths[key], grew = n, True
+        return grew
+
+    def needed_width(self) -> int:
+        """The width at which every row shows its name (NAME_MIN cells of a longer one), its
+        shape and its dtype at the usual indentation: what the side panes leave to the tree
+        before they take any."""
+        w = self.widths
+        return MARGIN + ICON + name_cells(self.names, GUIDES[0]) + w["shape"] + w["dtype"] + 2
+
+
 class ParamTree(Tree[Row]):
     """Modules and tensors with columns; space toggles freezing, arrows navigate."""
 
@@ -112,8 +254,13 @@ class ParamTree(Tree[Row]):
         Binding("left", "collapse_node", "Collapse", show=False),
     ]
 
-    class Resized(Message):
-        """The width changed: the column header above the tree must follow."""
+    class LayoutChanged(Message):
+        """The columns changed (a new width, deeper rows, wider values): the column header above
+        the tree must follow, and when `need` grew the app gives the tree more room first."""
+
+        def __init__(self, need_changed: bool = False) -> None:
+            self.need_changed = need_changed
+            super().__init__()
 
     class RowHighlighted(Message):
         def __init__(self, row: Row | None) -> None:
@@ -123,7 +270,11 @@ class ParamTree(Tree[Row]):
     def __init__(self, session: Session, **kwargs) -> None:
         super().__init__("model", **kwargs)
         self.session = session
-        self.guide_depth = GUIDE
+        self.guide_depth = GUIDES[0]
+        self.seen = Seen()
+        self._layout: Layout | None = None
+        # (parent id, width) -> (the siblings' names, name -> how it is shown): see _short_leaf
+        self._short: dict[tuple[int, int], tuple[list[str], dict[str, str]]] = {}
         self.sort_by_size = False
         self.visible_modules: set[str] | None = None  # filter: modules on a path to a match
         self.visible_tensors: set[str] | None = None
@@ -137,8 +288,10 @@ class ParamTree(Tree[Row]):
         root_module = self.session.ckpt.tree
         self.root.data = Row(module=root_module, depth=0)
         self.root.allow_expand = self._has_children(root_module)
+        self._note(self.root.data)
         self._add_children(self.root, root_module, 0)
         self.root.expand()
+        self.relayout()
 
     def _ordered_children(self, module: ModuleNode, ghost: bool = False) -> list[Row]:
         depth_rows: list[Row] = []
@@ -176,14 +329,39 @@ class ParamTree(Tree[Row]):
         rows = self._ordered_children(module, ghost)
         depth = (node.data.depth + 1) if node.data and node.data.more_of is None else node.data.depth
         end = min(len(rows), start + PAGE)
+        grew = False
         for row in rows[start:end]:
             row.depth = depth
+            grew = self._note(row) or grew
             if row.module is not None:
                 node.add(row.module.short_name, row, allow_expand=self._has_children(row.module, row.ghost))
             else:
                 node.add_leaf(row.tensor.name.rsplit(".", 1)[-1], row)
         if end < len(rows):
             node.add_leaf("more", Row(more_of=module, depth=depth, shown=end, ghost=ghost))
+        self._short.clear()  # siblings changed
+        if grew and self.is_mounted:
+            self.relayout(need_changed=True)
+
+    def _note(self, row: Row) -> bool:
+        """Widen the content-sized columns for a row about to be shown."""
+        if row.tensor is not None:
+            t = row.tensor
+            return self.seen.note(
+                row.depth,
+                t.name.rsplit(".", 1)[-1],
+                shape=shape_text(t.shape),
+                dtype=t.dtype,
+                numel=fmt_count(t.numel),
+                bytes=fmt_bytes(t.nbytes),
+            )
+        if row.module is not None:
+            m = row.module
+            label = m.short_name or self.session.ckpt.path.name  # the root shows the file's name
+            if m.class_name:
+                label += " " + m.class_name
+            return self.seen.note(row.depth, label, numel=fmt_count(m.stats.params), bytes=fmt_bytes(m.stats.nbytes))
+        return False
 
     def expand_visible(self, node: TreeNode[Row], budget: int) -> int:
         """Expand `node` and what is under it, depth first, until `budget` rows were added;
@@ -223,7 +401,6 @@ class ParamTree(Tree[Row]):
 
     def on_resize(self) -> None:
         self.fit_width()
-        self.post_message(self.Resized())
 
     def fit_width(self) -> None:
         """Label widths follow the widget's width: rebuild the lines when it changed, or the
@@ -232,28 +409,50 @@ class ParamTree(Tree[Row]):
         if self.size.width != getattr(self, "_fitted_width", None):
             self._fitted_width = self.size.width
             self._invalidate()
+        self.relayout()
+
+    def relayout(self, need_changed: bool = False) -> None:
+        """Choose the columns and the indentation for the current width and content; the header
+        follows through LayoutChanged."""
+        layout = self._plan()
+        changed = layout != self._layout
+        self._layout = layout
+        if layout.guide != self.guide_depth:
+            self.guide_depth = layout.guide  # invalidates the lines
+        elif changed:
+            self._invalidate()
+        if changed or need_changed:
+            self.post_message(self.LayoutChanged(need_changed))
+
+    def _plan(self) -> Layout:
+        return plan_layout(
+            self.size.width, self.seen.names, self.seen.widths, diff=self.diff is not None, device=self.device_of is not None
+        )
+
+    def needed_width(self) -> int:
+        return self.seen.needed_width()
+
+    def wanted_width(self) -> int:
+        """needed_width and the next column in priority (train; in diff mode, change): what the
+        side panes narrow for, though they do not close for it."""
+        third = (DIFF_PRIORITY if self.diff is not None else PRIORITY)[2]
+        return self.seen.needed_width() + FIXED_WIDTHS[third] + 1
+
+    @property
+    def layout(self) -> Layout:
+        if self._layout is None:
+            self._layout = self._plan()
+        return self._layout
 
     def columns(self) -> tuple[tuple[str, int], ...]:
-        if self.diff is not None:
-            columns = DIFF_COLUMNS
-            if self.size.width >= DIFF_TRAIN_WIDTH:
-                columns = (*columns[:2], COLUMNS[2], *columns[2:])
-            columns = columns[1:] if self.size.width < 70 else columns
-            columns = columns[:-1] if self.size.width < 56 else columns  # keep the change column
-        else:
-            columns = COLUMNS[1:] if self.size.width < 70 else COLUMNS
-        if self.device_of is not None:
-            columns = (*columns, ("device", 7))
-        return columns
+        return self.layout.columns
 
     def column_header(self) -> Text:
         """Column titles aligned with the rows (drawn by the app above the tree)."""
-        width = self._label_width(0)
-        columns = self.columns()
-        fixed = sum(w + 1 for _, w in columns)
-        text = Text("  " + "name".ljust(max(8, width - fixed - 2)), style="bold")
-        for key, w in columns:
-            text.append(" " + (key.rjust(w) if key in ("numel", "bytes") else key.ljust(w)), style="bold")
+        layout = self.layout
+        text = Text("  " + "name".ljust(max(4, self._label_width(0) - layout.fixed - ICON)), style="bold")
+        for key, w in layout.columns:
+            text.append(" " + (key.rjust(w) if key in RIGHT_ALIGNED else key.ljust(w))[:w], style="bold")
         return text
 
     def action_expand_node(self) -> None:
@@ -323,16 +522,16 @@ class ParamTree(Tree[Row]):
         return self._label_width(node.data.depth if node.data else 0)
 
     def _label_width(self, depth: int) -> int:
-        return max(20, self.size.width - 2 - depth * GUIDE)
+        """Every row ends at the same cell; a row deeper than the layout planned for keeps a
+        few cells of name and its columns (the tree scrolls sideways then, never drops shape)."""
+        return max(ICON + 4 + self.layout.fixed, self.size.width - MARGIN - depth * self.guide_depth)
 
     def render_label(self, node: TreeNode[Row], base_style: Style, style: Style) -> Text:
         row = node.data
         if row is None:
             return Text(safe_text(node.label.plain if isinstance(node.label, Text) else str(node.label)))
-        width = self._label_width(row.depth)
-        columns = self.columns()
-        fixed = sum(w + 1 for _, w in columns)
-        name_width = max(8, width - fixed - 2)
+        layout = self.layout
+        name_width = self._label_width(row.depth) - layout.fixed - ICON
         icon = ("▼ " if node.is_expanded else "▶ ") if node.allow_expand else "  "
         text = Text(icon, style=base_style)
         if row.more_of is not None:
@@ -342,7 +541,7 @@ class ParamTree(Tree[Row]):
             return text
         cells: dict[str, tuple[str, str]] = {}
         if row.ghost:
-            name = self._ghost_label(row, cells)
+            leaf, name = self._ghost_label(row, cells)
         elif row.tensor is not None:
             t = row.tensor
             # Names from the file: every unsafe character escaped (units.safe_text).
@@ -350,7 +549,7 @@ class ParamTree(Tree[Row]):
             suffix = safe_text(f" = {t.alias_of}" if t.alias_of else f" ~ {t.tied_to}" if t.tied_to else "")
             name = Text(leaf, style="" if t.kind == PARAMETER else "italic dim")
             name.append(suffix, style="magenta")
-            cells["shape"] = ("×".join(map(str, t.shape)) or "scalar", "")
+            cells["shape"] = (shape_text(t.shape), "")
             cells["dtype"] = (safe_text(t.dtype), "cyan")
             if self.session.can_train(t.name):
                 cells["train"] = MARKS["trainable" if self.session.is_trainable(t.name) else "frozen"]
@@ -367,8 +566,8 @@ class ParamTree(Tree[Row]):
                     name.append(f" ← {safe_text(d.a_name)}", style="dim")
         else:
             m = row.module
-            label = safe_text(m.short_name or self.session.ckpt.path.name)
-            name = Text(label, style="bold")
+            leaf = safe_text(m.short_name or self.session.ckpt.path.name)
+            name = Text(leaf, style="bold")
             if m.class_name:
                 name.append(f" {safe_text(m.class_name)}", style="cyan")
             state = self.session.node_state(m)
@@ -380,16 +579,53 @@ class ParamTree(Tree[Row]):
                 cells["device"] = (devices.pop() if len(devices) == 1 else "mixed" if devices else "", "magenta")
             if self.diff is not None:
                 self._diff_cells(self.diff.module(m.name), name, cells)
-        name.truncate(name_width, overflow="ellipsis", pad=True)
-        text.append_text(name)
-        for key, w in columns:
+        text.append_text(self._fit_name(node, leaf, name, name_width))
+        for key, w in layout.columns:
             value, cell_style = cells.get(key, ("", ""))
-            cell = Text(" " + value[:w].rjust(w) if key in ("numel", "bytes") else " " + value[:w].ljust(w))
+            if len(value) > w:
+                value = value[: w - 1] + "…"
+            cell = Text(" " + (value.rjust(w) if key in RIGHT_ALIGNED else value.ljust(w)))
             if cell_style:
                 cell.stylize(cell_style)
             text.append_text(cell)
         text.stylize(style)
         return text
+
+    def _fit_name(self, node: TreeNode[Row], leaf: str, name: Text, width: int) -> Text:
+        """The name cell: the whole name when it fits; else what follows the name (class,
+        tie, rename) is cut first; a name that is itself too long is shortened so that it
+        still differs from every sibling's."""
+        if name.cell_len > width and len(leaf) >= width:
+            shown = self._short_leaf(node, leaf, width)
+            short = Text(shown, style=name.style)
+            for span in name.spans:
+                if span.start < len(leaf):  # the name's own styles (a diff status colour)
+                    short.stylize(span.style, 0, len(shown))
+            name = short
+        name.truncate(width, overflow="ellipsis", pad=True)
+        return name
+
+    def _short_leaf(self, node: TreeNode[Row], leaf: str, width: int) -> str:
+        """shorten() against the siblings, remembered per parent and width until children change."""
+        parent = node.parent
+        if parent is None:
+            return shorten(leaf, width)
+        key = (parent.id, width)
+        if key not in self._short:
+            self._short[key] = ([self._leaf_of(child) for child in parent.children], {})
+        siblings, shown = self._short[key]
+        if leaf not in shown:
+            shown[leaf] = shorten(leaf, width, siblings)
+        return shown[leaf]
+
+    @staticmethod
+    def _leaf_of(node: TreeNode[Row]) -> str:
+        row = node.data
+        if row is None or row.more_of is not None:
+            return ""
+        if row.tensor is not None:
+            return safe_text(row.tensor.name.rsplit(".", 1)[-1])
+        return safe_text(row.module.short_name) if row.module is not None else ""
 
     def _diff_cells(self, d: TensorDiff | LiveModule | None, name: Text, cells: dict[str, tuple[str, str]]) -> None:
         """Diff mode: the change column, and the name in the colour of its status."""
@@ -403,12 +639,13 @@ class ParamTree(Tree[Row]):
             key = "dtype" if d.status == DTYPE_CHANGED else "shape"
             cells[key] = (cells.get(key, ("", ""))[0], style)
 
-    def _ghost_label(self, row: Row, cells: dict[str, tuple[str, str]]) -> Text:
-        """A row for what only A has: removed (or renamed away), in A's terms."""
+    def _ghost_label(self, row: Row, cells: dict[str, tuple[str, str]]) -> tuple[str, Text]:
+        """A row for what only A has: removed (or renamed away), in A's terms: (name, label)."""
         if row.tensor is not None:
             t = row.tensor
-            name = Text(safe_text(t.name.rsplit(".", 1)[-1]), style="italic")
-            cells["shape"] = ("×".join(map(str, t.shape)) or "scalar", "dim")
+            leaf = safe_text(t.name.rsplit(".", 1)[-1])
+            name = Text(leaf, style="italic")
+            cells["shape"] = (shape_text(t.shape), "dim")
             cells["dtype"] = (safe_text(t.dtype), "dim")
             cells["numel"] = (fmt_count(t.numel), "dim")
             cells["bytes"] = (fmt_bytes(t.nbytes), "dim")
@@ -416,13 +653,13 @@ class ParamTree(Tree[Row]):
             self._diff_cells(d, name, cells)
             if d is not None and d.status == RENAMED and d.b_name:
                 name.append(f" → {safe_text(d.b_name)}", style="dim")
-            return name
+            return leaf, name
         m = row.module
-        name = Text(safe_text(m.short_name), style="bold italic")
+        leaf = safe_text(m.short_name)
+        name = Text(leaf, style="bold italic")
         if m.class_name:
             name.append(f" {safe_text(m.class_name)}", style="dim cyan")
         cells["bytes"] = (fmt_bytes(m.stats.nbytes), "dim") if m.stats.nbytes else ("", "")
         if self.diff is not None:
             self._diff_cells(self.diff.module(m.name), name, cells)
-        return name
-
+        return leaf, name
