@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_tui_gpu import fixed_sample
 
 from conftest import settle
 from modelscope_tui import gpu
 from modelscope_tui.tui.app import MscopeApp
-from test_tui_gpu import fixed_sample
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZES = [(80, 24), (120, 40), (200, 50)]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from test_e2e_terminal import MSCOPE, Terminal, pytestmark  # noqa: F401 - same skip rule
+
 from conftest import run_cli
 from diffpair import write_pair
-from test_e2e_terminal import MSCOPE, Terminal, pytestmark  # noqa: F401 - same skip rule
 
 
 def test_diff_in_a_terminal_is_the_explorer_and_piped_is_text(tmp_path):

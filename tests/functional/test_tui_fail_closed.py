@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_tui import started
 
 from hostile.textattack import SPELLINGS, bad_chars, safetensors_file, torch_zip_file
 from modelscope_tui.tui.app import MscopeApp
 from modelscope_tui.tui.screens.confirm import ConfirmScreen
-from test_tui import started
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "sample_models"

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from test_tui import started
 from textual.binding import Binding
 
 from modelscope_tui.tui import keys
 from modelscope_tui.tui.app import MscopeApp
-from test_tui import started
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 

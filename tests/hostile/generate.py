@@ -37,8 +37,6 @@ for _path in (TESTS, TESTS / "functional"):  # run as a script
         sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
-
-from conftest import SAMPLES, small_state_dict  # noqa: E402
 from test_bad_input import (  # noqa: E402
     ABSURD,
     DEEP,
@@ -60,6 +58,8 @@ from test_payloads import (  # noqa: E402
     attribute_path_global,
 )
 from test_safetensors_sharded import BAD_HEADERS, f32, write_raw  # noqa: E402
+
+from conftest import SAMPLES, small_state_dict  # noqa: E402
 
 REFUSE, OPEN, EITHER = "refuse", "open", "either"
 

@@ -6,7 +6,6 @@ No reader imports torch, reads tensor bytes, or runs code from the file.
 from __future__ import annotations
 
 import errno
-import json
 import operator
 import os
 import struct
@@ -321,15 +320,3 @@ def _dispatch(path: Path) -> Checkpoint:
         return read_dcp(path if path.is_dir() else path.parent)
     raise UnsupportedFormatError(f"unsupported format {kind}", path)
 
-
-def read_json_limited(path: Path, limit: int = 64 << 20) -> object:
-    """JSON from a small side file (indexes, configs), refusing huge or malformed ones."""
-    size = path.stat().st_size
-    if size > limit:
-        raise CorruptCheckpointError(f"JSON file is {size:,} bytes, more than the {limit:,} allowed", path)
-    try:
-        return json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"malformed JSON ({str(exc)[:80]})", path) from exc
-    except RecursionError as exc:  # `[[[[...` 100,000 deep: callers outside open_checkpoint too
-        raise CorruptCheckpointError("malformed JSON (nested too deeply)", path) from exc

@@ -67,10 +67,10 @@ def resolve_inside(base: Path, name: Any, what: str, source: Path) -> Path:
 
 
 def read_sharded(index_path: Path) -> Checkpoint:
-    from . import read_json_limited
+    from ..jsonfile import read_json_file
 
     index_path = Path(index_path)
-    doc = read_json_limited(index_path, MAX_INDEX_BYTES)
+    doc = read_json_file(index_path, CorruptCheckpointError, "a shard index", MAX_INDEX_BYTES)
     if not isinstance(doc, dict) or "weight_map" not in doc:
         raise UnsupportedFormatError(
             'JSON file without a "weight_map": not a sharded checkpoint index', index_path
