@@ -15,6 +15,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from .enums import StrEnum
+
 # Element sizes of every dtype torch can serialise, by torch's own dtype name.
 DTYPE_ITEMSIZE: dict[str, int] = {
     "float64": 8,
@@ -75,9 +77,26 @@ BUFFER_LEAF_NAMES = frozenset(
     }
 )
 
-PARAMETER = "parameter"
-BUFFER = "buffer"
-TENSOR = "tensor"
+class TensorKind(StrEnum):
+    PARAMETER = "parameter"
+    BUFFER = "buffer"
+    TENSOR = "tensor"  # a plain tensor value (optimizer state, an entry), neither of the above
+
+
+PARAMETER, BUFFER, TENSOR = TensorKind.PARAMETER, TensorKind.BUFFER, TensorKind.TENSOR
+
+
+class Format(StrEnum):
+    """What a file is, by its bytes (readers.sniff); JSON writes the plain value."""
+
+    TORCH_ZIP = "torch-zip"
+    TORCH_LEGACY = "torch-legacy"
+    TORCHSCRIPT = "torchscript"
+    PICKLE = "pickle"
+    SAFETENSORS = "safetensors"
+    SHARDED_SAFETENSORS = "sharded-safetensors"
+    SHARDED_TORCH = "sharded-torch"
+    DCP = "dcp"
 
 
 def can_require_grad(dtype: str) -> bool:

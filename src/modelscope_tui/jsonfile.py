@@ -15,12 +15,16 @@ from .errors import MscopeError
 MAX_JSON_BYTES = 64 << 20
 
 
-def read_json_file(path: str | os.PathLike, error: type[MscopeError], what: str) -> Any:
-    """Parse `path` as JSON; any problem raises `error` naming the file and saying it is not `what`."""
+def read_json_file(
+    path: str | os.PathLike, error: type[MscopeError], what: str, limit: int = MAX_JSON_BYTES
+) -> Any:
+    """Parse `path` as JSON; any problem raises `error` naming the file and saying it is not `what`.
+    The one reader of JSON side files: plans, device maps, shard indexes, DCP/HF configs."""
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise error(f"too large for {what} (over {MAX_JSON_BYTES >> 20} MB)", path)
+        size = path.stat().st_size
+        if size > limit:
+            raise error(f"too large for {what} ({size:,} bytes, over the {limit:,} allowed)", path)
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error("no such file", path) from None
@@ -34,6 +38,8 @@ def read_json_file(path: str | os.PathLike, error: type[MscopeError], what: str)
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise error(f"not valid JSON ({exc.msg} at line {exc.lineno})", path) from None
+    except ValueError as exc:  # e.g. an integer past Python's 4,300-digit conversion limit
+        raise error(f"not valid JSON ({str(exc)[:80]})", path) from None
     except RecursionError:
         raise error(f"not {what} (JSON nested too deeply)", path) from None
 

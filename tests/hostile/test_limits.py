@@ -17,6 +17,10 @@ import zlib
 from pathlib import Path
 
 import pytest
+from test_bad_input import GB, FakeStorage, FakeTensor, crafted_tensor_file, crafted_zip
+from test_bad_input import torch_like_pickle as torch_pickle
+from test_payloads import Reduce
+from test_safetensors_sharded import f32, write_raw
 
 from conftest import small_state_dict
 from modelscope_tui.cli import main as cli_main
@@ -25,10 +29,6 @@ from modelscope_tui.readers import open_checkpoint
 from modelscope_tui.readers.pickle.scan import PICKLE_MEMORY_RATIO
 from modelscope_tui.readers.pickle.unpickler import render_call, safe_load
 from modelscope_tui.readers.ziparchive import ZipArchive
-from test_bad_input import GB, FakeStorage, FakeTensor, crafted_tensor_file, crafted_zip
-from test_bad_input import torch_like_pickle as torch_pickle
-from test_payloads import Reduce
-from test_safetensors_sharded import f32, write_raw
 
 
 def refused_fast(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint
-from ..errors import Cancelled, MscopeError
+from ..errors import Cancelled, CorruptCheckpointError, MscopeError
 from ..values.stats import Progress, ProgressFn
 from .checks import AuditRun, Check
 from .findings import Finding, finding
@@ -195,7 +195,8 @@ def check_crc(
 def check_shard_set(path: Path) -> list[Finding]:
     """A sharded set that failed to open, checked piece by piece: missing shards, shards that do
     not open, tensors mapped to a shard that lacks them, tensors in two shards."""
-    from ..readers import open_checkpoint, read_json_limited
+    from ..jsonfile import read_json_file
+    from ..readers import open_checkpoint
     from ..readers.sharded import resolve_inside
 
     if path.is_dir():
@@ -204,7 +205,7 @@ def check_shard_set(path: Path) -> list[Finding]:
         path = (preferred or indexes)[0]
     out: list[Finding] = []
     try:
-        doc = read_json_limited(path)
+        doc = read_json_file(path, CorruptCheckpointError, "a shard index")
         weight_map = doc["weight_map"]  # type: ignore[index]
         wanted: dict[str, list[str]] = defaultdict(list)
         for tensor, shard in weight_map.items():

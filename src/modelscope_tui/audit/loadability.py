@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, Format
 from ..units import fmt_bytes
 from .checks import AuditRun, Check
 from .findings import Finding, finding
@@ -62,12 +62,12 @@ def check_loadability(ckpt: Checkpoint) -> tuple[list[Finding], dict[str, Any]]:
     out: list[Finding] = []
     info: dict[str, Any] = {}
     pickled = ckpt.format in (
-        "torch-zip",
-        "torch-legacy",
-        "pickle",
-        "torchscript",
-        "sharded-torch",
-        "dcp",
+        Format.TORCH_ZIP,
+        Format.TORCH_LEGACY,
+        Format.PICKLE,
+        Format.TORCHSCRIPT,
+        Format.SHARDED_TORCH,
+        Format.DCP,
     )
     dangerous = [g for g in ckpt.globals if g.safety == "dangerous"]
     unsafe = [g for g in ckpt.globals if g.safety == "unsafe"]
@@ -98,7 +98,7 @@ def check_loadability(ckpt: Checkpoint) -> tuple[list[Finding], dict[str, Any]]:
                 add_safe_globals=line,
             )
         )
-    if ckpt.format == "torchscript":
+    if ckpt.format == Format.TORCHSCRIPT:
         out.append(
             finding(
                 "torchscript",
@@ -106,15 +106,15 @@ def check_loadability(ckpt: Checkpoint) -> tuple[list[Finding], dict[str, Any]]:
                 "code; load it only if you trust it",
             )
         )
-    elif ckpt.format in ("safetensors", "sharded-safetensors"):
+    elif ckpt.format in (Format.SAFETENSORS, Format.SHARDED_SAFETENSORS):
         out.append(
             finding("not-torch-load", "safetensors: no pickle, nothing can run when it loads")
         )
-    elif ckpt.format == "dcp":
+    elif ckpt.format == Format.DCP:
         out.append(
             finding("not-torch-load", "DCP directory: load with torch.distributed.checkpoint.load")
         )
-    elif ckpt.format == "pickle":
+    elif ckpt.format == Format.PICKLE:
         out.append(
             finding(
                 "not-torch-load", "a plain pickle, not a torch.save file: torch.load cannot read it"
@@ -158,7 +158,7 @@ def check_loadability(ckpt: Checkpoint) -> tuple[list[Finding], dict[str, Any]]:
     info.update(
         {
             "pickle": pickled,
-            "weights_only": (not unsafe and not dangerous and ckpt.format != "torchscript")
+            "weights_only": (not unsafe and not dangerous and ckpt.format != Format.TORCHSCRIPT)
             if pickled
             else None,
             "dangerous_globals": [g.qualname for g in dangerous],

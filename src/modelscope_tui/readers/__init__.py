@@ -6,13 +6,12 @@ No reader imports torch, reads tensor bytes, or runs code from the file.
 from __future__ import annotations
 
 import errno
-import json
 import operator
 import os
 import struct
 from pathlib import Path
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, Format
 from ..errors import CorruptCheckpointError, MscopeError, NotFoundError, UnsupportedFormatError
 from ..gcpause import paused_gc
 
@@ -20,14 +19,14 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 SAFETENSORS_MAX_HEADER = 100 << 20
 
 FORMAT_LABELS = {
-    "torch-zip": "torch.save zip archive",
-    "torch-legacy": "torch.save legacy (pre-1.6) file",
-    "torchscript": "TorchScript archive",
-    "pickle": "plain pickle",
-    "safetensors": "safetensors",
-    "sharded-safetensors": "sharded safetensors",
-    "sharded-torch": "sharded torch .bin",
-    "dcp": "torch.distributed.checkpoint directory",
+    Format.TORCH_ZIP: "torch.save zip archive",
+    Format.TORCH_LEGACY: "torch.save legacy (pre-1.6) file",
+    Format.TORCHSCRIPT: "TorchScript archive",
+    Format.PICKLE: "plain pickle",
+    Format.SAFETENSORS: "safetensors",
+    Format.SHARDED_SAFETENSORS: "sharded safetensors",
+    Format.SHARDED_TORCH: "sharded torch .bin",
+    Format.DCP: "torch.distributed.checkpoint directory",
 }
 
 
@@ -53,22 +52,22 @@ def sniff(path: Path) -> str:
     if head[:4] in ZIP_MAGICS:
         return "zip"
     if head[:4] == b"\x80\x02\x8a\x0a" and int.from_bytes(head[4:14], "little") == LEGACY_MAGIC:
-        return "torch-legacy"
+        return Format.TORCH_LEGACY
     if len(head) >= 9 and head[8:9] == b"{":
         n = struct.unpack("<Q", head[:8])[0]
         if 2 <= n <= SAFETENSORS_MAX_HEADER:
-            return "safetensors"
+            return Format.SAFETENSORS
         raise CorruptCheckpointError(
             f"safetensors header length {n:,} is impossible for a {path.stat().st_size:,}-byte file", path
         )
     if head[:1] == b"{" and path.name.endswith(".json"):
         return "index-json"
     if path.name == ".metadata":
-        return "dcp"
+        return Format.DCP
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "pickle"
+        return Format.PICKLE
     if _is_headerless_pickle(path):
-        return "pickle"
+        return Format.PICKLE
     if len(head) >= 8 and head[:5] in (b"\x1f\x8b\x08\x00\x00",) or _is_tar(path):
         raise UnsupportedFormatError(
             "this is a compressed or tar file, not a checkpoint", path, "extract it first"
@@ -81,7 +80,7 @@ def sniff(path: Path) -> str:
 
 def _sniff_directory(path: Path) -> str:
     if (path / ".metadata").is_file():
-        return "dcp"
+        return Format.DCP
     indexes = sorted(path.glob("*.index.json"))
     if indexes:
         return "index-dir"
@@ -290,15 +289,15 @@ def _dispatch(path: Path) -> Checkpoint:
 
         with ZipArchive(path) as archive:
             return read_torch_zip(path, archive)
-    if kind == "torch-legacy":
+    if kind == Format.TORCH_LEGACY:
         from .legacy import read_legacy
 
         return read_legacy(path)
-    if kind == "pickle":
+    if kind == Format.PICKLE:
         from .legacy import read_plain_pickle
 
         return read_plain_pickle(path)
-    if kind == "safetensors":
+    if kind == Format.SAFETENSORS:
         from .safetensors import read_safetensors
 
         return read_safetensors(path)
@@ -315,21 +314,9 @@ def _dispatch(path: Path) -> Checkpoint:
     if kind == "single-in-dir":
         single = next(p for p in sorted(path.iterdir()) if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
         return _dispatch(single)
-    if kind == "dcp":
+    if kind == Format.DCP:
         from .dcp import read_dcp
 
         return read_dcp(path if path.is_dir() else path.parent)
     raise UnsupportedFormatError(f"unsupported format {kind}", path)
 
-
-def read_json_limited(path: Path, limit: int = 64 << 20) -> object:
-    """JSON from a small side file (indexes, configs), refusing huge or malformed ones."""
-    size = path.stat().st_size
-    if size > limit:
-        raise CorruptCheckpointError(f"JSON file is {size:,} bytes, more than the {limit:,} allowed", path)
-    try:
-        return json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"malformed JSON ({str(exc)[:80]})", path) from exc
-    except RecursionError as exc:  # `[[[[...` 100,000 deep: callers outside open_checkpoint too
-        raise CorruptCheckpointError("malformed JSON (nested too deeply)", path) from exc

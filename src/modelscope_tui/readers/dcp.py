@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import DTYPE_ITEMSIZE, Checkpoint, GlobalRef, StorageRecord
+from ..checkpoint import DTYPE_ITEMSIZE, Checkpoint, Format, GlobalRef, StorageRecord
 from ..errors import CorruptCheckpointError, MscopeError
 from .pickle.unpickler import MAX_DIM, MAX_DIMS, DType, Inert, StorageType, TensorRef, safe_load
 from .safetensors import Header, contiguous_stride, read_header, short
@@ -211,7 +211,7 @@ class _Reader:
         self.directory = directory
         self.meta_path = meta_path
         self.files = _Files(directory, meta_path)
-        self.ckpt = Checkpoint(directory, "dcp", files=[meta_path])
+        self.ckpt = Checkpoint(directory, Format.DCP, files=[meta_path])
         self.ckpt.globals = list(globals_)
         self.item_globals: dict[tuple[str, str, str], GlobalRef] = {}
         self.transformed = 0

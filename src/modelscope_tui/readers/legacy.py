@@ -11,7 +11,7 @@ import mmap
 import struct
 from pathlib import Path
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, Format
 from ..errors import CorruptCheckpointError
 from .pickle.unpickler import safe_load
 from .torchzip import StorageTable
@@ -49,7 +49,7 @@ def read_legacy_mapped(path: Path, buf: mmap.mmap) -> Checkpoint:
     storages = StorageTable(path, None, "", byteorder)
     root, globals_, pos = safe_load(buf, source=source, start=pos, persistent_load=_legacy_pid(storages, path))
     keys, key_globals, pos = safe_load(buf, source=source, start=pos)
-    ckpt = Checkpoint(path, "torch-legacy", files=[path])
+    ckpt = Checkpoint(path, Format.TORCH_LEGACY, files=[path])
     ckpt.globals = header_globals + globals_ + key_globals
     ckpt.metadata["byteorder"] = byteorder
     ckpt.metadata["sys_info"] = _plain_sys_info(sys_info)
@@ -127,7 +127,7 @@ def read_plain_pickle(path: Path) -> Checkpoint:
         size = len(buf)
     finally:
         buf.close()
-    ckpt = Checkpoint(path, "pickle", files=[path])
+    ckpt = Checkpoint(path, Format.PICKLE, files=[path])
     ckpt.globals = globals_
     if type(root) is int:
         # torch.save's legacy layout starts with a pickled magic number; torch.load reads any

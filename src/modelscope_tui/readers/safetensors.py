@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ..checkpoint import DTYPE_ITEMSIZE, Checkpoint, Entry, StorageRecord, TensorRecord, infer_kind
+from ..checkpoint import (
+    DTYPE_ITEMSIZE,
+    Checkpoint,
+    Entry,
+    Format,
+    StorageRecord,
+    TensorRecord,
+    infer_kind,
+)
 from ..errors import CorruptCheckpointError
 
 MAX_HEADER = 100 << 20
@@ -244,7 +252,7 @@ def read_safetensors(path: Path) -> Checkpoint:
     path = Path(path)
     with open(path, "rb") as fh:
         header = read_header(fh, path)
-    ckpt = Checkpoint(path, "safetensors", files=[path])
+    ckpt = Checkpoint(path, Format.SAFETENSORS, files=[path])
     ckpt.metadata["safetensors_metadata"] = dict(header.metadata)
     ckpt.metadata["header_bytes"] = header.length
     ckpt.refusals.extend(header.refusals)

@@ -11,7 +11,7 @@ import math
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from ..checkpoint import Checkpoint, Entry, GlobalRef, TensorRecord, infer_kind
+from ..checkpoint import Checkpoint, Entry, Format, GlobalRef, TensorRecord, infer_kind
 from ..errors import CorruptCheckpointError, MscopeError, NotFoundError, UnsupportedFormatError
 from .safetensors import natural_key, read_safetensors, short
 
@@ -67,10 +67,10 @@ def resolve_inside(base: Path, name: Any, what: str, source: Path) -> Path:
 
 
 def read_sharded(index_path: Path) -> Checkpoint:
-    from . import read_json_limited
+    from ..jsonfile import read_json_file
 
     index_path = Path(index_path)
-    doc = read_json_limited(index_path, MAX_INDEX_BYTES)
+    doc = read_json_file(index_path, CorruptCheckpointError, "a shard index", MAX_INDEX_BYTES)
     if not isinstance(doc, dict) or "weight_map" not in doc:
         raise UnsupportedFormatError(
             'JSON file without a "weight_map": not a sharded checkpoint index', index_path
@@ -100,7 +100,7 @@ def read_sharded(index_path: Path) -> Checkpoint:
         wanted.setdefault(shard, []).append(tensor)
     shard_paths = {shard: resolve_inside(base, shard, "shard", index_path) for shard in wanted}
 
-    ckpt = Checkpoint(index_path, "sharded-safetensors", files=[index_path])
+    ckpt = Checkpoint(index_path, Format.SHARDED_SAFETENSORS, files=[index_path])
     found: dict[str, str] = {}  # tensor -> shard it was found in
     formats: set[str] = set()
     st_metadata: dict[str, dict] = {}
@@ -160,8 +160,8 @@ def read_sharded(index_path: Path) -> Checkpoint:
         ckpt.problems.extend(f"shard {shard}: {p}" for p in part.problems)
         ckpt.refusals.extend(f"shard {shard}: {r}" for r in part.refusals)
 
-    ckpt.format = "sharded-safetensors" if formats == {"safetensors"} else "sharded-torch"
-    if ckpt.format == "sharded-safetensors":  # shards split the set arbitrarily: one name order
+    ckpt.format = Format.SHARDED_SAFETENSORS if formats == {Format.SAFETENSORS} else Format.SHARDED_TORCH
+    if ckpt.format == Format.SHARDED_SAFETENSORS:  # shards split the set arbitrarily: one name order
         ckpt.tensors.sort(key=lambda t: natural_key(t.name))
     ckpt.globals = list(globals_.values())
     ckpt.metadata["index"] = index_path.name
@@ -185,15 +185,15 @@ def _read_shard(path: Path) -> tuple[Checkpoint, str]:
     from . import sniff
 
     kind = sniff(path)
-    if kind == "safetensors":
+    if kind == Format.SAFETENSORS:
         return read_safetensors(path), kind
     if kind == "zip":
         from .torchzip import read_torch_zip
         from .ziparchive import ZipArchive
 
         with ZipArchive(path) as archive:
-            return read_torch_zip(path, archive), "torch-zip"
-    if kind == "torch-legacy":
+            return read_torch_zip(path, archive), Format.TORCH_ZIP
+    if kind == Format.TORCH_LEGACY:
         from .legacy import read_legacy
 
         return read_legacy(path), kind

@@ -12,6 +12,7 @@ from ..checkpoint import (
     PARAMETER,
     TENSOR,
     Checkpoint,
+    Format,
     ModuleNode,
     StorageRecord,
     join_name,
@@ -189,7 +190,7 @@ def read_torch_zip(path: Path, archive: ZipArchive) -> Checkpoint:
     data = archive.read(f"{prefix}data.pkl", MAX_PICKLE_BYTES, verify=True)
     root, globals_, _ = safe_load(data, source=f"{path.name}:{prefix}data.pkl", persistent_load=storages.load)
     storages.locate()
-    ckpt = Checkpoint(path, "torch-zip", files=[path])
+    ckpt = Checkpoint(path, Format.TORCH_ZIP, files=[path])
     ckpt.globals = globals_
     ckpt.metadata["archive_prefix"] = prefix.rstrip("/")
     ckpt.metadata["byteorder"] = byteorder
@@ -342,7 +343,7 @@ def read_torchscript(path: Path, archive: ZipArchive, prefix: str) -> Checkpoint
         data, source=f"{path.name}:{prefix}data.pkl", persistent_load=storages.load, known_schema=scripted
     )
     storages.locate()
-    ckpt = Checkpoint(path, "torchscript", kind="torchscript", files=[path])
+    ckpt = Checkpoint(path, Format.TORCHSCRIPT, kind="torchscript", files=[path])
     for ref in globals_:
         info = classes.get(ref.qualname)
         if info is not None and info.has_setstate and ref.safety == "safe":

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..checkpoint import DTYPE_ITEMSIZE, FLOATING_DTYPES, Checkpoint, TensorRecord
+from ..checkpoint import DTYPE_ITEMSIZE, FLOATING_DTYPES, Checkpoint, Format, TensorRecord
 from ..enums import StrEnum
 from ..errors import MscopeError, TensorDataError
 from ..jsonfile import compact_json, json_bytes
@@ -209,7 +209,7 @@ def plan_cast(
             f"cannot cast to {str(dtype)[:40]!r}; choose float32, bfloat16 or float16", path
         )
     fmt = _output_format(ckpt, fmt)
-    if ckpt.format == "torchscript" or ckpt.kind == "torchscript":
+    if ckpt.format == Format.TORCHSCRIPT or ckpt.kind == Format.TORCHSCRIPT:
         raise SaveError(
             "TorchScript archives cannot be cast here",
             path,
@@ -318,7 +318,7 @@ def _last_element(r: TensorRecord) -> int:
 
 def _output_format(ckpt: Checkpoint, fmt: str | None) -> CastFormat:
     if fmt is None:
-        if ckpt.format in ("safetensors", "sharded-safetensors"):
+        if ckpt.format in (Format.SAFETENSORS, Format.SHARDED_SAFETENSORS):
             return CastFormat.SAFETENSORS
         return CastFormat.TORCH
     try:

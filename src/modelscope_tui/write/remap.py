@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, Format
 from ..errors import MscopeError
 from ..readers.pickle.patch import PicklePatchError, rewrite_storage_locations
 from ..readers.pickle.scan import scan_pickle
@@ -34,7 +34,7 @@ from .atomic import (
 )
 from .zipwriter import DEFAULT_ALIGNMENT, TorchZipWriter
 
-REMAP_FORMATS = ("torch-zip", "torch-legacy")
+REMAP_FORMATS = (Format.TORCH_ZIP, Format.TORCH_LEGACY)
 _DEVICE = re.compile(r"[a-z][a-z0-9_]*(:[0-9]{1,4})?")
 
 
@@ -66,7 +66,7 @@ def remap_locations(
     """
     source = Path(ckpt.path)
     remap = _location_remap(mapping, source)
-    if ckpt.format == "torchscript":
+    if ckpt.format == Format.TORCHSCRIPT:
         raise SaveError(
             "TorchScript archives are not remapped (their code may name devices too)",
             source,
@@ -90,7 +90,7 @@ def remap_locations(
         except (OSError, ValueError) as exc:
             raise SaveError(f"cannot read the source: {exc}", source) from exc
         try:
-            if ckpt.format == "torch-legacy":
+            if ckpt.format == Format.TORCH_LEGACY:
                 write = _remap_legacy(source, src.fileno(), buf, remap)
             else:
                 write = _remap_zip(source, src.fileno(), buf, remap)

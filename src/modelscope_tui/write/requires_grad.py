@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from ..checkpoint import PARAMETER, Checkpoint, TensorRecord, can_require_grad
+from ..checkpoint import PARAMETER, Checkpoint, Format, TensorRecord, can_require_grad
 from ..errors import MscopeError
 from ..readers.pickle.patch import PicklePatchError, TensorRebuild, scan_tensor_rebuilds
 from ..readers.pickle.scan import scan_pickle
@@ -27,7 +27,7 @@ from ..readers.ziparchive import STORED, ZipArchive, ZipEntry
 from .atomic import SaveError, atomic_write, copy_range, sibling_path, write_all
 from .zipwriter import CENTRAL, EOCD, EOCD64, EOCD64_LOCATOR, FLAG_DESCRIPTOR
 
-PATCHABLE_FORMATS = ("torch-zip", "torch-legacy", "torchscript")
+PATCHABLE_FORMATS = (Format.TORCH_ZIP, Format.TORCH_LEGACY, Format.TORCHSCRIPT)
 
 
 @dataclass(slots=True)
@@ -102,7 +102,7 @@ def plan_requires_grad(
     except (OSError, ValueError) as exc:
         raise SaveError(f"cannot read the source: {exc}", ckpt.path) from exc
     try:
-        if ckpt.format == "torch-legacy":
+        if ckpt.format == Format.TORCH_LEGACY:
             return _plan_legacy(ckpt, wanted, buf)
         return _plan_zip(ckpt, wanted, buf)
     finally:
@@ -116,7 +116,7 @@ def _check_patchable(ckpt: Checkpoint) -> None:
             ckpt.path,
             "save a freeze plan instead",
         )
-    if ckpt.format != "torchscript" and ckpt.module_root is None:
+    if ckpt.format != Format.TORCHSCRIPT and ckpt.module_root is None:
         raise SaveError(
             "this file holds a state_dict, which stores no requires_grad flags",
             ckpt.path,
@@ -165,7 +165,7 @@ def _pickle_records(ckpt: Checkpoint) -> list[TensorRecord]:
     """The records that came from the main pickle (data.pkl), one per tensor object, in creation order."""
     by_seq: dict[int, TensorRecord] = {}
     for record in ckpt.tensors:
-        if ckpt.format == "torchscript" and record.section == "constants":
+        if ckpt.format == Format.TORCHSCRIPT and record.section == "constants":
             continue
         if record.pickle_seq is not None:
             by_seq.setdefault(record.pickle_seq, record)
