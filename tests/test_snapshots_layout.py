@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import settle
-from modelscope_tui import gpu
+from modelscope_tui.gpu import monitor
 from modelscope_tui.tui.app import MscopeApp
 from test_tui_gpu import fixed_sample
 
@@ -34,7 +34,7 @@ class FixedMonitor:
 
 @pytest.fixture
 def fixed_gpus(monkeypatch):
-    monkeypatch.setattr(gpu.GpuMonitor, "from_env", classmethod(lambda cls, *a, **k: FixedMonitor()))
+    monkeypatch.setattr(monitor.GpuMonitor, "from_env", classmethod(lambda cls, *a, **k: FixedMonitor()))
 
 
 async def shown(pilot, details: bool | None = None, gpus: bool | None = None) -> None:

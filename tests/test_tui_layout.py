@@ -279,7 +279,7 @@ def rendered(renderable, width: int) -> list[str]:
 @pytest.fixture(scope="module")
 def notebook():
     from modelscope_tui.readers import open_checkpoint
-    from modelscope_tui.session import Session
+    from modelscope_tui.training.session import Session
 
     return Session(open_checkpoint(SAMPLES / "notebook_full.pt"))
 
