@@ -110,7 +110,7 @@ class Placement:
 
     def _materialise_all(self, groups, target, total, progress, cancel) -> dict[str, Any] | None:
         """Every group onto the target; None when cancelled (what was copied is dropped)."""
-        from ...values.data import TensorData
+        from ..values.data import TensorData
 
         created: dict[str, Any] = {}
         done = 0
