@@ -1,8 +1,8 @@
 """Compile mscope's C sources into _native.so while pip builds the wheel.
 
-statkernel.c (audit's one-pass statistics) and picklescan.c (the pickle pre-scan) go into one
+values/statkernel.c (one-pass tensor statistics) and readers/pickle/picklescan.c (the pickle pre-scan) go into one
 plain shared library loaded with ctypes (no Python C API): it needs only a C compiler, and
-mscope works without it (numpy kernels and a regex scan, slower). So a failed compile warns and
+mscope works without it (numpy kernels and the exact Python scan, slower). So a failed compile warns and
 the install goes on with a pure-Python wheel (py3-none-any). An editable install gets the library
 next to the sources, where it imports from; a regular wheel gets it built in a temporary
 directory (the checkout is left alone) as a forced include, tagged for this platform the way a

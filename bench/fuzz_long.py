@@ -1,4 +1,4 @@
-"""Long mutation-fuzzing run of every reader (the deep counterpart of tests/test_fuzz.py).
+"""Long mutation-fuzzing run of every reader (the deep counterpart of tests/unit/test_fuzz.py).
 
     python bench/fuzz_long.py --minutes 10 [--jobs 2] [--seed 0] [--out bench/_data/fuzz]
     python bench/fuzz_long.py --replay bench/_data/fuzz/00001-legacy    # rerun one reproducer

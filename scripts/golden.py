@@ -7,7 +7,7 @@
 Commands: `summary` (text at 100 columns, and --json), `audit --stats --json`, `estimate`,
 `plan` and `apply-plan` for a fixed rule, `diff --json` of two pairs, and `gpus --json` with two
 simulated GPUs. Outputs are normalised only where they hold live data: timings, the machine's
-host RAM, temp paths and the sample directory. tests/test_golden.py runs --check.
+host RAM, temp paths and the sample directory. tests/functional/test_golden.py runs --check.
 """
 
 from __future__ import annotations

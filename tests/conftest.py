@@ -11,6 +11,30 @@ from pathlib import Path
 import pytest
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+TESTS = Path(__file__).resolve().parent
+
+# Test modules reuse each other's cases across folders (hostile/ reuses the CLI's bad inputs,
+# functional/ the Pilot helpers): every folder is importable by module name.
+for _folder in ("unit", "functional", "hostile"):
+    if str(TESTS / _folder) not in sys.path:
+        sys.path.append(str(TESTS / _folder))
+
+# The fast loop (`pytest -m "not slow"`, under a minute) leaves out what starts terminals,
+# subprocess CLIs per case, builds wheels or walks corpora; the full suite is the README's command.
+SLOW_FILES = {
+    "test_corpus.py", "test_exit_codes.py", "test_inflate.py", "test_differential.py", "test_limits.py",
+    "test_grammar.py", "test_crash_safe_saves.py", "test_native.py", "test_fuzz.py", "test_nesting_memo.py",
+    "test_names.py", "test_dangerous_calls.py", "test_payload_anywhere.py", "test_terminal_text.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        folder = item.path.parent.name
+        if folder in ("unit", "functional", "hostile"):
+            item.add_marker(getattr(pytest.mark, folder))
+        if folder == "functional" or item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
 
 
 @dataclass

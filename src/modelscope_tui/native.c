@@ -1,4 +1,4 @@
-/* The identity of mscope's compiled helpers (_native.so = native.c + statkernel.c + picklescan.c).
+/* The identity of mscope's compiled helpers (_native.so = native.c + values/statkernel.c + readers/pickle/picklescan.c).
  *
  * hatch_build.py compiles with -DMSCOPE_SOURCE_HASH="<sha256 of the C sources>" (native.source_hash),
  * and native.py loads the library only when this string equals the hash of the sources it ships

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent.parent
-if str(TESTS) not in sys.path:  # run as a script
-    sys.path.insert(0, str(TESTS))
+for _path in (TESTS, TESTS / "functional"):  # run as a script
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
 

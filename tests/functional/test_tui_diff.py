@@ -20,7 +20,7 @@ from modelscope_tui.tui.app import MscopeApp
 from modelscope_tui.tui.screens.compare import CompareScreen
 from modelscope_tui.tui.screens.help import HelpScreen
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 
 
 @pytest.fixture(scope="module")

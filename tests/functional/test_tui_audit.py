@@ -11,7 +11,7 @@ from conftest import settle
 from modelscope_tui.tui.app import MscopeApp
 from modelscope_tui.tui.screens.audit import AuditScreen
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 
 
 def details_text(app) -> str:

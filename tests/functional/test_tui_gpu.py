@@ -14,7 +14,7 @@ from modelscope_tui.tui.app import MscopeApp
 from modelscope_tui.tui.screens.device import DeviceScreen
 from modelscope_tui.tui.widgets.gpu_panel import GpuPanel
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "sample_models"
 
 

@@ -12,7 +12,7 @@ from modelscope_tui.gpu import monitor
 from modelscope_tui.tui.app import MscopeApp
 from test_tui_gpu import fixed_sample
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SIZES = [(80, 24), (120, 40), (200, 50)]
 
 

@@ -24,7 +24,7 @@ from modelscope_tui.tui.controllers.filter import TreeFilter, match
 from modelscope_tui.tui.controllers.jobs import Job, Latest
 from modelscope_tui.tui.controllers.values import AUDIT_HINT, COMPUTING, NormProfiler, TensorStats
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 
 
 @pytest.fixture(scope="module")

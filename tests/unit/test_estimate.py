@@ -42,7 +42,7 @@ from modelscope_tui.training.estimate import (
 )
 from modelscope_tui.training.session import Session
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 MiB, GiB = 2**20, 2**30
 
 
@@ -354,7 +354,7 @@ def test_fits_and_headroom():
     assert sgd.peak == sgd.total == 12_000  # SGD steps in place
 
 
-H200 = json.loads((Path(__file__).parent / "data" / "h200_training_memory.json").read_text())
+H200 = json.loads((Path(__file__).resolve().parents[1] / "data" / "h200_training_memory.json").read_text())
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 ALL_SAMPLES = sorted(
     p.name for p in SAMPLES.iterdir() if p.name not in ("README.md", "make_samples.py") and not p.name.startswith(".")
 )
@@ -147,7 +147,7 @@ def test_lightning_entries_put_hyper_parameters_first_and_fold_counters():
     and showed six identical-looking callback lines (the key is the callback's repr)."""
     import os
 
-    path = Path(__file__).resolve().parent.parent / "sample_models" / "lightning.ckpt"
+    path = Path(__file__).resolve().parents[2] / "sample_models" / "lightning.ckpt"
     run = subprocess.run(
         [sys.executable, "-m", "modelscope_tui", "summary", str(path)],
         capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"},

@@ -14,7 +14,7 @@ from modelscope_tui import open_checkpoint
 from modelscope_tui.checkpoint import BUFFER, PARAMETER
 from modelscope_tui.values.data import TensorData
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 
 DICT_SAMPLES = [
     "cnn_state_dict.pt",

@@ -13,7 +13,7 @@ from conftest import run_cli
 from modelscope_tui import open_checkpoint
 from modelscope_tui.training.session import Session, SessionError
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 
 
 class Mixed(nn.Module):

@@ -12,7 +12,7 @@ from modelscope_tui import open_checkpoint
 from modelscope_tui.checkpoint import PARAMETER
 from modelscope_tui.training.session import Session, SessionError
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 
 
 @pytest.fixture(scope="module")

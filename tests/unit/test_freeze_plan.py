@@ -22,7 +22,7 @@ from modelscope_tui.training.plan import PlanError, load_plan, plan_from_session
 from modelscope_tui.training.session import Session
 from modelscope_tui.training.snippet import plan_snippet
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 
 # A small transformer-like model: tied embedding/head, LayerNorms, BatchNorm in blocks 1 and 3.
 MODEL_SRC = """

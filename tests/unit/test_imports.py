@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 HEAVY = ("torch", "textual", "numpy", "safetensors")
 
 
@@ -58,7 +58,7 @@ def test_core_modules_never_import_textual(module):
     assert "textual" not in loaded and "torch" not in loaded
 
 
-PACKAGE = Path(__file__).resolve().parent.parent / "src" / "modelscope_tui"
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "modelscope_tui"
 # Where Textual may be imported: the CLI (which starts the app) and the TUI package.
 UI_MODULES = ("modelscope_tui.cli", "modelscope_tui.__main__")
 

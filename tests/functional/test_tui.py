@@ -14,7 +14,7 @@ from modelscope_tui.tui.screens.help import HelpScreen
 from modelscope_tui.tui.screens.largest import LargestScreen
 from modelscope_tui.tui.screens.pattern import PatternScreen
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "sample_models"
 
 

@@ -27,7 +27,7 @@ from modelscope_tui.write.atomic import TEMP_MARK, SaveError
 from modelscope_tui.write.cast import cast_copy, preview_cast
 from modelscope_tui.write.remap import remap_locations
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 CUDA_ERROR = "Attempting to deserialize object on a CUDA device"
 
 

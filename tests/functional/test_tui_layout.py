@@ -15,7 +15,7 @@ from modelscope_tui.tui.app import MscopeApp
 from modelscope_tui.tui.panes import DETAILS, GPU_COMPACT, GPUS, fit_panes
 from modelscope_tui.tui.widgets.tree import NAME_MIN, name_cells, plan_layout, shape_text, shorten
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "sample_models"
 SIZES = [(80, 24), (120, 40), (200, 50)]
 LAYOUT_SAMPLES = ["llama_tiny.safetensors", "notebook_full.pt", "transformer_tied.pt"]

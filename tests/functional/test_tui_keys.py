@@ -12,7 +12,7 @@ from modelscope_tui.tui import keys
 from modelscope_tui.tui.app import MscopeApp
 from test_tui import started
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 
 # The help screen before it was generated from BINDINGS, row for row.
 WRITTEN_BY_HAND = [

@@ -12,7 +12,7 @@ from modelscope_tui import open_checkpoint
 from modelscope_tui.training import placement as placement_mod
 from modelscope_tui.training.placement import FILE, Placement, PlacementError, available_devices
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 
 
 def test_move_whole_model_to_cpu_matches_torch():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "src" / "modelscope_tui"
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "modelscope_tui"
 
 # Private names still crossing modules: none since the `values/` move of issue #13 (diff reached
 # into audit's value layer). Add nothing here: make the name public in the right room instead.

@@ -12,7 +12,7 @@ from modelscope_tui.tui.app import MscopeApp
 from modelscope_tui.tui.screens.confirm import ConfirmScreen
 from test_tui import started
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "sample_models"
 ALL = "".join(SPELLINGS.values())
 

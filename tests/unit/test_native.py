@@ -18,7 +18,7 @@ from modelscope_tui import native
 from modelscope_tui.readers.pickle import scan as S
 from modelscope_tui.values import statkernel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import hatch_build  # noqa: E402
 

@@ -8,7 +8,7 @@ import pytest
 
 from modelscope_tui.tui.app import MscopeApp
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SIZES = [(80, 24), (160, 48)]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 MSCOPE = Path(sys.executable).parent / "mscope"
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None or not MSCOPE.exists(), reason="needs tmux and the mscope script")

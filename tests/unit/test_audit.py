@@ -653,7 +653,7 @@ def test_fit_name_keeps_layer_numbers():
 
 
 def test_stats_text_says_how_many_rows_it_shows_and_all_stats_shows_every_one():
-    path = str(Path(__file__).resolve().parent.parent / "sample_models" / "train_checkpoint.pt")
+    path = str(Path(__file__).resolve().parents[2] / "sample_models" / "train_checkpoint.pt")
     cmd = [sys.executable, "-m", "modelscope_tui", "audit", "--stats"]
     short = subprocess.run([*cmd, path], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
     assert "10 of 46 tensors shown" in short.stdout and "--all-stats" in short.stdout

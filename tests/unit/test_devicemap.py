@@ -25,7 +25,7 @@ from modelscope_tui.training.devicemap import (
 )
 from modelscope_tui.training.session import Session
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 
 
 @pytest.fixture(scope="module")

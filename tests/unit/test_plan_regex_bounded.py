@@ -13,7 +13,7 @@ import pytest
 from modelscope_tui.patterns import PatternError, compile_safe_regex
 from modelscope_tui.training.snippet import plan_snippet
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 EVIL = ["(a+)+$", "(a|aa)+$", "(a*)*b", "(x?)+y", "(\\w+\\s?)+$", "(.*a){12}", "(a)\\1+$", "a*a*a*b"]
 
 

@@ -217,7 +217,7 @@ def torch_model_tensor_count(fmt: str, tmp_path: Path) -> int:
 def _readers_imported():
     """Import every reader module up front so the sys.modules check below sees only the file's doing
     (a zip sample too: its members' payload search and the compiled scan load their modules)."""
-    samples = Path(__file__).resolve().parent.parent / "sample_models"
+    samples = Path(__file__).resolve().parents[2] / "sample_models"
     open_checkpoint(samples / "legacy_cnn.pt")
     open_checkpoint(samples / "cnn_state_dict.pt")
 
