@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_tui_gpu import fixed_sample
 
 from conftest import settle
-from modelscope_tui.gpu import monitor
+from modelscope_tui.gpu.monitor import GpuMonitor
 from modelscope_tui.tui.app import MscopeApp
-from test_tui_gpu import fixed_sample
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZES = [(80, 24), (120, 40), (200, 50)]
@@ -34,7 +34,7 @@ class FixedMonitor:
 
 @pytest.fixture
 def fixed_gpus(monkeypatch):
-    monkeypatch.setattr(monitor.GpuMonitor, "from_env", classmethod(lambda cls, *a, **k: FixedMonitor()))
+    monkeypatch.setattr(GpuMonitor, "from_env", classmethod(lambda cls, *a, **k: FixedMonitor()))
 
 
 async def shown(pilot, details: bool | None = None, gpus: bool | None = None) -> None:
