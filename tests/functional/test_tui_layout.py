@@ -214,6 +214,25 @@ async def test_a_pane_that_does_not_fit_closes_with_a_hint_and_comes_back(monkey
         assert app.query_one("#details-pane").display
 
 
+async def test_panes_hidden_for_room_return_when_the_terminal_grows(monkeypatch):
+    monkeypatch.setenv("MSCOPE_SIMULATE_GPUS", "1")
+    app = MscopeApp(SAMPLES / "llama_tiny.safetensors", gpu_interval=60, show_gpus=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("e", "d", "g")
+        await settle(pilot)
+        details, panel = app.query_one("#details-pane"), app.query_one("#gpu-panel")
+        assert panel.display and not details.display
+        await pilot.resize_terminal(200, 50)
+        await settle(pilot)
+        assert panel.display and details.display and not panel.compact
+        assert app.tree.size.width >= app.tree.wanted_width() - 2
+        await pilot.resize_terminal(80, 24)  # narrow again: the GPU panel goes first, with a hint
+        await settle(pilot)
+        assert details.display != panel.display
+        assert any("hidden" in n.message for n in app._notifications)
+
+
 def sibling_names(app) -> dict[object, list[tuple[str, str]]]:
     """parent node -> [(name, name cell as shown)] for every row."""
     tree = app.tree

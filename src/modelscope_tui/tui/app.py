@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Group
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -345,10 +345,10 @@ class MscopeApp(App[int]):
         self._update_columns()
 
     # -- who gets the width ----------------------------------------------------------------------
-    def on_resize(self) -> None:
-        self._fit_panes()
+    def on_resize(self, event: events.Resize) -> None:
+        self._fit_panes(width=event.size.width)  # the app's own size may not follow yet
 
-    def _fit_panes(self, opened: str | None = None, may_close: bool = True) -> None:
+    def _fit_panes(self, opened: str | None = None, may_close: bool = True, width: int | None = None) -> None:
         """Give the tree what it needs (names, shapes, dtypes), then the side panes what is left
         (panes.py). A wanted pane left out is said once, and comes back when there is room."""
         if self.want_details is None:  # not mounted yet
@@ -358,14 +358,15 @@ class MscopeApp(App[int]):
         tree = self.tree if self.query("#tree") else None
         need = tree.needed_width() if tree is not None else Seen().needed_width()
         wants = tree.wanted_width() if tree is not None else need
+        width = width or self.size.width
         if may_close:
-            fit = fit_panes(self.size.width, need, self.want_details, self.want_gpus, opened, tree_wants=wants)
+            fit = fit_panes(width, need, self.want_details, self.want_gpus, opened, tree_wants=wants)
         else:  # the tree grew: narrow what is shown, never open or close a pane
-            fit = fit_panes(self.size.width, need, details.display, panel.display, may_close=False, tree_wants=wants)
+            fit = fit_panes(width, need, details.display, panel.display, may_close=False, tree_wants=wants)
         for pane in fit.closed:
             shown = (details if pane == DETAILS else panel).display
             if pane == opened or shown:
-                self._say_no_room(pane, need, opened)
+                self._say_no_room(pane, need, width, opened)
         details.display = fit.details is not None
         if fit.details is not None:
             details.styles.width = fit.details
@@ -380,9 +381,9 @@ class MscopeApp(App[int]):
             self.call_after_refresh(self.update_estimate, False)
         self.call_after_refresh(self._update_columns)  # showing a pane sends the tree no Resize
 
-    def _say_no_room(self, pane: str, need: int, opened: str | None) -> None:
+    def _say_no_room(self, pane: str, need: int, width: int, opened: str | None) -> None:
         name, key = ("details pane", "d") if pane == DETAILS else ("GPU panel", "g")
-        why = f"the tree needs {need} of {self.size.width} columns for names, shapes and dtypes"
+        why = f"the tree needs {need} of {width} columns for names, shapes and dtypes"
         if pane == opened:
             self.notify(f"no room for the {name}: {why}", severity="warning", timeout=5)
         elif opened is not None:

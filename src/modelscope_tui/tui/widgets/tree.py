@@ -37,7 +37,7 @@ from ...units import fmt_bytes, fmt_count, safe_text
 PAGE = 200  # children added per expansion step; a flat 100k-tensor dict stays responsive
 MARGIN = 2  # the vertical scrollbar, and one cell so that a row never touches it
 ICON = 2  # "▼ ", "▶ " or "  " before every name
-GUIDES = (3, 2)  # cells of indentation per level: 2 when 3 would squeeze the names or drop dtype
+GUIDES = (3, 2)  # cells of indentation per level: 2 when 3 would cost shape, dtype or train
 NAME_MIN = 16  # cells a name keeps before a column is dropped ("1 BatchNorm2d"), if it is as long
 # Columns in the order a narrow tree drops them, last first: the name and the shape always stay,
 # since the shape is what a user reads first. Display order is ORDER / DIFF_ORDER.
@@ -150,7 +150,7 @@ def name_cells(names: dict[int, int], guide: int) -> int:
 
 def shorten(name: str, width: int, siblings: Iterable[str] = ()) -> str:
     """`name` in `width` cells, told apart from its siblings: a middle ellipsis keeps both ends
-    (`in_p…weight` / `in_p…j_bias`, `q_p…oj` / `k_p…oj`), with the cut moved until no other
+    (`in_pr…weight` / `in_pr…j_bias`, `q_p…oj` / `k_p…oj`), with the cut moved until no other
     sibling that is shortened too could read the same; when only the middle differs, a window
     around the difference (`…attn…`). Siblings that fit are shown whole and never contain it."""
     if len(name) <= width:
@@ -220,7 +220,7 @@ class Seen:
     and the widest value of each content-sized column. It only grows, so columns do not jump
     as rows come and go."""
 
-    names: dict[int, int] = field(default_factory=lambda: {1: 4})
+    names: dict[int, int] = field(default_factory=lambda: {1: 4})  # before any row: short names
     widths: dict[str, int] = field(
         default_factory=lambda: {"shape": 5, "dtype": 5, "numel": 5, "bytes": 5}
     )
