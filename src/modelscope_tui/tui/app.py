@@ -25,6 +25,7 @@ from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Input, LoadingIndicator, Static
 from textual.worker import Worker, WorkerState
@@ -393,7 +394,12 @@ class MscopeApp(App[int]):
 
     @on(ParamTree.RowHighlighted)
     def _row_highlighted(self, event: ParamTree.RowHighlighted) -> None:
-        self._show_row(event.row)
+        try:
+            self._show_row(event.row)
+        except NoMatches:
+            # A highlight the tree posted as the app began closing (seen on a loaded CI box):
+            # the details pane (always composed) is already gone, and there is nothing to update.
+            pass
 
     def _show_row(self, row: Row | None) -> None:
         if self.session is None:
