@@ -21,6 +21,28 @@ def fmt_count(n: int) -> str:
     return str(n)
 
 
+def percent(part: int, whole: int) -> str:
+    """part/whole in percent, with the decimals it takes to read 100% or 0% only when it is."""
+    if not whole:
+        return "0.0%"
+    pct = 100.0 * part / whole
+    for decimals in range(1, 7):
+        text = f"{pct:.{decimals}f}"
+        if (part == whole or float(text) < 100) and (part == 0 or float(text) > 0):
+            break
+    return f"{text}%"
+
+
+def count_pair(part: int, whole: int) -> str:
+    """`1.6K / 2.2K`; exact (`1,584 / 1,600`) when the compact forms would read the same but
+    the counts differ: freezing one BatchNorm must show. The one rule for a part of a whole
+    (the explorer's header, plan and estimate text)."""
+    a, b = fmt_count(part), fmt_count(whole)
+    if a == b and part != whole:
+        return f"{part:,} / {whole:,}"
+    return f"{a} / {b}"
+
+
 def fmt_bytes_short(n: int) -> str:
     """fmt_bytes with two or three significant digits, for narrow tables: `413 MB`, `85 KB`,
     `1.6 GB`."""
