@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
 
 def fmt_bytes(n: int) -> str:
+    """A size in binary units with their IEC names (`1.3 GiB` is 1.3 x 2**30 bytes): the one
+    convention of every text, screen and message. JSON keeps bytes."""
     size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
+    for unit in BYTE_UNITS:
+        if round(size, 1) < 1024 or unit == "TiB":
             return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
@@ -44,8 +48,8 @@ def count_pair(part: int, whole: int) -> str:
 
 
 def fmt_bytes_short(n: int) -> str:
-    """fmt_bytes with two or three significant digits, for narrow tables: `413 MB`, `85 KB`,
-    `1.6 GB`."""
+    """fmt_bytes with two or three significant digits, for narrow tables: `413 MiB`, `85 KiB`,
+    `1.6 GiB`."""
     text = fmt_bytes(n)
     number, _, unit = text.partition(" ")
     if unit != "B" and float(number) >= 10:

@@ -51,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"exit 1 when a finding of these kinds is found (default {','.join(DEFAULT_FAIL_ON)}; "
         f"'none' never fails; choices: {', '.join(FAIL_ON_CHOICES)})",
     )
-    parser.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_BYTES / (1 << 20), metavar="MB",
-                        help="bytes read per chunk and thread (memory bound; default 2)")  # fmt: skip
+    parser.add_argument("--chunk-mb", default=f"{DEFAULT_CHUNK_BYTES >> 20}MiB", metavar="SIZE",
+                        help="read per chunk and thread (bounds memory): a bare number is MiB (2**20 bytes), "
+                        "or 512KiB, 4MiB, 4MB (x 10**6); default 2MiB")  # fmt: skip
     parser.add_argument(
         "--threads", type=int, default=None, metavar="N", help="worker threads for --stats"
     )
@@ -61,9 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..audit.runner import audit_path
+    from ..training.devicemap import parse_size
 
     fail_on = parse_fail_on(args.fail_on)
-    if args.chunk_mb <= 0 or (args.threads is not None and args.threads < 1):
+    try:
+        chunk_bytes = parse_size(args.chunk_mb, bare=1 << 20)
+    except MscopeError as exc:
+        raise MscopeError(f"--chunk-mb: {exc.message}", hint=exc.hint) from None
+    if chunk_bytes <= 0 or (args.threads is not None and args.threads < 1):
         raise MscopeError("--chunk-mb must be more than 0 and --threads at least 1")
     with progress_bar("reading") as progress:
         report = audit_path(
@@ -72,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             dedupe=args.dedupe,
             crc=args.crc,
             fail_on=fail_on,
-            chunk_bytes=max(4096, int(args.chunk_mb * (1 << 20))),
+            chunk_bytes=max(4096, chunk_bytes),
             threads=args.threads,
             progress=progress,
         )
