@@ -37,6 +37,21 @@ def stat_names(stdout: str) -> list[str]:
     return names
 
 
+def resolved(names: list[str]) -> list[str]:
+    """Rows as full names: a hanging `  ├ exp_avg` is the state of the parameter named by the
+    nearest full row above it (`features.3.weight`, or `features.3.bias · exp_avg`)."""
+    out, owner = [], None
+    for name in names:
+        hanging = re.match(r"^  [├└] (\S+)$", name)
+        if hanging:
+            assert owner is not None, names
+            out.append(f"{owner} · {hanging.group(1)}")
+        else:
+            owner = name.split(" · ")[0]
+            out.append(name)
+    return out
+
+
 def model_parameter_order(path: Path) -> list[str]:
     """What the optimizer's indices stand for: the model's parameters in state-dict order
     (torch.load of our own sample: a plain state dict, no code)."""
@@ -48,8 +63,10 @@ def model_parameter_order(path: Path) -> list[str]:
 def test_optimizer_state_is_named_by_its_parameter_at_200_columns():
     result = mscope("audit", "--stats", "--all-stats", str(TRAIN), columns=200)
     assert result.returncode == 0, result.stderr
-    names = stat_names(result.stdout)
+    rows = stat_names(result.stdout)
+    names = resolved(rows)
     assert len(names) == 46  # every tensor: --all-stats
+    assert "  ├ exp_avg" in rows and "  └ exp_avg_sq" in rows  # state right under its parameter hangs there
     params = model_parameter_order(TRAIN)
     ckpt = torch.load(TRAIN, weights_only=True)
     for index, state in ckpt["optimizer"]["state"].items():
@@ -65,9 +82,10 @@ def test_shortened_names_stay_distinct_at_80_columns():
         result = mscope("audit", "--stats", *extra, str(TRAIN), columns=80)
         assert result.returncode == 0, result.stderr
         assert max(len(line) for line in result.stdout.splitlines()) <= 80
-        names = stat_names(result.stdout)
+        names = resolved(stat_names(result.stdout))
         assert names and len(set(names)) == len(names), names
-        assert any("…" in n for n in names)  # 80 columns is too narrow for `features.3.weight · exp_avg_sq`
+        if not extra:  # the ten largest: hanging under its parameter, no name needs a cut
+            assert "features.3.weight · exp_avg_sq" in names and not any("…" in n for n in names), names
     assert "10 of 46 tensors shown" in mscope("audit", "--stats", str(TRAIN), columns=80).stdout
 
 

@@ -167,7 +167,8 @@ def render_audit(report: AuditReport, console: Any, limit: int = 40, all_stats: 
         table.add_column("tensor", no_wrap=True, max_width=name_width)
         for head, width in zip(heads, widths):
             table.add_column(head, no_wrap=True, min_width=width, justify="left" if head == "flags" else "right")
-        for label, c in zip(fit_names(labels, name_width), cells):
+        shown = under_parameters([s.name for s in rows], fit_names(labels, name_width), report.param_names)
+        for label, c in zip(shown, cells):
             table.add_row(escape(label), *c)
         console.print(table)
         if len(rows) < len(report.stats):
@@ -192,6 +193,22 @@ def render_audit(report: AuditReport, console: Any, limit: int = 40, all_stats: 
 def stat_label(name: str, param_names: dict[str, tuple[str, str]]) -> str:
     param = param_names.get(name)
     return f"{param[0]} · {param[1]}" if param else name
+
+
+def under_parameters(names: list[str], labels: list[str], param_names: dict[str, tuple[str, str]]) -> list[str]:
+    """Optimizer state listed right after its parameter's row drops the parameter's name and
+    hangs under it (`  ├ exp_avg`, `  └ exp_avg_sq`): at 80 columns the full label left
+    `f.3.weig… exp_avg`."""
+    out = list(labels)
+    owner: str | None = None  # the parameter whose rows the previous row belongs to
+    for i, name in enumerate(names):
+        param = param_names.get(name)
+        if param is not None and param[0] == owner:
+            last = i + 1 == len(names) or (param_names.get(names[i + 1]) or ("",))[0] != owner
+            out[i] = f"  {'└' if last else '├'} {param[1]}"
+        else:
+            owner = param[0] if param is not None else name
+    return out
 
 
 def fit_names(names: list[str], width: int) -> list[str]:
