@@ -227,8 +227,8 @@ def test_the_big_tensors_are_split_inside(files):
     chunk = int(float(CHUNK_MB) * (1 << 20))
     for key in ("shards_a", "pt_b"):
         ckpt = open_checkpoint(files[key])
-        items = [(chunk_count(t, chunk), chunk, t.storage.file) for t in ckpt.tensors]
-        jobs = plan_jobs(items, 1 << 20, chunk)
+        items = [(chunk_count(t, chunk), chunk, t.storage.file, t.nbytes) for t in ckpt.tensors]
+        jobs = plan_jobs(items, 1 << 20)
         big = next(i for i, t in enumerate(ckpt.tensors) if t.name == "big.weight")
         ranges = [(f, s) for job in jobs for i, f, s in job.pieces if i == big]
         assert items[big][0] == 24 and len(ranges) >= 6  # 1 MB tasks of 0.25 MB chunks
@@ -317,3 +317,25 @@ def test_a_file_that_changed_under_the_workers_fails_in_one_line(cluster, tmp_pa
     line = str(err.value)
     assert "\n" not in line
     assert line.startswith("on a Dask worker: ") and "is not the checkpoint the client opened" in line
+
+
+def test_progress_comes_back_from_the_cluster(cluster, files):
+    """The callback the CLI's progress bar reads gets the workers' completed bytes, up to all."""
+    from modelscope_tui.audit.runner import run_audit
+    from modelscope_tui.diff.stream import diff_checkpoints
+    from modelscope_tui.readers import open_checkpoint
+
+    os.environ["MSCOPE_DASK_TASK_MB"] = TASK_MB
+    try:
+        seen = []
+        a = open_checkpoint(files["shards_a"], strict=False)
+        report = run_audit(a, stats=True, dask=cluster, progress=seen.append, chunk_bytes=1 << 18)
+        total = sum(t.nbytes for t in a.tensors)
+        assert report.stats and seen[-1].done == seen[-1].total == total
+        assert any(0 < p.done < total for p in seen)  # in steps, as tasks complete
+        seen.clear()
+        b = open_checkpoint(files["shards_b"], strict=False)
+        diff = diff_checkpoints(a, b, progress=seen.append, dask=cluster)
+        assert seen[-1].done == seen[-1].total == diff.bytes_read > 0
+    finally:
+        os.environ.pop("MSCOPE_DASK_TASK_MB", None)

@@ -73,8 +73,9 @@ def cluster_compare(
     for ra, rb in pairs:
         elems = max(1, chunk_bytes // max(ra.itemsize, rb.itemsize))
         file = (ra.storage.file if ra.storage else None, rb.storage.file if rb.storage else None)
-        items.append((pair_chunk_count(ra, rb, chunk_bytes), elems * (ra.itemsize + rb.itemsize), file))
-    jobs = plan_jobs(items, task_bytes, chunk_bytes)
+        per = elems * (ra.itemsize + rb.itemsize)
+        items.append((pair_chunk_count(ra, rb, chunk_bytes), per, file, ra.nbytes + rb.nbytes))
+    jobs = plan_jobs(items, task_bytes)
     loc_a, loc_b, token = location_of(a), location_of(b), cluster.token
 
     def args(job: Job) -> tuple:

@@ -236,33 +236,36 @@ class Job:
     nbytes: int
 
 
-def plan_jobs(
-    items: Sequence[tuple[int, int, Any]], task_bytes: int, chunk_bytes: int
-) -> list[Job]:
-    """Jobs over `items` (chunks, bytes per chunk, file), in order: a tensor bigger than
+def plan_jobs(items: Sequence[tuple[int, int, Any, int]], task_bytes: int) -> list[Job]:
+    """Jobs over `items` (chunks, bytes per chunk, file, bytes), in order: a tensor bigger than
     `task_bytes` is split into ranges of chunks, small ones share a job, no job spans two
     files. Each item appears at least once (an empty tensor as the range 0..0)."""
     jobs: list[Job] = []
     pieces: list[Piece] = []
-    size = 0
+    size = read = 0  # chunks x their size (the budget), and the bytes they hold
     last_file: Any = None
 
     def close() -> None:
-        nonlocal pieces, size
+        nonlocal pieces, size, read
         if pieces:
-            jobs.append(Job(pieces, size))
-            pieces, size = [], 0
+            jobs.append(Job(pieces, read))
+            pieces, size, read = [], 0, 0
 
-    for i, (count, per_chunk, file) in enumerate(items):
+    for i, (count, per_chunk, file, nbytes) in enumerate(items):
         if file != last_file:
             close()
             last_file = file
-        per_task = max(1, task_bytes // max(1, per_chunk))
+        per_chunk = max(1, per_chunk)
         first = 0
         while True:
-            stop = min(count, first + max(1, per_task - size // max(1, per_chunk)))
+            room = (task_bytes - size) // per_chunk  # whole chunks that still fit this task
+            if room < 1 and size and count:
+                close()
+                room = task_bytes // per_chunk
+            stop = min(count, first + max(1, room))
             pieces.append((i, first, stop))
             size += (stop - first) * per_chunk
+            read += min(stop * per_chunk, nbytes) - min(first * per_chunk, nbytes)
             if size >= task_bytes or len(pieces) >= TASK_PIECES:
                 close()
             if stop >= count:
@@ -291,16 +294,14 @@ def run_jobs(
     client = cluster.client
     window = max(16, 8 * cluster.threads)
     t0 = time.perf_counter()
-    state = {"done": 0, "last": 0.0}
+    state = {"done": 0}
     futures: dict[Any, int] = {}
     queue = as_completed(loop=client.loop)
     submitted = 0
 
-    def report(label: str, force: bool = False) -> None:
-        now = time.perf_counter()
-        if progress is not None and (force or now - state["last"] >= 0.1):
-            state["last"] = now
-            progress(Progress(state["done"], total, now - t0, label))
+    def report(label: str) -> None:  # every job: they are few (tens of MB each)
+        if progress is not None:
+            progress(Progress(state["done"], total, time.perf_counter() - t0, label))
 
     def submit() -> None:
         nonlocal submitted
@@ -311,7 +312,7 @@ def run_jobs(
             queue.add(fut)
             submitted += 1
 
-    report("", force=True)
+    report("")
     results: dict[int, Any] = {}
     following = 0
     try:
@@ -334,7 +335,7 @@ def run_jobs(
                 client.cancel(list(futures))
             except Exception:  # noqa: BLE001 - best effort; the client closes next anyway
                 pass
-    report("", force=True)
+    report("")
 
 
 def _result(fut: Any) -> Any:
@@ -369,8 +370,9 @@ def cluster_stats(
     items = []
     for r in records:
         per = max(1, chunk_bytes // max(1, r.itemsize)) * r.itemsize
-        items.append((chunk_count(r, chunk_bytes), per, r.storage.file if r.storage else None))
-    jobs = plan_jobs(items, task_bytes, chunk_bytes)
+        file = r.storage.file if r.storage else None
+        items.append((chunk_count(r, chunk_bytes), per, file, r.nbytes))
+    jobs = plan_jobs(items, task_bytes)
     location, token = location_of(ckpt), cluster.token
 
     def args(job: Job) -> tuple:
