@@ -105,6 +105,7 @@ def _state_dict(after: bool) -> dict:
     }
     for i in range(12):
         sd[f"layers.{i}.weight"] = _values(96 * 64, 1 + i).float().reshape(96, 64)
+    sd["copy.weight"] = sd["layers.1.weight"].clone()  # a duplicate (hashed on the cluster)
     if after:
         sd["big.weight"] = sd["big.weight"] + 1e-3 * _values(1536 * 1024, 9).float().reshape(1536, 1024)
         sd["layers.3.weight"] = sd["layers.3.weight"] * (1 + 1e-7)  # close
@@ -213,7 +214,10 @@ def test_audit_stats_on_the_cluster_equals_local(cluster, files, which):
         assert remote.stderr == ""
         if fmt == ["--json"]:
             _assert_same_json(local.stdout, remote.stdout)
-            assert json.loads(remote.stdout)["stats"]["tensors"]  # something was computed
+            doc = json.loads(remote.stdout)
+            assert doc["stats"]["tensors"]  # something was computed
+            if which != "sharded_hf":
+                assert sorted(doc["waste"]["duplicates"][0]["tensors"]) == ["copy.weight", "layers.1.weight"]
         else:
             assert _mask_time(remote.stdout) == _mask_time(local.stdout)
 
@@ -250,7 +254,7 @@ def test_diff_on_the_cluster_equals_local(cluster, files, pair):
         if fmt == "--json":
             _assert_same_json(local.stdout, remote.stdout)
             statuses = {t["status"] for t in json.loads(remote.stdout)["tensors"]}
-            assert {"identical", "changed"} <= statuses
+            assert {"identical", "changed", "renamed"} <= statuses  # renames hashed on the cluster
         else:
             assert _mask_time(remote.stdout) == _mask_time(local.stdout)
 

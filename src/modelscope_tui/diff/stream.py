@@ -208,7 +208,7 @@ class DiffStream:
                     self.results[(m.a_name, m.b_name)] = d
                     yield d
                 if self.detect_renames and self.removed and self.added and not self.renamed:
-                    for d in self._renames(da, db, cancel):
+                    for d in self._renames(da, db, cancel, cluster):
                         self.renamed.append(d)
                         yield d
         except Cancelled:
@@ -262,8 +262,9 @@ class DiffStream:
         report.bytes_read = self.done_bytes
         return report
 
-    def _renames(self, da, db, cancel) -> Iterator[TensorDiff]:
-        """Removed x added with the same shape and dtype, compared by a BLAKE2b of their bytes."""
+    def _renames(self, da, db, cancel, cluster=None) -> Iterator[TensorDiff]:
+        """Removed x added with the same shape and dtype, compared by a BLAKE2b of their bytes
+        (hashed by the workers of `cluster` when there is one)."""
         ta, tb, chunk_bytes = self.a_tensors, self.b_tensors, self.chunk_bytes
         sig_a: dict[tuple, list[str]] = defaultdict(list)
         sig_b: dict[tuple, list[str]] = defaultdict(list)
@@ -276,26 +277,37 @@ class DiffStream:
             if r.storage is not None and r.dtype in LAYOUT and id(r) not in self._bad:
                 sig_b[(dims_key(r.shape), r.dtype)].append(n)
         ambiguous = 0
+        hashed_a: dict[int, bytes | None] = {}
+        hashed_b: dict[int, bytes | None] = {}
+        if cluster is not None:  # every candidate hashed by the workers, in one batch per side
+            from ..values.cluster import cluster_digests
+
+            both = [sig for sig in sig_a if sig in sig_b]
+            hashed_a = cluster_digests(cluster, self.a, [ta[n] for s in both for n in sig_a[s]], chunk_bytes, cancel)
+            hashed_b = cluster_digests(cluster, self.b, [tb[n] for s in both for n in sig_b[s]], chunk_bytes, cancel)
+
+        def digests(names: list[str], records: dict, data, hashed: dict) -> dict[bytes, list[str]]:
+            out: dict[bytes, list[str]] = defaultdict(list)
+            for n in names:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+                if cluster is not None:
+                    h = hashed.get(id(records[n]))
+                    if h is not None:
+                        out[h].append(n)
+                    continue
+                try:
+                    out[digest(data, records[n], chunk_bytes)].append(n)
+                except TensorDataError:
+                    continue
+            return out
+
         for sig, names_a in sig_a.items():
             names_b = sig_b.get(sig)
             if not names_b:
                 continue
-            digests_b: dict[bytes, list[str]] = defaultdict(list)
-            for n in names_b:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled()
-                try:
-                    digests_b[digest(db, tb[n], chunk_bytes)].append(n)
-                except TensorDataError:
-                    continue
-            digests_a: dict[bytes, list[str]] = defaultdict(list)
-            for n in names_a:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled()
-                try:
-                    digests_a[digest(da, ta[n], chunk_bytes)].append(n)
-                except TensorDataError:
-                    continue
+            digests_b = digests(names_b, tb, db, hashed_b)
+            digests_a = digests(names_a, ta, da, hashed_a)
             # A rename only when the bytes are unique on both sides: equal constant tensors (two
             # BatchNorm weights of all ones) say nothing about which name became which.
             for h, hits_a in digests_a.items():

@@ -220,6 +220,32 @@ def stats_task(location: str, token: str, pieces: list[tuple], chunk_bytes: int)
     return out
 
 
+def digest_task(location: str, token: str, pieces: list[tuple], chunk_bytes: int) -> list[tuple]:
+    """Runs on a worker: per piece (index, signature, first, stop), (True, [BLAKE2b of each
+    chunk, row-major order]) or (False, message)."""
+    import hashlib
+
+    from .data import TensorData
+    from .kernels import numpy_module
+
+    np = numpy_module()
+    out: list[tuple] = []
+    with TensorData() as data:
+        for index, sig, first, stop in pieces:
+            try:
+                r = worker_record(location, token, index, sig)
+                src = Source(data, r, chunk_bytes, ordered=True)
+                hashes = [
+                    hashlib.blake2b(np.ascontiguousarray(c).view(np.uint8).data, digest_size=16).digest()
+                    for _, c in src.chunks(first, stop)
+                ]
+            except TensorDataError as exc:
+                out.append((False, exc.message))
+                continue
+            out.append((True, hashes))
+    return out
+
+
 def _fields(p: Any) -> tuple:
     return (p.n, p.finite, p.nan, p.inf, p.zeros, p.mn, p.mx, p.mean, p.m2, p.sumsq)
 
@@ -413,3 +439,54 @@ def cluster_stats(
                     total.merge(Part(*fields))
             if stop >= items[i][0]:
                 yield r, stats_from_part(r, totals.pop(i))
+
+
+def cluster_digests(
+    cluster: Cluster,
+    ckpt: Checkpoint,
+    records: list[TensorRecord],
+    chunk_bytes: int,
+    cancel: threading.Event | None = None,
+    task_bytes: int | None = None,
+) -> dict[int, bytes | None]:
+    """id(record) -> a BLAKE2b of its elements in row-major order (a hash of its chunks'
+    hashes: equal for equal dtype, shape and values, like values.digest.digest, though not the
+    same bytes), or None when its bytes cannot be read. Read on the cluster."""
+    import hashlib
+
+    if not records:
+        return {}
+    task_bytes = task_bytes or task_bytes_default()
+    records = list({id(r): r for r in records}.values())
+    index = {id(t): i for i, t in enumerate(ckpt.tensors)}
+    items = []
+    for r in records:
+        per = max(1, chunk_bytes // max(1, r.itemsize)) * r.itemsize
+        file = r.storage.file if r.storage else None
+        items.append((chunk_count(r, chunk_bytes, ordered=True), per, file, r.nbytes))
+    location, token = location_of(ckpt), cluster.token
+
+    def args(job: Job) -> tuple:
+        pieces = [
+            (index[id(records[i])], signature(records[i]), first, stop)
+            for i, first, stop in job.pieces
+        ]
+        return (location, token, pieces, chunk_bytes)
+
+    hashers: dict[int, Any] = {}
+    out: dict[int, bytes | None] = {}
+    jobs = plan_jobs(items, task_bytes)
+    for job, result in run_jobs(cluster, digest_task, jobs, args, 0, None, cancel):
+        for (i, _first, stop), (ok, payload) in zip(job.pieces, result):
+            key = id(records[i])
+            if key in out:
+                continue
+            if not ok:
+                out[key] = None
+                continue
+            h = hashers.setdefault(key, hashlib.blake2b(digest_size=16))
+            for chunk in payload:
+                h.update(chunk)
+            if stop >= items[i][0]:
+                out[key] = hashers.pop(key).digest()
+    return out
