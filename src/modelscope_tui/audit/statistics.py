@@ -56,7 +56,8 @@ def _run_stats(report: AuditReport, run: AuditRun) -> None:
         report.findings.append(
             finding("no-stats", f"{n} tensor(s) of dtype {dtype}: no statistics")
         )
-    threads = threads or default_threads()
+    cluster = run.cluster
+    threads = cluster.threads if cluster is not None else (threads or default_threads())
     report.param_names = optimizer_param_names(ckpt)
     t0 = time.perf_counter()
     errors: list[Finding] = []
@@ -68,12 +69,21 @@ def _run_stats(report: AuditReport, run: AuditRun) -> None:
 
     done = 0
     try:
-        with TensorData() as data:
-            for r, st in stream_stats(
-                data, records, chunk_bytes, threads, run.progress, run.cancel, on_error
+        if cluster is not None:  # workers read; the same stats in the same order
+            from ..values.cluster import cluster_stats
+
+            for r, st in cluster_stats(
+                cluster, ckpt, records, chunk_bytes, run.progress, run.cancel, on_error
             ):
                 report.stats[r.qualified_name] = st
                 done += r.nbytes
+        else:
+            with TensorData() as data:
+                for r, st in stream_stats(
+                    data, records, chunk_bytes, threads, run.progress, run.cancel, on_error
+                ):
+                    report.stats[r.qualified_name] = st
+                    done += r.nbytes
     finally:
         report.findings += errors
         for t, first in copies:

@@ -4,6 +4,7 @@ the run, and the text report (rich, imported when the report is printed)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from typing import Any
@@ -57,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, metavar="N", help="worker threads for --stats"
     )
+    parser.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help="with --stats: read the values on a Dask cluster, e.g. tcp://host:8786 "
+        "(default $MSCOPE_DASK; docs/dask.md)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -71,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         raise MscopeError(f"--chunk-mb: {exc.message}", hint=exc.hint) from None
     if chunk_bytes <= 0 or (args.threads is not None and args.threads < 1):
         raise MscopeError("--chunk-mb must be more than 0 and --threads at least 1")
+    if args.dask is not None and not args.stats:
+        raise MscopeError("--dask needs --stats (the statistics are what a cluster reads)")
     with progress_bar("reading") as progress:
         report = audit_path(
             args.file,
@@ -81,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             chunk_bytes=max(4096, chunk_bytes),
             threads=args.threads,
             progress=progress,
+            dask=args.dask if args.dask is not None else (os.environ.get("MSCOPE_DASK") or None),
         )
     if args.json:
         sys.stdout.write(report.to_json())

@@ -10,6 +10,7 @@ numpy's as_strided and the compiled loop trust them, and a wrong one reads outsi
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import islice
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..checkpoint import TensorRecord, prod
@@ -93,6 +94,38 @@ def slabs(shape: tuple[int, ...], chunk: int) -> Iterator[tuple]:
             yield (i, *rest)
 
 
+def slab_count(shape: tuple[int, ...], chunk: int) -> int:
+    """How many index tuples `slabs(shape, chunk)` yields, without walking them."""
+    if not shape:
+        return 1
+    inner = prod(shape[1:])
+    if inner <= chunk:
+        step = max(1, chunk // max(inner, 1))
+        return -(-shape[0] // step)
+    return shape[0] * slab_count(shape[1:], chunk)
+
+
+def slab_elements(shape: tuple[int, ...], idx: tuple) -> int:
+    """Elements in the slab `idx` (one of `slabs(shape, ...)`)."""
+    rest = prod(shape[len(idx) :])
+    last = idx[-1] if idx else None
+    if isinstance(last, slice):
+        return (last.stop - last.start) * rest
+    return rest
+
+
+def chunk_count(record: TensorRecord, chunk_bytes: int, ordered: bool = False) -> int:
+    """How many chunks `Source(..., record, chunk_bytes, ordered).chunks()` yields, from the
+    metadata alone (no bytes, no mapping): a Dask client splits tensors by chunk index with it,
+    so the chunks a worker reads are the ones a local run reads."""
+    if record.numel == 0:
+        return 0
+    elements = max(1, chunk_bytes // max(1, record.itemsize))
+    if ordered or record.is_contiguous or is_dense(record):
+        return -(-record.numel // elements)  # byte ranges, or strided slabs regrouped to them
+    return slab_count(tuple(record.shape), elements)
+
+
 _NATIVE_KIND = {("f16", "int16"): 0, ("bf16", "int16"): 1, ("float", "float32"): 2}
 
 
@@ -167,41 +200,59 @@ class Source:
                 writeable=False,
             )
 
-    def chunks(self) -> Iterator[tuple[int, Any]]:
-        """(source bytes, components) for each chunk, in row-major order when `ordered`."""
+    def chunks(self, first: int = 0, stop: int | None = None) -> Iterator[tuple[int, Any]]:
+        """(source bytes, components) for each chunk, in row-major order when `ordered`; only
+        chunks first..stop-1 (a Dask task's range: see chunk_count), the ones before `first`
+        skipped without reading them."""
         if self.numel == 0:
             return
         step = self.elements * self.record.itemsize
+        end = self.nbytes if stop is None else min(self.nbytes, stop * step)
         if self.address is not None:
             address, size, kind = self.address, self.comp_size, self.native_kind
             lo, hi = self.bounds
-            for start in range(0, self.nbytes, step):
+            for start in range(first * step, end, step):
                 nbytes = min(step, self.nbytes - start)
                 yield nbytes, (address + start, nbytes // size, kind, lo, hi)
             return
         if self.flat is not None:
-            for start in range(0, self.flat.size, step):
+            for start in range(first * step, end, step):
                 raw = self.flat[start : start + step]
                 yield raw.size, self._components(raw)
             return
         np = numpy_module()
         if not self.ordered:
-            for idx in slabs(self.record.shape, self.elements):
+            for idx in islice(slabs(self.record.shape, self.elements), first, stop):
                 block = np.ascontiguousarray(self.view[idx]).reshape(-1).view(np.uint8)
                 yield block.size, self._components(block)
             return
         # Ordered (diff): the other side may be contiguous and cut in chunks of exactly `step`
         # bytes, and chunks are compared pairwise, so the slabs are regrouped to that size.
+        # Slabs wholly before chunk `first` are skipped unread; one that straddles it is cut.
+        skip = first * step
+        pos = 0  # source bytes of the slabs walked so far
         pending: list = []
         size = 0
         for idx in slabs(self.record.shape, self.elements):
+            if pos >= end:
+                return
+            nbytes = slab_elements(self.record.shape, idx) * self.record.itemsize
+            if pos + nbytes <= skip:
+                pos += nbytes
+                continue
             block = np.ascontiguousarray(self.view[idx]).reshape(-1).view(np.uint8)
+            if pos < skip:
+                block = block[skip - pos :]
+            pos += nbytes
             pending.append(block)
             size += block.size
             while size >= step:
                 joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
                 out, rest = joined[:step], joined[step:]
                 yield out.size, self._components(out)
+                skip += step
+                if skip >= end:
+                    return
                 pending, size = ([rest] if rest.size else []), rest.size
         if pending:
             joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
