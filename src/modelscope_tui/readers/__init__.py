@@ -27,6 +27,7 @@ FORMAT_LABELS = {
     Format.SHARDED_SAFETENSORS: "sharded safetensors",
     Format.SHARDED_TORCH: "sharded torch .bin",
     Format.DCP: "torch.distributed.checkpoint directory",
+    Format.GGUF: "GGUF (llama.cpp)",
 }
 
 
@@ -51,6 +52,8 @@ def sniff(path: Path) -> str:
         raise UnsupportedFormatError("file is empty", path, "the save was interrupted or the download failed")
     if head[:4] in ZIP_MAGICS:
         return "zip"
+    if head[:4] == b"GGUF":  # before safetensors: a GGUF of 123 tensors has '{' at byte 8
+        return Format.GGUF
     if head[:4] == b"\x80\x02\x8a\x0a" and int.from_bytes(head[4:14], "little") == LEGACY_MAGIC:
         return Format.TORCH_LEGACY
     if len(head) >= 9 and head[8:9] == b"{":
@@ -74,7 +77,7 @@ def sniff(path: Path) -> str:
         )
     raise UnsupportedFormatError(
         "not a PyTorch checkpoint (unknown file format)", path,
-        "mscope reads torch.save, TorchScript, safetensors, sharded HF and DCP checkpoints",
+        "mscope reads torch.save, TorchScript, safetensors, sharded HF, DCP and GGUF checkpoints",
     )  # fmt: skip
 
 
@@ -301,6 +304,10 @@ def _dispatch(path: Path) -> Checkpoint:
         from .safetensors import read_safetensors
 
         return read_safetensors(path)
+    if kind == Format.GGUF:
+        from .gguf import read_gguf
+
+        return read_gguf(path)
     if kind == "index-json":
         from .sharded import read_sharded
 
