@@ -48,11 +48,28 @@ def compare_values(
     chunk_bytes: int,
     cancel: threading.Event | None,
     on_bytes: Callable[[int], None],
+    unpermute: tuple[str, int] | None = None,
 ) -> Sums:
     """Sums over both tensors' values (same shape; the dtypes may differ). Raises
-    TensorDataError when bytes cannot be read, Cancelled when `cancel` is set."""
+    TensorDataError when bytes cannot be read, Cancelled when `cancel` is set.
+
+    unpermute=(side, heads): that side ("a" or "b") holds a 2-D weight whose rows llama.cpp
+    permuted for its rotary layout; its chunks (whole heads) are put back in the other's order."""
     np = numpy_module()
     elems = max(1, chunk_bytes // max(a.itemsize, b.itemsize))
+    restore = None
+    if unpermute is not None:
+        side, heads = unpermute
+        rows, cols = a.shape if len(a.shape) == 2 else (0, 0)
+        if heads > 0 and rows and rows % heads == 0 and (rows // heads) % 2 == 0:
+            group = rows // heads * cols  # one head's rows: chunks hold whole heads
+            elems = max(group, elems // group * group)
+            half = rows // heads // 2
+
+            def restore(c):  # (heads, half, 2, cols) -> (heads, 2, half, cols): LlamaModel.permute undone
+                return np.ascontiguousarray(c.reshape(-1, half, 2, cols).swapaxes(1, 2)).reshape(-1)
+
+            restore_a = side == "a"
     sa = Source(da, a, elems * a.itemsize, ordered=True)
     sb = Source(db, b, elems * b.itemsize, ordered=True)
     ka, kb = sa.chunk_kernel, sb.chunk_kernel
@@ -62,6 +79,11 @@ def compare_values(
         if cancel is not None and cancel.is_set():
             raise Cancelled()
         on_bytes(na + nb)
+        if restore is not None:
+            if restore_a:
+                ca = restore(ca)
+            else:
+                cb = restore(cb)
         if same_dtype and np.array_equal(ca.view(np.uint8), cb.view(np.uint8)):
             q = chunk_part(ca, ka).sumsq
             acc.aa += q

@@ -277,7 +277,8 @@ def _value(r: _Reader, h: _Header, key: str, kind: int) -> tuple[str, Any]:
     label = f"value of {_short(key)}"
     if kind in SCALARS:
         name, code, size = SCALARS[kind]
-        return name, r.scalar(code, size, label)
+        value = r.scalar(code, size, label)
+        return name, _f32(value) if code == "f" else value
     if kind == STRING:
         return "string", r.string(label, MAX_VALUE_CHARS)
     if kind != ARRAY:
@@ -293,6 +294,8 @@ def _value(r: _Reader, h: _Header, key: str, kind: int) -> tuple[str, Any]:
             raise _Corrupt(f"array {_short(key)} declares {count:,} {name} values; {r.left:,} bytes are left")
         shown = min(count, PREVIEW_ITEMS)
         preview = list(struct.unpack_from(f"{r.order}{shown}{code}", r.buf, r.pos))
+        if code == "f":
+            preview = [_f32(v) for v in preview]
         r.pos += count * size
         return f"array[{name}]", _array_text(count, name, preview)
     if item != STRING:
@@ -310,6 +313,19 @@ def _value(r: _Reader, h: _Header, key: str, kind: int) -> tuple[str, Any]:
             raise _Corrupt(f"item {i + len(preview):,} of array {_short(key)} runs past the end of the file")
     r.pos = pos
     return "array[string]", _array_text(count, "string", preview)
+
+
+def _f32(value: float) -> float:
+    """A float32 as the shortest decimal that reads back as the same float32 (1e-05, not
+    9.999999747378752e-06: the double nearest the float32)."""
+    if value != value or value in (float("inf"), float("-inf")):
+        return value
+    packed = struct.pack("<f", value)
+    for digits in range(1, 10):
+        short = float(f"{value:.{digits}g}")
+        if struct.pack("<f", short) == packed:
+            return short
+    return value
 
 
 def _array_text(count: int, name: str, preview: list) -> str:
@@ -433,6 +449,8 @@ def facts(h: _Header) -> dict[str, Any]:
         out["context_length"] = get(f"{arch}.context_length")
         out["block_count"] = get(f"{arch}.block_count")
         out["embedding_length"] = get(f"{arch}.embedding_length")
+        out["head_count"] = get(f"{arch}.attention.head_count")
+        out["head_count_kv"] = get(f"{arch}.attention.head_count_kv")
     out["tokenizer_model"] = get("tokenizer.ggml.model")
     out["tokenizer_tokens"] = h.arrays.get("tokenizer.ggml.tokens")
     out["quantization_version"] = get("general.quantization_version")
@@ -454,6 +472,8 @@ def fact_lines(ckpt: Checkpoint) -> list[tuple[str, str]]:
         ("context_length", "context length"),
         ("block_count", "blocks"),
         ("embedding_length", "embedding length"),
+        ("head_count", "attention heads"),
+        ("head_count_kv", "key/value heads"),
         ("tokenizer_model", "tokenizer"),
         ("tokenizer_tokens", "tokenizer tokens"),
         ("file_type", "file type"),
