@@ -92,18 +92,20 @@ def llama_cpp_map(
 
 
 def quantized_note(pairs: list[tuple[TensorRecord, TensorRecord]]) -> str | None:
-    """Which paired tensors changed between a plain dtype and a GGML block type, and to what:
-    `bfloat16 -> Q8_0 x14, bfloat16 -> Q4_K x7`."""
-    moves: dict[str, int] = {}
+    """Which paired tensors went from a plain dtype to a GGML block type (or back), and to what:
+    `26 tensor(s) quantized: bfloat16 -> Q8_0 x17, bfloat16 -> Q4_0 x8, ...`."""
+    moves: dict[str, dict[str, int]] = {"quantized": {}, "dequantized": {}}
     for ra, rb in pairs:
         if ra.dtype != rb.dtype and (ra.dtype in BLOCK_DTYPES or rb.dtype in BLOCK_DTYPES):
+            way = moves["quantized" if rb.dtype in BLOCK_DTYPES else "dequantized"]
             key = f"{ra.dtype} -> {rb.dtype}"
-            moves[key] = moves.get(key, 0) + 1
-    if not moves:
-        return None
-    total = sum(moves.values())
-    listed = ", ".join(f"{k} x{v:,}" for k, v in sorted(moves.items(), key=lambda kv: -kv[1]))
-    return f"{total:,} tensor(s) quantized: {listed}"
+            way[key] = way.get(key, 0) + 1
+    lines = []
+    for way, counts in moves.items():
+        if counts:
+            listed = ", ".join(f"{k} x{v:,}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+            lines.append(f"{sum(counts.values()):,} tensor(s) {way}: {listed}")
+    return "; ".join(lines) or None
 
 
 # llama.cpp's converter reorders the rows of these for its rotary layout (convert_hf_to_gguf.py,
