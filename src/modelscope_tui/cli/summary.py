@@ -10,7 +10,7 @@ import sys
 from typing import Any, NamedTuple
 
 from ..checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord
-from ..errors import MscopeError
+from ..errors import MscopeError, SeveralCheckpointsError
 from ..readers import FORMAT_LABELS
 from ..readers.gguf import fact_lines
 from ..summary import (
@@ -49,7 +49,11 @@ def run(args: argparse.Namespace) -> int:
         # millions of objects just built (0.3 s of a 100k-tensor summary). Nothing here
         # makes cycles, and the process exits right after.
         gc.disable()
-    ckpt = open_checkpoint(args.file)
+    try:
+        ckpt = open_checkpoint(args.file)
+    except SeveralCheckpointsError as exc:
+        list_checkpoints(exc, args.json)
+        return common.EXIT_BAD_INPUT  # no summary was made: a script must not take this for one
     if args.json:
         from ..gcpause import paused_gc
         from ..summary import summary_json_chunks
@@ -65,6 +69,49 @@ def run(args: argparse.Namespace) -> int:
 
         render_summary(ckpt, text_console(), args.depth, args.filter, wide=args.wide)
     return common.EXIT_OK
+
+
+LISTING_LABELS = {
+    "zip": "torch zip (torch.save or TorchScript)",
+    "index-dir": "sharded set (*.index.json)",
+    "index-json": "shard index (JSON)",
+}
+
+
+def list_checkpoints(exc: SeveralCheckpointsError, as_json: bool) -> None:
+    """A directory of separate checkpoints: one line each (format by content, size), and how to
+    pick one, instead of a one-line error that names six."""
+    from ..readers import sniff
+
+    rows = []
+    for path in exc.candidates:
+        try:
+            kind = sniff(path)
+            label = LISTING_LABELS.get(kind) or FORMAT_LABELS.get(kind, str(kind))
+        except (MscopeError, OSError) as err:
+            label = f"unreadable: {err.message if isinstance(err, MscopeError) else err.strerror or err}"
+        try:
+            size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else path.stat().st_size
+        except OSError:
+            size = None
+        rows.append((path, label, size))
+    if as_json:
+        from ..jsonfile import compact_json
+
+        doc = {
+            "directory": exc.path,
+            "error": exc.message,
+            "checkpoints": [{"name": p.name, "format": label, "bytes": size} for p, label, size in rows],
+        }
+        sys.stdout.write(compact_json(doc) + "\n")
+        return
+    names = [safe_text(p.name) + ("/" if p.is_dir() else "") for p, _, _ in rows]
+    width = max(map(len, names))
+    lines = [f"{safe_text(exc.path)} holds {len(rows)} separate checkpoints, not one set; name one:"]
+    for name, (_, label, size) in zip(names, rows):
+        lines.append(f"  {name:<{width}}  {'' if size is None else fmt_bytes(size):>9}  {safe_text(label)}")
+    lines.append(f"e.g. mscope summary {safe_text(str(rows[0][0]))}")
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 def render_summary(

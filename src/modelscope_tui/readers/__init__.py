@@ -12,7 +12,13 @@ import struct
 from pathlib import Path
 
 from ..checkpoint import Checkpoint, Format
-from ..errors import CorruptCheckpointError, MscopeError, NotFoundError, UnsupportedFormatError
+from ..errors import (
+    CorruptCheckpointError,
+    MscopeError,
+    NotFoundError,
+    SeveralCheckpointsError,
+    UnsupportedFormatError,
+)
 from ..gcpause import paused_gc
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -90,17 +96,27 @@ def _sniff_directory(path: Path) -> str:
     singles = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file())
     if len(singles) == 1:
         return "single-in-dir"
-    if len(singles) > 1:
-        others = sorted(p.name for p in path.iterdir() if p.suffix == ".ckpt" and p.is_file())
-        names = [p.name for p in singles] + others
+    sets = [] if len(singles) == 1 else sorted(p for p in path.iterdir() if p.is_dir() and _is_checkpoint_set(p))
+    if len(singles) > 1 or sets:
+        others = sorted(p for p in path.iterdir() if p.suffix == ".ckpt" and p.is_file())
+        candidates = singles + others + sets
+        names = [p.name for p in candidates]
         shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-        raise UnsupportedFormatError(
+        raise SeveralCheckpointsError(
             f"directory holds {len(names)} checkpoints, not one set: {shown}", path,
-            f"name one, e.g. mscope summary {path / names[0]}",
+            f"name one, e.g. mscope summary {path / names[0]}", candidates,
         )  # fmt: skip
     raise UnsupportedFormatError(
         "directory holds no checkpoint (no *.index.json, no DCP .metadata, no single weights file)", path
     )
+
+
+def _is_checkpoint_set(path: Path) -> bool:
+    """A sharded set or DCP checkpoint in a subdirectory (listed, not opened, by a parent)."""
+    try:
+        return (path / ".metadata").is_file() or any(path.glob("*.index.json"))
+    except OSError:
+        return False
 
 
 def _read_head(path: Path, n: int) -> bytes:

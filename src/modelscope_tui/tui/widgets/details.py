@@ -215,6 +215,17 @@ def stats_details(stats, histogram=None) -> RenderableType:
     return table
 
 
+def count_text(n: int) -> str:
+    """`1,594 (1.6K)`, or `676` where the short form would only repeat it."""
+    short = fmt_count(n)
+    return f"{n:,}" if short == str(n) else f"{n:,} ({short})"
+
+
+def bytes_text(n: int) -> str:
+    """`2.6 KB (2,704)`, or `528 B` where the exact count would only repeat it."""
+    return fmt_bytes(n) if n < 1024 else f"{fmt_bytes(n)} ({n:,})"
+
+
 def module_details(session: Session, m: ModuleNode, profile: RenderableType | None = None) -> RenderableType:
     table = _table()
     stats = m.stats
@@ -225,12 +236,12 @@ def module_details(session: Session, m: ModuleNode, profile: RenderableType | No
         table.add_row("training", str(m.training))
     state = session.node_state(m)
     trainable = session.trainable_in(m)
-    table.add_row("params", f"{stats.params:,} ({fmt_count(stats.params)})")
+    table.add_row("params", count_text(stats.params))
     if state:
         table.add_row("trainable", f"{trainable:,} ({state})")
     table.add_row("buffers", f"{stats.buffers:,} elements")
     table.add_row("tensors", f"{stats.tensors:,}")
-    table.add_row("bytes", f"{fmt_bytes(stats.nbytes)} ({stats.nbytes:,})")
+    table.add_row("bytes", bytes_text(stats.nbytes))
     parts: list[RenderableType] = [table]
     if profile is not None:
         parts.append(profile)
