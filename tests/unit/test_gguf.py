@@ -295,3 +295,11 @@ def test_plain_names_cover_every_plain_type():
         if name in BLOCK_DTYPES:
             assert BLOCK_DTYPES[name] == block
     assert struct.calcsize("<f") == 4
+
+
+def test_a_directory_holding_one_gguf_is_that_file(tmp_path):
+    import shutil
+
+    shutil.copy(SAMPLES / "llama_tiny.gguf", tmp_path / "model-Q8_0.gguf")
+    ckpt = open_checkpoint(tmp_path)
+    assert ckpt.format == Format.GGUF and len(ckpt.tensors) == 39

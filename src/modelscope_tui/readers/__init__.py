@@ -87,13 +87,17 @@ def sniff(path: Path) -> str:
     )  # fmt: skip
 
 
+# A directory holding one file of these is that checkpoint (`mscope DIR`); several: a list to pick from.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
 def _sniff_directory(path: Path) -> str:
     if (path / ".metadata").is_file():
         return Format.DCP
     indexes = sorted(path.glob("*.index.json"))
     if indexes:
         return "index-dir"
-    singles = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file())
+    singles = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     if len(singles) == 1:
         return "single-in-dir"
     sets = [] if len(singles) == 1 else sorted(p for p in path.iterdir() if p.is_dir() and _is_checkpoint_set(p))
@@ -335,7 +339,7 @@ def _dispatch(path: Path) -> Checkpoint:
         preferred = [p for p in indexes if p.name.endswith(".safetensors.index.json")]
         return read_sharded((preferred or indexes)[0])
     if kind == "single-in-dir":
-        single = next(p for p in sorted(path.iterdir()) if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+        single = next(p for p in sorted(path.iterdir()) if p.suffix in WEIGHT_SUFFIXES)
         return _dispatch(single)
     if kind == Format.DCP:
         from .dcp import read_dcp
