@@ -303,3 +303,15 @@ def test_a_directory_holding_one_gguf_is_that_file(tmp_path):
     shutil.copy(SAMPLES / "llama_tiny.gguf", tmp_path / "model-Q8_0.gguf")
     ckpt = open_checkpoint(tmp_path)
     assert ckpt.format == Format.GGUF and len(ckpt.tensors) == 39
+
+
+def test_freezing_counts_quantized_weights_as_frozen_as_stored():
+    """GGML blocks cannot require grad: a freeze leaves them and says they are quantized (not
+    'integer/bool'); the plain F32 / F16 tensors freeze."""
+    from modelscope_tui.training.session import Session
+
+    session = Session(open_checkpoint(SAMPLES / "llama_tiny.gguf"))
+    result = session.freeze_pattern("blk.0.*")
+    assert result.changed == 3  # attn_norm, ffn_norm (F32), ffn_down (F16)
+    assert "6 quantized tensor(s)" in result.message and "integer" not in result.message
+    assert not session.is_trainable("blk.0.ffn_down.weight")
