@@ -68,6 +68,8 @@ CASES: dict[str, tuple[bytes, type[MscopeError], str]] = {
     "key length 2^64-1": (gguf([s(b"k", U64)]), CorruptCheckpointError, "key of key/value 0"),
     "key length past EOF by 1": (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + s(b"abcde", 6), CorruptCheckpointError, "ends"),
     "string value past EOF": (gguf([kv(b"k", STRING, s(b"x", 1 << 40))]), CorruptCheckpointError, "value of 'k'"),
+    "key of 1 MiB": (gguf([kv(b"k" * (1 << 20), UINT8, b"\0")]), CorruptCheckpointError, "1,048,576 bytes long"),
+    "tensor name of 1 MiB": (gguf([arch()], [info(b"w" * (1 << 20), [4])], b"\0" * 16), CorruptCheckpointError, "name of tensor 0 is"),
     "tensor name past EOF": (gguf([arch()], [s(b"w", 1 << 50)]), CorruptCheckpointError, "name of tensor 0"),
     # arrays
     "nested arrays": (gguf([kv(b"a", ARRAY, struct.pack("<IQ", ARRAY, 1) + struct.pack("<IQ", UINT8, 1) + b"\0")]),

@@ -38,6 +38,7 @@ VERSIONS = (2, 3)  # v2 and v3 share the layout (v3 adds big-endian files); v1 h
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME_BYTES = 63  # GGML_MAX_NAME is 64 with the NUL: llama.cpp refuses longer names
+MAX_NAME_LENGTH = 1 << 16  # keys and tensor names: longer ones are refused, never copied
 INT64_MAX = (1 << 63) - 1
 MAX_ARRAY_STRINGS = 1 << 24  # strings in all arrays together; a real vocabulary holds ~300k
 PREVIEW_ITEMS = 8  # items of an array shown in its entry
@@ -152,11 +153,13 @@ class _Reader:
         self.pos += n
         return n
 
-    def string(self, what: str, limit: int | None = None) -> str:
+    def string(self, what: str, limit: int | None = None, longest: int | None = None) -> str:
         """A length-prefixed UTF-8 string; with `limit` only its first `limit` bytes are decoded
-        (the rest is skipped, never copied)."""
+        (the rest is skipped, never copied); one longer than `longest` bytes is refused."""
         n = self.u64(what)
         self.need(n, what)
+        if longest is not None and n > longest:
+            raise _Corrupt(f"{what} is {n:,} bytes long (at most {longest:,})")
         start = self.pos
         self.pos += n
         raw = bytes(self.buf[start : start + (n if limit is None else min(n, limit))])
@@ -231,7 +234,7 @@ def _parse(buf: Any, size: int, path: Path) -> _Header:
             f"header declares {n_tensors:,} tensors; the {r.left:,} bytes left hold at most {r.left // 24:,}"
         )
     for i in range(n_kv):
-        key = r.string(f"key of key/value {i:,}")
+        key = r.string(f"key of key/value {i:,}", longest=MAX_NAME_LENGTH)
         if key in h.kv:
             raise _Corrupt(f"key {_short(key)} appears twice")
         kind = r.u32(f"type of key {_short(key)}")
@@ -248,7 +251,7 @@ def _parse(buf: Any, size: int, path: Path) -> _Header:
         raise _Corrupt(f"header declares {n_tensors:,} tensors; the {r.left:,} bytes left hold at most {r.left // 24:,}")
     names: set[str] = set()
     for i in range(n_tensors):
-        name = r.string(f"name of tensor {i:,}")
+        name = r.string(f"name of tensor {i:,}", longest=MAX_NAME_LENGTH)
         if name in names:
             raise _Corrupt(f"tensor name {_short(name)} appears twice")
         names.add(name)
