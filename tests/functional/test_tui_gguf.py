@@ -30,8 +30,17 @@ async def test_gguf_root_facts_and_quantized_tensor():
         await settle(pilot)
         root = details_text(app)
         assert "GGUF (llama.cpp)" in root
-        for words in ("architecture", "llama", "context length", "128", "tokenizer tokens", "256",
-                      "MOSTLY_Q8_0", "quantization version", "Q8_0 x17"):
+        for words in (
+            "architecture",
+            "llama",
+            "context length",
+            "128",
+            "tokenizer tokens",
+            "256",
+            "MOSTLY_Q8_0",
+            "quantization version",
+            "Q8_0 x17",
+        ):
             assert words in root, words
         assert "<0x41>" not in root  # the vocabulary is counted, never listed whole
         app.tree.reveal(tensor_name="blk.0.attn_q.weight")

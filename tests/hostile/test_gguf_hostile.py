@@ -34,9 +34,16 @@ def arch(name: bytes = b"llama") -> bytes:
     return kv(b"general.architecture", STRING, s(name))
 
 
-def info(name: bytes, dims: list[int], type_id: int = F32, offset: int = 0, n_dims: int | None = None) -> bytes:
+def info(
+    name: bytes, dims: list[int], type_id: int = F32, offset: int = 0, n_dims: int | None = None
+) -> bytes:
     n = len(dims) if n_dims is None else n_dims
-    return s(name) + struct.pack("<I", n) + struct.pack(f"<{len(dims)}Q", *dims) + struct.pack("<IQ", type_id, offset)
+    return (
+        s(name)
+        + struct.pack("<I", n)
+        + struct.pack(f"<{len(dims)}Q", *dims)
+        + struct.pack("<IQ", type_id, offset)
+    )
 
 
 def gguf(
@@ -49,7 +56,10 @@ def gguf(
     alignment: int = 32,
 ) -> bytes:
     head = b"GGUF" + struct.pack(
-        "<IQQ", version, len(tensors) if n_tensors is None else n_tensors, len(kvs) if n_kv is None else n_kv
+        "<IQQ",
+        version,
+        len(tensors) if n_tensors is None else n_tensors,
+        len(kvs) if n_kv is None else n_kv,
     )
     body = head + b"".join(kvs) + b"".join(tensors)
     return body + b"\0" * (-len(body) % alignment) + data
@@ -57,6 +67,8 @@ def gguf(
 
 VALID = gguf([arch()], [info(b"w", [4])], struct.pack("<4f", 1, 2, 3, 4))
 
+# one case a line reads as a table
+# fmt: off
 CASES: dict[str, tuple[bytes, type[MscopeError], str]] = {
     # counts
     "tensor count 2^64-1": (gguf([arch()], n_tensors=U64), CorruptCheckpointError, "tensors"),
@@ -124,6 +136,7 @@ CASES: dict[str, tuple[bytes, type[MscopeError], str]] = {
     "magic only": (b"GGUF", CorruptCheckpointError, "too short"),
     "header cut": (b"GGUF" + struct.pack("<IQ", 3, 0) + b"\0\0\0\0", CorruptCheckpointError, "too short"),
 }
+# fmt: on
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -135,7 +148,9 @@ def test_one_clear_line(tmp_path: Path, name: str):
     assert words in line, line
 
 
-@pytest.mark.parametrize("name", ["array of 2^60 strings", "tensor count 2^64-1", "dims product 2^64", "version 1"])
+@pytest.mark.parametrize(
+    "name", ["array of 2^60 strings", "tensor count 2^64-1", "dims product 2^64", "version 1"]
+)
 def test_cli_process_exit_2(tmp_path: Path, name: str):
     """The same, in a process of its own with its address space capped at 2 GiB."""
     data, error, words = CASES[name]
@@ -152,7 +167,9 @@ def test_valid_base_reads():
         path = Path(d) / "ok.gguf"
         path.write_bytes(VALID)
         ckpt = open_checkpoint(path)
-        assert [(t.name, t.shape, t.dtype, t.nbytes) for t in ckpt.tensors] == [("w", (4,), "float32", 16)]
+        assert [(t.name, t.shape, t.dtype, t.nbytes) for t in ckpt.tensors] == [
+            ("w", (4,), "float32", 16)
+        ]
         assert ckpt.metadata["gguf"]["architecture"] == "llama"
 
 
@@ -187,7 +204,11 @@ def test_every_truncation_is_one_error(tmp_path):
         kv(b"arr", ARRAY, struct.pack("<IQ", STRING, 3) + s(b"a") + s(b"bc") + s(b"")),
         kv(b"nums", ARRAY, struct.pack("<IQ", UINT32, 3) + struct.pack("<3I", 1, 2, 3)),
     ]
-    full = gguf(kvs, [info(b"w", [4]), info(b"q", [32], Q8_0, offset=32)], struct.pack("<4f", 1, 2, 3, 4) + b"\0" * 16 + b"\0" * 34)
+    full = gguf(
+        kvs,
+        [info(b"w", [4]), info(b"q", [32], Q8_0, offset=32)],
+        struct.pack("<4f", 1, 2, 3, 4) + b"\0" * 16 + b"\0" * 34,
+    )
     path = tmp_path / "cut.gguf"
     path.write_bytes(full)
     assert len(open_checkpoint(path).tensors) == 2

@@ -80,8 +80,12 @@ def write_gguf(path: Path, big_endian: bool = False, version_pad: int = 0) -> Pa
     w.add_tensor("blk.0.attn_k.weight", quantize(x[:32], Q.Q4_0), raw_dtype=Q.Q4_0)
     w.add_tensor("blk.0.ffn_up.weight", quantize(x[:16], Q.BF16), raw_dtype=Q.BF16)
     if not big_endian:  # gguf-py byte-swaps quantized blocks as if they were one dtype
-        w.add_tensor("blk.0.ffn_gate.weight", k_blocks(rng, 8, 144).reshape(4, 288), raw_dtype=Q.Q4_K)
-        w.add_tensor("blk.0.ffn_down.weight", k_blocks(rng, 4, 210).reshape(2, 420), raw_dtype=Q.Q6_K)
+        w.add_tensor(
+            "blk.0.ffn_gate.weight", k_blocks(rng, 8, 144).reshape(4, 288), raw_dtype=Q.Q4_K
+        )
+        w.add_tensor(
+            "blk.0.ffn_down.weight", k_blocks(rng, 4, 210).reshape(2, 420), raw_dtype=Q.Q6_K
+        )
         w.add_tensor("output.weight", k_blocks(rng, 4, 176).reshape(4, 176), raw_dtype=Q.Q5_K)
     w.add_tensor("blk.0.scale", np.arange(6, dtype=np.int32).reshape(2, 3))
     w.write_header_to_file()
@@ -198,7 +202,9 @@ def test_big_endian_file(tmp_path):
     ref = GGUFReader(path)
     assert ckpt.metadata["gguf"]["byte_order"] == "big"
     assert ckpt.metadata["gguf"]["tokenizer_tokens"] == 3000
-    assert [r.shape for r in ckpt.tensors] == [tuple(reversed([int(d) for d in t.shape])) for t in ref.tensors]
+    assert [r.shape for r in ckpt.tensors] == [
+        tuple(reversed([int(d) for d in t.shape])) for t in ref.tensors
+    ]
     with TensorData() as data:
         norm = ckpt.tensor("blk.0.attn_norm.weight")
         assert data.tensor(norm).tolist() == pytest.approx(np.linspace(0.5, 1.5, 256).tolist())
@@ -229,8 +235,17 @@ def test_sample_matches_gguf_reader():
     assert path.stat().st_size < 200 << 10
     ckpt = open_checkpoint(path)
     ref = GGUFReader(path)
-    assert [(r.name, r.nbytes) for r in ckpt.tensors] == [(t.name, int(t.n_bytes)) for t in ref.tensors]
-    assert {ggml_type_name(r.dtype) for r in ckpt.tensors} >= {"Q8_0", "Q4_0", "Q5_1", "F32", "F16", "BF16"}
+    assert [(r.name, r.nbytes) for r in ckpt.tensors] == [
+        (t.name, int(t.n_bytes)) for t in ref.tensors
+    ]
+    assert {ggml_type_name(r.dtype) for r in ckpt.tensors} >= {
+        "Q8_0",
+        "Q4_0",
+        "Q5_1",
+        "F32",
+        "F16",
+        "BF16",
+    }
 
 
 def test_diff_with_safetensors_pairs_through_llama_cpp_names():
@@ -250,11 +265,16 @@ def test_diff_with_safetensors_pairs_through_llama_cpp_names():
         assert d.rel_l2 < 0.01 and d.cosine > 0.9999, (name, d.rel_l2)
     notes = " ".join(report.notes)
     assert "llama.cpp's naming map" in notes
-    assert "26 tensor(s) quantized: bfloat16 -> Q8_0 x17, bfloat16 -> Q4_0 x8, bfloat16 -> Q5_1 x1" in notes
+    assert (
+        "26 tensor(s) quantized: bfloat16 -> Q8_0 x17, bfloat16 -> Q4_0 x8, bfloat16 -> Q5_1 x1"
+        in notes
+    )
     assert "8 attn_q / attn_k" in notes
     # the other way round: the same pairs, dequantized
     back = diff_checkpoints(b, a)
-    assert {(d.a_name, d.b_name) for d in back.tensors} == {(d.b_name, d.a_name) for d in report.tensors}
+    assert {(d.a_name, d.b_name) for d in back.tensors} == {
+        (d.b_name, d.a_name) for d in report.tensors
+    }
     assert "26 tensor(s) dequantized" in " ".join(back.notes)
 
 
@@ -278,7 +298,13 @@ with TensorData() as data:
     except TensorDataError as exc:
         print(exc.message)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SRC)}, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(SRC)},
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == "32"

@@ -185,7 +185,9 @@ def read_gguf(path: Path) -> Checkpoint:
         size = fh.seek(0, 2)
         if size < 24:
             raise CorruptCheckpointError(
-                f"GGUF file of {size:,} bytes is too short for a header", path, "truncated or not GGUF"
+                f"GGUF file of {size:,} bytes is too short for a header",
+                path,
+                "truncated or not GGUF",
             )
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             try:
@@ -228,7 +230,9 @@ def _parse(buf: Any, size: int, path: Path) -> _Header:
     # Smallest encodings: a key/value is an 8-byte key length, a 4-byte type and a 1-byte value;
     # a tensor info an 8-byte name length, 4-byte n_dims, 4-byte type and 8-byte offset.
     if n_kv > r.left // 13:
-        raise _Corrupt(f"header declares {n_kv:,} key/values; the {r.left:,} bytes left hold at most {r.left // 13:,}")
+        raise _Corrupt(
+            f"header declares {n_kv:,} key/values; the {r.left:,} bytes left hold at most {r.left // 13:,}"
+        )
     if n_tensors > r.left // 24:
         raise _Corrupt(
             f"header declares {n_tensors:,} tensors; the {r.left:,} bytes left hold at most {r.left // 24:,}"
@@ -248,7 +252,9 @@ def _parse(buf: Any, size: int, path: Path) -> _Header:
             raise _Corrupt(f"general.alignment {value:,} is not a power of two")
         h.alignment = value
     if n_tensors > r.left // 24:  # the key/values took their bytes: check again
-        raise _Corrupt(f"header declares {n_tensors:,} tensors; the {r.left:,} bytes left hold at most {r.left // 24:,}")
+        raise _Corrupt(
+            f"header declares {n_tensors:,} tensors; the {r.left:,} bytes left hold at most {r.left // 24:,}"
+        )
     names: set[str] = set()
     for i in range(n_tensors):
         name = r.string(f"name of tensor {i:,}", longest=MAX_NAME_LENGTH)
@@ -294,7 +300,9 @@ def _value(r: _Reader, h: _Header, key: str, kind: int) -> tuple[str, Any]:
     if item in SCALARS:
         name, code, size = SCALARS[item]
         if count > r.left // size:
-            raise _Corrupt(f"array {_short(key)} declares {count:,} {name} values; {r.left:,} bytes are left")
+            raise _Corrupt(
+                f"array {_short(key)} declares {count:,} {name} values; {r.left:,} bytes are left"
+            )
         shown = min(count, PREVIEW_ITEMS)
         preview = list(struct.unpack_from(f"{r.order}{shown}{code}", r.buf, r.pos))
         if code == "f":
@@ -308,12 +316,16 @@ def _value(r: _Reader, h: _Header, key: str, kind: int) -> tuple[str, Any]:
     h.strings += count
     if h.strings > MAX_ARRAY_STRINGS:
         raise _Corrupt(f"arrays hold more than {MAX_ARRAY_STRINGS:,} strings")
-    preview = [r.string(f"item {i:,} of {_short(key)}", 40) for i in range(min(count, PREVIEW_ITEMS))]
+    preview = [
+        r.string(f"item {i:,} of {_short(key)}", 40) for i in range(min(count, PREVIEW_ITEMS))
+    ]
     unpack, buf, size, order = struct.unpack_from, r.buf, r.size, r.order + "Q"
     pos = r.pos
     for i in range(count - len(preview)):  # the rest: lengths only, nothing decoded or kept
         if pos + 8 > size or (pos := pos + 8 + unpack(order, buf, pos)[0]) > size:
-            raise _Corrupt(f"item {i + len(preview):,} of array {_short(key)} runs past the end of the file")
+            raise _Corrupt(
+                f"item {i + len(preview):,} of array {_short(key)} runs past the end of the file"
+            )
     r.pos = pos
     return "array[string]", _array_text(count, "string", preview)
 
@@ -357,7 +369,8 @@ def _checkpoint(path: Path, size: int, h: _Header) -> Checkpoint:
         row = ne[0] if ne else 1
         if block is not None and row % block[0]:
             raise CorruptCheckpointError(
-                f"GGUF {label} rows of {row:,} values are not whole {dtype} blocks of {block[0]}", path
+                f"GGUF {label} rows of {row:,} values are not whole {dtype} blocks of {block[0]}",
+                path,
             )
         shape = tuple(reversed(ne))
         numel = 1
@@ -395,7 +408,9 @@ def _checkpoint(path: Path, size: int, h: _Header) -> Checkpoint:
     spans.sort()
     for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
         if begin < prev_end:
-            raise CorruptCheckpointError(f"GGUF tensors {_short(prev)} and {_short(name)} overlap", path)
+            raise CorruptCheckpointError(
+                f"GGUF tensors {_short(prev)} and {_short(name)} overlap", path
+            )
     ckpt.refusals.extend(_llama_refusals(h, path))
     for key, (kind, value) in h.kv.items():
         ckpt.entries.append(Entry(key, kind, value))
@@ -429,7 +444,11 @@ def _llama_refusals(h: _Header, path: Path) -> list[str]:
         for d in ne:
             numel *= d
         expected = offset + -(-span_bytes(dtype, numel) // h.alignment) * h.alignment
-    long = [name for name, *_ in h.tensors if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES]
+    long = [
+        name
+        for name, *_ in h.tensors
+        if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES
+    ]
     if long:
         out.append(
             f"llama.cpp refuses this file: {len(long):,} tensor name(s) longer than {MAX_NAME_BYTES} bytes, "
@@ -468,7 +487,12 @@ def fact_lines(ckpt: Checkpoint) -> list[tuple[str, str]]:
     meta = ckpt.metadata.get("gguf")
     if not isinstance(meta, dict):
         return []
-    rows: list[tuple[str, str]] = [("gguf", f"version {meta['version']}, {meta['byte_order']}-endian, alignment {meta['alignment']}")]
+    rows: list[tuple[str, str]] = [
+        (
+            "gguf",
+            f"version {meta['version']}, {meta['byte_order']}-endian, alignment {meta['alignment']}",
+        )
+    ]
     labels = (
         ("architecture", "architecture"),
         ("name", "name"),
@@ -485,11 +509,23 @@ def fact_lines(ckpt: Checkpoint) -> list[tuple[str, str]]:
     for key, label in labels:
         value = meta.get(key)
         if value is not None:
-            rows.append((label, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)))
+            rows.append(
+                (
+                    label,
+                    f"{value:,}"
+                    if isinstance(value, int) and not isinstance(value, bool)
+                    else str(value),
+                )
+            )
     types: dict[str, int] = {}
     for t in ckpt.tensors:
         name = ggml_type_name(t.dtype)
         types[name] = types.get(name, 0) + 1
-    rows.append(("tensor types", ", ".join(f"{k} x{v:,}" for k, v in sorted(types.items(), key=lambda kv: -kv[1]))))
+    rows.append(
+        (
+            "tensor types",
+            ", ".join(f"{k} x{v:,}" for k, v in sorted(types.items(), key=lambda kv: -kv[1])),
+        )
+    )
     rows.append(("shapes", "torch order (GGUF stores dims reversed: ne[0] is a row's length)"))
     return rows
