@@ -486,6 +486,7 @@ async def test_help_says_there_is_no_forward_pass():
         assert isinstance(app.screen, HelpScreen)
         texts = " ".join(str(w.render()) for w in app.screen.query("Static"))
         assert "no forward pass" in texts and "FLOPs" in texts
+        assert "1 KiB = 1,024 bytes" in texts  # the one size convention, defined where keys are
         assert "no forward pass" in NO_FORWARD_PASS
 
 

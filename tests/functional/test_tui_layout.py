@@ -374,7 +374,7 @@ async def test_freezing_one_batchnorm_shows_in_the_header():
 
 
 def test_percent_says_100_and_0_only_when_exact():
-    from modelscope_tui.tui.widgets.details import count_pair, percent
+    from modelscope_tui.units import count_pair, percent
 
     assert percent(5, 5) == "100.0%" and percent(0, 5) == "0.0%"
     assert percent(999_999, 1_000_000) == "99.9999%"

@@ -140,6 +140,8 @@ class AuditReport:
     kind: str
     findings: list[Finding] = field(default_factory=list)
     stats: dict[str, TensorStats] = field(default_factory=dict)  # qualified name -> stats
+    # optimizer state -> (its parameter, state key), where certain (summary.optimizer_param_names)
+    param_names: dict[str, tuple[str, str]] = field(default_factory=dict)
     norm_profile: list[dict[str, Any]] = field(default_factory=list)
     loadability: dict[str, Any] = field(default_factory=dict)
     waste: dict[str, Any] = field(default_factory=dict)

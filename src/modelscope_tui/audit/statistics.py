@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint, TensorRecord
 from ..errors import MscopeError
+from ..summary import optimizer_param_names
 from ..values.chunks import LAYOUT
 from ..values.stats import EXPLODING_ABS
 from ..values.stream import default_threads, stream_stats
@@ -56,6 +57,7 @@ def _run_stats(report: AuditReport, run: AuditRun) -> None:
             finding("no-stats", f"{n} tensor(s) of dtype {dtype}: no statistics")
         )
     threads = threads or default_threads()
+    report.param_names = optimizer_param_names(ckpt)
     t0 = time.perf_counter()
     errors: list[Finding] = []
 

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Bytes: each tensor's elements times its element size; a tensor saved twice under two "
         "names counts once. Views of another tensor's storage (marked 'view of') count their own "
         "size, so the file may store less: the header then says how much is stored, the figure "
-        "`mscope audit` reports."
+        "`mscope audit` reports. Sizes are binary: KiB = 1,024 bytes, MiB = 2**20, GiB = 2**30 "
+        "(JSON: bytes)."
     )
     parser.add_argument("file", help="checkpoint file or directory (sharded / DCP)")
     parser.add_argument("--json", action="store_true", help="machine-readable output (schema in README)")

@@ -422,7 +422,7 @@ def _row(label: str, value: str, width: int) -> str:
 
 
 def fit_line(est: MemoryEstimate | int, free_bytes: int) -> str:
-    """'fits: 3.1 GB to spare (of 24.0 GB free)' or 'does not fit: 1.2 GB short (of ...)'."""
+    """'fits: 3.1 GiB to spare (of 24.0 GiB free)' or 'does not fit: 1.2 GiB short (of ...)'."""
     ok, headroom = fits(est, free_bytes)
     if ok:
         return f"fits: {fmt_bytes(headroom)} to spare"

@@ -25,7 +25,7 @@ from ..checkpoint import (
 from ..enums import StrEnum
 from ..errors import MscopeError
 from ..patterns import PatternError, compile_safe_regex, glob_matches, search_names
-from ..units import fmt_count
+from ..units import count_pair, percent
 
 NORM_WITH_RUNNING_STATS = ("BatchNorm", "SyncBatchNorm", "InstanceNorm")
 BLOCK_CONTAINERS = ("layers", "layer", "h", "blocks", "block", "encoder.layer", "decoder.layers", "transformer.h", "model.layers", "resblocks")
@@ -213,9 +213,10 @@ class Session:
         return self._count(""), self.ckpt.tree.stats.params
 
     def totals_line(self) -> str:
+        """`trainable 1.6K / 2.2K (72.7%)`, the explorer header's rule: exact counts where the
+        compact ones would hide a change (`1,594 / 1,610`), never 100.0% or 0.0% unless so."""
         trainable, total = self.totals()
-        pct = 100.0 * trainable / total if total else 0.0
-        return f"trainable {fmt_count(trainable)} / {fmt_count(total)} ({pct:.1f}%)"
+        return f"trainable {count_pair(trainable, total)} ({percent(trainable, total)})"
 
     # -- matching ------------------------------------------------------------------------------
     def match(self, pattern: str, kind: str = Selector.GLOB) -> list[str]:

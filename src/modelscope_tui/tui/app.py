@@ -34,7 +34,7 @@ from ..checkpoint import Checkpoint
 from ..errors import MscopeError
 from ..readers import FORMAT_LABELS
 from ..training.session import Session
-from ..units import fmt_bytes, safe_text
+from ..units import count_pair, fmt_bytes, percent, safe_text
 from . import keys
 from .controllers.caveats import NormCaveat
 from .controllers.devices import DeviceMover, MoveJob
@@ -62,7 +62,6 @@ from .messages import (
 )
 from .panes import DETAILS, GPUS, NARROW, WIDE, fit_panes
 from .widgets.details import (
-    count_pair,
     diff_file_details,
     diff_module_details,
     diff_tensor_details,
@@ -70,7 +69,6 @@ from .widgets.details import (
     ghost_details,
     module_details,
     norm_profile_details,
-    percent,
     stats_details,
     tensor_details,
 )

@@ -11,7 +11,7 @@ from ...readers import FORMAT_LABELS
 from ...readers.gguf import fact_lines
 from ...summary import optimizer_summaries
 from ...training.session import Session
-from ...units import fmt_bytes, fmt_count, safe_text, sparkline
+from ...units import fmt_bytes, fmt_count, percent, safe_text, sparkline
 
 MAX_ENTRIES = 60
 
@@ -313,27 +313,6 @@ def file_details(session: Session) -> RenderableType:
     for w in ckpt.refusals + ckpt.warnings:
         parts.append(Text(f"warning: {safe_text(w)}", style="yellow"))
     return Group(*parts)
-
-
-def percent(part: int, whole: int) -> str:
-    """part/whole in percent, with the decimals it takes to read 100% or 0% only when it is."""
-    if not whole:
-        return "0.0%"
-    pct = 100.0 * part / whole
-    for decimals in range(1, 7):
-        text = f"{pct:.{decimals}f}"
-        if (part == whole or float(text) < 100) and (part == 0 or float(text) > 0):
-            break
-    return f"{text}%"
-
-
-def count_pair(part: int, whole: int) -> str:
-    """`1.6K / 2.2K`; exact (`1,584 / 1,600`) when the compact forms would read the same but
-    the counts differ: freezing one BatchNorm must show."""
-    a, b = fmt_count(part), fmt_count(whole)
-    if a == b and part != whole:
-        return f"{part:,} / {whole:,}"
-    return f"{a} / {b}"
 
 
 def _short(value: object, limit: int = 80) -> str:

@@ -6,7 +6,6 @@ costs repainting the visible lines. Children are added when a node is expanded, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from rich.style import Style
@@ -32,7 +31,7 @@ from ...diff.report import (
     TensorDiff,
 )
 from ...training.session import Session
-from ...units import fmt_bytes, fmt_count, safe_text
+from ...units import fmt_bytes, fmt_count, safe_text, shorten
 
 PAGE = 200  # children added per expansion step; a flat 100k-tensor dict stays responsive
 MARGIN = 2  # the vertical scrollbar, and one cell so that a row never touches it
@@ -146,50 +145,6 @@ def name_cells(names: dict[int, int], guide: int) -> int:
     """Cells from the tree's left edge to the end of the name that needs most: the indentation
     of its depth and the name's length, or NAME_MIN when longer (it is shortened then)."""
     return max((depth * guide + min(n, NAME_MIN) for depth, n in names.items()), default=0)
-
-
-def shorten(name: str, width: int, siblings: Iterable[str] = ()) -> str:
-    """`name` in `width` cells, told apart from its siblings: a middle ellipsis keeps both ends
-    (`in_pr…weight` / `in_pr…j_bias`, `q_p…oj` / `k_p…oj`), with the cut moved until no other
-    sibling that is shortened too could read the same; when only the middle differs, a window
-    around the difference (`…attn…`). Siblings that fit are shown whole and never contain it."""
-    if len(name) <= width:
-        return name
-    if width <= 1:
-        return "…"[:width]
-    keep = width - 1
-    others = [o for o in siblings if o != name and len(o) > width]
-    whole = {o for o in siblings if len(o) <= width}
-    # For each other long sibling: how many leading and trailing characters it shares with
-    # `name`. A cut keeping h leading and t trailing ones reads the same as that sibling's
-    # cut with the same split exactly when h <= prefix and t <= suffix.
-    shared = [(_common_prefix(name, o), _common_prefix(name[::-1], o[::-1])) for o in others]
-    head0 = keep // 2  # the tail gets the extra cell: weight/bias, mean/var differ at the end
-    for h in sorted(range(keep + 1), key=lambda h: (abs(h - head0), -h)):
-        t = keep - h
-        if not any(h <= p and t <= q for p, q in shared):
-            text = name[:h] + "…" + (name[-t:] if t else "")
-            if text not in whole:
-                return text
-    # Only the middle tells them apart: show a window of it between two ellipses.
-    span = width - 2
-    if span >= 1:
-        first = max((p for p, _ in shared), default=0)
-        starts = sorted(range(1, len(name) - span), key=lambda i: abs(i - (first - span // 2)))
-        for i in starts:
-            window = name[i : i + span]
-            if not any(window in o for o in others):
-                return "…" + window + "…"
-    return name[:head0] + "…" + name[-(keep - head0) :]
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @dataclass(slots=True)
