@@ -116,9 +116,9 @@ ROTARY_PERMUTED = {"attn_q": "head_count", "attn_k": "head_count_kv"}
 def rotary_heads(a: Checkpoint, b: Checkpoint, pairs: dict[str, str]) -> dict[str, tuple[str, int]]:
     """A name -> (the GGUF side, "a" or "b"; heads) for paired llama tensors whose GGUF rows
     llama.cpp permuted, so the comparison can put them back in the Hugging Face order."""
-    side = "b" if b.format == Format.GGUF else "a" if a.format == Format.GGUF else None
-    if side is None or a.format == b.format:
+    if (a.format == Format.GGUF) == (b.format == Format.GGUF):
         return {}
+    side = "b" if b.format == Format.GGUF else "a"
     meta = (b if side == "b" else a).metadata.get("gguf") or {}
     if meta.get("architecture") != "llama":
         return {}

@@ -147,12 +147,6 @@ class _Reader:
     def u64(self, what: str) -> int:
         return self.scalar("Q", 8, what)
 
-    def skip_string(self, what: str) -> int:
-        n = self.u64(what)
-        self.need(n, what)
-        self.pos += n
-        return n
-
     def string(self, what: str, limit: int | None = None, longest: int | None = None) -> str:
         """A length-prefixed UTF-8 string; with `limit` only its first `limit` bytes are decoded
         (the rest is skipped, never copied); one longer than `longest` bytes is refused."""
