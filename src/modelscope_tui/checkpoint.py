@@ -48,6 +48,51 @@ DTYPE_ITEMSIZE: dict[str, int] = {
     "quint2x4": 1,
 }
 
+# GGML's block-quantized types (ggml.h; gguf-py's GGML_QUANT_SIZES), by GGML's own names: values
+# are stored in blocks of `elements` that take `bytes` each (Q4_K: 256 values in 144 bytes), so a
+# tensor's bytes are not numel times an item size (span_bytes). GGUF files (readers.gguf) hold them.
+BLOCK_DTYPES: dict[str, tuple[int, int]] = {
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q8_0": (32, 34),
+    "Q8_1": (32, 40),
+    "Q2_K": (256, 84),
+    "Q3_K": (256, 110),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
+    "Q8_K": (256, 292),
+    "IQ2_XXS": (256, 66),
+    "IQ2_XS": (256, 74),
+    "IQ3_XXS": (256, 98),
+    "IQ1_S": (256, 50),
+    "IQ4_NL": (32, 18),
+    "IQ3_S": (256, 110),
+    "IQ2_S": (256, 82),
+    "IQ4_XS": (256, 136),
+    "IQ1_M": (256, 56),
+    "TQ1_0": (256, 54),
+    "TQ2_0": (256, 66),
+    "MXFP4": (32, 17),
+    "NVFP4": (64, 36),
+    "Q1_0": (128, 18),
+}
+
+
+def span_bytes(dtype: str, elements: int) -> int:
+    """Bytes that `elements` consecutive values of `dtype` take: the one rule for every size,
+    block-quantized types included (a started block counts whole)."""
+    item = DTYPE_ITEMSIZE.get(dtype)
+    if item is not None:
+        return elements * item
+    block = BLOCK_DTYPES.get(dtype)
+    if block is not None:
+        return -(-elements // block[0]) * block[1]
+    return elements
+
+
 FLOATING_DTYPES = frozenset(
     {
         "float64",
@@ -97,6 +142,7 @@ class Format(StrEnum):
     SHARDED_SAFETENSORS = "sharded-safetensors"
     SHARDED_TORCH = "sharded-torch"
     DCP = "dcp"
+    GGUF = "gguf"
 
 
 def can_require_grad(dtype: str) -> bool:
@@ -184,7 +230,7 @@ class StorageRecord:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.itemsize
+        return span_bytes(self.dtype, self.numel)
 
 
 @dataclass(eq=False, slots=True, init=False)
@@ -250,7 +296,8 @@ class TensorRecord:
         self.alias_of = alias_of
         self.pickle_seq = pickle_seq
         self.numel = numel = math.prod(shape)  # 1 for a scalar's ()
-        self.nbytes = numel * DTYPE_ITEMSIZE.get(dtype, 1)
+        item = DTYPE_ITEMSIZE.get(dtype)
+        self.nbytes = numel * item if item is not None else span_bytes(dtype, numel)
 
     @property
     def itemsize(self) -> int:
@@ -675,7 +722,8 @@ class Checkpoint:
             if sid in storage_bytes:
                 size = storage_bytes[sid]
             else:
-                size = storage_bytes[sid] = s.numel * itemsizes.get(s.dtype, 1)
+                item = itemsizes.get(s.dtype)
+                size = storage_bytes[sid] = s.numel * item if item is not None else span_bytes(s.dtype, s.numel)
                 if s.data_offset is None:
                     storage_bytes[sid] = None
                     self.problems.append(f"storage {s.key!r} of tensor {t.qualified_name!r} is missing from the file")
@@ -697,8 +745,9 @@ class Checkpoint:
                 last = t.storage_offset + (shape[0] - 1) * stride[0] + (shape[1] - 1) * stride[1]
             else:
                 last = t.storage_offset + sum((n - 1) * st for n, st in zip(shape, stride))
-            needed = (last + 1) * itemsizes.get(t.dtype, 1)
-            declared = size if size is not None else s.numel * itemsizes.get(s.dtype, 1)
+            item = itemsizes.get(t.dtype)
+            needed = (last + 1) * item if item is not None else span_bytes(t.dtype, last + 1)
+            declared = size if size is not None else s.nbytes
             if needed > declared:
                 self.problems.append(
                     f"tensor {t.qualified_name!r} {list(t.shape)} needs {needed:,} bytes "
@@ -728,7 +777,8 @@ class Checkpoint:
                     file_bytes += t.nbytes
             elif id(s) not in seen_storages:
                 seen_storages.add(id(s))
-                file_bytes += s.numel * itemsizes.get(s.dtype, 1)
+                item = itemsizes.get(s.dtype)
+                file_bytes += s.numel * item if item is not None else span_bytes(s.dtype, s.numel)
             if t.section != "":
                 sec = sections[t.section.split(".", 1)[0]]
                 sec["tensors"] += 1

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 from ..checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord
 from ..errors import MscopeError, SeveralCheckpointsError
 from ..readers import FORMAT_LABELS
+from ..readers.gguf import fact_lines
 from ..summary import (
     AUTO_DEPTH_TENSORS,
     AUTO_MAX_CHILDREN,
@@ -183,6 +184,11 @@ def render_summary(
             console.print(f"  {escape(safe_text(name))} [dim]({role})[/]: {sec['tensors']:,} tensors, {fmt_bytes(sec['bytes'])}")
     for section, line in optimizer_summaries(ckpt).items():
         console.print(f"  {escape(safe_text(section))}: {escape(safe_text(line))}", overflow="ellipsis", no_wrap=True, crop=True)
+    gguf_rows = fact_lines(ckpt)
+    if gguf_rows:
+        console.print("[bold]GGUF[/]")
+        for label, value in gguf_rows:
+            console.print(Text(f"  {label}: {safe_text(value)}"), overflow="ellipsis", no_wrap=True, crop=True)
     if ckpt.entries:
         console.print("[bold]Entries[/]")
         lines, hidden = entry_lines(ckpt.entries)

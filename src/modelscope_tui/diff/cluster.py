@@ -22,7 +22,7 @@ from ..values.cluster import (
     worker_record,
 )
 from ..values.stats import ProgressFn
-from .compare import Sums, pair_chunk_count, range_sums
+from .compare import Sums, pair_chunk_count, pair_elements, range_sums
 
 
 def sums_task(
@@ -34,17 +34,17 @@ def sums_task(
     atol: float,
     rtol: float,
 ) -> list[tuple]:
-    """Runs on a worker: per piece (index A, signature A, index B, signature B, first, stop),
-    (True, [ChunkSums, ...]) or (False, message) when bytes cannot be read."""
+    """Runs on a worker: per piece (index A, signature A, index B, signature B, first, stop,
+    unpermute), (True, [ChunkSums, ...]) or (False, message) when bytes cannot be read."""
     from ..values.data import TensorData
 
     out: list[tuple] = []
     with TensorData() as da, TensorData() as db:
-        for ia, sa, ib, sb, first, stop in pieces:
+        for ia, sa, ib, sb, first, stop, unpermute in pieces:
             try:
                 ra = worker_record(location_a, token, ia, sa)
                 rb = worker_record(location_b, token, ib, sb)
-                sums = list(range_sums(da, db, ra, rb, atol, rtol, chunk_bytes, first, stop))
+                sums = list(range_sums(da, db, ra, rb, atol, rtol, chunk_bytes, first, stop, unpermute=unpermute))
             except TensorDataError as exc:
                 out.append((False, exc.message))
                 continue
@@ -63,18 +63,21 @@ def cluster_compare(
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
     task_bytes: int | None = None,
+    unpermutes: list | None = None,
 ) -> Iterator[tuple[int, Sums | TensorDataError]]:
     """(pair index, its Sums or the TensorDataError that stopped it), in pair order, computed
-    on the cluster with the same numbers compare_values gives. Raises Cancelled, MscopeError."""
+    on the cluster with the same numbers compare_values gives (`unpermutes`: each pair's
+    compare.Unpermute, as compare_values takes it). Raises Cancelled, MscopeError."""
+    unpermutes = unpermutes or [None] * len(pairs)
     task_bytes = task_bytes or task_bytes_default()
     index_a = {id(t): i for i, t in enumerate(a.tensors)}
     index_b = {id(t): i for i, t in enumerate(b.tensors)}
     items = []
-    for ra, rb in pairs:
-        elems = max(1, chunk_bytes // max(ra.itemsize, rb.itemsize))
+    for (ra, rb), unpermute in zip(pairs, unpermutes):
+        elems = pair_elements(ra, rb, chunk_bytes, unpermute)
         file = (ra.storage.file if ra.storage else None, rb.storage.file if rb.storage else None)
         per = elems * (ra.itemsize + rb.itemsize)
-        items.append((pair_chunk_count(ra, rb, chunk_bytes), per, file, ra.nbytes + rb.nbytes))
+        items.append((pair_chunk_count(ra, rb, chunk_bytes, unpermute), per, file, ra.nbytes + rb.nbytes))
     jobs = plan_jobs(items, task_bytes)
     loc_a, loc_b, token = location_of(a), location_of(b), cluster.token
 
@@ -82,7 +85,7 @@ def cluster_compare(
         pieces = []
         for i, first, stop in job.pieces:
             ra, rb = pairs[i]
-            pieces.append((index_a[id(ra)], signature(ra), index_b[id(rb)], signature(rb), first, stop))
+            pieces.append((index_a[id(ra)], signature(ra), index_b[id(rb)], signature(rb), first, stop, unpermutes[i]))
         return (loc_a, loc_b, token, pieces, chunk_bytes, atol, rtol)
 
     sums: dict[int, Sums] = {}

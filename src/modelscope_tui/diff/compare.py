@@ -59,21 +59,60 @@ class Sums:
 ChunkSums = tuple[float | None, float, float, float, float, int, bool]
 
 
+# unpermute=(side, heads): that side ("a" or "b") holds a 2-D weight whose rows llama.cpp
+# permuted for its rotary layout (attn_q / attn_k); its chunks hold whole heads and are put
+# back in the other side's order before comparing.
+Unpermute = tuple[str, int] | None
+
+
+def pair_elements(a: TensorRecord, b: TensorRecord, chunk_bytes: int, unpermute: Unpermute = None) -> int:
+    """Elements per chunk pair: the same for both sides, whole heads when rows are unpermuted."""
+    elems = max(1, chunk_bytes // max(a.itemsize, b.itemsize))
+    group = head_group(a, unpermute)
+    return max(group, elems // group * group) if group else elems
+
+
+def head_group(a: TensorRecord, unpermute: Unpermute) -> int:
+    """Elements of one head's rows, or 0 when the rows are not unpermuted."""
+    if unpermute is None:
+        return 0
+    heads = unpermute[1]
+    rows, cols = a.shape if len(a.shape) == 2 else (0, 0)
+    if heads > 0 and rows and rows % heads == 0 and (rows // heads) % 2 == 0:
+        return rows // heads * cols
+    return 0
+
+
 def chunk_sources(
-    da: TensorData, db: TensorData, a: TensorRecord, b: TensorRecord, chunk_bytes: int
+    da: TensorData, db: TensorData, a: TensorRecord, b: TensorRecord, chunk_bytes: int, unpermute: Unpermute = None
 ) -> tuple[Source, Source]:
     """Both tensors cut into the same number of chunks of the same elements (row-major)."""
-    elems = max(1, chunk_bytes // max(a.itemsize, b.itemsize))
+    elems = pair_elements(a, b, chunk_bytes, unpermute)
     return (
         Source(da, a, elems * a.itemsize, ordered=True),
         Source(db, b, elems * b.itemsize, ordered=True),
     )
 
 
-def pair_chunk_count(a: TensorRecord, b: TensorRecord, chunk_bytes: int) -> int:
+def pair_chunk_count(a: TensorRecord, b: TensorRecord, chunk_bytes: int, unpermute: Unpermute = None) -> int:
     """How many chunk pairs `chunk_sources` yields (metadata only: for a Dask client's split)."""
-    elems = max(1, chunk_bytes // max(a.itemsize, b.itemsize))
-    return chunk_count(a, elems * a.itemsize, ordered=True)
+    return chunk_count(a, pair_elements(a, b, chunk_bytes, unpermute) * a.itemsize, ordered=True)
+
+
+def row_restorer(a: TensorRecord, unpermute: Unpermute) -> Callable | None:
+    """LlamaModel.permute undone on a chunk of whole heads: (heads, half, 2, cols) ->
+    (heads, 2, half, cols)."""
+    group = head_group(a, unpermute)
+    if not group:
+        return None
+    np = numpy_module()
+    rows, cols = a.shape
+    half = rows // unpermute[1] // 2
+
+    def restore(c):
+        return np.ascontiguousarray(c.reshape(-1, half, 2, cols).swapaxes(1, 2)).reshape(-1)
+
+    return restore
 
 
 def chunk_sums(ca, cb, ka: str, kb: str, same_dtype: bool, atol: float, rtol: float) -> ChunkSums:
@@ -126,17 +165,25 @@ def range_sums(
     stop: int | None = None,
     cancel: threading.Event | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    unpermute: Unpermute = None,
 ) -> Iterator[ChunkSums]:
     """`chunk_sums` of chunk pairs first..stop-1 (all by default). Raises TensorDataError when
     bytes cannot be read, Cancelled when `cancel` is set."""
-    sa, sb = chunk_sources(da, db, a, b, chunk_bytes)
+    sa, sb = chunk_sources(da, db, a, b, chunk_bytes, unpermute)
     ka, kb = sa.chunk_kernel, sb.chunk_kernel
     same_dtype = a.dtype == b.dtype
+    restore = row_restorer(a, unpermute)
+    restore_a = unpermute is not None and unpermute[0] == "a"
     for (na, ca), (nb, cb) in zip(sa.chunks(first, stop), sb.chunks(first, stop)):
         if cancel is not None and cancel.is_set():
             raise Cancelled()
         if on_bytes is not None:
             on_bytes(na + nb)
+        if restore is not None:
+            if restore_a:
+                ca = restore(ca)
+            else:
+                cb = restore(cb)
         yield chunk_sums(ca, cb, ka, kb, same_dtype, atol, rtol)
 
 
@@ -150,11 +197,14 @@ def compare_values(
     chunk_bytes: int,
     cancel: threading.Event | None,
     on_bytes: Callable[[int], None],
+    unpermute: Unpermute = None,
 ) -> Sums:
     """Sums over both tensors' values (same shape; the dtypes may differ). Raises
     TensorDataError when bytes cannot be read, Cancelled when `cancel` is set."""
     acc = Sums()
-    for chunk in range_sums(da, db, a, b, atol, rtol, chunk_bytes, cancel=cancel, on_bytes=on_bytes):
+    for chunk in range_sums(
+        da, db, a, b, atol, rtol, chunk_bytes, cancel=cancel, on_bytes=on_bytes, unpermute=unpermute
+    ):
         acc.add(chunk)
     return acc
 

@@ -19,7 +19,7 @@ from ..values.data import unreadable_records
 from ..values.digest import digest
 from ..values.stats import DEFAULT_CHUNK_BYTES, Progress, ProgressFn
 from .compare import Sums, compare_values, fill
-from .pairing import prefix_map, tensors_by_name
+from .pairing import llama_cpp_map, prefix_map, quantized_note, rotary_heads, tensors_by_name
 from .report import (
     ADDED,
     DTYPE_CHANGED,
@@ -107,8 +107,22 @@ class DiffStream:
         # (or past the view budget) are never read, as in audit; they are reported unreadable.
         self._bad = unreadable_records(a) | unreadable_records(b)
         mapping, note = prefix_map(ta, tb)
+        llama, llama_note = llama_cpp_map(a, b, ta, tb)
+        if len(llama) > len(mapping):
+            mapping, note = llama, llama_note
+        elif llama_note and not llama:
+            self.report.notes.append(llama_note)
         if note:
             self.report.notes.append(note)
+        quantized = quantized_note([(ta[n], tb[m]) for n, m in mapping.items()])
+        if quantized:
+            self.report.notes.append(quantized)
+        self.unpermute = rotary_heads(a, b, mapping)
+        if self.unpermute:
+            self.report.notes.append(
+                f"{len(self.unpermute):,} attn_q / attn_k weight(s) compared with their rows back in the Hugging Face "
+                "order (llama.cpp's converter permutes them for its rotary layout)"
+            )
         mapped_b = set(mapping.values())
         self.removed = [n for n in ta if n not in mapping]
         self.added = [n for n in tb if n not in mapped_b]
@@ -226,6 +240,7 @@ class DiffStream:
                 acc = compare_values(
                     da, db, ra, rb, self.report.atol, self.report.rtol,
                     self.chunk_bytes, cancel, lambda n, _bn=m.b_name: on_bytes(n, _bn),
+                    self.unpermute.get(m.a_name),
                 )  # fmt: skip
             except TensorDataError as exc:
                 yield m, exc
@@ -236,9 +251,10 @@ class DiffStream:
         from .cluster import cluster_compare
 
         pairs = [(self.a_tensors[m.a_name], self.b_tensors[m.b_name]) for m in todo]
+        unpermutes = [self.unpermute.get(m.a_name) for m in todo]
         for i, acc in cluster_compare(
             cluster, self.a, self.b, pairs, self.report.atol, self.report.rtol,
-            self.chunk_bytes, progress, cancel,
+            self.chunk_bytes, progress, cancel, unpermutes=unpermutes,
         ):  # fmt: skip
             if not isinstance(acc, TensorDataError):
                 ra, rb = pairs[i]

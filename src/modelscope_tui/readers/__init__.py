@@ -33,6 +33,7 @@ FORMAT_LABELS = {
     Format.SHARDED_SAFETENSORS: "sharded safetensors",
     Format.SHARDED_TORCH: "sharded torch .bin",
     Format.DCP: "torch.distributed.checkpoint directory",
+    Format.GGUF: "GGUF (llama.cpp)",
 }
 
 
@@ -57,6 +58,8 @@ def sniff(path: Path) -> str:
         raise UnsupportedFormatError("file is empty", path, "the save was interrupted or the download failed")
     if head[:4] in ZIP_MAGICS:
         return "zip"
+    if head[:4] == b"GGUF":  # before safetensors: a GGUF of 123 tensors has '{' at byte 8
+        return Format.GGUF
     if head[:4] == b"\x80\x02\x8a\x0a" and int.from_bytes(head[4:14], "little") == LEGACY_MAGIC:
         return Format.TORCH_LEGACY
     if len(head) >= 9 and head[8:9] == b"{":
@@ -80,8 +83,12 @@ def sniff(path: Path) -> str:
         )
     raise UnsupportedFormatError(
         "not a PyTorch checkpoint (unknown file format)", path,
-        "mscope reads torch.save, TorchScript, safetensors, sharded HF and DCP checkpoints",
+        "mscope reads torch.save, TorchScript, safetensors, sharded HF, DCP and GGUF checkpoints",
     )  # fmt: skip
+
+
+# A directory holding one file of these is that checkpoint (`mscope DIR`); several: a list to pick from.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def _sniff_directory(path: Path) -> str:
@@ -90,7 +97,7 @@ def _sniff_directory(path: Path) -> str:
     indexes = sorted(path.glob("*.index.json"))
     if indexes:
         return "index-dir"
-    singles = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file())
+    singles = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     if len(singles) == 1:
         return "single-in-dir"
     sets = [] if len(singles) == 1 else sorted(p for p in path.iterdir() if p.is_dir() and _is_checkpoint_set(p))
@@ -317,6 +324,10 @@ def _dispatch(path: Path) -> Checkpoint:
         from .safetensors import read_safetensors
 
         return read_safetensors(path)
+    if kind == Format.GGUF:
+        from .gguf import read_gguf
+
+        return read_gguf(path)
     if kind == "index-json":
         from .sharded import read_sharded
 
@@ -328,7 +339,7 @@ def _dispatch(path: Path) -> Checkpoint:
         preferred = [p for p in indexes if p.name.endswith(".safetensors.index.json")]
         return read_sharded((preferred or indexes)[0])
     if kind == "single-in-dir":
-        single = next(p for p in sorted(path.iterdir()) if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+        single = next(p for p in sorted(path.iterdir()) if p.suffix in WEIGHT_SUFFIXES)
         return _dispatch(single)
     if kind == Format.DCP:
         from .dcp import read_dcp

@@ -32,6 +32,7 @@ from ..checkpoint import (
     PARAMETER,
     Checkpoint,
     can_require_grad,
+    span_bytes,
 )
 from ..errors import MscopeError
 from ..units import fmt_bytes, fmt_count
@@ -255,8 +256,8 @@ def _tensor_bytes(
 ) -> tuple[int, int, int, int]:
     floating = dtype in FLOATING_DTYPES
     stored = _itemsize(dtype)
-    weight_size = _itemsize(spec.weights) if floating and spec.weights else stored
-    weights = numel * weight_size
+    # block-quantized (GGML) weights stay as stored, at their real bytes per value
+    weights = numel * _itemsize(spec.weights) if floating and spec.weights else span_bytes(dtype, numel)
     if not (training and trainable and is_parameter and can_require_grad(dtype)):
         return weights, 0, 0, 0
     if not floating:  # complex: grads and states are the parameter's dtype, no master copy

@@ -14,6 +14,7 @@ from functools import cached_property
 from itertools import compress
 
 from ..checkpoint import (
+    BLOCK_DTYPES,
     PARAMETER,
     Checkpoint,
     ModuleNode,
@@ -341,7 +342,7 @@ class Session:
         names = list(names)
         canon = [c for c in map(self.canonical.get, names) if c is not None]
         if not canon:
-            return ChangeResult(0, len(names), names, "no trainable tensors here (integer/bool tensors cannot require grad)")
+            return ChangeResult(0, len(names), names, "no trainable tensors here (integer, bool and quantized tensors cannot require grad)")
         value = not all(map(self.trainable.__getitem__, canon))
         action = Action.UNFREEZE if value else Action.FREEZE
         return self.set_trainable(names, value, Rule(action, Selector.NAMES, _names_value(names)))
@@ -471,13 +472,17 @@ class Session:
 
 def _describe_skipped(session: Session, names: list[str]) -> str:
     """'3 buffer(s), 1 integer/bool tensor(s)': what a freeze request could not touch."""
-    integer = sum(1 for n in names if not can_require_grad(session.records[n].dtype))
-    buffers = len(names) - integer
+    dtypes = [session.records[n].dtype for n in names]
+    quantized = sum(1 for d in dtypes if d in BLOCK_DTYPES)  # GGML blocks: frozen as stored
+    integer = sum(1 for d in dtypes if not can_require_grad(d)) - quantized
+    buffers = len(names) - integer - quantized
     parts = []
     if buffers:
         parts.append(f"{buffers} buffer(s)")
     if integer:
         parts.append(f"{integer} integer/bool tensor(s)")
+    if quantized:
+        parts.append(f"{quantized} quantized tensor(s)")
     return ", ".join(parts)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from itertools import islice
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..checkpoint import TensorRecord, prod
+from ..checkpoint import BLOCK_DTYPES, TensorRecord, prod
 from ..errors import TensorDataError
 from .data import check_view
 from .kernels import compiled_kernel, numpy_module
@@ -51,6 +51,8 @@ LAYOUT: dict[str, Layout] = {
     "float8_e5m2fnuz": Layout("uint8", 1, "torch"),
     "float8_e8m0fnu": Layout("uint8", 1, "torch"),
 }
+# GGML block-quantized tensors (GGUF): chunks of whole blocks, dequantized to float32 by gguf-py.
+LAYOUT.update({name: Layout("uint8", 1, "ggml") for name in BLOCK_DTYPES})
 
 
 def stats_supported(dtype: str) -> bool:
@@ -154,6 +156,9 @@ class Source:
         self.elements = max(1, chunk_bytes // max(1, itemsize))
         self.numel = record.numel
         self.nbytes = record.nbytes
+        if kernel == "ggml":
+            self._blocks(data, record)
+            return
         contiguous = record.is_contiguous or (not ordered and is_dense(record))
         self.address = None
         self.native_kind = _NATIVE_KIND.get((kernel, comp)) if native and contiguous else None
@@ -200,11 +205,46 @@ class Source:
                 writeable=False,
             )
 
+    def _blocks(self, data: TensorData, record: TensorRecord) -> None:
+        """A GGML block-quantized tensor: its bytes, and gguf-py's dequantizer for its type.
+        Chunks hold `elements` values (as other dtypes' chunks do, so a diff pairs them with
+        a float tensor's), each dequantized from the whole blocks it touches."""
+        s = record.storage
+        where = record.qualified_name
+        if s is not None and s.byteorder == "big":
+            raise TensorDataError(f"tensor {where!r}: big-endian GGML {record.dtype} blocks are not read")
+        if record.storage_offset or not record.is_contiguous:
+            raise TensorDataError(f"tensor {where!r}: a GGML {record.dtype} tensor must cover its storage from the start")
+        self.dequantize = ggml_dequantizer(record.dtype)
+        np = numpy_module()
+        raw = data.storage_bytes(record)
+        check_view(record, len(raw))
+        self.flat = np.frombuffer(raw, dtype=np.uint8)[: self.nbytes]
+        self.view = self.address = None
+        self.swap = False
+        self.block = BLOCK_DTYPES[record.dtype]
+
+    def _block_chunks(self, first: int, stop: int | None) -> Iterator[tuple[int, Any]]:
+        np = numpy_module()
+        per_block, block_bytes = self.block
+        end_value = self.numel if stop is None else min(self.numel, stop * self.elements)
+        for start in range(first * self.elements, end_value, self.elements):
+            end = min(self.numel, start + self.elements)
+            b0, b1 = start // per_block, -(-end // per_block)
+            with np.errstate(all="ignore"):  # scales from the file may overflow: inf, as torch would
+                values = self.dequantize(self.flat[b0 * block_bytes : b1 * block_bytes])
+            values = values.reshape(-1)[start - b0 * per_block : end - b0 * per_block]
+            # each block's bytes counted once: by the chunk its first value is in
+            yield (b1 - -(-start // per_block)) * block_bytes, np.ascontiguousarray(values, dtype=np.float32)
+
     def chunks(self, first: int = 0, stop: int | None = None) -> Iterator[tuple[int, Any]]:
         """(source bytes, components) for each chunk, in row-major order when `ordered`; only
         chunks first..stop-1 (a Dask task's range: see chunk_count), the ones before `first`
         skipped without reading them."""
         if self.numel == 0:
+            return
+        if self.kernel == "ggml":
+            yield from self._block_chunks(first, stop)
             return
         step = self.elements * self.record.itemsize
         end = self.nbytes if stop is None else min(self.nbytes, stop * step)
@@ -268,11 +308,34 @@ class Source:
 
     @property
     def chunk_kernel(self) -> str:
-        return "float" if self.kernel == "torch" else self.kernel
+        return "float" if self.kernel in ("torch", "ggml") else self.kernel
 
     @property
     def copies(self) -> bool:
-        """Its chunks are copies (gathered from a strided view, or float8 widened by torch), not
-        views of the mapping: a thread pool must not queue many of them."""
-        return (self.flat is None and self.address is None) or self.kernel == "torch"
+        """Its chunks are copies (gathered from a strided view, float8 widened by torch, GGML
+        blocks dequantized), not views of the mapping: a thread pool must not queue many of them."""
+        return (self.flat is None and self.address is None) or self.kernel in ("torch", "ggml")
+
+
+def ggml_dequantizer(dtype: str):
+    """gguf-py's dequantizer for a GGML block type: raw blocks (uint8) -> float32 values.
+    gguf is an optional dependency, imported here on first use."""
+    try:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+    except ImportError:
+        raise TensorDataError(
+            f"values of GGML {dtype} tensors need the gguf package: pip install 'modelscope-tui[gguf]'"
+        ) from None
+    qtype = getattr(GGMLQuantizationType, dtype, None)
+    if qtype is None:
+        raise TensorDataError(f"this gguf package does not know GGML {dtype}; upgrade gguf")
+
+    def run(raw):
+        try:
+            return dequantize(raw, qtype)
+        except NotImplementedError:
+            raise TensorDataError(f"gguf-py cannot dequantize GGML {dtype}") from None
+
+    return run
 

@@ -8,6 +8,7 @@ from rich.text import Text
 
 from ...checkpoint import ModuleNode, TensorRecord
 from ...readers import FORMAT_LABELS
+from ...readers.gguf import fact_lines
 from ...summary import optimizer_summaries
 from ...training.session import Session
 from ...units import fmt_bytes, fmt_count, percent, safe_text, sparkline
@@ -287,6 +288,12 @@ def file_details(session: Session) -> RenderableType:
             if name in optimizers:
                 sec.add_row("", optimizers[name])
         parts += [Text("\nother sections", style="bold underline"), sec]
+    gguf_rows = fact_lines(ckpt)
+    if gguf_rows:
+        facts = _table()
+        for label, value in gguf_rows:
+            facts.add_row(label, value)
+        parts += [Text("\nGGUF", style="bold underline"), facts]
     if ckpt.entries:
         entries = _table()
         for e in ckpt.entries[:MAX_ENTRIES]:
