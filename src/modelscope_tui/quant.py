@@ -109,18 +109,20 @@ class QuantConfig:
         return cls(method, bits, group, block or None, tuple(skipped))
 
     def skips(self, module: str) -> bool:
-        """Whether `module` was left unquantized on purpose (exact name, a suffix of it, or a
-        compressed-tensors `re:` pattern)."""
-        import re
+        """Whether `module` was left unquantized on purpose: a compressed-tensors `re:` pattern,
+        a glob (gpt-oss: `model.layers.*.self_attn`, mscope's glob rule), or a name that ends the
+        module's (bitsandbytes matches `lm_head` anywhere in the name)."""
+        from .patterns import PatternError, compile_safe_regex, glob_matches
 
         for entry in self.skipped:
-            if entry.startswith("re:"):
+            if entry.startswith("re:"):  # from the file: shape-checked like a user's regex
                 try:
-                    if re.fullmatch(entry[3:], module) or re.fullmatch(entry[3:], module + ".weight"):
-                        return True
-                except re.error:
+                    rx = compile_safe_regex(entry[3:])
+                except PatternError:
                     continue
-            elif module == entry or module.endswith("." + entry) or ("." + entry + ".") in ("." + module + "."):
+                if rx.fullmatch(module) or rx.fullmatch(module + ".weight"):
+                    return True
+            elif glob_matches(module, entry) or module == entry or module.endswith("." + entry):
                 return True
         return False
 
