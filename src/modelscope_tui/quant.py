@@ -216,8 +216,9 @@ def _block_of(shape: tuple[int, ...], scale_shape: tuple[int, ...], hint: tuple[
     `weight_block_size` when it fits), or None."""
     if len(shape) < 2 or len(scale_shape) != len(shape):
         return None
-    if hint and len(hint) == 2 and all(-(-n // b) == s for n, b, s in zip(shape[-2:], hint, scale_shape[-2:])):
-        return hint
+    for block in (hint, (128, 128)):  # the config's, then the size every FP8 release uses
+        if block and len(block) == 2 and all(-(-n // b) == s for n, b, s in zip(shape[-2:], block, scale_shape[-2:])):
+            return block
     out = []
     for n, s in zip(shape[-2:], scale_shape[-2:]):
         choice = next((1 << k for k in range(0, 16) if s and -(-n // (1 << k)) == s), None)
@@ -362,7 +363,7 @@ def _scaled_weight(g: _Groups, prefix: str) -> None:
     companions = [scale.name, f"{prefix}.weight_scale_2", f"{prefix}.weight_global_scale", f"{prefix}.weight_zero_point", *(f"{prefix}.{n}" for n in INPUT_COMPANIONS)]
     if w.dtype in FP8_DTYPES:
         name = _fp8_name(w.dtype)
-        if scale.numel == 1:
+        if scale.numel == 1 and inv is None:  # `weight_scale_inv` is always a block scale
             scheme = f"{name} tensor"
         elif len(scale.shape) >= 1 and scale.shape[0] == w.shape[0] and (len(scale.shape) == 1 or scale.shape[-1] == 1):
             scheme = f"{name} channel"

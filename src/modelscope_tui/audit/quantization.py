@@ -22,6 +22,9 @@ from .findings import Finding, finding
 if TYPE_CHECKING:
     from .findings import AuditReport
 
+# MoE routers stay in full precision in every quantizer's defaults (gpt-oss's config,
+# llm-compressor's `re:.*mlp.gate$`): tiny, and their logits pick the experts.
+ROUTERS = frozenset({"router", "gate"})
 MAX_LISTED = 50  # unquantized layers reported one by one; the rest in one finding
 _BLOCK = re.compile(r"(?<=\.)\d+(?=\.)")
 
@@ -67,7 +70,7 @@ def check_quantization(ckpt: Checkpoint) -> list[Finding]:
         if len(t.shape) < 2 or t.dtype not in GRAD_DTYPES or t.name.rpartition(".")[2] != "weight":
             continue
         module = t.name.rpartition(".")[0]
-        if module in quantized_modules or skipped.skips(module):
+        if module in quantized_modules or skipped.skips(module) or module.rpartition(".")[2] in ROUTERS:
             continue
         parent = module.rpartition(".")[0]
         if (module and parent in parents_with_quant) or _BLOCK.sub("*", module) in masked_quant:

@@ -122,8 +122,8 @@ def render_summary(
     for scheme, q in totals.quantized.items():
         bits = 8 * q["bytes"] / q["parameters"] if q["parameters"] else 0.0
         console.print(
-            f"quantized {escape(safe_text(scheme))}: {q['weights']:,} weight(s), {q['parameters']:,} params "
-            f"in {fmt_bytes(q['bytes'])} ({bits:.2f} bits/param with companions)"
+            f"quantized {escape(safe_text(scheme))}: {q['weights']:,} weights, {fmt_count(q['parameters'])} params, "
+            f"{fmt_bytes(q['bytes'])}, {bits:.2f} bits/param"
         )
 
     locations = totals.bytes_by_location
