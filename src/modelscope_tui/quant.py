@@ -92,7 +92,11 @@ class QuantConfig:
         group = _int(doc.get("group_size") or doc.get("q_group_size"))
         block = doc.get("weight_block_size")
         block = tuple(b for b in map(_int, block) if b) if isinstance(block, list) else None
-        for group_doc in (doc.get("config_groups") or {}).values() if isinstance(doc.get("config_groups"), dict) else ():
+        for group_doc in (
+            (doc.get("config_groups") or {}).values()
+            if isinstance(doc.get("config_groups"), dict)
+            else ()
+        ):
             weights = group_doc.get("weights") if isinstance(group_doc, dict) else None
             if isinstance(weights, dict):
                 bits = bits or _int(weights.get("num_bits"))
@@ -102,7 +106,13 @@ class QuantConfig:
                     block = tuple(b for b in map(_int, wb) if b) or None
                 break
         skipped: list[str] = []
-        for key in ("modules_to_not_convert", "llm_int8_skip_modules", "ignore", "ignored_layers", "exclude_modules"):
+        for key in (
+            "modules_to_not_convert",
+            "llm_int8_skip_modules",
+            "ignore",
+            "ignored_layers",
+            "exclude_modules",
+        ):
             value = doc.get(key)
             if isinstance(value, list):
                 skipped.extend(str(v) for v in value if isinstance(v, str))
@@ -164,7 +174,13 @@ def read_small(record: TensorRecord, limit: int = MAX_STATE_BYTES) -> bytes | No
         return None
     size = record.nbytes
     start = s.data_offset + record.storage_offset * record.itemsize
-    if size > limit or not record.is_contiguous or (s.data_size is not None and record.storage_offset * record.itemsize + size > s.data_size):
+    if (
+        size > limit
+        or not record.is_contiguous
+        or (
+            s.data_size is not None and record.storage_offset * record.itemsize + size > s.data_size
+        )
+    ):
         return None
     try:
         fd = os.open(s.file, os.O_RDONLY)
@@ -181,7 +197,12 @@ def read_small(record: TensorRecord, limit: int = MAX_STATE_BYTES) -> bytes | No
 # Recognition
 # ----------------------------------------------------------------------------------------------
 class _Groups:
-    def __init__(self, tensors: list[TensorRecord], config: QuantConfig | None, reader: Callable[[TensorRecord], bytes | None]):
+    def __init__(
+        self,
+        tensors: list[TensorRecord],
+        config: QuantConfig | None,
+        reader: Callable[[TensorRecord], bytes | None],
+    ):
         self.by_name = {t.name: t for t in tensors}
         self.config = config or QuantConfig()
         self.read = reader
@@ -192,10 +213,22 @@ class _Groups:
         t = self.by_name.get(name)
         return None if t is None or name in self.taken else t
 
-    def add(self, primary: TensorRecord, scheme: str, method: str, logical_name: str, shape: tuple[int, ...], companion_names: list[str]) -> None:
-        companions = [c for c in (self.get(n) for n in companion_names) if c is not None and c is not primary]
+    def add(
+        self,
+        primary: TensorRecord,
+        scheme: str,
+        method: str,
+        logical_name: str,
+        shape: tuple[int, ...],
+        companion_names: list[str],
+    ) -> None:
+        companions = [
+            c for c in (self.get(n) for n in companion_names) if c is not None and c is not primary
+        ]
         nbytes = sum(t.nbytes for t in (primary, *companions) if t.alias_of is None)
-        info = QuantInfo(scheme, logical_name, tuple(shape), tuple(c.name for c in companions), nbytes, method)
+        info = QuantInfo(
+            scheme, logical_name, tuple(shape), tuple(c.name for c in companions), nbytes, method
+        )
         self.taken.add(primary.name)
         self.taken.update(c.name for c in companions)
         self.found.append((primary, info))
@@ -211,13 +244,19 @@ def _group_label(inner: int, groups: int) -> str:
     return f"g{inner // groups}" if inner % groups == 0 else f"{groups} groups"
 
 
-def _block_of(shape: tuple[int, ...], scale_shape: tuple[int, ...], hint: tuple[int, ...] | None) -> tuple[int, ...] | None:
+def _block_of(
+    shape: tuple[int, ...], scale_shape: tuple[int, ...], hint: tuple[int, ...] | None
+) -> tuple[int, ...] | None:
     """The block sizes that turn `shape` into `scale_shape` by ceiling division (the config's
     `weight_block_size` when it fits), or None."""
     if len(shape) < 2 or len(scale_shape) != len(shape):
         return None
     for block in (hint, (128, 128)):  # the config's, then the size every FP8 release uses
-        if block and len(block) == 2 and all(-(-n // b) == s for n, b, s in zip(shape[-2:], block, scale_shape[-2:])):
+        if (
+            block
+            and len(block) == 2
+            and all(-(-n // b) == s for n, b, s in zip(shape[-2:], block, scale_shape[-2:]))
+        ):
             return block
     out = []
     for n, s in zip(shape[-2:], scale_shape[-2:]):
@@ -284,7 +323,14 @@ def _bnb4(g: _Groups, state: TensorRecord) -> None:
     if shape is None or not (packed - 1 <= prod(shape) <= packed):
         shape = (packed,)
     extras = ["absmax", "quant_map", "nested_absmax", "nested_quant_map"]
-    g.add(w, kind[:16], "bitsandbytes", weight_name, shape, [state.name, *(f"{weight_name}.{e}" for e in extras)])
+    g.add(
+        w,
+        kind[:16],
+        "bitsandbytes",
+        weight_name,
+        shape,
+        [state.name, *(f"{weight_name}.{e}" for e in extras)],
+    )
 
 
 def _bnb8(g: _Groups, prefix: str) -> None:
@@ -318,7 +364,14 @@ def _gptq_awq(g: _Groups, prefix: str) -> None:
     if not bits or not inner or not out:
         return
     scheme = f"{method} {_bits_label(bits)} {_group_label(inner, scales.shape[0])}"
-    g.add(q, scheme, method, f"{prefix}.weight", (out, inner), [f"{prefix}.qzeros", f"{prefix}.scales", f"{prefix}.g_idx"])
+    g.add(
+        q,
+        scheme,
+        method,
+        f"{prefix}.weight",
+        (out, inner),
+        [f"{prefix}.qzeros", f"{prefix}.scales", f"{prefix}.g_idx"],
+    )
 
 
 def _compressed(g: _Groups, prefix: str) -> None:
@@ -327,7 +380,17 @@ def _compressed(g: _Groups, prefix: str) -> None:
         return
     scale = g.by_name.get(f"{prefix}.weight_scale")
     out = p.shape[0]
-    companions = [f"{prefix}.{n}" for n in ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "weight_global_scale", *INPUT_COMPANIONS)]
+    companions = [
+        f"{prefix}.{n}"
+        for n in (
+            "weight_scale",
+            "weight_zero_point",
+            "weight_shape",
+            "weight_g_idx",
+            "weight_global_scale",
+            *INPUT_COMPANIONS,
+        )
+    ]
     if p.dtype == "uint8" and scale is not None and scale.dtype in FP8_DTYPES:
         inner = p.shape[1] * 2
         g.add(p, "nvfp4", "compressed-tensors", f"{prefix}.weight", (out, inner), companions)
@@ -342,7 +405,12 @@ def _compressed(g: _Groups, prefix: str) -> None:
 def _mxfp4(g: _Groups, prefix: str, stem: str) -> None:
     base = f"{prefix}.{stem}" if prefix else stem
     blocks, scales = g.get(f"{base}_blocks"), g.get(f"{base}_scales")
-    if blocks is None or scales is None or len(blocks.shape) < 2 or blocks.dtype not in ("uint8", "float4_e2m1fn_x2"):
+    if (
+        blocks is None
+        or scales is None
+        or len(blocks.shape) < 2
+        or blocks.dtype not in ("uint8", "float4_e2m1fn_x2")
+    ):
         return
     if tuple(scales.shape) != tuple(blocks.shape[:-1]):
         return
@@ -360,19 +428,33 @@ def _scaled_weight(g: _Groups, prefix: str) -> None:
     scale = inv if inv is not None else g.by_name.get(f"{prefix}.weight_scale")
     if scale is None:
         return
-    companions = [scale.name, f"{prefix}.weight_scale_2", f"{prefix}.weight_global_scale", f"{prefix}.weight_zero_point", *(f"{prefix}.{n}" for n in INPUT_COMPANIONS)]
+    companions = [
+        scale.name,
+        f"{prefix}.weight_scale_2",
+        f"{prefix}.weight_global_scale",
+        f"{prefix}.weight_zero_point",
+        *(f"{prefix}.{n}" for n in INPUT_COMPANIONS),
+    ]
     if w.dtype in FP8_DTYPES:
         name = _fp8_name(w.dtype)
         if scale.numel == 1 and inv is None:  # `weight_scale_inv` is always a block scale
             scheme = f"{name} tensor"
-        elif len(scale.shape) >= 1 and scale.shape[0] == w.shape[0] and (len(scale.shape) == 1 or scale.shape[-1] == 1):
+        elif (
+            len(scale.shape) >= 1
+            and scale.shape[0] == w.shape[0]
+            and (len(scale.shape) == 1 or scale.shape[-1] == 1)
+        ):
             scheme = f"{name} channel"
         else:
             block = _block_of(w.shape, scale.shape, g.config.block)
             if block is None:
                 scheme = f"{name} scaled"
             else:
-                scheme = f"{name} block {block[0]}" if block[0] == block[1] else f"{name} block {block[0]}x{block[1]}"
+                scheme = (
+                    f"{name} block {block[0]}"
+                    if block[0] == block[1]
+                    else f"{name} block {block[0]}x{block[1]}"
+                )
         g.add(w, scheme, "fp8", w.name, w.shape, companions)
         return
     if w.dtype in ("uint8", "float4_e2m1fn_x2") and len(scale.shape) == len(w.shape):
@@ -385,7 +467,14 @@ def _scaled_weight(g: _Groups, prefix: str) -> None:
         return
     if w.dtype == "int8" and scale.numel > 0:
         groups = scale.shape[-1] if len(scale.shape) == 2 else 1
-        g.add(w, f"compressed-tensors int8 {_group_label(w.shape[-1], groups)}", "compressed-tensors", w.name, w.shape, companions)
+        g.add(
+            w,
+            f"compressed-tensors int8 {_group_label(w.shape[-1], groups)}",
+            "compressed-tensors",
+            w.name,
+            w.shape,
+            companions,
+        )
 
 
 def annotate(ckpt: Checkpoint) -> None:

@@ -22,7 +22,9 @@ def save(path: Path, tensors: dict[str, torch.Tensor], config: dict | None = Non
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     if config is not None:
-        (path.parent / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": config}))
+        (path.parent / "config.json").write_text(
+            json.dumps({"model_type": "llama", "quantization_config": config})
+        )
     return path
 
 
@@ -33,61 +35,85 @@ def quantized(ckpt) -> dict[str, object]:
 # ----------------------------------------------------------------------------------------------
 # layouts generated with the names, dtypes and shapes their libraries write
 # ----------------------------------------------------------------------------------------------
-def gptq_linear(prefix: str, infeatures: int, outfeatures: int, bits: int = 4, group: int = 32) -> dict[str, torch.Tensor]:
+def gptq_linear(
+    prefix: str, infeatures: int, outfeatures: int, bits: int = 4, group: int = 32
+) -> dict[str, torch.Tensor]:
     """AutoGPTQ / GPTQModel QuantLinear (auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py,
     gptqmodel/nn_modules/qlinear/__init__.py): qweight int32 [in // 32 * bits, out], qzeros int32
     [ceil(in / group), out // 32 * bits], scales float16 [ceil(in / group), out], g_idx int32 [in],
     bias float16 [out]."""
     groups = math.ceil(infeatures / group)
     return {
-        f"{prefix}.qweight": torch.randint(-(2**31), 2**31 - 1, (infeatures // 32 * bits, outfeatures), dtype=torch.int32),
-        f"{prefix}.qzeros": torch.randint(-(2**31), 2**31 - 1, (groups, outfeatures // 32 * bits), dtype=torch.int32),
+        f"{prefix}.qweight": torch.randint(
+            -(2**31), 2**31 - 1, (infeatures // 32 * bits, outfeatures), dtype=torch.int32
+        ),
+        f"{prefix}.qzeros": torch.randint(
+            -(2**31), 2**31 - 1, (groups, outfeatures // 32 * bits), dtype=torch.int32
+        ),
         f"{prefix}.scales": torch.rand(groups, outfeatures).half(),
         f"{prefix}.g_idx": torch.tensor([i // group for i in range(infeatures)], dtype=torch.int32),
         f"{prefix}.bias": torch.zeros(outfeatures).half(),
     }
 
 
-def awq_linear(prefix: str, infeatures: int, outfeatures: int, bits: int = 4, group: int = 32) -> dict[str, torch.Tensor]:
+def awq_linear(
+    prefix: str, infeatures: int, outfeatures: int, bits: int = 4, group: int = 32
+) -> dict[str, torch.Tensor]:
     """AutoAWQ WQLinear_GEMM (awq/modules/linear/gemm.py): qweight int32 [in, out // (32 // w_bit)],
     qzeros int32 [in // group, out // (32 // w_bit)], scales float16 [in // group, out], bias."""
     pack = 32 // bits
     return {
-        f"{prefix}.qweight": torch.randint(0, 2**31 - 1, (infeatures, outfeatures // pack), dtype=torch.int32),
-        f"{prefix}.qzeros": torch.randint(0, 2**31 - 1, (infeatures // group, outfeatures // pack), dtype=torch.int32),
+        f"{prefix}.qweight": torch.randint(
+            0, 2**31 - 1, (infeatures, outfeatures // pack), dtype=torch.int32
+        ),
+        f"{prefix}.qzeros": torch.randint(
+            0, 2**31 - 1, (infeatures // group, outfeatures // pack), dtype=torch.int32
+        ),
         f"{prefix}.scales": torch.rand(infeatures // group, outfeatures).half(),
         f"{prefix}.bias": torch.zeros(outfeatures).half(),
     }
 
 
-def compressed_linear(prefix: str, infeatures: int, outfeatures: int, group: int = 32) -> dict[str, torch.Tensor]:
+def compressed_linear(
+    prefix: str, infeatures: int, outfeatures: int, group: int = 32
+) -> dict[str, torch.Tensor]:
     """compressed-tensors pack-quantized W4A16 (compressed_tensors/compressors/quantized_compressors/
     pack_quantized.py): weight_packed int32 [out, in // 8], weight_scale [out, in // group] in the
     model's dtype, weight_shape int64 [2] (the logical shape)."""
     return {
-        f"{prefix}.weight_packed": torch.randint(0, 2**31 - 1, (outfeatures, infeatures // 8), dtype=torch.int32),
+        f"{prefix}.weight_packed": torch.randint(
+            0, 2**31 - 1, (outfeatures, infeatures // 8), dtype=torch.int32
+        ),
         f"{prefix}.weight_scale": torch.rand(outfeatures, infeatures // group).bfloat16(),
         f"{prefix}.weight_shape": torch.tensor([outfeatures, infeatures], dtype=torch.int64),
     }
 
 
-def fp8_block_linear(prefix: str, infeatures: int, outfeatures: int, block: int = 128) -> dict[str, torch.Tensor]:
+def fp8_block_linear(
+    prefix: str, infeatures: int, outfeatures: int, block: int = 128
+) -> dict[str, torch.Tensor]:
     """DeepSeek-V3 FP8 (its inference/convert.py and transformers' FP8Linear): weight F8_E4M3
     [out, in], weight_scale_inv F32 [ceil(out / 128), ceil(in / 128)]."""
     return {
         f"{prefix}.weight": torch.randn(outfeatures, infeatures).to(torch.float8_e4m3fn),
-        f"{prefix}.weight_scale_inv": torch.rand(math.ceil(outfeatures / block), math.ceil(infeatures / block)),
+        f"{prefix}.weight_scale_inv": torch.rand(
+            math.ceil(outfeatures / block), math.ceil(infeatures / block)
+        ),
     }
 
 
-def mxfp4_experts(prefix: str, experts: int, rows: int, cols: int, scales_dtype=torch.uint8) -> dict[str, torch.Tensor]:
+def mxfp4_experts(
+    prefix: str, experts: int, rows: int, cols: int, scales_dtype=torch.uint8
+) -> dict[str, torch.Tensor]:
     """gpt-oss MXFP4 experts (transformers integrations/mxfp4.py, openai/gpt-oss-20b's
     model.safetensors): X_blocks U8 [E, rows, cols // 32, 16] (two FP4 values per byte, 32 per
     block), X_scales U8 (E8M0) [E, rows, cols // 32]."""
     nb = cols // 32
     return {
         f"{prefix}_blocks": torch.randint(0, 255, (experts, rows, nb, 16), dtype=torch.uint8),
-        f"{prefix}_scales": torch.randint(120, 130, (experts, rows, nb), dtype=torch.uint8).view(scales_dtype)
+        f"{prefix}_scales": torch.randint(120, 130, (experts, rows, nb), dtype=torch.uint8).view(
+            scales_dtype
+        )
         if scales_dtype is torch.uint8
         else torch.ones(experts, rows, nb).to(scales_dtype),
     }
@@ -97,7 +123,9 @@ def nvfp4_linear(prefix: str, infeatures: int, outfeatures: int) -> dict[str, to
     """NVIDIA ModelOpt NVFP4 (nvidia/Llama-3.1-8B-Instruct-FP4's safetensors): weight U8
     [out, in // 2], weight_scale F8_E4M3 [out, in // 16], weight_scale_2 F32 [], input_scale F32 []."""
     return {
-        f"{prefix}.weight": torch.randint(0, 255, (outfeatures, infeatures // 2), dtype=torch.uint8),
+        f"{prefix}.weight": torch.randint(
+            0, 255, (outfeatures, infeatures // 2), dtype=torch.uint8
+        ),
         f"{prefix}.weight_scale": torch.rand(outfeatures, infeatures // 16).to(torch.float8_e4m3fn),
         f"{prefix}.weight_scale_2": torch.tensor(0.5),
         f"{prefix}.input_scale": torch.tensor(1.0),
@@ -112,7 +140,11 @@ def bnb_model(kind: str):
     torch.manual_seed(0)
     plain = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
     if kind == "int8":
-        layers = [bnb.nn.Linear8bitLt(64, 128, has_fp16_weights=False), torch.nn.ReLU(), bnb.nn.Linear8bitLt(128, 32, has_fp16_weights=False)]
+        layers = [
+            bnb.nn.Linear8bitLt(64, 128, has_fp16_weights=False),
+            torch.nn.ReLU(),
+            bnb.nn.Linear8bitLt(128, 32, has_fp16_weights=False),
+        ]
     else:
         layers = [
             bnb.nn.Linear4bit(64, 128, quant_type=kind, compress_statistics=True),
@@ -169,21 +201,38 @@ def test_bitsandbytes_int8(tmp_path):
 
 def test_gptq_awq_compressed_layouts(tmp_path):
     torch.manual_seed(0)
-    gptq = open_checkpoint(save(tmp_path / "gptq" / "model.safetensors", gptq_linear("l.q_proj", 256, 128, group=64)))
+    gptq = open_checkpoint(
+        save(tmp_path / "gptq" / "model.safetensors", gptq_linear("l.q_proj", 256, 128, group=64))
+    )
     (g,) = quantized(gptq).values()
-    assert (g.logical_name, g.scheme, g.logical_shape) == ("l.q_proj.weight", "gptq int4 g64", (128, 256))
+    assert (g.logical_name, g.scheme, g.logical_shape) == (
+        "l.q_proj.weight",
+        "gptq int4 g64",
+        (128, 256),
+    )
     assert set(g.companions) == {"l.q_proj.qzeros", "l.q_proj.scales", "l.q_proj.g_idx"}
     assert gptq.totals().parameters == 128 * 256 + 128  # and the fp16 bias
     assert gptq.totals().trainable == 128
 
-    gptq8 = open_checkpoint(save(tmp_path / "gptq8" / "model.safetensors", gptq_linear("l.o", 256, 128, bits=8, group=128)))
+    gptq8 = open_checkpoint(
+        save(
+            tmp_path / "gptq8" / "model.safetensors",
+            gptq_linear("l.o", 256, 128, bits=8, group=128),
+        )
+    )
     assert next(iter(quantized(gptq8).values())).scheme == "gptq int8 g128"
 
-    awq = open_checkpoint(save(tmp_path / "awq" / "model.safetensors", awq_linear("l.up", 256, 128, group=64)))
+    awq = open_checkpoint(
+        save(tmp_path / "awq" / "model.safetensors", awq_linear("l.up", 256, 128, group=64))
+    )
     (a,) = quantized(awq).values()
     assert (a.scheme, a.logical_shape) == ("awq int4 g64", (128, 256))
 
-    ct = open_checkpoint(save(tmp_path / "ct" / "model.safetensors", compressed_linear("l.down", 256, 128, group=128)))
+    ct = open_checkpoint(
+        save(
+            tmp_path / "ct" / "model.safetensors", compressed_linear("l.down", 256, 128, group=128)
+        )
+    )
     (c,) = quantized(ct).values()
     assert (c.scheme, c.logical_shape) == ("compressed-tensors int4 g128", (128, 256))
     assert "l.down.weight_shape" in c.companions
@@ -192,7 +241,9 @@ def test_gptq_awq_compressed_layouts(tmp_path):
 def test_config_names_the_method_and_bits(tmp_path):
     # A GPTQ layout saved by a tool that says so in config.json: the config wins over the shapes.
     cfg = {"quant_method": "gptq", "bits": 8, "group_size": 64, "desc_act": False}
-    ckpt = open_checkpoint(save(tmp_path / "model.safetensors", gptq_linear("l.k", 256, 128, bits=8, group=64), cfg))
+    ckpt = open_checkpoint(
+        save(tmp_path / "model.safetensors", gptq_linear("l.k", 256, 128, bits=8, group=64), cfg)
+    )
     (g,) = quantized(ckpt).values()
     assert g.scheme == "gptq int8 g64"
     assert ckpt.metadata["quantization_config"]["quant_method"] == "gptq"
@@ -203,11 +254,18 @@ def test_fp8_block_mxfp4_nvfp4(tmp_path):
     tensors = {
         **fp8_block_linear("model.layers.0.self_attn.q_proj", 256, 384),
         **mxfp4_experts("model.layers.0.mlp.experts.gate_up_proj", 2, 64, 128),
-        **mxfp4_experts("model.layers.0.mlp.experts.down_proj", 2, 128, 64, scales_dtype=torch.float8_e8m0fnu),
+        **mxfp4_experts(
+            "model.layers.0.mlp.experts.down_proj", 2, 128, 64, scales_dtype=torch.float8_e8m0fnu
+        ),
         **nvfp4_linear("model.layers.0.mlp.shared.up_proj", 128, 64),
         "model.layers.0.mlp.experts.gate_up_proj_bias": torch.zeros(2, 64).bfloat16(),
     }
-    cfg = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    cfg = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
     ckpt = open_checkpoint(save(tmp_path / "model.safetensors", tensors, cfg))
     found = quantized(ckpt)
     assert found["model.layers.0.self_attn.q_proj.weight"].scheme == "fp8 e4m3 block 128"
@@ -218,7 +276,10 @@ def test_fp8_block_mxfp4_nvfp4(tmp_path):
     assert (down.scheme, down.logical_shape) == ("mxfp4", (2, 128, 64))  # F8_E8M0 scales too
     nv = found["model.layers.0.mlp.shared.up_proj.weight"]
     assert (nv.scheme, nv.logical_shape) == ("nvfp4", (64, 128))
-    assert set(nv.companions) == {f"model.layers.0.mlp.shared.up_proj.{n}" for n in ("weight_scale", "weight_scale_2", "input_scale")}
+    assert set(nv.companions) == {
+        f"model.layers.0.mlp.shared.up_proj.{n}"
+        for n in ("weight_scale", "weight_scale_2", "input_scale")
+    }
     records = {t.name: t for t in ckpt.tensors}
     # the scales that used to count as trainable parameters (float32, E8M0) never train now
     assert not records["model.layers.0.self_attn.q_proj.weight_scale_inv"].trainable
@@ -246,7 +307,11 @@ def test_f4_weight_with_block_scales(tmp_path):
 
 def test_plain_checkpoint_is_unchanged(tmp_path):
     # Names that look like companions but belong to nothing quantized stay as they were.
-    tensors = {"enc.scales": torch.ones(4, 4), "enc.weight": torch.ones(4, 4), "enc.qzeros": torch.zeros(2, dtype=torch.int32)}
+    tensors = {
+        "enc.scales": torch.ones(4, 4),
+        "enc.weight": torch.ones(4, 4),
+        "enc.qzeros": torch.zeros(2, dtype=torch.int32),
+    }
     ckpt = open_checkpoint(save(tmp_path / "m.safetensors", tensors))
     assert not quantized(ckpt)
     assert all(t.companion_of is None for t in ckpt.tensors)
@@ -270,12 +335,18 @@ def test_session_freezing_acts_on_the_logical_weight(tmp_path):
 
 def test_summary_json_lists_companions(tmp_path):
     torch.manual_seed(0)
-    ckpt = open_checkpoint(save(tmp_path / "model.safetensors", gptq_linear("l.q", 64, 32, group=32)))
+    ckpt = open_checkpoint(
+        save(tmp_path / "model.safetensors", gptq_linear("l.q", 64, 32, group=32))
+    )
     doc = json.loads(summary_json(ckpt))
     assert doc == json.loads(json.dumps(summary_dict(ckpt)))  # the fast path says the same
     by_name = {t["name"]: t for t in doc["tensors"]}
     q = by_name["l.q.qweight"]["quant"]
-    assert q["scheme"] == "gptq int4 g32" and q["logical_shape"] == [32, 64] and q["logical_numel"] == 2048
+    assert (
+        q["scheme"] == "gptq int4 g32"
+        and q["logical_shape"] == [32, 64]
+        and q["logical_numel"] == 2048
+    )
     assert by_name["l.q.scales"]["companion_of"] == "l.q.qweight"
     assert by_name["l.q.scales"]["trainable"] is False
     assert doc["totals"]["quantized"]["gptq int4 g32"]["parameters"] == 2048
@@ -295,21 +366,41 @@ def test_audit_names_schemes_and_flags_unquantized_sibling(tmp_path):
     tensors["model.norm.weight"] = torch.ones(64).half()
     ckpt = open_checkpoint(save(tmp_path / "model.safetensors", tensors), strict=False)
     report = run_audit(ckpt)
-    codes = [(f.code, f.tensor) for f in report.findings if f.code in ("quantized-layers", "unquantized-layer")]
-    assert codes == [("quantized-layers", "model.layers.0.self_attn.k_proj.qweight"), ("unquantized-layer", "model.layers.1.self_attn.o_proj.weight")]
+    codes = [
+        (f.code, f.tensor)
+        for f in report.findings
+        if f.code in ("quantized-layers", "unquantized-layer")
+    ]
+    assert codes == [
+        ("quantized-layers", "model.layers.0.self_attn.k_proj.qweight"),
+        ("unquantized-layer", "model.layers.1.self_attn.o_proj.weight"),
+    ]
     (info,) = [f for f in report.findings if f.code == "quantized-layers"]
     assert info.details["layers"]["model.layers.1.self_attn.v_proj.weight"] == "gptq int4 g32"
     assert report.verdict != "fail"  # a warning, not in the default --fail-on
 
     # listed in modules_to_not_convert: deliberate, not flagged
-    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 4, "modules_to_not_convert": ["model.layers.*.self_attn.o_proj"]}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "quantization_config": {
+                    "quant_method": "gptq",
+                    "bits": 4,
+                    "modules_to_not_convert": ["model.layers.*.self_attn.o_proj"],
+                }
+            }
+        )
+    )
     report = run_audit(open_checkpoint(tmp_path / "model.safetensors", strict=False))
     assert not [f for f in report.findings if f.code == "unquantized-layer"]
 
 
 def test_quant_state_that_lies_falls_back_to_the_packed_size(tmp_path):
     # A quant_state whose shape does not match the packed bytes: the packed size wins.
-    state = torch.tensor(list(json.dumps({"quant_type": "nf4", "blocksize": 64, "shape": [1000, 1000]}).encode()), dtype=torch.uint8)
+    state = torch.tensor(
+        list(json.dumps({"quant_type": "nf4", "blocksize": 64, "shape": [1000, 1000]}).encode()),
+        dtype=torch.uint8,
+    )
     tensors = {
         "l.weight": torch.zeros(32, 1, dtype=torch.uint8),
         "l.weight.absmax": torch.ones(1),

@@ -70,7 +70,11 @@ def check_quantization(ckpt: Checkpoint) -> list[Finding]:
         if len(t.shape) < 2 or t.dtype not in GRAD_DTYPES or t.name.rpartition(".")[2] != "weight":
             continue
         module = t.name.rpartition(".")[0]
-        if module in quantized_modules or skipped.skips(module) or module.rpartition(".")[2] in ROUTERS:
+        if (
+            module in quantized_modules
+            or skipped.skips(module)
+            or module.rpartition(".")[2] in ROUTERS
+        ):
             continue
         parent = module.rpartition(".")[0]
         if (module and parent in parents_with_quant) or _BLOCK.sub("*", module) in masked_quant:

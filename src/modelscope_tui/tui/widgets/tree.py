@@ -50,7 +50,7 @@ RIGHT_ALIGNED = ("numel", "bytes")
 # Widths of the columns whose values are words of known length; the others follow their content.
 FIXED_WIDTHS = {"train": 5, "change": 12, "device": 7}
 # Content widths are capped so that one odd value (a hostile 64-dim shape) cannot take the row.
-CONTENT_CAPS = {"shape": 23, "dtype": 14, "numel": 8, "bytes": 10}
+CONTENT_CAPS = {"shape": 23, "dtype": 18, "numel": 8, "bytes": 10}  # dtype: quant schemes ("fp8 e4m3 block 128")
 MARKS = {
     "trainable": ("✓ yes", "green"),
     "frozen": ("✗ no", "red"),
