@@ -410,3 +410,54 @@ def test_quant_state_that_lies_falls_back_to_the_packed_size(tmp_path):
     ckpt = open_checkpoint(save(tmp_path / "m.safetensors", tensors))
     (w,) = quantized(ckpt).values()
     assert w.logical_shape == (64,)
+
+
+def test_sharded_set_with_companions_in_another_shard(tmp_path):
+    # transformers' save_pretrained splits by size, so a qweight and its scales may land in two
+    # shards; the set is read as one and config.json next to the index names the method.
+    torch.manual_seed(0)
+    layer = awq_linear("model.layers.0.mlp.up_proj", 128, 64, group=64)
+    first = {k: v for k, v in layer.items() if k.endswith("qweight")}
+    second = {k: v for k, v in layer.items() if not k.endswith("qweight")}
+    save(tmp_path / "model-00001-of-00002.safetensors", first)
+    save(
+        tmp_path / "model-00002-of-00002.safetensors",
+        second,
+        {"quant_method": "awq", "bits": 4, "group_size": 64},
+    )
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in first} | {
+        k: "model-00002-of-00002.safetensors" for k in second
+    }
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    ckpt = open_checkpoint(tmp_path)
+    (a,) = quantized(ckpt).values()
+    assert (a.scheme, a.logical_shape) == ("awq int4 g64", (64, 128))
+    assert ckpt.metadata["quantization_config"] == {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": 64,
+    }
+
+
+def test_hostile_shapes_do_not_break_recognition(tmp_path):
+    # Zero-sized and mismatched companions: recognised where they add up, left alone otherwise,
+    # never an exception.
+    tensors = {
+        "a.qweight": torch.zeros(0, 0, dtype=torch.int32),
+        "a.scales": torch.zeros(0, 0).half(),
+        "b.weight": torch.zeros(4, 4).to(torch.float8_e4m3fn),
+        "b.weight_scale_inv": torch.zeros(0, 3),
+        "c_blocks": torch.zeros(2, 3, dtype=torch.uint8),
+        "c_scales": torch.zeros(5, dtype=torch.uint8),
+        "d.weight.quant_state.bitsandbytes__nf4": torch.tensor(
+            list(b"not json"), dtype=torch.uint8
+        ),
+        "d.weight": torch.zeros(8, 1, dtype=torch.uint8),
+    }
+    ckpt = open_checkpoint(save(tmp_path / "m.safetensors", tensors))
+    found = quantized(ckpt)
+    assert found["d.weight"].logical_shape == (16,)  # the packed size when the state is unreadable
+    assert "c" not in found  # scales that do not fit the blocks
+    assert ckpt.totals().tensors == len(tensors)
