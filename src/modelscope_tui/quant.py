@@ -271,6 +271,9 @@ def _fp8_name(dtype: str) -> str:
     return "fp8 e5m2" if "e5m2" in dtype else "fp8 e4m3"
 
 
+TRIGGERS = frozenset({"SCB", "qweight", "weight_packed", "weight_scale_inv", "weight_scale"})
+
+
 def recognise(
     tensors: list[TensorRecord],
     config: QuantConfig | None = None,
@@ -278,27 +281,40 @@ def recognise(
 ) -> list[tuple[TensorRecord, QuantInfo]]:
     """(packed record, its QuantInfo) for every quantized weight among `tensors` (one section's
     records, by name). Records are not changed; `annotate` applies the result."""
-    g = _Groups(tensors, config, reader)
-    # Passes from the most specific layout to the least, so a companion claimed by one is not
-    # read as another's packed data (an FP8 `weight_scale` vs an NVFP4 one).
-    for t in tensors:
-        leaf = t.name.rpartition(".")[2]
-        if leaf.startswith("bitsandbytes__") and t.name.rpartition(".")[0].endswith(".quant_state"):
-            _bnb4(g, t)
+    # One pass finds the names that can start a layout; a plain checkpoint stops here (a
+    # 100k-tensor state dict pays one rpartition and a set lookup per name).
+    bnb4: list[TensorRecord] = []
+    packed: list[tuple[str, str]] = []
+    scaled: list[str] = []
     for t in tensors:
         prefix, _, leaf = t.name.rpartition(".")
+        if leaf in TRIGGERS:
+            if leaf.startswith("weight_scale"):
+                scaled.append(prefix)
+            else:
+                packed.append((prefix, leaf))
+        elif leaf.endswith("_blocks") and len(leaf) > 7:
+            packed.append((prefix, leaf))
+        elif leaf.startswith("bitsandbytes__") and prefix.endswith(".quant_state"):
+            bnb4.append(t)
+    if not (bnb4 or packed or scaled):
+        return []
+    g = _Groups(tensors, config, reader)
+    # From the most specific layout to the least, so a companion claimed by one is not read as
+    # another's packed data (an FP8 `weight_scale` vs an NVFP4 one).
+    for t in bnb4:
+        _bnb4(g, t)
+    for prefix, leaf in packed:
         if leaf == "SCB":
             _bnb8(g, prefix)
         elif leaf == "qweight":
             _gptq_awq(g, prefix)
         elif leaf == "weight_packed":
             _compressed(g, prefix)
-        elif leaf.endswith("_blocks") and len(leaf) > 7:
+        else:
             _mxfp4(g, prefix, leaf[:-7])
-    for t in tensors:
-        prefix, _, leaf = t.name.rpartition(".")
-        if leaf == "weight_scale_inv" or leaf == "weight_scale":
-            _scaled_weight(g, prefix)
+    for prefix in scaled:
+        _scaled_weight(g, prefix)
     return g.found
 
 
