@@ -18,6 +18,12 @@ from modelscope_tui.summary import summary_dict, summary_json
 from modelscope_tui.training.session import Session
 
 
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """bitsandbytes and transformers may look for kernels on the Hugging Face Hub: never here."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 def save(path: Path, tensors: dict[str, torch.Tensor], config: dict | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
@@ -461,3 +467,48 @@ def test_hostile_shapes_do_not_break_recognition(tmp_path):
     assert found["d.weight"].logical_shape == (16,)  # the packed size when the state is unreadable
     assert "c" not in found  # scales that do not fit the blocks
     assert ckpt.totals().tensors == len(tensors)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_transformers_save_pretrained_counts_match_num_parameters(tmp_path, kind):
+    """A tiny Llama quantized by transformers + bitsandbytes on the CPU and saved with
+    save_pretrained (safetensors + config.json with quantization_config): mscope's logical
+    parameter count is the library's own `num_parameters()`."""
+    pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    if kind == "nf4":
+        qc = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    else:
+        qc = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=qc, device_map="cpu", use_kernels=False
+    )
+    model.save_pretrained(tmp_path / kind)
+    ckpt = open_checkpoint(tmp_path / kind)
+    assert ckpt.metadata["quantization_config"]["quant_method"] == "bitsandbytes"
+    found = quantized(ckpt)
+    assert len(found) == 2 * 7  # q, k, v, o, gate, up, down per layer; lm_head stays bf16/fp32
+    assert {q.scheme for q in found.values()} == {kind}
+    assert ckpt.totals().parameters == model.num_parameters()
+    # nothing but norms, embeddings and the head can train; no scale is a trainable parameter
+    assert ckpt.totals().trainable == sum(
+        p.numel() for n, p in model.named_parameters() if "proj" not in n
+    )
+    assert not [f for f in run_audit(ckpt).findings if f.code == "unquantized-layer"]
