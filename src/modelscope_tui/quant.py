@@ -27,9 +27,11 @@ the checkpoint's directory has one, names the method, bits, group and block size
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +41,7 @@ from .checkpoint import BUFFER, PARAMETER, Checkpoint, TensorRecord, prod
 FP8_DTYPES = frozenset({"float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"})
 MAX_CONFIG_BYTES = 4 << 20
 MAX_STATE_BYTES = 4096  # a bitsandbytes quant_state is ~100 bytes of JSON
+MAX_SKIPPED = 1024  # modules_to_not_convert / ignore entries used
 INPUT_COMPANIONS = ("input_scale", "input_global_scale", "input_zero_point")
 
 
@@ -116,25 +119,34 @@ class QuantConfig:
             value = doc.get(key)
             if isinstance(value, list):
                 skipped.extend(str(v) for v in value if isinstance(v, str))
-        return cls(method, bits, group, block or None, tuple(skipped))
+        # The audit tests every plain weight against every entry: a config cannot make that
+        # quadratic in its own size.
+        return cls(method, bits, group, block or None, tuple(skipped[:MAX_SKIPPED]))
 
     def skips(self, module: str) -> bool:
         """Whether `module` was left unquantized on purpose: a compressed-tensors `re:` pattern,
         a glob (gpt-oss: `model.layers.*.self_attn`, mscope's glob rule), or a name that ends the
         module's (bitsandbytes matches `lm_head` anywhere in the name)."""
-        from .patterns import PatternError, compile_safe_regex, glob_matches
+        from .patterns import glob_matches
 
         for entry in self.skipped:
             if entry.startswith("re:"):  # from the file: shape-checked like a user's regex
-                try:
-                    rx = compile_safe_regex(entry[3:])
-                except PatternError:
-                    continue
-                if rx.fullmatch(module) or rx.fullmatch(module + ".weight"):
+                rx = _skip_regex(entry[3:])
+                if rx is not None and (rx.fullmatch(module) or rx.fullmatch(module + ".weight")):
                     return True
             elif glob_matches(module, entry) or module == entry or module.endswith("." + entry):
                 return True
         return False
+
+
+@functools.lru_cache(maxsize=256)
+def _skip_regex(pattern: str) -> re.Pattern[str] | None:
+    from .patterns import PatternError, compile_safe_regex
+
+    try:
+        return compile_safe_regex(pattern)
+    except PatternError:
+        return None
 
 
 def _int(value: Any) -> int | None:
