@@ -512,3 +512,31 @@ def test_transformers_save_pretrained_counts_match_num_parameters(tmp_path, kind
         p.numel() for n, p in model.named_parameters() if "proj" not in n
     )
     assert not [f for f in run_audit(ckpt).findings if f.code == "unquantized-layer"]
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_stats_do_not_flag_what_a_quantizer_stores_by_design(tmp_path, kind):
+    # nf4: the same code books in every layer (not waste worth tying); int8: a zero
+    # `weight_format` tag per layer (not an all-zero tensor).
+    bnb = pytest.importorskip("bitsandbytes")
+    if kind == "nf4":  # double quantization in both layers: two identical 1 KiB code books
+        q = torch.nn.Sequential(
+            *(
+                bnb.nn.Linear4bit(64, 64, quant_type="nf4", compress_statistics=True)
+                for _ in range(2)
+            )
+        )
+    else:
+        q = torch.nn.Sequential(
+            *(bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False) for _ in range(2))
+        )
+    q = q.to("cpu")
+    ckpt = open_checkpoint(save(tmp_path / "m.safetensors", q.state_dict()), strict=False)
+    report = run_audit(ckpt, stats=True)
+    flagged = [
+        (f.code, f.tensor)
+        for f in report.findings
+        if f.code in ("duplicate-tensor", "all-zero", "constant", "dead")
+    ]
+    assert flagged == []
+    assert report.stats  # the values were read
