@@ -540,3 +540,56 @@ def test_stats_do_not_flag_what_a_quantizer_stores_by_design(tmp_path, kind):
     ]
     assert flagged == []
     assert report.stats  # the values were read
+
+
+@pytest.mark.parametrize(
+    ("tensors", "scheme", "shape"),
+    [
+        # compressed-tensors nvfp4-pack-quantized (compressors/quantized_compressors/nvfp4_quantized.py):
+        # weight_packed U8 [out, in/2], weight_scale F8_E4M3 [out, in/16], weight_global_scale F32 [1]
+        (
+            {
+                "l.weight_packed": torch.zeros(32, 32, dtype=torch.uint8),
+                "l.weight_scale": torch.ones(32, 4).to(torch.float8_e4m3fn),
+                "l.weight_global_scale": torch.ones(1),
+            },
+            "nvfp4",
+            (32, 64),
+        ),
+        # compressed-tensors float-quantized FP8, channel strategy: weight F8_E4M3 + weight_scale [out, 1]
+        (
+            {
+                "l.weight": torch.zeros(32, 64).to(torch.float8_e4m3fn),
+                "l.weight_scale": torch.ones(32, 1),
+            },
+            "fp8 e4m3 channel",
+            (32, 64),
+        ),
+        # per-tensor FP8 (ModelOpt / FBGEMM style): a scalar weight_scale and input_scale
+        (
+            {
+                "l.weight": torch.zeros(32, 64).to(torch.float8_e4m3fn),
+                "l.weight_scale": torch.tensor(0.5),
+                "l.input_scale": torch.tensor(1.0),
+            },
+            "fp8 e4m3 tensor",
+            (32, 64),
+        ),
+        # compressed-tensors int-quantized W8A8: weight I8 [out, in] + weight_scale [out, 1]
+        (
+            {
+                "l.weight": torch.zeros(32, 64, dtype=torch.int8),
+                "l.weight_scale": torch.ones(32, 1).bfloat16(),
+            },
+            "compressed-tensors int8 channel",
+            (32, 64),
+        ),
+    ],
+    ids=["ct-nvfp4", "fp8-channel", "fp8-tensor", "ct-int8"],
+)
+def test_more_schemes(tmp_path, tensors, scheme, shape):
+    ckpt = open_checkpoint(save(tmp_path / "m.safetensors", tensors))
+    ((name, q),) = quantized(ckpt).items()
+    assert (name, q.scheme, q.logical_shape) == ("l.weight", scheme, shape)
+    assert set(q.companions) == set(tensors) - {t.name for t in ckpt.tensors if t.quant is not None}
+    assert ckpt.totals().trainable == 0 and ckpt.totals().parameters == math.prod(shape)
