@@ -337,6 +337,9 @@ def test_session_freezing_acts_on_the_logical_weight(tmp_path):
     assert session.totals() == (0, sum(p.numel() for p in plain.parameters()))
     result = session.unfreeze(["0.weight"])
     assert result.changed == 0 and "1 quantized weight(s) (nf4" in result.message
+    # a module's names include the companions: they are said once, as their weight
+    result = session.set_trainable([t.name for t in ckpt.tree.children["0"].all_tensors() if t.name != "0.bias"], True)
+    assert result.message.startswith("1 quantized weight(s) (nf4: a frozen base; train adapters on it): cannot")
 
 
 def test_summary_json_lists_companions(tmp_path):

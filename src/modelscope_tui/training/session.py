@@ -471,10 +471,11 @@ class Session:
 
 def _describe_skipped(session: Session, names: list[str]) -> str:
     """'3 buffer(s), 1 integer/bool tensor(s)': what a freeze request could not touch."""
-    records = [session.records[n] for n in names]
+    # a quantized weight's companions go with it (a module's names list both): said once, as the weight
+    records = [t for t in (session.records[n] for n in names) if t.companion_of is None]
     quantized = sorted({t.quant.scheme for t in records if t.quant is not None})
     integer = sum(1 for t in records if t.quant is None and not can_require_grad(t.dtype))
-    buffers = len(names) - integer - sum(1 for t in records if t.quant is not None)
+    buffers = len(records) - integer - sum(1 for t in records if t.quant is not None)
     parts = []
     if quantized:
         count = sum(1 for t in records if t.quant is not None)
