@@ -342,7 +342,7 @@ def _bnb4(g: _Groups, state: TensorRecord) -> None:
         try:
             doc = json.loads(raw.decode("utf-8"))
             dims = doc.get("shape") if isinstance(doc, dict) else None
-            if isinstance(dims, list) and dims and all(_int(d) for d in dims):
+            if isinstance(dims, list) and 0 < len(dims) <= 8 and all(_int(d) for d in dims):
                 shape = tuple(dims)
             kind = str(doc.get("quant_type") or kind) if isinstance(doc, dict) else kind
         except (ValueError, UnicodeDecodeError, AttributeError):
