@@ -533,6 +533,13 @@ def annotate(ckpt: Checkpoint) -> None:
             c.companion_of = primary.name
             c.kind = BUFFER
             c.kind_from_file = False
+        if info.method in ("gptq", "awq"):
+            # GPTQ's and AWQ's QuantLinear register the bias as a buffer: a parameter of the
+            # logical model, but one that does not train (taken at the layout's word)
+            bias = by_name.get(f"{info.logical_name.rpartition('.')[0]}.bias")
+            if bias is not None and bias.kind == PARAMETER:
+                bias.kind_from_file = True
+                bias.requires_grad = False
 
 
 def bits_per_weight(info: QuantInfo) -> float:

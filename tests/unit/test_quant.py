@@ -218,7 +218,7 @@ def test_gptq_awq_compressed_layouts(tmp_path):
     )
     assert set(g.companions) == {"l.q_proj.qzeros", "l.q_proj.scales", "l.q_proj.g_idx"}
     assert gptq.totals().parameters == 128 * 256 + 128  # and the fp16 bias
-    assert gptq.totals().trainable == 128
+    assert gptq.totals().trainable == 0  # QuantLinear's bias is a buffer: it does not train
 
     gptq8 = open_checkpoint(
         save(
