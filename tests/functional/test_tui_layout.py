@@ -390,3 +390,58 @@ def test_panes_narrow_for_what_the_tree_would_like_but_never_close_for_it():
     assert fit.details < roomy.details and 120 - fit.details - fit.gpus >= 46
     tight = fit_panes(80, 40, details=True, gpus=False, tree_wants=70)
     assert tight.details == 24 and not tight.closed  # narrowed to its minimum, still shown
+
+
+# -- diff mode: the change column has the room shape has ------------------------------------------
+@pytest.fixture(scope="module")
+def diff_files(tmp_path_factory):
+    """(A, B) pairs: the small diffpair, and llama_tiny against a copy with one tensor moved
+    (deep Hugging Face names: the tree needs most of 80 columns)."""
+    from safetensors.torch import load_file, save_file
+
+    from diffpair import write_pair
+
+    folder = tmp_path_factory.mktemp("diff")
+    small = write_pair(folder)
+    tensors = load_file(str(SAMPLES / "llama_tiny.safetensors"))
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] + 1
+    save_file(tensors, str(folder / "llama_b.safetensors"))
+    return {"pair": small, "llama": (SAMPLES / "llama_tiny.safetensors", folder / "llama_b.safetensors")}
+
+
+@pytest.mark.parametrize("files", ["pair", "llama"])
+async def test_diff_mode_keeps_the_change_column_with_details_at_80x24(diff_files, files):
+    """The change column is to diff mode what shape is to the tree: with the details pane
+    asked for at 80 columns it stays, and the pane gives way (with a hint) if both cannot."""
+    from modelscope_tui.tui.widgets.tree import diff_cell
+
+    a, b = diff_files[files]
+    app = MscopeApp(b, compare=a, show_gpus=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("e", "d")
+        await settle(pilot)
+        await pilot.pause()
+        details = app.query_one("#details-pane").display
+        assert "change" in str(app.query_one("#columns").render())
+        checked = 0
+        for node, text in rows(app):
+            row = node.data
+            if row is None or row.tensor is None or row.ghost:
+                continue
+            cell, _ = diff_cell(app.diff.live.tensor(row.tensor.name))
+            assert cell and cell in text, (row.tensor.name, cell, text)
+            checked += 1
+        assert checked
+        if details:
+            assert app.tree.size.width >= app.tree.needed_width() - 2
+        else:  # gave way, and said why
+            said = [n.message for n in app._notifications]
+            assert any("no room for the details pane" in m and "changes" in m for m in said), said
+        assert details == (files == "pair")  # the small pair leaves room for both
+        await pilot.press("v")  # leaving diff mode: the details pane, still wanted, returns
+        await settle(pilot)
+        await pilot.click("#leave")
+        await settle(pilot)
+        assert app.diff.live is None and app.query_one("#details-pane").display

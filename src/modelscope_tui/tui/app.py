@@ -384,7 +384,8 @@ class MscopeApp(App[int]):
 
     def _say_no_room(self, pane: str, need: int, width: int, opened: str | None) -> None:
         name, key = ("details pane", "d") if pane == DETAILS else ("GPU panel", "g")
-        why = f"the tree needs {need} of {width} columns for names, shapes and dtypes"
+        what = "names, shapes, dtypes and changes" if self.diff.live is not None else "names, shapes and dtypes"
+        why = f"the tree needs {need} of {width} columns for {what}"
         if pane == opened:
             self.notify(f"no room for the {name}: {why}", severity="warning", timeout=5)
         elif opened is not None:
@@ -1219,6 +1220,7 @@ class MscopeApp(App[int]):
             self.tree.reveal(module_name=cursor.module.name)
         self._set_progress(self.diff.progress_line())
         self._set_footer_mode()
+        self._fit_panes()  # the change column needs room: a pane may give way
         self.refresh_state()
 
     @on(DiffResults)
@@ -1280,6 +1282,7 @@ class MscopeApp(App[int]):
         self.tree.diff = None
         self.tree.populate()
         self._set_footer_mode()
+        self._fit_panes()  # a pane that gave way to the change column may come back
         self.refresh_state()
 
     def _jump_change(self, step: int) -> None:

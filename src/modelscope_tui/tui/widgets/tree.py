@@ -430,13 +430,18 @@ class ParamTree(Tree[Row]):
         )
 
     def needed_width(self) -> int:
-        return self.seen.needed_width()
+        """What the side panes leave to the tree: names, shapes and dtypes, and in diff mode the
+        change column too (it is what that mode is for: at 80 columns the details pane gives
+        way rather than hide it)."""
+        need = self.seen.needed_width()
+        if self.diff is not None:
+            need += FIXED_WIDTHS["change"] + 1
+        return need
 
     def wanted_width(self) -> int:
-        """needed_width and the next column in priority (train; in diff mode, change): what the
-        side panes narrow for, though they do not close for it."""
-        third = (DIFF_PRIORITY if self.diff is not None else PRIORITY)[2]
-        return self.seen.needed_width() + FIXED_WIDTHS[third] + 1
+        """needed_width and the train column: what the side panes narrow for, though they do
+        not close for it."""
+        return self.needed_width() + FIXED_WIDTHS["train"] + 1
 
     @property
     def layout(self) -> Layout:
