@@ -445,3 +445,69 @@ async def test_diff_mode_keeps_the_change_column_with_details_at_80x24(diff_file
         await pilot.click("#leave")
         await settle(pilot)
         assert app.diff.live is None and app.query_one("#details-pane").display
+
+
+# -- wide characters: the details pane counts terminal cells ----------------------------------------
+WIDE_NAME = "编码器.第一层.注意力机制.查询投影权重_🙂🙂"
+
+
+@pytest.fixture(scope="module")
+def wide_session(tmp_path_factory):
+    import torch
+    from safetensors.torch import save_file
+
+    from modelscope_tui.readers import open_checkpoint
+    from modelscope_tui.training.session import Session
+
+    path = tmp_path_factory.mktemp("wide") / "wide.safetensors"
+    save_file({WIDE_NAME: torch.zeros(4, 8), "plain.weight": torch.zeros(2)}, str(path))
+    return Session(open_checkpoint(path))
+
+
+@pytest.mark.parametrize("width", [12, 17, 22, 27, 34, 60])
+def test_details_wrap_wide_characters_by_cells(wide_session, width):
+    """A CJK or emoji name takes two cells a character: wrapped by characters it overflowed the
+    pane, and rich folded the overflow into a line of its own mid-word."""
+    from rich.cells import cell_len
+
+    from modelscope_tui.tui.widgets.details import tensor_details
+
+    lines = rendered(tensor_details(wide_session, wide_session.records[WIDE_NAME]), width)
+    assert all(cell_len(line) <= width for line in lines), lines
+    parts = name_pieces(lines)
+    if width >= 22:  # room for every piece between dots: no break inside one
+        assert all(p[-1] in "._" for p in parts[:-1]), parts
+
+
+def name_pieces(lines: list[str]) -> list[str]:
+    """The lines WIDE_NAME takes under or beside its `tensor` label; they join to the name."""
+    start = next(i for i, line in enumerate(lines) if line.startswith("tensor"))
+    parts, i = [], start
+    while "".join(parts) != WIDE_NAME:
+        part = (lines[i][len("tensor") :] if i == start else lines[i]).strip()
+        if part or i > start:  # the label may stand alone on its line
+            assert part and WIDE_NAME.startswith("".join(parts) + part), (lines, parts)
+            parts.append(part)
+        i += 1
+    return parts
+
+
+async def test_wide_name_stays_inside_the_details_pane_at_80x24(wide_session):
+    from rich.cells import cell_len
+    from textual.geometry import Region
+
+    app = MscopeApp(wide_session.ckpt.path, show_gpus=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        app.tree.reveal(tensor_name=WIDE_NAME)
+        await pilot.press("d")
+        await settle(pilot)
+        pane = app.query_one("#details-pane")
+        assert pane.display
+        details = app.query_one("#details")
+        inner = details.size.width
+        strips = details.render_lines(Region(0, 0, inner, details.size.height))  # as painted
+        lines = ["".join(segment.text for segment in strip).rstrip() for strip in strips]
+        assert all(cell_len(line) <= inner for line in lines), lines
+        parts = name_pieces(lines)  # rich folded the overflow: `注意力机制.查询投` / `影权重_🙂🙂`
+        assert all(p[-1] in "._" for p in parts[:-1]), parts

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from bisect import bisect_right
+
+from rich.cells import cell_len, get_character_cell_size
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -86,17 +89,20 @@ def _break_rank(plain: str, k: int) -> int | None:
     return None
 
 
-def _cut(plain: str, start: int, width: int) -> int:
+def _cut(plain: str, start: int, width: int, pos: list[int]) -> int:
     """Where the line that begins at `start` ends: at the best kind of boundary that still
-    fills half the line, else the last boundary of any kind, else at `width` (no boundary)."""
-    end = start + width
+    fills half the line, else the last boundary of any kind, else at `width` (no boundary).
+    Widths are terminal cells (pos[i]: cells before plain[i]); a CJK character or an emoji
+    takes two, so a line of them holds half as many characters."""
+    end = bisect_right(pos, pos[start] + width, lo=start) - 1  # the most characters that fit
+    end = max(end, start + 1)  # a character wider than the line still makes progress
     found: dict[int, int] = {}  # rank -> the last cut of that rank
     for k in range(end - 1, start, -1):
         rank = _break_rank(plain, k)
         if rank is not None and rank not in found:
             found[rank] = k + 1
     for rank in sorted(found):
-        if found[rank] - start >= width // 2:
+        if pos[found[rank]] - pos[start] >= width // 2:
             return found[rank]
     usual = [cut for rank, cut in found.items() if rank != UNIT_BREAK]
     return max(usual or found.values(), default=end)
@@ -106,12 +112,15 @@ def wrap(text: Text, width: int) -> list[Text]:
     """`text` in lines of at most `width` cells, broken at boundaries (BREAKS); a hard break
     only inside a run with none. Styles are kept."""
     plain = text.plain
-    if len(plain) <= width or width < 1:
+    if width < 1 or cell_len(plain) <= width:
         return [text]
+    pos = [0]
+    for c in plain:
+        pos.append(pos[-1] + get_character_cell_size(c))
     offsets = []
     start, n = 0, len(plain)
-    while n - start > width:
-        start = _cut(plain, start, width)
+    while pos[n] - pos[start] > width:
+        start = _cut(plain, start, width, pos)
         while start < n - 1 and plain[start] == " ":  # no line starts with a space
             start += 1
         offsets.append(start)
