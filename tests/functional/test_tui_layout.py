@@ -511,3 +511,47 @@ async def test_wide_name_stays_inside_the_details_pane_at_80x24(wide_session):
         assert all(cell_len(line) <= inner for line in lines), lines
         parts = name_pieces(lines)  # rich folded the overflow: `注意力机制.查询投` / `影权重_🙂🙂`
         assert all(p[-1] in "._" for p in parts[:-1]), parts
+
+
+# -- the norm profile in a narrow details pane ------------------------------------------------------
+def painted(widget) -> list[str]:
+    from textual.geometry import Region
+
+    strips = widget.render_lines(Region(0, 0, widget.size.width, widget.size.height))
+    return ["".join(segment.text for segment in strip).rstrip() for strip in strips]
+
+
+async def test_norm_profile_fits_a_narrow_details_pane_at_80x24(tmp_path):
+    """40 children in a 22-cell pane: the sparkline was drawn 40 bars wide and cut; now a bar
+    stands for one or two neighbours (the largest), and every child's figure is shown whole."""
+    import torch
+    from rich.cells import cell_len
+    from safetensors.torch import save_file
+
+    from modelscope_tui.units import SPARK
+
+    tensors = {f"blocks.{i}.weight": torch.full((3, 3), float(i + 1)) for i in range(40)}
+    tensors["blocks.17.weight"] = torch.full((3, 3), 1000.0)  # a spike: the sparkline keeps it
+    path = tmp_path / "many.safetensors"
+    save_file(tensors, str(path))
+    app = MscopeApp(path, show_gpus=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("d")
+        app.tree.reveal(module_name="blocks")
+        await settle(pilot)
+        await pilot.pause()
+        details = app.query_one("#details")
+        inner = details.size.width
+        lines = painted(details)
+        assert all(cell_len(line) <= inner for line in lines), lines
+        spark = next(line for line in lines if line and set(line) <= set(SPARK))
+        assert inner < 40 and len(spark) == inner and spark.count(SPARK[-1]) == 1, (spark, lines)
+        assert spark.index(SPARK[-1]) == next(i for i in range(inner) if i * 40 // inner <= 17 < (i + 1) * 40 // inner)
+        assert "a bar: the largest of 2 children" in " ".join(line.strip() for line in lines), lines
+        shown = {line.split()[0]: line.split()[-1] for line in lines if line[:1].isdigit()}
+        for i in range(40):
+            if str(i) in shown:  # the first PROFILE_ROWS children
+                norm = torch.linalg.vector_norm(tensors[f"blocks.{i}.weight"]).item()
+                assert shown[str(i)] == f"{norm:.4g}", (i, shown[str(i)])
+        assert len(shown) == 24
