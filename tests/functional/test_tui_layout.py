@@ -555,3 +555,20 @@ async def test_norm_profile_fits_a_narrow_details_pane_at_80x24(tmp_path):
                 norm = torch.linalg.vector_norm(tensors[f"blocks.{i}.weight"]).item()
                 assert shown[str(i)] == f"{norm:.4g}", (i, shown[str(i)])
         assert len(shown) == 24
+
+
+async def test_wide_names_keep_their_cells_in_the_tree(wide_session):
+    """The tree sized names by characters: `注意力机制` (10 cells) was cut to `注意力机…` while a
+    column it could spare (bytes) stayed."""
+    app = MscopeApp(wide_session.ckpt.path, show_gpus=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("d")
+        app.tree.reveal(tensor_name=WIDE_NAME)
+        await settle(pilot)
+        assert app.query_one("#details-pane").display
+        texts = [text for _, text in rows(app)]
+        for part in WIDE_NAME.split("."):
+            assert any(part in text for text in texts), (part, texts)
+        leaf = next(text for text in texts if "查询投影权重" in text)
+        assert "4×8" in leaf and "float32" in leaf

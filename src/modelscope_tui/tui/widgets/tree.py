@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from rich.cells import cell_len
 from rich.style import Style
 from rich.text import Text
 from textual.binding import Binding
@@ -228,8 +229,9 @@ class Seen:
     def note(self, depth: int, name: str, **values: str) -> bool:
         """Record a row; True when something grew (the layout may change)."""
         grew = False
-        if len(name) > self.names.get(depth, 0):
-            self.names[depth], grew = len(name), True
+        cells = cell_len(name)  # a CJK name takes two cells a character
+        if cells > self.names.get(depth, 0):
+            self.names[depth], grew = cells, True
         widths = self.widths
         for key, value in values.items():
             n = min(len(value), CONTENT_CAPS[key])
