@@ -170,6 +170,12 @@ class Session:
         return name in self.canonical
 
     @property
+    def revision(self) -> int:
+        """How many changes were applied (undo and redo count too): unchanged while the freeze
+        state is, so a message about that state need not be repeated."""
+        return self._generation
+
+    @property
     def dirty(self) -> bool:
         return len(self._undo) != self._saved_at
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rich.cells import cell_len
 from rich.style import Style
 from rich.text import Text
 from textual.binding import Binding
@@ -184,8 +185,9 @@ class Seen:
     def note(self, depth: int, name: str, **values: str) -> bool:
         """Record a row; True when something grew (the layout may change)."""
         grew = False
-        if len(name) > self.names.get(depth, 0):
-            self.names[depth], grew = len(name), True
+        cells = cell_len(name)  # a CJK name takes two cells a character
+        if cells > self.names.get(depth, 0):
+            self.names[depth], grew = cells, True
         widths = self.widths
         for key, value in values.items():
             n = min(len(value), CONTENT_CAPS[key])
@@ -414,13 +416,18 @@ class ParamTree(Tree[Row]):
         )
 
     def needed_width(self) -> int:
-        return self.seen.needed_width()
+        """What the side panes leave to the tree: names, shapes and dtypes, and in diff mode the
+        change column too (it is what that mode is for: at 80 columns the details pane gives
+        way rather than hide it)."""
+        need = self.seen.needed_width()
+        if self.diff is not None:
+            need += FIXED_WIDTHS["change"] + 1
+        return need
 
     def wanted_width(self) -> int:
-        """needed_width and the next column in priority (train; in diff mode, change): what the
-        side panes narrow for, though they do not close for it."""
-        third = (DIFF_PRIORITY if self.diff is not None else PRIORITY)[2]
-        return self.seen.needed_width() + FIXED_WIDTHS[third] + 1
+        """needed_width and the train column: what the side panes narrow for, though they do
+        not close for it."""
+        return self.needed_width() + FIXED_WIDTHS["train"] + 1
 
     @property
     def layout(self) -> Layout:
