@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,12 @@ def test_json_summary_schema(sample):
         assert key in doc
     model = [t for t in doc["tensors"] if t["section"] == ""]
     assert doc["totals"]["tensors"] == len(model)
-    unique_params = sum(t["numel"] for t in model if t["kind"] == "parameter" and t["alias_of"] is None)
+    # a quantized weight counts its logical parameters (quant.py); its companions are not parameters
+    unique_params = sum(
+        (t["quant"]["logical_numel"] if t.get("quant") else t["numel"])
+        for t in model
+        if t["kind"] == "parameter" and t["alias_of"] is None
+    )
     assert doc["totals"]["parameters"] == unique_params
     assert doc["modules"][0]["name"] == ""
     assert doc["modules"][0]["parameters"] == doc["totals"]["parameters"]
@@ -192,7 +198,10 @@ def test_text_summary_never_cuts_shape_or_dtype(sample, columns):
     assert result.returncode == 0, result.stderr
     assert max(len(line) for line in result.stdout.splitlines()) <= columns
     rows = _table_rows(result.stdout)
-    assert not any("…" in cell for row in rows for cell in row.split("  ")[1:] if cell.strip())
+    # cells after the name (the tree's own drawing and indentation stripped first: a quantized
+    # weight's parts sit two spaces in)
+    cells = [re.sub(r"^[ │├└─]*", "", row).split("  ")[1:] for row in rows]
+    assert not any("…" in cell for row in cells for cell in row if cell.strip())
     if len(doc["tensors"]) <= 400:  # listed one per row
         model = [t for t in doc["tensors"] if t["section"] == "" or doc["sections"].get(t["section"]) == "model"]
         for t in model:
