@@ -435,6 +435,39 @@ def write_llama_tiny_gguf() -> None:
     writer.close()
 
 
+def write_quant_tiny() -> None:
+    """An FP8 + MXFP4 mixture-of-experts decoder layer in the layouts DeepSeek-V3 and gpt-oss
+    publish, with every low-precision safetensors dtype: FP8 attention (`weight` F8_E4M3 +
+    `weight_scale_inv` F32 per 128x128 block), MXFP4 experts (`*_blocks` U8 [E, rows, cols/32, 16]
+    + `*_scales` E8M0, stored as U8 like gpt-oss and as F8_E8M0), an F4 weight with E8M0 scales
+    per 32 (MXFP4), bf16 embeddings, norms, router and an untied lm_head."""
+    from safetensors.torch import save_file
+
+    seed(16)
+    dim, experts, hidden, vocab = 64, 2, 64, 32
+    sd: OrderedDict[str, torch.Tensor] = OrderedDict()
+    sd["model.embed_tokens.weight"] = torch.randn(vocab, dim).bfloat16()
+    layer = "model.layers.0"
+    sd[f"{layer}.input_layernorm.weight"] = torch.ones(dim).bfloat16()
+    for proj, rows in (("q_proj", dim), ("k_proj", dim // 2), ("v_proj", dim // 2), ("o_proj", dim)):
+        sd[f"{layer}.self_attn.{proj}.weight"] = (torch.randn(rows, dim) * 0.05).to(torch.float8_e4m3fn)
+        sd[f"{layer}.self_attn.{proj}.weight_scale_inv"] = torch.full((1, 1), 0.02)
+    sd[f"{layer}.post_attention_layernorm.weight"] = torch.ones(dim).bfloat16()
+    sd[f"{layer}.mlp.router.weight"] = torch.randn(experts, dim).bfloat16()
+    for name, rows, cols, scales_dtype in (
+        ("gate_up_proj", 2 * hidden, dim, torch.uint8),  # gpt-oss stores E8M0 scales as U8
+        ("down_proj", dim, hidden, torch.float8_e8m0fnu),
+    ):
+        sd[f"{layer}.mlp.experts.{name}_blocks"] = torch.randint(0, 256, (experts, rows, cols // 32, 16), dtype=torch.uint8)
+        scales = torch.randint(118, 128, (experts, rows, cols // 32), dtype=torch.uint8)
+        sd[f"{layer}.mlp.experts.{name}_scales"] = scales if scales_dtype is torch.uint8 else scales.view(scales_dtype)
+    sd[f"{layer}.mlp.shared_expert.weight"] = torch.randint(0, 256, (dim, hidden // 2), dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    sd[f"{layer}.mlp.shared_expert.weight_scale"] = torch.randint(118, 128, (dim, hidden // 32), dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    sd["model.norm.weight"] = torch.ones(dim).bfloat16()
+    sd["lm_head.weight"] = torch.randn(vocab, dim).bfloat16()
+    save_file(sd, str(HERE / "quant_tiny.safetensors"), metadata={"format": "pt"})
+
+
 def _split_in_two(names: list[str], sizes: dict[str, int]) -> tuple[list[str], list[str]]:
     total = sum(sizes.values())
     first: list[str] = []
@@ -713,6 +746,7 @@ def main() -> None:
         write_dtypes,
         write_llama_tiny,
         write_llama_tiny_gguf,
+        write_quant_tiny,
     ]
     only = set(sys.argv[1:])  # e.g. `make_samples.py write_llama_tiny`: just those
     for w in writers:

@@ -154,8 +154,8 @@ def trains(t: TensorRecord) -> bool:
     """Whether `t` trains when the checkpoint is loaded into its model (TensorRecord.trainable):
     the one place of the rule. Only parameters of a dtype that can require grad train; a file
     that keeps the Parameter is taken at its word, a state_dict's detached tensors train."""
-    if t.kind != PARAMETER or t.dtype not in GRAD_DTYPES:
-        return False
+    if t.kind != PARAMETER or t.dtype not in GRAD_DTYPES or t.quant is not None:
+        return False  # a quantized weight is a frozen base (quant.py); adapters train on it
     return t.requires_grad if t.kind_from_file else True
 
 
@@ -252,6 +252,8 @@ class TensorRecord:
     persistent: bool = True
     note: str | None = None  # e.g. "quantized", "sparse": kinds we describe but cannot load
     tied_to: str | None = None  # first tensor (by order) whose storage this one shares
+    quant: Any = None  # quant.QuantInfo on the packed record of a quantized weight
+    companion_of: str | None = None  # a quantized weight's scale/zero/state: that weight's name
     alias_of: str | None = None  # same storage, offset, shape and stride: counted once
     pickle_seq: int | None = None  # creation order in its pickle (see TensorRef)
     numel: int = 0  # derived from shape
@@ -293,6 +295,8 @@ class TensorRecord:
         self.persistent = persistent
         self.note = note
         self.tied_to = tied_to
+        self.quant = None
+        self.companion_of = None
         self.alias_of = alias_of
         self.pickle_seq = pickle_seq
         self.numel = numel = math.prod(shape)  # 1 for a scalar's ()
@@ -302,6 +306,11 @@ class TensorRecord:
     @property
     def itemsize(self) -> int:
         return DTYPE_ITEMSIZE.get(self.dtype, 1)
+
+    @property
+    def params(self) -> int:
+        """Elements as parameters count them: a quantized weight's logical size (quant.py)."""
+        return self.numel if self.quant is None else self.quant.logical_numel
 
     @property
     def location(self) -> str:
@@ -503,10 +512,10 @@ def fill_stats(root: ModuleNode) -> None:
                 continue
             nbytes += t.nbytes
             if t.kind == PARAMETER:
-                params += t.numel
+                params += t.numel if t.quant is None else t.quant.logical_numel
                 if trains(t):
                     trainable += t.numel
-            else:
+            elif t.companion_of is None:  # companions are bytes of their weight, not elements
                 buffers += t.numel
         if node.children:
             for child in node.children.values():
@@ -540,6 +549,8 @@ class Totals:
     bytes_by_location: dict[str, int]
     sections: dict[str, dict[str, int]]  # other sections: {"optimizer": {"tensors": n, "bytes": b}}
     file_bytes: int  # unique storage bytes of everything in the file
+    # quantized weights by scheme: {"nf4": {"weights", "parameters" (logical), "bytes" (real)}}
+    quantized: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def trainable_percent(self) -> float:
@@ -615,7 +626,9 @@ class Checkpoint:
         for t in self.tensors:
             if t.section:
                 continue
-            path = t.name.rpartition(".")[0]  # module_path, inline for the usual shallow name
+            # module_path, inline for the usual shallow name; a quantized weight's companion
+            # (`W.absmax`, `W.quant_state.x`) sits in its weight's module, not in modules named after W
+            path = (t.name if t.companion_of is None else t.companion_of).rpartition(".")[0]
             if path.count(".") >= MAX_NAME_DEPTH:
                 path = module_path(t.name)
             node = by_path.get(path)
@@ -766,6 +779,7 @@ class Checkpoint:
         by_dtype: dict[str, int] = {}
         by_location: dict[str, int] = {}
         sections: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0})
+        quantized: dict[str, dict[str, int]] = {}
         model_count = 0
         file_bytes = 0  # unique storages, plus tensors without one
         seen_storages: set[int] = set()
@@ -795,10 +809,18 @@ class Checkpoint:
             location = s.location if s is not None else "cpu"
             by_location[location] = by_location.get(location, 0) + size
             if t.kind == PARAMETER:
-                params += t.numel
+                q = t.quant
+                if q is None:
+                    params += t.numel
+                else:
+                    params += q.logical_numel
+                    entry = quantized.setdefault(q.scheme, {"weights": 0, "parameters": 0, "bytes": 0})
+                    entry["weights"] += 1
+                    entry["parameters"] += q.logical_numel
+                    entry["bytes"] += q.nbytes
                 if trains(t):
                     trainable += t.numel
-            else:
+            elif t.companion_of is None:  # companions are bytes of their weight, not elements
                 buffers += t.numel
         return Totals(
             tensors=model_count,
@@ -811,6 +833,7 @@ class Checkpoint:
             bytes_by_location=dict(Counter(by_location).most_common()),
             sections=dict(sections),
             file_bytes=file_bytes,
+            quantized=dict(sorted(quantized.items(), key=lambda kv: -kv[1]["bytes"])),
         )
 
 

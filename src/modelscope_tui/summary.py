@@ -139,6 +139,8 @@ def tensor_dict(t: TensorRecord) -> dict[str, Any]:
         "tied_to": t.tied_to,
         "alias_of": t.alias_of,
         "note": t.note,
+        "quant": t.quant.to_dict() if t.quant is not None else None,
+        "companion_of": t.companion_of,
     }
 
 
@@ -195,6 +197,7 @@ def summary_dict(
             "file_tensor_bytes": totals.file_bytes,
             "bytes_by_dtype": totals.bytes_by_dtype,
             "bytes_by_location": totals.bytes_by_location,
+            "quantized": totals.quantized,
         },
         "sections": {
             name: {"role": role, **totals.sections.get(name, {"tensors": 0, "bytes": 0})}
@@ -320,13 +323,17 @@ def _tensors_json(tensors: list[TensorRecord]) -> Iterator[str]:
             location, storage_key = "cpu", "null"
         else:
             location, storage_key = storage.location, enc(storage.key)
-        key = (location, t.shard, t.tied_to, t.alias_of, t.note)
-        tail = tails.get(key)
+        key = (location, t.shard, t.tied_to, t.alias_of, t.note, t.companion_of)
+        tail = tails.get(key) if t.quant is None else None
         if tail is None:
-            tail = tails[key] = (
+            quant = "null" if t.quant is None else compact_json(t.quant.to_dict())
+            tail = (
                 f'"location":{enc(location)},"shard":{_scalar(t.shard)},"tied_to":{_scalar(t.tied_to)},'
-                f'"alias_of":{_scalar(t.alias_of)},"note":{_scalar(t.note)}}}'
+                f'"alias_of":{_scalar(t.alias_of)},"note":{_scalar(t.note)},"quant":{quant},'
+                f'"companion_of":{_scalar(t.companion_of)}}}'
             )
+            if t.quant is None:
+                tails[key] = tail
         yield (
             f'{{"name":{enc(t.name)},"section":{section},"shape":[{shape}],{kind},"numel":{t.numel},'
             f'"bytes":{t.nbytes},"stride":[{stride}],"storage_offset":{t.storage_offset},'

@@ -339,5 +339,5 @@ def test_freezing_counts_quantized_weights_as_frozen_as_stored():
     session = Session(open_checkpoint(SAMPLES / "llama_tiny.gguf"))
     result = session.freeze_pattern("blk.0.*")
     assert result.changed == 3  # attn_norm, ffn_norm (F32), ffn_down (F16)
-    assert "6 quantized tensor(s)" in result.message and "integer" not in result.message
+    assert "6 quantized weight(s) (Q4_0, Q8_0" in result.message and "integer" not in result.message
     assert not session.is_trainable("blk.0.ffn_down.weight")

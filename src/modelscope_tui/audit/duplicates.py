@@ -55,6 +55,7 @@ def find_duplicates(
             or t.alias_of is not None
             or id(t) in skip
             or t.nbytes < DUPLICATE_MIN_BYTES
+            or t.companion_of is not None  # a quantizer's code book repeats in every layer by design
         ):
             continue
         if t.dtype not in LAYOUT:

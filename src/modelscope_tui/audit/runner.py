@@ -21,7 +21,7 @@ from ..values.data import unreadable_records
 from ..values.stats import DEFAULT_CHUNK_BYTES, ProgressFn
 
 # The check families: importing them registers their checks (Check.__init_subclass__).
-from . import duplicates, integrity, loadability, statistics, waste  # noqa: F401
+from . import duplicates, integrity, loadability, quantization, statistics, waste  # noqa: F401
 from .checks import AuditRun, Check
 from .findings import DEFAULT_FAIL_ON, AuditReport, finding
 from .integrity import check_shard_set

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint import Checkpoint, TensorRecord
+from ..checkpoint import GRAD_DTYPES, Checkpoint, TensorRecord
 from ..errors import MscopeError
 from ..summary import optimizer_param_names
 from ..values.chunks import LAYOUT
@@ -115,6 +115,10 @@ def _stat_findings(report: AuditReport, ckpt: Checkpoint) -> None:
         section = t.section.split(".", 1)[0] if t is not None else ""
         role = "model" if not section else ckpt.sections.get(section, "other")
         if role != "model":
+            st.flags = [f for f in st.flags if f in ("nan", "inf")]
+        elif t is not None and (t.companion_of is not None or (t.quant is not None and t.dtype not in GRAD_DTYPES)):
+            # Packed codes and a quantizer's scales, zero points and format tags: zeros and
+            # repeats are what they encode, not a defect; NaN / Inf in float scales still are.
             st.flags = [f for f in st.flags if f in ("nan", "inf")]
         for flag in st.flags:
             if flag == "nan":

@@ -177,6 +177,12 @@ def render_summary(
     console.print(f"[bold]{totals_line(ckpt)}[/]")
     if totals.buffers:
         console.print(f"buffers and other tensors: {totals.buffers:,} elements")
+    for scheme, q in totals.quantized.items():
+        bits = 8 * q["bytes"] / q["parameters"] if q["parameters"] else 0.0
+        console.print(
+            f"quantized {escape(safe_text(scheme))}: {q['weights']:,} weights, {fmt_count(q['parameters'])} params, "
+            f"{fmt_bytes(q['bytes'])}, {bits:.2f} bits/param"
+        )
 
     locations = totals.bytes_by_location
     if locations:
@@ -397,7 +403,10 @@ def _rows(ckpt: Checkpoint, depth: int | None, pattern: str | None, max_children
             # layout, 1 ms each) were the 39 s of its summary. The rest is one row, as for modules.
             tensors, rest = tensors[:max_children], tensors[max_children:]
         for t in tensors:
-            if not matches(t.name, pattern):
+            if t.companion_of is not None or not matches(t.name, pattern):
+                continue  # a quantized weight's companions are listed under it
+            if t.quant is not None:
+                yield from _quant_rows(ckpt, t, node, child_prefix)
                 continue
             style = "" if t.kind == PARAMETER else "dim"
             parts = [(safe_text(t.name.rsplit(".", 1)[-1]), style)]
@@ -418,6 +427,23 @@ def _rows(ckpt: Checkpoint, depth: int | None, pattern: str | None, max_children
             count = fmt_count(total) if total else "-"
             yield _Row(id(node), child_prefix, ((text, "dim"),), "", "", _module_mark(trainable, total), count, count,
                        fmt_bytes(sum(t.nbytes for t in rest if t.alias_of is None)))  # fmt: skip
+
+
+def _quant_rows(ckpt: Checkpoint, t: TensorRecord, node: ModuleNode, prefix: str):
+    """A quantized weight as one logical row (its logical name, shape, scheme and parameters,
+    its real bytes), then its packed data and companions as stored, one level in."""
+    q = t.quant
+    mark = "no"  # a quantized base never trains (checkpoint.trains)
+    yield _Row(id(node), prefix, ((safe_text(q.leaf), ""),), "×".join(map(str, q.logical_shape)), safe_text(q.scheme),
+               mark, f"{q.logical_numel:,}", fmt_count(q.logical_numel), fmt_bytes(q.nbytes))  # fmt: skip
+    inner = prefix + "  "
+    # A GGML block type has no companions: the logical row says everything its packed row would.
+    for name in (t.name, *q.companions) if q.companions else ():
+        c = ckpt.tensor(name) or t
+        leaf = name[len(q.logical_name) + 1 :] if name.startswith(q.logical_name + ".") else name.rsplit(".", 1)[-1]
+        leaf = f"{leaf} (packed)" if c is t else leaf
+        yield _Row(id(t), inner, ((safe_text(leaf), "dim"),), "×".join(map(str, c.shape)) or "scalar", safe_text(c.dtype),
+                   "", "", "", fmt_bytes(c.nbytes))  # fmt: skip
 
 
 HEADERS = ("Module / tensor", "Shape", "Dtype", "Train", "Params", "Bytes")

@@ -194,6 +194,9 @@ def _open_checkpoint(path: Path, strict: bool) -> Checkpoint:
     ckpt.cap_names()
     ckpt.link_shared_storages()
     ckpt.check_storage_bounds()
+    from ..quant import annotate
+
+    annotate(ckpt)  # before anything builds the module tree: companions sit with their weight
     _check_view_sizes(ckpt, path)
     check_view_budget(ckpt)
     if strict and ckpt.problems:

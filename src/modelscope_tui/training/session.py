@@ -14,7 +14,6 @@ from functools import cached_property
 from itertools import compress
 
 from ..checkpoint import (
-    BLOCK_DTYPES,
     PARAMETER,
     Checkpoint,
     ModuleNode,
@@ -134,8 +133,8 @@ class Session:
         self.canonical: dict[str, str] = {}
         self.trainable: dict[str, bool] = {}
         for t in ckpt.model_tensors:
-            if t.kind != PARAMETER or not can_require_grad(t.dtype):
-                continue
+            if t.kind != PARAMETER or not can_require_grad(t.dtype) or t.quant is not None:
+                continue  # a quantized weight is a frozen base: adapters train on it
             canon = t.alias_of if t.alias_of and t.alias_of in self.records else t.name
             self.canonical[t.name] = canon
             if canon == t.name:
@@ -221,7 +220,8 @@ class Session:
     # -- matching ------------------------------------------------------------------------------
     def match(self, pattern: str, kind: str = Selector.GLOB) -> list[str]:
         """Model tensor names matching a glob (`encoder.layers.[0-9].*`) or a regex (search)."""
-        names = list(self.records)
+        # A quantized weight's companions follow their weight: patterns select the weight.
+        names = [n for n, t in self.records.items() if t.companion_of is None]
         if kind == Selector.REGEX:  # from the user or a plan file: shape-checked, time-bounded
             try:
                 return search_names(compile_safe_regex(pattern), names)
@@ -472,17 +472,19 @@ class Session:
 
 def _describe_skipped(session: Session, names: list[str]) -> str:
     """'3 buffer(s), 1 integer/bool tensor(s)': what a freeze request could not touch."""
-    dtypes = [session.records[n].dtype for n in names]
-    quantized = sum(1 for d in dtypes if d in BLOCK_DTYPES)  # GGML blocks: frozen as stored
-    integer = sum(1 for d in dtypes if not can_require_grad(d)) - quantized
-    buffers = len(names) - integer - quantized
+    # a quantized weight's companions go with it (a module's names list both): said once, as the weight
+    records = [t for t in (session.records[n] for n in names) if t.companion_of is None]
+    quantized = sorted({t.quant.scheme for t in records if t.quant is not None})
+    integer = sum(1 for t in records if t.quant is None and not can_require_grad(t.dtype))
+    buffers = len(records) - integer - sum(1 for t in records if t.quant is not None)
     parts = []
+    if quantized:
+        count = sum(1 for t in records if t.quant is not None)
+        parts.append(f"{count} quantized weight(s) ({', '.join(quantized[:3])}: a frozen base; train adapters on it)")
     if buffers:
         parts.append(f"{buffers} buffer(s)")
     if integer:
         parts.append(f"{integer} integer/bool tensor(s)")
-    if quantized:
-        parts.append(f"{quantized} quantized tensor(s)")
     return ", ".join(parts)
 
 

@@ -179,6 +179,15 @@ def tensor_details(session: Session, t: TensorRecord, device: str | None = None,
         table.add_row("persistent", "no (not in state_dict)")
     if t.note:
         table.add_row("note", t.note)
+    if t.quant is not None:
+        q = t.quant
+        table.add_row("quantized", f"{q.scheme} ({q.method}): a frozen base, adapters train on it")
+        table.add_row("logical weight", f"{q.logical_name} {list(q.logical_shape)}")
+        table.add_row("logical params", f"{q.logical_numel:,}")
+        table.add_row("real bytes", f"{fmt_bytes(q.nbytes)} ({q.nbytes:,}, {8 * q.nbytes / max(q.logical_numel, 1):.2f} bits/param)")
+        table.add_row("companions", ", ".join(n.rsplit(".", 1)[-1] for n in q.companions) or "none")
+    if t.companion_of is not None:
+        table.add_row("companion of", f"{t.companion_of} (quantized weight; never trains)")
     if values is not None:
         return Group(table, Text("\nvalues", style="bold underline"), values)
     return table

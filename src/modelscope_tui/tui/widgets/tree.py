@@ -49,7 +49,7 @@ RIGHT_ALIGNED = ("numel", "bytes")
 # Widths of the columns whose values are words of known length; the others follow their content.
 FIXED_WIDTHS = {"train": 5, "change": 12, "device": 7}
 # Content widths are capped so that one odd value (a hostile 64-dim shape) cannot take the row.
-CONTENT_CAPS = {"shape": 23, "dtype": 14, "numel": 8, "bytes": 10}
+CONTENT_CAPS = {"shape": 23, "dtype": 18, "numel": 8, "bytes": 10}  # dtype: quant schemes ("fp8 e4m3 block 128")
 MARKS = {
     "trainable": ("✓ yes", "green"),
     "frozen": ("✗ no", "red"),
@@ -157,6 +157,7 @@ class Row:
     more_of: ModuleNode | None = None  # a "load more" line for this module's children
     shown: int = 0  # children already added (for "more" lines)
     ghost: bool = False  # diff mode: only in the other file (A); module/tensor are A's records
+    part: bool = False  # a quantized weight's packed data or companion, shown as stored under it
 
     @property
     def names(self) -> list[str]:
@@ -251,7 +252,8 @@ class ParamTree(Tree[Row]):
     def _ordered_children(self, module: ModuleNode, ghost: bool = False) -> list[Row]:
         depth_rows: list[Row] = []
         modules = [] if ghost else list(module.children.values())
-        tensors = [] if ghost else list(module.tensors)
+        # A quantized weight's companions are listed under it (quant.py), not beside it.
+        tensors = [] if ghost else [t for t in module.tensors if t.companion_of is None]
         ghost_modules: list[ModuleNode] = []
         ghost_tensors: list[TensorRecord] = []
         if self.diff is not None:
@@ -290,6 +292,8 @@ class ParamTree(Tree[Row]):
             grew = self._note(row) or grew
             if row.module is not None:
                 node.add(row.module.short_name, row, allow_expand=self._has_children(row.module, row.ghost))
+            elif row.tensor.quant is not None and row.tensor.quant.companions and not row.ghost:
+                node.add(row.tensor.quant.leaf, row, allow_expand=True)  # its parts fold under it
             else:
                 node.add_leaf(row.tensor.name.rsplit(".", 1)[-1], row)
         if end < len(rows):
@@ -302,6 +306,12 @@ class ParamTree(Tree[Row]):
         """Widen the content-sized columns for a row about to be shown."""
         if row.tensor is not None:
             t = row.tensor
+            q = None if row.part else t.quant
+            if q is not None:
+                return self.seen.note(
+                    row.depth, q.leaf, shape=shape_text(q.logical_shape), dtype=q.scheme,
+                    numel=fmt_count(q.logical_numel), bytes=fmt_bytes(q.nbytes),
+                )  # fmt: skip
             return self.seen.note(
                 row.depth,
                 t.name.rsplit(".", 1)[-1],
@@ -342,9 +352,28 @@ class ParamTree(Tree[Row]):
 
     def _on_tree_node_expanded(self, event: Tree.NodeExpanded[Row]) -> None:
         node = event.node
-        if node.children or node.data is None or node.data.module is None:
+        if node.children or node.data is None:
+            return
+        t = node.data.tensor
+        if t is not None and t.quant is not None and not node.data.part:
+            self._add_parts(node, t)
+            return
+        if node.data.module is None:
             return
         self._add_children(node, node.data.module, 0)
+
+    def _add_parts(self, node: TreeNode[Row], t: TensorRecord) -> None:
+        """A quantized weight's packed data and companions, as stored, under its logical row."""
+        grew = False
+        records = self.session.records
+        for name in (t.name, *t.quant.companions):
+            part = records.get(name, t)
+            row = Row(tensor=part, depth=node.data.depth + 1, part=True)
+            grew = self._note(row) or grew
+            node.add_leaf(part.name.rsplit(".", 1)[-1], row)
+        self._short.clear()
+        if grew and self.is_mounted:
+            self.relayout(need_changed=True)
 
     def _on_tree_node_highlighted(self, event: Tree.NodeHighlighted[Row]) -> None:
         self.post_message(self.RowHighlighted(event.node.data))
@@ -432,6 +461,21 @@ class ParamTree(Tree[Row]):
     # -- finding -------------------------------------------------------------------------------
     def reveal(self, tensor_name: str | None = None, module_name: str | None = None) -> TreeNode[Row] | None:
         """Expand the path to a tensor or module (loading pages as needed) and move there."""
+        part = self.session.records.get(tensor_name) if tensor_name else None
+        if part is not None and part.companion_of is not None:  # under its quantized weight
+            weight = self.reveal(tensor_name=part.companion_of)
+            if weight is None:
+                return None
+            weight.expand()
+            if not weight.children:
+                self._add_parts(weight, weight.data.tensor)
+            child = self._find_child(weight, lambda r: r.part and r.tensor is not None and r.tensor.name == tensor_name)
+            if child is None:
+                return None
+            self._tree_lines  # noqa: B018 -- rebuild line numbers now so the cursor lands on `child`
+            self.move_cursor(child)
+            self.call_after_refresh(self.scroll_to_node, child, False)
+            return child
         target_module = module_name if module_name is not None else tensor_name.rpartition(".")[0] if tensor_name else ""
         node = self.root
         if target_module:
@@ -497,6 +541,19 @@ class ParamTree(Tree[Row]):
         cells: dict[str, tuple[str, str]] = {}
         if row.ghost:
             leaf, name = self._ghost_label(row, cells)
+        elif row.tensor is not None and row.tensor.quant is not None and not row.part:
+            t, q = row.tensor, row.tensor.quant
+            leaf = safe_text(q.leaf)  # the logical weight: its shape, scheme, parameters, real bytes
+            name = Text(leaf)
+            cells["shape"] = (shape_text(q.logical_shape), "")
+            cells["dtype"] = (safe_text(q.scheme), "cyan")
+            cells["train"] = MARKS["frozen"]  # a quantized base never trains (checkpoint.trains)
+            cells["numel"] = (fmt_count(q.logical_numel), "")
+            cells["bytes"] = (fmt_bytes(q.nbytes), "")
+            if self.device_of is not None:
+                cells["device"] = (self.device_of(t.name), "magenta")
+            if self.diff is not None:
+                self._diff_cells(self.diff.tensor(t.name), name, cells)
         elif row.tensor is not None:
             t = row.tensor
             # Names from the file: every unsafe character escaped (units.safe_text).
@@ -579,6 +636,8 @@ class ParamTree(Tree[Row]):
         if row is None or row.more_of is not None:
             return ""
         if row.tensor is not None:
+            if row.tensor.quant is not None and not row.part:
+                return safe_text(row.tensor.quant.leaf)
             return safe_text(row.tensor.name.rsplit(".", 1)[-1])
         return safe_text(row.module.short_name) if row.module is not None else ""
 
