@@ -304,3 +304,36 @@ def test_apply_freeze_plan_with_a_plan_of_the_attached_view(files):
     assert "base_model.model.model.layers.2.self_attn.q_proj.lora_A.default.weight" in trains
     assert "base_model.model.lm_head.modules_to_save.default.weight" in trains
     assert "base_model.model.lm_head.original_module.weight" not in trains
+
+
+def test_adapter_over_a_quantized_base_checks_logical_shapes(tmp_path):
+    """QLoRA: the base's packed weights (MXFP4 [64, 32] bytes for a [64, 64] weight, FP8 with
+    block scales) are matched by their logical shape, and stay frozen."""
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[2] / "sample_models" / "quant_tiny.safetensors"
+    d = tmp_path / "qlora"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 4,
+                "lora_alpha": 8,
+                "target_modules": ["q_proj", "shared_expert"],
+            }
+        )
+    )
+    prefix = "base_model.model.model.layers.0."
+    tensors = {
+        f"{prefix}self_attn.q_proj.lora_A.weight": torch.zeros(4, 64),
+        f"{prefix}self_attn.q_proj.lora_B.weight": torch.zeros(64, 4),
+        f"{prefix}mlp.shared_expert.lora_A.weight": torch.zeros(4, 64),
+        f"{prefix}mlp.shared_expert.lora_B.weight": torch.zeros(64, 4),
+    }
+    save_file(tensors, d / "adapter_model.safetensors")
+    ckpt = open_checkpoint_with_adapter(sample, d)
+    assert ckpt.metadata["peft"]["findings"] == []
+    assert ckpt.totals().trainable == 4 * 64 * 4
+    assert ckpt.totals().parameters == open_checkpoint(sample).totals().parameters + 4 * 64 * 4
+    assert ckpt.tensor("model.layers.0.mlp.shared_expert.weight").quant is not None

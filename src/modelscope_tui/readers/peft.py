@@ -346,7 +346,13 @@ def attach_adapter(base: Checkpoint, adapter: Checkpoint) -> Checkpoint:
     """A new Checkpoint: the base's records, frozen, and the adapter's, trainable, under one tree."""
     facts = dict(adapter.metadata.get("peft") or {})
     fan_in_fan_out = bool(facts.get("fan_in_fan_out"))
-    by_name = {t.name: t for t in base.model_tensors}
+    by_name: dict[str, TensorRecord] = {}
+    for t in base.model_tensors:
+        by_name.setdefault(t.name, t)
+        if (
+            t.quant is not None
+        ):  # a quantized weight (quant.py): `q_proj.qweight` is `q_proj.weight`
+            by_name.setdefault(t.quant.logical_name, t)
     findings: list[str] = []
     replaced: dict[str, TensorRecord] = {}
     added: list[TensorRecord] = []
@@ -359,7 +365,7 @@ def attach_adapter(base: Checkpoint, adapter: Checkpoint) -> Checkpoint:
             if weight is None:
                 missing_modules.setdefault(module)
             else:
-                problem = lora_shape_problem(part, t.shape, weight.shape, fan_in_fan_out)
+                problem = lora_shape_problem(part, t.shape, logical_shape(weight), fan_in_fan_out)
                 if problem:
                     findings.append(f"{t.name}: {problem}")
             added.append(t)
@@ -368,9 +374,9 @@ def attach_adapter(base: Checkpoint, adapter: Checkpoint) -> Checkpoint:
             original = by_name.get(f"{module}.{leaf}")
             if original is None:
                 missing_modules.setdefault(module)
-            elif original.shape != t.shape:
+            elif logical_shape(original) != t.shape:
                 findings.append(
-                    f"{t.name} {list(t.shape)} copies {original.name} {list(original.shape)}: shapes differ"
+                    f"{t.name} {list(t.shape)} copies {original.name} {list(logical_shape(original))}: shapes differ"
                 )
             added.append(t)
         else:
@@ -379,9 +385,9 @@ def attach_adapter(base: Checkpoint, adapter: Checkpoint) -> Checkpoint:
                 findings.append(f"{t.name}: the adapter trains a tensor the base lacks")
                 added.append(t)
             else:
-                if original.shape != t.shape:
+                if logical_shape(original) != t.shape:
                     findings.append(
-                        f"{t.name} {list(t.shape)} replaces the base's {list(original.shape)}: shapes differ"
+                        f"{t.name} {list(t.shape)} replaces the base's {list(logical_shape(original))}: shapes differ"
                     )
                 replaced[t.name] = t
     for module in missing_modules:
@@ -431,7 +437,14 @@ def frozen_record(t: TensorRecord) -> TensorRecord:
         t.name, t.shape, t.dtype, t.stride, t.storage_offset, t.storage, False, t.kind, True,
         t.section, t.shard, t.persistent, t.note, t.tied_to, t.alias_of, t.pickle_seq,
     )  # fmt: skip
+    out.quant = t.quant
+    out.companion_of = t.companion_of
     return out
+
+
+def logical_shape(t: TensorRecord) -> tuple[int, ...]:
+    """The shape the model sees: a packed quantized weight's unpacked one."""
+    return t.quant.logical_shape if t.quant is not None else t.shape
 
 
 def lora_shape_problem(
