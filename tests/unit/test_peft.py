@@ -337,3 +337,13 @@ def test_adapter_over_a_quantized_base_checks_logical_shapes(tmp_path):
     assert ckpt.totals().trainable == 4 * 64 * 4
     assert ckpt.totals().parameters == open_checkpoint(sample).totals().parameters + 4 * 64 * 4
     assert ckpt.tensor("model.layers.0.mlp.shared_expert.weight").quant is not None
+
+
+def test_estimate_takes_rank_and_targets_from_the_adapter(files, capsys):
+    root, base, counts = files
+    assert main(["estimate", str(base), "--adapter", str(root / "lora")]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"LoRA rank 4 on 8 module(s) (q_proj, v_proj): {counts['lora'][0]} trainable"
+        in out.replace("v_proj, q_proj", "q_proj, v_proj")
+    )

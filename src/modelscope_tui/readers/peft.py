@@ -204,6 +204,26 @@ def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
     )
 
 
+def adapter_lora_args(
+    path: str | os.PathLike, rank: int | None, targets: str | None
+) -> tuple[int, str | None]:
+    """`estimate --adapter DIR`: the adapter's rank and target modules, where not given. A regex
+    target_modules cannot be a list of names: then every linear layer is estimated, said so."""
+    path = Path(path)
+    if not is_adapter_dir(path):
+        raise UnsupportedFormatError(f"not a PEFT adapter directory (no {CONFIG_NAME})", path)
+    config = read_adapter_config(path / CONFIG_NAME)
+    if rank is None:
+        if not config.r:
+            raise AdapterError(
+                "the adapter config has no rank 'r'", path / CONFIG_NAME, "give --lora RANK"
+            )
+        rank = config.r
+    if targets is None and isinstance(config.target_modules, list):
+        targets = ",".join(config.target_modules)
+    return rank, targets
+
+
 # -- names -------------------------------------------------------------------------------------
 class Role:
     """What an adapter tensor is to the base (`TensorRecord.note` keeps it)."""
