@@ -29,6 +29,7 @@ WRITTEN_BY_HAND = [
     ("b", "record eval mode for frozen norm layers with running stats"),
     ("z / y", "undo / redo (also ctrl+z / ctrl+y)"),
     ("s", "save the freeze plan (JSON, for apply_freeze_plan)"),
+    ("R", "export the selection as a PEFT LoraConfig (JSON + a Python snippet)"),
     ("w", "write a copy of the checkpoint with the new requires_grad (full modules, TorchScript)"),
     ("/", "filter the tree as you type (glob or substring); esc clears (in the box or the tree)"),
     ("L", "jump to the largest tensors"),

@@ -38,14 +38,20 @@ def silence_stdout() -> None:
         pass
 
 
-def prefetch(path: str, **kwargs: Any):
-    """Start reading the checkpoint on a thread; the explorer picks up the result (or error)."""
+def prefetch(path: str, adapter: str | None = None, **kwargs: Any):
+    """Start reading the checkpoint on a thread; the explorer picks up the result (or error).
+    adapter: a PEFT adapter directory to attach (readers.peft)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ..readers import open_checkpoint
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mscope-open")
-    future = pool.submit(open_checkpoint, path, **kwargs)
+    if adapter:
+        from ..readers.peft import open_checkpoint_with_adapter
+
+        future = pool.submit(open_checkpoint_with_adapter, path, adapter, **kwargs)
+    else:
+        future = pool.submit(open_checkpoint, path, **kwargs)
     pool.shutdown(wait=False)
     return future
 

@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--free", default=None, metavar="SIZE", help="free memory to check against: 24GiB (x 2**30), 512MiB, 24GB (x 10**9), or bytes")
     parser.add_argument("--lora", type=int, default=None, metavar="RANK", help="also estimate LoRA of this rank on a frozen base (QLoRA with --quantize)")
     parser.add_argument("--targets", default=None, metavar="NAMES", help="with --lora: comma-separated target modules, e.g. q_proj,v_proj (default: every linear layer)")
+    parser.add_argument("--adapter", default=None, metavar="DIR", help="a PEFT adapter directory: its rank and target modules stand for --lora and --targets")
     parser.add_argument("--quantize", default=None, choices=("nf4", "fp4", "int8"), help="with --lora: the base's linear layers quantized by bitsandbytes (nf4/fp4 with double quantization, as QLoRA)")
     parser.add_argument("--strict", action="store_true", help="with --plan: a plan made for another model (names, shapes, dtypes) is an error")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -32,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.precision or args.optimizer:  # a typo is one error line, before any output
         est.estimate([], args.precision or "fp32", args.optimizer or "adamw")
+    if args.adapter:
+        from ..readers.peft import adapter_lora_args
+
+        args.lora, args.targets = adapter_lora_args(args.adapter, args.lora, args.targets)
     if args.lora is None and (args.targets or args.quantize):
         raise est.EstimateError("--targets and --quantize describe a LoRA run: add --lora RANK")
     if args.lora is not None and args.lora < 1:

@@ -13,6 +13,9 @@ from .common import error, prefetch
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="checkpoint file or directory")
+    parser.add_argument(
+        "--adapter", default=None, metavar="DIR", help="attach a PEFT adapter directory (adapter_config.json + weights) to FILE"
+    )
     parser.add_argument("--interval", type=float, default=1.0, metavar="S", help="GPU panel refresh (seconds)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -29,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         raise MscopeError("--interval must be more than 0 seconds")
     gc.disable()  # until the first paint (MscopeApp._resume_gc)
-    future = prefetch(args.file)  # parse while Textual imports (the first paint waits on both)
+    future = prefetch(args.file, adapter=args.adapter)  # parse while Textual imports (the first paint waits on both)
     from ..tui.app import run_app
 
     code, line = run_app(args.file, gpu_interval=args.interval, prefetch=future, gc_paused=True)

@@ -71,6 +71,15 @@ def add_arguments(plan: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace an existing PLAN (the old one is kept as PLAN.bak)",
     )
+    plan.add_argument(
+        "--lora-config",
+        default=None,
+        metavar="OUT.json",
+        help="also export the selection as a PEFT LoraConfig: OUT.json (LoraConfig(**json)) and OUT.py",
+    )
+    plan.add_argument("--lora-r", type=int, default=8, metavar="R", help="LoRA rank for --lora-config (8)")
+    plan.add_argument("--lora-alpha", type=float, default=16, metavar="A", help="lora_alpha for --lora-config (16)")
+    plan.add_argument("--lora-dropout", type=float, default=0.05, metavar="P", help="lora_dropout for --lora-config (0.05)")
     plan.add_argument("--debug", action="store_true", help="show tracebacks")
     plan.set_defaults(steps=[])
 
@@ -119,4 +128,13 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     dest = dest or sibling_path(Path(args.file), "freeze-plan", ".json")
     written = save_plan(session, dest, overwrite=args.overwrite)
     print(f"wrote {written}", file=out)
+    if args.lora_config:
+        from ..training.peft import lora_config, save_lora_config
+
+        export = lora_config(session, args.lora_r, args.lora_alpha, args.lora_dropout)
+        for note in export.notes:
+            print(f"LoraConfig: {note}", file=out)
+        files = save_lora_config(export, args.lora_config, str(ckpt.path), overwrite=args.overwrite)
+        print(f"LoraConfig: LoRA on {len(export.targets)} module(s), {len(export.saved)} in modules_to_save", file=out)
+        print(f"wrote {files[0]} and {files[1]}", file=out)
     return 0

@@ -13,6 +13,7 @@ from ..checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord
 from ..errors import MscopeError, SeveralCheckpointsError
 from ..readers import FORMAT_LABELS
 from ..readers.gguf import fact_lines
+from ..readers.peft import fact_lines as adapter_fact_lines
 from ..summary import (
     AUTO_DEPTH_TENSORS,
     AUTO_MAX_CHILDREN,
@@ -34,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("file", help="checkpoint file or directory (sharded / DCP)")
     parser.add_argument("--json", action="store_true", help="machine-readable output (schema in README)")
+    parser.add_argument(
+        "--adapter", default=None, metavar="DIR", help="attach a PEFT adapter directory (adapter_config.json + weights) to FILE"
+    )
     parser.add_argument("--depth", type=int, default=None, metavar="N", help="show modules down to depth N")
     parser.add_argument("--filter", default=None, metavar="GLOB", help="only tensors whose name matches GLOB")
     parser.add_argument("--wide", action="store_true", help="exact counts and full names, however wide the table gets")
@@ -51,7 +55,12 @@ def run(args: argparse.Namespace) -> int:
         # makes cycles, and the process exits right after.
         gc.disable()
     try:
-        ckpt = open_checkpoint(args.file)
+        if args.adapter:
+            from ..readers.peft import open_checkpoint_with_adapter
+
+            ckpt = open_checkpoint_with_adapter(args.file, args.adapter)
+        else:
+            ckpt = open_checkpoint(args.file)
     except SeveralCheckpointsError as exc:
         list_checkpoints(exc, args.json)
         return common.EXIT_BAD_INPUT  # no summary was made: a script must not take this for one
@@ -194,6 +203,11 @@ def render_summary(
     if gguf_rows:
         console.print("[bold]GGUF[/]")
         for label, value in gguf_rows:
+            console.print(Text(f"  {label}: {safe_text(value)}"), overflow="ellipsis", no_wrap=True, crop=True)
+    peft_rows = adapter_fact_lines(ckpt)
+    if peft_rows:
+        console.print("[bold]PEFT adapter[/]")
+        for label, value in peft_rows:
             console.print(Text(f"  {label}: {safe_text(value)}"), overflow="ellipsis", no_wrap=True, crop=True)
     if ckpt.entries:
         console.print("[bold]Entries[/]")

@@ -92,6 +92,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def _sniff_directory(path: Path) -> str:
+    if (path / "adapter_config.json").is_file():  # readers.peft: PeftModel.save_pretrained's directory
+        return "peft-adapter"
     if (path / ".metadata").is_file():
         return Format.DCP
     indexes = sorted(path.glob("*.index.json"))
@@ -341,6 +343,10 @@ def _dispatch(path: Path) -> Checkpoint:
         indexes = sorted(path.glob("*.index.json"))
         preferred = [p for p in indexes if p.name.endswith(".safetensors.index.json")]
         return read_sharded((preferred or indexes)[0])
+    if kind == "peft-adapter":
+        from .peft import read_adapter
+
+        return read_adapter(path, _dispatch)
     if kind == "single-in-dir":
         single = next(p for p in sorted(path.iterdir()) if p.suffix in WEIGHT_SUFFIXES)
         return _dispatch(single)

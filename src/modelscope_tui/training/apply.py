@@ -200,14 +200,15 @@ def apply_freeze_plan(
 
     data, source = read_plan(plan)
     label = Path(source).name if source else "the plan"
-    fp = check_fingerprint(
-        data, model_shapes(model), (n for n, _ in model.named_parameters(remove_duplicate=False))
-    )
     frozen_names, trainable_names = set(data["frozen"]), set(data["trainable"])
     planned = frozen_names | trainable_names
+    peft = PeftNames.of(model, planned)
+    named = [(peft.name(n), p) for n, p in model.named_parameters(remove_duplicate=False)]
+    shapes = {peft.name(n): v for n, v in model_shapes(model).items() if not peft.skipped(n)}
+    fp = check_fingerprint(data, shapes, (n for n, _ in named if n in shapes))
 
     groups: dict[int, tuple[Any, list[str]]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
+    for name, param in named:
         groups.setdefault(id(param), (param, []))[1].append(name)
     model_names = {n for _, names in groups.values() for n in names}
 
@@ -215,13 +216,16 @@ def apply_freeze_plan(
     eval_missing: list[str] = []
     for module_name in data["eval_modules"]:
         try:
-            eval_found.append((module_name, model.get_submodule(module_name)))
+            eval_found.append((module_name, model.get_submodule(peft.prefix + module_name)))
         except AttributeError:
             eval_missing.append(module_name)
 
     missing = sorted(planned - model_names) + eval_missing
     not_in_plan = [
-        n for _, names in groups.values() if not planned.intersection(names) for n in names
+        n
+        for _, names in groups.values()
+        if not planned.intersection(names) and not any(map(peft.own_skipped, names))
+        for n in names
     ]
     if strict and fp.status is FingerprintStatus.MISMATCH:
         raise PlanError(fp.summary("the plan"), source, "strict=False applies what matches")
@@ -277,6 +281,11 @@ def apply_freeze_plan(
         _warnings.warn(fp.summary(label), PlanUncheckedWarning, stacklevel=2)
     if conflicts:
         notes.append(f"{len(conflicts)} tied parameter(s) listed both frozen and trainable: frozen")
+    if peft.left:
+        notes.append(
+            f"{len(peft.left)} PEFT adapter parameter(s) are not in the plan (made for the base): "
+            f"left as PEFT set them, e.g. {peft.left[0]}"
+        )
     return FreezeReport(
         frozen=frozen,
         trainable=trainable,
@@ -287,6 +296,54 @@ def apply_freeze_plan(
         notes=notes,
         fingerprint_match=match,
     )
+
+
+@dataclass
+class PeftNames:
+    """A PeftModel's parameter names as a plan names them (readers.peft.peft_param_name):
+    `base_model.model.` and PEFT's `base_layer` / `original_module` wrappers dropped, adapter
+    names dropped from `lora_A.default`. A plan made for the base alone (no adapter name in it)
+    leaves the adapter's own parameters to PEFT: they are neither checked nor reported missing."""
+
+    prefix: str = ""
+    adapters: frozenset[str] = frozenset()
+    skip_own: bool = False
+    left: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, model: Any, planned: set[str]) -> PeftNames:
+        config = getattr(model, "peft_config", None)
+        if not isinstance(config, dict):
+            return cls()
+        # PeftModel -> base_model (LoraModel) -> model (the base); a bare LoraModel: model.
+        prefix = "base_model.model." if hasattr(model, "get_base_model") else "model."
+        names = cls(prefix, frozenset(config))
+        names.skip_own = not any(names.split(n)[1] for n, _ in model.named_parameters() if names.split(n)[0] in planned)
+        return names
+
+    def split(self, name: str) -> tuple[str, bool]:
+        if not self.prefix:
+            return name, False
+        from ..readers.peft import peft_param_name
+
+        return peft_param_name(name, self.adapters, self.prefix)
+
+    def name(self, name: str) -> str:
+        return self.split(name)[0]
+
+    def skipped(self, name: str) -> bool:
+        """An adapter tensor a base-only plan does not cover."""
+        return self.skip_own and self.split(name)[1]
+
+    def own_skipped(self, mapped: str) -> bool:
+        if not self.skip_own or not self.prefix:
+            return False
+        from ..readers.peft import split_lora
+
+        own = split_lora(mapped) is not None or ".modules_to_save." in f".{mapped}"
+        if own:
+            self.left.append(mapped)
+        return own
 
 
 def _train_stays_eval(self, mode: bool = True):

@@ -46,9 +46,9 @@ def plan_snippet(
     imports = sorted({m for m in ("fnmatch", "re") if compact is not None and f"{m}." in body})
     ckpt = data["checkpoint"]
     header = [
-        f"# Freeze plan for {_comment(ckpt.get('path', '?'))} ({_comment(ckpt.get('fingerprint', 'no fingerprint'))}),",
+        f"# Freeze plan for {comment_line(ckpt.get('path', '?'))} ({comment_line(ckpt.get('fingerprint', 'no fingerprint'))}),",
         f"# {len(data['frozen'])} frozen / {len(data['trainable'])} trainable parameter names."
-        f" Made by mscope {_comment(data.get('mscope_version', '?'))}; needs only torch.",
+        f" Made by mscope {comment_line(data.get('mscope_version', '?'))}; needs only torch.",
     ]
     if data["eval_modules"]:
         imports.append("types")
@@ -167,7 +167,7 @@ def _check_source(data: dict[str, Any], strict: bool) -> str:
     return f"# The model the plan was made for ({mode}).\n{const}" + _CHECK_BODY + body + action
 
 
-def _comment(text: Any) -> str:
+def comment_line(text: Any) -> str:
     """Text from a plan inside a `#` comment: one line (a newline would end the comment and
     turn the rest into code), every unsafe character visibly escaped."""
     return safe_text(" ".join(str(text).split()))
@@ -202,7 +202,7 @@ def _compact_predicate(data: dict[str, Any]) -> tuple[str, bool] | None:
         if action not in (Action.FREEZE, Action.UNFREEZE):
             return None
         target = "True" if action == Action.FREEZE else "False"
-        lines.append(f"    # {action} {selector} {_comment(value)}".rstrip())
+        lines.append(f"    # {action} {selector} {comment_line(value)}".rstrip())
         if selector == Selector.ALL:
             lines.append(f"    frozen = {target}")
             continue

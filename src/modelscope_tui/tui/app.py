@@ -684,6 +684,42 @@ class MscopeApp(App[int]):
         if then_quit:
             self.exit(0)
 
+    def action_export_lora_config(self) -> None:
+        """The selection as a PEFT LoraConfig: PATH (JSON) and PATH.py (training.peft)."""
+        from ..training.peft import lora_config
+        from ..write.atomic import sibling_path
+        from .screens.path import PathScreen
+
+        if not self._guard():
+            return
+        try:
+            export = lora_config(self.session)
+        except MscopeError as exc:
+            self.notify(exc.line(), severity="warning", timeout=8)
+            return
+        src = self.session.ckpt.path
+        default = sibling_path(src.parent / src.name if src.is_dir() else src, "lora-config", ".json")
+
+        def done(target: str | None) -> None:
+            if target is not None:
+                self._save_lora_config_to(export, Path(target), overwrite=False)
+
+        note = f"LoRA on {len(export.targets)} module(s), {len(export.saved)} in modules_to_save; a .py snippet is written next to it."
+        self.push_screen(PathScreen("Export LoraConfig", str(default), note), done)
+
+    def _save_lora_config_to(self, export, target: Path, overwrite: bool) -> None:
+        from ..training.peft import save_lora_config
+
+        if target.exists() and not overwrite:
+            self._confirm_overwrite(target, lambda: self._save_lora_config_to(export, target, overwrite=True))
+            return
+        try:
+            written, script = save_lora_config(export, target, str(self.session.ckpt.path), overwrite=overwrite)
+        except MscopeError as exc:
+            self.notify(exc.line(), severity="error", timeout=8)
+            return
+        self.notify(f"LoraConfig saved to {written} and {script.name}", timeout=5)
+
     def _confirm_overwrite(self, target: Path, proceed) -> None:
         from .screens.confirm import ConfirmScreen
 

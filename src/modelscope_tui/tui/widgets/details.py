@@ -11,6 +11,7 @@ from rich.text import Text
 from ...checkpoint import ModuleNode, TensorRecord
 from ...readers import FORMAT_LABELS
 from ...readers.gguf import fact_lines
+from ...readers.peft import fact_lines as adapter_fact_lines
 from ...summary import optimizer_summaries
 from ...training.session import Session
 from ...units import fmt_bytes, fmt_count, percent, safe_text, sparkline
@@ -311,6 +312,12 @@ def file_details(session: Session) -> RenderableType:
         for label, value in gguf_rows:
             facts.add_row(label, value)
         parts += [Text("\nGGUF", style="bold underline"), facts]
+    peft_rows = adapter_fact_lines(ckpt)
+    if peft_rows:
+        facts = _table()
+        for label, value in peft_rows:
+            facts.add_row(label, value)
+        parts += [Text("\nPEFT adapter", style="bold underline"), facts]
     if ckpt.entries:
         entries = _table()
         for e in ckpt.entries[:MAX_ENTRIES]:
