@@ -8,15 +8,34 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="any checkpoint mscope reads (.pt/.bin, legacy, DCP directory, sharded set, safetensors, GGUF)")
+    p.add_argument(
+        "source",
+        help="any checkpoint mscope reads (.pt/.bin, legacy, DCP directory, sharded set, safetensors, GGUF)",
+    )
     p.add_argument(
         "dest",
         help="a directory (model.safetensors, or shards + model.safetensors.index.json) or a .safetensors file",
     )
-    p.add_argument("--max-shard-size", metavar="SIZE", help="bytes per shard in a directory: 5GB (10**9 bytes each, the default), 2GiB, ...")
-    p.add_argument("--dtype", metavar="DTYPE", help="cast floating-point tensors (only those) to bf16, fp16 or fp32")
-    p.add_argument("--strip-prefix", metavar="PREFIX", help="remove PREFIX from the names that start with it (e.g. app.model.)")
-    p.add_argument("--verify", action="store_true", help="diff the result against the source (bit-exact unless --dtype); exit 1 when it differs")
+    p.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="bytes per shard in a directory: 5GB (10**9 bytes each, the default), 2GiB, ...",
+    )
+    p.add_argument(
+        "--dtype",
+        metavar="DTYPE",
+        help="cast floating-point tensors (only those) to bf16, fp16 or fp32",
+    )
+    p.add_argument(
+        "--strip-prefix",
+        metavar="PREFIX",
+        help="remove PREFIX from the names that start with it (e.g. app.model.)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="diff the result against the source (bit-exact unless --dtype); exit 1 when it differs",
+    )
     p.add_argument(
         "--force",
         action="store_true",
@@ -39,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
         if max_shard <= 0:
             from ..errors import MscopeError
 
-            raise MscopeError(f"invalid shard size {args.max_shard_size!r}", hint="like 5GB or 2GiB")
+            raise MscopeError(
+                f"invalid shard size {args.max_shard_size!r}", hint="like 5GB or 2GiB"
+            )
     ckpt = open_checkpoint(args.source)
     with progress_bar("convert") as progress:
         result = convert(
@@ -60,11 +81,17 @@ def run(args: argparse.Namespace) -> int:
         f"({where}) in {result.seconds:.1f} s"
     )
     if plan.cast_count:
-        print(f"cast {plan.cast_count:,} floating-point tensor(s) to {plan.dtype}; other dtypes are unchanged")
+        print(
+            f"cast {plan.cast_count:,} floating-point tensor(s) to {plan.dtype}; other dtypes are unchanged"
+        )
     if plan.tied:
-        print(f"{len(plan.tied):,} tied tensor(s) written once; aliases in __metadata__['mscope.tied']")
+        print(
+            f"{len(plan.tied):,} tied tensor(s) written once; aliases in __metadata__['mscope.tied']"
+        )
     if plan.dropped:
-        warning(f"only the model's tensors were converted; left out: {', '.join(safe_text(s) for s in plan.dropped[:5])}")
+        warning(
+            f"only the model's tensors were converted; left out: {', '.join(safe_text(s) for s in plan.dropped[:5])}"
+        )
     if not args.verify:
         return EXIT_OK
     with progress_bar("verify") as progress:
@@ -76,5 +103,8 @@ def run(args: argparse.Namespace) -> int:
     for line in check.failures[:10]:
         print(f"mismatch: {safe_text(line)}", file=sys.stderr)
     more = len(check.failures) - 10
-    print(f"verify failed: {len(check.failures):,} tensor(s) differ{f' ({more:,} not listed)' if more > 0 else ''}", file=sys.stderr)
+    print(
+        f"verify failed: {len(check.failures):,} tensor(s) differ{f' ({more:,} not listed)' if more > 0 else ''}",
+        file=sys.stderr,
+    )
     return 1

@@ -113,7 +113,9 @@ def atomic_write_set(
         if dest.is_dir():
             raise SaveError("destination is a directory", dest, "choose a file name")
         if dest.is_symlink():
-            raise SaveError("destination is a symbolic link", dest, "save to the link's target or a new name")
+            raise SaveError(
+                "destination is a symbolic link", dest, "save to the link's target or a new name"
+            )
         if dest.exists() and not overwrite:
             raise SaveError("destination exists", dest, "choose a new name or confirm overwriting")
     temps: list[Path] = []
@@ -124,7 +126,9 @@ def atomic_write_set(
             try:
                 fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(dest.name), dir=directory)
             except OSError as exc:
-                raise SaveError(f"cannot write here: {exc.strerror or exc}", dest, _hint(exc)) from exc
+                raise SaveError(
+                    f"cannot write here: {exc.strerror or exc}", dest, _hint(exc)
+                ) from exc
             temps.append(Path(tmp_name))
             os.fchmod(fd, 0o666 & ~current_umask())
             with os.fdopen(fd, "wb") as fh:

@@ -46,7 +46,13 @@ DEFAULT_MAX_SHARD = 5 * 10**9  # Hugging Face's default, "5GB"
 CHUNK_BYTES = 16 << 20
 # A cast result is accepted by --verify when every value is within the target's rounding
 # (half an ulp, so 2**-9 relative for bf16, 2**-12 for fp16, with margin) or underflows.
-VERIFY_TOLERANCE = {"bfloat16": (1e-38, 2**-8), "float16": (2**-24, 2**-10), "float32": (1e-45, 2**-23)}
+# Codes mscope reads but the safetensors library refuses to load (its Dtype enum has no C128).
+NOT_LOADABLE = frozenset({"complex128"})
+VERIFY_TOLERANCE = {
+    "bfloat16": (1e-38, 2**-8),
+    "float16": (2**-24, 2**-10),
+    "float32": (1e-45, 2**-23),
+}
 
 
 @dataclass(slots=True)
@@ -155,7 +161,10 @@ def plan_convert(
             name = name[len(strip_prefix) :]
             stripped += 1
         if name in seen:
-            raise SaveError(f"two tensors would both be named {name[:80]!r} ({seen[name][:80]!r} and {r.name[:80]!r})", path)
+            raise SaveError(
+                f"two tensors would both be named {name[:80]!r} ({seen[name][:80]!r} and {r.name[:80]!r})",
+                path,
+            )
         seen[name] = r.name
         names[r.name] = name
         target_rec = by_qualified.get(r.alias_of) if r.alias_of else None
@@ -164,11 +173,19 @@ def plan_convert(
             continue
         _check_copyable(r, path)
         out_dtype = target if target is not None and r.dtype in FLOATING_DTYPES else r.dtype
-        if out_dtype not in codes:
-            raise SaveError(f"safetensors has no dtype for tensor {r.name[:80]!r} ({out_dtype})", path)
+        if out_dtype not in codes or out_dtype in NOT_LOADABLE:
+            raise SaveError(
+                f"safetensors has no dtype for tensor {r.name[:80]!r} ({out_dtype})",
+                path,
+                "drop it or change its dtype, then convert",
+            )
         out.append(OutTensor(name, r, out_dtype))
     if strip_prefix and not stripped:
-        raise SaveError(f"no tensor name starts with {strip_prefix[:60]!r}", path, f"names look like {records[0].name[:60]!r}")
+        raise SaveError(
+            f"no tensor name starts with {strip_prefix[:60]!r}",
+            path,
+            f"names look like {records[0].name[:60]!r}",
+        )
     limit = max_shard_size if sharded and max_shard_size else None
     groups: list[list[OutTensor]] = [[]]
     size = 0
@@ -198,20 +215,34 @@ def _check_copyable(r: TensorRecord, path: Path) -> None:
             "dequantize it with llama.cpp's tools first",
         )
     if r.note is not None or s is None:
-        raise SaveError(f"tensor {r.name[:80]!r} ({r.note or 'no storage'}) cannot be converted", path)
+        raise SaveError(
+            f"tensor {r.name[:80]!r} ({r.note or 'no storage'}) cannot be converted", path
+        )
     if r.dtype not in DTYPE_ITEMSIZE:
         raise SaveError(f"tensor {r.name[:80]!r} is {r.dtype}, which cannot be converted", path)
     if s.file is None or s.data_offset is None:
         raise SaveError(f"the bytes of tensor {r.name[:80]!r} are missing from the file", path)
     if s.compressed:
-        raise SaveError(f"the bytes of tensor {r.name[:80]!r} are compressed in the archive", path, "re-save it with torch")
+        raise SaveError(
+            f"the bytes of tensor {r.name[:80]!r} are compressed in the archive",
+            path,
+            "re-save it with torch",
+        )
 
 
-def _metadata(ckpt: Checkpoint, dtype: str | None, strip_prefix: str | None, tied: dict[str, str]) -> dict[str, str]:
+def _metadata(
+    ckpt: Checkpoint, dtype: str | None, strip_prefix: str | None, tied: dict[str, str]
+) -> dict[str, str]:
     meta: dict[str, str] = {}
     source = ckpt.metadata.get("safetensors_metadata")
     if isinstance(source, dict):  # what a safetensors source said about itself stays
-        meta.update({k: v for k, v in source.items() if isinstance(k, str) and isinstance(v, str) and not k.startswith("mscope.")})
+        meta.update(
+            {
+                k: v
+                for k, v in source.items()
+                if isinstance(k, str) and isinstance(v, str) and not k.startswith("mscope.")
+            }
+        )
     meta["format"] = "pt"
     meta["mscope.source"] = Path(ckpt.path).name
     meta["mscope.source_format"] = str(ckpt.format)
@@ -233,7 +264,11 @@ def safetensors_header(shard: Shard, metadata: dict[str, str]) -> bytes:
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for t in shard.tensors:
-        header[t.name] = {"dtype": codes[t.dtype], "shape": list(t.record.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {
+            "dtype": codes[t.dtype],
+            "shape": list(t.record.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     raw = json_bytes(header, separators=(",", ":"))
     raw += b" " * (-len(raw) % 8)
@@ -304,8 +339,9 @@ class _Copier:
                 written += n
                 self._tick(n, t.name)
         elif LAYOUT.get(r.dtype, (None, None, "torch"))[2] not in ("torch", "ggml"):
+            # components in row-major order, byte-swapped when the file is big-endian
             for _, comps in Source(self.data, r, CHUNK_BYTES, ordered=True).chunks():
-                sink(memoryview(comps).cast("B"))  # components in row-major order, byte-swapped if big-endian
+                sink(memoryview(comps).cast("B"))
         else:  # a gather numpy cannot do (float8 views): torch, one chunk at a time
             write_block(sink, self.data, CastBlock(r, r.dtype, r.dtype, r.numel))
         if written != t.nbytes:
@@ -334,7 +370,11 @@ def convert(
     dest = Path(dest)
     single = dest.suffix == ".safetensors"
     if single and max_shard_size:
-        raise SaveError("--max-shard-size needs a directory as the destination", dest, "name a directory, not a .safetensors file")
+        raise SaveError(
+            "--max-shard-size needs a directory as the destination",
+            dest,
+            "name a directory, not a .safetensors file",
+        )
     plan = plan_convert(
         ckpt,
         dtype=dtype,
@@ -345,11 +385,21 @@ def convert(
     )
     if not single:
         if dest.exists() and not dest.is_dir():
-            raise SaveError("destination exists and is not a directory", dest, "name a new directory or a .safetensors file")
+            raise SaveError(
+                "destination exists and is not a directory",
+                dest,
+                "name a new directory or a .safetensors file",
+            )
         if dest.is_dir() and not overwrite:
-            old = sorted(p.name for p in dest.iterdir() if p.name.endswith((".safetensors", ".index.json")))
+            old = sorted(
+                p.name for p in dest.iterdir() if p.name.endswith((".safetensors", ".index.json"))
+            )
             if old:
-                raise SaveError(f"the directory already holds {old[0]}", dest, "choose a new directory, or --force to replace (with .bak copies)")
+                raise SaveError(
+                    f"the directory already holds {old[0]}",
+                    dest,
+                    "choose a new directory, or --force to replace (with .bak copies)",
+                )
     files = {Path(t.record.storage.file) for s in plan.shards for t in s.tensors}
     before = file_state(files)
     t0 = time.perf_counter()
@@ -376,7 +426,9 @@ def convert(
             except MscopeError as exc:
                 raise as_save_error(exc, source) from exc
             except RuntimeError as exc:  # torch refusing a conversion
-                raise SaveError(f"convert failed: {' '.join(str(exc).split())[:120]}", source) from exc
+                raise SaveError(
+                    f"convert failed: {' '.join(str(exc).split())[:120]}", source
+                ) from exc
             check_unchanged(before)
 
         return write
@@ -419,7 +471,9 @@ class VerifyResult:
     failures: list[str]  # one line per tensor that does not match
 
 
-def verify_convert(ckpt: Checkpoint, result: ConvertResult, progress: Callable[[Any], None] | None = None) -> VerifyResult:
+def verify_convert(
+    ckpt: Checkpoint, result: ConvertResult, progress: Callable[[Any], None] | None = None
+) -> VerifyResult:
     """A diff of the source and the result, paired through the plan's names (aliases against the
     one copy written): bit-exact without a cast; with one, every value within the target's
     rounding (VERIFY_TOLERANCE), integers and others unchanged."""
@@ -431,12 +485,19 @@ def verify_convert(ckpt: Checkpoint, result: ConvertResult, progress: Callable[[
     out = open_checkpoint(result.opened)
     names = {src: plan.tied.get(dst, dst) for src, dst in plan.names.items()}
     atol, rtol = VERIFY_TOLERANCE.get(plan.dtype or "", (0.0, 0.0))
-    report = diff_checkpoints(ckpt, out, atol=atol, rtol=rtol, progress=progress, detect_renames=False, names=names)
+    report = diff_checkpoints(
+        ckpt, out, atol=atol, rtol=rtol, progress=progress, detect_renames=False, names=names
+    )
     failures = []
     for d in report.tensors:
         if d.status == Status.IDENTICAL:
             continue
-        cast_ok = d.status == Status.DTYPE_CHANGED and plan.dtype is not None and d.b_dtype == plan.dtype and d.mismatched == 0
+        cast_ok = (
+            d.status == Status.DTYPE_CHANGED
+            and plan.dtype is not None
+            and d.b_dtype == plan.dtype
+            and d.mismatched == 0
+        )
         if not cast_ok:
             what = d.message or d.status
             if d.mismatched:
