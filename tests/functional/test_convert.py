@@ -259,3 +259,29 @@ def test_interrupt_midway_leaves_nothing(tmp_path, monkeypatch):
         convert(ckpt, out, max_shard_size=1 << 16)
     assert len(calls) == 3
     assert list(out.iterdir()) == []
+
+
+def test_gguf_float_tensors_convert(tmp_path):
+    """F32 / F16 GGUF tensors (written by gguf-py's GGUFWriter) convert as stored, llama.cpp names kept."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "token_embd.weight": rng.standard_normal((16, 8)).astype(np.float32),
+        "blk.0.attn_q.weight": rng.standard_normal((8, 8)).astype(np.float16),
+        "output_norm.weight": np.ones(8, dtype=np.float32),
+    }
+    writer = gguf.GGUFWriter(str(tmp_path / "f.gguf"), "llama")
+    for name, a in arrays.items():
+        writer.add_tensor(name, a)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ckpt = open_checkpoint(tmp_path / "f.gguf")
+    result = convert(ckpt, tmp_path / "g.safetensors")
+    assert verify_convert(ckpt, result).ok
+    got = load_file(result.opened)
+    for name, a in arrays.items():
+        assert got[name].numpy().tobytes() == a.tobytes() and tuple(got[name].shape) == a.shape

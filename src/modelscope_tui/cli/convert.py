@@ -88,6 +88,13 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{len(plan.tied):,} tied tensor(s) written once; aliases in __metadata__['mscope.tied']"
         )
+    if args.force and not str(args.dest).endswith(".safetensors"):
+        stale = stale_shards(result.files)
+        if stale:
+            warning(
+                f"{len(stale)} older shard(s) not in the new index were left as they were, e.g. "
+                f"{safe_text(stale[0])}"
+            )
     if plan.dropped:
         warning(
             f"only the model's tensors were converted; left out: {', '.join(safe_text(s) for s in plan.dropped[:5])}"
@@ -108,3 +115,15 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1
+
+
+def stale_shards(files: list) -> list[str]:
+    """Shards of an earlier set in the same directory that the new index does not name
+    (--force replaces files by name only; removing others is the user's call)."""
+    written = {f.name for f in files}
+    folder = files[0].parent
+    return sorted(
+        p.name
+        for p in folder.glob("model*.safetensors")
+        if p.name not in written and folder.is_dir() and p.name != "model.safetensors.bak"
+    )

@@ -43,7 +43,8 @@ from .cast import CAST_TARGETS, TIED_METADATA_KEY, CastBlock, write_block
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 DEFAULT_MAX_SHARD = 5 * 10**9  # Hugging Face's default, "5GB"
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 16 << 20  # a gather or cast holds one chunk in memory
+COPY_PIECE = 256 << 20  # copy_file_range pieces (no memory): few calls, progress still moves
 # A cast result is accepted by --verify when every value is within the target's rounding
 # (half an ulp, so 2**-9 relative for bf16, 2**-12 for fp16, with margin) or underflows.
 # Codes mscope reads but the safetensors library refuses to load (its Dtype enum has no C128).
@@ -333,8 +334,8 @@ class _Copier:
             del raw
             start = s.data_offset + r.storage_offset * r.itemsize
             src = self._fd(s.file)
-            for pos in range(0, r.nbytes, CHUNK_BYTES):
-                n = min(CHUNK_BYTES, r.nbytes - pos)
+            for pos in range(0, r.nbytes, COPY_PIECE):
+                n = min(COPY_PIECE, r.nbytes - pos)
                 copy_range(src, fd, start + pos, n)
                 written += n
                 self._tick(n, t.name)
