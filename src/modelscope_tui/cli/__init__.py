@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gpus": ("gpus", "GPU memory, load and processes (NVML), without the explorer"),
     "audit": ("audit", "integrity, load-ability, waste; --stats: values, NaN/Inf (exit 1 on --fail-on)"),
     "diff": ("diff", "compare two checkpoints tensor by tensor (any formats); --plan checks frozen ones"),
+    "convert": ("convert", "write a checkpoint as Hugging Face safetensors (sharded, --dtype, --verify)"),
 }
 
 

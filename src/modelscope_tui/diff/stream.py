@@ -50,6 +50,7 @@ def diff_checkpoints(
     sections: str = "model",
     detect_renames: bool = True,
     dask: str | None = None,
+    names: dict[str, str] | None = None,
 ) -> DiffReport:
     """Compare the model tensors of A and B (every section's with sections="all").
 
@@ -57,8 +58,9 @@ def diff_checkpoints(
     set the report comes back with `cancelled=True` and the tensors compared so far (and every
     status known from metadata alone). `dask`: the address of a Dask scheduler whose workers
     compare the values (values/cluster.py; the same report); MscopeError when unreachable.
+    `names`: an explicit A name -> B name map instead of matching names (see DiffStream).
     """
-    stream = DiffStream(a, b, atol, rtol, chunk_bytes, sections, detect_renames)
+    stream = DiffStream(a, b, atol, rtol, chunk_bytes, sections, detect_renames, names)
     cluster = None
     if dask is not None and stream.total:
         from ..values.cluster import connect
@@ -97,7 +99,11 @@ class DiffStream:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         sections: str = "model",
         detect_renames: bool = True,
+        names: dict[str, str] | None = None,
     ) -> None:
+        """`names`: A name -> B name, when the caller knows the pairing (convert's --verify:
+        stripped prefixes, tied aliases paired with the one copy written); names it maps to
+        nothing in B stay removed."""
         self.a, self.b = a, b
         self.chunk_bytes = chunk_bytes
         self.detect_renames = detect_renames
@@ -106,8 +112,12 @@ class DiffStream:
         # Files are opened strict=False: records whose bytes the reader found outside the file
         # (or past the view budget) are never read, as in audit; they are reported unreadable.
         self._bad = unreadable_records(a) | unreadable_records(b)
-        mapping, note = prefix_map(ta, tb)
-        llama, llama_note = llama_cpp_map(a, b, ta, tb)
+        if names is not None:
+            mapping, note = {n: m for n, m in names.items() if n in ta and m in tb}, None
+            llama, llama_note = {}, None
+        else:
+            mapping, note = prefix_map(ta, tb)
+            llama, llama_note = llama_cpp_map(a, b, ta, tb)
         if len(llama) > len(mapping):
             mapping, note = llama, llama_note
         elif llama_note and not llama:
@@ -117,7 +127,8 @@ class DiffStream:
         quantized = quantized_note([(ta[n], tb[m]) for n, m in mapping.items()])
         if quantized:
             self.report.notes.append(quantized)
-        self.unpermute = rotary_heads(a, b, mapping)
+        # an explicit map pairs tensors as stored (a GGUF converted as is keeps llama.cpp's rows)
+        self.unpermute = rotary_heads(a, b, mapping) if names is None else {}
         if self.unpermute:
             self.report.notes.append(
                 f"{len(self.unpermute):,} attn_q / attn_k weight(s) compared with their rows back in the Hugging Face "

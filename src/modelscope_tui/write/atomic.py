@@ -100,6 +100,66 @@ def atomic_write(
     return dest
 
 
+def atomic_write_set(
+    files: list[tuple[Path, Callable[[BinaryIO], None]]], *, overwrite: bool = False
+) -> list[Path]:
+    """Write several files as one set (shards and their index): every file to a temp name and
+    fsync'ed first, then renamed in the order given (the index last), so a failure or Ctrl-C
+    while writing leaves none of them, and a reader never finds an index before its shards.
+    Each destination is checked as `atomic_write` checks it before anything is written; with
+    `overwrite`, each replaced file is kept as `.bak`."""
+    dests = [Path(d) for d, _ in files]
+    for dest in dests:
+        if dest.is_dir():
+            raise SaveError("destination is a directory", dest, "choose a file name")
+        if dest.is_symlink():
+            raise SaveError(
+                "destination is a symbolic link", dest, "save to the link's target or a new name"
+            )
+        if dest.exists() and not overwrite:
+            raise SaveError("destination exists", dest, "choose a new name or confirm overwriting")
+    temps: list[Path] = []
+    try:
+        for dest, write in zip(dests, (w for _, w in files)):
+            directory = dest.parent if str(dest.parent) else Path(".")
+            remove_stale_temps(directory)
+            try:
+                fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(dest.name), dir=directory)
+            except OSError as exc:
+                raise SaveError(
+                    f"cannot write here: {exc.strerror or exc}", dest, _hint(exc)
+                ) from exc
+            temps.append(Path(tmp_name))
+            os.fchmod(fd, 0o666 & ~current_umask())
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        while temps:
+            dest = dests[len(dests) - len(temps)]
+            if dest.exists():
+                _backup(dest, dest.parent)
+            os.replace(temps[0], dest)
+            temps.pop(0)
+        for directory in {d.parent for d in dests}:
+            _fsync_dir(directory)
+    except MscopeError:
+        _remove(temps)
+        raise
+    except OSError as exc:
+        _remove(temps)
+        raise SaveError(f"save failed: {exc.strerror or exc}", dests[0], _hint(exc)) from exc
+    except BaseException:
+        _remove(temps)
+        raise
+    return dests
+
+
+def _remove(paths: list[Path]) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where the OS allows (Linux /proc); else
     the set-and-restore dance (a brief window in which another thread's new file gets 022)."""

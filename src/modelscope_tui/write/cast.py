@@ -390,7 +390,9 @@ def _block_chunks(data: Any, block: CastBlock) -> Iterator[memoryview]:
             yield memoryview((ctypes.c_char * n).from_address(piece.data_ptr())).cast("B")
 
 
-def _write_blocks(sink: Callable[[memoryview], None], data: Any, block: CastBlock) -> int:
+def write_block(sink: Callable[[memoryview], None], data: Any, block: CastBlock) -> int:
+    """The block's output bytes (cast by torch, one chunk at a time) into `sink`; convert uses
+    it for its --dtype and for views torch must gather."""
     written = 0
     for piece in _block_chunks(data, block):
         sink(piece)
@@ -462,7 +464,7 @@ def _write_torch(fh: BinaryIO, plan: CastPlan, data: Any) -> None:
     zw.add(prefix + "byteorder", sys.byteorder.encode())
     for block in plan.blocks:
         zw.begin(f"{prefix}data/{block.key}", block.nbytes)
-        _write_blocks(zw.write, data, block)
+        write_block(zw.write, data, block)
         zw.end()
     zw.add(prefix + "version", b"3\n")
     zw.add(prefix + ".data/serialization_id", f"{uuid.uuid4().int:040d}"[:40].encode())
@@ -502,4 +504,4 @@ def _write_safetensors(fh: BinaryIO, plan: CastPlan, data: Any, metadata: dict[s
     raw += b" " * (-len(raw) % 8)
     fh.write(struct.pack("<Q", len(raw)) + raw)
     for t in plan.tensors:
-        _write_blocks(fh.write, data, t.block)
+        write_block(fh.write, data, t.block)
