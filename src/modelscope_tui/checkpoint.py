@@ -175,6 +175,9 @@ class StorageRecord:
     data_size: int | None = None  # bytes actually present at data_offset
     compressed: bool = False
     byteorder: str = "little"
+    # A remote zip member's local header, when data_offset was predicted from the directory
+    # (ZipArchive.predicted_offset) instead of read: checked where the bytes are fetched.
+    header_offset: int | None = None
 
     __setstate__ = RefuseBuild()  # the pickle cannot rewrite what persistent_load built
 
@@ -523,7 +526,8 @@ class Checkpoint:
     over_budget: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.path = Path(self.path)
+        if not hasattr(self.path, "url"):  # a RemotePath (readers.sources) stays a URL
+            self.path = Path(self.path)
 
     # -- views ---------------------------------------------------------------------------------
     @property

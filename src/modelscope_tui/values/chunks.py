@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..checkpoint import TensorRecord, prod
 from ..errors import TensorDataError
-from .data import check_view
+from .data import check_view, is_remote
 from .kernels import compiled_kernel, numpy_module
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ class Source:
         self.address = None
         self.native_kind = _NATIVE_KIND.get((kernel, comp)) if native and contiguous else None
         if self.native_kind is not None and (s is None or s.byteorder != "big"):
-            if compiled_kernel() is not None:
+            if compiled_kernel() is not None and not is_remote(record):
                 address, length = data.storage_address(record)
                 check_view(record, length)  # a compiled loop must never read past it
                 start = record.storage_offset * itemsize

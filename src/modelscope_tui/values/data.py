@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint, TensorRecord
 from ..errors import TensorDataError
+from ..readers.sources.location import RemotePath
 
 if TYPE_CHECKING:
     import torch
@@ -72,10 +74,13 @@ def unreadable_records(ckpt: Checkpoint) -> set[int]:
             continue
         size = sizes.get(s.file)  # keyed by the record's own value: no Path() per tensor (5 us)
         if size is None:
-            try:
-                size = sizes[s.file] = Path(s.file).stat().st_size
-            except OSError:
-                size = sizes[s.file] = -1
+            if isinstance(s.file, RemotePath):
+                size = sizes[s.file] = s.file.size if s.file.size is not None else -1
+            else:
+                try:
+                    size = sizes[s.file] = Path(s.file).stat().st_size
+                except OSError:
+                    size = sizes[s.file] = -1
         if s.data_offset + s.nbytes > size:
             bad.add(id(t))
             continue
@@ -85,12 +90,41 @@ def unreadable_records(ckpt: Checkpoint) -> set[int]:
     return bad
 
 
+def is_remote(record: TensorRecord) -> bool:
+    """Whether the record's bytes come over the network (fetched per storage, not mapped)."""
+    s = record.storage
+    return s is not None and isinstance(s.file, RemotePath)
+
+
+KEEP_FETCHED = 8  # remote storages kept: views sharing a storage fetch it once
+
+
+def check_local_header(blob: bytes, s: Any, where: str) -> None:
+    """The zip local header at the start of `blob` must put the member's data where the
+    directory-based prediction said (ZipArchive.predicted_offset)."""
+    import struct
+
+    ok = len(blob) >= 30 and blob[:4] == b"PK\x03\x04"
+    if ok:
+        name_len, extra_len = struct.unpack_from("<2H", blob, 26)
+        ok = s.header_offset + 30 + name_len + extra_len == s.data_offset
+    if not ok:
+        raise TensorDataError(
+            f"storage {s.key!r} of tensor {where!r} is not where the zip directory puts it (its local header disagrees)",
+            s.file,
+            "the archive was not written by torch.save; download it and open the local copy",
+        )
+
+
 class TensorData:
     """Opens each file once (mmap) and hands out tensors for records. Use as a context manager."""
 
     def __init__(self) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
         self._bases: dict[int, int] = {}  # id(mapping) -> its address (storage_address)
+        # Remote storages: fetched whole (only the tensors asked for), the last few kept: a
+        # storage shared by several views, and the buffers whose address a kernel still uses.
+        self._fetched: OrderedDict[tuple[str, int, int], bytearray] = OrderedDict()
 
     def __enter__(self) -> TensorData:
         return self
@@ -106,6 +140,7 @@ class TensorData:
                 pass  # a copy=False tensor still views it; the mapping goes when that tensor does
         self._maps.clear()
         self._bases.clear()
+        self._fetched.clear()
 
     def _map(self, path: Path | str) -> mmap.mmap:
         buf = self._maps.get(path)
@@ -129,7 +164,10 @@ class TensorData:
     def storage_address(self, record: TensorRecord) -> tuple[int, int]:
         """(address, length) of the record's storage in the mapping, checked like
         `storage_bytes`: for compiled loops (the statistics kernel) that take no buffer object.
-        Valid until this TensorData closes."""
+        Valid until this TensorData closes; local files only (is_remote: a fetched buffer lives
+        only as long as the arrays that view it, so remote bytes go through storage_bytes)."""
+        if is_remote(record):
+            raise ValueError("storage_address of a remote storage: use storage_bytes")
         buf, start, end = self._locate(record)
         base = self._bases.get(id(buf))
         if base is None:
@@ -153,6 +191,8 @@ class TensorData:
         offset, size = s.data_offset, s.data_size
         if type(offset) is not int or offset < 0 or (size is not None and (type(size) is not int or size < 0)):
             raise TensorDataError(f"storage {s.key!r} of tensor {where!r} has an invalid location", s.file)
+        if isinstance(s.file, RemotePath):
+            return self._remote(record, s)
         buf = self._map(s.file)  # no Path() per call: 5 us each, 100k times in a big diff
         end = s.data_offset + s.nbytes
         available = s.data_offset + (s.data_size if s.data_size is not None else s.nbytes)
@@ -163,6 +203,35 @@ class TensorData:
                 s.file,
             )
         return buf, s.data_offset, end
+
+    def _remote(self, record: TensorRecord, s: Any) -> tuple[bytearray, int, int]:
+        """A remote storage's bytes, fetched in one range (with its zip local header when the
+        offset was predicted, checked here) and kept among the last few."""
+        from ..readers.sources import remote_source
+
+        key = (s.file.url, s.data_offset, s.nbytes)
+        buf = self._fetched.get(key)
+        if buf is not None:
+            self._fetched.move_to_end(key)
+            return buf, 0, len(buf)
+        where = record.qualified_name
+        available = s.data_size if s.data_size is not None else s.nbytes
+        source = remote_source(s.file)
+        if available < s.nbytes or s.data_offset + s.nbytes > source.size:
+            have = max(0, min(available, source.size - s.data_offset))
+            raise TensorDataError(f"storage {s.key!r} of tensor {where!r} is truncated ({have:,} of {s.nbytes:,} bytes)", s.file)
+        start = s.data_offset if s.header_offset is None else s.header_offset
+        if start > s.data_offset:
+            raise TensorDataError(f"storage {s.key!r} of tensor {where!r} has an invalid location", s.file)
+        (blob,) = source.read_ranges([(start, s.data_offset + s.nbytes - start)])
+        if s.header_offset is not None:
+            check_local_header(blob, s, where)
+            blob = memoryview(blob)[s.data_offset - start :]
+        buf = bytearray(blob)
+        self._fetched[key] = buf
+        while len(self._fetched) > KEEP_FETCHED:
+            self._fetched.popitem(last=False)
+        return buf, 0, len(buf)
 
     def tensor(self, record: TensorRecord, copy: bool = True) -> torch.Tensor:
         """The tensor exactly as torch.load would give it (values, dtype, shape, stride)."""

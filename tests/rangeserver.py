@@ -1,0 +1,132 @@
+"""A real HTTP server with Range support for the remote tests: serves a folder, counts requests
+and bytes, and can be told to misbehave (latency, no ranges, truncated bodies, wrong
+Content-Range, lying Content-Length, redirects to another host, an ETag that changes)."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import threading
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+
+class RangeServer:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.requests = 0
+        self.bytes = 0
+        self.log: list[tuple[str, str]] = []  # (path, Range header)
+        self.latency = 0.0
+        self.fault: str | None = (
+            None  # no-range | truncate | wrong-range | long-length | redirect-away | etag-change
+        )
+        self.redirect_to = "http://127.0.0.2:9/elsewhere"
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # like real servers: no 40 ms delayed-ACK stalls
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                server._serve(self)
+
+            def do_HEAD(self):
+                server._serve(self, head=True)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests = 0
+            self.bytes = 0
+            self.log.clear()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _serve(self, h: http.server.BaseHTTPRequestHandler, head: bool = False) -> None:
+        rel = unquote(urlsplit(h.path).path).lstrip("/")
+        rng = h.headers.get("Range", "")
+        with self._lock:
+            self.requests += 1
+            self.log.append((rel, rng))
+            count = self.requests
+        if self.latency:
+            time.sleep(self.latency)
+        if self.fault == "redirect-away":
+            h.send_response(302)
+            h.send_header("Location", self.redirect_to)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        path = (self.root / rel).resolve()
+        if not str(path).startswith(str(self.root.resolve())) or not path.is_file():
+            body = b"not found"
+            h.send_response(404)
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body)
+            return
+        data = path.read_bytes()
+        size = len(data)
+        etag = f'"{os.stat(path).st_mtime_ns}-{size}"'
+        if self.fault == "etag-change" and count > 1:
+            etag = f'"changed-{count}"'
+        if not rng or self.fault == "no-range":
+            h.send_response(200)
+            h.send_header("Content-Length", str(size))
+            h.send_header("ETag", etag)
+            h.end_headers()
+            if not head:
+                try:
+                    h.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+            return
+        first_s, _, last_s = rng.removeprefix("bytes=").partition("-")
+        first = int(first_s)
+        last = min(int(last_s) if last_s else size - 1, size - 1)
+        if first >= size:
+            h.send_response(416)
+            h.send_header("Content-Range", f"bytes */{size}")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        body = data[first : last + 1]
+        shown_first, shown_last = first, last
+        if self.fault == "wrong-range":
+            body = data[max(0, first - 16) : max(0, first - 16) + len(body)]
+            shown_first, shown_last = max(0, first - 16), max(0, first - 16) + len(body) - 1
+            shown_first, shown_last = first + 16, last + 16  # claims another range than asked
+        length = len(body)
+        if self.fault == "truncate" and count > 1:
+            body = body[: len(body) // 2]
+        if self.fault == "long-length" and count > 1:
+            length += 100
+        h.send_response(206)
+        h.send_header("Content-Range", f"bytes {shown_first}-{shown_last}/{size}")
+        h.send_header("Content-Length", str(length))
+        h.send_header("ETag", etag)
+        if self.fault == "truncate" and count > 1:
+            h.send_header("Connection", "close")
+        h.end_headers()
+        if not head:
+            h.wfile.write(body)
+            with self._lock:
+                self.bytes += len(body)
+        if self.fault == "truncate" and count > 1:
+            h.close_connection = True
