@@ -19,9 +19,12 @@ class RangeServer:
         self.bytes = 0
         self.log: list[tuple[str, str]] = []  # (path, Range header)
         self.latency = 0.0
+        self.in_flight = 0
+        self.max_in_flight = 0  # most requests served at once (concurrent fetches show here)
         self.fault: str | None = (
             None  # no-range | truncate | wrong-range | long-length | redirect-away | etag-change
         )
+        self.fault_after = 1  # requests served right before a fault starts
         self.redirect_to = "http://127.0.0.2:9/elsewhere"
         self._lock = threading.Lock()
         server = self
@@ -34,12 +37,23 @@ class RangeServer:
                 pass
 
             def do_GET(self):
-                server._serve(self)
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    server._serve(self)
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
 
             def do_HEAD(self):
                 server._serve(self, head=True)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Quiet(http.server.ThreadingHTTPServer):
+            def handle_error(self, request, client_address):  # a client hanging up mid-body
+                pass
+
+        self.httpd = Quiet(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -52,6 +66,7 @@ class RangeServer:
         with self._lock:
             self.requests = 0
             self.bytes = 0
+            self.max_in_flight = 0
             self.log.clear()
 
     def close(self) -> None:
@@ -84,7 +99,8 @@ class RangeServer:
         data = path.read_bytes()
         size = len(data)
         etag = f'"{os.stat(path).st_mtime_ns}-{size}"'
-        if self.fault == "etag-change" and count > 1:
+        late = count > self.fault_after
+        if self.fault == "etag-change" and late:
             etag = f'"changed-{count}"'
         if not rng or self.fault == "no-range":
             h.send_response(200)
@@ -109,24 +125,22 @@ class RangeServer:
         body = data[first : last + 1]
         shown_first, shown_last = first, last
         if self.fault == "wrong-range":
-            body = data[max(0, first - 16) : max(0, first - 16) + len(body)]
-            shown_first, shown_last = max(0, first - 16), max(0, first - 16) + len(body) - 1
             shown_first, shown_last = first + 16, last + 16  # claims another range than asked
         length = len(body)
-        if self.fault == "truncate" and count > 1:
+        if self.fault == "truncate" and late:
             body = body[: len(body) // 2]
-        if self.fault == "long-length" and count > 1:
+        if self.fault == "long-length" and late:
             length += 100
         h.send_response(206)
         h.send_header("Content-Range", f"bytes {shown_first}-{shown_last}/{size}")
         h.send_header("Content-Length", str(length))
         h.send_header("ETag", etag)
-        if self.fault == "truncate" and count > 1:
+        if self.fault == "truncate" and late:
             h.send_header("Connection", "close")
         h.end_headers()
         if not head:
-            h.wfile.write(body)
-            with self._lock:
+            with self._lock:  # counted before the client can see the body (and reset())
                 self.bytes += len(body)
-        if self.fault == "truncate" and count > 1:
+            h.wfile.write(body)
+        if self.fault == "truncate" and late:
             h.close_connection = True

@@ -9,13 +9,22 @@ source learnt, so values are read later from the same version.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ..checkpoint import Checkpoint, Format
 from ..errors import CorruptCheckpointError, MscopeError, NotFoundError, UnsupportedFormatError
-from .sources import RemotePath, Source, SourceBuffer, SourceFile, open_source, remember
+from .sources import (
+    CachedRemote,
+    RemotePath,
+    Source,
+    SourceBuffer,
+    SourceFile,
+    open_source,
+    remember,
+)
 
 MAX_REMOTE_PICKLE = 64 << 20  # legacy / plain pickles are read whole: only this small
 MAX_INDEX_BYTES = 64 << 20
@@ -67,11 +76,22 @@ def _dispatch(loc: RemotePath) -> Checkpoint:
 
 
 def read_source(loc: RemotePath, source: Source, weights_only: bool = False) -> Checkpoint:
-    """Read one remote file through `source` (kept for its values: sources.remote_source)."""
-    from . import not_a_checkpoint, sniff_head
-
+    """Read one remote file through `source` (kept for its values: sources.remote_source), and
+    keep the ranges it fetched in the metadata cache."""
     loc.size, loc.etag = source.size, source.etag
     remember(loc.url, source)
+    ckpt = _read_source(loc, source, weights_only)
+    if isinstance(source, CachedRemote):
+        source.persist()
+        if source.offline:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(source.cached_at or 0))
+            ckpt.warnings.append(f"offline: metadata from the cache of {when}; the file was not checked for changes")
+    return ckpt
+
+
+def _read_source(loc: RemotePath, source: Source, weights_only: bool) -> Checkpoint:
+    from . import not_a_checkpoint, sniff_head
+
     head = source.read(0, min(16, source.size))
     kind = sniff_head(head, loc.name, lambda: source.size, loc)
     if kind == "zip":

@@ -61,6 +61,28 @@ class CachedRemote(Source):
         self._lock = threading.Lock()
         self.requests = 0
         self.bytes_fetched = 0
+        self.url = ""
+        self.cached_at: float | None = None  # set when the blocks came from the disk cache
+        self.offline = False  # the identity check could not reach the server; the cache was used
+        self._dirty = False  # metadata ranges fetched that the disk cache does not have yet
+
+    def preload(self, entry) -> None:
+        """Start from the ranges the disk cache kept for this version of the file."""
+        with self._lock:
+            self._blocks = list(entry.blocks)
+            self._cached = sum(len(b) for _, b in self._blocks)
+        self.cached_at = entry.saved
+
+    def persist(self) -> None:
+        """Keep what the readers fetched (metadata only: tensor data never enters the blocks)."""
+        if not self._dirty:
+            return
+        from . import cache
+
+        with self._lock:
+            blocks = list(self._blocks)
+        cache.save(self.url, self.size, self.etag, blocks)
+
 
     def _fetch(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         raise NotImplementedError
@@ -76,6 +98,7 @@ class CachedRemote(Source):
         if len(data) > CACHE_BYTES // 4:
             return
         with self._lock:
+            self._dirty = True
             self._blocks.append((offset, data))
             self._cached += len(data)
             while self._cached > CACHE_BYTES and len(self._blocks) > 1:
@@ -90,6 +113,13 @@ class CachedRemote(Source):
         if hit is not None:
             return hit
         want = min(self.size - offset, max(length, ahead))
+        if self.offline:
+            from ...errors import MscopeError
+
+            raise MscopeError(
+                f"offline, and bytes {offset:,}..{offset + length:,} are not in the metadata cache", self.name,
+                "connect to the network and open it again",
+            )  # fmt: skip
         (data,) = self._fetch([(offset, want)])
         if ahead:
             self._keep(offset, data)

@@ -99,6 +99,11 @@ class FsspecSource(CachedRemote):
             raise IsADirectoryError(url)
         self.size = int(info.get("size") or 0)
         self.etag = _etag(info)
+        from . import cache
+
+        entry = cache.load(url)  # info() above was the identity check
+        if entry is not None and (entry.size, entry.etag) == (self.size, self.etag):
+            self.preload(entry)
 
     def _fetch(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         try:

@@ -36,7 +36,10 @@ def timeout_s() -> float:
 
 
 class RemoteError(MscopeError):
-    """The server or the network failed a read (status, timeout, a response that does not add up)."""
+    """The server or the network failed a read (status, timeout, a response that does not add up).
+    `unreachable`: no answer at all (DNS, refused, timeout): the metadata cache may stand in."""
+
+    unreachable = False
 
 
 class HttpSource(CachedRemote):
@@ -48,6 +51,19 @@ class HttpSource(CachedRemote):
         self._pool: ThreadPoolExecutor | None = None
         self.size = -1
         self.etag = None
+        from . import cache
+
+        entry = cache.load(url)
+        if entry is not None:
+            try:
+                self._get(0, 0, head=True)  # the identity check: HEAD, no body
+            except RemoteError as exc:
+                if not exc.unreachable:
+                    raise
+                self.size, self.etag, self.offline = entry.size, entry.etag, True
+            if (self.size, self.etag) == (entry.size, entry.etag):
+                self.preload(entry)
+                return
         first = self._get(0, READ_AHEAD - 1, probe=True)
         if self.size > 0:
             self._keep(0, first)
@@ -73,11 +89,28 @@ class HttpSource(CachedRemote):
         if conn is not None:
             conn.close()
 
-    def _fail(self, message: str, hint: str | None = None) -> RemoteError:
-        return RemoteError(message, self.name, hint)
+    def _fail(self, message: str, hint: str | None = None, unreachable: bool = False) -> RemoteError:
+        exc = RemoteError(message, self.name, hint)
+        exc.unreachable = unreachable
+        return exc
 
-    def _get(self, first: int, last: int, probe: bool = False) -> bytes:
-        """Bytes first..last (inclusive) of the file, every response header checked."""
+    def _head(self, resp: http.client.HTTPResponse) -> bytes:
+        resp.read()
+        if resp.status in (401, 403):
+            raise self._fail(f"access denied (HTTP {resp.status})", "check the URL's token or credentials")
+        if resp.status == 404:
+            raise NotFoundError("no such file on the server (HTTP 404)", self.name)
+        length = resp.getheader("Content-Length")
+        if resp.status != 200 or length is None or not length.isdigit():
+            self.size, self.etag = -1, None  # no usable identity: the cache is not used
+            return b""
+        self.size, self.etag = int(length), resp.getheader("ETag")
+        self.count(0)
+        return b""
+
+    def _get(self, first: int, last: int, probe: bool = False, head: bool = False) -> bytes:
+        """Bytes first..last (inclusive) of the file, every response header checked. `head`:
+        a HEAD request that only learns the size and ETag (the cache's identity check)."""
         url = self.url
         origin = urlsplit(url)
         for _ in range(MAX_REDIRECTS + 1):
@@ -87,11 +120,14 @@ class HttpSource(CachedRemote):
                 target += "?" + parts.query
             try:
                 conn = self._connection(parts.scheme, parts.netloc)
-                conn.request(
-                    "GET",
-                    target,
-                    headers={"Range": f"bytes={first}-{last}", "Accept-Encoding": "identity"},
-                )
+                if head:
+                    conn.request("HEAD", target, headers={"Accept-Encoding": "identity"})
+                else:
+                    conn.request(
+                        "GET",
+                        target,
+                        headers={"Range": f"bytes={first}-{last}", "Accept-Encoding": "identity"},
+                    )
                 resp = conn.getresponse()
                 status = resp.status
                 if status in (301, 302, 303, 307, 308):
@@ -109,6 +145,8 @@ class HttpSource(CachedRemote):
                         )
                     url = nxt
                     continue
+                if head:
+                    return self._head(resp)
                 return self._body(resp, first, last, probe)
             except MscopeError:
                 self._drop(parts.scheme, parts.netloc)
@@ -118,12 +156,16 @@ class HttpSource(CachedRemote):
                 raise self._fail(
                     f"no answer within {timeout_s():g} s",
                     "check the network, or set MSCOPE_TIMEOUT",
+                    unreachable=True,
                 ) from exc
             except socket.gaierror as exc:
                 self._drop(parts.scheme, parts.netloc)
                 raise self._fail(
-                    f"cannot resolve host {parts.hostname!r}", "check the URL and the network"
+                    f"cannot resolve host {parts.hostname!r}", "check the URL and the network", True
                 ) from exc
+            except ConnectionRefusedError as exc:
+                self._drop(parts.scheme, parts.netloc)
+                raise self._fail("the connection was refused", "check the URL and the network", True) from exc
             except http.client.IncompleteRead as exc:
                 self._drop(parts.scheme, parts.netloc)
                 raise self._fail(
