@@ -111,3 +111,32 @@ def test_s3_missing_key_keeps_the_url(s3):
 def test_s3_folder_of_several_checkpoints_names_one(s3):
     code, _, err = run_main("summary", f"s3://{BUCKET}/run/")
     assert code == 2 and "name one" in err and f"s3://{BUCKET}/run/" in err
+
+
+async def test_explorer_first_paint_from_s3(s3):
+    """The explorer opens a bucket folder like a local directory: the same header and tree."""
+    from test_tui import header, started, tree_lines
+
+    from modelscope_tui.tui.app import MscopeApp
+
+    shown = []
+    for where in (SAMPLES / "sharded_hf", f"s3://{BUCKET}/run/sharded_hf/"):
+        app = MscopeApp(where)
+        async with app.run_test(size=(120, 36)) as pilot:
+            await started(pilot)
+            shown.append((header(app).split("·", 1)[-1], tree_lines(app)))
+    assert shown[0] == shown[1]
+    assert shown[1][1]
+
+
+def test_writers_refuse_a_remote_source(s3):
+    """Writing a changed copy needs the bytes on this disk: one line that says so, nothing written."""
+    from modelscope_tui.readers import open_checkpoint
+    from modelscope_tui.write.atomic import SaveError
+    from modelscope_tui.write.requires_grad import save_with_requires_grad
+
+    ckpt = open_checkpoint(f"s3://{BUCKET}/run/transformer_tied.pt")
+    with pytest.raises(SaveError) as info:
+        save_with_requires_grad(ckpt, {})
+    assert "needs the checkpoint on this disk" in info.value.line()
+    assert f"s3://{BUCKET}/run/transformer_tied.pt" in info.value.line()

@@ -33,6 +33,7 @@ from textual.worker import Worker, WorkerState
 from ..checkpoint import Checkpoint
 from ..errors import MscopeError
 from ..readers import FORMAT_LABELS
+from ..readers.sources.location import as_location
 from ..training.session import Session
 from ..units import fmt_bytes, safe_text
 from . import keys
@@ -121,7 +122,7 @@ class MscopeApp(App[int]):
         compare_prefetch=None,
     ):
         super().__init__()
-        self.path = Path(path) if path is not None else checkpoint.path if checkpoint else None
+        self.path = as_location(path) if path is not None else checkpoint.path if checkpoint else None
         self._preloaded = checkpoint
         self._prefetch = prefetch  # a Future of open_checkpoint started before Textual loaded
         self.session: Session | None = None
