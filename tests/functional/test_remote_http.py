@@ -216,3 +216,21 @@ def test_offline_open_uses_the_cache_and_says_so(tmp_path):
     assert code == 0, err
     warnings = json.loads(out)["warnings"]
     assert any(w.startswith("offline: metadata from the cache") for w in warnings)
+
+
+def test_values_are_fetched_several_at_a_time(tmp_path):
+    """audit --stats plans its reads: with 20 ms a request the server sees several value ranges
+    in flight at once, and the numbers stay the local ones."""
+    torch.save({f"w{i}": torch.randn(64, 64) for i in range(40)}, tmp_path / "m.pt")
+    srv = RangeServer(tmp_path)
+    try:
+        run_main("summary", f"{srv.url}/m.pt")
+        srv.reset()
+        srv.latency = 0.02
+        rcode, remote, err = run_main("audit", "--stats", "--json", f"{srv.url}/m.pt")
+    finally:
+        srv.close()
+    code, local, _ = run_main("audit", "--stats", "--json", tmp_path / "m.pt")
+    assert (rcode, err) == (code, "")
+    same_json(local, remote)
+    assert srv.max_in_flight >= 4

@@ -170,6 +170,9 @@ class DiffStream:
 
         try:
             with TensorData() as da, TensorData() as db:
+                todo = [m for m in self.pairs if m.pending and (m.a_name, m.b_name) not in self.results]
+                da.plan([self.a_tensors[m.a_name] for m in todo])  # remote: several ranges in flight
+                db.plan([self.b_tensors[m.b_name] for m in todo])
                 for m in self.pairs:
                     if not m.pending or (m.a_name, m.b_name) in self.results:
                         continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,18 +98,38 @@ def is_remote(record: TensorRecord) -> bool:
 
 
 KEEP_FETCHED = 8  # remote storages kept: views sharing a storage fetch it once
+PREFETCH_COUNT = 8  # planned remote storages fetched in one concurrent batch
+PREFETCH_BYTES = 64 << 20  # ... at most this much (a larger storage comes alone)
 
 
-def check_local_header(blob: bytes, s: Any, where: str) -> None:
-    """The zip local header at the start of `blob` must put the member's data where the
+def _remote_range(record: TensorRecord, source: Any) -> tuple[int, int]:
+    """The range to fetch for a remote storage (its zip local header first, when its offset was
+    predicted), checked against the file's size."""
+    s = record.storage
+    where = record.qualified_name
+    available = s.data_size if s.data_size is not None else s.nbytes
+    if available < s.nbytes or s.data_offset + s.nbytes > source.size:
+        have = max(0, min(available, source.size - s.data_offset))
+        raise TensorDataError(f"storage {s.key!r} of tensor {where!r} is truncated ({have:,} of {s.nbytes:,} bytes)", s.file)
+    start = s.data_offset if s.header_offset is None else s.header_offset
+    if start > s.data_offset:
+        raise TensorDataError(f"storage {s.key!r} of tensor {where!r} has an invalid location", s.file)
+    return start, s.data_offset + s.nbytes - start
+
+
+def local_header_ok(blob: bytes, s: Any) -> bool:
+    """The zip local header at the start of `blob` puts the member's data where the
     directory-based prediction said (ZipArchive.predicted_offset)."""
     import struct
 
-    ok = len(blob) >= 30 and blob[:4] == b"PK\x03\x04"
-    if ok:
-        name_len, extra_len = struct.unpack_from("<2H", blob, 26)
-        ok = s.header_offset + 30 + name_len + extra_len == s.data_offset
-    if not ok:
+    if len(blob) < 30 or blob[:4] != b"PK\x03\x04":
+        return False
+    name_len, extra_len = struct.unpack_from("<2H", blob, 26)
+    return s.header_offset + 30 + name_len + extra_len == s.data_offset
+
+
+def check_local_header(blob: bytes, s: Any, where: str) -> None:
+    if not local_header_ok(blob, s):
         raise TensorDataError(
             f"storage {s.key!r} of tensor {where!r} is not where the zip directory puts it (its local header disagrees)",
             s.file,
@@ -125,6 +146,25 @@ class TensorData:
         # Remote storages: fetched whole (only the tensors asked for), the last few kept: a
         # storage shared by several views, and the buffers whose address a kernel still uses.
         self._fetched: OrderedDict[tuple[str, int, int], bytearray] = OrderedDict()
+        self._fetched_bytes = 0
+        self._upcoming: dict[tuple[str, int, int], int] = {}  # storage -> position in the plan
+        self._order: list[TensorRecord] = []
+        self._lock = threading.Lock()
+
+    def plan(self, records: list[TensorRecord]) -> None:
+        """The order tensors will be read in: remote storages are then fetched several at a time
+        (PREFETCH_COUNT ranges in flight, PREFETCH_BYTES at most), not one round trip each."""
+        order, upcoming = [], {}
+        for r in records:
+            s = r.storage
+            if s is None or not isinstance(s.file, RemotePath) or s.data_offset is None:
+                continue
+            key = (s.file.url, s.data_offset, s.nbytes)
+            if key not in upcoming:
+                upcoming[key] = len(order)
+                order.append(r)
+        with self._lock:
+            self._order, self._upcoming = order, upcoming
 
     def __enter__(self) -> TensorData:
         return self
@@ -141,6 +181,7 @@ class TensorData:
         self._maps.clear()
         self._bases.clear()
         self._fetched.clear()
+        self._fetched_bytes = 0
 
     def _map(self, path: Path | str) -> mmap.mmap:
         buf = self._maps.get(path)
@@ -210,28 +251,52 @@ class TensorData:
         from ..readers.sources import remote_source
 
         key = (s.file.url, s.data_offset, s.nbytes)
-        buf = self._fetched.get(key)
-        if buf is not None:
-            self._fetched.move_to_end(key)
-            return buf, 0, len(buf)
-        where = record.qualified_name
-        available = s.data_size if s.data_size is not None else s.nbytes
+        with self._lock:
+            buf = self._fetched.get(key)
+            if buf is not None:
+                self._fetched.move_to_end(key)
+                return buf, 0, len(buf)
+            batch = [record]  # and the next planned storages of the same file, fetched together
+            at = self._upcoming.get(key)
+            if at is not None:
+                size = s.nbytes
+                for nxt in self._order[at + 1 : at + PREFETCH_COUNT]:
+                    n = nxt.storage
+                    k = (n.file.url, n.data_offset, n.nbytes)
+                    if n.file != s.file or k in self._fetched or size + n.nbytes > PREFETCH_BYTES:
+                        break
+                    size += n.nbytes
+                    batch.append(nxt)
         source = remote_source(s.file)
-        if available < s.nbytes or s.data_offset + s.nbytes > source.size:
-            have = max(0, min(available, source.size - s.data_offset))
-            raise TensorDataError(f"storage {s.key!r} of tensor {where!r} is truncated ({have:,} of {s.nbytes:,} bytes)", s.file)
-        start = s.data_offset if s.header_offset is None else s.header_offset
-        if start > s.data_offset:
-            raise TensorDataError(f"storage {s.key!r} of tensor {where!r} has an invalid location", s.file)
-        (blob,) = source.read_ranges([(start, s.data_offset + s.nbytes - start)])
-        if s.header_offset is not None:
-            check_local_header(blob, s, where)
-            blob = memoryview(blob)[s.data_offset - start :]
-        buf = bytearray(blob)
-        self._fetched[key] = buf
-        while len(self._fetched) > KEEP_FETCHED:
-            self._fetched.popitem(last=False)
-        return buf, 0, len(buf)
+        ranges = [_remote_range(record, source)]
+        for i, r in enumerate(batch[1:], 1):
+            try:
+                ranges.append(_remote_range(r, source))
+            except TensorDataError:  # its own read will say so, naming it
+                del batch[i:]
+                break
+        blobs = source.read_ranges(ranges)
+        out = None
+        with self._lock:
+            for r, (start, _), blob in zip(batch, ranges, blobs):
+                n = r.storage
+                if n.header_offset is not None:
+                    if r is not record and not local_header_ok(blob, n):
+                        continue  # its own read will say so, naming it
+                    check_local_header(blob, n, r.qualified_name)
+                    blob = memoryview(blob)[n.data_offset - start :]
+                buf = bytearray(blob)
+                k = (n.file.url, n.data_offset, n.nbytes)
+                if k not in self._fetched:
+                    self._fetched[k] = buf
+                    self._fetched_bytes += len(buf)
+                out = out if out is not None else buf
+            while len(self._fetched) > 1 and (
+                len(self._fetched) > max(KEEP_FETCHED, len(batch)) or self._fetched_bytes > PREFETCH_BYTES * 2
+            ):
+                _, old = self._fetched.popitem(last=False)
+                self._fetched_bytes -= len(old)
+        return out, 0, len(out)
 
     def tensor(self, record: TensorRecord, copy: bool = True) -> torch.Tensor:
         """The tensor exactly as torch.load would give it (values, dtype, shape, stride)."""
