@@ -55,7 +55,10 @@ def translate(exc: BaseException, name: str) -> MscopeError:
     if isinstance(exc, TimeoutError):
         return RemoteError("the storage service did not answer in time", name, "check the network")
     text = str(exc).splitlines()[0][:160] if str(exc) else ""
-    return RemoteError(f"cannot read: {type(exc).__name__}: {text}", name)
+    hint = None
+    if "Credential" in type(exc).__name__ or "credential" in text.lower():
+        hint = "set up credentials for this storage: see docs/remote.md"
+    return RemoteError(f"cannot read: {type(exc).__name__}: {text}", name, hint)
 
 
 def _etag(info: dict) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 SCHEMES = ("http", "https", "s3", "gs", "gcs", "hf")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -38,8 +38,8 @@ def redact(url: str) -> str:
     except ValueError:
         return url.split("?", 1)[0]
     netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = "…" if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    query = "?…" if parts.query else ""
+    return f"{parts.scheme}://{netloc}{parts.path}{query}"
 
 
 class RemotePath:
