@@ -85,6 +85,10 @@ class RemotePath:
         path = path.rstrip("/")
         return RemotePath(f"{head}{path.rsplit('/', 1)[0] if '/' in path else ''}/")
 
+    def is_dir(self) -> bool:
+        """A folder URL ends with '/' (what callers asking Path.is_dir() of a checkpoint mean)."""
+        return self.url.split("?", 1)[0].endswith("/")
+
     def __truediv__(self, name: str) -> RemotePath:
         head, path, query = self._split()
         return RemotePath(f"{head}{path.rstrip('/')}/{name}{query}")

@@ -183,7 +183,8 @@ class DiffController:
         if self.compare_path is not None:
             return str(self.compare_path)
         folder = b.path if b.path.is_dir() else b.path.parent
-        return "" if str(folder) == "." else str(folder) + os.sep
+        text = str(folder)
+        return "" if text == "." else text if text.endswith("/") else text + os.sep
 
     def change_order(self, b: Checkpoint) -> list[tuple[str, bool]]:
         """(name, ghost) of every tensor that differs, in tree order (tensors, then modules)."""
