@@ -234,3 +234,46 @@ def test_values_are_fetched_several_at_a_time(tmp_path):
     assert (rcode, err) == (code, "")
     same_json(local, remote)
     assert srv.max_in_flight >= 4
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_large_remote_tensors_stream_by_chunk(tmp_path, monkeypatch, fmt):
+    """A storage over STREAM_BYTES is fetched a chunk at a time (no request spans the whole
+    tensor), and audit --stats and diff still give the local numbers."""
+    import modelscope_tui.values.data as values_data
+
+    monkeypatch.setattr(values_data, "STREAM_BYTES", 64 * 1024)
+    tensors = {"big": torch.randn(512, 512), "small": torch.randn(8), "half": torch.randn(256, 256).half()}
+    if fmt == "pt":
+        torch.save(tensors, tmp_path / "a.pt")
+        torch.save({k: v + 1 for k, v in tensors.items()}, tmp_path / "b.pt")
+    else:
+        save_file(tensors, str(tmp_path / "a.safetensors"))
+        save_file({k: v + 1 for k, v in tensors.items()}, str(tmp_path / "b.safetensors"))
+    a, b = f"a.{fmt}", f"b.{fmt}"
+    srv = RangeServer(tmp_path)
+    try:
+        for args in (["audit", "--stats", "--json", "--chunk-mb", "0.125"], ["diff", "--json"]):
+            files = [a] if args[0] == "audit" else [a, b]
+            code, local, _ = run_main(*args, *(tmp_path / f for f in files))
+            srv.reset()
+            rcode, remote, err = run_main(*args, *(f"{srv.url}/{f}" for f in files))
+            assert (rcode, err) == (code, "")
+            same_json(local, remote)
+            if args[0] == "audit":  # pieces of --chunk-mb (diff reads by its own chunk size)
+                spans = [int(r.split("-")[1]) - int(r.split("=")[1].split("-")[0]) + 1 for _, r in srv.log if r]
+                assert spans and max(spans) < 512 * 512 * 4
+    finally:
+        srv.close()
+
+
+def test_estimate_and_plan_take_a_url(server, tmp_path, monkeypatch):
+    """estimate prints the local answer; plan writes its JSON in the current directory (a
+    URL never becomes a local path)."""
+    code, local, _ = run_main("estimate", SAMPLES / "transformer_tied.pt")
+    rcode, remote, err = run_main("estimate", f"{server.url}/transformer_tied.pt")
+    assert (rcode, err, remote) == (code, "", local)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main("plan", f"{server.url}/transformer_tied.pt", "--freeze", "embed*")
+    assert code == 0, err
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".json"] == ["transformer_tied.freeze-plan.json"]

@@ -123,6 +123,7 @@ class Source:
         self.nbytes = record.nbytes
         contiguous = record.is_contiguous or (not ordered and is_dense(record))
         self.address = None
+        self.stream: tuple[int, int] | None = None  # (first byte, bytes) fetched by chunk
         self.native_kind = _NATIVE_KIND.get((kernel, comp)) if native and contiguous else None
         if self.native_kind is not None and (s is None or s.byteorder != "big"):
             if compiled_kernel() is not None and not is_remote(record):
@@ -141,6 +142,12 @@ class Source:
                 return
         np = numpy_module()
         self.comp = np.dtype(comp)
+        if contiguous and self.numel and data.streams(record):  # a large remote storage: by chunk
+            self.swap = s.byteorder == "big" and self.comp.itemsize > 1
+            self.flat = self.view = None
+            self.data = data
+            self.stream = (record.storage_offset * itemsize, self.nbytes)
+            return
         raw = data.storage_bytes(record)  # TensorDataError if missing / truncated / compressed
         check_view(record, len(raw))  # as_strided below trusts offset, shape and stride
         self.swap = s is not None and s.byteorder == "big" and self.comp.itemsize > 1
@@ -172,6 +179,12 @@ class Source:
         if self.numel == 0:
             return
         step = self.elements * self.record.itemsize
+        if self.stream is not None:
+            np = numpy_module()
+            start, total = self.stream
+            for raw in self.data.stream_bytes(self.record, start, total, step):
+                yield len(raw), self._components(np.frombuffer(raw, dtype=np.uint8))
+            return
         if self.address is not None:
             address, size, kind = self.address, self.comp_size, self.native_kind
             lo, hi = self.bounds

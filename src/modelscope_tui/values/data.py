@@ -97,6 +97,7 @@ def is_remote(record: TensorRecord) -> bool:
     return s is not None and isinstance(s.file, RemotePath)
 
 
+STREAM_BYTES = 64 << 20  # remote storages larger than this stream by chunk (stream_bytes)
 KEEP_FETCHED = 8  # remote storages kept: views sharing a storage fetch it once
 PREFETCH_COUNT = 8  # planned remote storages fetched in one concurrent batch
 PREFETCH_BYTES = 64 << 20  # ... at most this much (a larger storage comes alone)
@@ -297,6 +298,31 @@ class TensorData:
                 _, old = self._fetched.popitem(last=False)
                 self._fetched_bytes -= len(old)
         return out, 0, len(out)
+
+    def streams(self, record: TensorRecord) -> bool:
+        """Whether chunked readers should fetch this storage piece by piece (stream_bytes):
+        a remote storage too large to hold whole."""
+        s = record.storage
+        return is_remote(record) and s.data_offset is not None and not s.compressed and s.nbytes > STREAM_BYTES
+
+    def stream_bytes(self, record: TensorRecord, start: int, length: int, step: int) -> Iterator[bytes]:
+        """Bytes start..start+length of a remote record's storage in pieces of `step`, fetched
+        PREFETCH_COUNT at a time: memory is bounded by PREFETCH_COUNT x step, not the tensor."""
+        from ..readers.sources import remote_source
+
+        s = record.storage
+        source = remote_source(s.file)
+        first, _ = _remote_range(record, source)  # truncation checked against the whole storage
+        check_view(record, s.nbytes)
+        if start < 0 or start + length > s.nbytes:
+            raise TensorDataError(f"tensor {record.qualified_name!r} does not fit its storage", s.file)
+        if s.header_offset is not None:
+            (head,) = source.read_ranges([(first, s.data_offset - first)])
+            check_local_header(head, s, record.qualified_name)
+        step = max(1, step)
+        pieces = [(s.data_offset + o, min(step, length - (o - start))) for o in range(start, start + length, step)]
+        for i in range(0, len(pieces), PREFETCH_COUNT):
+            yield from source.read_ranges(pieces[i : i + PREFETCH_COUNT])
 
     def tensor(self, record: TensorRecord, copy: bool = True) -> torch.Tensor:
         """The tensor exactly as torch.load would give it (values, dtype, shape, stride)."""
