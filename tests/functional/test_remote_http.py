@@ -277,3 +277,36 @@ def test_estimate_and_plan_take_a_url(server, tmp_path, monkeypatch):
     code, out, err = run_main("plan", f"{server.url}/transformer_tied.pt", "--freeze", "embed*")
     assert code == 0, err
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".json"] == ["transformer_tied.freeze-plan.json"]
+
+
+async def test_explorer_compares_against_a_url_typed_in_the_prompt(tmp_path):
+    """The compare prompt takes a URL (not turned into a local path); the diff header is the one
+    a local comparison shows."""
+    from test_tui_diff import header
+
+    from conftest import settle
+    from diffpair import write_pair
+    from modelscope_tui.tui.app import MscopeApp
+    from modelscope_tui.tui.screens.compare import CompareScreen
+
+    a, b = write_pair(tmp_path)
+    srv = RangeServer(tmp_path)
+    try:
+        app = MscopeApp(b, show_gpus=False)
+        async with app.run_test(size=(120, 36)) as pilot:
+            await settle(pilot)
+            await pilot.press("v")
+            await pilot.pause()
+            assert isinstance(app.screen, CompareScreen)
+            app.screen.query_one("#path").value = f"{srv.url}/{Path(a).name}"
+            await pilot.press("enter")
+            await settle(pilot)
+            assert app.diff.live is not None, header(app)
+            remote_top = header(app)
+        app = MscopeApp(b, compare=a, show_gpus=False)
+        async with app.run_test(size=(120, 36)) as pilot:
+            await settle(pilot)
+            local_top = header(app)
+    finally:
+        srv.close()
+    assert "6 changed" in remote_top and remote_top == local_top

@@ -1164,10 +1164,12 @@ class MscopeApp(App[int]):
             if answer == CompareScreen.LEAVE:
                 self._leave_diff()
                 return
-            path = Path(answer).expanduser()
-            if not path.exists():
-                self.notify(f"{path}: no such file or directory", severity="error", timeout=6)
-                return
+            path = as_location(answer)
+            if isinstance(path, Path):  # a URL is checked by reading it, in the worker
+                path = path.expanduser()
+                if not path.exists():
+                    self.notify(f"{path}: no such file or directory", severity="error", timeout=6)
+                    return
             self._start_compare(path)
 
         default = self.diff.default_path(self.session.ckpt)
