@@ -37,6 +37,8 @@ class HubServer:
                 hub._route(self, "POST")
 
         class Quiet(http.server.ThreadingHTTPServer):
+            request_queue_size = 128  # 16 shard requests connect at once (socketserver's 5 drops SYNs)
+
             def handle_error(self, request, client_address):
                 pass
 

@@ -50,6 +50,8 @@ class RangeServer:
                 server._serve(self, head=True)
 
         class Quiet(http.server.ThreadingHTTPServer):
+            request_queue_size = 128  # 16 shard requests connect at once (socketserver's 5 drops SYNs)
+
             def handle_error(self, request, client_address):  # a client hanging up mid-body
                 pass
 
