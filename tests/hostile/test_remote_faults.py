@@ -114,3 +114,15 @@ def test_pickle_too_large_to_fetch_whole(tmp_path, monkeypatch):
     finally:
         srv.close()
     assert "must be read whole" in line and "download it" in line
+
+
+def test_missing_shard_is_one_line(tmp_path):
+    save_file({"a": torch.ones(2)}, str(tmp_path / "one.safetensors"))
+    index = {"weight_map": {"a": "one.safetensors", "b": "two.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    srv = RangeServer(tmp_path)
+    try:
+        line = one_line(*run_main("summary", f"{srv.url}/model.safetensors.index.json"))
+    finally:
+        srv.close()
+    assert "shard 'two.safetensors'" in line and "missing" in line
