@@ -359,6 +359,115 @@ def write_llama_tiny() -> None:
     save_file(sd, str(HERE / "llama_tiny.safetensors"), metadata={"format": "pt"})
 
 
+# llama_tiny.gguf: the GGML type of each llama.cpp tensor (block 32 where rows allow it: the
+# model's rows are 32 or 88 values, too short for the 256-value K-quants).
+GGUF_TYPES = {
+    "token_embd.weight": "Q8_0",
+    "output.weight": "Q5_1",
+    "output_norm.weight": "F32",
+    "attn_norm": "F32",
+    "ffn_norm": "F32",
+    "attn_q": "Q8_0",
+    "attn_k": "Q8_0",
+    "attn_v": "Q8_0",
+    "attn_output": "Q8_0",
+    "ffn_gate": "Q4_0",
+    "ffn_up": "Q4_0",
+    "ffn_down": "F16",  # rows of 88 values: not whole blocks, as llama.cpp falls back
+}
+
+
+def write_llama_tiny_gguf() -> None:
+    """llama_tiny.safetensors as llama.cpp's convert_hf_to_gguf.py + llama-quantize would leave
+    it: llama.cpp names (`blk.N.attn_q.weight`), attn_q / attn_k rows permuted for its rotary
+    layout (LlamaModel.permute), Q8_0 / Q5_1 / Q4_0 blocks quantized by gguf-py's own
+    `gguf.quants.quantize`, norms in F32, ffn_down in F16 (block 3 in BF16), and a 256-token
+    vocabulary. Written with gguf.GGUFWriter; needs `pip install gguf`."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    sd = load_file(str(HERE / "llama_tiny.safetensors"))
+    heads, kv_heads, layers = 4, 2, 4  # LlamaTiny's
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
+
+    def permute(w: np.ndarray, n_head: int) -> np.ndarray:  # convert_hf_to_gguf.LlamaModel.permute
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    writer = gguf.GGUFWriter(str(HERE / "llama_tiny.gguf"), "llama")
+    writer.add_name("llama_tiny")
+    writer.add_context_length(128)
+    writer.add_embedding_length(32)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(88)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_tokenizer_model("llama")
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(253)]
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_types([2, 3, 3] + [6] * 253)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    for hf_name, tensor in sd.items():
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        data = tensor.float().numpy()
+        if name.endswith("attn_q.weight"):
+            data = permute(data, heads)
+        elif name.endswith("attn_k.weight"):
+            data = permute(data, kv_heads)
+        kind = GGUF_TYPES.get(name) or GGUF_TYPES[name.split(".")[2]]
+        if kind == "F16" and name.startswith(f"blk.{layers - 1}."):
+            kind = "BF16"
+        qtype = gguf.GGMLQuantizationType[kind]
+        if kind == "F32":
+            writer.add_tensor(name, data.astype(np.float32))
+        elif kind == "F16":
+            writer.add_tensor(name, data.astype(np.float16))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def write_quant_tiny() -> None:
+    """An FP8 + MXFP4 mixture-of-experts decoder layer in the layouts DeepSeek-V3 and gpt-oss
+    publish, with every low-precision safetensors dtype: FP8 attention (`weight` F8_E4M3 +
+    `weight_scale_inv` F32 per 128x128 block), MXFP4 experts (`*_blocks` U8 [E, rows, cols/32, 16]
+    + `*_scales` E8M0, stored as U8 like gpt-oss and as F8_E8M0), an F4 weight with E8M0 scales
+    per 32 (MXFP4), bf16 embeddings, norms, router and an untied lm_head."""
+    from safetensors.torch import save_file
+
+    seed(16)
+    dim, experts, hidden, vocab = 64, 2, 64, 32
+    sd: OrderedDict[str, torch.Tensor] = OrderedDict()
+    sd["model.embed_tokens.weight"] = torch.randn(vocab, dim).bfloat16()
+    layer = "model.layers.0"
+    sd[f"{layer}.input_layernorm.weight"] = torch.ones(dim).bfloat16()
+    for proj, rows in (("q_proj", dim), ("k_proj", dim // 2), ("v_proj", dim // 2), ("o_proj", dim)):
+        sd[f"{layer}.self_attn.{proj}.weight"] = (torch.randn(rows, dim) * 0.05).to(torch.float8_e4m3fn)
+        sd[f"{layer}.self_attn.{proj}.weight_scale_inv"] = torch.full((1, 1), 0.02)
+    sd[f"{layer}.post_attention_layernorm.weight"] = torch.ones(dim).bfloat16()
+    sd[f"{layer}.mlp.router.weight"] = torch.randn(experts, dim).bfloat16()
+    for name, rows, cols, scales_dtype in (
+        ("gate_up_proj", 2 * hidden, dim, torch.uint8),  # gpt-oss stores E8M0 scales as U8
+        ("down_proj", dim, hidden, torch.float8_e8m0fnu),
+    ):
+        sd[f"{layer}.mlp.experts.{name}_blocks"] = torch.randint(0, 256, (experts, rows, cols // 32, 16), dtype=torch.uint8)
+        scales = torch.randint(118, 128, (experts, rows, cols // 32), dtype=torch.uint8)
+        sd[f"{layer}.mlp.experts.{name}_scales"] = scales if scales_dtype is torch.uint8 else scales.view(scales_dtype)
+    sd[f"{layer}.mlp.shared_expert.weight"] = torch.randint(0, 256, (dim, hidden // 2), dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    sd[f"{layer}.mlp.shared_expert.weight_scale"] = torch.randint(118, 128, (dim, hidden // 32), dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    sd["model.norm.weight"] = torch.ones(dim).bfloat16()
+    sd["lm_head.weight"] = torch.randn(vocab, dim).bfloat16()
+    save_file(sd, str(HERE / "quant_tiny.safetensors"), metadata={"format": "pt"})
+
+
 def _split_in_two(names: list[str], sizes: dict[str, int]) -> tuple[list[str], list[str]]:
     total = sum(sizes.values())
     first: list[str] = []
@@ -636,6 +745,8 @@ def main() -> None:
         write_dcp,
         write_dtypes,
         write_llama_tiny,
+        write_llama_tiny_gguf,
+        write_quant_tiny,
     ]
     only = set(sys.argv[1:])  # e.g. `make_samples.py write_llama_tiny`: just those
     for w in writers:

@@ -25,9 +25,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
 CHECKPOINTS = sorted(
-    p.name for p in SAMPLES.iterdir() if p.suffix in (".pt", ".ckpt", ".safetensors") or p.is_dir()
+    p.name for p in SAMPLES.iterdir() if p.suffix in (".pt", ".ckpt", ".safetensors", ".gguf") or p.is_dir()
 )
-PAIRS = [("transformer_tied.pt", "transformer.safetensors"), ("cnn_state_dict.pt", "legacy_cnn.pt")]
+PAIRS = [
+    ("transformer_tied.pt", "transformer.safetensors"),
+    ("cnn_state_dict.pt", "legacy_cnn.pt"),
+    ("llama_tiny.safetensors", "llama_tiny.gguf"),  # through llama.cpp's naming map
+]
 
 _LIVE = [
     (re.compile(r'"(seconds|elapsed|elapsed_s|wall_s|timestamp|duration|sample_seconds)": ?[0-9.e+-]+'), r'"\1":0'),

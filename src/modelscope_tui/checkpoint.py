@@ -48,6 +48,51 @@ DTYPE_ITEMSIZE: dict[str, int] = {
     "quint2x4": 1,
 }
 
+# GGML's block-quantized types (ggml.h; gguf-py's GGML_QUANT_SIZES), by GGML's own names: values
+# are stored in blocks of `elements` that take `bytes` each (Q4_K: 256 values in 144 bytes), so a
+# tensor's bytes are not numel times an item size (span_bytes). GGUF files (readers.gguf) hold them.
+BLOCK_DTYPES: dict[str, tuple[int, int]] = {
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q8_0": (32, 34),
+    "Q8_1": (32, 40),
+    "Q2_K": (256, 84),
+    "Q3_K": (256, 110),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
+    "Q8_K": (256, 292),
+    "IQ2_XXS": (256, 66),
+    "IQ2_XS": (256, 74),
+    "IQ3_XXS": (256, 98),
+    "IQ1_S": (256, 50),
+    "IQ4_NL": (32, 18),
+    "IQ3_S": (256, 110),
+    "IQ2_S": (256, 82),
+    "IQ4_XS": (256, 136),
+    "IQ1_M": (256, 56),
+    "TQ1_0": (256, 54),
+    "TQ2_0": (256, 66),
+    "MXFP4": (32, 17),
+    "NVFP4": (64, 36),
+    "Q1_0": (128, 18),
+}
+
+
+def span_bytes(dtype: str, elements: int) -> int:
+    """Bytes that `elements` consecutive values of `dtype` take: the one rule for every size,
+    block-quantized types included (a started block counts whole)."""
+    item = DTYPE_ITEMSIZE.get(dtype)
+    if item is not None:
+        return elements * item
+    block = BLOCK_DTYPES.get(dtype)
+    if block is not None:
+        return -(-elements // block[0]) * block[1]
+    return elements
+
+
 FLOATING_DTYPES = frozenset(
     {
         "float64",
@@ -97,6 +142,7 @@ class Format(StrEnum):
     SHARDED_SAFETENSORS = "sharded-safetensors"
     SHARDED_TORCH = "sharded-torch"
     DCP = "dcp"
+    GGUF = "gguf"
 
 
 def can_require_grad(dtype: str) -> bool:
@@ -108,8 +154,8 @@ def trains(t: TensorRecord) -> bool:
     """Whether `t` trains when the checkpoint is loaded into its model (TensorRecord.trainable):
     the one place of the rule. Only parameters of a dtype that can require grad train; a file
     that keeps the Parameter is taken at its word, a state_dict's detached tensors train."""
-    if t.kind != PARAMETER or t.dtype not in GRAD_DTYPES:
-        return False
+    if t.kind != PARAMETER or t.dtype not in GRAD_DTYPES or t.quant is not None:
+        return False  # a quantized weight is a frozen base (quant.py); adapters train on it
     return t.requires_grad if t.kind_from_file else True
 
 
@@ -187,7 +233,7 @@ class StorageRecord:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.itemsize
+        return span_bytes(self.dtype, self.numel)
 
 
 @dataclass(eq=False, slots=True, init=False)
@@ -209,6 +255,8 @@ class TensorRecord:
     persistent: bool = True
     note: str | None = None  # e.g. "quantized", "sparse": kinds we describe but cannot load
     tied_to: str | None = None  # first tensor (by order) whose storage this one shares
+    quant: Any = None  # quant.QuantInfo on the packed record of a quantized weight
+    companion_of: str | None = None  # a quantized weight's scale/zero/state: that weight's name
     alias_of: str | None = None  # same storage, offset, shape and stride: counted once
     pickle_seq: int | None = None  # creation order in its pickle (see TensorRef)
     numel: int = 0  # derived from shape
@@ -250,14 +298,22 @@ class TensorRecord:
         self.persistent = persistent
         self.note = note
         self.tied_to = tied_to
+        self.quant = None
+        self.companion_of = None
         self.alias_of = alias_of
         self.pickle_seq = pickle_seq
         self.numel = numel = math.prod(shape)  # 1 for a scalar's ()
-        self.nbytes = numel * DTYPE_ITEMSIZE.get(dtype, 1)
+        item = DTYPE_ITEMSIZE.get(dtype)
+        self.nbytes = numel * item if item is not None else span_bytes(dtype, numel)
 
     @property
     def itemsize(self) -> int:
         return DTYPE_ITEMSIZE.get(self.dtype, 1)
+
+    @property
+    def params(self) -> int:
+        """Elements as parameters count them: a quantized weight's logical size (quant.py)."""
+        return self.numel if self.quant is None else self.quant.logical_numel
 
     @property
     def location(self) -> str:
@@ -459,10 +515,10 @@ def fill_stats(root: ModuleNode) -> None:
                 continue
             nbytes += t.nbytes
             if t.kind == PARAMETER:
-                params += t.numel
+                params += t.numel if t.quant is None else t.quant.logical_numel
                 if trains(t):
                     trainable += t.numel
-            else:
+            elif t.companion_of is None:  # companions are bytes of their weight, not elements
                 buffers += t.numel
         if node.children:
             for child in node.children.values():
@@ -496,6 +552,8 @@ class Totals:
     bytes_by_location: dict[str, int]
     sections: dict[str, dict[str, int]]  # other sections: {"optimizer": {"tensors": n, "bytes": b}}
     file_bytes: int  # unique storage bytes of everything in the file
+    # quantized weights by scheme: {"nf4": {"weights", "parameters" (logical), "bytes" (real)}}
+    quantized: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def trainable_percent(self) -> float:
@@ -514,6 +572,9 @@ class Checkpoint:
     sections: dict[str, str] = field(default_factory=dict)  # section path -> role
     metadata: dict[str, Any] = field(default_factory=dict)  # format-level facts
     files: list[Path] = field(default_factory=list)
+    # small files beside a remote checkpoint that its reader fetched (config.json): the local
+    # readers' neighbours are read from disk where they are used
+    side_files: dict[str, bytes] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # structural defects (missing/short bytes)
     # What the format's reference loader (torch.load, safetensors) would refuse although mscope
@@ -572,7 +633,9 @@ class Checkpoint:
         for t in self.tensors:
             if t.section:
                 continue
-            path = t.name.rpartition(".")[0]  # module_path, inline for the usual shallow name
+            # module_path, inline for the usual shallow name; a quantized weight's companion
+            # (`W.absmax`, `W.quant_state.x`) sits in its weight's module, not in modules named after W
+            path = (t.name if t.companion_of is None else t.companion_of).rpartition(".")[0]
             if path.count(".") >= MAX_NAME_DEPTH:
                 path = module_path(t.name)
             node = by_path.get(path)
@@ -679,7 +742,8 @@ class Checkpoint:
             if sid in storage_bytes:
                 size = storage_bytes[sid]
             else:
-                size = storage_bytes[sid] = s.numel * itemsizes.get(s.dtype, 1)
+                item = itemsizes.get(s.dtype)
+                size = storage_bytes[sid] = s.numel * item if item is not None else span_bytes(s.dtype, s.numel)
                 if s.data_offset is None:
                     storage_bytes[sid] = None
                     self.problems.append(f"storage {s.key!r} of tensor {t.qualified_name!r} is missing from the file")
@@ -701,8 +765,9 @@ class Checkpoint:
                 last = t.storage_offset + (shape[0] - 1) * stride[0] + (shape[1] - 1) * stride[1]
             else:
                 last = t.storage_offset + sum((n - 1) * st for n, st in zip(shape, stride))
-            needed = (last + 1) * itemsizes.get(t.dtype, 1)
-            declared = size if size is not None else s.numel * itemsizes.get(s.dtype, 1)
+            item = itemsizes.get(t.dtype)
+            needed = (last + 1) * item if item is not None else span_bytes(t.dtype, last + 1)
+            declared = size if size is not None else s.nbytes
             if needed > declared:
                 self.problems.append(
                     f"tensor {t.qualified_name!r} {list(t.shape)} needs {needed:,} bytes "
@@ -721,6 +786,7 @@ class Checkpoint:
         by_dtype: dict[str, int] = {}
         by_location: dict[str, int] = {}
         sections: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0})
+        quantized: dict[str, dict[str, int]] = {}
         model_count = 0
         file_bytes = 0  # unique storages, plus tensors without one
         seen_storages: set[int] = set()
@@ -732,7 +798,8 @@ class Checkpoint:
                     file_bytes += t.nbytes
             elif id(s) not in seen_storages:
                 seen_storages.add(id(s))
-                file_bytes += s.numel * itemsizes.get(s.dtype, 1)
+                item = itemsizes.get(s.dtype)
+                file_bytes += s.numel * item if item is not None else span_bytes(s.dtype, s.numel)
             if t.section != "":
                 sec = sections[t.section.split(".", 1)[0]]
                 sec["tensors"] += 1
@@ -749,10 +816,18 @@ class Checkpoint:
             location = s.location if s is not None else "cpu"
             by_location[location] = by_location.get(location, 0) + size
             if t.kind == PARAMETER:
-                params += t.numel
+                q = t.quant
+                if q is None:
+                    params += t.numel
+                else:
+                    params += q.logical_numel
+                    entry = quantized.setdefault(q.scheme, {"weights": 0, "parameters": 0, "bytes": 0})
+                    entry["weights"] += 1
+                    entry["parameters"] += q.logical_numel
+                    entry["bytes"] += q.nbytes
                 if trains(t):
                     trainable += t.numel
-            else:
+            elif t.companion_of is None:  # companions are bytes of their weight, not elements
                 buffers += t.numel
         return Totals(
             tensors=model_count,
@@ -765,6 +840,7 @@ class Checkpoint:
             bytes_by_location=dict(Counter(by_location).most_common()),
             sections=dict(sections),
             file_bytes=file_bytes,
+            quantized=dict(sorted(quantized.items(), key=lambda kv: -kv[1]["bytes"])),
         )
 
 

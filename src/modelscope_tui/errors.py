@@ -38,6 +38,15 @@ class UnsupportedFormatError(MscopeError):
     """The bytes are not any checkpoint format we know."""
 
 
+class SeveralCheckpointsError(UnsupportedFormatError):
+    """A directory holds several separate checkpoints, not one set: `candidates` are their paths,
+    so a command can list them instead of guessing."""
+
+    def __init__(self, message: str, path: str | Path, hint: str, candidates: list[Path]):
+        super().__init__(message, path, hint)
+        self.candidates = candidates
+
+
 class CorruptCheckpointError(MscopeError):
     """The file claims a known format but its structure is broken or inconsistent."""
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from json.encoder import encode_basestring_ascii as _enc
 from typing import Any
 
-from .checkpoint import Checkpoint, ModuleNode, TensorRecord
+from .checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord
 from .jsonfile import compact_json
 from .patterns import glob_matches
 from .readers import FORMAT_LABELS
@@ -55,6 +55,54 @@ def optimizer_summaries(ckpt: Checkpoint) -> dict[str, str]:
     return out
 
 
+def optimizer_param_names(ckpt: Checkpoint) -> dict[str, tuple[str, str]]:
+    """Optimizer state tensors by the parameter they belong to: qualified name (`optimizer/
+    state.4.exp_avg`) -> (`features.3.weight`, `exp_avg`), where that mapping is certain.
+
+    torch numbers an optimizer's parameters in param_groups order, and `Adam(model.parameters())`
+    takes them in model.parameters() order: the model's parameter entries in state-dict order,
+    buffers and tied repeats skipped. Certain means one param group, as many indices as model
+    parameters, and every state tensor that is not a scalar shaped like its parameter; otherwise
+    (groups split by weight decay, a filtered parameter list) the raw names stay."""
+    params = [t for t in ckpt.model_tensors if t.kind == PARAMETER and t.alias_of is None]
+    # One optimizer per (section, path before `state`): Lightning keeps a list of them
+    # (`optimizer_states` / `0.state.3.exp_avg`), a plain checkpoint one (`optimizer` / `state.3.exp_avg`).
+    found: dict[tuple[str, str], dict[str, tuple[str, str]] | None] = {}
+    for t in ckpt.tensors:
+        if ckpt.sections.get(t.section.split(".", 1)[0]) != "optimizer":
+            continue
+        parts = t.name.split(".")
+        i = parts.index("state") if "state" in parts else -1
+        key = (t.section, ".".join(parts[: max(i, 0)]))
+        names = found.setdefault(key, {})
+        if names is None:
+            continue
+        index = int(parts[i + 1]) if 0 <= i < len(parts) - 2 and parts[i + 1].isdigit() else len(params)
+        if index >= len(params) or (t.shape and t.shape != params[index].shape):
+            found[key] = None
+            continue
+        names[t.qualified_name] = (params[index].name, ".".join(parts[i + 2 :]))
+    out: dict[str, tuple[str, str]] = {}
+    for (section, optimizer), names in found.items():
+        prefix = ".".join(p for p in (section, optimizer, "param_groups.") if p)
+        groups = [e.value for e in ckpt.entries if e.path.startswith(prefix) and e.path.endswith(".params")]
+        if names and len(groups) == 1 and _list_length(groups[0]) == len(params):
+            out.update(names)
+    return out
+
+
+def _list_length(value: Any) -> int | None:
+    """The length of a list entry as the reader renders it: `[0, 1, 2]`, `[0, ..., (10 items)]`."""
+    if isinstance(value, list):
+        return len(value)
+    if not isinstance(value, str) or not (value.startswith("[") and value.endswith("]")):
+        return None
+    if value.endswith(" items)]"):
+        count = value[value.rfind("(") + 1 : -len(" items)]")].replace(",", "")
+        return int(count) if count.isdigit() else None
+    return len(value[1:-1].split(", ")) if value != "[]" else 0
+
+
 def _after(path: str, component: str) -> str | None:
     """The path component right after `component` (`0.state.3.exp_avg`, "state" -> "3")."""
     parts = path.split(".")
@@ -91,6 +139,8 @@ def tensor_dict(t: TensorRecord) -> dict[str, Any]:
         "tied_to": t.tied_to,
         "alias_of": t.alias_of,
         "note": t.note,
+        "quant": t.quant.to_dict() if t.quant is not None else None,
+        "companion_of": t.companion_of,
     }
 
 
@@ -147,6 +197,7 @@ def summary_dict(
             "file_tensor_bytes": totals.file_bytes,
             "bytes_by_dtype": totals.bytes_by_dtype,
             "bytes_by_location": totals.bytes_by_location,
+            "quantized": totals.quantized,
         },
         "sections": {
             name: {"role": role, **totals.sections.get(name, {"tensors": 0, "bytes": 0})}
@@ -272,13 +323,17 @@ def _tensors_json(tensors: list[TensorRecord]) -> Iterator[str]:
             location, storage_key = "cpu", "null"
         else:
             location, storage_key = storage.location, enc(storage.key)
-        key = (location, t.shard, t.tied_to, t.alias_of, t.note)
-        tail = tails.get(key)
+        key = (location, t.shard, t.tied_to, t.alias_of, t.note, t.companion_of)
+        tail = tails.get(key) if t.quant is None else None
         if tail is None:
-            tail = tails[key] = (
+            quant = "null" if t.quant is None else compact_json(t.quant.to_dict())
+            tail = (
                 f'"location":{enc(location)},"shard":{_scalar(t.shard)},"tied_to":{_scalar(t.tied_to)},'
-                f'"alias_of":{_scalar(t.alias_of)},"note":{_scalar(t.note)}}}'
+                f'"alias_of":{_scalar(t.alias_of)},"note":{_scalar(t.note)},"quant":{quant},'
+                f'"companion_of":{_scalar(t.companion_of)}}}'
             )
+            if t.quant is None:
+                tails[key] = tail
         yield (
             f'{{"name":{enc(t.name)},"section":{section},"shape":[{shape}],{kind},"numel":{t.numel},'
             f'"bytes":{t.nbytes},"stride":[{stride}],"storage_offset":{t.storage_offset},'

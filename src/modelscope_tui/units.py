@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
 
 def fmt_bytes(n: int) -> str:
+    """A size in binary units with their IEC names (`1.3 GiB` is 1.3 x 2**30 bytes): the one
+    convention of every text, screen and message. JSON keeps bytes."""
     size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
+    for unit in BYTE_UNITS:
+        if round(size, 1) < 1024 or unit == "TiB":
             return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
@@ -21,14 +25,82 @@ def fmt_count(n: int) -> str:
     return str(n)
 
 
+def percent(part: int, whole: int) -> str:
+    """part/whole in percent, with the decimals it takes to read 100% or 0% only when it is."""
+    if not whole:
+        return "0.0%"
+    pct = 100.0 * part / whole
+    for decimals in range(1, 7):
+        text = f"{pct:.{decimals}f}"
+        if (part == whole or float(text) < 100) and (part == 0 or float(text) > 0):
+            break
+    return f"{text}%"
+
+
+def count_pair(part: int, whole: int) -> str:
+    """`1.6K / 2.2K`; exact (`1,584 / 1,600`) when the compact forms would read the same but
+    the counts differ: freezing one BatchNorm must show. The one rule for a part of a whole
+    (the explorer's header, plan and estimate text)."""
+    a, b = fmt_count(part), fmt_count(whole)
+    if a == b and part != whole:
+        return f"{part:,} / {whole:,}"
+    return f"{a} / {b}"
+
+
 def fmt_bytes_short(n: int) -> str:
-    """fmt_bytes with two or three significant digits, for narrow tables: `413 MB`, `85 KB`,
-    `1.6 GB`."""
+    """fmt_bytes with two or three significant digits, for narrow tables: `413 MiB`, `85 KiB`,
+    `1.6 GiB`."""
     text = fmt_bytes(n)
     number, _, unit = text.partition(" ")
     if unit != "B" and float(number) >= 10:
         return f"{float(number):.0f} {unit}"
     return text
+
+
+def shorten(name: str, width: int, siblings: Iterable[str] = ()) -> str:
+    """The one sibling-safe shortening (the explorer's tree, `audit --stats` text).
+
+    `name` in `width` cells, told apart from its siblings: a middle ellipsis keeps both ends
+    (`in_pr…weight` / `in_pr…j_bias`, `q_p…oj` / `k_p…oj`), with the cut moved until no other
+    sibling that is shortened too could read the same; when only the middle differs, a window
+    around the difference (`…attn…`). Siblings that fit are shown whole and never contain it."""
+    if len(name) <= width:
+        return name
+    if width <= 1:
+        return "…"[:width]
+    keep = width - 1
+    others = [o for o in siblings if o != name and len(o) > width]
+    whole = {o for o in siblings if len(o) <= width}
+    # For each other long sibling: how many leading and trailing characters it shares with
+    # `name`. A cut keeping h leading and t trailing ones reads the same as that sibling's
+    # cut with the same split exactly when h <= prefix and t <= suffix.
+    shared = [(_common_prefix(name, o), _common_prefix(name[::-1], o[::-1])) for o in others]
+    head0 = keep // 2  # the tail gets the extra cell: weight/bias, mean/var differ at the end
+    for h in sorted(range(keep + 1), key=lambda h: (abs(h - head0), -h)):
+        t = keep - h
+        if not any(h <= p and t <= q for p, q in shared):
+            text = name[:h] + "…" + (name[-t:] if t else "")
+            if text not in whole:
+                return text
+    # Only the middle tells them apart: show a window of it between two ellipses.
+    span = width - 2
+    if span >= 1:
+        first = max((p for p, _ in shared), default=0)
+        starts = sorted(range(1, len(name) - span), key=lambda i: abs(i - (first - span // 2)))
+        for i in starts:
+            window = name[i : i + span]
+            if not any(window in o for o in others):
+                return "…" + window + "…"
+    return name[:head0] + "…" + name[-(keep - head0) :]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 # Every character a terminal may act on instead of showing: C0/C1 controls and DEL (Cc), bidi

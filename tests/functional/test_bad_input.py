@@ -657,16 +657,40 @@ def test_damaged_anywhere_never_crashes(tmp_path, kind):
             assert "\n" not in str(exc)
 
 
-def test_directory_of_several_checkpoints_names_them(tmp_path):
-    """`mscope summary DIR` on a folder of checkpoints said "no single weights file"; it now
-    names what is there (one line) and how to pick one."""
+def test_directory_of_several_checkpoints_lists_them(tmp_path):
+    """`mscope summary DIR` on a folder of checkpoints said "no single weights file", then named six
+    of them in one line; it now lists each (format by content, size) and how to pick one. Other
+    commands keep the one-line error."""
+    import json
     import shutil
     import subprocess
     import sys
 
-    for name in ("a.pt", "b.safetensors", "c.ckpt"):
+    for name in ("a.pt", "b.safetensors", "c.ckpt", "evil\x1b[2J.pt"):
         shutil.copy(SAMPLES / ("transformer.safetensors" if name.endswith("safetensors") else "cnn_state_dict.pt"), tmp_path / name)
-    run = subprocess.run([sys.executable, "-m", "modelscope_tui", "summary", str(tmp_path)], capture_output=True, text=True)
-    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
-    assert "3 checkpoints" in run.stderr and "a.pt" in run.stderr and "c.ckpt" in run.stderr
-    assert f"mscope summary {tmp_path / 'a.pt'}" in run.stderr
+    shutil.copytree(SAMPLES / "sharded_hf", tmp_path / "shards")
+    (tmp_path / "notes").mkdir()  # not a checkpoint set: not listed
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "modelscope_tui", *args], capture_output=True, text=True)
+
+    listing = run("summary", str(tmp_path))
+    assert listing.returncode == 2 and listing.stderr == "", listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[0] == f"{tmp_path} holds 5 separate checkpoints, not one set; name one:"
+    rows = {line.split()[0]: line for line in lines[1:-1]}
+    assert set(rows) == {"a.pt", "b.safetensors", "c.ckpt", "evil\\x1b[2J.pt", "shards/"}, lines
+    assert "safetensors" in rows["b.safetensors"] and "torch zip" in rows["a.pt"] and "sharded set" in rows["shards/"]
+    size = (SAMPLES / "transformer.safetensors").stat().st_size
+    assert f"{size / 1024:.1f}" in rows["b.safetensors"]
+    assert "\x1b" not in listing.stdout  # the file's name cannot drive the terminal
+    assert lines[-1] == f"e.g. mscope summary {tmp_path / 'a.pt'}"
+
+    doc = json.loads(run("summary", "--json", str(tmp_path)).stdout)
+    assert [c["name"] for c in doc["checkpoints"]] == ["a.pt", "b.safetensors", "evil\x1b[2J.pt", "c.ckpt", "shards"]
+    assert doc["checkpoints"][1] == {"name": "b.safetensors", "format": "safetensors", "bytes": size}
+
+    audit = run("audit", str(tmp_path))
+    assert audit.returncode == 2 and audit.stderr.count("\n") == 1, audit.stderr
+    assert "5 checkpoints" in audit.stderr and "a.pt" in audit.stderr
+    assert f"mscope summary {tmp_path / 'a.pt'}" in audit.stderr

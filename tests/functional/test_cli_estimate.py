@@ -34,3 +34,15 @@ def test_bad_precision_is_one_line():
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "unknown precision" in result.stderr
     assert result.stdout == ""  # nothing printed before the error (the totals line was)
+
+
+def test_plan_and_estimate_show_one_frozen_norm_layer(tmp_path):
+    """The totals line of plan and estimate after freezing one BatchNorm of 1,610 parameters:
+    compact counts would read `1.6K / 1.6K` for both, so the counts are exact."""
+    plan = tmp_path / "plan.json"
+    made = mscope("plan", str(SAMPLES / "train_checkpoint.pt"), "--freeze", "features.1.*", "-o", str(plan))
+    assert made.returncode == 0, made.stderr
+    assert "trainable 1,594 / 1,610 (99.0%)" in made.stdout
+    est = mscope("estimate", str(SAMPLES / "train_checkpoint.pt"), "--plan", str(plan))
+    assert est.returncode == 0, est.stderr
+    assert "trainable 1,594 / 1,610 (99.0%)" in est.stdout.splitlines()

@@ -173,7 +173,7 @@ def test_shard_headers_are_fetched_concurrently(tmp_path):
         srv.close()
     assert code == 0, err
     assert json.loads(out)["totals"]["tensors"] == 8
-    assert srv.requests == 9
+    assert srv.requests == 10  # the index, 8 shards, config.json (404 here)
     assert srv.max_in_flight >= 2
 
 
@@ -310,3 +310,24 @@ async def test_explorer_compares_against_a_url_typed_in_the_prompt(tmp_path):
     finally:
         srv.close()
     assert "6 changed" in remote_top and remote_top == local_top
+
+
+def test_quantization_config_beside_a_remote_index_is_read(tmp_path):
+    """config.json next to an index is fetched with the shards: its quantization_config reaches
+    the summary as it does for the local folder."""
+    import shutil
+
+    for p in (SAMPLES / "sharded_hf").iterdir():
+        shutil.copy(p, tmp_path / p.name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    srv = RangeServer(tmp_path)
+    try:
+        code, local, _ = run_main("summary", "--json", tmp_path / "model.safetensors.index.json")
+        rcode, remote, err = run_main("summary", "--json", f"{srv.url}/model.safetensors.index.json")
+    finally:
+        srv.close()
+    assert (rcode, err) == (code, "")
+    same_json(local, remote)
+    assert "gptq" in remote

@@ -17,7 +17,8 @@ ALL_SAMPLES = sorted(
 
 
 def mscope(*args: str, columns: int = 80) -> subprocess.CompletedProcess:
-    env = {"COLUMNS": str(columns), "PATH": "/usr/bin:/bin", "TERM": "dumb"}
+    # PYTHONPATH: this tree's sources, not whichever checkout the environment installed
+    env = {"COLUMNS": str(columns), "PATH": "/usr/bin:/bin", "TERM": "dumb", "PYTHONPATH": str(SAMPLES.parent / "src")}
     return subprocess.run(
         [sys.executable, "-m", "modelscope_tui", *args], capture_output=True, text=True, timeout=60, env=env
     )
@@ -134,7 +135,7 @@ def test_text_summary_folds_long_runs_of_modules(tmp_path):
     rows = [line.split() for line in lines]
     assert ["│", "├─", "23", "yes", "6", "24", "B"] in rows
     assert not any(row[:3] == ["│", "├─", "24"] for row in rows)
-    assert ["│", "└─", "…", "476", "more", "(24", "…", "499)", "yes", "2.9K", "11.2", "KB"] in rows
+    assert ["│", "└─", "…", "476", "more", "(24", "…", "499)", "yes", "2.9K", "11.2", "KiB"] in rows
     assert ["└─", "head", "yes", "7", "28", "B"] in rows  # the module after the folded run
     assert "trainable params: 3,007 || all params: 3,007" in text
     asked = mscope("summary", "--depth", "2", str(path)).stdout.splitlines()
@@ -245,6 +246,6 @@ def test_header_wraps_between_dtypes_and_marks_views():
     head = out.split("Module / tensor")[0].splitlines()[1:]
     assert len(head) > 1
     for line in head:  # a size is never split from its unit: no line starts with "B," or ends in a number
-        assert not line.startswith(("B", "KB")) and not line.rstrip(",").split()[-1].isdigit(), line
+        assert not line.startswith(("B", "KiB")) and not line.rstrip(",").split()[-1].isdigit(), line
     assert "526 B (470 B stored: views share storage)" in out
     assert "base_slice (view of base)" in out

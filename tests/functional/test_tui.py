@@ -461,8 +461,8 @@ async def test_norm_caveat_is_said_once_per_change_of_the_frozen_norms():
         await started(pilot)
         bn = await freeze_batchnorms(app, pilot)
 
-        def caveats() -> int:
-            return sum("running statistics" in n.message for n in app._notifications)
+        def caveats() -> int:  # said, in the history: toasts on screen are capped (the oldest go)
+            return sum("running statistics" in m.text for m in app.feedback.history)
 
         assert caveats() == 1
         other = next(n for n in app.session.records if not any(n.startswith(b + ".") for b in bn))
@@ -486,6 +486,7 @@ async def test_help_says_there_is_no_forward_pass():
         assert isinstance(app.screen, HelpScreen)
         texts = " ".join(str(w.render()) for w in app.screen.query("Static"))
         assert "no forward pass" in texts and "FLOPs" in texts
+        assert "1 KiB = 1,024 bytes" in texts  # the one size convention, defined where keys are
         assert "no forward pass" in NO_FORWARD_PASS
 
 

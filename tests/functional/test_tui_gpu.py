@@ -121,7 +121,7 @@ async def test_move_whole_model_to_cpu_shows_device_column():
         placement = app.mover.placement
         assert placement is not None
         assert {placement.device_of(t.name) for t in app.session.ckpt.model_tensors} == {"cpu"}
-        assert "cpu 85.0 KB" in str(app.query_one("#header").render())
+        assert "cpu 85.0 KiB" in str(app.query_one("#header").render())
         assert "device" in str(app.query_one("#columns").render())
         unavailable = [o for o in ids if o.startswith("cuda")]
         assert unavailable  # listed, with the reason, but disabled
@@ -224,7 +224,7 @@ async def test_cast_copy_and_cpu_copy_from_the_explorer(tmp_path):
         await started(pilot)
         await pilot.press("P")
         assert isinstance(app.screen, ConfirmScreen)
-        assert "bf16: 6.5 KB → 3.3 KB" in " ".join(str(b.label) for b in app.screen.query("Button"))
+        assert "bf16: 6.5 KiB → 3.3 KiB" in " ".join(str(b.label) for b in app.screen.query("Button"))
         await pilot.click("#bfloat16")
         await app.workers.wait_for_complete()
         await pilot.pause()
@@ -273,7 +273,7 @@ async def test_idle_gpu_costs_no_repaints(monkeypatch):
             await pilot.pause(0.05)
         assert not repaints, f"{len(repaints)} repaints in 20 idle ticks"
         # a change on screen still repaints at once
-        panel.placement_line = "placed: cuda:0 1.0 GB"
+        panel.placement_line = "placed: cuda:0 1.0 GiB"
         panel.refresh_panel()
         assert repaints
 

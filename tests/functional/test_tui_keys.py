@@ -45,6 +45,7 @@ WRITTEN_BY_HAND = [
     ("v", "diff mode: compare this file (B) against another checkpoint (A), any format"),
     ("n / N", "diff mode: jump to the next / previous changed, added or removed tensor"),
     ("x", "diff mode: stop comparing values (esc too, when nothing else is open)"),
+    ("M", "messages of this run (toasts that went away or waited behind a dialog)"),
     ("ctrl+p", "command palette: every action by name"),
     ("?", "this help"),
     ("q", "quit (asks when there are unsaved changes)"),

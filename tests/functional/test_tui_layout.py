@@ -374,7 +374,7 @@ async def test_freezing_one_batchnorm_shows_in_the_header():
 
 
 def test_percent_says_100_and_0_only_when_exact():
-    from modelscope_tui.tui.widgets.details import count_pair, percent
+    from modelscope_tui.units import count_pair, percent
 
     assert percent(5, 5) == "100.0%" and percent(0, 5) == "0.0%"
     assert percent(999_999, 1_000_000) == "99.9999%"
@@ -390,3 +390,185 @@ def test_panes_narrow_for_what_the_tree_would_like_but_never_close_for_it():
     assert fit.details < roomy.details and 120 - fit.details - fit.gpus >= 46
     tight = fit_panes(80, 40, details=True, gpus=False, tree_wants=70)
     assert tight.details == 24 and not tight.closed  # narrowed to its minimum, still shown
+
+
+# -- diff mode: the change column has the room shape has ------------------------------------------
+@pytest.fixture(scope="module")
+def diff_files(tmp_path_factory):
+    """(A, B) pairs: the small diffpair, and llama_tiny against a copy with one tensor moved
+    (deep Hugging Face names: the tree needs most of 80 columns)."""
+    from safetensors.torch import load_file, save_file
+
+    from diffpair import write_pair
+
+    folder = tmp_path_factory.mktemp("diff")
+    small = write_pair(folder)
+    tensors = load_file(str(SAMPLES / "llama_tiny.safetensors"))
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] + 1
+    save_file(tensors, str(folder / "llama_b.safetensors"))
+    return {"pair": small, "llama": (SAMPLES / "llama_tiny.safetensors", folder / "llama_b.safetensors")}
+
+
+@pytest.mark.parametrize("files", ["pair", "llama"])
+async def test_diff_mode_keeps_the_change_column_with_details_at_80x24(diff_files, files):
+    """The change column is to diff mode what shape is to the tree: with the details pane
+    asked for at 80 columns it stays, and the pane gives way (with a hint) if both cannot."""
+    from modelscope_tui.tui.widgets.tree import diff_cell
+
+    a, b = diff_files[files]
+    app = MscopeApp(b, compare=a, show_gpus=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("e", "d")
+        await settle(pilot)
+        await pilot.pause()
+        details = app.query_one("#details-pane").display
+        assert "change" in str(app.query_one("#columns").render())
+        checked = 0
+        for node, text in rows(app):
+            row = node.data
+            if row is None or row.tensor is None or row.ghost:
+                continue
+            cell, _ = diff_cell(app.diff.live.tensor(row.tensor.name))
+            assert cell and cell in text, (row.tensor.name, cell, text)
+            checked += 1
+        assert checked
+        if details:
+            assert app.tree.size.width >= app.tree.needed_width() - 2
+        else:  # gave way, and said why
+            said = [n.message for n in app._notifications]
+            assert any("no room for the details pane" in m and "changes" in m for m in said), said
+        assert details == (files == "pair")  # the small pair leaves room for both
+        await pilot.press("v")  # leaving diff mode: the details pane, still wanted, returns
+        await settle(pilot)
+        await pilot.click("#leave")
+        await settle(pilot)
+        assert app.diff.live is None and app.query_one("#details-pane").display
+
+
+# -- wide characters: the details pane counts terminal cells ----------------------------------------
+WIDE_NAME = "编码器.第一层.注意力机制.查询投影权重_🙂🙂"
+
+
+@pytest.fixture(scope="module")
+def wide_session(tmp_path_factory):
+    import torch
+    from safetensors.torch import save_file
+
+    from modelscope_tui.readers import open_checkpoint
+    from modelscope_tui.training.session import Session
+
+    path = tmp_path_factory.mktemp("wide") / "wide.safetensors"
+    save_file({WIDE_NAME: torch.zeros(4, 8), "plain.weight": torch.zeros(2)}, str(path))
+    return Session(open_checkpoint(path))
+
+
+@pytest.mark.parametrize("width", [12, 17, 22, 27, 34, 60])
+def test_details_wrap_wide_characters_by_cells(wide_session, width):
+    """A CJK or emoji name takes two cells a character: wrapped by characters it overflowed the
+    pane, and rich folded the overflow into a line of its own mid-word."""
+    from rich.cells import cell_len
+
+    from modelscope_tui.tui.widgets.details import tensor_details
+
+    lines = rendered(tensor_details(wide_session, wide_session.records[WIDE_NAME]), width)
+    assert all(cell_len(line) <= width for line in lines), lines
+    parts = name_pieces(lines)
+    if width >= 22:  # room for every piece between dots: no break inside one
+        assert all(p[-1] in "._" for p in parts[:-1]), parts
+
+
+def name_pieces(lines: list[str]) -> list[str]:
+    """The lines WIDE_NAME takes under or beside its `tensor` label; they join to the name."""
+    start = next(i for i, line in enumerate(lines) if line.startswith("tensor"))
+    parts, i = [], start
+    while "".join(parts) != WIDE_NAME:
+        part = (lines[i][len("tensor") :] if i == start else lines[i]).strip()
+        if part or i > start:  # the label may stand alone on its line
+            assert part and WIDE_NAME.startswith("".join(parts) + part), (lines, parts)
+            parts.append(part)
+        i += 1
+    return parts
+
+
+async def test_wide_name_stays_inside_the_details_pane_at_80x24(wide_session):
+    from rich.cells import cell_len
+    from textual.geometry import Region
+
+    app = MscopeApp(wide_session.ckpt.path, show_gpus=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        app.tree.reveal(tensor_name=WIDE_NAME)
+        await pilot.press("d")
+        await settle(pilot)
+        pane = app.query_one("#details-pane")
+        assert pane.display
+        details = app.query_one("#details")
+        inner = details.size.width
+        strips = details.render_lines(Region(0, 0, inner, details.size.height))  # as painted
+        lines = ["".join(segment.text for segment in strip).rstrip() for strip in strips]
+        assert all(cell_len(line) <= inner for line in lines), lines
+        parts = name_pieces(lines)  # rich folded the overflow: `注意力机制.查询投` / `影权重_🙂🙂`
+        assert all(p[-1] in "._" for p in parts[:-1]), parts
+
+
+# -- the norm profile in a narrow details pane ------------------------------------------------------
+def painted(widget) -> list[str]:
+    from textual.geometry import Region
+
+    strips = widget.render_lines(Region(0, 0, widget.size.width, widget.size.height))
+    return ["".join(segment.text for segment in strip).rstrip() for strip in strips]
+
+
+async def test_norm_profile_fits_a_narrow_details_pane_at_80x24(tmp_path):
+    """40 children in a 22-cell pane: the sparkline was drawn 40 bars wide and cut; now a bar
+    stands for one or two neighbours (the largest), and every child's figure is shown whole."""
+    import torch
+    from rich.cells import cell_len
+    from safetensors.torch import save_file
+
+    from modelscope_tui.units import SPARK
+
+    tensors = {f"blocks.{i}.weight": torch.full((3, 3), float(i + 1)) for i in range(40)}
+    tensors["blocks.17.weight"] = torch.full((3, 3), 1000.0)  # a spike: the sparkline keeps it
+    path = tmp_path / "many.safetensors"
+    save_file(tensors, str(path))
+    app = MscopeApp(path, show_gpus=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("d")
+        app.tree.reveal(module_name="blocks")
+        await settle(pilot)
+        await pilot.pause()
+        details = app.query_one("#details")
+        inner = details.size.width
+        lines = painted(details)
+        assert all(cell_len(line) <= inner for line in lines), lines
+        spark = next(line for line in lines if line and set(line) <= set(SPARK))
+        assert inner < 40 and len(spark) == inner and spark.count(SPARK[-1]) == 1, (spark, lines)
+        assert spark.index(SPARK[-1]) == next(i for i in range(inner) if i * 40 // inner <= 17 < (i + 1) * 40 // inner)
+        assert "a bar: the largest of 2 children" in " ".join(line.strip() for line in lines), lines
+        shown = {line.split()[0]: line.split()[-1] for line in lines if line[:1].isdigit()}
+        for i in range(40):
+            if str(i) in shown:  # the first PROFILE_ROWS children
+                norm = torch.linalg.vector_norm(tensors[f"blocks.{i}.weight"]).item()
+                assert shown[str(i)] == f"{norm:.4g}", (i, shown[str(i)])
+        assert len(shown) == 24
+
+
+async def test_wide_names_keep_their_cells_in_the_tree(wide_session):
+    """The tree sized names by characters: `注意力机制` (10 cells) was cut to `注意力机…` while a
+    column it could spare (bytes) stayed."""
+    app = MscopeApp(wide_session.ckpt.path, show_gpus=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("d")
+        app.tree.reveal(tensor_name=WIDE_NAME)
+        await settle(pilot)
+        assert app.query_one("#details-pane").display
+        texts = [text for _, text in rows(app)]
+        for part in WIDE_NAME.split("."):
+            assert any(part in text for text in texts), (part, texts)
+        leaf = next(text for text in texts if "查询投影权重" in text)
+        assert "4×8" in leaf and "float32" in leaf

@@ -69,6 +69,12 @@ def test_parse_size():
     assert parse_size("512 MiB") == 512 * 2**20
     assert parse_size("1.5TB") == 1_500_000_000_000
     assert parse_size("100") == 100
+    # a bare number in the caller's unit (`--chunk-mb 2`); a unit always means what it says
+    assert parse_size("2", bare=2**20) == parse_size(2, bare=2**20) == 2 * 2**20
+    assert parse_size("0.5", bare=2**20) == 2**19
+    assert parse_size("512KiB", bare=2**20) == 512 * 2**10
+    assert parse_size("4MB", bare=2**20) == 4 * 10**6
+    assert parse_size("24gib") == parse_size("24 GiB") == parse_size("24Gi") == 24 * 2**30
     for bad in ("lots", "-5GB", -1, True):
         with pytest.raises(DeviceMapError):
             parse_size(bad)
@@ -361,7 +367,7 @@ def test_balanced_ties_travel_together(tied):
     }
     assert plan.used[1] == (128 + 16) * 32 * 4  # lm_head.weight is embed.weight: counted once
     assert tie_conflicts(tied, plan.tensors) == []
-    assert plan.lines()[0] == "cuda:0: 0 B of 39.1 KB (+33.4 KB kept free)"
+    assert plan.lines()[0] == "cuda:0: 0 B of 39.1 KiB (+33.4 KiB kept free)"
 
 
 def test_balanced_whole_model_on_one_device(tied):

@@ -416,7 +416,7 @@ def test_panel_narrow_widths_use_short_labels(width):
 
 def test_panel_says_whether_it_fits():
     est = estimate(one_tensor(1000), "fp32", "adam")
-    assert "fits: 3.9 KB to spare" in panel_lines(est, 24_000)  # the step peaks at 20,000 B
+    assert "fits: 3.9 KiB to spare" in panel_lines(est, 24_000)  # the step peaks at 20,000 B
     assert any(line.startswith("does not fit") for line in panel_lines(est, 1_000))
 
 

@@ -62,7 +62,7 @@ def test_failure_midway_rolls_back(monkeypatch):
     monkeypatch.setattr(placement_mod, "_transfer", flaky)
     with pytest.raises(PlacementError) as info:
         placement.move([t.name for t in ckpt.model_tensors], "cpu")
-    assert "out of memory on cpu: needed" in info.value.line() and "nothing was moved" in info.value.line()
+    assert "out of memory on cpu: needed 6.5 KiB;" in info.value.line() and "nothing was moved" in info.value.line()
     assert placement.device == before
     assert set(placement.tensors) == {"classifier.bias"}
 

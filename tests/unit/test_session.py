@@ -144,3 +144,18 @@ def test_counts_stay_exact_under_any_sequence(tied, ops):
         s.undo()
     assert s.trainable == s.initial
     assert_consistent(s)
+
+
+def test_totals_line_shows_a_change_the_compact_counts_would_hide():
+    """Freezing one BatchNorm (16 of 1,610 parameters) reads `1.6K / 1.6K` in compact counts:
+    the line goes exact then, as the explorer's header does, and says 100% only when it is."""
+    s = Session(open_checkpoint(SAMPLES / "train_checkpoint.pt"))
+    assert s.totals_line() == "trainable 1.6K / 1.6K (100.0%)"
+    s.freeze(s.match("features.1.*"))
+    assert s.totals_line() == "trainable 1,594 / 1,610 (99.0%)"
+    s.freeze(s.match("*"))
+    s.unfreeze(["classifier.bias"])
+    assert s.totals_line() == "trainable 10 / 1.6K (0.6%)"
+    s.unfreeze(s.match("*"))
+    s.freeze(["classifier.bias"])
+    assert s.totals_line() == "trainable 1,600 / 1,610 (99.4%)"

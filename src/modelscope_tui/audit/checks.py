@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..checkpoint import Checkpoint
 from ..values.stats import DEFAULT_CHUNK_BYTES, ProgressFn
@@ -30,6 +30,7 @@ class AuditRun:
     threads: int | None = None
     progress: ProgressFn | None = None
     cancel: threading.Event | None = None
+    cluster: Any = None  # a values.cluster.Cluster (--dask): statistics are read there
 
 
 class Check:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from ..checkpoint import Checkpoint, TensorRecord, dims_key
@@ -33,6 +33,7 @@ def find_duplicates(
     skip: set[int] | None = None,
     chunk_bytes: int = 4 << 20,
     cancel: threading.Event | None = None,
+    hashes: Callable[[list[TensorRecord]], Mapping[int, bytes | None]] | None = None,
 ) -> list[list[TensorRecord]]:
     """Groups of tensors with identical dtype, shape and bytes that do not share a storage.
 
@@ -40,6 +41,10 @@ def find_duplicates(
     are the first filter (identical bytes give identical statistics, bit for bit), so usually
     nothing is read again; without, candidates are hashed (BLAKE2b). Constant tensors (zero
     biases, unit norms) are left out: two equal constants are not waste worth tying.
+
+    `hashes` (with `stats`: a Dask cluster's values.cluster.cluster_digests) hashes all the
+    candidates in one batch, id(record) -> digest or None (unreadable); a member then matches
+    the first when their digests do, as `same_bytes` would say.
     """
     skip = skip or set()
     groups: dict[tuple, list[TensorRecord]] = defaultdict(list)
@@ -50,6 +55,7 @@ def find_duplicates(
             or t.alias_of is not None
             or id(t) in skip
             or t.nbytes < DUPLICATE_MIN_BYTES
+            or t.companion_of is not None  # a quantizer's code book repeats in every layer by design
         ):
             continue
         if t.dtype not in LAYOUT:
@@ -68,11 +74,22 @@ def find_duplicates(
             key = (*key, st.min, st.max, st.mean, st.std, st.sumsq, st.zeros, st.nan, st.inf)
         groups[key].append(t)
     out = []
+    digests: Mapping[int, bytes | None] | None = None
+    if hashes is not None and stats is not None:
+        digests = hashes([t for members in groups.values() if len(members) > 1 for t in members])
     for members in groups.values():
         if len(members) < 2:
             continue
         if cancel is not None and cancel.is_set():
             raise Cancelled()
+        if digests is not None:
+            if any(digests.get(id(m)) is None for m in members):
+                continue  # as a read error below: the group is skipped
+            first = digests[id(members[0])]
+            same = [members[0]] + [m for m in members[1:] if digests[id(m)] == first]
+            if len(same) > 1:
+                out.append(same)
+            continue
         try:
             if stats is not None:
                 first = members[0]
@@ -125,8 +142,16 @@ class Duplicates(Check):
     def run(self, run: AuditRun, report: AuditReport) -> None:
         from ..values.data import TensorData
 
+        hashes = None
+        if run.cluster is not None:  # candidates hashed by the workers, like the statistics
+            from ..values.cluster import cluster_digests
+
+            def hashes(records: list[TensorRecord]) -> dict[int, bytes | None]:
+                return cluster_digests(run.cluster, run.ckpt, records, 4 << 20, run.cancel)
+
         with TensorData() as data:
             groups = find_duplicates(
-                data, run.ckpt, report.stats if run.stats else None, run.unreadable, cancel=run.cancel
-            )
+                data, run.ckpt, report.stats if run.stats else None, run.unreadable,
+                cancel=run.cancel, hashes=hashes,
+            )  # fmt: skip
         duplicate_findings(report, groups)

@@ -83,6 +83,11 @@ CODES: dict[str, Code] = {
     "duplicate-tensor": Code("waste", WARNING, "identical tensors stored twice instead of tied"),
     "optimizer-state": Code("waste", INFO, "share of the file taken by optimizer state"),
     "fp32-copies": Code("waste", INFO, "fp32 tensors next to half-precision weights"),
+    # quantization
+    "quantized-layers": Code("info", INFO, "weights stored quantized, by scheme (the layers in details)"),
+    "unquantized-layer": Code(
+        "quant", WARNING, "a layer left in full precision next to quantized siblings, not listed as skipped"
+    ),
     # statistics (--stats)
     "nan": Code("nan", ERROR, "tensor contains NaN"),
     "inf": Code("inf", ERROR, "tensor contains +-Inf"),
@@ -140,6 +145,8 @@ class AuditReport:
     kind: str
     findings: list[Finding] = field(default_factory=list)
     stats: dict[str, TensorStats] = field(default_factory=dict)  # qualified name -> stats
+    # optimizer state -> (its parameter, state key), where certain (summary.optimizer_param_names)
+    param_names: dict[str, tuple[str, str]] = field(default_factory=dict)
     norm_profile: list[dict[str, Any]] = field(default_factory=list)
     loadability: dict[str, Any] = field(default_factory=dict)
     waste: dict[str, Any] = field(default_factory=dict)

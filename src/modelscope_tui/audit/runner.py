@@ -20,7 +20,7 @@ from ..values.data import unreadable_records
 from ..values.stats import DEFAULT_CHUNK_BYTES, ProgressFn
 
 # The check families: importing them registers their checks (Check.__init_subclass__).
-from . import duplicates, integrity, loadability, statistics, waste  # noqa: F401
+from . import duplicates, integrity, loadability, quantization, statistics, waste  # noqa: F401
 from .checks import AuditRun, Check
 from .findings import DEFAULT_FAIL_ON, AuditReport, finding
 from .integrity import check_shard_set
@@ -37,13 +37,16 @@ def run_audit(
     threads: int | None = None,
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
+    dask: str | None = None,
 ) -> AuditReport:
     """Every check on an opened checkpoint (open it with `strict=False`).
 
     Metadata checks always run and read no tensor bytes. `stats` streams every tensor's values
     (and finds duplicates from them); `dedupe` finds duplicates without statistics (hashes
     same-shape candidates); `crc` checks every zip member's CRC-32. When `cancel` is set the
-    report comes back early with `cancelled=True` and what was found so far.
+    report comes back early with `cancelled=True` and what was found so far. `dask`: the
+    address of a Dask scheduler whose workers compute the statistics (values/cluster.py; the
+    same report); MscopeError when it cannot be reached.
     """
     totals = ckpt.totals()
     report = AuditReport(
@@ -58,6 +61,10 @@ def run_audit(
     run = AuditRun(
         ckpt, unreadable_records(ckpt), stats, dedupe, crc, chunk_bytes, threads, progress, cancel
     )
+    if dask is not None and stats:
+        from ..values.cluster import connect
+
+        run.cluster = connect(dask)
     try:
         for check in Check.registry:
             instance = check()
@@ -65,6 +72,9 @@ def run_audit(
                 instance.run(run, report)
     except Cancelled:
         report.cancelled = True
+    finally:
+        if run.cluster is not None:
+            run.cluster.close()
     return report
 
 

@@ -10,8 +10,9 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint import Checkpoint, TensorRecord
+from ..checkpoint import GRAD_DTYPES, Checkpoint, TensorRecord
 from ..errors import MscopeError
+from ..summary import optimizer_param_names
 from ..values.chunks import LAYOUT
 from ..values.stats import EXPLODING_ABS
 from ..values.stream import default_threads, stream_stats
@@ -55,7 +56,9 @@ def _run_stats(report: AuditReport, run: AuditRun) -> None:
         report.findings.append(
             finding("no-stats", f"{n} tensor(s) of dtype {dtype}: no statistics")
         )
-    threads = threads or default_threads()
+    cluster = run.cluster
+    threads = cluster.threads if cluster is not None else (threads or default_threads())
+    report.param_names = optimizer_param_names(ckpt)
     t0 = time.perf_counter()
     errors: list[Finding] = []
 
@@ -66,12 +69,21 @@ def _run_stats(report: AuditReport, run: AuditRun) -> None:
 
     done = 0
     try:
-        with TensorData() as data:
-            for r, st in stream_stats(
-                data, records, chunk_bytes, threads, run.progress, run.cancel, on_error
+        if cluster is not None:  # workers read; the same stats in the same order
+            from ..values.cluster import cluster_stats
+
+            for r, st in cluster_stats(
+                cluster, ckpt, records, chunk_bytes, run.progress, run.cancel, on_error
             ):
                 report.stats[r.qualified_name] = st
                 done += r.nbytes
+        else:
+            with TensorData() as data:
+                for r, st in stream_stats(
+                    data, records, chunk_bytes, threads, run.progress, run.cancel, on_error
+                ):
+                    report.stats[r.qualified_name] = st
+                    done += r.nbytes
     finally:
         report.findings += errors
         for t, first in copies:
@@ -103,6 +115,10 @@ def _stat_findings(report: AuditReport, ckpt: Checkpoint) -> None:
         section = t.section.split(".", 1)[0] if t is not None else ""
         role = "model" if not section else ckpt.sections.get(section, "other")
         if role != "model":
+            st.flags = [f for f in st.flags if f in ("nan", "inf")]
+        elif t is not None and (t.companion_of is not None or (t.quant is not None and t.dtype not in GRAD_DTYPES)):
+            # Packed codes and a quantizer's scales, zero points and format tags: zeros and
+            # repeats are what they encode, not a defect; NaN / Inf in float scales still are.
             st.flags = [f for f in st.flags if f in ("nan", "inf")]
         for flag in st.flags:
             if flag == "nan":

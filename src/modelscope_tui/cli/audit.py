@@ -4,6 +4,7 @@ the run, and the text report (rich, imported when the report is printed)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from typing import Any
@@ -19,7 +20,7 @@ from ..audit.findings import (
     sorted_findings,
 )
 from ..errors import MscopeError
-from ..units import fmt_bytes, sparkline
+from ..units import fmt_bytes, shorten, sparkline
 from ..values.stats import DEFAULT_CHUNK_BYTES
 from .common import progress_bar
 
@@ -51,20 +52,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"exit 1 when a finding of these kinds is found (default {','.join(DEFAULT_FAIL_ON)}; "
         f"'none' never fails; choices: {', '.join(FAIL_ON_CHOICES)})",
     )
-    parser.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_BYTES / (1 << 20), metavar="MB",
-                        help="bytes read per chunk and thread (memory bound; default 2)")  # fmt: skip
+    parser.add_argument("--chunk-mb", default=f"{DEFAULT_CHUNK_BYTES >> 20}MiB", metavar="SIZE",
+                        help="read per chunk and thread (bounds memory): a bare number is MiB (2**20 bytes), "
+                        "or 512KiB, 4MiB, 4MB (x 10**6); default 2MiB")  # fmt: skip
     parser.add_argument(
         "--threads", type=int, default=None, metavar="N", help="worker threads for --stats"
+    )
+    parser.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help="with --stats: read the values on a Dask cluster, e.g. tcp://host:8786 "
+        "(default $MSCOPE_DASK; docs/dask.md)",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..audit.runner import audit_path
+    from ..training.devicemap import parse_size
 
     fail_on = parse_fail_on(args.fail_on)
-    if args.chunk_mb <= 0 or (args.threads is not None and args.threads < 1):
+    try:
+        chunk_bytes = parse_size(args.chunk_mb, bare=1 << 20)
+    except MscopeError as exc:
+        raise MscopeError(f"--chunk-mb: {exc.message}", hint=exc.hint) from None
+    if chunk_bytes <= 0 or (args.threads is not None and args.threads < 1):
         raise MscopeError("--chunk-mb must be more than 0 and --threads at least 1")
+    if args.dask is not None and not args.stats:
+        raise MscopeError("--dask needs --stats (the statistics are what a cluster reads)")
     with progress_bar("reading") as progress:
         report = audit_path(
             args.file,
@@ -72,9 +87,10 @@ def run(args: argparse.Namespace) -> int:
             dedupe=args.dedupe,
             crc=args.crc,
             fail_on=fail_on,
-            chunk_bytes=max(4096, int(args.chunk_mb * (1 << 20))),
+            chunk_bytes=max(4096, chunk_bytes),
             threads=args.threads,
             progress=progress,
+            dask=args.dask if args.dask is not None else (os.environ.get("MSCOPE_DASK") or None),
         )
     if args.json:
         sys.stdout.write(report.to_json())
@@ -152,13 +168,18 @@ def render_audit(report: AuditReport, console: Any, limit: int = 40, all_stats: 
         if not any(c[-1] for c in cells):  # no flags: the names get the room
             heads, cells = heads[:-1], [c[:-1] for c in cells]
         widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
-        name_width = max(12, min(40, console.width - sum(widths) - 2 * len(heads)))
+        # Optimizer state by its parameter (`features.3.weight · exp_avg`) where the file says
+        # which one it is; the raw `optimizer/state.4.exp_avg` otherwise.
+        labels = [stat_label(s.name, report.param_names) for s in rows]
+        longest = max(len("tensor"), *(len(n) for n in labels))
+        name_width = max(12, min(longest, console.width - sum(widths) - 2 * len(heads)))
         table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
         table.add_column("tensor", no_wrap=True, max_width=name_width)
         for head, width in zip(heads, widths):
             table.add_column(head, no_wrap=True, min_width=width, justify="left" if head == "flags" else "right")
-        for s, c in zip(rows, cells):
-            table.add_row(escape(fit_name(s.name, name_width)), *c)
+        shown = under_parameters([s.name for s in rows], fit_names(labels, name_width), report.param_names)
+        for label, c in zip(shown, cells):
+            table.add_row(escape(label), *c)
         console.print(table)
         if len(rows) < len(report.stats):
             console.print(
@@ -179,10 +200,46 @@ def render_audit(report: AuditReport, console: Any, limit: int = 40, all_stats: 
     console.print(f"[bold {color}]{escape(report.verdict_line())}[/]")
 
 
+def stat_label(name: str, param_names: dict[str, tuple[str, str]]) -> str:
+    param = param_names.get(name)
+    return f"{param[0]} · {param[1]}" if param else name
+
+
+def under_parameters(names: list[str], labels: list[str], param_names: dict[str, tuple[str, str]]) -> list[str]:
+    """Optimizer state listed right after its parameter's row drops the parameter's name and
+    hangs under it (`  ├ exp_avg`, `  └ exp_avg_sq`): at 80 columns the full label left
+    `f.3.weig… exp_avg`."""
+    out = list(labels)
+    owner: str | None = None  # the parameter whose rows the previous row belongs to
+    for i, name in enumerate(names):
+        param = param_names.get(name)
+        if param is not None and param[0] == owner:
+            last = i + 1 == len(names) or (param_names.get(names[i + 1]) or ("",))[0] != owner
+            out[i] = f"  {'└' if last else '├'} {param[1]}"
+        else:
+            owner = param[0] if param is not None else name
+    return out
+
+
+def fit_names(names: list[str], width: int) -> list[str]:
+    """Each dotted name in `width` columns, no two alike: module names shortened to their first
+    letter from the left, numbers and the last part kept (`m.e.layers.0.self_attn.in_proj_weight`
+    -> `m.e.l.0.s.in_proj_weight`), so layer numbers stay visible, unless that makes two names
+    alike (`features.3.weight`, `fc.3.weight`); then units.shorten against the others."""
+    if all(len(n) <= width for n in names):
+        return names
+    short = [abbreviate(n, width) for n in names]
+    if len(set(short)) < len(set(names)):
+        short = names
+    return [shorten(n, width, short) for n in short]
+
+
 def fit_name(name: str, width: int) -> str:
-    """A dotted name in `width` columns: module names shortened to their first letter from the
-    left, numbers and the last part kept (`m.e.layers.0.self_attn.in_proj_weight` ->
-    `m.e.l.0.s.in_proj_weight`), so layer numbers stay visible; then cut in the middle."""
+    return fit_names([name], width)[0]
+
+
+def abbreviate(name: str, width: int) -> str:
+    """`name` with module names cut to their first letter, left to right, until it fits (or all are)."""
     if len(name) <= width:
         return name
     parts = name.split(".")
@@ -192,9 +249,7 @@ def fit_name(name: str, width: int) -> str:
             short = ".".join(parts)
             if len(short) <= width:
                 return short
-    short = ".".join(parts)
-    head = (width - 1) // 2
-    return short[:head] + "…" + short[len(short) - (width - 1 - head) :]
+    return ".".join(parts)
 
 
 def fmt_g(x: float | None) -> str:

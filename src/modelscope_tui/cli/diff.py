@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -48,11 +49,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--depth", type=int, default=2, metavar="N", help="modules shown down to depth N (text)"
     )
+    parser.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help="compare the values on a Dask cluster, e.g. tcp://host:8786, and print the report "
+        "(default $MSCOPE_DASK; docs/dask.md)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def run(args: argparse.Namespace) -> int:
-    if common.has_terminal() and not (args.json or args.text or args.all_sections):
+    if common.has_terminal() and not (args.json or args.text or args.all_sections or args.dask is not None):
         return run_explorer(args)
     from ..diff.plan import check_plan
     from ..diff.stream import diff_checkpoints
@@ -74,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
             args.rtol,
             progress=progress,
             sections="all" if args.all_sections else "model",
+            dask=args.dask if args.dask is not None else (os.environ.get("MSCOPE_DASK") or None),
         )
     if args.plan:
         check = check_plan(report, args.plan, a)

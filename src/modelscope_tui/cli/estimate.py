@@ -17,7 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", metavar="PLAN", help="freeze plan JSON to apply first (default: as saved)")
     parser.add_argument("--precision", default=None, help="one precision (fp32, amp, bf16-mixed, fp16-mixed, bf16, fp16, as-saved)")
     parser.add_argument("--optimizer", default=None, help="one optimizer (adamw, adam, sgd-momentum, sgd, none)")
-    parser.add_argument("--free", default=None, metavar="SIZE", help="free memory to check against, e.g. 24GiB")
+    parser.add_argument("--free", default=None, metavar="SIZE", help="free memory to check against: 24GiB (x 2**30), 512MiB, 24GB (x 10**9), or bytes")
+    parser.add_argument("--lora", type=int, default=None, metavar="RANK", help="also estimate LoRA of this rank on a frozen base (QLoRA with --quantize)")
+    parser.add_argument("--targets", default=None, metavar="NAMES", help="with --lora: comma-separated target modules, e.g. q_proj,v_proj (default: every linear layer)")
+    parser.add_argument("--quantize", default=None, choices=("nf4", "fp4", "int8"), help="with --lora: the base's linear layers quantized by bitsandbytes (nf4/fp4 with double quantization, as QLoRA)")
     parser.add_argument("--strict", action="store_true", help="with --plan: a plan made for another model (names, shapes, dtypes) is an error")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -29,6 +32,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.precision or args.optimizer:  # a typo is one error line, before any output
         est.estimate([], args.precision or "fp32", args.optimizer or "adamw")
+    if args.lora is None and (args.targets or args.quantize):
+        raise est.EstimateError("--targets and --quantize describe a LoRA run: add --lora RANK")
+    if args.lora is not None and args.lora < 1:
+        raise est.EstimateError(f"--lora must be a rank of 1 or more, not {args.lora}")
+    free = None
+    if args.free:
+        from ..training.devicemap import parse_size
+
+        free = parse_size(args.free)
     session = Session(open_checkpoint(args.file))
     if args.plan:
         from ..training.apply import apply_plan_to_session
@@ -46,17 +58,35 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         print(report.message)
-    free = None
-    if args.free:
-        from ..training.devicemap import parse_size
-
-        free = parse_size(args.free)
     print(session.totals_line())
     if args.precision or args.optimizer:
         print(render_text(est.estimate_for_session(session, args.precision or "fp32", args.optimizer or "adamw"), free))
     else:
         print(render_table(est.estimate_table(session), free))
+    if args.lora is not None:
+        targets = tuple(t.strip() for t in (args.targets or "").split(",") if t.strip())
+        precisions = [args.precision] if args.precision else None
+        optimizers = [args.optimizer] if args.optimizer else None
+        rows, plan = est.lora_estimate_table(session, args.lora, targets, args.quantize, precisions, optimizers)
+        print()
+        print(lora_header(plan))
+        print(render_table(rows, free))
     return 0
+
+
+def lora_header(plan) -> str:
+    """What the LoRA table below it estimates, in two lines."""
+    from ..units import fmt_count, safe_text
+
+    kind = "QLoRA" if plan.quantize or plan.base_quantized_bytes else "LoRA"
+    where = ", ".join(safe_text(t) for t in plan.targets) if plan.targets else "every linear layer"
+    pct = 100.0 * plan.adapter_params / (plan.base_params + plan.adapter_params) if plan.base_params else 0.0
+    base = ", ".join(f"{safe_text(k)} {fmt_bytes(v)}" for k, v in plan.base_quantized_bytes.items())
+    return (
+        f"{kind} rank {plan.rank} on {plan.modules:,} module(s) ({where}): {fmt_count(plan.adapter_params)} "
+        f"trainable ({pct:.2f}%)\nbase frozen, {fmt_count(plan.base_params)} params"
+        + (f"; quantized {base}" if base else "; not quantized")
+    )
 
 
 def render_text(est: MemoryEstimate, free_bytes: int | None = None) -> str:
@@ -107,12 +137,15 @@ def render_table(rows: Sequence[MemoryEstimate], free_bytes: int | None = None) 
             cells.append("yes" if fits(est, free_bytes)[0] else "no")
         body.append(cells)
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    # Two spaces between columns; one between the sizes where two would pass 80 columns (six
+    # 7-wide `2.4 GiB` cells and the fits column): each size ends in its unit, so they stay apart.
+    gap = "  " if sum(widths) + 2 * (len(widths) - 1) <= 80 else " "
     out = []
     for cells in [header, *body]:
-        parts = [
-            f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))
-        ]
-        out.append("  ".join(parts).rstrip())
+        names = "  ".join(f"{c:<{w}}" for c, w in zip(cells[:2], widths[:2]))
+        sizes = gap.join(f"{c:>{w}}" for c, w in zip(cells[2:8], widths[2:8]))
+        fit = "".join(f"  {c:>{w}}" for c, w in zip(cells[8:], widths[8:]))
+        out.append(f"{names}  {sizes}{fit}".rstrip())
     notes = list(TABLE_FOOTER)
     if free_bytes is not None:
         notes.insert(0, f"fits: the peak against {fmt_bytes(free_bytes)} free")

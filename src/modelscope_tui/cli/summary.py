@@ -10,8 +10,9 @@ import sys
 from typing import Any, NamedTuple
 
 from ..checkpoint import PARAMETER, Checkpoint, ModuleNode, TensorRecord
-from ..errors import MscopeError
+from ..errors import MscopeError, SeveralCheckpointsError
 from ..readers import FORMAT_LABELS
+from ..readers.gguf import fact_lines
 from ..summary import (
     AUTO_DEPTH_TENSORS,
     AUTO_MAX_CHILDREN,
@@ -28,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Bytes: each tensor's elements times its element size; a tensor saved twice under two "
         "names counts once. Views of another tensor's storage (marked 'view of') count their own "
         "size, so the file may store less: the header then says how much is stored, the figure "
-        "`mscope audit` reports."
+        "`mscope audit` reports. Sizes are binary: KiB = 1,024 bytes, MiB = 2**20, GiB = 2**30 "
+        "(JSON: bytes)."
     )
     parser.add_argument("file", help="checkpoint file or directory (sharded / DCP)")
     parser.add_argument("--json", action="store_true", help="machine-readable output (schema in README)")
@@ -48,7 +50,11 @@ def run(args: argparse.Namespace) -> int:
         # millions of objects just built (0.3 s of a 100k-tensor summary). Nothing here
         # makes cycles, and the process exits right after.
         gc.disable()
-    ckpt = open_checkpoint(args.file)
+    try:
+        ckpt = open_checkpoint(args.file)
+    except SeveralCheckpointsError as exc:
+        list_checkpoints(exc, args.json)
+        return common.EXIT_BAD_INPUT  # no summary was made: a script must not take this for one
     if args.json:
         from ..gcpause import paused_gc
         from ..summary import summary_json_chunks
@@ -64,6 +70,49 @@ def run(args: argparse.Namespace) -> int:
 
         render_summary(ckpt, text_console(), args.depth, args.filter, wide=args.wide)
     return common.EXIT_OK
+
+
+LISTING_LABELS = {
+    "zip": "torch zip (torch.save or TorchScript)",
+    "index-dir": "sharded set (*.index.json)",
+    "index-json": "shard index (JSON)",
+}
+
+
+def list_checkpoints(exc: SeveralCheckpointsError, as_json: bool) -> None:
+    """A directory of separate checkpoints: one line each (format by content, size), and how to
+    pick one, instead of a one-line error that names six."""
+    from ..readers import sniff
+
+    rows = []
+    for path in exc.candidates:
+        try:
+            kind = sniff(path)
+            label = LISTING_LABELS.get(kind) or FORMAT_LABELS.get(kind, str(kind))
+        except (MscopeError, OSError) as err:
+            label = f"unreadable: {err.message if isinstance(err, MscopeError) else err.strerror or err}"
+        try:
+            size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else path.stat().st_size
+        except OSError:
+            size = None
+        rows.append((path, label, size))
+    if as_json:
+        from ..jsonfile import compact_json
+
+        doc = {
+            "directory": exc.path,
+            "error": exc.message,
+            "checkpoints": [{"name": p.name, "format": label, "bytes": size} for p, label, size in rows],
+        }
+        sys.stdout.write(compact_json(doc) + "\n")
+        return
+    names = [safe_text(p.name) + ("/" if p.is_dir() else "") for p, _, _ in rows]
+    width = max(map(len, names))
+    lines = [f"{safe_text(exc.path)} holds {len(rows)} separate checkpoints, not one set; name one:"]
+    for name, (_, label, size) in zip(names, rows):
+        lines.append(f"  {name:<{width}}  {'' if size is None else fmt_bytes(size):>9}  {safe_text(label)}")
+    lines.append(f"e.g. mscope summary {safe_text(str(rows[0][0]))}")
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 def render_summary(
@@ -119,6 +168,12 @@ def render_summary(
     console.print(f"[bold]{totals_line(ckpt)}[/]")
     if totals.buffers:
         console.print(f"buffers and other tensors: {totals.buffers:,} elements")
+    for scheme, q in totals.quantized.items():
+        bits = 8 * q["bytes"] / q["parameters"] if q["parameters"] else 0.0
+        console.print(
+            f"quantized {escape(safe_text(scheme))}: {q['weights']:,} weights, {fmt_count(q['parameters'])} params, "
+            f"{fmt_bytes(q['bytes'])}, {bits:.2f} bits/param"
+        )
 
     locations = totals.bytes_by_location
     if locations:
@@ -135,6 +190,11 @@ def render_summary(
             console.print(f"  {escape(safe_text(name))} [dim]({role})[/]: {sec['tensors']:,} tensors, {fmt_bytes(sec['bytes'])}")
     for section, line in optimizer_summaries(ckpt).items():
         console.print(f"  {escape(safe_text(section))}: {escape(safe_text(line))}", overflow="ellipsis", no_wrap=True, crop=True)
+    gguf_rows = fact_lines(ckpt)
+    if gguf_rows:
+        console.print("[bold]GGUF[/]")
+        for label, value in gguf_rows:
+            console.print(Text(f"  {label}: {safe_text(value)}"), overflow="ellipsis", no_wrap=True, crop=True)
     if ckpt.entries:
         console.print("[bold]Entries[/]")
         lines, hidden = entry_lines(ckpt.entries)
@@ -329,7 +389,10 @@ def _rows(ckpt: Checkpoint, depth: int | None, pattern: str | None, max_children
             # layout, 1 ms each) were the 39 s of its summary. The rest is one row, as for modules.
             tensors, rest = tensors[:max_children], tensors[max_children:]
         for t in tensors:
-            if not matches(t.name, pattern):
+            if t.companion_of is not None or not matches(t.name, pattern):
+                continue  # a quantized weight's companions are listed under it
+            if t.quant is not None:
+                yield from _quant_rows(ckpt, t, node, child_prefix)
                 continue
             style = "" if t.kind == PARAMETER else "dim"
             parts = [(safe_text(t.name.rsplit(".", 1)[-1]), style)]
@@ -350,6 +413,23 @@ def _rows(ckpt: Checkpoint, depth: int | None, pattern: str | None, max_children
             count = fmt_count(total) if total else "-"
             yield _Row(id(node), child_prefix, ((text, "dim"),), "", "", _module_mark(trainable, total), count, count,
                        fmt_bytes(sum(t.nbytes for t in rest if t.alias_of is None)))  # fmt: skip
+
+
+def _quant_rows(ckpt: Checkpoint, t: TensorRecord, node: ModuleNode, prefix: str):
+    """A quantized weight as one logical row (its logical name, shape, scheme and parameters,
+    its real bytes), then its packed data and companions as stored, one level in."""
+    q = t.quant
+    mark = "no"  # a quantized base never trains (checkpoint.trains)
+    yield _Row(id(node), prefix, ((safe_text(q.leaf), ""),), "×".join(map(str, q.logical_shape)), safe_text(q.scheme),
+               mark, f"{q.logical_numel:,}", fmt_count(q.logical_numel), fmt_bytes(q.nbytes))  # fmt: skip
+    inner = prefix + "  "
+    # A GGML block type has no companions: the logical row says everything its packed row would.
+    for name in (t.name, *q.companions) if q.companions else ():
+        c = ckpt.tensor(name) or t
+        leaf = name[len(q.logical_name) + 1 :] if name.startswith(q.logical_name + ".") else name.rsplit(".", 1)[-1]
+        leaf = f"{leaf} (packed)" if c is t else leaf
+        yield _Row(id(t), inner, ((safe_text(leaf), "dim"),), "×".join(map(str, c.shape)) or "scalar", safe_text(c.dtype),
+                   "", "", "", fmt_bytes(c.nbytes))  # fmt: skip
 
 
 HEADERS = ("Module / tensor", "Shape", "Dtype", "Train", "Params", "Bytes")

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from ..checkpoint import TensorRecord
 from ..errors import Cancelled
-from ..values.chunks import Source
+from ..values.chunks import Source, chunk_count
 from ..values.kernels import as_float, chunk_part, numpy_module
 from .report import CHANGED, CLOSE, DTYPE_CHANGED, IDENTICAL, TensorDiff
 
@@ -27,7 +27,8 @@ def _to_f64(comps, kernel: str):
 
 class Sums:
     """What a comparison adds up over the chunks (float64 sums of products, over pairs of
-    finite values)."""
+    finite values). `add` takes one chunk's `chunk_sums` at a time, in chunk order, locally and
+    from a Dask cluster alike, so both add the same floats in the same order."""
 
     __slots__ = ("max_abs", "dd", "aa", "bb", "ab", "mismatched", "bitwise")
 
@@ -36,6 +37,154 @@ class Sums:
         self.dd = self.aa = self.bb = self.ab = 0.0
         self.mismatched = 0
         self.bitwise = True
+
+    def add(self, chunk: ChunkSums) -> None:
+        max_abs, dd, aa, bb, ab, mismatched, bitwise = chunk
+        if bitwise:
+            self.aa += aa
+            self.bb += bb
+            self.ab += ab
+            return
+        self.bitwise = False
+        self.mismatched += mismatched
+        if max_abs is not None:
+            self.max_abs = max(self.max_abs, max_abs)
+        self.dd += dd
+        self.aa += aa
+        self.bb += bb
+        self.ab += ab
+
+
+# One chunk pair's contribution: (max |a - b| or None, dd, aa, bb, ab, mismatched, bitwise).
+ChunkSums = tuple[float | None, float, float, float, float, int, bool]
+
+
+# unpermute=(side, heads): that side ("a" or "b") holds a 2-D weight whose rows llama.cpp
+# permuted for its rotary layout (attn_q / attn_k); its chunks hold whole heads and are put
+# back in the other side's order before comparing.
+Unpermute = tuple[str, int] | None
+
+
+def pair_elements(a: TensorRecord, b: TensorRecord, chunk_bytes: int, unpermute: Unpermute = None) -> int:
+    """Elements per chunk pair: the same for both sides, whole heads when rows are unpermuted."""
+    elems = max(1, chunk_bytes // max(a.itemsize, b.itemsize))
+    group = head_group(a, unpermute)
+    return max(group, elems // group * group) if group else elems
+
+
+def head_group(a: TensorRecord, unpermute: Unpermute) -> int:
+    """Elements of one head's rows, or 0 when the rows are not unpermuted."""
+    if unpermute is None:
+        return 0
+    heads = unpermute[1]
+    rows, cols = a.shape if len(a.shape) == 2 else (0, 0)
+    if heads > 0 and rows and rows % heads == 0 and (rows // heads) % 2 == 0:
+        return rows // heads * cols
+    return 0
+
+
+def chunk_sources(
+    da: TensorData, db: TensorData, a: TensorRecord, b: TensorRecord, chunk_bytes: int, unpermute: Unpermute = None
+) -> tuple[Source, Source]:
+    """Both tensors cut into the same number of chunks of the same elements (row-major)."""
+    elems = pair_elements(a, b, chunk_bytes, unpermute)
+    return (
+        Source(da, a, elems * a.itemsize, ordered=True),
+        Source(db, b, elems * b.itemsize, ordered=True),
+    )
+
+
+def pair_chunk_count(a: TensorRecord, b: TensorRecord, chunk_bytes: int, unpermute: Unpermute = None) -> int:
+    """How many chunk pairs `chunk_sources` yields (metadata only: for a Dask client's split)."""
+    return chunk_count(a, pair_elements(a, b, chunk_bytes, unpermute) * a.itemsize, ordered=True)
+
+
+def row_restorer(a: TensorRecord, unpermute: Unpermute) -> Callable | None:
+    """LlamaModel.permute undone on a chunk of whole heads: (heads, half, 2, cols) ->
+    (heads, 2, half, cols)."""
+    group = head_group(a, unpermute)
+    if not group:
+        return None
+    np = numpy_module()
+    rows, cols = a.shape
+    half = rows // unpermute[1] // 2
+
+    def restore(c):
+        return np.ascontiguousarray(c.reshape(-1, half, 2, cols).swapaxes(1, 2)).reshape(-1)
+
+    return restore
+
+
+def chunk_sums(ca, cb, ka: str, kb: str, same_dtype: bool, atol: float, rtol: float) -> ChunkSums:
+    """One chunk pair's sums: bit equality first (cheap, the common case for frozen weights)."""
+    np = numpy_module()
+    if same_dtype and np.array_equal(ca.view(np.uint8), cb.view(np.uint8)):
+        q = chunk_part(ca, ka).sumsq
+        return (None, 0.0, q, q, q, 0, True)
+    fa, fb = _to_f64(ca, ka), _to_f64(cb, kb)
+    close = np.isclose(fa, fb, rtol=rtol, atol=atol, equal_nan=True)  # |a - b| <= atol + rtol*|b|
+    mismatched = int(close.size - np.count_nonzero(close))
+    finite = np.isfinite(fa) & np.isfinite(fb)
+    if not finite.all():
+        fa, fb = fa[finite], fb[finite]
+    d = fa - fb
+    max_abs = float(np.max(np.abs(d))) if d.size else None
+    return (max_abs, _dot(d, d), _dot(fa, fa), _dot(fb, fb), _dot(fa, fb), mismatched, False)
+
+
+DOT_BLOCK = 4096
+
+
+def _dot(x, y) -> float:
+    """x . y in float64, the same on every machine: BLAS splits a long dot product over its
+    threads (OpenBLAS above 10,000 elements), so its rounding followed the core count, and a
+    Dask worker (BLAS on one thread) disagreed with a local run in the last bits. Blocks of
+    DOT_BLOCK stay on one thread; their sums are added exactly (fsum)."""
+    np = numpy_module()
+    n = x.size
+    if n <= DOT_BLOCK:
+        return float(np.dot(x, y))
+    head = n - n % DOT_BLOCK
+    rows_x, rows_y = x[:head].reshape(-1, DOT_BLOCK), y[:head].reshape(-1, DOT_BLOCK)
+    vecdot = getattr(np, "vecdot", None)  # numpy 2; einsum's own loop (no BLAS) before
+    parts = (vecdot(rows_x, rows_y) if vecdot else np.einsum("ij,ij->i", rows_x, rows_y)).tolist()
+    if head < n:
+        parts.append(float(np.dot(x[head:], y[head:])))
+    return math.fsum(parts)
+
+
+def range_sums(
+    da: TensorData,
+    db: TensorData,
+    a: TensorRecord,
+    b: TensorRecord,
+    atol: float,
+    rtol: float,
+    chunk_bytes: int,
+    first: int = 0,
+    stop: int | None = None,
+    cancel: threading.Event | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    unpermute: Unpermute = None,
+) -> Iterator[ChunkSums]:
+    """`chunk_sums` of chunk pairs first..stop-1 (all by default). Raises TensorDataError when
+    bytes cannot be read, Cancelled when `cancel` is set."""
+    sa, sb = chunk_sources(da, db, a, b, chunk_bytes, unpermute)
+    ka, kb = sa.chunk_kernel, sb.chunk_kernel
+    same_dtype = a.dtype == b.dtype
+    restore = row_restorer(a, unpermute)
+    restore_a = unpermute is not None and unpermute[0] == "a"
+    for (na, ca), (nb, cb) in zip(sa.chunks(first, stop), sb.chunks(first, stop)):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        if on_bytes is not None:
+            on_bytes(na + nb)
+        if restore is not None:
+            if restore_a:
+                ca = restore(ca)
+            else:
+                cb = restore(cb)
+        yield chunk_sums(ca, cb, ka, kb, same_dtype, atol, rtol)
 
 
 def compare_values(
@@ -48,42 +197,15 @@ def compare_values(
     chunk_bytes: int,
     cancel: threading.Event | None,
     on_bytes: Callable[[int], None],
+    unpermute: Unpermute = None,
 ) -> Sums:
     """Sums over both tensors' values (same shape; the dtypes may differ). Raises
     TensorDataError when bytes cannot be read, Cancelled when `cancel` is set."""
-    np = numpy_module()
-    elems = max(1, chunk_bytes // max(a.itemsize, b.itemsize))
-    sa = Source(da, a, elems * a.itemsize, ordered=True)
-    sb = Source(db, b, elems * b.itemsize, ordered=True)
-    ka, kb = sa.chunk_kernel, sb.chunk_kernel
-    same_dtype = a.dtype == b.dtype
     acc = Sums()
-    for (na, ca), (nb, cb) in zip(sa.chunks(), sb.chunks()):
-        if cancel is not None and cancel.is_set():
-            raise Cancelled()
-        on_bytes(na + nb)
-        if same_dtype and np.array_equal(ca.view(np.uint8), cb.view(np.uint8)):
-            q = chunk_part(ca, ka).sumsq
-            acc.aa += q
-            acc.bb += q
-            acc.ab += q
-            continue
-        acc.bitwise = False
-        fa, fb = _to_f64(ca, ka), _to_f64(cb, kb)
-        close = np.isclose(
-            fa, fb, rtol=rtol, atol=atol, equal_nan=True
-        )  # |a - b| <= atol + rtol*|b|
-        acc.mismatched += int(close.size - np.count_nonzero(close))
-        finite = np.isfinite(fa) & np.isfinite(fb)
-        if not finite.all():
-            fa, fb = fa[finite], fb[finite]
-        d = fa - fb
-        if d.size:
-            acc.max_abs = max(acc.max_abs, float(np.max(np.abs(d))))
-        acc.dd += float(np.dot(d, d))
-        acc.aa += float(np.dot(fa, fa))
-        acc.bb += float(np.dot(fb, fb))
-        acc.ab += float(np.dot(fa, fb))
+    for chunk in range_sums(
+        da, db, a, b, atol, rtol, chunk_bytes, cancel=cancel, on_bytes=on_bytes, unpermute=unpermute
+    ):
+        acc.add(chunk)
     return acc
 
 

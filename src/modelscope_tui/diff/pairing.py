@@ -4,7 +4,7 @@ through a common prefix one side adds or strips (DDP's `module.`, torch.compile'
 
 from __future__ import annotations
 
-from ..checkpoint import Checkpoint, TensorRecord
+from ..checkpoint import BLOCK_DTYPES, Checkpoint, Format, TensorRecord, block_index
 
 PREFIXES = (
     "module.",
@@ -46,3 +46,90 @@ def prefix_map(
             if len(mapping) > len(best):
                 best, note = mapping, f"{how}; matched {len(mapping):,} tensors without it"
     return best, note
+
+
+MAX_NAME_MAP_BLOCKS = 4096  # llama.cpp's map is built per block: bounded, whatever a file says
+
+
+def llama_cpp_map(
+    a: Checkpoint, b: Checkpoint, ta: dict[str, TensorRecord], tb: dict[str, TensorRecord]
+) -> tuple[dict[str, str], str | None]:
+    """A name -> B name when exactly one side is GGUF: the other side's (Hugging Face) names
+    through llama.cpp's naming map (gguf-py's TensorNameMap for the GGUF's architecture), e.g.
+    `model.layers.0.self_attn.q_proj.weight` -> `blk.0.attn_q.weight`. Empty when neither or
+    both are GGUF; the note says why no map was used, or what it matched."""
+    if (a.format == Format.GGUF) == (b.format == Format.GGUF):
+        return {}, None
+    gguf_side, hf_names, gguf_names = (b, ta, tb) if b.format == Format.GGUF else (a, tb, ta)
+    arch = (gguf_side.metadata.get("gguf") or {}).get("architecture")
+    try:
+        import gguf
+    except ImportError:
+        return {}, "pairing with a GGUF file by llama.cpp's names needs the gguf package: pip install 'modelscope-tui[gguf]'"
+    model_arch = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}.get(arch)
+    if model_arch is None:
+        return {}, f"llama.cpp's naming map has no architecture {str(arch)[:40]!r}: tensors paired by name only"
+    blocks = 0
+    for name in list(hf_names) + list(gguf_names):
+        for part in name.split("."):
+            n = block_index(part)
+            if n is not None and n < MAX_NAME_MAP_BLOCKS:
+                blocks = max(blocks, n + 1)
+    try:
+        name_map = gguf.get_tensor_name_map(model_arch, blocks)
+    except Exception as exc:  # a gguf-py bug must not end the diff
+        return {}, f"llama.cpp's naming map failed ({type(exc).__name__}): tensors paired by name only"
+    pairs: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in hf_names:
+        mapped = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if mapped is not None and mapped in gguf_names and mapped not in taken:
+            taken.add(mapped)
+            pairs[name] = mapped
+    if gguf_side is a:
+        pairs = {g: h for h, g in pairs.items()}
+    return pairs, f"paired through llama.cpp's naming map ({arch}, {blocks} blocks): {len(pairs):,} tensors"
+
+
+def quantized_note(pairs: list[tuple[TensorRecord, TensorRecord]]) -> str | None:
+    """Which paired tensors went from a plain dtype to a GGML block type (or back), and to what:
+    `26 tensor(s) quantized: bfloat16 -> Q8_0 x17, bfloat16 -> Q4_0 x8, ...`."""
+    moves: dict[str, dict[str, int]] = {"quantized": {}, "dequantized": {}}
+    for ra, rb in pairs:
+        if ra.dtype != rb.dtype and (ra.dtype in BLOCK_DTYPES or rb.dtype in BLOCK_DTYPES):
+            way = moves["quantized" if rb.dtype in BLOCK_DTYPES else "dequantized"]
+            key = f"{ra.dtype} -> {rb.dtype}"
+            way[key] = way.get(key, 0) + 1
+    lines = []
+    for way, counts in moves.items():
+        if counts:
+            listed = ", ".join(f"{k} x{v:,}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+            lines.append(f"{sum(counts.values()):,} tensor(s) {way}: {listed}")
+    return "; ".join(lines) or None
+
+
+# llama.cpp's converter reorders the rows of these for its rotary layout (convert_hf_to_gguf.py,
+# LlamaModel.permute): per head, the two halves of the rows are interleaved.
+ROTARY_PERMUTED = {"attn_q": "head_count", "attn_k": "head_count_kv"}
+
+
+def rotary_heads(a: Checkpoint, b: Checkpoint, pairs: dict[str, str]) -> dict[str, tuple[str, int]]:
+    """A name -> (the GGUF side, "a" or "b"; heads) for paired llama tensors whose GGUF rows
+    llama.cpp permuted, so the comparison can put them back in the Hugging Face order."""
+    if (a.format == Format.GGUF) == (b.format == Format.GGUF):
+        return {}
+    side = "b" if b.format == Format.GGUF else "a"
+    meta = (b if side == "b" else a).metadata.get("gguf") or {}
+    if meta.get("architecture") != "llama":
+        return {}
+    out: dict[str, tuple[str, int]] = {}
+    for an, bn in pairs.items():
+        gguf_name = bn if side == "b" else an
+        parts = gguf_name.split(".")
+        key = ROTARY_PERMUTED.get(parts[2]) if len(parts) == 4 and parts[0] == "blk" else None
+        heads = meta.get(key) if key else None
+        if key == "head_count_kv" and heads is None:
+            heads = meta.get("head_count")
+        if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0:
+            out[an] = (side, heads)
+    return out

@@ -10,6 +10,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ..checkpoint import Checkpoint, TensorRecord, dims_key
 from ..errors import Cancelled, TensorDataError
@@ -17,8 +18,8 @@ from ..values.chunks import LAYOUT
 from ..values.data import unreadable_records
 from ..values.digest import digest
 from ..values.stats import DEFAULT_CHUNK_BYTES, Progress, ProgressFn
-from .compare import compare_values, fill
-from .pairing import prefix_map, tensors_by_name
+from .compare import Sums, compare_values, fill
+from .pairing import llama_cpp_map, prefix_map, quantized_note, rotary_heads, tensors_by_name
 from .report import (
     ADDED,
     DTYPE_CHANGED,
@@ -34,6 +35,9 @@ from .report import (
     stored_requires_grad,
 )
 
+if TYPE_CHECKING:
+    from ..values.cluster import Cluster
+
 
 def diff_checkpoints(
     a: Checkpoint,
@@ -45,16 +49,27 @@ def diff_checkpoints(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     sections: str = "model",
     detect_renames: bool = True,
+    dask: str | None = None,
 ) -> DiffReport:
     """Compare the model tensors of A and B (every section's with sections="all").
 
     Tensors are matched by name; see report.Status (and the package docstring). When `cancel` is
     set the report comes back with `cancelled=True` and the tensors compared so far (and every
-    status known from metadata alone).
+    status known from metadata alone). `dask`: the address of a Dask scheduler whose workers
+    compare the values (values/cluster.py; the same report); MscopeError when unreachable.
     """
     stream = DiffStream(a, b, atol, rtol, chunk_bytes, sections, detect_renames)
-    for _ in stream.run(progress, cancel):
-        pass
+    cluster = None
+    if dask is not None and stream.total:
+        from ..values.cluster import connect
+
+        cluster = connect(dask)
+    try:
+        for _ in stream.run(progress, cancel, cluster):
+            pass
+    finally:
+        if cluster is not None:
+            cluster.close()
     return stream.finish()
 
 
@@ -92,8 +107,22 @@ class DiffStream:
         # (or past the view budget) are never read, as in audit; they are reported unreadable.
         self._bad = unreadable_records(a) | unreadable_records(b)
         mapping, note = prefix_map(ta, tb)
+        llama, llama_note = llama_cpp_map(a, b, ta, tb)
+        if len(llama) > len(mapping):
+            mapping, note = llama, llama_note
+        elif llama_note and not llama:
+            self.report.notes.append(llama_note)
         if note:
             self.report.notes.append(note)
+        quantized = quantized_note([(ta[n], tb[m]) for n, m in mapping.items()])
+        if quantized:
+            self.report.notes.append(quantized)
+        self.unpermute = rotary_heads(a, b, mapping)
+        if self.unpermute:
+            self.report.notes.append(
+                f"{len(self.unpermute):,} attn_q / attn_k weight(s) compared with their rows back in the Hugging Face "
+                "order (llama.cpp's converter permutes them for its rotary layout)"
+            )
         mapped_b = set(mapping.values())
         self.removed = [n for n in ta if n not in mapping]
         self.added = [n for n in tb if n not in mapped_b]
@@ -150,9 +179,14 @@ class DiffStream:
         return self.pairs + self._removed + self._added
 
     def run(
-        self, progress: ProgressFn | None = None, cancel: threading.Event | None = None
+        self,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+        cluster: Cluster | None = None,
     ) -> Iterator[TensorDiff]:
-        """Compare values (memory: one chunk per side), yielding each result as it is known.
+        """Compare values (memory: one chunk per side), yielding each result as it is known;
+        with `cluster` (values.cluster.connect) the values are compared by its workers, with
+        the same results in the same order.
 
         On cancel the stream stops and `report.cancelled` is set; the pairs not reached stay
         pending (and are left out of `finish()`'s report)."""
@@ -170,31 +204,27 @@ class DiffStream:
 
         try:
             with TensorData() as da, TensorData() as db:
-                todo = [m for m in self.pairs if m.pending and (m.a_name, m.b_name) not in self.results]
-                da.plan([self.a_tensors[m.a_name] for m in todo])  # remote: several ranges in flight
-                db.plan([self.b_tensors[m.b_name] for m in todo])
-                for m in self.pairs:
-                    if not m.pending or (m.a_name, m.b_name) in self.results:
-                        continue
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled()
-                    ra, rb = self.a_tensors[m.a_name], self.b_tensors[m.b_name]
+                todo = [
+                    m for m in self.pairs if m.pending and (m.a_name, m.b_name) not in self.results
+                ]
+                if cluster is not None:
+                    compared = self._compared_on(cluster, todo, progress, cancel)
+                else:
+                    da.plan([self.a_tensors[m.a_name] for m in todo])  # remote: ranges in flight
+                    db.plan([self.b_tensors[m.b_name] for m in todo])
+                    compared = self._compared(da, db, todo, cancel, on_bytes)
+                for m, acc in compared:
                     d = _copy(m)
                     d.pending = False
-                    try:
-                        acc = compare_values(
-                            da, db, ra, rb, self.report.atol, self.report.rtol,
-                            self.chunk_bytes, cancel, lambda n, _bn=m.b_name: on_bytes(n, _bn),
-                        )  # fmt: skip
-                    except TensorDataError as exc:
+                    if isinstance(acc, TensorDataError):
                         d.status = UNREADABLE
-                        d.message = exc.message
+                        d.message = acc.message
                     else:
-                        fill(d, acc, ra.dtype != rb.dtype)
+                        fill(d, acc, m.a_dtype != m.b_dtype)
                     self.results[(m.a_name, m.b_name)] = d
                     yield d
                 if self.detect_renames and self.removed and self.added and not self.renamed:
-                    for d in self._renames(da, db, cancel):
+                    for d in self._renames(da, db, cancel, cluster):
                         self.renamed.append(d)
                         yield d
         except Cancelled:
@@ -202,6 +232,36 @@ class DiffStream:
         self.seconds += time.perf_counter() - t0
         if progress is not None:
             progress(Progress(self.done_bytes, self.total, self.seconds, ""))
+
+    def _compared(self, da, db, todo, cancel, on_bytes) -> Iterator[tuple[TensorDiff, Sums | TensorDataError]]:
+        for m in todo:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            ra, rb = self.a_tensors[m.a_name], self.b_tensors[m.b_name]
+            try:
+                acc = compare_values(
+                    da, db, ra, rb, self.report.atol, self.report.rtol,
+                    self.chunk_bytes, cancel, lambda n, _bn=m.b_name: on_bytes(n, _bn),
+                    self.unpermute.get(m.a_name),
+                )  # fmt: skip
+            except TensorDataError as exc:
+                yield m, exc
+            else:
+                yield m, acc
+
+    def _compared_on(self, cluster, todo, progress, cancel) -> Iterator[tuple[TensorDiff, Sums | TensorDataError]]:
+        from .cluster import cluster_compare
+
+        pairs = [(self.a_tensors[m.a_name], self.b_tensors[m.b_name]) for m in todo]
+        unpermutes = [self.unpermute.get(m.a_name) for m in todo]
+        for i, acc in cluster_compare(
+            cluster, self.a, self.b, pairs, self.report.atol, self.report.rtol,
+            self.chunk_bytes, progress, cancel, unpermutes=unpermutes,
+        ):  # fmt: skip
+            if not isinstance(acc, TensorDataError):
+                ra, rb = pairs[i]
+                self.done_bytes += ra.nbytes + rb.nbytes  # what compare_values counts
+            yield todo[i], acc
 
     def finish(self) -> DiffReport:
         """The report: pairs (compared or decided by metadata), removed, added, renamed."""
@@ -220,8 +280,9 @@ class DiffStream:
         report.bytes_read = self.done_bytes
         return report
 
-    def _renames(self, da, db, cancel) -> Iterator[TensorDiff]:
-        """Removed x added with the same shape and dtype, compared by a BLAKE2b of their bytes."""
+    def _renames(self, da, db, cancel, cluster=None) -> Iterator[TensorDiff]:
+        """Removed x added with the same shape and dtype, compared by a BLAKE2b of their bytes
+        (hashed by the workers of `cluster` when there is one)."""
         ta, tb, chunk_bytes = self.a_tensors, self.b_tensors, self.chunk_bytes
         sig_a: dict[tuple, list[str]] = defaultdict(list)
         sig_b: dict[tuple, list[str]] = defaultdict(list)
@@ -234,26 +295,37 @@ class DiffStream:
             if r.storage is not None and r.dtype in LAYOUT and id(r) not in self._bad:
                 sig_b[(dims_key(r.shape), r.dtype)].append(n)
         ambiguous = 0
+        hashed_a: dict[int, bytes | None] = {}
+        hashed_b: dict[int, bytes | None] = {}
+        if cluster is not None:  # every candidate hashed by the workers, in one batch per side
+            from ..values.cluster import cluster_digests
+
+            both = [sig for sig in sig_a if sig in sig_b]
+            hashed_a = cluster_digests(cluster, self.a, [ta[n] for s in both for n in sig_a[s]], chunk_bytes, cancel)
+            hashed_b = cluster_digests(cluster, self.b, [tb[n] for s in both for n in sig_b[s]], chunk_bytes, cancel)
+
+        def digests(names: list[str], records: dict, data, hashed: dict) -> dict[bytes, list[str]]:
+            out: dict[bytes, list[str]] = defaultdict(list)
+            for n in names:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+                if cluster is not None:
+                    h = hashed.get(id(records[n]))
+                    if h is not None:
+                        out[h].append(n)
+                    continue
+                try:
+                    out[digest(data, records[n], chunk_bytes)].append(n)
+                except TensorDataError:
+                    continue
+            return out
+
         for sig, names_a in sig_a.items():
             names_b = sig_b.get(sig)
             if not names_b:
                 continue
-            digests_b: dict[bytes, list[str]] = defaultdict(list)
-            for n in names_b:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled()
-                try:
-                    digests_b[digest(db, tb[n], chunk_bytes)].append(n)
-                except TensorDataError:
-                    continue
-            digests_a: dict[bytes, list[str]] = defaultdict(list)
-            for n in names_a:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled()
-                try:
-                    digests_a[digest(da, ta[n], chunk_bytes)].append(n)
-                except TensorDataError:
-                    continue
+            digests_b = digests(names_b, tb, db, hashed_b)
+            digests_a = digests(names_a, ta, da, hashed_a)
             # A rename only when the bytes are unique on both sides: equal constant tensors (two
             # BatchNorm weights of all ones) say nothing about which name became which.
             for h, hits_a in digests_a.items():

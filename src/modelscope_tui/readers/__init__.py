@@ -12,7 +12,13 @@ import struct
 from pathlib import Path
 
 from ..checkpoint import Checkpoint, Format
-from ..errors import CorruptCheckpointError, MscopeError, NotFoundError, UnsupportedFormatError
+from ..errors import (
+    CorruptCheckpointError,
+    MscopeError,
+    NotFoundError,
+    SeveralCheckpointsError,
+    UnsupportedFormatError,
+)
 from ..gcpause import paused_gc
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -27,6 +33,7 @@ FORMAT_LABELS = {
     Format.SHARDED_SAFETENSORS: "sharded safetensors",
     Format.SHARDED_TORCH: "sharded torch .bin",
     Format.DCP: "torch.distributed.checkpoint directory",
+    Format.GGUF: "GGUF (llama.cpp)",
 }
 
 
@@ -62,7 +69,7 @@ def sniff(path: Path) -> str:
 def not_a_checkpoint(path: object) -> UnsupportedFormatError:
     return UnsupportedFormatError(
         "not a PyTorch checkpoint (unknown file format)", path,
-        "mscope reads torch.save, TorchScript, safetensors, sharded HF and DCP checkpoints",
+        "mscope reads torch.save, TorchScript, safetensors, sharded HF, DCP and GGUF checkpoints",
     )  # fmt: skip
 
 
@@ -74,6 +81,8 @@ def sniff_head(head: bytes, name: str, size, where: object) -> str | None:
         raise UnsupportedFormatError("file is empty", where, "the save was interrupted or the download failed")
     if head[:4] in ZIP_MAGICS:
         return "zip"
+    if head[:4] == b"GGUF":  # before safetensors: a GGUF of 123 tensors has '{' at byte 8
+        return Format.GGUF
     if head[:4] == b"\x80\x02\x8a\x0a" and int.from_bytes(head[4:14], "little") == LEGACY_MAGIC:
         return Format.TORCH_LEGACY
     if len(head) >= 9 and head[8:9] == b"{":
@@ -90,26 +99,40 @@ def sniff_head(head: bytes, name: str, size, where: object) -> str | None:
     return None
 
 
+# A directory holding one file of these is that checkpoint (`mscope DIR`); several: a list to pick from.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
 def _sniff_directory(path: Path) -> str:
     if (path / ".metadata").is_file():
         return Format.DCP
     indexes = sorted(path.glob("*.index.json"))
     if indexes:
         return "index-dir"
-    singles = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file())
+    singles = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     if len(singles) == 1:
         return "single-in-dir"
-    if len(singles) > 1:
-        others = sorted(p.name for p in path.iterdir() if p.suffix == ".ckpt" and p.is_file())
-        names = [p.name for p in singles] + others
+    sets = [] if len(singles) == 1 else sorted(p for p in path.iterdir() if p.is_dir() and _is_checkpoint_set(p))
+    if len(singles) > 1 or sets:
+        others = sorted(p for p in path.iterdir() if p.suffix == ".ckpt" and p.is_file())
+        candidates = singles + others + sets
+        names = [p.name for p in candidates]
         shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-        raise UnsupportedFormatError(
+        raise SeveralCheckpointsError(
             f"directory holds {len(names)} checkpoints, not one set: {shown}", path,
-            f"name one, e.g. mscope summary {path / names[0]}",
+            f"name one, e.g. mscope summary {path / names[0]}", candidates,
         )  # fmt: skip
     raise UnsupportedFormatError(
         "directory holds no checkpoint (no *.index.json, no DCP .metadata, no single weights file)", path
     )
+
+
+def _is_checkpoint_set(path: Path) -> bool:
+    """A sharded set or DCP checkpoint in a subdirectory (listed, not opened, by a parent)."""
+    try:
+        return (path / ".metadata").is_file() or any(path.glob("*.index.json"))
+    except OSError:
+        return False
 
 
 def _read_head(path: Path, n: int) -> bytes:
@@ -193,6 +216,9 @@ def _finish(ckpt: Checkpoint, path: object, strict: bool) -> Checkpoint:
     ckpt.cap_names()
     ckpt.link_shared_storages()
     ckpt.check_storage_bounds()
+    from ..quant import annotate
+
+    annotate(ckpt)  # before anything builds the module tree: companions sit with their weight
     _check_view_sizes(ckpt, path)
     check_view_budget(ckpt)
     if strict and ckpt.problems:
@@ -324,6 +350,10 @@ def _dispatch(path: Path) -> Checkpoint:
         from .safetensors import read_safetensors
 
         return read_safetensors(path)
+    if kind == Format.GGUF:
+        from .gguf import read_gguf
+
+        return read_gguf(path)
     if kind == "index-json":
         from .sharded import read_sharded
 
@@ -335,7 +365,7 @@ def _dispatch(path: Path) -> Checkpoint:
         preferred = [p for p in indexes if p.name.endswith(".safetensors.index.json")]
         return read_sharded((preferred or indexes)[0])
     if kind == "single-in-dir":
-        single = next(p for p in sorted(path.iterdir()) if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+        single = next(p for p in sorted(path.iterdir()) if p.suffix in WEIGHT_SUFFIXES)
         return _dispatch(single)
     if kind == Format.DCP:
         from .dcp import read_dcp

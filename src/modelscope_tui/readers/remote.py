@@ -193,10 +193,33 @@ def _read_index(loc: RemotePath, source: Source) -> Checkpoint:
     def read_shard(url: RemotePath) -> tuple[Checkpoint, str]:
         return futures[url.url].result()
 
+    config = pool.submit(side_file, base / "config.json")  # quantization_config (quant.annotate)
     try:
-        return read_sharded(loc, doc, locate, read_shard)
+        ckpt = read_sharded(loc, doc, locate, read_shard)
+        raw = config.result()
+        if raw is not None:
+            ckpt.side_files["config.json"] = raw
+        return ckpt
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+MAX_SIDE_FILE = 4 << 20
+
+
+def side_file(url: RemotePath, source: Source | None = None) -> bytes | None:
+    """A small file beside a remote checkpoint (config.json), or None when it is absent,
+    unreadable or too large: a neighbour never makes the checkpoint fail to open."""
+    try:
+        source = source or open_source(url)
+        if source.size > MAX_SIDE_FILE:
+            return None
+        raw = source.read(0, source.size)
+        if isinstance(source, CachedRemote):
+            source.persist()
+        return raw
+    except MscopeError:
+        return None
 
 
 def _read_shard(url: RemotePath) -> tuple[Checkpoint, str]:
@@ -231,7 +254,17 @@ def _read_folder(loc: RemotePath, fs: Any, path: str) -> Checkpoint:
     def pick(name: str) -> Checkpoint:
         child = folder / name
         entry = files[name]
-        return read_source(child, FsspecSource(child.url, fs, f"{path.rstrip('/')}/{name}", entry))
+        ckpt = read_source(child, FsspecSource(child.url, fs, f"{path.rstrip('/')}/{name}", entry))
+        if "config.json" in files and "config.json" not in ckpt.side_files:
+            config = folder / "config.json"
+            try:
+                source = FsspecSource(config.url, fs, f"{path.rstrip('/')}/config.json", files["config.json"])
+            except MscopeError:
+                source = None
+            raw = side_file(config, source) if source is not None else None
+            if raw is not None:
+                ckpt.side_files["config.json"] = raw
+        return ckpt
 
     if ".metadata" in files:
         raise UnsupportedFormatError(

@@ -83,19 +83,22 @@ def is_offload(device: Device) -> bool:
     return device in OFFLOAD_DEVICES
 
 
-def parse_size(value: int | float | str) -> int:
-    """Bytes from an int or a size like accelerate's max_memory: '24GB' (10**9), '24GiB' (2**30),
-    '512MiB', '1.5 TB'. A bare number is bytes."""
+def parse_size(value: int | float | str, bare: int = 1) -> int:
+    """Bytes from an int or a size like accelerate's max_memory: '24GiB' (24 x 2**30), '512MiB',
+    '24GB' (24 x 10**9: a decimal unit means what it says), '1.5 TB'. A bare number counts
+    `bare` bytes each (1; `--chunk-mb 2` passes 2**20)."""
     if isinstance(value, bool):
         raise DeviceMapError(f"invalid size {value!r}")
     if isinstance(value, (int, float)):
         if value < 0:
             raise DeviceMapError(f"invalid size {value!r} (negative)")
-        return int(value)
+        return int(value * bare)
     m = _SIZE.match(str(value))
     if m is None:
-        raise DeviceMapError(f"invalid size {value!r}", hint="like 24GB, 24GiB, 512MiB or bytes")
-    number, unit = float(m.group(1)), (m.group(2) or "b").lower()
+        raise DeviceMapError(f"invalid size {value!r}", hint="like 24GiB, 512MiB, 24GB (10**9 bytes each) or a number")
+    if not m.group(2):
+        return int(float(m.group(1)) * bare)
+    number, unit = float(m.group(1)), m.group(2).lower()
     prefix = unit[0] if unit[0] in "kmgt" else ""
     base = 1024 if "i" in unit else 1000
     return int(number * base ** ("kmgt".index(prefix) + 1 if prefix else 0))
@@ -305,7 +308,7 @@ class BalancedMap:
         return any(is_offload(d) and n for d, n in self.used.items())
 
     def lines(self) -> list[str]:
-        """'cuda:0  10.2 GB of 24.0 GB' per device, for the CLI and the panel."""
+        """'cuda:0  10.2 GiB of 24.0 GiB' per device, for the CLI and the panel."""
         out = []
         for dev, cap in self.capacities.items():
             of = f" of {fmt_bytes(cap)}" if cap is not None else ""

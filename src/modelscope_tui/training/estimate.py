@@ -11,6 +11,11 @@ they reproduce):
 - master weights: an fp32 copy of the trainable parameters (`*-mixed` precisions only);
 - optimizer states: trainable parameters only, `states` tensors of the optimizer per parameter.
 
+Quantized weights (quant.py) keep their real bytes (packed data and companions, never cast) and
+count their logical parameters; they never train. `lora_inventory` builds the LoRA / QLoRA case:
+a frozen base (quantized on the fly with a bitsandbytes scheme, or as stored) plus trainable
+rank-r adapters on the target modules.
+
 Tied parameters (one storage under two names) count once; frozen parameters need no gradient,
 master copy or optimizer state. `total` is what a step leaves allocated; `peak` adds what the
 optimizer step allocates and frees (measured on an H200, docs/memory-estimate.md), and is what
@@ -32,6 +37,7 @@ from ..checkpoint import (
     PARAMETER,
     Checkpoint,
     can_require_grad,
+    span_bytes,
 )
 from ..errors import MscopeError
 from ..units import fmt_bytes, fmt_count
@@ -255,8 +261,8 @@ def _tensor_bytes(
 ) -> tuple[int, int, int, int]:
     floating = dtype in FLOATING_DTYPES
     stored = _itemsize(dtype)
-    weight_size = _itemsize(spec.weights) if floating and spec.weights else stored
-    weights = numel * weight_size
+    # block-quantized (GGML) weights stay as stored, at their real bytes per value
+    weights = numel * _itemsize(spec.weights) if floating and spec.weights else span_bytes(dtype, numel)
     if not (training and trainable and is_parameter and can_require_grad(dtype)):
         return weights, 0, 0, 0
     if not floating:  # complex: grads and states are the parameter's dtype, no master copy
@@ -284,7 +290,12 @@ def _step_scratch(
 
 # An inventory is the model reduced to what the estimate needs: element counts per
 # (dtype, trainable, is_parameter). Building it once makes every estimate O(#dtypes).
+# Two pseudo-dtypes carry quantized weights: KEPT_BYTES counts bytes kept as stored (packed
+# data and companions: no cast, no gradient), LOGICAL_PARAMS the logical parameters they hold
+# (counted as parameters, no bytes).
 Inventory = Counter
+KEPT_BYTES = "kept-bytes"
+LOGICAL_PARAMS = "logical-params"
 
 
 def inventory(source: Session | Checkpoint) -> Inventory:
@@ -298,9 +309,134 @@ def inventory(source: Session | Checkpoint) -> Inventory:
     for t in ckpt.model_tensors:
         if t.alias_of is not None:
             continue
+        if t.quant is not None or t.companion_of is not None:
+            counts[(KEPT_BYTES, False, False)] += t.nbytes
+            if t.quant is not None:
+                counts[(LOGICAL_PARAMS, False, True)] += t.quant.logical_numel
+            continue
         is_param = t.kind == PARAMETER
         counts[(t.dtype, bool(is_param and is_trainable(t)), is_param)] += t.numel
     return counts
+
+
+# -- LoRA / QLoRA ---------------------------------------------------------------------------------
+# Bytes bitsandbytes stores for a weight of n parameters and `rows` output rows, per scheme:
+# 4-bit with double quantization (QLoRA's default, bnb_4bit_use_double_quant=True): n/2 packed,
+# one uint8 absmax per 64 values, one fp32 absmax per 256 of those, the 16-entry fp32 code book
+# and the 256-entry fp32 code book of the second quantization: 4 + 8/64 + 32/(64*256) = 4.127 bits
+# per parameter (Dettmers et al. 2023, sec. 3 "Double Quantization"). LLM.int8: n int8 bytes and
+# one fp32 scale per row (`SCB`).
+BNB_SCHEMES = ("nf4", "fp4", "int8")
+
+
+def bnb_bytes(scheme: str, n: int, rows: int) -> int:
+    """Bytes bitsandbytes stores for one weight of `n` parameters and `rows` output rows."""
+    if scheme == "int8":
+        return n + 4 * rows
+    if scheme in ("nf4", "fp4"):
+        blocks = -(-n // 64)
+        return -(-n // 2) + blocks + 4 * -(-blocks // 256) + 16 * 4 + 256 * 4
+    raise EstimateError(f"unknown quantization scheme {scheme!r}", hint=f"choose one of {', '.join(BNB_SCHEMES)}")
+
+
+# Modules PEFT's `target_modules="all-linear"` leaves out, and bitsandbytes does not quantize:
+# embeddings and the output head (matched on the module's last name).
+NOT_LINEAR = ("embed", "wte", "wpe", "lm_head", "embed_out", "shared")
+
+
+def is_linear_weight(module: str, shape: tuple[int, ...], dtype: str) -> bool:
+    """A 2-D floating `weight` of a module that is not an embedding or the output head."""
+    leaf = module.rpartition(".")[2]
+    return len(shape) == 2 and dtype in FLOATING_DTYPES and not any(x in leaf for x in NOT_LINEAR)
+
+
+@dataclass(frozen=True, slots=True)
+class LoraPlan:
+    """What a LoRA / QLoRA run adds to the base: adapters on `modules`, `adapter_params` trainable
+    elements (A: r x in, B: out x r per module), and the base's bytes per quantization scheme."""
+
+    rank: int
+    targets: tuple[str, ...]  # module names (or last names) matched; () = all linear layers
+    quantize: str | None
+    modules: int
+    adapter_params: int
+    base_params: int
+    base_quantized_bytes: dict[str, int]
+
+
+def _targeted(module: str, targets: Sequence[str]) -> bool:
+    if not targets:
+        return True
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def lora_inventory(
+    source: Session | Checkpoint, rank: int = 16, targets: Sequence[str] = (), quantize: str | None = None
+) -> tuple[Inventory, LoraPlan]:
+    """The inventory of a LoRA run (QLoRA with `quantize`): every base tensor frozen, each
+    linear layer of the base quantized with the bitsandbytes scheme `quantize` (as bitsandbytes
+    does: embeddings and the output head stay as they are), weights already quantized in the
+    file kept as stored, and trainable adapters of rank `rank` on every targeted linear layer
+    (PEFT matches `target_modules` as module names or their last parts; none = "all-linear").
+    Adapters are counted as fp32 parameters, so the precision decides their dtypes."""
+    if rank < 1:
+        raise EstimateError(f"LoRA rank must be 1 or more, not {rank}")
+    if quantize is not None and quantize not in BNB_SCHEMES:
+        raise EstimateError(f"unknown quantization scheme {quantize!r}", hint=f"choose one of {', '.join(BNB_SCHEMES)}")
+    ckpt = source if isinstance(source, Checkpoint) else source.ckpt
+    targets = tuple(targets)
+    counts: Inventory = Counter()
+    adapters = modules = base_params = 0
+    by_scheme: dict[str, int] = {}
+    for t in ckpt.model_tensors:
+        if t.alias_of is not None:
+            continue
+        if t.companion_of is not None:
+            counts[(KEPT_BYTES, False, False)] += t.nbytes
+            continue
+        q = t.quant
+        if q is not None:
+            counts[(KEPT_BYTES, False, False)] += t.nbytes
+            counts[(LOGICAL_PARAMS, False, True)] += q.logical_numel
+            base_params += q.logical_numel
+            by_scheme[q.scheme] = by_scheme.get(q.scheme, 0) + q.nbytes
+            module, shape = q.logical_name.rpartition(".")[0], q.logical_shape
+            linear = len(shape) == 2 and not any(x in module.rpartition(".")[2] for x in NOT_LINEAR)
+        else:
+            is_param = t.kind == PARAMETER
+            module, shape = t.name.rpartition(".")[0], t.shape
+            linear = is_param and t.name.endswith(".weight") and is_linear_weight(module, shape, t.dtype)
+            if is_param:
+                base_params += t.numel
+            if linear and quantize is not None:
+                size = bnb_bytes(quantize, t.numel, shape[0])
+                counts[(KEPT_BYTES, False, False)] += size
+                counts[(LOGICAL_PARAMS, False, True)] += t.numel
+                by_scheme[quantize] = by_scheme.get(quantize, 0) + size
+            else:
+                counts[(t.dtype, False, is_param)] += t.numel
+        if linear and _targeted(module, targets):
+            modules += 1
+            adapters += rank * (shape[0] + shape[1])
+    if adapters:
+        counts[("float32", True, True)] += adapters
+    plan = LoraPlan(rank, targets, quantize, modules, adapters, base_params, by_scheme)
+    return counts, plan
+
+
+def lora_estimate_table(
+    source: Session | Checkpoint,
+    rank: int = 16,
+    targets: Sequence[str] = (),
+    quantize: str | None = None,
+    precisions: Sequence[str] | None = None,
+    optimizers: Sequence[str] | None = None,
+) -> tuple[list[MemoryEstimate], LoraPlan]:
+    """estimate_table for a LoRA / QLoRA run (see lora_inventory)."""
+    counts, plan = lora_inventory(source, rank, targets, quantize)
+    precisions = list(PRECISIONS) if precisions is None else list(precisions)
+    optimizers = [o for o in OPTIMIZERS if o != "none"] if optimizers is None else list(optimizers)
+    return [estimate(counts, p, o) for p in precisions for o in optimizers], plan
 
 
 def estimate(
@@ -326,6 +462,12 @@ def estimate(
     cast_from: set[str] = set()
     complex_kept = False
     for (dtype, trainable, is_param), numel in counts.items():
+        if dtype == KEPT_BYTES:  # quantized data: its bytes as stored, whatever the precision
+            weights += numel
+            continue
+        if dtype == LOGICAL_PARAMS:
+            n_params += numel
+            continue
         trainable = trainable and can_require_grad(dtype)
         w, g, m, o = _tensor_bytes(numel, dtype, trainable, is_param, spec, states, training)
         weights += w
@@ -421,7 +563,7 @@ def _row(label: str, value: str, width: int) -> str:
 
 
 def fit_line(est: MemoryEstimate | int, free_bytes: int) -> str:
-    """'fits: 3.1 GB to spare (of 24.0 GB free)' or 'does not fit: 1.2 GB short (of ...)'."""
+    """'fits: 3.1 GiB to spare (of 24.0 GiB free)' or 'does not fit: 1.2 GiB short (of ...)'."""
     ok, headroom = fits(est, free_bytes)
     if ok:
         return f"fits: {fmt_bytes(headroom)} to spare"

@@ -24,7 +24,7 @@ from ..checkpoint import (
 from ..enums import StrEnum
 from ..errors import MscopeError
 from ..patterns import PatternError, compile_safe_regex, glob_matches, search_names
-from ..units import fmt_count
+from ..units import count_pair, percent
 
 NORM_WITH_RUNNING_STATS = ("BatchNorm", "SyncBatchNorm", "InstanceNorm")
 BLOCK_CONTAINERS = ("layers", "layer", "h", "blocks", "block", "encoder.layer", "decoder.layers", "transformer.h", "model.layers", "resblocks")
@@ -133,8 +133,8 @@ class Session:
         self.canonical: dict[str, str] = {}
         self.trainable: dict[str, bool] = {}
         for t in ckpt.model_tensors:
-            if t.kind != PARAMETER or not can_require_grad(t.dtype):
-                continue
+            if t.kind != PARAMETER or not can_require_grad(t.dtype) or t.quant is not None:
+                continue  # a quantized weight is a frozen base: adapters train on it
             canon = t.alias_of if t.alias_of and t.alias_of in self.records else t.name
             self.canonical[t.name] = canon
             if canon == t.name:
@@ -168,6 +168,12 @@ class Session:
 
     def can_train(self, name: str) -> bool:
         return name in self.canonical
+
+    @property
+    def revision(self) -> int:
+        """How many changes were applied (undo and redo count too): unchanged while the freeze
+        state is, so a message about that state need not be repeated."""
+        return self._generation
 
     @property
     def dirty(self) -> bool:
@@ -212,14 +218,16 @@ class Session:
         return self._count(""), self.ckpt.tree.stats.params
 
     def totals_line(self) -> str:
+        """`trainable 1.6K / 2.2K (72.7%)`, the explorer header's rule: exact counts where the
+        compact ones would hide a change (`1,594 / 1,610`), never 100.0% or 0.0% unless so."""
         trainable, total = self.totals()
-        pct = 100.0 * trainable / total if total else 0.0
-        return f"trainable {fmt_count(trainable)} / {fmt_count(total)} ({pct:.1f}%)"
+        return f"trainable {count_pair(trainable, total)} ({percent(trainable, total)})"
 
     # -- matching ------------------------------------------------------------------------------
     def match(self, pattern: str, kind: str = Selector.GLOB) -> list[str]:
         """Model tensor names matching a glob (`encoder.layers.[0-9].*`) or a regex (search)."""
-        names = list(self.records)
+        # A quantized weight's companions follow their weight: patterns select the weight.
+        names = [n for n, t in self.records.items() if t.companion_of is None]
         if kind == Selector.REGEX:  # from the user or a plan file: shape-checked, time-bounded
             try:
                 return search_names(compile_safe_regex(pattern), names)
@@ -340,7 +348,7 @@ class Session:
         names = list(names)
         canon = [c for c in map(self.canonical.get, names) if c is not None]
         if not canon:
-            return ChangeResult(0, len(names), names, "no trainable tensors here (integer/bool tensors cannot require grad)")
+            return ChangeResult(0, len(names), names, "no trainable tensors here (integer, bool and quantized tensors cannot require grad)")
         value = not all(map(self.trainable.__getitem__, canon))
         action = Action.UNFREEZE if value else Action.FREEZE
         return self.set_trainable(names, value, Rule(action, Selector.NAMES, _names_value(names)))
@@ -470,9 +478,15 @@ class Session:
 
 def _describe_skipped(session: Session, names: list[str]) -> str:
     """'3 buffer(s), 1 integer/bool tensor(s)': what a freeze request could not touch."""
-    integer = sum(1 for n in names if not can_require_grad(session.records[n].dtype))
-    buffers = len(names) - integer
+    # a quantized weight's companions go with it (a module's names list both): said once, as the weight
+    records = [t for t in (session.records[n] for n in names) if t.companion_of is None]
+    quantized = sorted({t.quant.scheme for t in records if t.quant is not None})
+    integer = sum(1 for t in records if t.quant is None and not can_require_grad(t.dtype))
+    buffers = len(records) - integer - sum(1 for t in records if t.quant is not None)
     parts = []
+    if quantized:
+        count = sum(1 for t in records if t.quant is not None)
+        parts.append(f"{count} quantized weight(s) ({', '.join(quantized[:3])}: a frozen base; train adapters on it)")
     if buffers:
         parts.append(f"{buffers} buffer(s)")
     if integer:

@@ -26,6 +26,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.css.query import NoMatches
+from textual.notifications import Notify
 from textual.screen import Screen
 from textual.widgets import Input, LoadingIndicator, Static
 from textual.worker import Worker, WorkerState
@@ -35,12 +36,13 @@ from ..errors import MscopeError
 from ..readers import FORMAT_LABELS
 from ..readers.sources.location import as_location
 from ..training.session import Session
-from ..units import fmt_bytes, safe_text
+from ..units import count_pair, fmt_bytes, percent, safe_text
 from . import keys
 from .controllers.caveats import NormCaveat
 from .controllers.devices import DeviceMover, MoveJob
 from .controllers.diff import DiffController, DiffJob
 from .controllers.estimate import EstimateJob, Estimator
+from .controllers.feedback import Feedback
 from .controllers.filter import FilterJob, TreeFilter
 from .controllers.values import NormProfiler, NormsJob, StatsJob, TensorStats
 from .messages import (
@@ -63,7 +65,6 @@ from .messages import (
 )
 from .panes import DETAILS, GPUS, NARROW, WIDE, fit_panes
 from .widgets.details import (
-    count_pair,
     diff_file_details,
     diff_module_details,
     diff_tensor_details,
@@ -71,7 +72,6 @@ from .widgets.details import (
     ghost_details,
     module_details,
     norm_profile_details,
-    percent,
     stats_details,
     tensor_details,
 )
@@ -97,12 +97,15 @@ def _while_running(handler):
 
 
 EXPAND_ALL_LIMIT = 3000  # nodes added by one "expand all"; more would stall the terminal
+TOASTS_MAX = 2  # toasts on screen at once below TOASTS_ROOMY rows (the oldest goes; M lists it)
+TOASTS_ROOMY, TOASTS_MAX_ROOMY = 40, 4
 EXIT_AFTER_PAINT_ENV = "MSCOPE_EXIT_AFTER_PAINT"  # benchmarks: quit once the tree is painted
 
 
 class MscopeApp(App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "mscope"
+    SUSPENDED_SCREEN_CLASS = "-suspended"  # the explorer behind a dialog: app.tcss hides its toasts
 
     BINDINGS = keys.BINDINGS
     # The help screen's rows; they name the app's keys, the tree's and the command palette's.
@@ -135,6 +138,7 @@ class MscopeApp(App[int]):
         self.estimator = Estimator()
         self.filter = TreeFilter()
         self.norm_caveat = NormCaveat()
+        self.feedback = Feedback()  # every message of the run (M), and when a toast shows
         self.gpu_interval = gpu_interval
         self.show_gpus = show_gpus
         # The panes the user wants shown; a pane may still be hidden for lack of room (panes.py).
@@ -159,6 +163,7 @@ class MscopeApp(App[int]):
         yield ModeFooter(id="footer")
 
     def on_mount(self) -> None:
+        self.screen_change_signal.subscribe(self, self._screen_changed)
         self.query_one("#filter", Input).display = False
         self._set_footer_mode()
         self.query_one("#diff-progress", Static).display = False
@@ -385,7 +390,8 @@ class MscopeApp(App[int]):
 
     def _say_no_room(self, pane: str, need: int, width: int, opened: str | None) -> None:
         name, key = ("details pane", "d") if pane == DETAILS else ("GPU panel", "g")
-        why = f"the tree needs {need} of {width} columns for names, shapes and dtypes"
+        what = "names, shapes, dtypes and changes" if self.diff.live is not None else "names, shapes and dtypes"
+        why = f"the tree needs {need} of {width} columns for {what}"
         if pane == opened:
             self.notify(f"no room for the {name}: {why}", severity="warning", timeout=5)
         elif opened is not None:
@@ -504,10 +510,13 @@ class MscopeApp(App[int]):
             return []
         return node.data.names
 
-    def _after_change(self, message: str, severity: str = "information") -> None:
+    def _after_change(self, message: str, severity: str = "information", timeout: float = 3) -> None:
+        """Every change of the freeze state ends here (undo, redo and eval mode too): repaint,
+        say what changed, then the caveat the new state calls for, said once per change of
+        what it is about (after an undo it is said again when the state comes back)."""
         self.refresh_state()
         if message:
-            self.notify(message, severity=severity, timeout=3)
+            self.notify(message, severity=severity, timeout=timeout)
         caveat = self.norm_caveat.check(self.session)
         if caveat:
             self.notify(caveat, severity="warning", timeout=6)
@@ -619,8 +628,7 @@ class MscopeApp(App[int]):
             self.notify("no frozen norm layers with running statistics need eval mode", timeout=3)
             return
         self.session.set_eval_mode(pending)
-        self.refresh_state()
-        self.notify(f"eval mode recorded for {len(pending)} norm layer(s)", timeout=3)
+        self._after_change(f"eval mode recorded for {len(pending)} norm layer(s)")
 
     def action_undo(self) -> None:
         self._history(self.session.undo if self.session else None)
@@ -636,8 +644,7 @@ class MscopeApp(App[int]):
         except MscopeError as exc:
             self.notify(exc.message, severity="warning", timeout=2)
             return
-        self.refresh_state()
-        self.notify(message, timeout=2)
+        self._after_change(message, timeout=2)
 
     # -- saving --------------------------------------------------------------------------------
     def default_plan_path(self) -> Path:
@@ -875,9 +882,57 @@ class MscopeApp(App[int]):
         self.action_quit_app()
 
     def notify(self, message: str, *, title: str = "", severity="information", timeout=None, markup: bool = False) -> None:
-        """Every notification shows plain text: messages carry names and paths from files, so
-        they are escaped (safe_text) and never parsed as markup (`[bold]` in a name stays)."""
-        super().notify(safe_text(message, multiline=True), title=safe_text(title), severity=severity, timeout=timeout, markup=False)
+        """Every message goes through here: into the history (M), then a toast unless it
+        repeats the last one with nothing changed, and not over a dialog (held until it
+        closes; controllers/feedback.py). Plain text: messages carry names and paths from
+        files, so they are escaped (safe_text) and never parsed as markup."""
+        text = safe_text(f"{title}: {message}" if title else message, multiline=True)
+        toast = self.feedback.say(text, severity, timeout, self._state(), dialog=len(self.screen_stack) > 1)
+        if toast is not None:
+            self._toast(toast)
+
+    def _toast(self, toast) -> None:
+        super().notify(toast.text, severity=toast.severity, timeout=toast.timeout, markup=False)
+
+    def on_notify(self, event: Notify) -> None:
+        self.call_next(self._trim_toasts)  # once Textual's own handler has added the toast
+
+    def _trim_toasts(self) -> None:
+        """The oldest toasts go, so that an 80x24 screen holds two and never a pile over the
+        rows a user is reading (M lists every message)."""
+        limit = TOASTS_MAX_ROOMY if self.size.height >= TOASTS_ROOMY else TOASTS_MAX
+        shown = list(self._notifications)  # Textual's collection of the live toasts
+        if len(shown) > limit:
+            for old in shown[: len(shown) - limit]:
+                self._unnotify(old, refresh=False)
+            self._refresh_notifications()
+
+    def _state(self) -> tuple:
+        """What the explorer's messages are about: a message said again while all of this is
+        unchanged is counted in the history, not shown again."""
+        session, mover = self.session, self.mover
+        return (
+            session.revision if session is not None else None,
+            mover.placed_line() if mover is not None and mover.placed else None,
+            self.filter.text,
+            id(self.diff.live),
+            self.want_details,
+            self.want_gpus,
+            tuple(pane.display for pane in self.query("#details-pane, #gpu-panel")),  # room
+        )
+
+    def _screen_changed(self, screen: Screen) -> None:
+        """The explorer is back on top: the toasts held while a dialog was open are shown. (The
+        toasts already up when it opened were hidden meanwhile, by app.tcss; those that have
+        not timed out come back.)"""
+        if len(self.screen_stack) == 1:
+            for toast in self.feedback.release():
+                self._toast(toast)
+
+    def action_messages(self) -> None:
+        from .screens.messages import MessagesScreen
+
+        self.push_screen(MessagesScreen(self.feedback.history))
 
     def action_quit_app(self) -> None:
         from .screens.confirm import ConfirmScreen
@@ -1222,6 +1277,7 @@ class MscopeApp(App[int]):
             self.tree.reveal(module_name=cursor.module.name)
         self._set_progress(self.diff.progress_line())
         self._set_footer_mode()
+        self._fit_panes()  # the change column needs room: a pane may give way
         self.refresh_state()
 
     @on(DiffResults)
@@ -1283,6 +1339,7 @@ class MscopeApp(App[int]):
         self.tree.diff = None
         self.tree.populate()
         self._set_footer_mode()
+        self._fit_panes()  # a pane that gave way to the change column may come back
         self.refresh_state()
 
     def _jump_change(self, step: int) -> None:

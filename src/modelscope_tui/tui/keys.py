@@ -40,6 +40,7 @@ BINDINGS = [
     Binding("n", "next_change", "Next change"),  # shown in diff mode only (ModeFooter)
     Binding("N", "previous_change", "Previous change", show=False),
     Binding("x", "stop_compare", "Stop comparing", show=False),
+    Binding("M", "messages", "Messages", show=False),
     Binding("question_mark", "help", "Help"),
     Binding("q", "quit_app", "Quit"),
 ]
@@ -76,6 +77,7 @@ HELP: list[tuple[tuple[str, ...] | str, str]] = [
     (("compare",), "diff mode: compare this file (B) against another checkpoint (A), any format"),
     (("next_change", "previous_change"), "diff mode: jump to the next / previous changed, added or removed tensor"),
     (("stop_compare",), "diff mode: stop comparing values (esc too, when nothing else is open)"),
+    (("messages",), "messages of this run (toasts that went away or waited behind a dialog)"),
     (("command_palette",), "command palette: every action by name"),
     (("help",), "this help"),
     (("quit_app",), "quit (asks when there are unsaved changes)"),

@@ -10,9 +10,10 @@ numpy's as_strided and the compiled loop trust them, and a wrong one reads outsi
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import islice
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..checkpoint import TensorRecord, prod
+from ..checkpoint import BLOCK_DTYPES, TensorRecord, prod
 from ..errors import TensorDataError
 from .data import check_view, is_remote
 from .kernels import compiled_kernel, numpy_module
@@ -50,6 +51,8 @@ LAYOUT: dict[str, Layout] = {
     "float8_e5m2fnuz": Layout("uint8", 1, "torch"),
     "float8_e8m0fnu": Layout("uint8", 1, "torch"),
 }
+# GGML block-quantized tensors (GGUF): chunks of whole blocks, dequantized to float32 by gguf-py.
+LAYOUT.update({name: Layout("uint8", 1, "ggml") for name in BLOCK_DTYPES})
 
 
 def stats_supported(dtype: str) -> bool:
@@ -93,6 +96,38 @@ def slabs(shape: tuple[int, ...], chunk: int) -> Iterator[tuple]:
             yield (i, *rest)
 
 
+def slab_count(shape: tuple[int, ...], chunk: int) -> int:
+    """How many index tuples `slabs(shape, chunk)` yields, without walking them."""
+    if not shape:
+        return 1
+    inner = prod(shape[1:])
+    if inner <= chunk:
+        step = max(1, chunk // max(inner, 1))
+        return -(-shape[0] // step)
+    return shape[0] * slab_count(shape[1:], chunk)
+
+
+def slab_elements(shape: tuple[int, ...], idx: tuple) -> int:
+    """Elements in the slab `idx` (one of `slabs(shape, ...)`)."""
+    rest = prod(shape[len(idx) :])
+    last = idx[-1] if idx else None
+    if isinstance(last, slice):
+        return (last.stop - last.start) * rest
+    return rest
+
+
+def chunk_count(record: TensorRecord, chunk_bytes: int, ordered: bool = False) -> int:
+    """How many chunks `Source(..., record, chunk_bytes, ordered).chunks()` yields, from the
+    metadata alone (no bytes, no mapping): a Dask client splits tensors by chunk index with it,
+    so the chunks a worker reads are the ones a local run reads."""
+    if record.numel == 0:
+        return 0
+    elements = max(1, chunk_bytes // max(1, record.itemsize))
+    if ordered or record.is_contiguous or is_dense(record):
+        return -(-record.numel // elements)  # byte ranges, or strided slabs regrouped to them
+    return slab_count(tuple(record.shape), elements)
+
+
 _NATIVE_KIND = {("f16", "int16"): 0, ("bf16", "int16"): 1, ("float", "float32"): 2}
 
 
@@ -121,6 +156,9 @@ class Source:
         self.elements = max(1, chunk_bytes // max(1, itemsize))
         self.numel = record.numel
         self.nbytes = record.nbytes
+        if kernel == "ggml":
+            self._blocks(data, record)
+            return
         contiguous = record.is_contiguous or (not ordered and is_dense(record))
         self.address = None
         self.stream: tuple[int, int] | None = None  # (first byte, bytes) fetched by chunk
@@ -174,47 +212,101 @@ class Source:
                 writeable=False,
             )
 
-    def chunks(self) -> Iterator[tuple[int, Any]]:
-        """(source bytes, components) for each chunk, in row-major order when `ordered`."""
+    def _blocks(self, data: TensorData, record: TensorRecord) -> None:
+        """A GGML block-quantized tensor: its bytes, and gguf-py's dequantizer for its type.
+        Chunks hold `elements` values (as other dtypes' chunks do, so a diff pairs them with
+        a float tensor's), each dequantized from the whole blocks it touches."""
+        s = record.storage
+        where = record.qualified_name
+        if s is not None and s.byteorder == "big":
+            raise TensorDataError(f"tensor {where!r}: big-endian GGML {record.dtype} blocks are not read")
+        if record.storage_offset or not record.is_contiguous:
+            raise TensorDataError(f"tensor {where!r}: a GGML {record.dtype} tensor must cover its storage from the start")
+        self.dequantize = ggml_dequantizer(record.dtype)
+        np = numpy_module()
+        raw = data.storage_bytes(record)
+        check_view(record, len(raw))
+        self.flat = np.frombuffer(raw, dtype=np.uint8)[: self.nbytes]
+        self.view = self.address = None
+        self.swap = False
+        self.block = BLOCK_DTYPES[record.dtype]
+
+    def _block_chunks(self, first: int, stop: int | None) -> Iterator[tuple[int, Any]]:
+        np = numpy_module()
+        per_block, block_bytes = self.block
+        end_value = self.numel if stop is None else min(self.numel, stop * self.elements)
+        for start in range(first * self.elements, end_value, self.elements):
+            end = min(self.numel, start + self.elements)
+            b0, b1 = start // per_block, -(-end // per_block)
+            with np.errstate(all="ignore"):  # scales from the file may overflow: inf, as torch would
+                values = self.dequantize(self.flat[b0 * block_bytes : b1 * block_bytes])
+            values = values.reshape(-1)[start - b0 * per_block : end - b0 * per_block]
+            # each block's bytes counted once: by the chunk its first value is in
+            yield (b1 - -(-start // per_block)) * block_bytes, np.ascontiguousarray(values, dtype=np.float32)
+
+    def chunks(self, first: int = 0, stop: int | None = None) -> Iterator[tuple[int, Any]]:
+        """(source bytes, components) for each chunk, in row-major order when `ordered`; only
+        chunks first..stop-1 (a Dask task's range: see chunk_count), the ones before `first`
+        skipped without reading them."""
         if self.numel == 0:
             return
+        if self.kernel == "ggml":
+            yield from self._block_chunks(first, stop)
+            return
         step = self.elements * self.record.itemsize
-        if self.stream is not None:
+        end = self.nbytes if stop is None else min(self.nbytes, stop * step)
+        if self.stream is not None:  # a large remote storage, fetched chunk by chunk
             np = numpy_module()
-            start, total = self.stream
-            for raw in self.data.stream_bytes(self.record, start, total, step):
-                yield len(raw), self._components(np.frombuffer(raw, dtype=np.uint8))
+            base, begin = self.stream[0], first * step
+            if end > begin:
+                for raw in self.data.stream_bytes(self.record, base + begin, end - begin, step):
+                    yield len(raw), self._components(np.frombuffer(raw, dtype=np.uint8))
             return
         if self.address is not None:
             address, size, kind = self.address, self.comp_size, self.native_kind
             lo, hi = self.bounds
-            for start in range(0, self.nbytes, step):
+            for start in range(first * step, end, step):
                 nbytes = min(step, self.nbytes - start)
                 yield nbytes, (address + start, nbytes // size, kind, lo, hi)
             return
         if self.flat is not None:
-            for start in range(0, self.flat.size, step):
+            for start in range(first * step, end, step):
                 raw = self.flat[start : start + step]
                 yield raw.size, self._components(raw)
             return
         np = numpy_module()
         if not self.ordered:
-            for idx in slabs(self.record.shape, self.elements):
+            for idx in islice(slabs(self.record.shape, self.elements), first, stop):
                 block = np.ascontiguousarray(self.view[idx]).reshape(-1).view(np.uint8)
                 yield block.size, self._components(block)
             return
         # Ordered (diff): the other side may be contiguous and cut in chunks of exactly `step`
         # bytes, and chunks are compared pairwise, so the slabs are regrouped to that size.
+        # Slabs wholly before chunk `first` are skipped unread; one that straddles it is cut.
+        skip = first * step
+        pos = 0  # source bytes of the slabs walked so far
         pending: list = []
         size = 0
         for idx in slabs(self.record.shape, self.elements):
+            if pos >= end:
+                return
+            nbytes = slab_elements(self.record.shape, idx) * self.record.itemsize
+            if pos + nbytes <= skip:
+                pos += nbytes
+                continue
             block = np.ascontiguousarray(self.view[idx]).reshape(-1).view(np.uint8)
+            if pos < skip:
+                block = block[skip - pos :]
+            pos += nbytes
             pending.append(block)
             size += block.size
             while size >= step:
                 joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
                 out, rest = joined[:step], joined[step:]
                 yield out.size, self._components(out)
+                skip += step
+                if skip >= end:
+                    return
                 pending, size = ([rest] if rest.size else []), rest.size
         if pending:
             joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
@@ -230,11 +322,34 @@ class Source:
 
     @property
     def chunk_kernel(self) -> str:
-        return "float" if self.kernel == "torch" else self.kernel
+        return "float" if self.kernel in ("torch", "ggml") else self.kernel
 
     @property
     def copies(self) -> bool:
-        """Its chunks are copies (gathered from a strided view, or float8 widened by torch), not
-        views of the mapping: a thread pool must not queue many of them."""
-        return (self.flat is None and self.address is None) or self.kernel == "torch"
+        """Its chunks are copies (gathered from a strided view, float8 widened by torch, GGML
+        blocks dequantized), not views of the mapping: a thread pool must not queue many of them."""
+        return (self.flat is None and self.address is None) or self.kernel in ("torch", "ggml")
+
+
+def ggml_dequantizer(dtype: str):
+    """gguf-py's dequantizer for a GGML block type: raw blocks (uint8) -> float32 values.
+    gguf is an optional dependency, imported here on first use."""
+    try:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+    except ImportError:
+        raise TensorDataError(
+            f"values of GGML {dtype} tensors need the gguf package: pip install 'modelscope-tui[gguf]'"
+        ) from None
+    qtype = getattr(GGMLQuantizationType, dtype, None)
+    if qtype is None:
+        raise TensorDataError(f"this gguf package does not know GGML {dtype}; upgrade gguf")
+
+    def run(raw):
+        try:
+            return dequantize(raw, qtype)
+        except NotImplementedError:
+            raise TensorDataError(f"gguf-py cannot dequantize GGML {dtype}") from None
+
+    return run
 

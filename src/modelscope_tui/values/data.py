@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint import Checkpoint, TensorRecord
+from ..checkpoint import BLOCK_DTYPES, Checkpoint, TensorRecord, span_bytes
 from ..errors import TensorDataError
 from ..readers.sources.location import RemotePath
 
@@ -29,6 +29,8 @@ UNLOADABLE_DTYPES = frozenset({"qint8", "quint8", "qint32", "quint4x2", "quint2x
 def torch_dtype(name: str) -> torch.dtype:
     import torch
 
+    if name in BLOCK_DTYPES:
+        raise TensorDataError(f"GGML {name} is block-quantized: torch has no such dtype (values are read dequantized)")
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype) or name in UNLOADABLE_DTYPES:
         raise TensorDataError(f"dtype {name} cannot be read by this torch ({torch.__version__})")
@@ -51,7 +53,7 @@ def check_view(record: TensorRecord, available: int) -> None:
         if n == 0:
             return  # no element is read
         last += (n - 1) * st
-    needed = (last + 1) * record.itemsize
+    needed = span_bytes(record.dtype, last + 1)
     if needed > available:
         raise TensorDataError(
             f"tensor {where!r} does not fit its storage ({needed:,} bytes needed, {max(available, 0):,} stored)"
@@ -86,7 +88,7 @@ def unreadable_records(ckpt: Checkpoint) -> set[int]:
             bad.add(id(t))
             continue
         last = t.storage_offset + sum((n - 1) * st for n, st in zip(t.shape, t.stride))
-        if (last + 1) * t.itemsize > s.nbytes:
+        if span_bytes(t.dtype, last + 1) > s.nbytes:
             bad.add(id(t))
     return bad
 

@@ -331,6 +331,8 @@ class TensorRef(TensorRecord):
         self.is_parameter = False
         self.dtype = dtype or (storage.dtype if type(storage) is StorageRecord else None)
         self.note = None
+        self.quant = None  # quant.annotate fills these in once the file is read
+        self.companion_of = None
         self.subclass = None
         # Creation order = order of the rebuild calls in the pickle stream (writers patch by it).
         self.pickle_seq = next(_TENSOR_SEQ)

@@ -58,7 +58,7 @@ class DeviceMover:
         return self.placement.device_of(name) if self.placement is not None else None
 
     def placed_line(self) -> str:
-        """`cuda:0 1.2 GB, cpu 3.4 MB`: model bytes per device (what is still only in the file
+        """`cuda:0 1.2 GiB, cpu 3.4 MiB`: model bytes per device (what is still only in the file
         is left out)."""
         by_device = self.placement.bytes_by_device() if self.placement is not None else {}
         return ", ".join(f"{d} {fmt_bytes(b)}" for d, b in by_device.items() if d != "file")

@@ -67,7 +67,7 @@ class Estimator:
         return [g for g in sample.gpus if isinstance(g.memory_free, int)]
 
     def fit_key(self, sample) -> tuple:
-        """Changes when the estimate does, or a GPU's free memory moves by 64 MB or more: the fit
+        """Changes when the estimate does, or a GPU's free memory moves by 64 MiB or more: the fit
         lines are redrawn then, not on every tick."""
         return (id(self.estimate), tuple((g.nvml_index, g.memory_free >> 26) for g in self.gpus_with_memory(sample)))
 

@@ -18,6 +18,8 @@ NO_FORWARD_PASS = (
     "profile of each module (d)."
 )
 
+SIZES = "Sizes are binary: 1 KiB = 1,024 bytes, 1 MiB = 2^20, 1 GiB = 2^30 (JSON output keeps bytes)."
+
 
 class HelpScreen(Modal):
     """Every key, grouped; the same actions are in the command palette (ctrl+p)."""
@@ -39,3 +41,4 @@ class HelpScreen(Modal):
             with VerticalScroll():
                 yield Static(table)
                 yield Static(NO_FORWARD_PASS, classes="note")
+                yield Static(SIZES, classes="note")

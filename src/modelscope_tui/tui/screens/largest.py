@@ -26,7 +26,7 @@ class LargestScreen(Modal):
             yield Label("Largest tensors (enter jumps there)", classes="title")
             yield OptionList(
                 *[
-                    Option(f"{fmt_bytes(t.nbytes):>9}  {t.dtype:<9} {t.name}", id=t.name)
+                    Option(f"{fmt_bytes(t.nbytes):>10}  {t.dtype:<9} {t.name}", id=t.name)
                     for t in self.largest
                 ]
             )

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from bisect import bisect_right
+
+from rich.cells import cell_len, get_character_cell_size
 from rich.console import Group, RenderableType
-from rich.table import Table
 from rich.text import Text
 
 from ...checkpoint import ModuleNode, TensorRecord
 from ...readers import FORMAT_LABELS
+from ...readers.gguf import fact_lines
 from ...summary import optimizer_summaries
 from ...training.session import Session
-from ...units import fmt_bytes, fmt_count, safe_text, sparkline
+from ...units import fmt_bytes, fmt_count, percent, safe_text, sparkline
 
 MAX_ENTRIES = 60
 
@@ -86,17 +89,20 @@ def _break_rank(plain: str, k: int) -> int | None:
     return None
 
 
-def _cut(plain: str, start: int, width: int) -> int:
+def _cut(plain: str, start: int, width: int, pos: list[int]) -> int:
     """Where the line that begins at `start` ends: at the best kind of boundary that still
-    fills half the line, else the last boundary of any kind, else at `width` (no boundary)."""
-    end = start + width
+    fills half the line, else the last boundary of any kind, else at `width` (no boundary).
+    Widths are terminal cells (pos[i]: cells before plain[i]); a CJK character or an emoji
+    takes two, so a line of them holds half as many characters."""
+    end = bisect_right(pos, pos[start] + width, lo=start) - 1  # the most characters that fit
+    end = max(end, start + 1)  # a character wider than the line still makes progress
     found: dict[int, int] = {}  # rank -> the last cut of that rank
     for k in range(end - 1, start, -1):
         rank = _break_rank(plain, k)
         if rank is not None and rank not in found:
             found[rank] = k + 1
     for rank in sorted(found):
-        if found[rank] - start >= width // 2:
+        if pos[found[rank]] - pos[start] >= width // 2:
             return found[rank]
     usual = [cut for rank, cut in found.items() if rank != UNIT_BREAK]
     return max(usual or found.values(), default=end)
@@ -106,12 +112,15 @@ def wrap(text: Text, width: int) -> list[Text]:
     """`text` in lines of at most `width` cells, broken at boundaries (BREAKS); a hard break
     only inside a run with none. Styles are kept."""
     plain = text.plain
-    if len(plain) <= width or width < 1:
+    if width < 1 or cell_len(plain) <= width:
         return [text]
+    pos = [0]
+    for c in plain:
+        pos.append(pos[-1] + get_character_cell_size(c))
     offsets = []
     start, n = 0, len(plain)
-    while n - start > width:
-        start = _cut(plain, start, width)
+    while pos[n] - pos[start] > width:
+        start = _cut(plain, start, width, pos)
         while start < n - 1 and plain[start] == " ":  # no line starts with a space
             start += 1
         offsets.append(start)
@@ -177,6 +186,15 @@ def tensor_details(session: Session, t: TensorRecord, device: str | None = None,
         table.add_row("persistent", "no (not in state_dict)")
     if t.note:
         table.add_row("note", t.note)
+    if t.quant is not None:
+        q = t.quant
+        table.add_row("quantized", f"{q.scheme} ({q.method}): a frozen base, adapters train on it")
+        table.add_row("logical weight", f"{q.logical_name} {list(q.logical_shape)}")
+        table.add_row("logical params", f"{q.logical_numel:,}")
+        table.add_row("real bytes", f"{fmt_bytes(q.nbytes)} ({q.nbytes:,}, {8 * q.nbytes / max(q.logical_numel, 1):.2f} bits/param)")
+        table.add_row("companions", ", ".join(n.rsplit(".", 1)[-1] for n in q.companions) or "none")
+    if t.companion_of is not None:
+        table.add_row("companion of", f"{t.companion_of} (quantized weight; never trains)")
     if values is not None:
         return Group(table, Text("\nvalues", style="bold underline"), values)
     return table
@@ -214,6 +232,17 @@ def stats_details(stats, histogram=None) -> RenderableType:
     return table
 
 
+def count_text(n: int) -> str:
+    """`1,594 (1.6K)`, or `676` where the short form would only repeat it."""
+    short = fmt_count(n)
+    return f"{n:,}" if short == str(n) else f"{n:,} ({short})"
+
+
+def bytes_text(n: int) -> str:
+    """`2.6 KB (2,704)`, or `528 B` where the exact count would only repeat it."""
+    return fmt_bytes(n) if n < 1024 else f"{fmt_bytes(n)} ({n:,})"
+
+
 def module_details(session: Session, m: ModuleNode, profile: RenderableType | None = None) -> RenderableType:
     table = _table()
     stats = m.stats
@@ -224,12 +253,12 @@ def module_details(session: Session, m: ModuleNode, profile: RenderableType | No
         table.add_row("training", str(m.training))
     state = session.node_state(m)
     trainable = session.trainable_in(m)
-    table.add_row("params", f"{stats.params:,} ({fmt_count(stats.params)})")
+    table.add_row("params", count_text(stats.params))
     if state:
         table.add_row("trainable", f"{trainable:,} ({state})")
     table.add_row("buffers", f"{stats.buffers:,} elements")
     table.add_row("tensors", f"{stats.tensors:,}")
-    table.add_row("bytes", f"{fmt_bytes(stats.nbytes)} ({stats.nbytes:,})")
+    table.add_row("bytes", bytes_text(stats.nbytes))
     parts: list[RenderableType] = [table]
     if profile is not None:
         parts.append(profile)
@@ -276,6 +305,12 @@ def file_details(session: Session) -> RenderableType:
             if name in optimizers:
                 sec.add_row("", optimizers[name])
         parts += [Text("\nother sections", style="bold underline"), sec]
+    gguf_rows = fact_lines(ckpt)
+    if gguf_rows:
+        facts = _table()
+        for label, value in gguf_rows:
+            facts.add_row(label, value)
+        parts += [Text("\nGGUF", style="bold underline"), facts]
     if ckpt.entries:
         entries = _table()
         for e in ckpt.entries[:MAX_ENTRIES]:
@@ -297,27 +332,6 @@ def file_details(session: Session) -> RenderableType:
     return Group(*parts)
 
 
-def percent(part: int, whole: int) -> str:
-    """part/whole in percent, with the decimals it takes to read 100% or 0% only when it is."""
-    if not whole:
-        return "0.0%"
-    pct = 100.0 * part / whole
-    for decimals in range(1, 7):
-        text = f"{pct:.{decimals}f}"
-        if (part == whole or float(text) < 100) and (part == 0 or float(text) > 0):
-            break
-    return f"{text}%"
-
-
-def count_pair(part: int, whole: int) -> str:
-    """`1.6K / 2.2K`; exact (`1,584 / 1,600`) when the compact forms would read the same but
-    the counts differ: freezing one BatchNorm must show."""
-    a, b = fmt_count(part), fmt_count(whole)
-    if a == b and part != whole:
-        return f"{part:,} / {whole:,}"
-    return f"{a} / {b}"
-
-
 def _short(value: object, limit: int = 80) -> str:
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -325,43 +339,98 @@ def _short(value: object, limit: int = 80) -> str:
 
 # -- norm profile ------------------------------------------------------------------------------
 PROFILE_ROWS = 24
-PROFILE_BAR = 14
+PROFILE_BAR = 14  # the bars' width when the pane has room; they narrow first when it has not
+PROFILE_LABEL = 18  # a child's name keeps up to this, at least PROFILE_LABEL_MIN cells of it
+PROFILE_LABEL_MIN = 8
+PROFILE_BAR_MIN = 3  # narrower than this, the bars go and the figures stay
 
 
 def norm_profile_details(rows, status: str | None = None) -> RenderableType:
     """A module's children as horizontal bars of their L2 norm (rows from norms.module_norms).
 
     status: a progress or error line while the profile is incomplete."""
-    from ...audit.norms import bar
-
     parts: list[RenderableType] = [Text("\nnorm profile (L2 of each child)", style="bold underline")]
     if not rows:
         parts.append(Text(status or "no floating-point tensors", style="dim"))
         return Group(*parts)
     if status:
         parts.append(Text(status, style="dim"))
-    values = [r.norm for r in rows if r.norm is not None]
-    top = max(values, default=0.0)
-    if len(rows) > 8 and values:
-        spark = sparkline([r.norm or 0.0 for r in rows[:48]], floor=True)
-        parts.append(Text(spark, style="green"))
-    table = Table.grid(padding=(0, 1))
-    table.add_column(no_wrap=True, overflow="ellipsis", max_width=18)
-    table.add_column(no_wrap=True, width=PROFILE_BAR)
-    table.add_column(no_wrap=True, justify="right")
-    for r in rows[:PROFILE_ROWS]:
-        label = Text(safe_text(r.label), style="bold" if r.kind == "module" else "")
-        if r.note:
-            label.append(" (tied)", style="magenta")
-        if r.norm is None:
-            table.add_row(label, Text(""), Text("-" if r.complete else "…", style="dim"))
-            continue
-        value = Text(f"{r.norm:.4g}…" if r.norm else "…", style="dim") if not r.complete else Text(f"{r.norm:.4g}")
-        table.add_row(label, Text(bar(r.norm, top, PROFILE_BAR), style="green" if r.complete else "dim green"), value)
-    parts.append(table)
+    if len(rows) > 8 and any(r.norm is not None for r in rows):
+        parts.append(ProfileSparkline([r.norm or 0.0 for r in rows]))
+    parts.append(ProfileRows(rows[:PROFILE_ROWS], max((r.norm for r in rows if r.norm is not None), default=0.0)))
     if len(rows) > PROFILE_ROWS:
         parts.append(Text(f"… {len(rows) - PROFILE_ROWS:,} more children", style="dim"))
     return Group(*parts)
+
+
+class ProfileSparkline:
+    """Every child's norm, one bar each when the pane is wide enough; else each bar the largest
+    of a run of neighbours (a spike stays visible), and a line says how many a bar stands for.
+    Drawn for the width it gets: cut at the pane's edge, the last children were lost."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+
+    def __rich_console__(self, console, options):
+        width = max(1, options.max_width)
+        values, n = self.values, len(self.values)
+        if n <= width:
+            yield Text(sparkline(values, floor=True), style="green")
+            return
+        bars = [max(values[i * n // width : (i + 1) * n // width]) for i in range(width)]
+        yield Text(sparkline(bars, top=max(values), floor=True), style="green")
+        yield from wrap(Text(f"a bar: the largest of {-(-n // width)} children", style="dim"), width)
+
+
+class ProfileRows:
+    """One line per child: its name, a bar, its norm, fitted to the pane's width. The figure is
+    never cut; the name keeps PROFILE_LABEL_MIN cells, the bars PROFILE_BAR_MIN (or they go);
+    what is left lengthens the name, then the bars."""
+
+    def __init__(self, rows, top: float) -> None:
+        self.rows = rows
+        self.top = top
+
+    def widths(self, width: int, label_full: int, value_w: int) -> tuple[int, int]:
+        """(name cells, bar cells; 0: no bars) for a pane `width` cells wide."""
+        room = width - value_w - 2  # a space after the name and one before the figure
+        label = min(label_full, PROFILE_LABEL_MIN)
+        if room - label < PROFILE_BAR_MIN:
+            return max(1, room + 1), 0
+        label = min(label_full, room - PROFILE_BAR_MIN)
+        return label, min(PROFILE_BAR, room - label)
+
+    def __rich_console__(self, console, options):
+        from ...audit.norms import bar
+
+        lines = [(self._label(r), self._value(r), r) for r in self.rows]
+        value_w = max(v.cell_len for _, v, _ in lines)
+        label_full = min(PROFILE_LABEL, max(label.cell_len for label, _, _ in lines))
+        label_w, bar_w = self.widths(max(8, options.max_width), label_full, value_w)
+        for label, value, r in lines:
+            label.truncate(label_w, overflow="ellipsis", pad=True)
+            line = label + Text(" ")
+            if bar_w:
+                drawn = bar(r.norm, self.top, bar_w) if r.norm is not None else ""
+                line.append(drawn.ljust(bar_w), style="green" if r.complete else "dim green")
+                line.append(" ")
+            line.append(" " * (value_w - value.cell_len))
+            yield line + value
+
+    @staticmethod
+    def _label(r) -> Text:
+        label = Text(safe_text(r.label), style="bold" if r.kind == "module" else "")
+        if r.note:
+            label.append(" (tied)", style="magenta")
+        return label
+
+    @staticmethod
+    def _value(r) -> Text:
+        if r.norm is None:
+            return Text("-" if r.complete else "…", style="dim")
+        if not r.complete:
+            return Text(f"{r.norm:.4g}…" if r.norm else "…", style="dim")
+        return Text(f"{r.norm:.4g}")
 
 
 # -- diff mode ---------------------------------------------------------------------------------

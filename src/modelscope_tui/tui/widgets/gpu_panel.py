@@ -48,7 +48,7 @@ def gpu_block(gpu: GpuSnapshot, history: list[int], width: int) -> RenderableTyp
     title.append(safe_text(gpu.name), style="cyan")
     if gpu.lost or gpu.status:
         return Group(title, Text(gpu.status or "lost", style="red"))
-    lines: list[RenderableType] = [title, memory_bar(gpu, max(6, min(BAR_WIDTH, width - 18)))]
+    lines: list[RenderableType] = [title, memory_bar(gpu, max(6, min(BAR_WIDTH, width - 20)))]
     total = gpu.memory_total if gpu.memory_total is not NA else None
     spark = sparkline(history, max(8, width - 2), top=total)
     if spark:
@@ -70,7 +70,7 @@ def gpu_block(gpu: GpuSnapshot, history: list[int], width: int) -> RenderableTyp
             )
         )
     procs = sorted(gpu.processes, key=lambda p: 0 if p.used_memory is NA else -p.used_memory)[:3]
-    name_width = max(14, width - 21)  # what is left beside the pid and the memory figure
+    name_width = max(14, width - 22)  # what is left beside the pid and the memory figure (`12.3 GiB`)
     for p in procs:
         style = "bold magenta" if p.is_self else ""
         name = safe_text(na_or(p.name))[:name_width]

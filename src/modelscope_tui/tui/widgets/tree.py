@@ -6,9 +6,9 @@ costs repainting the visible lines. Children are added when a node is expanded, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from rich.cells import cell_len
 from rich.style import Style
 from rich.text import Text
 from textual.binding import Binding
@@ -32,7 +32,7 @@ from ...diff.report import (
     TensorDiff,
 )
 from ...training.session import Session
-from ...units import fmt_bytes, fmt_count, safe_text
+from ...units import fmt_bytes, fmt_count, safe_text, shorten
 
 PAGE = 200  # children added per expansion step; a flat 100k-tensor dict stays responsive
 MARGIN = 2  # the vertical scrollbar, and one cell so that a row never touches it
@@ -50,7 +50,7 @@ RIGHT_ALIGNED = ("numel", "bytes")
 # Widths of the columns whose values are words of known length; the others follow their content.
 FIXED_WIDTHS = {"train": 5, "change": 12, "device": 7}
 # Content widths are capped so that one odd value (a hostile 64-dim shape) cannot take the row.
-CONTENT_CAPS = {"shape": 23, "dtype": 14, "numel": 8, "bytes": 10}
+CONTENT_CAPS = {"shape": 23, "dtype": 18, "numel": 8, "bytes": 10}  # dtype: quant schemes ("fp8 e4m3 block 128")
 MARKS = {
     "trainable": ("✓ yes", "green"),
     "frozen": ("✗ no", "red"),
@@ -148,50 +148,6 @@ def name_cells(names: dict[int, int], guide: int) -> int:
     return max((depth * guide + min(n, NAME_MIN) for depth, n in names.items()), default=0)
 
 
-def shorten(name: str, width: int, siblings: Iterable[str] = ()) -> str:
-    """`name` in `width` cells, told apart from its siblings: a middle ellipsis keeps both ends
-    (`in_pr…weight` / `in_pr…j_bias`, `q_p…oj` / `k_p…oj`), with the cut moved until no other
-    sibling that is shortened too could read the same; when only the middle differs, a window
-    around the difference (`…attn…`). Siblings that fit are shown whole and never contain it."""
-    if len(name) <= width:
-        return name
-    if width <= 1:
-        return "…"[:width]
-    keep = width - 1
-    others = [o for o in siblings if o != name and len(o) > width]
-    whole = {o for o in siblings if len(o) <= width}
-    # For each other long sibling: how many leading and trailing characters it shares with
-    # `name`. A cut keeping h leading and t trailing ones reads the same as that sibling's
-    # cut with the same split exactly when h <= prefix and t <= suffix.
-    shared = [(_common_prefix(name, o), _common_prefix(name[::-1], o[::-1])) for o in others]
-    head0 = keep // 2  # the tail gets the extra cell: weight/bias, mean/var differ at the end
-    for h in sorted(range(keep + 1), key=lambda h: (abs(h - head0), -h)):
-        t = keep - h
-        if not any(h <= p and t <= q for p, q in shared):
-            text = name[:h] + "…" + (name[-t:] if t else "")
-            if text not in whole:
-                return text
-    # Only the middle tells them apart: show a window of it between two ellipses.
-    span = width - 2
-    if span >= 1:
-        first = max((p for p, _ in shared), default=0)
-        starts = sorted(range(1, len(name) - span), key=lambda i: abs(i - (first - span // 2)))
-        for i in starts:
-            window = name[i : i + span]
-            if not any(window in o for o in others):
-                return "…" + window + "…"
-    return name[:head0] + "…" + name[-(keep - head0) :]
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 @dataclass(slots=True)
 class Row:
     """What a tree line stands for."""
@@ -202,6 +158,7 @@ class Row:
     more_of: ModuleNode | None = None  # a "load more" line for this module's children
     shown: int = 0  # children already added (for "more" lines)
     ghost: bool = False  # diff mode: only in the other file (A); module/tensor are A's records
+    part: bool = False  # a quantized weight's packed data or companion, shown as stored under it
 
     @property
     def names(self) -> list[str]:
@@ -228,8 +185,9 @@ class Seen:
     def note(self, depth: int, name: str, **values: str) -> bool:
         """Record a row; True when something grew (the layout may change)."""
         grew = False
-        if len(name) > self.names.get(depth, 0):
-            self.names[depth], grew = len(name), True
+        cells = cell_len(name)  # a CJK name takes two cells a character
+        if cells > self.names.get(depth, 0):
+            self.names[depth], grew = cells, True
         widths = self.widths
         for key, value in values.items():
             n = min(len(value), CONTENT_CAPS[key])
@@ -296,7 +254,8 @@ class ParamTree(Tree[Row]):
     def _ordered_children(self, module: ModuleNode, ghost: bool = False) -> list[Row]:
         depth_rows: list[Row] = []
         modules = [] if ghost else list(module.children.values())
-        tensors = [] if ghost else list(module.tensors)
+        # A quantized weight's companions are listed under it (quant.py), not beside it.
+        tensors = [] if ghost else [t for t in module.tensors if t.companion_of is None]
         ghost_modules: list[ModuleNode] = []
         ghost_tensors: list[TensorRecord] = []
         if self.diff is not None:
@@ -335,6 +294,8 @@ class ParamTree(Tree[Row]):
             grew = self._note(row) or grew
             if row.module is not None:
                 node.add(row.module.short_name, row, allow_expand=self._has_children(row.module, row.ghost))
+            elif row.tensor.quant is not None and row.tensor.quant.companions and not row.ghost:
+                node.add(row.tensor.quant.leaf, row, allow_expand=True)  # its parts fold under it
             else:
                 node.add_leaf(row.tensor.name.rsplit(".", 1)[-1], row)
         if end < len(rows):
@@ -347,6 +308,12 @@ class ParamTree(Tree[Row]):
         """Widen the content-sized columns for a row about to be shown."""
         if row.tensor is not None:
             t = row.tensor
+            q = None if row.part else t.quant
+            if q is not None:
+                return self.seen.note(
+                    row.depth, q.leaf, shape=shape_text(q.logical_shape), dtype=q.scheme,
+                    numel=fmt_count(q.logical_numel), bytes=fmt_bytes(q.nbytes),
+                )  # fmt: skip
             return self.seen.note(
                 row.depth,
                 t.name.rsplit(".", 1)[-1],
@@ -387,9 +354,28 @@ class ParamTree(Tree[Row]):
 
     def _on_tree_node_expanded(self, event: Tree.NodeExpanded[Row]) -> None:
         node = event.node
-        if node.children or node.data is None or node.data.module is None:
+        if node.children or node.data is None:
+            return
+        t = node.data.tensor
+        if t is not None and t.quant is not None and not node.data.part:
+            self._add_parts(node, t)
+            return
+        if node.data.module is None:
             return
         self._add_children(node, node.data.module, 0)
+
+    def _add_parts(self, node: TreeNode[Row], t: TensorRecord) -> None:
+        """A quantized weight's packed data and companions, as stored, under its logical row."""
+        grew = False
+        records = self.session.records
+        for name in (t.name, *t.quant.companions):
+            part = records.get(name, t)
+            row = Row(tensor=part, depth=node.data.depth + 1, part=True)
+            grew = self._note(row) or grew
+            node.add_leaf(part.name.rsplit(".", 1)[-1], row)
+        self._short.clear()
+        if grew and self.is_mounted:
+            self.relayout(need_changed=True)
 
     def _on_tree_node_highlighted(self, event: Tree.NodeHighlighted[Row]) -> None:
         self.post_message(self.RowHighlighted(event.node.data))
@@ -430,13 +416,18 @@ class ParamTree(Tree[Row]):
         )
 
     def needed_width(self) -> int:
-        return self.seen.needed_width()
+        """What the side panes leave to the tree: names, shapes and dtypes, and in diff mode the
+        change column too (it is what that mode is for: at 80 columns the details pane gives
+        way rather than hide it)."""
+        need = self.seen.needed_width()
+        if self.diff is not None:
+            need += FIXED_WIDTHS["change"] + 1
+        return need
 
     def wanted_width(self) -> int:
-        """needed_width and the next column in priority (train; in diff mode, change): what the
-        side panes narrow for, though they do not close for it."""
-        third = (DIFF_PRIORITY if self.diff is not None else PRIORITY)[2]
-        return self.seen.needed_width() + FIXED_WIDTHS[third] + 1
+        """needed_width and the train column: what the side panes narrow for, though they do
+        not close for it."""
+        return self.needed_width() + FIXED_WIDTHS["train"] + 1
 
     @property
     def layout(self) -> Layout:
@@ -477,6 +468,21 @@ class ParamTree(Tree[Row]):
     # -- finding -------------------------------------------------------------------------------
     def reveal(self, tensor_name: str | None = None, module_name: str | None = None) -> TreeNode[Row] | None:
         """Expand the path to a tensor or module (loading pages as needed) and move there."""
+        part = self.session.records.get(tensor_name) if tensor_name else None
+        if part is not None and part.companion_of is not None:  # under its quantized weight
+            weight = self.reveal(tensor_name=part.companion_of)
+            if weight is None:
+                return None
+            weight.expand()
+            if not weight.children:
+                self._add_parts(weight, weight.data.tensor)
+            child = self._find_child(weight, lambda r: r.part and r.tensor is not None and r.tensor.name == tensor_name)
+            if child is None:
+                return None
+            self._tree_lines  # noqa: B018 -- rebuild line numbers now so the cursor lands on `child`
+            self.move_cursor(child)
+            self.call_after_refresh(self.scroll_to_node, child, False)
+            return child
         target_module = module_name if module_name is not None else tensor_name.rpartition(".")[0] if tensor_name else ""
         node = self.root
         if target_module:
@@ -542,6 +548,19 @@ class ParamTree(Tree[Row]):
         cells: dict[str, tuple[str, str]] = {}
         if row.ghost:
             leaf, name = self._ghost_label(row, cells)
+        elif row.tensor is not None and row.tensor.quant is not None and not row.part:
+            t, q = row.tensor, row.tensor.quant
+            leaf = safe_text(q.leaf)  # the logical weight: its shape, scheme, parameters, real bytes
+            name = Text(leaf)
+            cells["shape"] = (shape_text(q.logical_shape), "")
+            cells["dtype"] = (safe_text(q.scheme), "cyan")
+            cells["train"] = MARKS["frozen"]  # a quantized base never trains (checkpoint.trains)
+            cells["numel"] = (fmt_count(q.logical_numel), "")
+            cells["bytes"] = (fmt_bytes(q.nbytes), "")
+            if self.device_of is not None:
+                cells["device"] = (self.device_of(t.name), "magenta")
+            if self.diff is not None:
+                self._diff_cells(self.diff.tensor(t.name), name, cells)
         elif row.tensor is not None:
             t = row.tensor
             # Names from the file: every unsafe character escaped (units.safe_text).
@@ -624,6 +643,8 @@ class ParamTree(Tree[Row]):
         if row is None or row.more_of is not None:
             return ""
         if row.tensor is not None:
+            if row.tensor.quant is not None and not row.part:
+                return safe_text(row.tensor.quant.leaf)
             return safe_text(row.tensor.name.rsplit(".", 1)[-1])
         return safe_text(row.module.short_name) if row.module is not None else ""
 
