@@ -140,3 +140,28 @@ def test_writers_refuse_a_remote_source(s3):
         save_with_requires_grad(ckpt, {})
     assert "needs the checkpoint on this disk" in info.value.line()
     assert f"s3://{BUCKET}/run/transformer_tied.pt" in info.value.line()
+
+
+@pytest.fixture(scope="module")
+def s3_cluster(s3, tmp_path_factory):
+    """A real scheduler and two workers (test_dask's cluster, started here after the S3
+    variables are set): the workers read their ranges straight from the bucket."""
+    pytest.importorskip("distributed")
+    import test_dask
+
+    yield from test_dask.cluster.__wrapped__(tmp_path_factory)  # the fixture's own generator
+
+
+@pytest.mark.parametrize(
+    "args, local, remote",
+    [
+        (["audit", "--stats", "--json"], ["sharded_hf"], ["run/sharded_hf/"]),
+        (["diff", "--json"], ["transformer_tied.pt", "transformer.safetensors"],
+         ["run/transformer_tied.pt", "run/transformer.safetensors"]),
+    ],
+)  # fmt: skip
+def test_dask_workers_read_from_s3_like_local(s3_cluster, args, local, remote):
+    code, expected, _ = run_main(*args, *(SAMPLES / p for p in local))
+    rcode, got, err = run_main(*args, "--dask", s3_cluster, *(f"s3://{BUCKET}/{p}" for p in remote))
+    assert (rcode, err) == (code, "")
+    same_json(expected, got)
