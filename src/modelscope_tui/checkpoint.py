@@ -221,6 +221,9 @@ class StorageRecord:
     data_size: int | None = None  # bytes actually present at data_offset
     compressed: bool = False
     byteorder: str = "little"
+    # A remote zip member's local header, when data_offset was predicted from the directory
+    # (ZipArchive.predicted_offset) instead of read: checked where the bytes are fetched.
+    header_offset: int | None = None
 
     __setstate__ = RefuseBuild()  # the pickle cannot rewrite what persistent_load built
 
@@ -569,6 +572,9 @@ class Checkpoint:
     sections: dict[str, str] = field(default_factory=dict)  # section path -> role
     metadata: dict[str, Any] = field(default_factory=dict)  # format-level facts
     files: list[Path] = field(default_factory=list)
+    # small files beside a remote checkpoint that its reader fetched (config.json): the local
+    # readers' neighbours are read from disk where they are used
+    side_files: dict[str, bytes] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # structural defects (missing/short bytes)
     # What the format's reference loader (torch.load, safetensors) would refuse although mscope
@@ -581,7 +587,8 @@ class Checkpoint:
     over_budget: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.path = Path(self.path)
+        if not hasattr(self.path, "url"):  # a RemotePath (readers.sources) stays a URL
+            self.path = Path(self.path)
 
     # -- views ---------------------------------------------------------------------------------
     @property

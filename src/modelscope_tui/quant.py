@@ -159,14 +159,23 @@ def read_quant_config(ckpt: Checkpoint) -> tuple[QuantConfig | None, str | None]
     from .errors import CorruptCheckpointError
     from .jsonfile import read_json_file
 
-    base = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
-    path = base / "config.json"
-    if not path.is_file():
-        return None, None
-    try:
-        doc = read_json_file(path, CorruptCheckpointError, "a model config", MAX_CONFIG_BYTES)
-    except CorruptCheckpointError as exc:
-        return None, f"config.json next to the checkpoint was not used: {exc.message}"
+    if hasattr(ckpt.path, "url"):  # remote: what the reader fetched beside it (readers.remote)
+        raw = ckpt.side_files.get("config.json")
+        if raw is None:
+            return None, None
+        try:
+            doc = json.loads(raw[: MAX_CONFIG_BYTES + 1].decode("utf-8")) if len(raw) <= MAX_CONFIG_BYTES else None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            return None, f"config.json next to the checkpoint was not used: not valid JSON ({str(exc)[:80]})"
+    else:
+        base = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+        path = base / "config.json"
+        if not path.is_file():
+            return None, None
+        try:
+            doc = read_json_file(path, CorruptCheckpointError, "a model config", MAX_CONFIG_BYTES)
+        except CorruptCheckpointError as exc:
+            return None, f"config.json next to the checkpoint was not used: {exc.message}"
     if not isinstance(doc, dict):
         return None, None
     qc = doc.get("quantization_config")
@@ -183,6 +192,8 @@ def read_small(record: TensorRecord, limit: int = MAX_STATE_BYTES) -> bytes | No
     stored as a uint8 tensor); None when it is not a plain, local, uncompressed range."""
     s = record.storage
     if s is None or s.file is None or s.data_offset is None or s.compressed:
+        return None
+    if hasattr(s.file, "url"):  # remote: one request per quant_state would break the fetch budget
         return None
     size = record.nbytes
     start = s.data_offset + record.storage_offset * record.itemsize

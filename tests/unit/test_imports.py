@@ -105,3 +105,38 @@ def test_summary_does_not_import_torch(sample):
     )
     loaded = modules_after(code)
     assert not [m for m in HEAVY if m in loaded]
+
+
+REMOTE_LIBS = ("fsspec", "s3fs", "gcsfs", "huggingface_hub", "aiohttp", "botocore", "http.client", "ssl")
+
+
+@pytest.mark.parametrize(
+    "sample", ["transformer_tied.pt", "llama_tiny.safetensors", "sharded_hf", "legacy_cnn.pt", "dcp_checkpoint"]
+)
+def test_local_paths_never_import_network_libraries(sample):
+    """A local file's summary and audit --stats load no network or fsspec module (the remote
+    extra is for URLs only); main() is the whole CLI path, argv parsing included."""
+    loaded = modules_after(
+        "import contextlib, io\n"
+        "from modelscope_tui.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    main(['summary', {str(SAMPLES / sample)!r}])\n"
+        f"    main(['audit', '--stats', {str(SAMPLES / sample)!r}])\n"
+    )
+    assert not [m for m in REMOTE_LIBS if m in loaded]
+
+
+def test_url_without_the_extra_says_what_to_install(tmp_path):
+    """s3:// with fsspec not importable: one line naming the extra."""
+    blocker = tmp_path / "fsspec"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError('blocked for this test')\n")
+    import os
+
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
+    code = "import sys; from modelscope_tui.cli import main; sys.exit(main(['summary', 's3://b/x.pt']))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": path}
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == "mscope: error: s3://b/x.pt: reading s3:// URLs needs fsspec (install modelscope-tui[remote])"

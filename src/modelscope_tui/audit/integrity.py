@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint
 from ..errors import Cancelled, CorruptCheckpointError, MscopeError
+from ..readers.sources.location import RemotePath, as_location
 from ..values.stats import Progress, ProgressFn
 from .checks import AuditRun, Check
 from .findings import Finding, finding
@@ -53,12 +54,15 @@ def check_integrity(ckpt: Checkpoint) -> tuple[list[Finding], dict[str, Any]]:
         if s is None or s.file is None or s.data_offset is None or id(s) in seen:
             continue
         seen.add(id(s))
-        path = Path(s.file)
+        path = as_location(s.file)
         if path not in sizes:
-            try:
-                sizes[path] = path.stat().st_size
-            except OSError:
-                sizes[path] = -1
+            if isinstance(path, RemotePath):
+                sizes[path] = path.size if path.size is not None else -1
+            else:
+                try:
+                    sizes[path] = path.stat().st_size
+                except OSError:
+                    sizes[path] = -1
         end = s.data_offset + (s.nbytes if not s.compressed else (s.data_size or 0))
         if sizes[path] >= 0 and end > sizes[path] and t.qualified_name not in flagged:
             out.append(
@@ -123,7 +127,9 @@ def check_crc(
 
     out: list[Finding] = []
     checked = members = 0
-    zips = [p for p in dict.fromkeys(Path(f) for f in (ckpt.files or [ckpt.path])) if is_zip(p)]
+    # remote archives are not CRC-checked (that reads every byte): their values are, by --stats
+    files = dict.fromkeys(as_location(f) for f in (ckpt.files or [ckpt.path]))
+    zips = [p for p in files if not isinstance(p, RemotePath) and is_zip(p)]
     archives = []
     total = 0
     for path in zips:
@@ -137,7 +143,7 @@ def check_crc(
     by_key: dict[tuple[str, str], str] = {}
     for t in ckpt.tensors:
         if t.storage is not None and t.storage.file is not None:
-            by_key.setdefault((str(Path(t.storage.file)), t.storage.key), t.qualified_name)
+            by_key.setdefault((str(as_location(t.storage.file)), t.storage.key), t.qualified_name)
     done = 0
     t0 = time.perf_counter()
     for archive in archives:

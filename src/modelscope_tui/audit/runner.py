@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from ..checkpoint import Checkpoint
@@ -85,8 +84,9 @@ def audit_path(path: str | os.PathLike, **kwargs: Any) -> AuditReport:
     UnsupportedFormatError still raise (nothing to audit)."""
     from ..errors import CorruptCheckpointError, UnsafePickleError, UnsupportedFormatError
     from ..readers import open_checkpoint, sniff
+    from ..readers.sources.location import RemotePath, as_location
 
-    path = Path(path)
+    path = as_location(path)
     try:
         ckpt = open_checkpoint(path, strict=False)
     except (CorruptCheckpointError, UnsafePickleError, TensorDataError, UnsupportedFormatError) as exc:
@@ -97,7 +97,7 @@ def audit_path(path: str | os.PathLike, **kwargs: Any) -> AuditReport:
             raise
         kind = None
         try:
-            kind = sniff(path)
+            kind = sniff(path) if not isinstance(path, RemotePath) else None
         except MscopeError:
             pass
         report = AuditReport(

@@ -43,6 +43,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Look inside PyTorch checkpoints without running code from them.",
     )
     parser.add_argument("--version", action="version", version=f"mscope {__version__}")
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="for URLs: fetch metadata again instead of using ~/.cache/mscope (any position)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_line) in COMMANDS.items():
         command_parser = sub.add_parser(name, help=help_line)
@@ -69,6 +74,12 @@ def entry() -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    no_cache = "--no-cache" in argv  # any command, anywhere on the line: metadata is re-fetched
+    if no_cache or "modelscope_tui.readers.sources.cache" in sys.modules:
+        from ..readers.sources import cache
+
+        argv = [a for a in argv if a != "--no-cache"]
+        cache.ENABLED = not no_cache
     # `mscope FILE` opens the explorer, or prints the summary without a terminal on both
     # stdin and stdout (a pipe, </dev/null, cron): the explorer would run blind there.
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:

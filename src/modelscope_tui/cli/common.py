@@ -7,6 +7,8 @@ import os
 import sys
 from typing import Any
 
+from ..errors import MscopeError
+
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 2, 3
 
 ONE_SHOT = False  # set by cli.entry(): this process ends when the command does
@@ -36,6 +38,15 @@ def silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except OSError:
         pass
+
+
+def check_exists(location: str) -> None:
+    """A local path must exist before the explorer starts; a URL is checked by reading it (one
+    line from its source), never turned into a local path (`s3://b/x` is not `s3:/b/x`)."""
+    from ..readers.sources.location import is_url
+
+    if not is_url(location) and not os.path.exists(location):
+        raise MscopeError("no such file or directory", location)
 
 
 def prefetch(path: str, adapter: str | None = None, **kwargs: Any):

@@ -103,8 +103,7 @@ def run_explorer(args: argparse.Namespace) -> int:
     if args.atol < 0 or args.rtol < 0:
         raise MscopeError("--atol and --rtol must be 0 or more")
     for path in (args.file_a, args.file_b):
-        if not os.path.exists(path):
-            raise MscopeError("no such file or directory", path)
+        common.check_exists(path)
     if args.plan:
         from ..training.plan import load_plan
 

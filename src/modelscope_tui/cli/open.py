@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 
 from ..errors import MscopeError
 from . import common
@@ -21,8 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not os.path.exists(args.file):
-        raise MscopeError("no such file or directory", args.file)
+    common.check_exists(args.file)
     if not common.has_terminal():
         # Asked for the explorer by name: say why not, rather than print something else.
         raise MscopeError(

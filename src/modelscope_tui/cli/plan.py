@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from ..readers.sources.location import as_location
+
 
 class Step(argparse.Action):
     """Collects --freeze/--unfreeze/--freeze-class/--train-last in the order given."""
@@ -125,7 +127,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         else:
             print("--eval-norms: no frozen norm layer with running statistics", file=out)
     print(session.totals_line(), file=out)
-    dest = dest or sibling_path(Path(args.file), "freeze-plan", ".json")
+    dest = dest or sibling_path(as_location(args.file), "freeze-plan", ".json")
     written = save_plan(session, dest, overwrite=args.overwrite)
     print(f"wrote {written}", file=out)
     if args.lora_config:

@@ -221,6 +221,8 @@ class DiffStream:
                 if cluster is not None:
                     compared = self._compared_on(cluster, todo, progress, cancel)
                 else:
+                    da.plan([self.a_tensors[m.a_name] for m in todo])  # remote: ranges in flight
+                    db.plan([self.b_tensors[m.b_name] for m in todo])
                     compared = self._compared(da, db, todo, cancel, on_bytes)
                 for m, acc in compared:
                     d = _copy(m)

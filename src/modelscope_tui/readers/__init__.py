@@ -54,8 +54,31 @@ def sniff(path: Path) -> str:
     if path.is_dir():
         return _sniff_directory(path)
     head = _read_head(path, 16)
+    kind = sniff_head(head, path.name, lambda: path.stat().st_size, path)
+    if kind is not None:
+        return kind
+    if _is_headerless_pickle(path):
+        return Format.PICKLE
+    if len(head) >= 8 and head[:5] in (b"\x1f\x8b\x08\x00\x00",) or _is_tar(path):
+        raise UnsupportedFormatError(
+            "this is a compressed or tar file, not a checkpoint", path, "extract it first"
+        )
+    raise not_a_checkpoint(path)
+
+
+def not_a_checkpoint(path: object) -> UnsupportedFormatError:
+    return UnsupportedFormatError(
+        "not a PyTorch checkpoint (unknown file format)", path,
+        "mscope reads torch.save, TorchScript, safetensors, sharded HF, DCP and GGUF checkpoints",
+    )  # fmt: skip
+
+
+def sniff_head(head: bytes, name: str, size, where: object) -> str | None:
+    """The format its first 16 bytes (and its name, for JSON indexes and DCP) give a file, or
+    None: the one place of these rules, for local files and byte sources alike. `size` is a
+    callable (only a bad safetensors length asks for it)."""
     if not head:
-        raise UnsupportedFormatError("file is empty", path, "the save was interrupted or the download failed")
+        raise UnsupportedFormatError("file is empty", where, "the save was interrupted or the download failed")
     if head[:4] in ZIP_MAGICS:
         return "zip"
     if head[:4] == b"GGUF":  # before safetensors: a GGUF of 123 tensors has '{' at byte 8
@@ -66,25 +89,14 @@ def sniff(path: Path) -> str:
         n = struct.unpack("<Q", head[:8])[0]
         if 2 <= n <= SAFETENSORS_MAX_HEADER:
             return Format.SAFETENSORS
-        raise CorruptCheckpointError(
-            f"safetensors header length {n:,} is impossible for a {path.stat().st_size:,}-byte file", path
-        )
-    if head[:1] == b"{" and path.name.endswith(".json"):
+        raise CorruptCheckpointError(f"safetensors header length {n:,} is impossible for a {size():,}-byte file", where)
+    if head[:1] == b"{" and name.endswith(".json"):
         return "index-json"
-    if path.name == ".metadata":
+    if name == ".metadata":
         return Format.DCP
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return Format.PICKLE
-    if _is_headerless_pickle(path):
-        return Format.PICKLE
-    if len(head) >= 8 and head[:5] in (b"\x1f\x8b\x08\x00\x00",) or _is_tar(path):
-        raise UnsupportedFormatError(
-            "this is a compressed or tar file, not a checkpoint", path, "extract it first"
-        )
-    raise UnsupportedFormatError(
-        "not a PyTorch checkpoint (unknown file format)", path,
-        "mscope reads torch.save, TorchScript, safetensors, sharded HF, DCP and GGUF checkpoints",
-    )  # fmt: skip
+    return None
 
 
 # A directory holding one file of these is that checkpoint (`mscope DIR`); several: a list to pick from.
@@ -157,8 +169,15 @@ def open_checkpoint(path: str | os.PathLike, strict: bool = True) -> Checkpoint:
     strict: raise CorruptCheckpointError when tensor bytes are missing or short (the CLI's
     summary); audits pass False and report `checkpoint.problems` as findings instead.
     """
+    from .sources.location import RemotePath, as_location
+
+    location = as_location(path)
     with paused_gc():
-        return _open_checkpoint(Path(path), strict)
+        if isinstance(location, RemotePath):
+            from .remote import open_remote
+
+            return open_remote(location, strict, _finish)
+        return _open_checkpoint(location, strict)
 
 
 def _open_checkpoint(path: Path, strict: bool) -> Checkpoint:
@@ -191,6 +210,11 @@ def _open_checkpoint(path: Path, strict: bool) -> Checkpoint:
         raise CorruptCheckpointError(
             "reading the file's metadata ran out of memory", path, "corrupt or hostile file"
         ) from exc
+    return _finish(ckpt, path, strict)
+
+
+def _finish(ckpt: Checkpoint, path: object, strict: bool) -> Checkpoint:
+    """What every checkpoint goes through after its reader, local or remote."""
     ckpt.cap_names()
     ckpt.link_shared_storages()
     ckpt.check_storage_bounds()
@@ -297,10 +321,9 @@ def check_view_budget(ckpt: Checkpoint) -> None:
 
 
 def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
+    from .sources.location import file_size
+
+    return file_size(path)
 
 
 def _dispatch(path: Path) -> Checkpoint:

@@ -118,15 +118,20 @@ def _legacy_pid(storages: StorageTable, path: Path):
     return load
 
 
-def read_plain_pickle(path: Path) -> Checkpoint:
-    """A pickle not written by torch.save (e.g. `pickle.dump` of numpy weights): entries only."""
-    with open(path, "rb") as fh:
-        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        root, globals_, end = safe_load(buf, source=path.name)
-        size = len(buf)
-    finally:
-        buf.close()
+def read_plain_pickle(path: Path, data: bytes | None = None) -> Checkpoint:
+    """A pickle not written by torch.save (e.g. `pickle.dump` of numpy weights): entries only.
+    `data`: the whole file, already fetched (a remote `path`)."""
+    if data is not None:
+        root, globals_, end = safe_load(data, source=path.name)
+        size = len(data)
+    else:
+        with open(path, "rb") as fh:
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            root, globals_, end = safe_load(buf, source=path.name)
+            size = len(buf)
+        finally:
+            buf.close()
     ckpt = Checkpoint(path, Format.PICKLE, files=[path])
     ckpt.globals = globals_
     if type(root) is int:

@@ -248,10 +248,14 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def read_safetensors(path: Path) -> Checkpoint:
-    path = Path(path)
-    with open(path, "rb") as fh:
+def read_safetensors(path: Path, fh: IO[bytes] | None = None) -> Checkpoint:
+    """`fh`: a file object over a byte source (sources.SourceFile) for a remote `path`."""
+    if fh is not None:
         header = read_header(fh, path)
+    else:
+        path = Path(path)
+        with open(path, "rb") as fh:
+            header = read_header(fh, path)
     ckpt = Checkpoint(path, Format.SAFETENSORS, files=[path])
     ckpt.metadata["safetensors_metadata"] = dict(header.metadata)
     ckpt.metadata["header_bytes"] = header.length

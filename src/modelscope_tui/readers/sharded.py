@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -66,11 +67,20 @@ def resolve_inside(base: Path, name: Any, what: str, source: Path) -> Path:
     return target
 
 
-def read_sharded(index_path: Path) -> Checkpoint:
+def read_sharded(
+    index_path: Path,
+    doc: Any = None,
+    locate: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    read_shard: Callable[[Any], tuple[Checkpoint, str]] | None = None,
+) -> Checkpoint:
+    """A sharded set from its index. A remote index (readers.remote) passes its parsed `doc`,
+    `locate` (shard name -> URL, refusing names outside the set's folder) and `read_shard`
+    (headers fetched concurrently); local files are resolved and read here."""
     from ..jsonfile import read_json_file
 
-    index_path = Path(index_path)
-    doc = read_json_file(index_path, CorruptCheckpointError, "a shard index", MAX_INDEX_BYTES)
+    if doc is None:
+        index_path = Path(index_path)
+        doc = read_json_file(index_path, CorruptCheckpointError, "a shard index", MAX_INDEX_BYTES)
     if not isinstance(doc, dict) or "weight_map" not in doc:
         raise UnsupportedFormatError(
             'JSON file without a "weight_map": not a sharded checkpoint index', index_path
@@ -98,7 +108,10 @@ def read_sharded(index_path: Path) -> Checkpoint:
     wanted: dict[str, list[str]] = {}
     for tensor, shard in weight_map.items():
         wanted.setdefault(shard, []).append(tensor)
-    shard_paths = {shard: resolve_inside(base, shard, "shard", index_path) for shard in wanted}
+    if locate is None:
+        shard_paths = {shard: resolve_inside(base, shard, "shard", index_path) for shard in wanted}
+    else:
+        shard_paths = locate(wanted)
 
     ckpt = Checkpoint(index_path, Format.SHARDED_SAFETENSORS, files=[index_path])
     found: dict[str, str] = {}  # tensor -> shard it was found in
@@ -108,12 +121,12 @@ def read_sharded(index_path: Path) -> Checkpoint:
     entries_seen: set[tuple[str, str]] = set()
     for shard in sorted(wanted):
         shard_path = shard_paths[shard]
-        if not shard_path.is_file():
+        if read_shard is None and not shard_path.is_file():
             raise CorruptCheckpointError(
                 f"shard {short(shard)} listed in the index is missing", index_path
             )
         try:
-            part, kind = _read_shard(shard_path)
+            part, kind = (read_shard or _read_shard)(shard_path)
         except MscopeError as exc:
             raise type(exc)(f"shard {short(shard)}: {exc.message}", index_path, exc.hint) from exc
         except OSError as exc:

@@ -158,13 +158,20 @@ class StorageTable:
             return
         entries, folder = archive.entries, self.folder
         members = self.members
+        predicted = False
+        if archive.remote:
+            wanted = [e for e in (entries.get(folder + k) for k in self.records) if e is not None]
+            predicted = archive.locate_remote(wanted)
         for key, record in self.records.items():
             entry = entries.get(folder + key)
             if entry is None:
                 continue
             members.append(entry.name)  # the directory's own string: its hash is already known
             start = entry.data_start
-            if start is None:
+            if predicted:
+                start = archive.predicted_offset(entry)
+                record.header_offset = entry.header_offset  # TensorData checks it before reading
+            elif start is None:
                 start = archive.data_offset(entry)
             stored = entry.method == STORED
             record.data_offset = start

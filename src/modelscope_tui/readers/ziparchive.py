@@ -28,6 +28,7 @@ _LOCAL = struct.Struct("<4s5H3L2H")
 _LOCAL_HEAD = struct.Struct("<4s22x2H")  # signature; name and extra lengths at offset 26
 _MAX_COMMENT = 0xFFFF
 STORED, DEFLATED = 0, 8
+STORAGE_ALIGNMENT = 64  # torch.save aligns every member's data to this
 SPARSE_MEMBER_BYTES = 64 << 10  # average member size above which local headers are pread
 # torch writes every member stored; a deflated one is unusual, and a 130 KB deflated data.pkl
 # inflated to 1.2 GB of RSS. What a file's members may inflate to, all reads together, is capped
@@ -59,8 +60,11 @@ class ZipArchive:
     """Read-only view of a zip file. `buffer` is the mmap; members are byte ranges of it."""
 
     def __init__(self, path: Path, buffer: mmap.mmap | bytes | None = None):
-        self.path = Path(path)
+        self.path = path if hasattr(path, "url") else Path(path)  # a RemotePath stays a URL
         self._own = buffer is None
+        # A remote buffer (sources.SourceBuffer) fetches what it is sliced for: read the tail and
+        # the directory as two ranges, never local headers one by one (see predicted_offset).
+        self.remote = buffer is not None and not isinstance(buffer, (mmap.mmap, bytes, bytearray, memoryview))
         self._file = None
         if buffer is None:
             self._file = open(self.path, "rb")  # noqa: SIM115 (closed in close())
@@ -109,7 +113,7 @@ class ZipArchive:
     def _parse_directory(self) -> None:
         buf, size = self.buffer, self.size
         tail_start = max(0, size - _EOCD.size - _MAX_COMMENT)
-        tail = bytes(buf[tail_start:])  # works for mmap, bytes and memoryview alike
+        tail = bytes(buf[tail_start:size])  # works for mmap, bytes, memoryview and remote buffers
         pos = tail.rfind(b"PK\x05\x06")
         while pos >= 0 and tail_start + pos + _EOCD.size > size:  # a signature cut off by truncation
             pos = tail.rfind(b"PK\x05\x06", 0, pos)
@@ -117,13 +121,14 @@ class ZipArchive:
             pos += tail_start
         if pos < 0:
             raise self._corrupt("end-of-central-directory record not found")
-        _, disk, cd_disk, on_disk, count, cd_size, cd_offset, _ = _EOCD.unpack_from(buf, pos)
+        _, disk, cd_disk, on_disk, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, pos - tail_start)
         locator = pos - _EOCD64_LOCATOR.size
         if locator >= 0 and buf[locator : locator + 4] == b"PK\x06\x07":
-            _, _, eocd64_offset, _ = _EOCD64_LOCATOR.unpack_from(buf, locator)
-            if eocd64_offset + _EOCD64.size > size or buf[eocd64_offset : eocd64_offset + 4] != b"PK\x06\x06":
+            _, _, eocd64_offset, _ = _EOCD64_LOCATOR.unpack_from(bytes(buf[locator : locator + _EOCD64_LOCATOR.size]))
+            record = bytes(buf[eocd64_offset : eocd64_offset + _EOCD64.size]) if eocd64_offset + _EOCD64.size <= size else b""
+            if record[:4] != b"PK\x06\x06":
                 raise self._corrupt("bad zip64 end record")
-            fields = _EOCD64.unpack_from(buf, eocd64_offset)
+            fields = _EOCD64.unpack_from(record)
             disk, cd_disk, on_disk = fields[4], fields[5], fields[6]
             count, cd_size, cd_offset = fields[7], fields[8], fields[9]
         # torch's reader (miniz) refuses split archives; we read the one directory we find
@@ -133,6 +138,8 @@ class ZipArchive:
         entries = self.entries
         p = cd_offset
         end = cd_offset + cd_size
+        # Directory bytes at `p` are cd[p - base]: the map itself locally, one fetched range remotely.
+        cd, base = (buf, 0) if not self.remote else (buf[cd_offset:end], cd_offset)
         unpack = _CENTRAL_FIELDS.unpack_from
         local_head = _LOCAL_HEAD.unpack_from
         # Local headers of large members are read with pread, not through the map: touching the
@@ -141,23 +148,24 @@ class ZipArchive:
         # the headers are checked here, in the directory loop, through the map: 100k separate
         # lookups later cost 0.2 s, and those pages are mapped anyway.
         self._pread = self._file is not None and size > SPARSE_MEMBER_BYTES * max(1, count)
-        check_local = not self._pread
+        check_local = not self._pread and not self.remote
         for _ in range(count):
             if p + _CENTRAL.size > end:
                 raise self._corrupt("central directory is truncated")
-            (sig, flags, method, crc, csize, usize, nlen, xlen, clen, offset) = unpack(buf, p)
+            q = p - base
+            (sig, flags, method, crc, csize, usize, nlen, xlen, clen, offset) = unpack(cd, q)
             if sig != b"PK\x01\x02":
                 raise self._corrupt("bad central directory entry")
             self.flag_bits |= flags
             if method != 0 and method != 8:
                 self.odd_methods = True
-            if buf[p + 34 : p + 36] != b"\0\0":  # the entry's disk number: another disk
+            if cd[q + 34 : q + 36] != b"\0\0":  # the entry's disk number: another disk
                 self.multidisk = True
             name_start = p + _CENTRAL.size
-            raw_name = bytes(buf[name_start : name_start + nlen])
+            raw_name = bytes(cd[name_start - base : name_start - base + nlen])
             name = raw_name.decode("utf-8", "replace")
             if csize == 0xFFFFFFFF or usize == 0xFFFFFFFF or offset == 0xFFFFFFFF:
-                usize, csize, offset = self._zip64_extra(name_start + nlen, xlen, usize, csize, offset)
+                usize, csize, offset = self._zip64_extra(cd, name_start + nlen - base, xlen, usize, csize, offset)
             p = name_start + nlen + xlen + clen
             start = None
             if check_local:  # a mismatch is left for data_offset() to word, if anyone asks
@@ -176,8 +184,8 @@ class ZipArchive:
         if p > end:
             raise self._corrupt("central directory is truncated")
 
-    def _zip64_extra(self, start: int, length: int, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
-        buf, p, end = self.buffer, start, min(start + length, self.size)
+    def _zip64_extra(self, buf, start: int, length: int, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
+        p, end = start, min(start + length, len(buf))
         while p + 4 <= end:
             tag, size = struct.unpack_from("<2H", buf, p)
             if p + 4 + size > end:
@@ -206,6 +214,8 @@ class ZipArchive:
         if self._pread and self._file is not None:
             buf = os.pread(self._file.fileno(), _LOCAL.size + len(entry.raw_name), pos)
             base = 0
+        elif self.remote:
+            buf, base = self.buffer[pos : pos + _LOCAL.size + len(entry.raw_name)], 0
         else:
             buf, base = self.buffer, pos
         try:
@@ -224,6 +234,36 @@ class ZipArchive:
             raise self._corrupt(f"member {entry.name!r} runs past the end of the file")
         return start
 
+    def predicted_offset(self, entry: ZipEntry) -> int:
+        """Where torch's writer (PyTorchStreamWriter) puts a member's first byte: after the local
+        header, the name, a 4-byte "FB" padding field (and zip64 fields for huge members), rounded
+        up to the 64-byte storage alignment. A remote archive uses it instead of one request per
+        local header; TensorData checks the real header where the bytes are read."""
+        start = entry.header_offset + _LOCAL.size + len(entry.raw_name) + 4
+        if entry.size >= 0xFFFFFFFF or entry.header_offset >= 0xFFFFFFFF:
+            start += 4 + (16 if entry.size >= 0xFFFFFFFF else 0) + (8 if entry.header_offset >= 0xFFFFFFFF else 0)
+        return -(-start // STORAGE_ALIGNMENT) * STORAGE_ALIGNMENT
+
+    def locate_remote(self, entries: list[ZipEntry]) -> bool:
+        """Remote archives: True when members sit where torch's writer puts them (checked on
+        one member whose local header is read anyway), so predicted_offset stands in for their
+        headers. Otherwise every local header is fetched, concurrently, and False returned."""
+        prefix_pkl = [e for e in self.entries.values() if e.name.endswith("data.pkl")]
+        probe = prefix_pkl[0] if prefix_pkl else (entries[0] if entries else None)
+        if probe is None or self.data_offset(probe) == self.predicted_offset(probe):
+            return True
+        source = self.buffer.source
+        ranges = [(e.header_offset, min(_LOCAL.size + len(e.raw_name), self.size - e.header_offset)) for e in entries]
+        for entry, head in zip(entries, source.read_ranges(ranges)):
+            try:
+                signature, name_len, extra_len = _LOCAL_HEAD.unpack_from(head)
+            except struct.error:
+                continue
+            start = entry.header_offset + _LOCAL.size + name_len + extra_len
+            if signature == b"PK\x03\x04" and head[_LOCAL.size :] == entry.raw_name and start + entry.compressed_size <= self.size:
+                entry.data_start = start
+        return False
+
     def loose_bytes(self, entry: ZipEntry, limit: int) -> bytes | None:
         """A member's bytes the way a lenient reader (torch's, joblib's) finds them: from its
         local header, whatever name that header gives and whatever the flag bits say; inflated
@@ -232,7 +272,7 @@ class ZipArchive:
         pos = entry.header_offset
         if pos < 0 or pos + _LOCAL.size > self.size:
             return None
-        signature, name_len, extra_len = _LOCAL_HEAD.unpack_from(self.buffer, pos)
+        signature, name_len, extra_len = _LOCAL_HEAD.unpack_from(bytes(self.buffer[pos : pos + _LOCAL.size]))
         if signature != b"PK\x03\x04":
             return None
         start = pos + _LOCAL.size + name_len + extra_len
@@ -241,6 +281,11 @@ class ZipArchive:
             return b""
         if entry.method == STORED:
             return bytes(self.buffer[start : start + min(size, limit)])
+        if entry.method == DEFLATED and self.remote:
+            try:
+                return zlib.decompressobj(-15).decompress(self.buffer[start : start + size], limit)
+            except zlib.error:
+                return None
         if entry.method == DEFLATED:
             with memoryview(self.buffer) as view:  # no copy of a large compressed member
                 try:

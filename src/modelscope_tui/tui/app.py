@@ -34,6 +34,7 @@ from textual.worker import Worker, WorkerState
 from ..checkpoint import Checkpoint
 from ..errors import MscopeError
 from ..readers import FORMAT_LABELS
+from ..readers.sources.location import as_location
 from ..training.session import Session
 from ..units import count_pair, fmt_bytes, percent, safe_text
 from . import keys
@@ -124,7 +125,7 @@ class MscopeApp(App[int]):
         compare_prefetch=None,
     ):
         super().__init__()
-        self.path = Path(path) if path is not None else checkpoint.path if checkpoint else None
+        self.path = as_location(path) if path is not None else checkpoint.path if checkpoint else None
         self._preloaded = checkpoint
         self._prefetch = prefetch  # a Future of open_checkpoint started before Textual loaded
         self.session: Session | None = None
@@ -1254,10 +1255,12 @@ class MscopeApp(App[int]):
             if answer == CompareScreen.LEAVE:
                 self._leave_diff()
                 return
-            path = Path(answer).expanduser()
-            if not path.exists():
-                self.notify(f"{path}: no such file or directory", severity="error", timeout=6)
-                return
+            path = as_location(answer)
+            if isinstance(path, Path):  # a URL is checked by reading it, in the worker
+                path = path.expanduser()
+                if not path.exists():
+                    self.notify(f"{path}: no such file or directory", severity="error", timeout=6)
+                    return
             self._start_compare(path)
 
         default = self.diff.default_path(self.session.ckpt)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..checkpoint import BLOCK_DTYPES, TensorRecord, prod
 from ..errors import TensorDataError
-from .data import check_view
+from .data import check_view, is_remote
 from .kernels import compiled_kernel, numpy_module
 
 if TYPE_CHECKING:
@@ -161,9 +161,10 @@ class Source:
             return
         contiguous = record.is_contiguous or (not ordered and is_dense(record))
         self.address = None
+        self.stream: tuple[int, int] | None = None  # (first byte, bytes) fetched by chunk
         self.native_kind = _NATIVE_KIND.get((kernel, comp)) if native and contiguous else None
         if self.native_kind is not None and (s is None or s.byteorder != "big"):
-            if compiled_kernel() is not None:
+            if compiled_kernel() is not None and not is_remote(record):
                 address, length = data.storage_address(record)
                 check_view(record, length)  # a compiled loop must never read past it
                 start = record.storage_offset * itemsize
@@ -179,6 +180,12 @@ class Source:
                 return
         np = numpy_module()
         self.comp = np.dtype(comp)
+        if contiguous and self.numel and data.streams(record):  # a large remote storage: by chunk
+            self.swap = s.byteorder == "big" and self.comp.itemsize > 1
+            self.flat = self.view = None
+            self.data = data
+            self.stream = (record.storage_offset * itemsize, self.nbytes)
+            return
         raw = data.storage_bytes(record)  # TensorDataError if missing / truncated / compressed
         check_view(record, len(raw))  # as_strided below trusts offset, shape and stride
         self.swap = s is not None and s.byteorder == "big" and self.comp.itemsize > 1
@@ -248,6 +255,13 @@ class Source:
             return
         step = self.elements * self.record.itemsize
         end = self.nbytes if stop is None else min(self.nbytes, stop * step)
+        if self.stream is not None:  # a large remote storage, fetched chunk by chunk
+            np = numpy_module()
+            base, begin = self.stream[0], first * step
+            if end > begin:
+                for raw in self.data.stream_bytes(self.record, base + begin, end - begin, step):
+                    yield len(raw), self._components(np.frombuffer(raw, dtype=np.uint8))
+            return
         if self.address is not None:
             address, size, kind = self.address, self.comp_size, self.native_kind
             lo, hi = self.bounds

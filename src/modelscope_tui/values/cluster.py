@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint, TensorRecord
 from ..errors import Cancelled, MscopeError, TensorDataError
+from ..readers.sources.location import redact
 from .chunks import Source, chunk_count
 from .stats import Progress, ProgressFn, TensorStats
 
@@ -142,6 +143,9 @@ def _reason(exc: BaseException) -> str:
 def location_of(ckpt: Checkpoint) -> str:
     """The string a worker opens the checkpoint from: an absolute path (workers need not share
     the client's working directory), a URL as it is."""
+    url = getattr(ckpt.path, "url", None)  # a RemotePath: the full URL (str() redacts a signed one)
+    if url is not None:
+        return url
     text = str(ckpt.path)
     return text if "://" in text else os.path.abspath(text)
 
@@ -184,7 +188,7 @@ def worker_record(location: str, token: str, index: int, sig: tuple) -> TensorRe
     tensors = ckpt.tensors
     if not 0 <= index < len(tensors) or signature(tensors[index]) != sig:
         raise MscopeError(
-            f"{location} is not the checkpoint the client opened (tensor {sig[0]!r} differs); "
+            f"{redact(location)} is not the checkpoint the client opened (tensor {sig[0]!r} differs); "
             "workers must see the same files"
         )
     return tensors[index]

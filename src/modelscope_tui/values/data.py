@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import BLOCK_DTYPES, Checkpoint, TensorRecord, span_bytes
 from ..errors import TensorDataError
+from ..readers.sources.location import RemotePath
 
 if TYPE_CHECKING:
     import torch
@@ -74,10 +77,13 @@ def unreadable_records(ckpt: Checkpoint) -> set[int]:
             continue
         size = sizes.get(s.file)  # keyed by the record's own value: no Path() per tensor (5 us)
         if size is None:
-            try:
-                size = sizes[s.file] = Path(s.file).stat().st_size
-            except OSError:
-                size = sizes[s.file] = -1
+            if isinstance(s.file, RemotePath):
+                size = sizes[s.file] = s.file.size if s.file.size is not None else -1
+            else:
+                try:
+                    size = sizes[s.file] = Path(s.file).stat().st_size
+                except OSError:
+                    size = sizes[s.file] = -1
         if s.data_offset + s.nbytes > size:
             bad.add(id(t))
             continue
@@ -87,12 +93,81 @@ def unreadable_records(ckpt: Checkpoint) -> set[int]:
     return bad
 
 
+def is_remote(record: TensorRecord) -> bool:
+    """Whether the record's bytes come over the network (fetched per storage, not mapped)."""
+    s = record.storage
+    return s is not None and isinstance(s.file, RemotePath)
+
+
+STREAM_BYTES = 64 << 20  # remote storages larger than this stream by chunk (stream_bytes)
+KEEP_FETCHED = 8  # remote storages kept: views sharing a storage fetch it once
+PREFETCH_COUNT = 8  # planned remote storages fetched in one concurrent batch
+PREFETCH_BYTES = 64 << 20  # ... at most this much (a larger storage comes alone)
+
+
+def _remote_range(record: TensorRecord, source: Any) -> tuple[int, int]:
+    """The range to fetch for a remote storage (its zip local header first, when its offset was
+    predicted), checked against the file's size."""
+    s = record.storage
+    where = record.qualified_name
+    available = s.data_size if s.data_size is not None else s.nbytes
+    if available < s.nbytes or s.data_offset + s.nbytes > source.size:
+        have = max(0, min(available, source.size - s.data_offset))
+        raise TensorDataError(f"storage {s.key!r} of tensor {where!r} is truncated ({have:,} of {s.nbytes:,} bytes)", s.file)
+    start = s.data_offset if s.header_offset is None else s.header_offset
+    if start > s.data_offset:
+        raise TensorDataError(f"storage {s.key!r} of tensor {where!r} has an invalid location", s.file)
+    return start, s.data_offset + s.nbytes - start
+
+
+def local_header_ok(blob: bytes, s: Any) -> bool:
+    """The zip local header at the start of `blob` puts the member's data where the
+    directory-based prediction said (ZipArchive.predicted_offset)."""
+    import struct
+
+    if len(blob) < 30 or blob[:4] != b"PK\x03\x04":
+        return False
+    name_len, extra_len = struct.unpack_from("<2H", blob, 26)
+    return s.header_offset + 30 + name_len + extra_len == s.data_offset
+
+
+def check_local_header(blob: bytes, s: Any, where: str) -> None:
+    if not local_header_ok(blob, s):
+        raise TensorDataError(
+            f"storage {s.key!r} of tensor {where!r} is not where the zip directory puts it (its local header disagrees)",
+            s.file,
+            "the archive was not written by torch.save; download it and open the local copy",
+        )
+
+
 class TensorData:
     """Opens each file once (mmap) and hands out tensors for records. Use as a context manager."""
 
     def __init__(self) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
         self._bases: dict[int, int] = {}  # id(mapping) -> its address (storage_address)
+        # Remote storages: fetched whole (only the tensors asked for), the last few kept: a
+        # storage shared by several views, and the buffers whose address a kernel still uses.
+        self._fetched: OrderedDict[tuple[str, int, int], bytearray] = OrderedDict()
+        self._fetched_bytes = 0
+        self._upcoming: dict[tuple[str, int, int], int] = {}  # storage -> position in the plan
+        self._order: list[TensorRecord] = []
+        self._lock = threading.Lock()
+
+    def plan(self, records: list[TensorRecord]) -> None:
+        """The order tensors will be read in: remote storages are then fetched several at a time
+        (PREFETCH_COUNT ranges in flight, PREFETCH_BYTES at most), not one round trip each."""
+        order, upcoming = [], {}
+        for r in records:
+            s = r.storage
+            if s is None or not isinstance(s.file, RemotePath) or s.data_offset is None:
+                continue
+            key = (s.file.url, s.data_offset, s.nbytes)
+            if key not in upcoming:
+                upcoming[key] = len(order)
+                order.append(r)
+        with self._lock:
+            self._order, self._upcoming = order, upcoming
 
     def __enter__(self) -> TensorData:
         return self
@@ -108,6 +183,8 @@ class TensorData:
                 pass  # a copy=False tensor still views it; the mapping goes when that tensor does
         self._maps.clear()
         self._bases.clear()
+        self._fetched.clear()
+        self._fetched_bytes = 0
 
     def _map(self, path: Path | str) -> mmap.mmap:
         buf = self._maps.get(path)
@@ -131,7 +208,10 @@ class TensorData:
     def storage_address(self, record: TensorRecord) -> tuple[int, int]:
         """(address, length) of the record's storage in the mapping, checked like
         `storage_bytes`: for compiled loops (the statistics kernel) that take no buffer object.
-        Valid until this TensorData closes."""
+        Valid until this TensorData closes; local files only (is_remote: a fetched buffer lives
+        only as long as the arrays that view it, so remote bytes go through storage_bytes)."""
+        if is_remote(record):
+            raise ValueError("storage_address of a remote storage: use storage_bytes")
         buf, start, end = self._locate(record)
         base = self._bases.get(id(buf))
         if base is None:
@@ -155,6 +235,8 @@ class TensorData:
         offset, size = s.data_offset, s.data_size
         if type(offset) is not int or offset < 0 or (size is not None and (type(size) is not int or size < 0)):
             raise TensorDataError(f"storage {s.key!r} of tensor {where!r} has an invalid location", s.file)
+        if isinstance(s.file, RemotePath):
+            return self._remote(record, s)
         buf = self._map(s.file)  # no Path() per call: 5 us each, 100k times in a big diff
         end = s.data_offset + s.nbytes
         available = s.data_offset + (s.data_size if s.data_size is not None else s.nbytes)
@@ -165,6 +247,84 @@ class TensorData:
                 s.file,
             )
         return buf, s.data_offset, end
+
+    def _remote(self, record: TensorRecord, s: Any) -> tuple[bytearray, int, int]:
+        """A remote storage's bytes, fetched in one range (with its zip local header when the
+        offset was predicted, checked here) and kept among the last few."""
+        from ..readers.sources import remote_source
+
+        key = (s.file.url, s.data_offset, s.nbytes)
+        with self._lock:
+            buf = self._fetched.get(key)
+            if buf is not None:
+                self._fetched.move_to_end(key)
+                return buf, 0, len(buf)
+            batch = [record]  # and the next planned storages of the same file, fetched together
+            at = self._upcoming.get(key)
+            if at is not None:
+                size = s.nbytes
+                for nxt in self._order[at + 1 : at + PREFETCH_COUNT]:
+                    n = nxt.storage
+                    k = (n.file.url, n.data_offset, n.nbytes)
+                    if n.file != s.file or k in self._fetched or size + n.nbytes > PREFETCH_BYTES:
+                        break
+                    size += n.nbytes
+                    batch.append(nxt)
+        source = remote_source(s.file)
+        ranges = [_remote_range(record, source)]
+        for i, r in enumerate(batch[1:], 1):
+            try:
+                ranges.append(_remote_range(r, source))
+            except TensorDataError:  # its own read will say so, naming it
+                del batch[i:]
+                break
+        blobs = source.read_ranges(ranges)
+        out = None
+        with self._lock:
+            for r, (start, _), blob in zip(batch, ranges, blobs):
+                n = r.storage
+                if n.header_offset is not None:
+                    if r is not record and not local_header_ok(blob, n):
+                        continue  # its own read will say so, naming it
+                    check_local_header(blob, n, r.qualified_name)
+                    blob = memoryview(blob)[n.data_offset - start :]
+                buf = bytearray(blob)
+                k = (n.file.url, n.data_offset, n.nbytes)
+                if k not in self._fetched:
+                    self._fetched[k] = buf
+                    self._fetched_bytes += len(buf)
+                out = out if out is not None else buf
+            while len(self._fetched) > 1 and (
+                len(self._fetched) > max(KEEP_FETCHED, len(batch)) or self._fetched_bytes > PREFETCH_BYTES * 2
+            ):
+                _, old = self._fetched.popitem(last=False)
+                self._fetched_bytes -= len(old)
+        return out, 0, len(out)
+
+    def streams(self, record: TensorRecord) -> bool:
+        """Whether chunked readers should fetch this storage piece by piece (stream_bytes):
+        a remote storage too large to hold whole."""
+        s = record.storage
+        return is_remote(record) and s.data_offset is not None and not s.compressed and s.nbytes > STREAM_BYTES
+
+    def stream_bytes(self, record: TensorRecord, start: int, length: int, step: int) -> Iterator[bytes]:
+        """Bytes start..start+length of a remote record's storage in pieces of `step`, fetched
+        PREFETCH_COUNT at a time: memory is bounded by PREFETCH_COUNT x step, not the tensor."""
+        from ..readers.sources import remote_source
+
+        s = record.storage
+        source = remote_source(s.file)
+        first, _ = _remote_range(record, source)  # truncation checked against the whole storage
+        check_view(record, s.nbytes)
+        if start < 0 or start + length > s.nbytes:
+            raise TensorDataError(f"tensor {record.qualified_name!r} does not fit its storage", s.file)
+        if s.header_offset is not None:
+            (head,) = source.read_ranges([(first, s.data_offset - first)])
+            check_local_header(head, s, record.qualified_name)
+        step = max(1, step)
+        pieces = [(s.data_offset + o, min(step, length - (o - start))) for o in range(start, start + length, step)]
+        for i in range(0, len(pieces), PREFETCH_COUNT):
+            yield from source.read_ranges(pieces[i : i + PREFETCH_COUNT])
 
     def tensor(self, record: TensorRecord, copy: bool = True) -> torch.Tensor:
         """The tensor exactly as torch.load would give it (values, dtype, shape, stride)."""

@@ -167,6 +167,7 @@ def stream_stats(
     cannot be read goes to `on_error` and the stream continues. Raises Cancelled.
     """
     threads = threads or default_threads()
+    data.plan(records)  # remote storages: fetched several at a time, in this order
     total = sum(r.nbytes for r in records)
     state = {"done": 0, "last": 0.0}
     t0 = time.perf_counter()

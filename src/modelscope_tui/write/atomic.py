@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import MscopeError
+from ..readers.sources.location import RemotePath
 
 TEMP_MARK = ".mscope-tmp-"
 
@@ -41,8 +42,22 @@ def next_free_path(path: Path) -> Path:
     raise SaveError("no free file name", path)
 
 
+def local_source(path: object) -> Path:
+    """The local file a writer copies from: a checkpoint read over a URL has none (writers copy
+    bytes they have not fetched), so say what to do instead of failing half way."""
+    if isinstance(path, RemotePath):
+        raise SaveError(
+            "writing a changed copy needs the checkpoint on this disk", path,
+            "download it, open the local copy, and write from there",
+        )  # fmt: skip
+    return Path(path)  # type: ignore[arg-type]
+
+
 def sibling_path(source: Path, tag: str, suffix: str | None = None) -> Path:
-    """A new file next to `source`: model.pt -> model.<tag>.pt (never an existing file)."""
+    """A new file next to `source`: model.pt -> model.<tag>.pt (never an existing file). For a
+    URL, in the current directory: a file's URL never becomes a local path."""
+    if isinstance(source, RemotePath):
+        source = Path.cwd() / (source.name or "checkpoint")
     suffix = source.suffix if suffix is None else suffix
     stem = source.name[: -len(source.suffix)] if source.suffix else source.name
     return next_free_path(source.with_name(f"{stem}.{tag}{suffix}"))

@@ -29,6 +29,7 @@ from .atomic import (
     atomic_write,
     check_unchanged,
     file_state,
+    local_source,
     sibling_path,
 )
 from .zipwriter import DEFAULT_ALIGNMENT, TorchZipWriter
@@ -202,7 +203,7 @@ def plan_cast(
     ckpt: Checkpoint, dtype: str, names: Iterable[str] | None = None, fmt: str | None = None
 ) -> CastPlan:
     """The output of `cast_copy` without writing it (raises SaveError for unsupported input)."""
-    path = Path(ckpt.path)
+    path = local_source(ckpt.path)
     target = CAST_TARGETS.get(str(dtype).removeprefix("torch.")) if dtype is not None else None
     if target is None:
         raise SaveError(

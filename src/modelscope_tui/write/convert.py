@@ -36,6 +36,7 @@ from .atomic import (
     check_unchanged,
     copy_range,
     file_state,
+    local_source,
     write_all,
 )
 from .cast import CAST_TARGETS, TIED_METADATA_KEY, CastBlock, write_block
@@ -367,7 +368,7 @@ def convert(
     5 GB) and `model.safetensors.index.json`. Every file is written to a temp name first and
     renamed once all are complete, the index last: a failure leaves no output. An existing
     output file is replaced only with `overwrite` (then kept as `.bak`)."""
-    source = Path(ckpt.path)
+    source = local_source(ckpt.path)  # bytes are copied from the file: a URL says to download first
     dest = Path(dest)
     single = dest.suffix == ".safetensors"
     if single and max_shard_size:

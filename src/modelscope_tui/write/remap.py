@@ -30,6 +30,7 @@ from .atomic import (
     copy_range,
     file_state,
     keep_mode,
+    local_source,
     sibling_path,
 )
 from .zipwriter import DEFAULT_ALIGNMENT, TorchZipWriter
@@ -64,7 +65,7 @@ def remap_locations(
     as torch writes it, each member's data aligned to the archive's `.storage_alignment` (64).
     Default destination: `model.cpu.pt` next to the source.
     """
-    source = Path(ckpt.path)
+    source = local_source(ckpt.path)
     remap = _location_remap(mapping, source)
     if ckpt.format == Format.TORCHSCRIPT:
         raise SaveError(

@@ -24,7 +24,7 @@ from ..readers.pickle.patch import PicklePatchError, TensorRebuild, scan_tensor_
 from ..readers.pickle.scan import scan_pickle
 from ..readers.torchzip import archive_prefix
 from ..readers.ziparchive import STORED, ZipArchive, ZipEntry
-from .atomic import SaveError, atomic_write, copy_range, sibling_path, write_all
+from .atomic import SaveError, atomic_write, copy_range, local_source, sibling_path, write_all
 from .zipwriter import CENTRAL, EOCD, EOCD64, EOCD64_LOCATOR, FLAG_DESCRIPTOR
 
 PATCHABLE_FORMATS = (Format.TORCH_ZIP, Format.TORCH_LEGACY, Format.TORCHSCRIPT)
@@ -64,7 +64,7 @@ def save_with_requires_grad(
     member stay byte-identical. Names missing from `trainable` keep their saved flag (a tied
     alias follows its first name). Default destination: `model.frozen.pt` next to the source.
     """
-    source = Path(ckpt.path)
+    source = local_source(ckpt.path)
     dest = Path(dest) if dest is not None else sibling_path(source, "frozen")
     _check_patchable(ckpt)
     try:
@@ -94,7 +94,7 @@ def plan_requires_grad(
     """The byte patches `save_with_requires_grad` would apply (raises SaveError if unsafe)."""
     _check_patchable(ckpt)
     if src is None:
-        with open(ckpt.path, "rb") as fh:
+        with open(local_source(ckpt.path), "rb") as fh:
             return plan_requires_grad(ckpt, trainable, fh)
     wanted = _wanted_flags(ckpt, trainable)
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import MscopeError
+from ...readers.sources.location import as_location
 from ...units import fmt_bytes
 from .jobs import Job, Latest
 
@@ -56,7 +57,7 @@ class DiffController:
         plan: str | os.PathLike | None = None,
         prefetch=None,
     ) -> None:
-        self.compare_path = Path(compare) if compare is not None else None
+        self.compare_path = as_location(compare) if compare is not None else None
         self.prefetch = prefetch
         self.atol, self.rtol = atol, rtol
         self.plan_path = plan
@@ -68,7 +69,7 @@ class DiffController:
     def start(self, path: str | os.PathLike, prefetch=None) -> DiffJob:
         """Compare against `path` (a replaced comparison stops); the app runs `open` and then
         `batches` on a worker."""
-        self.compare_path = Path(path)
+        self.compare_path = as_location(path)
         self.plan_lines = None
         return self._jobs.start(DiffJob(self.compare_path, prefetch))
 
@@ -183,7 +184,8 @@ class DiffController:
         if self.compare_path is not None:
             return str(self.compare_path)
         folder = b.path if b.path.is_dir() else b.path.parent
-        return "" if str(folder) == "." else str(folder) + os.sep
+        text = str(folder)
+        return "" if text == "." else text if text.endswith("/") else text + os.sep
 
     def change_order(self, b: Checkpoint) -> list[tuple[str, bool]]:
         """(name, ghost) of every tensor that differs, in tree order (tensors, then modules)."""
