@@ -184,6 +184,11 @@ class Session:
     def can_redo(self) -> bool:
         return bool(self._redo)
 
+    def trainable_elements(self, names: list[str], numels: list[int]) -> int:
+        """The elements that train now among canonical parameters `names` (of `numels`
+        elements each): a C-speed loop, for counts over 100k tensors after every change."""
+        return sum(compress(numels, map(self.trainable.__getitem__, names)))
+
     def node(self, name: str) -> ModuleNode | None:
         return self._nodes.get(name)
 
@@ -301,8 +306,12 @@ class Session:
     # -- changes -------------------------------------------------------------------------------
     def set_trainable(self, names: Iterable[str], value: bool, rule: Rule | None = None, description: str = "") -> ChangeResult:
         names = list(names)
-        canonical, trainable = self.canonical, self.trainable
-        canon = list(map(canonical.get, names))  # C-level loops: this runs on 100k-tensor subtrees
+        return self._set(names, list(map(self.canonical.get, names)), value, rule, description)
+
+    def _set(self, names: list[str], canon: list[str | None], value: bool, rule: Rule | None, description: str = "") -> ChangeResult:
+        """set_trainable with `names` already mapped to their canonical names (None: cannot train)."""
+        trainable = self.trainable
+        # C-level loops where it can: this runs on 100k-tensor subtrees
         skipped = [n for n, c in zip(names, canon) if c is None and n in self.records] if None in canon else []
         unique = dict.fromkeys(canon)
         unique.pop(None, None)
@@ -338,12 +347,13 @@ class Session:
     def toggle(self, names: Iterable[str]) -> ChangeResult:
         """Freeze if everything trainable among `names` trains now, else unfreeze them all."""
         names = list(names)
-        canon = [c for c in map(self.canonical.get, names) if c is not None]
-        if not canon:
+        canon = list(map(self.canonical.get, names))  # mapped once, for the change too
+        present = [c for c in canon if c is not None]
+        if not present:
             return ChangeResult(0, len(names), names, "no trainable tensors here (integer/bool tensors cannot require grad)")
-        value = not all(map(self.trainable.__getitem__, canon))
+        value = not all(map(self.trainable.__getitem__, present))
         action = Action.UNFREEZE if value else Action.FREEZE
-        return self.set_trainable(names, value, Rule(action, Selector.NAMES, _names_value(names)))
+        return self._set(names, canon, value, Rule(action, Selector.NAMES, _names_value(names)))
 
     def freeze_pattern(self, pattern: str, kind: str = Selector.GLOB, value: bool = False) -> ChangeResult:
         names = self.match(pattern, kind)  # refuses a kind other than glob or regex
@@ -462,8 +472,7 @@ class Session:
             tensors = [t for t in node.all_tensors() if t.name in self.trainable] if node is not None else []
             params = ([t.name for t in tensors], [t.numel for t in tensors])
             self._subtree_params[module] = params
-        names, numels = params
-        value = sum(compress(numels, map(self.trainable.__getitem__, names)))  # C-speed loop
+        value = self.trainable_elements(*params)
         self._count_cache[module] = (self._generation, value)
         return value
 

@@ -21,4 +21,20 @@ class ModeFooter(Footer):
             action = getattr(widget, "action", None)  # a FooterKey (its class is not public)
             if isinstance(action, str) and action.removeprefix("app.") in self.hidden:
                 continue
+            compact = getattr(type(widget), "compact", None)
+            if compact is not None:
+                # A key starts compact and is then bound to the footer's `compact`: two style
+                # updates of the key each (a third of start-up's style work). Starting it at the
+                # footer's value, the binding changes nothing.
+                widget.set_reactive(compact, self.compact)
             yield widget
+
+    def bindings_changed(self, screen) -> None:
+        """Textual's Footer recomposes once per change of bindings (each focus change, each
+        mount), about twenty keys each time: start-up queued ten. Asking for a recompose through
+        `refresh` instead folds the ones queued together into one."""
+        self._bindings_ready = True
+        if not screen.app.app_focus:
+            return
+        if self.is_attached and screen is self.screen:
+            self.refresh(recompose=True)
