@@ -22,10 +22,11 @@ class ModeFooter(Footer):
             if isinstance(action, str) and action.removeprefix("app.") in self.hidden:
                 continue
             compact = getattr(type(widget), "compact", None)
-            if compact is not None:
+            if compact is not None and not widget.has_class("-command-palette"):
                 # A key starts compact and is then bound to the footer's `compact`: two style
-                # updates of the key each (a third of start-up's style work). Starting it at the
-                # footer's value, the binding changes nothing.
+                # updates of the key each (most of start-up's style work). Starting it at the
+                # footer's value, the binding changes nothing. (The palette's key is not bound:
+                # it stays compact.)
                 widget.set_reactive(compact, self.compact)
             yield widget
 
