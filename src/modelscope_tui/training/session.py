@@ -159,7 +159,8 @@ class Session:
         # generation: a change costs O(tensors changed), not O(modules touched x depth).
         self._generation = 0
         self._count_cache: dict[str, tuple[int, int]] = {}
-        self._subtree_params: dict[str, tuple[list[str], list[int]]] = {}
+        # module -> (its parameters' names, their numels, the ancestor with exactly these or None)
+        self._subtree_params: dict[str, tuple[list[str], list[int], str | None]] = {}
 
     # -- queries -------------------------------------------------------------------------------
     def is_trainable(self, name: str) -> bool:
@@ -470,9 +471,16 @@ class Session:
         if params is None:
             node = self._nodes.get(module)
             tensors = [t for t in node.all_tensors() if t.name in self.trainable] if node is not None else []
-            params = ([t.name for t in tensors], [t.numel for t in tensors])
-            self._subtree_params[module] = params
-        value = self.trainable_elements(*params)
+            names = [t.name for t in tensors]
+            # A module holding every parameter of its parent (`transformer` under the root,
+            # `model.decoder` under `model`) has its parent's count: one pass over 100k names
+            # after a change, not one per level. Only a parent counted before is looked at (the
+            # tree shows parents first), so this never walks up a deep chain.
+            parent = self._subtree_params.get(self._parent.get(module))
+            same = (parent[2] or self._parent[module]) if parent is not None and len(parent[0]) == len(names) else None
+            params = self._subtree_params[module] = (names, [t.numel for t in tensors], same)
+        names, numels, same = params
+        value = self._count(same) if same is not None else self.trainable_elements(names, numels)
         self._count_cache[module] = (self._generation, value)
         return value
 
