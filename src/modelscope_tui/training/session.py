@@ -309,14 +309,26 @@ class Session:
         names = list(names)
         return self._set(names, list(map(self.canonical.get, names)), value, rule, description)
 
-    def _set(self, names: list[str], canon: list[str | None], value: bool, rule: Rule | None, description: str = "") -> ChangeResult:
-        """set_trainable with `names` already mapped to their canonical names (None: cannot train)."""
+    def _set(
+        self,
+        names: list[str],
+        canon: list[str | None],
+        value: bool,
+        rule: Rule | None,
+        description: str = "",
+        unique: dict[str, None] | None = None,
+        all_flip: bool = False,
+    ) -> ChangeResult:
+        """set_trainable with `names` already mapped to their canonical names (None: cannot
+        train); `unique`: those canonical names once each, when the caller has them;
+        `all_flip`: the caller knows that none of them is at `value` yet."""
         trainable = self.trainable
         # C-level loops where it can: this runs on 100k-tensor subtrees
         skipped = [n for n, c in zip(names, canon) if c is None and n in self.records] if None in canon else []
-        unique = dict.fromkeys(canon)
-        unique.pop(None, None)
-        targets = [c for c in unique if trainable[c] is not value]
+        if unique is None:
+            unique = dict.fromkeys(canon)
+            unique.pop(None, None)
+        targets = list(unique) if all_flip else [c for c in unique if trainable[c] is not value]
         message = ""
         if skipped and not targets and len(skipped) == len(names):
             message = f"{_describe_skipped(self, skipped)}: cannot require grad; left as they are"
@@ -348,13 +360,15 @@ class Session:
     def toggle(self, names: Iterable[str]) -> ChangeResult:
         """Freeze if everything trainable among `names` trains now, else unfreeze them all."""
         names = list(names)
-        canon = list(map(self.canonical.get, names))  # mapped once, for the change too
-        present = [c for c in canon if c is not None]
-        if not present:
+        canon = list(map(self.canonical.get, names))  # mapped and deduplicated once, for the change too
+        unique = dict.fromkeys(canon)
+        unique.pop(None, None)
+        if not unique:
             return ChangeResult(0, len(names), names, "no trainable tensors here (integer/bool tensors cannot require grad)")
-        value = not all(map(self.trainable.__getitem__, present))
+        value = not all(map(self.trainable.__getitem__, unique))  # freezing: all of them train now
         action = Action.UNFREEZE if value else Action.FREEZE
-        return self._set(names, canon, value, Rule(action, Selector.NAMES, _names_value(names)))
+        rule = Rule(action, Selector.NAMES, _names_value(names))
+        return self._set(names, canon, value, rule, unique=unique, all_flip=not value)
 
     def freeze_pattern(self, pattern: str, kind: str = Selector.GLOB, value: bool = False) -> ChangeResult:
         names = self.match(pattern, kind)  # refuses a kind other than glob or regex
