@@ -31,9 +31,9 @@ class ModeFooter(Footer):
             yield widget
 
     def bindings_changed(self, screen) -> None:
-        """Textual's Footer recomposes once per change of bindings (each focus change, each
-        mount), about twenty keys each time: start-up queued ten. Asking for a recompose through
-        `refresh` instead folds the ones queued together into one."""
+        """Textual's Footer schedules one recompose (about twenty keys) per change of bindings:
+        each focus change, each mount; start-up asked for ten. Through `refresh(recompose=True)`
+        the ones asked for before the footer gets to them make one."""
         self._bindings_ready = True
         if not screen.app.app_focus:
             return
