@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""Explorer benchmarks (issue 3).
+"""Explorer benchmarks (issues 3 and 14).
 
-    python bench/bench_explorer.py [--workdir DIR] [--repeat N]
+    python bench/bench_explorer.py [--workdir DIR] [--repeat N] [--only paint|freeze|idle]
 
 1. Time to first paint: `mscope open FILE` in a pseudo-terminal with MSCOPE_EXIT_AFTER_PAINT=1
    (the app exits right after the tree is painted), as a whole process, against
-   `python -c "import torch; torch.load(F, mmap=True, weights_only=True)"`. Target <= 0.3x.
+   `python -c "import torch; torch.load(F, mmap=True, weights_only=True)"`, the two alternated
+   run by run so that a busy machine slows both alike. Target <= 0.2x.
 2. Freezing a subtree of 50,000 tensors and repainting, measured in-process with the headless
-   app (Pilot): the Session change plus the tree repaint. Target < 100 ms.
+   app (Pilot): the Session change plus the tree repaint, with gc handled as `mscope open` does
+   (off until the first paint, then what start-up built is frozen). Wall time is the verdict;
+   the main thread's CPU time is printed beside it, the steadier figure on a shared machine.
+   Target < 60 ms.
 
 Uses the files bench_summary.py generates under bench/_data/ (generated on first use).
 """
@@ -28,6 +32,8 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 FIRST_PAINT_FILE = "gpt_1p3b_fp16.pt"
 FREEZE_FILE = "state_dict_100k.pt"
+PAINT_TARGET = 0.2  # first paint / torch.load(mmap=True)
+FREEZE_TARGET_MS = 60
 
 
 def ensure_data(workdir: Path, name: str) -> Path:
@@ -67,23 +73,33 @@ def first_paint(path: Path, repeat: int) -> None:
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(BENCH_DIR.parent / "src")], stdout=subprocess.DEVNULL, check=False)
     env = dict(os.environ, MSCOPE_EXIT_AFTER_PAINT="1", TERM="xterm-256color", COLUMNS="120", LINES="40")
-    ours = [run_in_pty([str(mscope), "open", str(path)], env) for _ in range(repeat)]
     torch_cmd = [sys.executable, "-c", f"import torch; torch.load({str(path)!r}, mmap=True, weights_only=True)"]
-    theirs = []
+    ours, theirs = [], []
     for _ in range(repeat):
+        ours.append(run_in_pty([str(mscope), "open", str(path)], env))
         start = time.perf_counter()
         subprocess.run(torch_cmd, check=True)
         theirs.append(time.perf_counter() - start)
     a, b = statistics.median(ours), statistics.median(theirs)
-    verdict = "PASS" if a / b <= 0.3 else "FAIL"
-    print(f"| first paint, {path.name} | mscope {a:.3f} s | torch.load {b:.3f} s | ratio {a / b:.3f}x | target <= 0.3x {verdict} |")
+    verdict = "PASS" if a / b <= PAINT_TARGET else "FAIL"
+    print(
+        f"| first paint, {path.name} | mscope {a:.3f} s | torch.load {b:.3f} s | ratio {a / b:.3f}x "
+        f"(runs: {', '.join(f'{x / y:.3f}' for x, y in zip(ours, theirs))}) | target <= {PAINT_TARGET}x {verdict} |"
+    )
 
 
-async def _freeze_timing(path: Path, repeat: int, show_gpus: bool) -> list[float]:
+async def _freeze_timing(path: Path, repeat: int, show_gpus: bool) -> tuple[list[float], list[float]]:
+    import gc
+
     from modelscope_tui.tui.app import MscopeApp
 
     app = MscopeApp(path, show_gpus=show_gpus)
-    times = []
+    # As `mscope open` runs it (cli/open.py, run_app): gc off until the first paint, then what
+    # start-up built is frozen out of later collections. Without it, collections over the 600k
+    # start-up objects land in the measured freezes, which the command never sees.
+    gc.disable()
+    app.resume_gc_after_paint = True
+    times, cpu = [], []
     async with app.run_test(size=(160, 48)) as pilot:
         await app.workers.wait_for_complete()
         await pilot.pause()
@@ -93,23 +109,28 @@ async def _freeze_timing(path: Path, repeat: int, show_gpus: bool) -> list[float
         names = list(session.records)[:50_000]
         print(f"freezing {len(names):,} tensors ({names[0]} .. {names[-1]})")
         for _ in range(repeat):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             session.toggle(names)
             app.refresh_state()
             await pilot.pause()  # lets the repaint happen
             times.append(time.perf_counter() - start)
-    return times
+            cpu.append(time.thread_time() - start_cpu)
+    gc.enable()
+    return times, cpu
 
 
 def freeze_repaint(path: Path, repeat: int) -> None:
     """The tree and header repaint; with the GPU panel on, its estimate (O(tensors)) is also
     recomputed on a worker thread that competes for the GIL, reported separately."""
     for show_gpus in (False, True):
-        times = asyncio.run(_freeze_timing(path, repeat, show_gpus))
+        times, cpu = asyncio.run(_freeze_timing(path, repeat, show_gpus))
         median = statistics.median(times) * 1000
-        verdict = "PASS" if median < 100 else "FAIL"
+        verdict = "PASS" if median < FREEZE_TARGET_MS else "FAIL"
         panel = "GPU panel + estimate on" if show_gpus else "GPU panel off"
-        print(f"| freeze 50k tensors + repaint ({panel}) | median {median:.1f} ms over {len(times)} | target < 100 ms {verdict} |")
+        print(
+            f"| freeze 50k tensors + repaint ({panel}) | median {median:.1f} ms over {len(times)} "
+            f"(main thread CPU {statistics.median(cpu) * 1000:.1f} ms) | target < {FREEZE_TARGET_MS} ms {verdict} |"
+        )
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -157,11 +178,15 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=BENCH_DIR / "_data")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument("--only", choices=("paint", "freeze", "idle"), help="run one of the three")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    first_paint(ensure_data(args.workdir, FIRST_PAINT_FILE), args.repeat)
-    freeze_repaint(ensure_data(args.workdir, FREEZE_FILE), max(5, args.repeat))
-    idle_cpu(args.idle_seconds)
+    if args.only in (None, "paint"):
+        first_paint(ensure_data(args.workdir, FIRST_PAINT_FILE), args.repeat)
+    if args.only in (None, "freeze"):
+        freeze_repaint(ensure_data(args.workdir, FREEZE_FILE), max(5, args.repeat))
+    if args.only in (None, "idle"):
+        idle_cpu(args.idle_seconds)
     return 0
 
 

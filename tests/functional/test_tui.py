@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 import torch
+from textual.widgets import LoadingIndicator
 
+from modelscope_tui.errors import MscopeError
+from modelscope_tui.readers import open_checkpoint
 from modelscope_tui.tui.app import MscopeApp
 from modelscope_tui.tui.screens.confirm import ConfirmScreen
 from modelscope_tui.tui.screens.help import HelpScreen
@@ -318,6 +322,50 @@ async def test_corrupt_file_exits_with_one_line(tmp_path):
             await pilot.pause(0.05)
     assert app.return_code == 2
     assert "bad.pt" in app.error_line and "\n" not in app.error_line
+
+
+def done_future(result=None, error: BaseException | None = None) -> Future:
+    """What `mscope open` hands the app when its prefetch finished while Textual was imported."""
+    future = Future()
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+    return future
+
+
+async def test_checkpoint_at_hand_is_shown_without_a_worker_or_loading_frame(monkeypatch):
+    """The prefetch usually finishes before the app mounts: the tree is then built at mount,
+    never behind a LoadingIndicator and a worker's round trip (issue #14's first paint)."""
+    opened = []
+    monkeypatch.setattr(MscopeApp, "_open", lambda self, path: opened.append(path))
+    path = SAMPLES / "transformer_tied.pt"
+    app = MscopeApp(path, prefetch=done_future(open_checkpoint(path)))
+    async with app.run_test(size=(120, 40)) as pilot:
+        assert app.session is not None and app.tree.root.children  # before any pause
+        assert not app.query(LoadingIndicator)
+        await pilot.pause()
+        assert opened == []
+        assert "transformer_tied.pt" in header(app) and "opening" not in header(app)
+
+
+@pytest.mark.parametrize(
+    "error, code, line",
+    [
+        (MscopeError("not a checkpoint", "x.pt"), 2, "x.pt: not a checkpoint"),
+        (RuntimeError("boom"), 3, "internal error: RuntimeError: boom"),
+    ],
+)
+async def test_prefetch_error_at_hand_exits_with_one_line(error, code, line):
+    """The same line and exit code as when the error comes from the opening worker."""
+    app = MscopeApp(SAMPLES / "transformer_tied.pt", prefetch=done_future(error=error))
+    async with app.run_test(size=(80, 24)) as pilot:
+        for _ in range(100):
+            if app.return_code is not None:
+                break
+            await pilot.pause(0.05)
+    assert app.return_code == code
+    assert app.error_line == line and app.session is None
 
 
 @pytest.mark.parametrize("sample", sorted(p.name for p in SAMPLES.iterdir() if p.name not in ("README.md", "make_samples.py")))

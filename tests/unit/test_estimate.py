@@ -15,8 +15,10 @@ Published numbers reproduced here:
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelscope_tui import open_checkpoint
+from modelscope_tui.checkpoint import PARAMETER
 from modelscope_tui.cli.estimate import render_table, render_text
 from modelscope_tui.errors import MscopeError
 from modelscope_tui.training.estimate import (
@@ -458,6 +461,36 @@ def test_inventory_groups_by_dtype_and_state():
     counts = inventory(session)
     assert counts[("float32", False, True)] == 80  # stem.0 conv, frozen as saved
     assert counts[("int64", False, False)] == 2
+
+
+@pytest.mark.parametrize("sample", ["transformer_tied.pt", "dtypes.pt", "notebook_full.pt", "lightning.ckpt"])
+def test_session_inventory_matches_a_tally_tensor_by_tensor(sample):
+    """inventory(session) moves each dtype's trainable elements over from a frozen tally kept
+    per checkpoint: it must equal the plain loop over every tensor after any freeze state (tied
+    parameters, integer parameters and buffers included), and a second session of the same
+    checkpoint must not see the first one's state."""
+    ckpt = open_checkpoint(SAMPLES / sample)
+    session = Session(ckpt)
+    names = list(session.records)
+    assert session.canonical, "the sample has no trainable parameters: nothing is tested"
+    rng = random.Random(sample)
+
+    def tally(s: Session) -> Counter:
+        counts = Counter()
+        for t in ckpt.model_tensors:
+            if t.alias_of is None:
+                is_param = t.kind == PARAMETER
+                counts[(t.dtype, bool(is_param and s.is_trainable(t.name)), is_param)] += t.numel
+        return +counts
+
+    assert inventory(session) == tally(session)
+    for _ in range(6):
+        session.set_trainable(rng.sample(names, k=max(1, len(names) // 2)), rng.random() < 0.5)
+        assert inventory(session) == tally(session)
+    session.freeze_all()
+    assert inventory(session) == tally(session) and not any(trains for _, trains, _ in inventory(session))
+    fresh = Session(ckpt)
+    assert inventory(fresh) == tally(fresh) != inventory(session)
 
 
 def test_estimate_module_stays_light():

@@ -140,3 +140,37 @@ def test_url_without_the_extra_says_what_to_install(tmp_path):
     )
     assert out.returncode == 2
     assert out.stderr.strip() == "mscope: error: s3://b/x.pt: reading s3:// URLs needs fsspec (install modelscope-tui[remote])"
+# What the explorer's first paint does not show, imported on first use (a key, a pane) rather
+# than at start-up, where each import was start-up time (issue #14's first paint).
+DEFERRED = (
+    "modelscope_tui.tui.screens",  # every dialog
+    "modelscope_tui.audit.findings",  # A (audit); the root's norm rows need none of it
+    "modelscope_tui.audit.runner",
+    "modelscope_tui.values.stream",  # statistics and norms, computed on a worker
+    "modelscope_tui.diff.stream",  # v (compare)
+    "modelscope_tui.training.estimate",  # the GPU panel's estimate (no panel at 120 columns)
+    "modelscope_tui.gpu.monitor",
+    "torch",
+    "numpy",
+)
+
+
+def test_first_paint_imports_only_what_it_shows():
+    """The explorer at 120x40 (the benchmark's size: tree and details pane, no GPU panel),
+    after its first paint: none of DEFERRED is imported."""
+    code = (
+        "import asyncio\n"
+        "from modelscope_tui.tui.app import MscopeApp\n"
+        "async def main():\n"
+        f"    app = MscopeApp({str(SAMPLES / 'transformer_tied.pt')!r})\n"
+        "    async with app.run_test(size=(120, 40)) as pilot:\n"
+        "        await app.workers.wait_for_complete()\n"
+        "        await pilot.pause()\n"
+        "        assert app.session is not None and app.tree.root.children, app.error_line\n"
+        "        assert app.query_one('#details-pane').display  # the root's details were drawn\n"
+        "asyncio.run(main())\n"
+    )
+    loaded = modules_after(code)
+    assert "modelscope_tui.tui.widgets.tree" in loaded and "modelscope_tui.audit.norms" in loaded
+    early = [m for m in DEFERRED if m in loaded or any(k.startswith(m + ".") for k in loaded)]
+    assert not early, f"imported before first use: {early}"

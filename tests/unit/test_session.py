@@ -159,3 +159,44 @@ def test_totals_line_shows_a_change_the_compact_counts_would_hide():
     s.unfreeze(s.match("*"))
     s.freeze(["classifier.bias"])
     assert s.totals_line() == "trainable 1,600 / 1,610 (99.4%)"
+@pytest.fixture(scope="module")
+def wrapped(tmp_path_factory):
+    """Wrappers holding all of their parent's parameters (`model` -> `model.decoder`, as in
+    Hugging Face files), beside a head that is not wrapped."""
+    import torch
+
+    sd = {f"model.decoder.layers.{i}.{w}": torch.zeros(i + 2, 3) for i in range(4) for w in ("q", "k")}
+    sd["model.decoder.norm.weight"] = torch.ones(3)
+    sd["model.decoder.norm.steps"] = torch.zeros(1, dtype=torch.int64)  # cannot train
+    sd["head.weight"] = torch.zeros(5, 3)
+    path = tmp_path_factory.mktemp("wrapped") / "wrapped.pt"
+    torch.save(sd, path)
+    return open_checkpoint(path)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(OPS, st.booleans())
+def test_wrapper_counts_follow_their_parent_in_any_order(wrapped, ops, parents_first):
+    """A module holding every parameter of its parent takes its parent's count (one pass over
+    the names per change, not one per level): exact after every change, undo and redo, whether
+    parents or children were counted first."""
+    s = Session(wrapped)
+    names = list(s.records)
+    modules = list(s.ckpt.tree.walk())
+    order = modules if parents_first else modules[::-1]
+    for op, k in [("count", 0), *ops]:
+        if op == "toggle":
+            s.toggle([t.name for t in modules[k % len(modules)].all_tensors()])
+        elif op in ("freeze", "pattern", "last"):
+            s.freeze(names[k % len(names) :: 2])
+        elif op == "unfreeze":
+            s.unfreeze(names[: k % len(names)])
+        elif op == "invert":
+            s.invert()
+        elif op == "undo" and s.can_undo:
+            s.undo()
+        elif op == "redo" and s.can_redo:
+            s.redo()
+        expected = brute_force_counts(s)
+        assert {n.name: s.trainable_in(n) for n in order} == expected
+    assert s.node_state(s.node("model.decoder")) == s.node_state(s.node("model"))

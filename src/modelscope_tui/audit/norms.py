@@ -30,12 +30,11 @@ from ..checkpoint import (
 )
 from ..errors import MscopeError
 from ..values.chunks import stats_supported
-from ..values.stats import ProgressFn, TensorStats
-from ..values.stream import stream_stats
-from .findings import Finding, finding
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the explorer draws rows at first paint; computing imports the rest
     from ..values.data import TensorData
+    from ..values.stats import ProgressFn, TensorStats
+    from .findings import Finding
 
 EIGHTHS = " ▏▎▍▌▋▊▉█"
 OUTLIER_FACTOR = 10.0
@@ -51,6 +50,8 @@ def norm_profile(
     parameters, and each parameter compared across the blocks built alike (same names and
     shapes, so a Sequential's conv and BatchNorm are not compared): a norm more than
     OUTLIER_FACTOR from the median of at least 4 such blocks is a `norm-outlier` finding."""
+    from .findings import finding
+
     containers: dict[str, dict[int, dict[str, tuple[float, int, tuple]]]] = defaultdict(
         lambda: defaultdict(dict)
     )
@@ -275,6 +276,7 @@ def module_norms(
     ]
     if todo:
         from ..values.data import TensorData
+        from ..values.stream import stream_stats
 
         def failed(record: TensorRecord, exc: MscopeError) -> None:
             errors[record.qualified_name] = exc.message

@@ -159,7 +159,8 @@ class Session:
         # generation: a change costs O(tensors changed), not O(modules touched x depth).
         self._generation = 0
         self._count_cache: dict[str, tuple[int, int]] = {}
-        self._subtree_params: dict[str, tuple[list[str], list[int]]] = {}
+        # module -> (its parameters' names, their numels, the ancestor with exactly these or None)
+        self._subtree_params: dict[str, tuple[list[str], list[int], str | None]] = {}
 
     # -- queries -------------------------------------------------------------------------------
     def is_trainable(self, name: str) -> bool:
@@ -189,6 +190,11 @@ class Session:
     @property
     def can_redo(self) -> bool:
         return bool(self._redo)
+
+    def trainable_elements(self, names: list[str], numels: list[int]) -> int:
+        """The elements that train now among canonical parameters `names` (of `numels`
+        elements each): a C-speed loop, for counts over 100k tensors after every change."""
+        return sum(compress(numels, map(self.trainable.__getitem__, names)))
 
     def node(self, name: str) -> ModuleNode | None:
         return self._nodes.get(name)
@@ -309,12 +315,28 @@ class Session:
     # -- changes -------------------------------------------------------------------------------
     def set_trainable(self, names: Iterable[str], value: bool, rule: Rule | None = None, description: str = "") -> ChangeResult:
         names = list(names)
-        canonical, trainable = self.canonical, self.trainable
-        canon = list(map(canonical.get, names))  # C-level loops: this runs on 100k-tensor subtrees
+        return self._set(names, list(map(self.canonical.get, names)), value, rule, description)
+
+    def _set(
+        self,
+        names: list[str],
+        canon: list[str | None],
+        value: bool,
+        rule: Rule | None,
+        description: str = "",
+        unique: dict[str, None] | None = None,
+        all_flip: bool = False,
+    ) -> ChangeResult:
+        """set_trainable with `names` already mapped to their canonical names (None: cannot
+        train); `unique`: those canonical names once each, when the caller has them;
+        `all_flip`: the caller knows that none of them is at `value` yet."""
+        trainable = self.trainable
+        # C-level loops where it can: this runs on 100k-tensor subtrees
         skipped = [n for n, c in zip(names, canon) if c is None and n in self.records] if None in canon else []
-        unique = dict.fromkeys(canon)
-        unique.pop(None, None)
-        targets = [c for c in unique if trainable[c] is not value]
+        if unique is None:
+            unique = dict.fromkeys(canon)
+            unique.pop(None, None)
+        targets = list(unique) if all_flip else [c for c in unique if trainable[c] is not value]
         message = ""
         if skipped and not targets and len(skipped) == len(names):
             message = f"{_describe_skipped(self, skipped)}: cannot require grad; left as they are"
@@ -346,12 +368,15 @@ class Session:
     def toggle(self, names: Iterable[str]) -> ChangeResult:
         """Freeze if everything trainable among `names` trains now, else unfreeze them all."""
         names = list(names)
-        canon = [c for c in map(self.canonical.get, names) if c is not None]
-        if not canon:
+        canon = list(map(self.canonical.get, names))  # mapped and deduplicated once, for the change too
+        unique = dict.fromkeys(canon)
+        unique.pop(None, None)
+        if not unique:
             return ChangeResult(0, len(names), names, "no trainable tensors here (integer, bool and quantized tensors cannot require grad)")
-        value = not all(map(self.trainable.__getitem__, canon))
+        value = not all(map(self.trainable.__getitem__, unique))  # freezing: all of them train now
         action = Action.UNFREEZE if value else Action.FREEZE
-        return self.set_trainable(names, value, Rule(action, Selector.NAMES, _names_value(names)))
+        rule = Rule(action, Selector.NAMES, _names_value(names))
+        return self._set(names, canon, value, rule, unique=unique, all_flip=not value)
 
     def freeze_pattern(self, pattern: str, kind: str = Selector.GLOB, value: bool = False) -> ChangeResult:
         names = self.match(pattern, kind)  # refuses a kind other than glob or regex
@@ -468,10 +493,16 @@ class Session:
         if params is None:
             node = self._nodes.get(module)
             tensors = [t for t in node.all_tensors() if t.name in self.trainable] if node is not None else []
-            params = ([t.name for t in tensors], [t.numel for t in tensors])
-            self._subtree_params[module] = params
-        names, numels = params
-        value = sum(compress(numels, map(self.trainable.__getitem__, names)))  # C-speed loop
+            names = [t.name for t in tensors]
+            # A module holding every parameter of its parent (`transformer` under the root,
+            # `model.decoder` under `model`) has its parent's count: one pass over 100k names
+            # after a change, not one per level. Only a parent counted before is looked at (the
+            # tree shows parents first), so this never walks up a deep chain.
+            parent = self._subtree_params.get(self._parent.get(module))
+            same = (parent[2] or self._parent[module]) if parent is not None and len(parent[0]) == len(names) else None
+            params = self._subtree_params[module] = (names, [t.numel for t in tensors], same)
+        names, numels, same = params
+        value = self._count(same) if same is not None else self.trainable_elements(names, numels)
         self._count_cache[module] = (self._generation, value)
         return value
 

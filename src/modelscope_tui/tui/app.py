@@ -154,7 +154,8 @@ class MscopeApp(App[int]):
         with Horizontal(id="main"):
             with Vertical(id="tree-pane"):
                 yield Static("", id="columns")
-                yield LoadingIndicator(id="loading")
+                if not self._at_hand():
+                    yield LoadingIndicator(id="loading")
                 yield Static("", id="diff-progress")
             with VerticalScroll(id="details-pane"):
                 yield Static("", id="details")
@@ -175,8 +176,24 @@ class MscopeApp(App[int]):
         self.query_one("#header", Static).update(Text(f"mscope · opening {safe_text(self.path)} …"))
         if self._preloaded is not None:
             self._loaded(self._preloaded)
+        elif self._at_hand():
+            # The command's prefetch finished while Textual was imported (usual for a file of a
+            # few hundred tensors): the tree is in the first frame, without a worker and the
+            # loading frame before it.
+            try:
+                ckpt = self._prefetch.result()
+            except MscopeError as exc:
+                self._failed(CheckpointFailed(exc.line()))
+            except Exception as exc:  # as a worker's error would be: one line, exit 3
+                self._open_crashed(exc)
+            else:
+                self._loaded(ckpt)
         else:
             self._open(self.path)
+
+    def _at_hand(self) -> bool:
+        """Is the checkpoint (or the error opening it) there already, with no waiting?"""
+        return self._preloaded is not None or (self._prefetch is not None and self._prefetch.done())
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="open")
     def _open(self, path: Path) -> None:
@@ -215,7 +232,8 @@ class MscopeApp(App[int]):
         self.norms = NormProfiler(ckpt)
         self.mover = DeviceMover(self.session)
         tree = ParamTree(self.session, id="tree")
-        self.query_one("#loading").remove()
+        for loading in self.query("#loading"):  # not composed when the checkpoint was at hand
+            loading.remove()
         self.query_one("#tree-pane").mount(tree, before="#diff-progress")
         tree.populate()
         tree.focus()
@@ -261,13 +279,21 @@ class MscopeApp(App[int]):
         if event.state != WorkerState.ERROR:
             return
         error = event.worker.error
-        line = error.line() if isinstance(error, MscopeError) else f"internal error: {type(error).__name__}: {error}"
-        line = " ".join(str(line).split())[:300]
         if self.session is None:
-            self.error_line = line
-            self.exit(return_code=2 if isinstance(error, MscopeError) else 3)
+            self._open_crashed(error)
         else:
-            self.notify(line, severity="error", timeout=10)
+            self.notify(self._error_line(error), severity="error", timeout=10)
+
+    @staticmethod
+    def _error_line(error: BaseException) -> str:
+        line = error.line() if isinstance(error, MscopeError) else f"internal error: {type(error).__name__}: {error}"
+        return " ".join(str(line).split())[:300]
+
+    def _open_crashed(self, error: BaseException) -> None:
+        """An error before the file was shown ends the app (the CLI prints the line)."""
+        self.error_line = self._error_line(error)
+        self._resume_gc()
+        self.exit(return_code=2 if isinstance(error, MscopeError) else 3)
 
     @on(Notice)
     @_while_running

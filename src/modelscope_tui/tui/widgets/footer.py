@@ -30,13 +30,30 @@ class ModeFooter(Footer):
             action = getattr(widget, "action", None)  # a FooterKey (its class is not public)
             if isinstance(action, str) and action.removeprefix("app.") in self.hidden:
                 continue
+            compact = getattr(type(widget), "compact", None)
+            if compact is not None and not widget.has_class("-command-palette"):
+                # A key starts compact and is then bound to the footer's `compact`: two style
+                # updates of the key each (most of start-up's style work). Starting it at the
+                # footer's value, the binding changes nothing. (The palette's key is not bound:
+                # it stays compact.)
+                widget.set_reactive(compact, self.compact)
             keys.append(widget)
         yield from fit_keys(keys, self.app.size.width)
+
+    def bindings_changed(self, screen) -> None:
+        """Textual's Footer schedules one recompose (about twenty keys) per change of bindings:
+        each focus change, each mount; start-up asked for ten. Through `refresh(recompose=True)`
+        the ones asked for before the footer gets to them make one."""
+        self._bindings_ready = True
+        if not screen.app.app_focus:
+            return
+        if self.is_attached and screen is self.screen:
+            self.refresh(recompose=True)
 
     def on_resize(self, event: events.Resize) -> None:
         if event.size.width != getattr(self, "_composed_for", None):
             self._composed_for = event.size.width
-            self.call_after_refresh(self.recompose)
+            self.refresh(recompose=True)
 
 
 def key_width(widget: object) -> int:
