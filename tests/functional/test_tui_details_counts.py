@@ -33,3 +33,15 @@ async def test_module_counts_are_not_repeated_and_large_ones_keep_both_forms():
         await settle(pilot)
         text = details_text(app)
         assert re.search(r"bytes\s+2\.1 \S+ \(2,176\)", text), text
+
+
+async def test_trainable_row_does_not_repeat_its_label():
+    app = MscopeApp(SAMPLES / "lightning.ckpt", show_gpus=False)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await settle(pilot)
+        app.tree.reveal(module_name="model.net.2")
+        await settle(pilot)
+        assert re.search(r"trainable\s+132 \(all\)", details_text(app)), details_text(app)
+        await pilot.press("space")  # freeze the module
+        await settle(pilot)
+        assert re.search(r"trainable\s+0 \(frozen\)", details_text(app)), details_text(app)

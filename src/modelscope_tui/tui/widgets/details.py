@@ -256,7 +256,8 @@ def module_details(session: Session, m: ModuleNode, profile: RenderableType | No
     trainable = session.trainable_in(m)
     table.add_row("params", count_text(stats.params))
     if state:
-        table.add_row("trainable", f"{trainable:,} ({state})")
+        # `32 (all)`, not `32 (trainable)` beside the label that already says it
+        table.add_row("trainable", f"{trainable:,} ({'all' if state == 'trainable' else state})")
     table.add_row("buffers", f"{stats.buffers:,} elements")
     table.add_row("tensors", f"{stats.tensors:,}")
     table.add_row("bytes", bytes_text(stats.nbytes))
