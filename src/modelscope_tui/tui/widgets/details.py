@@ -167,7 +167,7 @@ def tensor_details(session: Session, t: TensorRecord, device: str | None = None,
         table.add_row("device", device)
     table.add_row("saved requires_grad", str(t.requires_grad))
     table.add_row("numel", f"{t.numel:,}")
-    table.add_row("bytes", f"{fmt_bytes(t.nbytes)} ({t.nbytes:,})")
+    table.add_row("bytes", bytes_text(t.nbytes))
     table.add_row("stride", str(list(t.stride)))
     table.add_row("contiguous", "yes" if t.is_contiguous else "no")
     table.add_row("storage offset", f"{t.storage_offset:,}")
@@ -562,7 +562,7 @@ def ghost_details(row, live) -> RenderableType:
         table.add_row("shape", str(list(t.shape)))
         table.add_row("dtype", t.dtype)
         table.add_row("numel", f"{t.numel:,}")
-        table.add_row("bytes", f"{fmt_bytes(t.nbytes)} ({t.nbytes:,})")
+        table.add_row("bytes", bytes_text(t.nbytes))
         d = live.a_tensor(t.name)
         return Group(table, Text(""), diff_tensor_details(d, live))
     m = row.module
