@@ -331,15 +331,20 @@ def test_session_freezing_acts_on_the_logical_weight(tmp_path):
     # patterns select logical weights, never their companions
     assert session.match("0.*") == ["0.bias", "0.weight"]
     assert not session.can_train("0.weight") and not session.can_train("0.weight.absmax")
-    result = session.unfreeze(session.match("0.*"))
-    assert "quantized weight(s) (nf4: a frozen base" in result.message or result.changed == 0
     session.freeze_all()
     assert session.totals() == (0, sum(p.numel() for p in plain.parameters()))
+    # unfreezing a quantized weight chooses it as a LoRA target; it never trains itself
     result = session.unfreeze(["0.weight"])
-    assert result.changed == 0 and "1 quantized weight(s) (nf4" in result.message
-    # a module's names include the companions: they are said once, as their weight
-    result = session.set_trainable([t.name for t in ckpt.tree.children["0"].all_tensors() if t.name != "0.bias"], True)
-    assert result.message.startswith("1 quantized weight(s) (nf4: a frozen base; train adapters on it): cannot")
+    assert result.changed == 1 and "chose 1 quantized weight(s) as LoRA target(s)" in result.message
+    assert session.is_lora_target("0.weight") and not session.is_trainable("0.weight")
+    assert session.totals() == (0, sum(p.numel() for p in plain.parameters()))
+    # a module's names include the companions: they follow their weight, never chosen alone
+    session.undo()
+    result = session.set_trainable(
+        [t.name for t in ckpt.tree.children["0"].all_tensors() if t.name != "0.bias"], True
+    )
+    assert result.changed == 1 and session.lora_target_count() == (1, 2)
+    assert not any(session.is_lora_target(n) for n in session.records["0.weight"].quant.companions)
 
 
 def test_summary_json_lists_companions(tmp_path):

@@ -55,6 +55,7 @@ MARKS = {
     "trainable": ("✓ yes", "green"),
     "frozen": ("✗ no", "red"),
     "mixed": ("◐ mix", "yellow"),
+    "lora": ("◆lora", "magenta"),  # a quantized weight chosen as a LoRA target: frozen, adapted
     None: ("", ""),
 }
 # What the 5-wide train column says for a tensor that cannot train ("buffer" was cut to "buffe").
@@ -572,6 +573,8 @@ class ParamTree(Tree[Row]):
             cells["dtype"] = (safe_text(t.dtype), "cyan")
             if self.session.can_train(t.name):
                 cells["train"] = MARKS["trainable" if self.session.is_trainable(t.name) else "frozen"]
+            elif self.session.is_lora_target(t.name):
+                cells["train"] = MARKS["lora"]
             else:
                 cells["train"] = (KIND_LABELS.get(t.kind, t.kind[:5]), "dim")
             cells["numel"] = (fmt_count(t.numel), "")
