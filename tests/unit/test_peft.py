@@ -448,3 +448,10 @@ def test_quantized_module_state_in_the_session(nf4_llama):
     assert session.totals()[0] == 0  # nothing trains whole
     session.toggle([t.name for t in q.all_tensors()])
     assert session.node_state(q) == "frozen"
+    # "train the last block" on a 4-bit base: its Linears become LoRA targets, its norms train
+    session.train_last_n_blocks(1)
+    assert session.lora_target_count(session.node("model.layers.2")) == (7, 7)
+    assert session.lora_target_count() == (7, 21)
+    assert session.node_state(session.node("model.layers.2.mlp")) == "lora"
+    session.undo()
+    assert session.lora_target_count() == (0, 21)

@@ -248,8 +248,13 @@ class Session:
         compact ones would hide a change (`1,594 / 1,610`), never 100.0% or 0.0% unless so."""
         trainable, total = self.totals()
         line = f"trainable {count_pair(trainable, total)} ({percent(trainable, total)})"
+        lora = self.lora_line()
+        return f"{line} · {lora}" if lora else line
+
+    def lora_line(self) -> str:
+        """`LoRA on 14/21 quantized`, or "" when no quantized weight is a LoRA target."""
         chosen, quantized = self.lora_target_count()
-        return line + (f" · LoRA on {chosen}/{quantized} quantized" if chosen else "")
+        return f"LoRA on {chosen}/{quantized} quantized" if chosen else ""
 
     # -- matching ------------------------------------------------------------------------------
     def match(self, pattern: str, kind: str = Selector.GLOB) -> list[str]:
@@ -437,8 +442,11 @@ class Session:
                 continue
             (names_train if idx in keep else names_freeze).extend(t.name for t in node.all_tensors())
         before_names = [c for c in dict.fromkeys(self.canonical[n] for n in names_freeze + names_train if n in self.canonical)]
-        before = [self.trainable[c] for c in before_names]
+        # quantized weights of the kept blocks become LoRA targets, the others stop being ones
+        before_names += [n for n in names_freeze + names_train if n in self.lora_targets]
+        before = [self.trainable[c] if c in self.trainable else self.lora_targets[c] for c in before_names]
         train_set = {self.canonical[n] for n in names_train if n in self.canonical}
+        train_set.update(n for n in names_train if n in self.lora_targets)
         after = [c in train_set for c in before_names]
         rule = Rule(Action.UNFREEZE, Selector.LAST_N_BLOCKS, f"{group.prefix}:{n}")
         change = Change(f"train only the last {n} of {group.prefix}", before_names, before, after, rule)

@@ -555,7 +555,8 @@ class ParamTree(Tree[Row]):
             name = Text(leaf)
             cells["shape"] = (shape_text(q.logical_shape), "")
             cells["dtype"] = (safe_text(q.scheme), "cyan")
-            cells["train"] = MARKS["frozen"]  # a quantized base never trains (checkpoint.trains)
+            # a quantized base never trains (checkpoint.trains); chosen, it carries a LoRA adapter
+            cells["train"] = MARKS["lora" if self.session.is_lora_target(t.name) else "frozen"]
             cells["numel"] = (fmt_count(q.logical_numel), "")
             cells["bytes"] = (fmt_bytes(q.nbytes), "")
             if self.device_of is not None:
@@ -573,8 +574,6 @@ class ParamTree(Tree[Row]):
             cells["dtype"] = (safe_text(t.dtype), "cyan")
             if self.session.can_train(t.name):
                 cells["train"] = MARKS["trainable" if self.session.is_trainable(t.name) else "frozen"]
-            elif self.session.is_lora_target(t.name):
-                cells["train"] = MARKS["lora"]
             else:
                 cells["train"] = (KIND_LABELS.get(t.kind, t.kind[:5]), "dim")
             cells["numel"] = (fmt_count(t.numel), "")
