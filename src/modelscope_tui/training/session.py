@@ -140,7 +140,8 @@ class Session:
         self.lora_targets: dict[str, bool] = {}
         for t in ckpt.model_tensors:
             if t.quant is not None and t.kind == PARAMETER:
-                self.lora_targets[t.name] = False
+                if t.quant.method != "gguf":  # llama.cpp's files serve; PEFT cannot wrap them
+                    self.lora_targets[t.name] = False
                 continue
             if t.kind != PARAMETER or not can_require_grad(t.dtype):
                 continue
@@ -348,7 +349,7 @@ class Session:
         lora: list[str] = []
         if skipped and self.lora_targets:
             lora = [n for n in skipped if n in self.lora_targets and self.lora_targets[n] is not value]
-            skipped = [n for n in skipped if self.records[n].quant is None and self.records[n].companion_of is None]
+            skipped = [n for n in skipped if n not in self.lora_targets and self.records[n].companion_of is None]
         unique = dict.fromkeys(canon)
         unique.pop(None, None)
         targets = [c for c in unique if trainable[c] is not value]
