@@ -152,11 +152,14 @@ class DiffStream:
         self.total = 0  # bytes the value comparison reads (both sides)
         self.dequant: dict[str, Dequant] = {}  # A name -> how its quantized side is dequantized
         self._b_of: dict[str, str] = {}
+        self._quantized: list[str] = []  # A names of plain <-> quantized pairs
         for an in ta:
             if an in mapping:
                 self.pairs.append(self._pair(an, mapping[an]))
-        if self.dequant or any(ta[d.a_name].quant or tb[d.b_name].quant for d in self.pairs):
-            schemes = sorted({quant_label(r) for d in self.pairs for r in (ta[d.a_name], tb[d.b_name]) if r.quant})
+        schemes = sorted(
+            {quant_label(r) for an in self._quantized for r in (ta[an], tb[mapping[an]]) if r.quant}
+        )  # the pairs _quantized_pair made (GGUF's blocks are compared as any dtype)
+        if schemes:
             compared = sorted({quant_label(ta[n] if d.side == "a" else tb[self._b_of[n]]) for n, d in self.dequant.items()})
             rest = [s for s in schemes if s not in compared]
             said = []
@@ -218,6 +221,7 @@ class DiffStream:
         dtype, values compared only where one numpy multiply dequantizes exactly (FP8 with
         per-tensor, per-channel or block scales)."""
         side, q = ("b", rb) if rb.quant is not None else ("a", ra)
+        self._quantized.append(an)
         info = q.quant
         shape_a = info.logical_shape if side == "a" else tuple(ra.shape)
         shape_b = info.logical_shape if side == "b" else tuple(rb.shape)
