@@ -10,6 +10,11 @@ Large inputs are generated on first use into ``--workdir`` (default
   gpt_1p3b_fp16.safetensors   the same tensors as safetensors
   gpt2_medium_full.pt         torch.save(model) of a GPT-2 medium (355M, fp32)
   state_dict_100k.pt          100,000 tiny tensors
+  llama2_7b_nf4/model.safetensors   Llama-2-7B names and shapes in bitsandbytes' nf4 layout
+                              (double quant), packed weights as a sparse file (~3.8 GB)
+
+The torch side is ``torch.load(mmap=True)``, or ``safetensors.torch.load_file`` for a
+safetensors file (torch.load cannot read one).
 
 Every measurement is a whole child process (interpreter start and imports
 included): wall time around Popen..wait4, and the child's own peak RSS from
@@ -59,6 +64,8 @@ CASES = [
     Case("gpt_1p3b_fp16.safetensors", time_ratio_target=0.1, rss_target_mb=60),
     Case("gpt2_medium_full.pt", full_module=True),
     Case("state_dict_100k.pt", time_ratio_target=0.15),
+    # issue #16: "the summary of a 4-bit 7B-layout file stays under 0.05x torch's load time"
+    Case("llama2_7b_nf4/model.safetensors", time_ratio_target=0.05),
 ]
 
 
@@ -146,6 +153,8 @@ def mscope_cmd() -> list[str]:
 def torch_cmd(path: Path, case: Case) -> tuple[list[str], dict[str, str]]:
     weights_only = not case.full_module
     code = f"import torch; torch.load({str(path)!r}, mmap=True, weights_only={weights_only})"
+    if path.suffix == ".safetensors":  # torch.load cannot read it: its own torch loader does
+        code = f"from safetensors.torch import load_file; load_file({str(path)!r})"
     env = dict(os.environ)
     if case.full_module:
         # The pickle references _gpt_model.GPT2LMHeadModel; torch must import it.

@@ -267,7 +267,7 @@ def _group_label(inner: int, groups: int) -> str:
     return f"g{inner // groups}" if inner % groups == 0 else f"{groups} groups"
 
 
-def _block_of(
+def block_of(
     shape: tuple[int, ...], scale_shape: tuple[int, ...], hint: tuple[int, ...] | None
 ) -> tuple[int, ...] | None:
     """The block sizes that turn `shape` into `scale_shape` by ceiling division (the config's
@@ -490,7 +490,7 @@ def _scaled_weight(g: _Groups, prefix: str) -> None:
         ):
             scheme = f"{name} channel"
         else:
-            block = _block_of(w.shape, scale.shape, g.config.block)
+            block = block_of(w.shape, scale.shape, g.config.block)
             if block is None:
                 scheme = f"{name} scaled"
             else:

@@ -63,7 +63,18 @@ async def test_quantized_weight_is_one_row_with_its_parts_under_it():
         await pilot.press("space")
         await pilot.pause()
         assert not app.session.can_train("model.layers.0.self_attn.q_proj.weight_scale_inv")
-        assert "trainable 4.4K / 45.4K" in str(app.query_one("#header").render())
+        header = str(app.query_one("#header").render())
+        # the space chose the attention's quantized weights as LoRA targets: nothing more trains
+        assert "trainable 4.4K / 45.4K" in header and "LoRA on " in header
+        lines = tree_lines(app)
+        q_row = next(line for line in lines if "fp8 e4m3 block 128" in line and "64×64" in line)
+        assert "◆lora" in q_row and "✗ no" not in q_row
+        attn = next(line for line in lines if "self_attn" in line)
+        assert "◆lora" in attn  # every weight of the attention is a LoRA target
+        await pilot.press("z")  # undo
+        await pilot.pause()
+        assert "LoRA on" not in str(app.query_one("#header").render())
+        assert "✗ no" in next(line for line in tree_lines(app) if "fp8 e4m3 block 128" in line)
 
 
 async def test_mxfp4_experts_show_their_logical_shape():

@@ -347,3 +347,111 @@ def test_estimate_takes_rank_and_targets_from_the_adapter(files, capsys):
         f"LoRA rank 4 on 8 module(s) (q_proj, v_proj): {counts['lora'][0]} trainable"
         in out.replace("v_proj, q_proj", "q_proj, v_proj")
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# QLoRA: a LoraConfig exported from a real bitsandbytes 4-bit checkpoint
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def nf4_llama(tmp_path_factory):
+    """A tiny Llama quantized to nf4 by transformers + bitsandbytes on the CPU, saved with
+    save_pretrained, and the 4-bit model loaded back from it (what a QLoRA user wraps)."""
+    pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    tmp = tmp_path_factory.mktemp("qlora")
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp / "base")
+    qc = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
+    )
+
+    def load(path):
+        return transformers.LlamaForCausalLM.from_pretrained(
+            path, quantization_config=qc, device_map="cpu", use_kernels=False
+        )
+
+    try:
+        load(tmp / "base").save_pretrained(tmp / "nf4")
+    except Exception as exc:  # no CPU backend in this bitsandbytes build
+        mp.undo()
+        pytest.skip(f"bitsandbytes cannot quantize on this machine: {exc}")
+    yield tmp / "nf4", lambda: load(tmp / "nf4")
+    mp.undo()
+
+
+QLORA_SELECTIONS = {
+    "attention q,v": ["*.q_proj.weight", "*.v_proj.weight"],
+    "all linear": ["model.layers.*proj.weight"],
+    "last block + norm": ["model.layers.2.*", "model.norm.*"],
+}
+
+
+@pytest.mark.parametrize("case", QLORA_SELECTIONS)
+def test_lora_config_from_a_4bit_base_adapts_exactly_the_chosen_layers(nf4_llama, case):
+    path, load = nf4_llama
+    session = Session(open_checkpoint(path))
+    session.freeze_all()
+    total_before = session.totals()
+    for pattern in QLORA_SELECTIONS[case]:
+        result = session.freeze_pattern(pattern, Selector.GLOB, value=True)
+        assert "LoRA target" in result.message or result.changed
+    chosen, quantized = session.lora_target_count()
+    assert quantized == 3 * 7 and chosen > 0
+    # the quantized base never trains: only the float norm counts as trainable
+    trainable, total = session.totals()
+    assert total == total_before[1]
+    # the two norms of block 2 and model.norm
+    assert trainable == {"last block + norm": 3 * 64}.get(case, 0)
+    assert f"LoRA on {chosen}/21 quantized" in session.totals_line()
+    export = lora_config(session, r=4, alpha=8, dropout=0.0)
+    assert len(export.targets) == chosen
+    model = peft.get_peft_model(load(), peft.LoraConfig(**json.loads(lora_config_json(export))))
+    assert adapted_modules(model) == set(export.targets) | set(export.saved)
+    if case == "last block + norm":
+        assert set(export.saved) == {
+            "model.layers.2.input_layernorm",
+            "model.layers.2.post_attention_layernorm",
+            "model.norm",
+        }
+    # PEFT wrapped the 4-bit layers with its bitsandbytes LoRA layer
+    wrapped = dict(model.named_modules())[f"base_model.model.{export.targets[0]}"]
+    assert type(wrapped).__module__.endswith("bnb"), type(wrapped)
+    # undo drops the LoRA targets again, as one step per rule
+    for _ in QLORA_SELECTIONS[case]:
+        session.undo()
+    assert session.lora_target_count() == (0, 21)
+
+
+def test_quantized_module_state_in_the_session(nf4_llama):
+    path, _ = nf4_llama
+    ckpt = open_checkpoint(path)
+    session = Session(ckpt)
+    session.freeze_all()
+    q = session.node("model.layers.0.self_attn.q_proj")
+    assert session.node_state(q) == "frozen"
+    result = session.toggle([t.name for t in q.all_tensors()])  # space on the module
+    assert result.changed == 1 and session.is_lora_target("model.layers.0.self_attn.q_proj.weight")
+    assert session.node_state(q) == "lora"
+    assert session.node_state(session.node("model.layers.0")) == "mixed"
+    assert session.totals()[0] == 0  # nothing trains whole
+    session.toggle([t.name for t in q.all_tensors()])
+    assert session.node_state(q) == "frozen"
+    # "train the last block" on a 4-bit base: its Linears become LoRA targets, its norms train
+    session.train_last_n_blocks(1)
+    assert session.lora_target_count(session.node("model.layers.2")) == (7, 7)
+    assert session.lora_target_count() == (7, 21)
+    assert session.node_state(session.node("model.layers.2.mlp")) == "lora"
+    session.undo()
+    assert session.lora_target_count() == (0, 21)

@@ -331,15 +331,20 @@ def test_session_freezing_acts_on_the_logical_weight(tmp_path):
     # patterns select logical weights, never their companions
     assert session.match("0.*") == ["0.bias", "0.weight"]
     assert not session.can_train("0.weight") and not session.can_train("0.weight.absmax")
-    result = session.unfreeze(session.match("0.*"))
-    assert "quantized weight(s) (nf4: a frozen base" in result.message or result.changed == 0
     session.freeze_all()
     assert session.totals() == (0, sum(p.numel() for p in plain.parameters()))
+    # unfreezing a quantized weight chooses it as a LoRA target; it never trains itself
     result = session.unfreeze(["0.weight"])
-    assert result.changed == 0 and "1 quantized weight(s) (nf4" in result.message
-    # a module's names include the companions: they are said once, as their weight
-    result = session.set_trainable([t.name for t in ckpt.tree.children["0"].all_tensors() if t.name != "0.bias"], True)
-    assert result.message.startswith("1 quantized weight(s) (nf4: a frozen base; train adapters on it): cannot")
+    assert result.changed == 1 and "chose 1 quantized weight(s) as LoRA target(s)" in result.message
+    assert session.is_lora_target("0.weight") and not session.is_trainable("0.weight")
+    assert session.totals() == (0, sum(p.numel() for p in plain.parameters()))
+    # a module's names include the companions: they follow their weight, never chosen alone
+    session.undo()
+    result = session.set_trainable(
+        [t.name for t in ckpt.tree.children["0"].all_tensors() if t.name != "0.bias"], True
+    )
+    assert result.changed == 1 and session.lora_target_count() == (1, 2)
+    assert not any(session.is_lora_target(n) for n in session.records["0.weight"].quant.companions)
 
 
 def test_summary_json_lists_companions(tmp_path):
@@ -596,3 +601,114 @@ def test_more_schemes(tmp_path, tensors, scheme, shape):
     assert (name, q.scheme, q.logical_shape) == ("l.weight", scheme, shape)
     assert set(q.companions) == set(tensors) - {t.name for t in ckpt.tensors if t.quant is not None}
     assert ckpt.totals().trainable == 0 and ckpt.totals().parameters == math.prod(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# diff: a quantized file against its unquantized original
+# ----------------------------------------------------------------------------------------------
+def fp8_quantize(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's block FP8 (inference/kernel.py act_quant / weight_dequant): per 128x128
+    block, scale = amax / 448, q = w / scale in float8_e4m3fn; stored as weight_scale_inv."""
+    rows, cols = w.shape
+    grid = torch.zeros(math.ceil(rows / block), math.ceil(cols / block))
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            tile = w[i * block : (i + 1) * block, j * block : (j + 1) * block]
+            scale = tile.abs().max().clamp(min=1e-12) / 448.0
+            grid[i, j] = scale
+            q[i * block : (i + 1) * block, j * block : (j + 1) * block] = (tile / scale).to(
+                torch.float8_e4m3fn
+            )
+    return q, grid
+
+
+def dequantized(q: torch.Tensor, grid: torch.Tensor, block: int = 128) -> torch.Tensor:
+    rows, cols = q.shape
+    scales = grid.double().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    return q.double() * scales
+
+
+def test_diff_fp8_block_against_its_original_compares_dequantized_values(tmp_path):
+    from modelscope_tui.diff.stream import diff_checkpoints
+
+    torch.manual_seed(0)
+    w = torch.randn(300, 200)  # blocks that do not divide the shape: 3 x 2, the last ones partial
+    q, grid = fp8_quantize(w)
+    quant = {"l.weight": q, "l.weight_scale_inv": grid, "l.bias": torch.zeros(300)}
+    b = open_checkpoint(save(tmp_path / "fp8" / "m.safetensors", quant))
+    a = open_checkpoint(
+        save(tmp_path / "orig.safetensors", {"l.weight": w, "l.bias": torch.zeros(300)})
+    )
+    report = diff_checkpoints(a, b)
+    by_name = {d.name: d for d in report.tensors}
+    assert set(by_name) == {"l.weight", "l.bias"}  # the scale folds under its weight: not "added"
+    d = by_name["l.weight"]
+    assert d.status == "dtype-changed" and d.a_shape == d.b_shape == (300, 200)
+    assert d.b_dtype == "fp8 e4m3 block 128"
+    assert d.message == "quantized to fp8 e4m3 block 128; values compared dequantized"
+    # exactly what dequantizing with torch gives
+    truth = (dequantized(q, grid) - w.double()).abs()
+    assert d.max_abs == truth.max().item()
+    assert d.rel_l2 == pytest.approx((truth.norm() / w.double().norm()).item(), rel=1e-12)
+    assert 0 < d.rel_l2 < 0.05  # FP8's rounding, not a broken layout
+    assert any("fp8 e4m3 block 128 compared dequantized" in n for n in report.notes)
+    assert any("1 tensor(s) quantized: float32 -> fp8 e4m3 block 128" in n for n in report.notes)
+    # the dequantized values themselves (float64: the product is exact) compare with no error
+    exact = open_checkpoint(
+        save(tmp_path / "exact.safetensors", {"l.weight": dequantized(q, grid)})
+    )
+    d = {d.name: d for d in diff_checkpoints(exact, b).tensors}["l.weight"]
+    assert d.max_abs == 0.0 and d.mismatched == 0
+    # the other way round: B is the original
+    d = {d.name: d for d in diff_checkpoints(b, a).tensors}["l.weight"]
+    assert (
+        d.message.startswith("dequantized from fp8 e4m3 block 128")
+        and d.max_abs == truth.max().item()
+    )
+
+
+def test_diff_nf4_and_gptq_against_the_original_pair_by_logical_weight(tmp_path):
+    from modelscope_tui.diff.stream import diff_checkpoints
+
+    plain, q = bnb_model("nf4")
+    a = open_checkpoint(save(tmp_path / "plain.safetensors", plain.state_dict()))
+    b = open_checkpoint(save(tmp_path / "nf4.safetensors", q.state_dict()))
+    report = diff_checkpoints(a, b)
+    by_name = {d.name: d for d in report.tensors}
+    assert set(by_name) == {"0.weight", "0.bias", "2.weight", "2.bias"}  # no companion added
+    d = by_name["0.weight"]
+    assert d.status == "dtype-changed" and d.a_shape == d.b_shape == (128, 64)
+    assert d.message == "quantized to nf4; values not compared (quantized)" and d.max_abs is None
+    assert report.counts()["shape-changed"] == 0 and report.counts()["added"] == 0
+    assert any("nf4: values not compared (quantized)" in n for n in report.notes)
+    # GPTQ: the packed weight has another name (qweight); it pairs with `weight` all the same
+    gptq = gptq_linear("p", 64, 32)
+    c = open_checkpoint(save(tmp_path / "gptq" / "m.safetensors", gptq))
+    orig = {"p.weight": torch.randn(32, 64).half(), "p.bias": torch.zeros(32).half()}
+    o = open_checkpoint(save(tmp_path / "orig16.safetensors", orig))
+    report = diff_checkpoints(o, c)
+    by_name = {(d.a_name, d.b_name): d for d in report.tensors}
+    assert set(by_name) == {("p.weight", "p.qweight"), ("p.bias", "p.bias")}
+    d = by_name[("p.weight", "p.qweight")]
+    assert d.b_dtype.startswith("gptq int4") and d.a_shape == d.b_shape == (32, 64)
+    # a different logical shape is a shape change, said in logical shapes
+    wrong = open_checkpoint(
+        save(tmp_path / "wrong.safetensors", {"0.weight": torch.randn(64, 128)})
+    )
+    d = {d.name: d for d in diff_checkpoints(wrong, b).tensors}["0.weight"]
+    assert d.status == "shape-changed" and (d.a_shape, d.b_shape) == ((64, 128), (128, 64))
+
+
+def test_diff_cli_says_quantized_not_shape_changed(tmp_path, capsys):
+    from modelscope_tui.cli import main
+
+    plain, q = bnb_model("nf4")
+    save(tmp_path / "plain.safetensors", plain.state_dict())
+    save(tmp_path / "nf4.safetensors", q.state_dict())
+    assert main(
+        ["diff", str(tmp_path / "plain.safetensors"), str(tmp_path / "nf4.safetensors")]
+    ) in (0, 1)
+    out = capsys.readouterr().out
+    assert "0.weight: dtype float32 -> nf4, values not compared (quantized)" in out
+    assert "shape" not in out.replace("shape-changed", "")

@@ -6,13 +6,15 @@ sums behind the relative L2 difference and the cosine similarity, in float64.
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..checkpoint import TensorRecord
 from ..errors import Cancelled
-from ..values.chunks import Source, chunk_count
+from ..values.chunks import LAYOUT, Source, chunk_count
 from ..values.kernels import as_float, chunk_part, numpy_module
 from .report import CHANGED, CLOSE, DTYPE_CHANGED, IDENTICAL, TensorDiff
 
@@ -65,10 +67,52 @@ ChunkSums = tuple[float | None, float, float, float, float, int, bool]
 Unpermute = tuple[str, int] | None
 
 
-def pair_elements(a: TensorRecord, b: TensorRecord, chunk_bytes: int, unpermute: Unpermute = None) -> int:
-    """Elements per chunk pair: the same for both sides, whole heads when rows are unpermuted."""
+@dataclass(frozen=True, slots=True)
+class Dequant:
+    """One side ("a" or "b") of a pair holds FP8 values whose real value is value x the scale of
+    its block (DeepSeek-V3's weight_dequant; per tensor and per channel are blocks too): `scale`
+    is that side's scale record, [ceil(rows / block[0]), ceil(cols / block[1])]. The product of an
+    FP8 value and a float32 scale is exact in float64, so the comparison is too."""
+
+    side: str
+    scale: TensorRecord
+    block: tuple[int, int]
+
+
+def fp8_dequant(side: str, weight: TensorRecord, scale: TensorRecord) -> Dequant | None:
+    """How to dequantize `weight` (FP8, 2-D) with `scale` exactly, or None when it cannot be
+    done cheaply: the scale's shape must tile the weight by whole blocks (ceiling division)."""
+    if len(weight.shape) != 2 or LAYOUT.get(scale.dtype) is None or scale.storage is None:
+        return None
+    if LAYOUT[scale.dtype].per != 1 or scale.dtype.startswith("int") or scale.dtype.startswith("uint"):
+        return None
+    from ..quant import block_of
+
+    rows, cols = weight.shape
+    shape = tuple(scale.shape)
+    if not rows or not cols:
+        return None
+    if scale.numel == 1:  # per tensor
+        return Dequant(side, scale, (rows, cols))
+    if shape in ((rows,), (rows, 1)):  # per channel (output row)
+        return Dequant(side, scale, (1, cols))
+    # blocks: the size the scheme names (a scale grid alone cannot tell 128 from 100 when the
+    # last block is partial), else what quant.block_of finds
+    named = re.search(r"block (\d+)(?:x(\d+))?", weight.quant.scheme) if weight.quant else None
+    hint = (int(named[1]), int(named[2] or named[1])) if named else None
+    block = block_of((rows, cols), shape, hint) if len(shape) == 2 else None
+    if block is None or len(block) != 2 or 0 in block:
+        return None
+    return Dequant(side, scale, (block[0], block[1]))
+
+
+def pair_elements(
+    a: TensorRecord, b: TensorRecord, chunk_bytes: int, unpermute: Unpermute = None, align: int = 0
+) -> int:
+    """Elements per chunk pair: the same for both sides, whole heads when rows are unpermuted,
+    a multiple of `align` (whole rows, for block scales) when given."""
     elems = max(1, chunk_bytes // max(a.itemsize, b.itemsize))
-    group = head_group(a, unpermute)
+    group = head_group(a, unpermute) or align
     return max(group, elems // group * group) if group else elems
 
 
@@ -84,10 +128,11 @@ def head_group(a: TensorRecord, unpermute: Unpermute) -> int:
 
 
 def chunk_sources(
-    da: TensorData, db: TensorData, a: TensorRecord, b: TensorRecord, chunk_bytes: int, unpermute: Unpermute = None
+    da: TensorData, db: TensorData, a: TensorRecord, b: TensorRecord, chunk_bytes: int,
+    unpermute: Unpermute = None, align: int = 0,
 ) -> tuple[Source, Source]:
     """Both tensors cut into the same number of chunks of the same elements (row-major)."""
-    elems = pair_elements(a, b, chunk_bytes, unpermute)
+    elems = pair_elements(a, b, chunk_bytes, unpermute, align)
     return (
         Source(da, a, elems * a.itemsize, ordered=True),
         Source(db, b, elems * b.itemsize, ordered=True),
@@ -121,7 +166,12 @@ def chunk_sums(ca, cb, ka: str, kb: str, same_dtype: bool, atol: float, rtol: fl
     if same_dtype and np.array_equal(ca.view(np.uint8), cb.view(np.uint8)):
         q = chunk_part(ca, ka).sumsq
         return (None, 0.0, q, q, q, 0, True)
-    fa, fb = _to_f64(ca, ka), _to_f64(cb, kb)
+    return float_sums(_to_f64(ca, ka), _to_f64(cb, kb), atol, rtol)
+
+
+def float_sums(fa, fb, atol: float, rtol: float) -> ChunkSums:
+    """chunk_sums of two float64 chunks that are not bit-equal (or not of one dtype)."""
+    np = numpy_module()
     close = np.isclose(fa, fb, rtol=rtol, atol=atol, equal_nan=True)  # |a - b| <= atol + rtol*|b|
     mismatched = int(close.size - np.count_nonzero(close))
     finite = np.isfinite(fa) & np.isfinite(fb)
@@ -166,9 +216,13 @@ def range_sums(
     cancel: threading.Event | None = None,
     on_bytes: Callable[[int], None] | None = None,
     unpermute: Unpermute = None,
+    dequant: Dequant | None = None,
 ) -> Iterator[ChunkSums]:
     """`chunk_sums` of chunk pairs first..stop-1 (all by default). Raises TensorDataError when
     bytes cannot be read, Cancelled when `cancel` is set."""
+    if dequant is not None:
+        yield from _dequant_sums(da, db, a, b, atol, rtol, chunk_bytes, dequant, cancel, on_bytes)
+        return
     sa, sb = chunk_sources(da, db, a, b, chunk_bytes, unpermute)
     ka, kb = sa.chunk_kernel, sb.chunk_kernel
     same_dtype = a.dtype == b.dtype
@@ -198,15 +252,48 @@ def compare_values(
     cancel: threading.Event | None,
     on_bytes: Callable[[int], None],
     unpermute: Unpermute = None,
+    dequant: Dequant | None = None,
 ) -> Sums:
     """Sums over both tensors' values (same shape; the dtypes may differ). Raises
     TensorDataError when bytes cannot be read, Cancelled when `cancel` is set."""
     acc = Sums()
     for chunk in range_sums(
-        da, db, a, b, atol, rtol, chunk_bytes, cancel=cancel, on_bytes=on_bytes, unpermute=unpermute
-    ):
+        da, db, a, b, atol, rtol, chunk_bytes, cancel=cancel, on_bytes=on_bytes,
+        unpermute=unpermute, dequant=dequant,
+    ):  # fmt: skip
         acc.add(chunk)
     return acc
+
+
+def _dequant_sums(da, db, a, b, atol, rtol, chunk_bytes, dq: Dequant, cancel, on_bytes) -> Iterator[ChunkSums]:
+    """range_sums with one side's FP8 values times their block scales, chunk by chunk in whole
+    rows (the scale grid is small: one float per 128x128 block)."""
+    np = numpy_module()
+    quantized = a if dq.side == "a" else b
+    data = da if dq.side == "a" else db
+    scale_src = Source(data, dq.scale, max(1, dq.scale.nbytes), ordered=True)
+    parts = [_to_f64(c, scale_src.chunk_kernel) for _, c in scale_src.chunks()]
+    rows, cols = quantized.shape
+    grid = np.concatenate(parts).reshape(-(-rows // dq.block[0]), -(-cols // dq.block[1]))
+    sa, sb = chunk_sources(da, db, a, b, chunk_bytes, align=cols)
+    ka, kb = sa.chunk_kernel, sb.chunk_kernel
+    row = 0
+    for (na, ca), (nb, cb) in zip(sa.chunks(), sb.chunks()):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        if on_bytes is not None:
+            on_bytes(na + nb)
+        fa, fb = _to_f64(ca, ka), _to_f64(cb, kb)
+        n = fa.size // cols
+        # the chunk's rows of the grid, each block's scale repeated over its columns
+        scales = np.repeat(grid[np.arange(row, row + n) // dq.block[0]], dq.block[1], axis=1)
+        scales = scales[:, :cols].reshape(-1)
+        if dq.side == "a":
+            fa = fa * scales
+        else:
+            fb = fb * scales
+        row += n
+        yield float_sums(fa, fb, atol, rtol)
 
 
 def fill(d: TensorDiff, acc: Sums, dtype_changed: bool) -> None:

@@ -91,12 +91,45 @@ def llama_cpp_map(
     return pairs, f"paired through llama.cpp's naming map ({arch}, {blocks} blocks): {len(pairs):,} tensors"
 
 
+def logical_map(
+    ta: dict[str, TensorRecord], tb: dict[str, TensorRecord], mapping: dict[str, str]
+) -> tuple[dict[str, str], set[str], set[str]]:
+    """`mapping` with each quantized weight paired to the plain weight of the other side that
+    has its logical name and shape (`q_proj.weight` bf16 [4096, 4096] <-> packed nf4, or GPTQ's
+    `q_proj.qweight`), and the companions (scales, zero points, quant state) of those weights
+    that nothing pairs: (mapping, A's, B's), to fold under their weight rather than list as
+    removed / added."""
+    mapping = dict(mapping)
+    drop_a: set[str] = set()
+    drop_b: set[str] = set()
+    for side, quant_side, plain_side in (("b", tb, ta), ("a", ta, tb)):
+        for qname, rq in quant_side.items():
+            info = rq.quant
+            if info is None or info.method == "gguf":  # GGUF pairs through llama.cpp's names
+                continue
+            plain = plain_side.get(info.logical_name)
+            if plain is None or plain.quant is not None or tuple(plain.shape) != info.logical_shape:
+                continue
+            an, bn = (info.logical_name, qname) if side == "b" else (qname, info.logical_name)
+            for other, target in list(mapping.items()):
+                if other == an or target == bn:
+                    del mapping[other]
+            mapping[an] = bn
+            (drop_b if side == "b" else drop_a).update(info.companions)
+    paired_a, paired_b = set(mapping), set(mapping.values())
+    return mapping, drop_a - paired_a, drop_b - paired_b
+
+
 def quantized_note(pairs: list[tuple[TensorRecord, TensorRecord]]) -> str | None:
-    """Which paired tensors went from a plain dtype to a GGML block type (or back), and to what:
-    `26 tensor(s) quantized: bfloat16 -> Q8_0 x17, bfloat16 -> Q4_0 x8, ...`."""
+    """Which paired tensors went from a plain dtype to a GGML block type or a quantization
+    scheme (or back), and to what: `26 tensor(s) quantized: bfloat16 -> Q8_0 x17, ...`."""
     moves: dict[str, dict[str, int]] = {"quantized": {}, "dequantized": {}}
     for ra, rb in pairs:
-        if ra.dtype != rb.dtype and (ra.dtype in BLOCK_DTYPES or rb.dtype in BLOCK_DTYPES):
+        if (ra.quant is None) != (rb.quant is None) and ra.dtype not in BLOCK_DTYPES and rb.dtype not in BLOCK_DTYPES:
+            way = moves["quantized" if rb.quant is not None else "dequantized"]
+            key = f"{quant_label(ra)} -> {quant_label(rb)}"
+            way[key] = way.get(key, 0) + 1
+        elif ra.dtype != rb.dtype and (ra.dtype in BLOCK_DTYPES or rb.dtype in BLOCK_DTYPES):
             way = moves["quantized" if rb.dtype in BLOCK_DTYPES else "dequantized"]
             key = f"{ra.dtype} -> {rb.dtype}"
             way[key] = way.get(key, 0) + 1
@@ -106,6 +139,11 @@ def quantized_note(pairs: list[tuple[TensorRecord, TensorRecord]]) -> str | None
             listed = ", ".join(f"{k} x{v:,}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
             lines.append(f"{sum(counts.values()):,} tensor(s) {way}: {listed}")
     return "; ".join(lines) or None
+
+
+def quant_label(r: TensorRecord) -> str:
+    """A record's scheme when it is a quantized weight, else its dtype."""
+    return r.quant.scheme if r.quant is not None else r.dtype
 
 
 # llama.cpp's converter reorders the rows of these for its rotary layout (convert_hf_to_gguf.py,

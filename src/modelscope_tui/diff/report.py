@@ -280,6 +280,8 @@ def describe(d: TensorDiff) -> str:
     bits = []
     if d.status == DTYPE_CHANGED:
         bits.append(f"dtype {d.a_dtype} -> {d.b_dtype}")
+        if d.message:  # a quantized weight: which scheme, and whether its values were compared
+            bits.append(d.message.partition("; ")[2] or d.message)
     if d.max_abs is not None:
         bits.append(f"max |Δ| {d.max_abs:.3g}")
     if d.rel_l2 is not None:

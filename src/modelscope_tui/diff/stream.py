@@ -10,6 +10,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from itertools import chain
 from typing import TYPE_CHECKING
 
 from ..checkpoint import Checkpoint, TensorRecord, dims_key
@@ -18,8 +19,16 @@ from ..values.chunks import LAYOUT
 from ..values.data import unreadable_records
 from ..values.digest import digest
 from ..values.stats import DEFAULT_CHUNK_BYTES, Progress, ProgressFn
-from .compare import Sums, compare_values, fill
-from .pairing import llama_cpp_map, prefix_map, quantized_note, rotary_heads, tensors_by_name
+from .compare import Dequant, Sums, compare_values, fill, fp8_dequant
+from .pairing import (
+    llama_cpp_map,
+    logical_map,
+    prefix_map,
+    quant_label,
+    quantized_note,
+    rotary_heads,
+    tensors_by_name,
+)
 from .report import (
     ADDED,
     DTYPE_CHANGED,
@@ -124,6 +133,8 @@ class DiffStream:
             self.report.notes.append(llama_note)
         if note:
             self.report.notes.append(note)
+        # a quantized weight pairs with its plain original by logical name and shape
+        mapping, folded_a, folded_b = logical_map(ta, tb, mapping)
         quantized = quantized_note([(ta[n], tb[m]) for n, m in mapping.items()])
         if quantized:
             self.report.notes.append(quantized)
@@ -135,13 +146,29 @@ class DiffStream:
                 "order (llama.cpp's converter permutes them for its rotary layout)"
             )
         mapped_b = set(mapping.values())
-        self.removed = [n for n in ta if n not in mapping]
-        self.added = [n for n in tb if n not in mapped_b]
+        self.removed = [n for n in ta if n not in mapping and n not in folded_a]
+        self.added = [n for n in tb if n not in mapped_b and n not in folded_b]
         self.pairs: list[TensorDiff] = []
         self.total = 0  # bytes the value comparison reads (both sides)
+        self.dequant: dict[str, Dequant] = {}  # A name -> how its quantized side is dequantized
+        self._b_of: dict[str, str] = {}
+        self._quantized: list[str] = []  # A names of plain <-> quantized pairs
         for an in ta:
             if an in mapping:
                 self.pairs.append(self._pair(an, mapping[an]))
+        schemes = sorted(
+            {quant_label(r) for an in self._quantized for r in (ta[an], tb[mapping[an]]) if r.quant}
+        )  # the pairs _quantized_pair made (GGUF's blocks are compared as any dtype)
+        if schemes:
+            compared = sorted({quant_label(ta[n] if d.side == "a" else tb[self._b_of[n]]) for n, d in self.dequant.items()})
+            rest = [s for s in schemes if s not in compared]
+            said = []
+            if compared:
+                said.append(f"values of {', '.join(compared)} compared dequantized (FP8 value x its block scale, exact)")
+            if rest:
+                said.append(f"{', '.join(rest)}: values not compared (quantized)")
+            if said:
+                self.report.notes.append("; ".join(said))
         self._removed = [_one_side(REMOVED, an, ta[an]) for an in self.removed]
         self._added = [_one_side(ADDED, bn, tb[bn]) for bn in self.added]
         self.results: dict[tuple[str | None, str | None], TensorDiff] = {}
@@ -151,6 +178,11 @@ class DiffStream:
 
     def _pair(self, an: str, bn: str) -> TensorDiff:
         ra, rb = self.a_tensors[an], self.b_tensors[bn]
+        if (ra.quant is None) != (rb.quant is None) and "gguf" not in (
+            getattr(ra.quant, "method", ""),
+            getattr(rb.quant, "method", ""),
+        ):  # GGML blocks are read dequantized already (values/chunks.py): compared as any dtype
+            return self._quantized_pair(an, bn, ra, rb)
         d = TensorDiff(
             bn, PENDING, an, bn, tuple(ra.shape), tuple(rb.shape), ra.dtype, rb.dtype, rb.numel,
             a_requires_grad=stored_requires_grad(ra), b_requires_grad=stored_requires_grad(rb),
@@ -182,6 +214,39 @@ class DiffStream:
         d.pending = True
         if ra.dtype in LAYOUT and rb.dtype in LAYOUT:
             self.total += ra.nbytes + rb.nbytes
+        return d
+
+    def _quantized_pair(self, an: str, bn: str, ra: TensorRecord, rb: TensorRecord) -> TensorDiff:
+        """A plain weight and its quantized form: logical shapes, the scheme as B's (or A's)
+        dtype, values compared only where one numpy multiply dequantizes exactly (FP8 with
+        per-tensor, per-channel or block scales)."""
+        side, q = ("b", rb) if rb.quant is not None else ("a", ra)
+        self._quantized.append(an)
+        info = q.quant
+        shape_a = info.logical_shape if side == "a" else tuple(ra.shape)
+        shape_b = info.logical_shape if side == "b" else tuple(rb.shape)
+        d = TensorDiff(
+            bn, DTYPE_CHANGED, an, bn, shape_a, shape_b, quant_label(ra), quant_label(rb), info.logical_numel,
+            a_requires_grad=stored_requires_grad(ra), b_requires_grad=stored_requires_grad(rb),
+        )  # fmt: skip
+        way = "quantized to" if side == "b" else "dequantized from"
+        if shape_a != shape_b:
+            d.status = SHAPE_CHANGED
+            return d
+        records = self.b_tensors if side == "b" else self.a_tensors
+        scale = next((records.get(c) for c in info.companions if c.endswith(("weight_scale_inv", "weight_scale"))), None)
+        plain = ra if side == "b" else rb
+        dq = None
+        if info.method == "fp8" and scale is not None and plain.dtype in LAYOUT and plain.storage is not None:
+            dq = fp8_dequant(side, q, scale)
+        if dq is None or id(ra) in self._bad or id(rb) in self._bad or id(scale) in self._bad:
+            d.message = f"{way} {info.scheme}; values not compared (quantized)"
+            return d
+        d.message = f"{way} {info.scheme}; values compared dequantized"
+        d.pending = True
+        self.dequant[an] = dq
+        self._b_of[an] = bn
+        self.total += ra.nbytes + rb.nbytes
         return d
 
     @property
@@ -219,7 +284,13 @@ class DiffStream:
                     m for m in self.pairs if m.pending and (m.a_name, m.b_name) not in self.results
                 ]
                 if cluster is not None:
-                    compared = self._compared_on(cluster, todo, progress, cancel)
+                    # dequantized pairs are compared here: the workers' tasks know no scales
+                    local = [m for m in todo if m.a_name in self.dequant]
+                    rest = [m for m in todo if m.a_name not in self.dequant]
+                    compared = chain(
+                        self._compared_on(cluster, rest, progress, cancel),
+                        self._compared(da, db, local, cancel, on_bytes),
+                    )
                 else:
                     da.plan([self.a_tensors[m.a_name] for m in todo])  # remote: ranges in flight
                     db.plan([self.b_tensors[m.b_name] for m in todo])
@@ -253,7 +324,7 @@ class DiffStream:
                 acc = compare_values(
                     da, db, ra, rb, self.report.atol, self.report.rtol,
                     self.chunk_bytes, cancel, lambda n, _bn=m.b_name: on_bytes(n, _bn),
-                    self.unpermute.get(m.a_name),
+                    self.unpermute.get(m.a_name), self.dequant.get(m.a_name),
                 )  # fmt: skip
             except TensorDataError as exc:
                 yield m, exc

@@ -1,6 +1,6 @@
 """A freeze selection as a PEFT `LoraConfig`: the modules a user chose to train become LoRA
-targets (Linear, Embedding, Conv: a weight of 2 or more dimensions) or `modules_to_save` (norms,
-anything else, trained whole), so `get_peft_model(base, LoraConfig(**config))` adapts exactly the
+targets (Linear, Embedding, Conv: a weight of 2 or more dimensions; a quantized weight chosen as a
+LoRA target, the QLoRA case) or `modules_to_save` (norms, anything else, trained whole), so `get_peft_model(base, LoraConfig(**config))` adapts exactly the
 selected modules and nothing else.
 
 PEFT matches names its own way, and every candidate is checked against the whole module tree
@@ -77,6 +77,13 @@ def selected_modules(session: Session) -> tuple[list[str], list[str], list[str]]
     for node in session.ckpt.tree.walk():
         params = [t for t in node.tensors if t.kind == PARAMETER and session.can_train(t.name)]
         chosen = [t for t in params if session.is_trainable(t.name)]
+        # A quantized Linear (bnb Linear4bit, GPTQ QuantLinear...) chosen in the session is a LoRA
+        # target: PEFT wraps it with its own quantized-layer LoRA; the base stays frozen.
+        quantized = next((t for t in node.tensors if session.is_lora_target(t.name)), None)
+        if quantized is not None and node.name:
+            targets.append(node.name)
+            biases += [t.name for t in chosen]
+            continue
         if not chosen:
             continue
         if not node.name:

@@ -66,10 +66,12 @@ class NodeState(StrEnum):
     TRAINABLE = "trainable"
     FROZEN = "frozen"
     MIXED = "mixed"
+    LORA = "lora"  # quantized weights chosen as LoRA targets, nothing trained whole
+
 
 
 # node_state runs for every painted row; an Enum class attribute costs ~90 ns on Python 3.11.
-_TRAINABLE, _FROZEN, _MIXED = NodeState.TRAINABLE, NodeState.FROZEN, NodeState.MIXED
+_TRAINABLE, _FROZEN, _MIXED, _LORA = NodeState.TRAINABLE, NodeState.FROZEN, NodeState.MIXED, NodeState.LORA
 
 
 @dataclass(slots=True)
@@ -132,9 +134,17 @@ class Session:
         # Parameters that can train, by canonical name (aliases resolve to the first name).
         self.canonical: dict[str, str] = {}
         self.trainable: dict[str, bool] = {}
+        # A quantized weight never trains (its base is frozen), but "unfreezing" it says what a
+        # QLoRA user means: put a LoRA adapter on it. That choice lives here, apart from
+        # `trainable`, so the full fine-tune counts and estimates never include it.
+        self.lora_targets: dict[str, bool] = {}
         for t in ckpt.model_tensors:
-            if t.kind != PARAMETER or not can_require_grad(t.dtype) or t.quant is not None:
-                continue  # a quantized weight is a frozen base: adapters train on it
+            if t.quant is not None and t.kind == PARAMETER:
+                if t.quant.method != "gguf":  # llama.cpp's files serve; PEFT cannot wrap them
+                    self.lora_targets[t.name] = False
+                continue
+            if t.kind != PARAMETER or not can_require_grad(t.dtype):
+                continue
             canon = t.alias_of if t.alias_of and t.alias_of in self.records else t.name
             self.canonical[t.name] = canon
             if canon == t.name:
@@ -159,6 +169,7 @@ class Session:
         # generation: a change costs O(tensors changed), not O(modules touched x depth).
         self._generation = 0
         self._count_cache: dict[str, tuple[int, int]] = {}
+        self._lora_cache: dict[str, tuple[int, tuple[int, int]]] = {}
         # module -> (its parameters' names, their numels, the ancestor with exactly these or None)
         self._subtree_params: dict[str, tuple[list[str], list[int], str | None]] = {}
 
@@ -169,6 +180,17 @@ class Session:
 
     def can_train(self, name: str) -> bool:
         return name in self.canonical
+
+    def is_lora_target(self, name: str) -> bool:
+        """Whether a quantized weight was chosen for a LoRA adapter (it stays frozen itself)."""
+        return self.lora_targets.get(name, False)
+
+    def lora_target_count(self, node: ModuleNode | None = None) -> tuple[int, int]:
+        """(quantized weights chosen as LoRA targets, quantized weights) under `node` (all)."""
+        if not self.lora_targets:
+            return 0, 0
+        names = self.lora_targets if node is None else [t.name for t in node.all_tensors() if t.name in self.lora_targets]
+        return sum(map(self.lora_targets.__getitem__, names)), len(names)
 
     @property
     def revision(self) -> int:
@@ -209,6 +231,11 @@ class Session:
     def node_state(self, node: ModuleNode) -> NodeState | None:
         """The state of the module's parameters; None when it has none."""
         params = node.stats.params
+        if self.lora_targets:
+            chosen, quantized = self._lora_count(node.name)
+            if chosen:
+                trainable = self._count(node.name)
+                return _LORA if not trainable and chosen == quantized else _MIXED
         if not params:
             # A module whose weights are all tied elsewhere (lm_head -> embed) follows them.
             tied = {self.canonical[t.name] for t in node.all_tensors() if t.name in self.canonical}
@@ -227,7 +254,14 @@ class Session:
         """`trainable 1.6K / 2.2K (72.7%)`, the explorer header's rule: exact counts where the
         compact ones would hide a change (`1,594 / 1,610`), never 100.0% or 0.0% unless so."""
         trainable, total = self.totals()
-        return f"trainable {count_pair(trainable, total)} ({percent(trainable, total)})"
+        line = f"trainable {count_pair(trainable, total)} ({percent(trainable, total)})"
+        lora = self.lora_line()
+        return f"{line} · {lora}" if lora else line
+
+    def lora_line(self) -> str:
+        """`LoRA on 14/21 quantized`, or "" when no quantized weight is a LoRA target."""
+        chosen, quantized = self.lora_target_count()
+        return f"LoRA on {chosen}/{quantized} quantized" if chosen else ""
 
     # -- matching ------------------------------------------------------------------------------
     def match(self, pattern: str, kind: str = Selector.GLOB) -> list[str]:
@@ -333,31 +367,40 @@ class Session:
         trainable = self.trainable
         # C-level loops where it can: this runs on 100k-tensor subtrees
         skipped = [n for n, c in zip(names, canon) if c is None and n in self.records] if None in canon else []
+        lora: list[str] = []
+        if skipped and self.lora_targets:
+            lora = [n for n in skipped if n in self.lora_targets and self.lora_targets[n] is not value]
+            skipped = [n for n in skipped if n not in self.lora_targets and self.records[n].companion_of is None]
         if unique is None:
             unique = dict.fromkeys(canon)
             unique.pop(None, None)
         targets = list(unique) if all_flip else [c for c in unique if trainable[c] is not value]
         message = ""
-        if skipped and not targets and len(skipped) == len(names):
+        if skipped and not targets and not lora and len(skipped) == len(names):
             message = f"{_describe_skipped(self, skipped)}: cannot require grad; left as they are"
-        if not targets:
+        if not targets and not lora:
             return ChangeResult(0, len(names), skipped, message or "nothing to change")
         if rule is not None:
-            rule.count = len(targets)
+            rule.count = len(targets) + len(lora)
         verb = "unfroze" if value else "froze"
+        said = [f"{verb} {len(targets)} tensor(s)"] if targets else []
+        if lora:
+            said.append(f"{'chose' if value else 'dropped'} {len(lora)} quantized weight(s) as LoRA target(s)")
         change = Change(
-            description or f"{verb} {len(targets)} tensor(s)",
-            targets,
-            [not value] * len(targets),
-            [value] * len(targets),
+            description or "; ".join(said),
+            targets + lora,
+            [not value] * (len(targets) + len(lora)),
+            [value] * (len(targets) + len(lora)),
             rule,
         )
         self._apply(change, forward=True)
         self._undo.append(change)
         self._redo.clear()
         if skipped:
-            message = f"{verb} {len(targets)}; {_describe_skipped(self, skipped)} left as they are"
-        return ChangeResult(len(targets), len(names), skipped, message or change.description)
+            message = f"{'; '.join(said)}; {_describe_skipped(self, skipped)} left as they are"
+        elif lora and description:
+            message = f"{description}: {'; '.join(said)}"
+        return ChangeResult(len(targets) + len(lora), len(names), skipped, message or change.description)
 
     def freeze(self, names: Iterable[str], rule: Rule | None = None) -> ChangeResult:
         return self.set_trainable(names, False, rule or Rule(Action.FREEZE, Selector.NAMES))
@@ -371,9 +414,11 @@ class Session:
         canon = list(map(self.canonical.get, names))  # mapped and deduplicated once, for the change too
         unique = dict.fromkeys(canon)
         unique.pop(None, None)
-        if not unique:
+        lora = [n for n in names if n in self.lora_targets] if self.lora_targets else []
+        if not unique and not lora:
             return ChangeResult(0, len(names), names, "no trainable tensors here (integer, bool and quantized tensors cannot require grad)")
-        value = not all(map(self.trainable.__getitem__, unique))  # freezing: all of them train now
+        # freezing: all of them train (or are LoRA targets) now
+        value = not (all(map(self.trainable.__getitem__, unique)) and all(map(self.lora_targets.__getitem__, lora)))
         action = Action.UNFREEZE if value else Action.FREEZE
         rule = Rule(action, Selector.NAMES, _names_value(names))
         return self._set(names, canon, value, rule, unique=unique, all_flip=not value)
@@ -424,8 +469,11 @@ class Session:
                 continue
             (names_train if idx in keep else names_freeze).extend(t.name for t in node.all_tensors())
         before_names = [c for c in dict.fromkeys(self.canonical[n] for n in names_freeze + names_train if n in self.canonical)]
-        before = [self.trainable[c] for c in before_names]
+        # quantized weights of the kept blocks become LoRA targets, the others stop being ones
+        before_names += [n for n in names_freeze + names_train if n in self.lora_targets]
+        before = [self.trainable[c] if c in self.trainable else self.lora_targets[c] for c in before_names]
         train_set = {self.canonical[n] for n in names_train if n in self.canonical}
+        train_set.update(n for n in names_train if n in self.lora_targets)
         after = [c in train_set for c in before_names]
         rule = Rule(Action.UNFREEZE, Selector.LAST_N_BLOCKS, f"{group.prefix}:{n}")
         change = Change(f"train only the last {n} of {group.prefix}", before_names, before, after, rule)
@@ -479,7 +527,11 @@ class Session:
     # -- internals -----------------------------------------------------------------------------
     def _apply(self, change: Change, forward: bool) -> None:
         values = change.after if forward else change.before
-        self.trainable.update(zip(change.names, values))
+        if self.lora_targets and any(n in self.lora_targets for n in change.names):
+            for n, v in zip(change.names, values):
+                (self.lora_targets if n in self.lora_targets else self.trainable)[n] = v
+        else:
+            self.trainable.update(zip(change.names, values))
         self._generation += 1
         if change.eval_before or change.eval_after:
             self.eval_modules = set(change.eval_after if forward else change.eval_before)
@@ -504,6 +556,17 @@ class Session:
         names, numels, same = params
         value = self._count(same) if same is not None else self.trainable_elements(names, numels)
         self._count_cache[module] = (self._generation, value)
+        return value
+
+    def _lora_count(self, module: str) -> tuple[int, int]:
+        """(chosen, all) quantized weights under `module`, cached per generation like _count."""
+        key = "\0lora:" + module
+        cached = self._lora_cache.get(key)
+        if cached is not None and cached[0] == self._generation:
+            return cached[1]
+        node = self._nodes.get(module)
+        value = self.lora_target_count(node) if node is not None else (0, 0)
+        self._lora_cache[key] = (self._generation, value)
         return value
 
 

@@ -326,6 +326,8 @@ class MscopeApp(App[int]):
             # Compact counts, unless they hide a change (one frozen BatchNorm of 1.6K params).
             trainable, total = self.session.totals()
             header.append(f"trainable {count_pair(trainable, total)} ({percent(trainable, total)})", style="bold green")
+            if lora := self.session.lora_line():
+                header.append(f" · {lora}", style="magenta")
         if self.filter.text:  # right after the totals: at 80 columns the tail of this line is cut
             header.append(f" · filter: {safe_text(self.filter.text)}", style="magenta")
         if self.session.dirty:

@@ -160,6 +160,8 @@ def tensor_details(session: Session, t: TensorRecord, device: str | None = None,
     table.add_row("dtype", t.dtype)
     if session.can_train(t.name):
         state = "trainable" if session.is_trainable(t.name) else "frozen"
+    elif t.name in session.lora_targets:
+        state = "LoRA target (the quantized base stays frozen)" if session.is_lora_target(t.name) else "frozen (quantized; unfreeze to make it a LoRA target)"
     else:
         state = "cannot require grad" if t.kind == "parameter" or t.alias_of is None else "tied"
     table.add_row("now", state)
@@ -258,6 +260,9 @@ def module_details(session: Session, m: ModuleNode, profile: RenderableType | No
     if state:
         # `32 (all)`, not `32 (trainable)` beside the label that already says it
         table.add_row("trainable", f"{trainable:,} ({'all' if state == 'trainable' else state})")
+    chosen, quantized = session.lora_target_count(m) if session.lora_targets else (0, 0)
+    if chosen:
+        table.add_row("LoRA targets", f"{chosen} of {quantized} quantized weight(s)")
     table.add_row("buffers", f"{stats.buffers:,} elements")
     table.add_row("tensors", f"{stats.tensors:,}")
     table.add_row("bytes", bytes_text(stats.nbytes))

@@ -55,6 +55,7 @@ MARKS = {
     "trainable": ("✓ yes", "green"),
     "frozen": ("✗ no", "red"),
     "mixed": ("◐ mix", "yellow"),
+    "lora": ("◆lora", "magenta"),  # a quantized weight chosen as a LoRA target: frozen, adapted
     None: ("", ""),
 }
 # What the 5-wide train column says for a tensor that cannot train ("buffer" was cut to "buffe").
@@ -554,7 +555,8 @@ class ParamTree(Tree[Row]):
             name = Text(leaf)
             cells["shape"] = (shape_text(q.logical_shape), "")
             cells["dtype"] = (safe_text(q.scheme), "cyan")
-            cells["train"] = MARKS["frozen"]  # a quantized base never trains (checkpoint.trains)
+            # a quantized base never trains (checkpoint.trains); chosen, it carries a LoRA adapter
+            cells["train"] = MARKS["lora" if self.session.is_lora_target(t.name) else "frozen"]
             cells["numel"] = (fmt_count(q.logical_numel), "")
             cells["bytes"] = (fmt_bytes(q.nbytes), "")
             if self.device_of is not None:
