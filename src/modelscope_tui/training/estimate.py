@@ -477,6 +477,13 @@ def _frozen_tally(session: Session) -> tuple[Inventory, dict[str, tuple[list[str
     return cached
 
 
+def inventory_is_cheap(session: Session) -> bool:
+    """True once the session's checkpoint has its frozen tally: an inventory is then a C-speed
+    pass over the parameters (~5 ms for 100k tensors), cheap enough for the UI thread. The
+    first one (~100 ms) builds the tally."""
+    return session.ckpt in _FROZEN
+
+
 def estimate(
     params: Iterable[tuple[int, str, bool, bool]] | Inventory,
     precision: str = "fp32",
