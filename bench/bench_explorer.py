@@ -120,8 +120,10 @@ async def _freeze_timing(path: Path, repeat: int, show_gpus: bool) -> tuple[list
 
 
 def freeze_repaint(path: Path, repeat: int) -> None:
-    """The tree and header repaint; with the GPU panel on, its estimate (O(tensors)) is also
-    recomputed on a worker thread that competes for the GIL, reported separately."""
+    """The tree and header repaint; with the GPU panel on, the fine-tune estimate is also
+    recomputed (on the UI thread, sharing the header's pass over the parameters) and the panel's
+    changed rows repainted in the same frame, reported separately. Wall time includes Pilot's
+    idle wait (~20 ms of polling granularity), hence the CPU figure."""
     for show_gpus in (False, True):
         times, cpu = asyncio.run(_freeze_timing(path, repeat, show_gpus))
         median = statistics.median(times) * 1000

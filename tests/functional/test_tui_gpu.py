@@ -6,9 +6,11 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from textual.geometry import Region
 
 from modelscope_tui.gpu.simulated import SimulatedBackend
 from modelscope_tui.gpu.snapshot import HostMemory
+from modelscope_tui.training import estimate as estimate_mod
 from modelscope_tui.training import placement as placement_mod
 from modelscope_tui.tui.app import MscopeApp
 from modelscope_tui.tui.screens.device import DeviceScreen
@@ -64,6 +66,65 @@ async def test_panel_shows_simulated_gpus_and_estimate(monkeypatch):
         assert "trains 0 of" in panel_text(app)
         await pilot.press("g")
         assert app.monitor is None and not app.query_one("#gpu-panel").display
+
+
+async def test_freeze_with_panel_open_estimates_once_and_draws_with_the_tree(monkeypatch):
+    """Issue #14: a freeze with the panel open computes the estimate once, in the action itself,
+    and asks for one panel repaint there (the tree's frame), not a second one when a worker
+    reports: that second full pass doubled the time of freezing 50k tensors."""
+    monkeypatch.setenv("MSCOPE_SIMULATE_GPUS", "1")
+    app = MscopeApp(SAMPLES / "transformer_tied.pt", gpu_interval=3600, show_gpus=True)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await started(pilot)
+        await wait_for_sample(pilot)
+        await pilot.pause()
+        panel = app.query_one("#gpu-panel", GpuPanel)
+        assert "fine-tune estimate" in panel_text(app) and "trains 0 of" not in panel_text(app)
+        computed, repaints = [], []
+        real_estimate, real_refresh = estimate_mod.estimate_for_session, panel.refresh
+        monkeypatch.setattr(
+            estimate_mod, "estimate_for_session", lambda *a, **k: computed.append(a) or real_estimate(*a, **k)
+        )
+        monkeypatch.setattr(panel, "refresh", lambda *a, **k: repaints.append(a) or real_refresh(*a, **k))
+        app.action_freeze_all()  # what F runs; nothing has yielded to the event loop yet
+        assert len(computed) == 1 and len(repaints) == 1
+        assert "trains 0 of" in panel_text(app)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert len(computed) == 1 and len(repaints) == 1  # and nothing more came after the frame
+        assert "trains 0 of" in panel_text(app)
+
+
+async def test_panel_repaints_only_changed_rows_below_a_wrapped_line(monkeypatch):
+    """A line wider than the panel (here the placement line; without a driver, the status and
+    host RAM lines) wraps: the estimate lines under it are still repainted where Textual put
+    them, and only those rows, so the screen matches a full repaint."""
+    monkeypatch.setenv("MSCOPE_SIMULATE_GPUS", "1")
+    app = MscopeApp(SAMPLES / "transformer_tied.pt", gpu_interval=3600, show_gpus=True)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await started(pilot)
+        await wait_for_sample(pilot)
+        panel = app.query_one("#gpu-panel", GpuPanel)
+        panel.placement_line = "placed: " + " ".join(["cuda:0 1.0 GiB"] * 8)  # three rows or more
+        panel.refresh_panel()
+        await pilot.pause()
+
+        def on_screen() -> list[str]:
+            return [strip.text for strip in panel.render_lines(Region(0, 0, *panel.outer_size))]
+
+        regions = []
+        real_refresh = panel.refresh
+        monkeypatch.setattr(panel, "refresh", lambda *a, **k: regions.append(a) or real_refresh(*a, **k))
+        before = on_screen()
+        app.session.freeze(app.session.match("blocks.0.*"))  # the panel keeps its lines: a partial repaint
+        app.refresh_state()
+        await pilot.pause()
+        partial = on_screen()
+        assert len(regions) == 1 and 0 < len(regions[0]) < panel.size.height // 2, regions
+        assert partial != before
+        real_refresh()
+        await pilot.pause()
+        assert on_screen() == partial
 
 
 async def test_panel_without_driver_says_so_and_shows_host_ram(monkeypatch):

@@ -483,10 +483,14 @@ def test_session_inventory_matches_a_tally_tensor_by_tensor(sample):
                 counts[(t.dtype, bool(is_param and s.is_trainable(t.name)), is_param)] += t.numel
         return +counts
 
+    def trains(s: Session) -> int:  # the header's total, which shares the inventory's per-dtype pass
+        return sum(s.records[name].numel for name, on in s.trainable.items() if on)
+
     assert inventory(session) == tally(session)
     for _ in range(6):
         session.set_trainable(rng.sample(names, k=max(1, len(names) // 2)), rng.random() < 0.5)
         assert inventory(session) == tally(session)
+        assert session.totals()[0] == trains(session) == sum(session.trainable_by_dtype().values())
     session.freeze_all()
     assert inventory(session) == tally(session) and not any(trains for _, trains, _ in inventory(session))
     fresh = Session(ckpt)

@@ -172,6 +172,9 @@ class Session:
         self._lora_cache: dict[str, tuple[int, tuple[int, int]]] = {}
         # module -> (its parameters' names, their numels, the ancestor with exactly these or None)
         self._subtree_params: dict[str, tuple[list[str], list[int], str | None]] = {}
+        # dtype -> (names, numels) of every parameter that can train; built when first asked
+        self._by_dtype: dict[str, tuple[list[str], list[int]]] | None = None
+        self._by_dtype_count: tuple[int, dict[str, int]] = (-1, {})
 
     # -- queries -------------------------------------------------------------------------------
     def is_trainable(self, name: str) -> bool:
@@ -217,6 +220,24 @@ class Session:
         """The elements that train now among canonical parameters `names` (of `numels`
         elements each): a C-speed loop, for counts over 100k tensors after every change."""
         return sum(compress(numels, map(self.trainable.__getitem__, names)))
+
+    def trainable_by_dtype(self) -> dict[str, int]:
+        """Trainable elements now per stored dtype (tied parameters once), one pass per change:
+        the header's total and the fine-tune estimate both read it after every freeze."""
+        generation, counts = self._by_dtype_count
+        if generation == self._generation:
+            return counts
+        if self._by_dtype is None:
+            groups: dict[str, tuple[list[str], list[int]]] = {}
+            for name in self.trainable:
+                t = self.records[name]
+                names, numels = groups.setdefault(t.dtype, ([], []))
+                names.append(name)
+                numels.append(t.numel)
+            self._by_dtype = groups
+        counts = {dtype: self.trainable_elements(*group) for dtype, group in self._by_dtype.items()}
+        self._by_dtype_count = (self._generation, counts)
+        return counts
 
     def node(self, name: str) -> ModuleNode | None:
         return self._nodes.get(name)
@@ -554,7 +575,12 @@ class Session:
             same = (parent[2] or self._parent[module]) if parent is not None and len(parent[0]) == len(names) else None
             params = self._subtree_params[module] = (names, [t.numel for t in tensors], same)
         names, numels, same = params
-        value = self._count(same) if same is not None else self.trainable_elements(names, numels)
+        if same is not None:
+            value = self._count(same)
+        elif len(names) == len(self.trainable):  # every parameter (the root, or its one child)
+            value = sum(self.trainable_by_dtype().values())
+        else:
+            value = self.trainable_elements(names, numels)
         self._count_cache[module] = (self._generation, value)
         return value
 

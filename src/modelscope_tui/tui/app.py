@@ -1063,7 +1063,9 @@ class MscopeApp(App[int]):
             return
         estimator = self.estimator
         if recompute or estimator.estimate is None:
-            self._compute_estimate(estimator.start(self.session))
+            job = estimator.start(self.session)  # None: computed already (drawn in this frame)
+            if job is not None:
+                self._compute_estimate(job)
             if estimator.estimate is None:
                 return
         key = estimator.fit_key(panel.sample)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Group, RenderableType
 from rich.text import Text
+from textual.content import Content
 from textual.geometry import Region
 from textual.reactive import reactive
 from textual.widget import Widget
@@ -162,18 +163,33 @@ class GpuPanel(Widget):
         self.refresh(*self._changed_lines(before, content))
 
     def _changed_lines(self, before: RenderableType | None, after: RenderableType) -> list[Region]:
-        """The rows to repaint when only some lines changed (usually the sparkline and a figure
-        or two): the compositor's cost grows with the rows it redraws. No regions (a full
-        repaint) when the shape changed or the content is not plain lines."""
+        """The rows to repaint when only some lines changed (the sparkline and a figure or two on
+        a tick; the estimate after a freeze): the compositor's cost grows with the rows it
+        redraws. A line wider than the panel wraps (the no-driver status, the host RAM line, a
+        long GPU name): it takes the rows Textual gives it, so the lines below are still found.
+        No regions (a full repaint) when the number of lines changed, a changed line now wraps to
+        another height, or the content is not plain lines."""
         if not isinstance(before, Text) or not isinstance(after, Text) or self.size.width != self._shown[0]:
             return []
         old, new = before.split(allow_blank=True), after.split(allow_blank=True)
-        width = self.size.width
-        if len(old) != len(new) or any(line.cell_len > width for line in (*old, *new)):
-            return []  # a wrapped line moves every row below it: repaint all
-        top = self.scroll_offset.y
-        rows = [y - top for y, (a, b) in enumerate(zip(old, new)) if a != b]
-        return [Region(0, y, width, 1) for y in rows if 0 <= y < self.size.height]
+        if len(old) != len(new):
+            return []
+        width, height, top = self.size.width, self.size.height, self.scroll_offset.y
+        regions: list[Region] = []
+        y = -top
+        for a, b in zip(old, new):
+            rows = self._rows(b, width)
+            if a != b:
+                if rows != self._rows(a, width):
+                    return []  # every row below it moves
+                regions.extend(Region(0, row, width, 1) for row in range(y, y + rows) if 0 <= row < height)
+            y += rows
+        return regions
+
+    def _rows(self, line: Text, width: int) -> int:
+        if line.cell_len <= width:
+            return 1
+        return Content(line.plain).get_height(self.styles, width)  # Textual's own wrapping
 
     def render(self) -> RenderableType:
         width, content = self._shown
