@@ -34,6 +34,8 @@ UPLOAD = [
     "sharded_bin/pytorch_model.bin.index.json",
     "sharded_bin/pytorch_model-00001-of-00002.bin",
     "sharded_bin/pytorch_model-00002-of-00002.bin",
+    "dcp_checkpoint/.metadata",
+    "dcp_checkpoint/__0_0.distcp",
 ]
 
 
@@ -83,6 +85,8 @@ def _isolated(tmp_path, monkeypatch):
         ("legacy_cnn.pt", "run/legacy_cnn.pt"),
         ("sharded_hf", "run/sharded_hf/"),
         ("sharded_bin", "run/sharded_bin"),
+        ("dcp_checkpoint", "run/dcp_checkpoint/"),  # a prefix holding .metadata: a DCP folder
+        ("dcp_checkpoint", "run/dcp_checkpoint/.metadata"),
     ],
 )
 @pytest.mark.parametrize("command", [["summary", "--json"], ["audit", "--stats", "--json"]])
@@ -98,6 +102,15 @@ def test_s3_diff_equals_local(s3):
     rcode, got, err = run_main(
         "diff", "--json", f"s3://{BUCKET}/run/transformer_tied.pt", f"s3://{BUCKET}/run/transformer.safetensors"
     )
+    assert (rcode, err) == (code, "")
+    same_json(expected, got)
+
+
+def test_s3_dcp_diff_equals_local(s3):
+    local = [SAMPLES / "dcp_checkpoint", SAMPLES / "transformer_tied.pt"]
+    code, expected, _ = run_main("diff", "--json", *local)
+    urls = [f"s3://{BUCKET}/run/dcp_checkpoint", f"s3://{BUCKET}/run/transformer_tied.pt"]
+    rcode, got, err = run_main("diff", "--json", *urls)
     assert (rcode, err) == (code, "")
     same_json(expected, got)
 

@@ -125,6 +125,24 @@ class CachedRemote(Source):
             self._keep(offset, data)
         return data[:length]
 
+    def prefetch(self, ranges: Sequence[tuple[int, int]], merge_gap: int = 4096) -> None:
+        """Fetch small metadata ranges the readers will ask for next, at once (concurrent
+        requests), into the block cache. Ranges closer than `merge_gap` share one request."""
+        spans: list[list[int]] = []
+        for o, n in sorted(r for r in ranges if r[1] > 0):
+            o, end = max(0, o), min(self.size, o + n)
+            if end <= o or self._lookup(o, end - o) is not None:
+                continue
+            if spans and o - spans[-1][1] <= merge_gap and end - spans[-1][0] <= CACHE_BYTES // 8:
+                spans[-1][1] = max(spans[-1][1], end)
+            else:
+                spans.append([o, end])
+        if not spans or self.offline:
+            return
+        wanted = [(o, end - o) for o, end in spans]
+        for (o, _), data in zip(wanted, self._fetch(wanted)):
+            self._keep(o, data)
+
     def read_tail(self, length: int) -> bytes:
         """The last `length` bytes (the zip end records and central directory)."""
         length = min(length, self.size)
