@@ -17,6 +17,15 @@ READ_AHEAD = 64 << 10
 CACHE_BYTES = 32 << 20  # fetched metadata ranges kept per source (tensor data bypasses it)
 
 
+def changed(name: str, what: str) -> CorruptCheckpointError:
+    """The one line for a file replaced between two reads of one run (every remote kind)."""
+    return CorruptCheckpointError(
+        f"the file changed while being read ({what})",
+        name,
+        "open it again once the upload is finished",
+    )
+
+
 class Source:
     """Abstract byte source. `read` returns exactly `length` bytes or raises MscopeError."""
 
@@ -33,6 +42,10 @@ class Source:
 
     def close(self) -> None:
         pass
+
+    def verify(self) -> None:
+        """Raise `changed(...)` when the file is no longer the version first read. Sources that
+        check every response (https) or cannot change (local mmap) need not ask again."""
 
     def __enter__(self) -> Source:
         return self
@@ -65,6 +78,7 @@ class CachedRemote(Source):
         self.cached_at: float | None = None  # set when the blocks came from the disk cache
         self.offline = False  # the identity check could not reach the server; the cache was used
         self._dirty = False  # metadata ranges fetched that the disk cache does not have yet
+        self.values_read = False  # tensor values came through it: audit/diff re-check its version
 
     def preload(self, entry) -> None:
         """Start from the ranges the disk cache kept for this version of the file."""

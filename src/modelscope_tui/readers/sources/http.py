@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urljoin, urlsplit
 
 from ...errors import CorruptCheckpointError, MscopeError, NotFoundError
-from .base import READ_AHEAD, CachedRemote
+from .base import READ_AHEAD, CachedRemote, changed
 from .location import redact
 
 MAX_REDIRECTS = 5
@@ -247,11 +247,7 @@ class HttpSource(CachedRemote):
         return data
 
     def _changed(self, what: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(
-            f"the file changed while being read ({what})",
-            self.name,
-            "open it again once the upload is finished",
-        )
+        return changed(self.name, what)
 
     # -- several -------------------------------------------------------------------------------
     def _fetch(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
