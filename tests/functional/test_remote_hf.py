@@ -24,7 +24,7 @@ SAMPLES = TESTS.parent / "sample_models"
 
 @pytest.fixture(scope="module")
 def hub():
-    srv = HubServer({"org/sharded": SAMPLES / "sharded_hf", "org/samples": SAMPLES, "org/bins": SAMPLES / "sharded_bin"})
+    srv = HubServer({"org/sharded": SAMPLES / "sharded_hf", "org/samples": SAMPLES, "org/bins": SAMPLES / "sharded_bin", "org/dcp": SAMPLES / "dcp_checkpoint"})
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_ENDPOINT", srv.url)
     # read at import (the session may have imported huggingface_hub before): set them too
@@ -67,6 +67,16 @@ def test_hf_equals_local(hub, local, url):
 def test_hf_audit_stats_equals_local(hub):
     code, expected, _ = run_main("audit", "--stats", "--json", SAMPLES / "sharded_hf")
     rcode, got, err = run_main("audit", "--stats", "--json", "hf://org/sharded")
+    assert (rcode, err) == (code, "")
+    same_json(expected, got)
+
+
+@pytest.mark.parametrize("command", [["summary", "--json"], ["audit", "--stats", "--json"]])
+def test_hf_dcp_repo_equals_local(hub, command):
+    """A repo whose root holds `.metadata` and `*.distcp` is a DCP folder, as on disk; the audit
+    also re-checks the Hub's file identity before and after reading values."""
+    code, expected, _ = run_main(*command, SAMPLES / "dcp_checkpoint")
+    rcode, got, err = run_main(*command, "hf://org/dcp")
     assert (rcode, err) == (code, "")
     same_json(expected, got)
 

@@ -152,9 +152,83 @@ def test_url_secrets_are_not_printed(server):
     assert code == 2 and "hunter2" not in err and "nope.pt" in err
 
 
-def test_dcp_over_http_says_what_to_do(server):
-    code, _, err = run_main("summary", f"{server.url}/dcp_checkpoint/.metadata")
-    assert code == 2 and "download" in err and len(err.strip().splitlines()) == 1
+DCP = "dcp_checkpoint/.metadata"
+
+
+@pytest.mark.parametrize("command", [["summary", "--json"], ["audit", "--stats", "--json"]])
+def test_dcp_over_http_equals_local(server, command):
+    code, local, _ = run_main(*command, SAMPLES / "dcp_checkpoint")
+    rcode, remote, err = run_main(*command, f"{server.url}/{DCP}")
+    assert rcode == code, err
+    same_json(local, remote)
+
+
+def test_dcp_diff_over_http_equals_local(server):
+    local_args = [SAMPLES / "dcp_checkpoint", SAMPLES / "transformer_tied.pt"]
+    code, local, _ = run_main("diff", "--json", *local_args)
+    urls = [f"{server.url}/{DCP}", f"{server.url}/transformer_tied.pt"]
+    rcode, remote, err = run_main("diff", "--json", *urls)
+    assert rcode == code, err
+    same_json(local, remote)
+
+
+@pytest.fixture(scope="module")
+def big_dcp(tmp_path_factory) -> Path:
+    """8 tensors of 1 MiB in 4 .distcp files (FileSystemWriter's thread_count), plus a value."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    folder = tmp_path_factory.mktemp("bigdcp") / "ckpt"
+    state = {f"layers.{i}.weight": torch.randn(512, 512) for i in range(8)}
+    state["step"] = 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, storage_writer=FileSystemWriter(folder, thread_count=4))
+    return folder
+
+
+def test_dcp_fetch_budget_reads_the_distcp_files_concurrently(big_dcp):
+    """The DCP budget: requests grow with the files and items, not the bytes: `.metadata` (1),
+    one first range per .distcp file, and each item's head and tail (merged when neighbours);
+    bytes: `.metadata`, the 64 KiB first range per file, 2 x 4 KiB per item. No tensor data
+    beyond those read-aheads, and the files are read at once."""
+    files = sorted(big_dcp.glob("*.distcp"))
+    items = 9
+    srv = RangeServer(big_dcp.parent)
+    srv.latency = 0.05
+    try:
+        code, local, _ = run_main("summary", "--json", big_dcp)
+        rcode, remote, err = run_main("summary", "--json", f"{srv.url}/ckpt/.metadata")
+    finally:
+        srv.close()
+    assert rcode == code == 0, err
+    same_json(local, remote)
+    assert srv.requests <= 1 + len(files) + 2 * items, srv.log
+    meta = (big_dcp / ".metadata").stat().st_size
+    assert srv.bytes <= meta + len(files) * 64 * 1024 + items * 8 * 1024, srv.log
+    assert srv.bytes < sum(f.stat().st_size for f in files) / 20
+    assert srv.max_in_flight >= 2
+
+
+def test_dcp_item_outside_the_folder_is_refused(tmp_path, big_dcp):
+    """`.metadata` names the .distcp files; one outside the folder is one line, nothing fetched there."""
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(big_dcp, folder)
+    meta = (folder / ".metadata").read_bytes()
+    name = b"__0_1.distcp"
+    assert meta.count(name) >= 1
+    (folder / ".metadata").write_bytes(meta.replace(name, b"../_1.distcp"))  # same length
+    srv = RangeServer(tmp_path)
+    try:
+        code, _, err = run_main("summary", f"{srv.url}/ckpt/.metadata")
+        assert not any("_1.distcp" in path for path, _ in srv.log)
+    finally:
+        srv.close()
+    assert code == 2 and "'..'" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_shard_headers_are_fetched_concurrently(tmp_path):

@@ -34,6 +34,8 @@ UPLOAD = [
     "sharded_bin/pytorch_model.bin.index.json",
     "sharded_bin/pytorch_model-00001-of-00002.bin",
     "sharded_bin/pytorch_model-00002-of-00002.bin",
+    "dcp_checkpoint/.metadata",
+    "dcp_checkpoint/__0_0.distcp",
 ]
 
 
@@ -83,6 +85,8 @@ def _isolated(tmp_path, monkeypatch):
         ("legacy_cnn.pt", "run/legacy_cnn.pt"),
         ("sharded_hf", "run/sharded_hf/"),
         ("sharded_bin", "run/sharded_bin"),
+        ("dcp_checkpoint", "run/dcp_checkpoint/"),  # a prefix holding .metadata: a DCP folder
+        ("dcp_checkpoint", "run/dcp_checkpoint/.metadata"),
     ],
 )
 @pytest.mark.parametrize("command", [["summary", "--json"], ["audit", "--stats", "--json"]])
@@ -98,6 +102,15 @@ def test_s3_diff_equals_local(s3):
     rcode, got, err = run_main(
         "diff", "--json", f"s3://{BUCKET}/run/transformer_tied.pt", f"s3://{BUCKET}/run/transformer.safetensors"
     )
+    assert (rcode, err) == (code, "")
+    same_json(expected, got)
+
+
+def test_s3_dcp_diff_equals_local(s3):
+    local = [SAMPLES / "dcp_checkpoint", SAMPLES / "transformer_tied.pt"]
+    code, expected, _ = run_main("diff", "--json", *local)
+    urls = [f"s3://{BUCKET}/run/dcp_checkpoint", f"s3://{BUCKET}/run/transformer_tied.pt"]
+    rcode, got, err = run_main("diff", "--json", *urls)
     assert (rcode, err) == (code, "")
     same_json(expected, got)
 
@@ -165,3 +178,45 @@ def test_dask_workers_read_from_s3_like_local(s3_cluster, args, local, remote):
     rcode, got, err = run_main(*args, "--dask", s3_cluster, *(f"s3://{BUCKET}/{p}" for p in remote))
     assert (rcode, err) == (code, "")
     same_json(expected, got)
+
+
+@pytest.mark.parametrize("when", ["before-values", "after-values"])
+@pytest.mark.parametrize("command", ["audit", "diff"])
+def test_s3_object_replaced_while_read_is_one_line(s3, monkeypatch, when, command):
+    """The object is overwritten (same size, other bytes: a new ETag) after its metadata was
+    read: before the first value read (caught there) or after it (caught by the check at the end
+    of the audit or diff). One line, exit 2, no report on stdout."""
+    from modelscope_tui.readers import sources
+
+    client = boto3.client("s3", endpoint_url=s3, region_name="us-east-1")
+    key = f"changing/{command}-{when}.pt"
+    data = (SAMPLES / "transformer_tied.pt").read_bytes()
+    client.put_object(Bucket=BUCKET, Key=key, Body=data)
+    url = f"s3://{BUCKET}/{key}"
+    real = sources.remote_source
+    replaced = []
+
+    def replace() -> None:
+        if not replaced:
+            replaced.append(True)
+            client.put_object(Bucket=BUCKET, Key=key, Body=data[:-1] + bytes([data[-1] ^ 1]))
+
+    def hooked(loc):
+        if loc.url == url and when == "before-values":
+            replace()
+        src = real(loc)
+        if loc.url == url and when == "after-values":
+            replace()
+        return src
+
+    monkeypatch.setattr(sources, "remote_source", hooked)
+    if command == "audit":
+        code, out, err = run_main("audit", "--stats", "--json", url)
+    else:
+        code, out, err = run_main("diff", "--json", url, SAMPLES / "transformer_tied.pt")
+    assert replaced
+    assert (code, out) == (2, "")
+    assert err.strip().splitlines() == [
+        f"mscope: error: {url}: the file changed while being read (its ETag / version changed)"
+        " (open it again once the upload is finished)"
+    ]

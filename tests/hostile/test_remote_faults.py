@@ -16,7 +16,7 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 from rangeserver import RangeServer  # noqa: E402
-from remotehelp import run_main  # noqa: E402
+from remotehelp import run_main, same_json  # noqa: E402
 
 SAMPLES = TESTS.parent / "sample_models"
 
@@ -127,3 +127,36 @@ def test_missing_shard_is_one_line(tmp_path):
     finally:
         srv.close()
     assert "shard 'two.safetensors'" in line and "missing" in line
+
+
+def test_download_opt_in_for_a_server_without_ranges(tmp_path, monkeypatch):
+    """`--download`: the no-range server's whole file, fetched once into the cache folder, gives
+    the local answers (values included); past MSCOPE_MAX_DOWNLOAD it is refused with one line and
+    nothing is left in the folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    name = "transformer_tied.pt"
+    srv = RangeServer(SAMPLES)
+    srv.fault = "no-range"
+    try:
+        code, local, _ = run_main("audit", "--stats", "--json", SAMPLES / name)
+        srv.reset()
+        rcode, remote, err = run_main("audit", "--stats", "--json", "--download", f"{srv.url}/{name}")
+        assert rcode == code, err
+        same_json(local, remote)
+        assert srv.requests == 1, srv.log  # one GET; every later range reads the copy
+        downloads = tmp_path / "cache" / "mscope" / "downloads"
+        copies = [p.read_bytes() for p in downloads.iterdir()]
+        assert copies == [(SAMPLES / name).read_bytes()]
+
+        code, _, err = run_main("summary", "--no-cache", f"{srv.url}/{name}")  # no flag: no download
+        assert code == 2 and "--download" in err and len(err.strip().splitlines()) == 1
+
+        monkeypatch.setenv("MSCOPE_MAX_DOWNLOAD", "64K")
+        for p in downloads.iterdir():
+            p.unlink()
+        code, out, err = run_main("summary", "--no-cache", "--download", f"{srv.url}/{name}")
+    finally:
+        srv.close()
+    assert (code, out) == (2, "")
+    assert "more than the 65,536 bytes --download fetches" in err and len(err.strip().splitlines()) == 1
+    assert list(downloads.iterdir()) == []

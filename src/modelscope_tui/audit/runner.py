@@ -75,6 +75,10 @@ def run_audit(
     finally:
         if run.cluster is not None:
             run.cluster.close()
+    if stats or dedupe:
+        from ..readers.sources import check_unchanged
+
+        check_unchanged(ckpt.files)  # a remote file replaced mid-run: no report mixing versions
     return report
 
 

@@ -48,6 +48,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="for URLs: fetch metadata again instead of using ~/.cache/mscope (any position)",
     )
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="for an http(s) server without range support: fetch the file whole into "
+        "~/.cache/mscope/downloads, up to MSCOPE_MAX_DOWNLOAD (default 2 GiB) (any position)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_line) in COMMANDS.items():
         command_parser = sub.add_parser(name, help=help_line)
@@ -80,6 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         argv = [a for a in argv if a != "--no-cache"]
         cache.ENABLED = not no_cache
+    if "--download" in argv:  # any command: a server without range support sends the file whole
+        from ..readers.sources import http
+
+        argv = [a for a in argv if a != "--download"]
+        http.DOWNLOAD = True
+    elif "modelscope_tui.readers.sources.http" in sys.modules:
+        sys.modules["modelscope_tui.readers.sources.http"].DOWNLOAD = False
     # `mscope FILE` opens the explorer, or prints the summary without a terminal on both
     # stdin and stdout (a pipe, </dev/null, cron): the explorer would run blind there.
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:

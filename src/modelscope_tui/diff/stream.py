@@ -81,6 +81,9 @@ def diff_checkpoints(
     finally:
         if cluster is not None:
             cluster.close()
+    from ..readers.sources import check_unchanged
+
+    check_unchanged([*a.files, *b.files])  # a remote file replaced mid-run: no mixed report
     return stream.finish()
 
 

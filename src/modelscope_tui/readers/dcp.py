@@ -15,6 +15,7 @@ torch's DCP dataclasses arrive as inert records and are read field by field, nev
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import struct
@@ -41,6 +42,17 @@ _EOCD64_LOCATOR = struct.Struct("<4sLQL")
 _EOCD64 = struct.Struct("<4sQ2H2L4Q")
 _CENTRAL = struct.Struct("<4s6H3L5H2L")
 _LOCAL = struct.Struct("<4s5H3L2H")
+_TAG = struct.Struct("<2H")
+_U64 = struct.Struct("<Q")
+FETCH_CONCURRENCY = 16  # remote .distcp files opened and read at once
+PREFETCH_SPAN = 4096  # fetched at each end of a remote item: local headers + data.pkl; end records
+
+
+def _unpack(fmt: struct.Struct, buf: Any, pos: int) -> tuple:
+    """fmt at buf[pos:]: a slice, so an mmap and a remote RemoteMap read the same way."""
+    if isinstance(buf, mmap.mmap):
+        return fmt.unpack_from(buf, pos)
+    return fmt.unpack(buf[pos : pos + fmt.size])
 
 
 def dcp_schema(module: str, name: str) -> bool:
@@ -88,19 +100,67 @@ class _Located:
     dtype: str | None
 
 
+class RemoteMap:
+    """The slice of mmap's API the item parsing uses (`buf[a:b]`, `len`, `rfind`) over a remote
+    Source: each slice is a ranged read, kept in the source's block cache."""
+
+    def __init__(self, source: Any):
+        self.source = source
+
+    def __len__(self) -> int:
+        return self.source.size
+
+    def __getitem__(self, key: slice) -> bytes:
+        start, stop, _ = key.indices(self.source.size)
+        return self.source.read(start, stop - start) if stop > start else b""
+
+    def rfind(self, sub: bytes, start: int, end: int) -> int:
+        """The last `sub` in [start, end): the prefetched tail first (an end record without a
+        comment sits in the last 22 bytes), the whole window only when it is not there."""
+        near = max(start, end - PREFETCH_SPAN)
+        i = self[near:end].rfind(sub)
+        if i >= 0 or near == start:
+            return near + i if i >= 0 else -1
+        i = self[start : near + len(sub) - 1].rfind(sub)
+        return start + i if i >= 0 else -1
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass
 class _Files:
-    """Open `.distcp` files (mmap'ed once each) inside the checkpoint directory."""
+    """Open `.distcp` files (mmap'ed once each) inside the checkpoint directory; for a remote
+    checkpoint `opener(url)` gives each file's byte source instead (listing entries reused)."""
 
-    directory: Path
-    meta_path: Path
-    maps: dict[str, tuple[Path, mmap.mmap | None, int]] = field(default_factory=dict)
+    directory: Any  # Path, or a RemotePath folder
+    meta_path: Any
+    opener: Any = None  # remote only: RemotePath -> Source
+    maps: dict[str, tuple[Any, Any, int]] = field(default_factory=dict)
     headers: dict[tuple[str, int], Header] = field(default_factory=dict)
+    _urls: dict[str, Any] = field(default_factory=dict)
 
-    def open(self, rel: Any, fqn: str) -> tuple[Path, mmap.mmap | None, int]:
+    def location(self, rel: Any, fqn: str) -> Any:
+        """Where item file `rel` is; a name that reaches outside the directory is refused."""
+        hit = self._urls.get(rel)
+        if hit is not None:
+            return hit
+        if self.opener is None:
+            resolve_inside(self.directory, rel, f"{short(fqn)} is stored in", self.meta_path)
+            hit = self.directory / rel
+        else:
+            from .remote import shard_url
+
+            hit = shard_url(self.directory, rel, self.meta_path)
+        self._urls[rel] = hit
+        return hit
+
+    def open(self, rel: Any, fqn: str) -> tuple[Any, Any, int]:
         hit = self.maps.get(rel) if isinstance(rel, str) else None
         if hit is not None:
             return hit
+        if self.opener is not None:
+            return self._open_remote(rel, fqn)
         path = resolve_inside(self.directory, rel, f"{short(fqn)} is stored in", self.meta_path)
         if not path.is_file():
             raise CorruptCheckpointError(
@@ -113,9 +173,59 @@ class _Files:
         self.maps[rel] = (path, mm, size)
         return self.maps[rel]
 
+    def _open_remote(self, rel: str, fqn: str) -> tuple[Any, Any, int]:
+        from ..errors import NotFoundError
+        from .sources import remember
+
+        url = self.location(rel, fqn)
+        try:
+            source = self.opener(url)
+        except NotFoundError:
+            raise CorruptCheckpointError(
+                f"file {short(rel)} holding {short(fqn)} is missing from the checkpoint folder",
+                self.meta_path,
+            ) from None
+        url.size, url.etag = source.size, source.etag
+        remember(url.url, source)  # values read through the source the records came from
+        self.maps[rel] = (url, RemoteMap(source) if source.size else None, source.size)
+        return self.maps[rel]
+
+    def prefetch(self, items: Any) -> None:
+        """Remote only: open every `.distcp` file, then fetch the first and last PREFETCH_SPAN
+        bytes of each item (its local headers and data.pkl; its central directory and end
+        records), all files at once, neighbouring ranges merged, so the in-order parse that
+        follows reads from the sources' block caches. Tensor data in between is not fetched."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .sources import CachedRemote
+
+        wanted: dict[str, list[tuple[int, int]]] = {}
+        for item in items:
+            if not item.transforms and isinstance(item.rel, str):
+                n = min(item.length, PREFETCH_SPAN)
+                spans = wanted.setdefault(item.rel, [])
+                spans += [(item.offset, n), (item.offset + item.length - n, n)]
+
+        def fetch(rel: str) -> None:
+            try:
+                _, buf, size = self.open(rel, rel)
+                if isinstance(buf, RemoteMap) and isinstance(buf.source, CachedRemote):
+                    buf.source.prefetch([(o, n) for o, n in wanted[rel] if o + n <= size])
+            except MscopeError:
+                pass  # the in-order pass reports it where it belongs
+
+        if wanted:
+            with ThreadPoolExecutor(FETCH_CONCURRENCY, thread_name_prefix="mscope-dcp") as pool:
+                list(pool.map(fetch, sorted(wanted)))
+
     def close(self) -> None:
+        from .sources import CachedRemote
+
         for _, mm, _ in self.maps.values():
-            if mm is not None:
+            if isinstance(mm, RemoteMap):
+                if isinstance(mm.source, CachedRemote):
+                    mm.source.persist()  # the items' zip records join the metadata cache
+            elif mm is not None:
                 mm.close()
 
 
@@ -165,7 +275,21 @@ def read_dcp(directory: Path) -> Checkpoint:
         raise CorruptCheckpointError(
             f"DCP .metadata is {size:,} bytes, more than {MAX_METADATA_BYTES:,}", meta_path
         )
-    data = meta_path.read_bytes()
+    return _read(_Files(directory, meta_path), meta_path.read_bytes())
+
+
+def read_dcp_remote(meta: Any, source: Any, opener: Any) -> Checkpoint:
+    """A DCP folder behind a URL: `.metadata` (a RemotePath) read whole through `source`, then
+    the `.distcp` files through `opener(url)`, their items' zip records fetched concurrently."""
+    if source.size > MAX_METADATA_BYTES:
+        raise CorruptCheckpointError(
+            f"DCP .metadata is {source.size:,} bytes, more than {MAX_METADATA_BYTES:,}", meta
+        )
+    return _read(_Files(meta.parent, meta, opener), source.read(0, source.size))
+
+
+def _read(files: _Files, data: bytes) -> Checkpoint:
+    meta_path = files.meta_path
     try:
         root, globals_, _ = safe_load(data, source=METADATA_NAME, known_schema=dcp_schema)
     except MscopeError as exc:
@@ -180,11 +304,11 @@ def read_dcp(directory: Path) -> Checkpoint:
                 "safe",
                 "looks up a torch.layout by name (weights_only allows it)",
             )
-    reader = _Reader(directory, meta_path, globals_)
+    reader = _Reader(files, globals_)
     try:
         return reader.read(root)
     finally:
-        reader.files.close()
+        files.close()
 
 
 def _fields(obj: Any) -> dict:
@@ -207,11 +331,11 @@ def _count(value: Any) -> bool:
 
 
 class _Reader:
-    def __init__(self, directory: Path, meta_path: Path, globals_: list[GlobalRef]):
-        self.directory = directory
-        self.meta_path = meta_path
-        self.files = _Files(directory, meta_path)
-        self.ckpt = Checkpoint(directory, Format.DCP, files=[meta_path])
+    def __init__(self, files: _Files, globals_: list[GlobalRef]):
+        self.directory = files.directory
+        self.meta_path = files.meta_path
+        self.files = files
+        self.ckpt = Checkpoint(files.directory, Format.DCP, files=[files.meta_path])
         self.ckpt.globals = list(globals_)
         self.item_globals: dict[tuple[str, str, str], GlobalRef] = {}
         self.transformed = 0
@@ -238,6 +362,8 @@ class _Reader:
         if not isinstance(sdm, dict):
             raise self.corrupt("Metadata has no state_dict_metadata mapping")
         self.index = self._storage_index(state.get("storage_data"))
+        if self.files.opener is not None:
+            self.files.prefetch(self.index.values())
         values: dict[str, Any] = {}
         chunks_md: dict[str, list[dict]] = {}
         for fqn, md in sdm.items():
@@ -307,13 +433,14 @@ class _Reader:
             if not (isinstance(rel, str) and _count(start) and _count(length)):
                 raise self.corrupt(f"storage entry for {short(fqn)} is malformed: {short(v)}")
             if rel not in checked:  # refuse a hostile path even where nothing reads it
-                resolve_inside(self.directory, rel, f"{short(fqn)} is stored in", self.meta_path)
+                self.files.location(rel, fqn)
                 checked.add(rel)
             descs = v.get("transform_descriptors") or ()
             transforms = (
                 tuple(str(d)[:64] for d in descs) if isinstance(descs, (list, tuple)) else ("?",)
             )
-            index[(fqn, offsets)] = _Item(rel, self.directory / rel, start, length, transforms)
+            path = self.files.location(rel, fqn)
+            index[(fqn, offsets)] = _Item(rel, path, start, length, transforms)
         return index
 
     # -- tensors -------------------------------------------------------------------------------
@@ -470,7 +597,13 @@ class _Reader:
         key = (item.rel, item.offset)
         header = self.files.headers.get(key)
         if header is None:
-            with open(path, "rb") as fh:
+            if isinstance(mm, RemoteMap):
+                from .sources import SourceFile
+
+                opened: Any = contextlib.nullcontext(SourceFile(mm.source))
+            else:
+                opened = open(path, "rb")
+            with opened as fh:
                 try:
                     header = read_header(fh, path, base=item.offset, available=size - item.offset)
                 except CorruptCheckpointError as exc:
@@ -598,13 +731,13 @@ def _zip_members_in(mm: mmap.mmap, base: int, length: int) -> dict[str, tuple[in
     pos = mm.rfind(b"PK\x05\x06", max(base, end - _EOCD.size - 0xFFFF), end)
     if pos < 0 or pos + _EOCD.size > end:
         raise _ItemError(f"{where} has no zip end record")
-    _, _, _, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(mm, pos)
+    _, _, _, _, count, cd_size, cd_offset, _ = _unpack(_EOCD, mm, pos)
     locator = pos - _EOCD64_LOCATOR.size
     if locator >= base and mm[locator : locator + 4] == b"PK\x06\x07":
-        _, _, eocd64, _ = _EOCD64_LOCATOR.unpack_from(mm, locator)
+        _, _, eocd64, _ = _unpack(_EOCD64_LOCATOR, mm, locator)
         if eocd64 + _EOCD64.size > length or mm[base + eocd64 : base + eocd64 + 4] != b"PK\x06\x06":
             raise _ItemError(f"{where} has a bad zip64 end record")
-        fields = _EOCD64.unpack_from(mm, base + eocd64)
+        fields = _unpack(_EOCD64, mm, base + eocd64)
         count, cd_size, cd_offset = fields[7], fields[8], fields[9]
     if cd_offset + cd_size > length or count > MAX_ITEM_MEMBERS or count * _CENTRAL.size > cd_size:
         raise _ItemError(f"{where} has a central directory outside it")
@@ -613,7 +746,7 @@ def _zip_members_in(mm: mmap.mmap, base: int, length: int) -> dict[str, tuple[in
     for _ in range(count):
         if p + _CENTRAL.size > cd_end:
             raise _ItemError(f"{where} has a truncated central directory")
-        fields = _CENTRAL.unpack_from(mm, p)
+        fields = _unpack(_CENTRAL, mm, p)
         if fields[0] != b"PK\x01\x02":
             raise _ItemError(f"{where} has a bad central directory entry")
         method, csize, usize, nlen, xlen, clen, offset = (
@@ -631,7 +764,7 @@ def _zip_members_in(mm: mmap.mmap, base: int, length: int) -> dict[str, tuple[in
         local = base + offset
         if offset + _LOCAL.size > length or mm[local : local + 4] != b"PK\x03\x04":
             raise _ItemError(f"{where}: local header of {short(name)} is missing")
-        lf = _LOCAL.unpack_from(mm, local)
+        lf = _unpack(_LOCAL, mm, local)
         start = local + _LOCAL.size + lf[9] + lf[10]
         if start + csize > end:
             raise _ItemError(f"{where}: member {short(name)} runs past the archive's end")
@@ -646,7 +779,7 @@ def _zip64_sizes(
 ) -> tuple[int, int, int]:
     p, end = start, min(start + length, len(mm))
     while p + 4 <= end:
-        tag, size = struct.unpack_from("<2H", mm, p)
+        tag, size = _unpack(_TAG, mm, p)
         if p + 4 + size > end:
             raise _ItemError(f"{where} has a zip64 extra field that runs past its end")
         if tag == 1:
@@ -655,7 +788,7 @@ def _zip64_sizes(
                 if wanted == 0xFFFFFFFF:
                     if q + 8 > min(end, p + 4 + size):
                         raise _ItemError(f"{where} has a bad zip64 extra field")
-                    values.append(struct.unpack_from("<Q", mm, q)[0])
+                    values.append(_unpack(_U64, mm, q)[0])
                     q += 8
                 else:
                     values.append(wanted)

@@ -75,12 +75,18 @@ def _dispatch(loc: RemotePath) -> Checkpoint:
     return read_source(loc, source)
 
 
-def read_source(loc: RemotePath, source: Source, weights_only: bool = False) -> Checkpoint:
+def read_source(
+    loc: RemotePath,
+    source: Source,
+    weights_only: bool = False,
+    opener: Callable[[RemotePath], Source] = open_source,
+) -> Checkpoint:
     """Read one remote file through `source` (kept for its values: sources.remote_source), and
-    keep the ranges it fetched in the metadata cache."""
+    keep the ranges it fetched in the metadata cache. `opener` opens the files a DCP `.metadata`
+    names (a bucket listing passes one that reuses its entries)."""
     loc.size, loc.etag = source.size, source.etag
     remember(loc.url, source)
-    ckpt = _read_source(loc, source, weights_only)
+    ckpt = _read_source(loc, source, weights_only, opener)
     if isinstance(source, CachedRemote):
         source.persist()
         if source.offline:
@@ -89,7 +95,9 @@ def read_source(loc: RemotePath, source: Source, weights_only: bool = False) -> 
     return ckpt
 
 
-def _read_source(loc: RemotePath, source: Source, weights_only: bool) -> Checkpoint:
+def _read_source(
+    loc: RemotePath, source: Source, weights_only: bool, opener: Callable[[RemotePath], Source]
+) -> Checkpoint:
     from . import not_a_checkpoint, sniff_head
 
     head = source.read(0, min(16, source.size))
@@ -130,11 +138,9 @@ def _read_source(loc: RemotePath, source: Source, weights_only: bool) -> Checkpo
     if kind == "index-json":
         return _read_index(loc, source)
     if kind == Format.DCP:
-        raise UnsupportedFormatError(
-            "torch.distributed.checkpoint folders are not read over the network yet",
-            loc,
-            "download the folder",
-        )
+        from .dcp import read_dcp_remote
+
+        return read_dcp_remote(loc, source, opener)
     raise not_a_checkpoint(loc)
 
 
@@ -266,12 +272,15 @@ def _read_folder(loc: RemotePath, fs: Any, path: str) -> Checkpoint:
                 ckpt.side_files["config.json"] = raw
         return ckpt
 
-    if ".metadata" in files:
-        raise UnsupportedFormatError(
-            "torch.distributed.checkpoint folders are not read over the network yet",
-            loc,
-            "download the folder",
-        )
+    if ".metadata" in files:  # a DCP folder, as locally (readers._sniff_directory)
+
+        def open_item(url: RemotePath) -> Source:
+            rel = url.url[len(folder.url) :]
+            return FsspecSource(url.url, fs, f"{path.rstrip('/')}/{rel}", files.get(rel))
+
+        meta = folder / ".metadata"
+        source = FsspecSource(meta.url, fs, f"{path.rstrip('/')}/.metadata", files[".metadata"])
+        return read_source(meta, source, opener=open_item)
     indexes = sorted(n for n in files if n.endswith(".index.json"))
     if indexes:
         preferred = [n for n in indexes if n.endswith(".safetensors.index.json")]

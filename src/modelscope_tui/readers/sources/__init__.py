@@ -20,6 +20,7 @@ __all__ = [
     "SourceBuffer",
     "SourceFile",
     "as_location",
+    "check_unchanged",
     "file_size",
     "is_url",
     "open_source",
@@ -71,4 +72,30 @@ def remote_source(loc: RemotePath) -> Source:
                 "open it again",
             )
         remember(loc.url, src)
+    if isinstance(src, CachedRemote) and not src.values_read:
+        src.values_read = True  # once per source: the first value read after the metadata
+        src.verify()
     return src
+
+
+def check_unchanged(files: object) -> None:
+    """Once at the end of an audit or diff: every remote file among `files` whose values were
+    read is still the version its metadata came from (one identity request each, at once), so
+    a report never mixes two versions. Raises the `changed` line otherwise."""
+    with _LOCK:
+        sources = [
+            src
+            for f in files  # type: ignore[attr-defined]
+            if isinstance(f, RemotePath)
+            for src in [_OPEN.get(f.url)]
+            if isinstance(src, CachedRemote) and src.values_read
+        ]
+    if len(sources) <= 1:
+        for src in sources:
+            src.verify()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(16, len(sources)), thread_name_prefix="mscope-verify") as pool:
+        for _ in pool.map(lambda s: s.verify(), sources):
+            pass

@@ -17,6 +17,15 @@ READ_AHEAD = 64 << 10
 CACHE_BYTES = 32 << 20  # fetched metadata ranges kept per source (tensor data bypasses it)
 
 
+def changed(name: str, what: str) -> CorruptCheckpointError:
+    """The one line for a file replaced between two reads of one run (every remote kind)."""
+    return CorruptCheckpointError(
+        f"the file changed while being read ({what})",
+        name,
+        "open it again once the upload is finished",
+    )
+
+
 class Source:
     """Abstract byte source. `read` returns exactly `length` bytes or raises MscopeError."""
 
@@ -33,6 +42,10 @@ class Source:
 
     def close(self) -> None:
         pass
+
+    def verify(self) -> None:
+        """Raise `changed(...)` when the file is no longer the version first read. Sources that
+        check every response (https) or cannot change (local mmap) need not ask again."""
 
     def __enter__(self) -> Source:
         return self
@@ -65,6 +78,7 @@ class CachedRemote(Source):
         self.cached_at: float | None = None  # set when the blocks came from the disk cache
         self.offline = False  # the identity check could not reach the server; the cache was used
         self._dirty = False  # metadata ranges fetched that the disk cache does not have yet
+        self.values_read = False  # tensor values came through it: audit/diff re-check its version
 
     def preload(self, entry) -> None:
         """Start from the ranges the disk cache kept for this version of the file."""
@@ -124,6 +138,24 @@ class CachedRemote(Source):
         if ahead:
             self._keep(offset, data)
         return data[:length]
+
+    def prefetch(self, ranges: Sequence[tuple[int, int]], merge_gap: int = 4096) -> None:
+        """Fetch small metadata ranges the readers will ask for next, at once (concurrent
+        requests), into the block cache. Ranges closer than `merge_gap` share one request."""
+        spans: list[list[int]] = []
+        for o, n in sorted(r for r in ranges if r[1] > 0):
+            o, end = max(0, o), min(self.size, o + n)
+            if end <= o or self._lookup(o, end - o) is not None:
+                continue
+            if spans and o - spans[-1][1] <= merge_gap and end - spans[-1][0] <= CACHE_BYTES // 8:
+                spans[-1][1] = max(spans[-1][1], end)
+            else:
+                spans.append([o, end])
+        if not spans or self.offline:
+            return
+        wanted = [(o, end - o) for o, end in spans]
+        for (o, _), data in zip(wanted, self._fetch(wanted)):
+            self._keep(o, data)
 
     def read_tail(self, length: int) -> bytes:
         """The last `length` bytes (the zip end records and central directory)."""

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ...errors import MscopeError, NotFoundError
-from .base import CachedRemote
+from .base import CachedRemote, changed
 from .http import RemoteError
 from .location import redact
 
@@ -107,6 +107,26 @@ class FsspecSource(CachedRemote):
         entry = cache.load(url)  # info() above was the identity check
         if entry is not None and (entry.size, entry.etag) == (self.size, self.etag):
             self.preload(entry)
+
+    def verify(self) -> None:
+        """Ask the storage for the object's identity again (ETag / version id / generation / Hub
+        blob id), past fsspec's listing cache, and compare with the one the metadata came from."""
+        if self.offline:
+            return
+        try:
+            self.fs.invalidate_cache(self.path)
+            info = self.fs.info(self.path)
+        except BaseException as exc:  # noqa: BLE001
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            if isinstance(exc, FileNotFoundError):
+                raise changed(self.name, "it was deleted") from None
+            raise translate(exc, self.name) from None
+        size, etag = int(info.get("size") or 0), _etag(info)
+        if size != self.size:
+            raise changed(self.name, f"its size went from {self.size:,} to {size:,} bytes")
+        if etag != self.etag:
+            raise changed(self.name, "its ETag / version changed")
 
     def _fetch(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         try:

@@ -19,13 +19,32 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urljoin, urlsplit
 
 from ...errors import CorruptCheckpointError, MscopeError, NotFoundError
-from .base import READ_AHEAD, CachedRemote
+from .base import READ_AHEAD, CachedRemote, changed
 from .location import redact
 
 MAX_REDIRECTS = 5
 CONCURRENCY = 8
 _RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _UNSATISFIED = re.compile(r"^bytes \*/(\d+)$")
+
+
+DOWNLOAD = False  # `--download` (cli): a server without range support sends the file whole
+DEFAULT_MAX_DOWNLOAD = 2 << 30
+
+
+def max_download() -> int:
+    """MSCOPE_MAX_DOWNLOAD in bytes (a plain number, or with K/M/G/T), default 2 GiB."""
+    raw = os.environ.get("MSCOPE_MAX_DOWNLOAD", "").strip().upper().removesuffix("B").removesuffix("I")
+    if not raw:
+        return DEFAULT_MAX_DOWNLOAD
+    scale = 1
+    if raw[-1:] in "KMGT":
+        scale = 1 << (10 * ("KMGT".index(raw[-1]) + 1))
+        raw = raw[:-1]
+    try:
+        return max(0, int(float(raw) * scale))
+    except ValueError:
+        return DEFAULT_MAX_DOWNLOAD
 
 
 def timeout_s() -> float:
@@ -51,6 +70,8 @@ class HttpSource(CachedRemote):
         self._pool: ThreadPoolExecutor | None = None
         self.size = -1
         self.etag = None
+        self.downloaded: str | None = None  # --download: the whole file, in the cache folder
+        self._download_lock = threading.Lock()
         from . import cache
 
         entry = cache.load(url)
@@ -195,11 +216,14 @@ class HttpSource(CachedRemote):
                 return b""
             raise self._fail("the server refused the first range request (HTTP 416)")
         if status == 200:
+            if DOWNLOAD:
+                return self._download(resp, first, last, probe)
             # The whole file is coming: stop it (a 100 GB body must not be read to learn this).
             resp.close()
             raise self._fail(
                 "the server does not support range requests (it answered 200 to a Range request)",
-                "download the file and open the local copy",
+                "pass --download to fetch it whole (up to MSCOPE_MAX_DOWNLOAD, default 2 GiB), "
+                "or download it and open the local copy",
             )
         if status != 206:
             resp.read()
@@ -247,14 +271,85 @@ class HttpSource(CachedRemote):
         return data
 
     def _changed(self, what: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(
-            f"the file changed while being read ({what})",
-            self.name,
-            "open it again once the upload is finished",
-        )
+        return changed(self.name, what)
+
+    # -- --download: a server without range support ----------------------------------------------
+    def _download(self, resp: http.client.HTTPResponse, first: int, last: int, probe: bool) -> bytes:
+        """The 200 response's whole body into the cache folder (refused past max_download(),
+        written to a temp file and renamed, so a cut transfer leaves nothing), then the range
+        asked for from that file; later ranges read the file, not the network."""
+        with self._download_lock:
+            if self.downloaded is None:
+                self._save_body(resp)
+            else:
+                resp.close()
+        if probe:
+            last = min(last, self.size - 1)
+        return self._read_downloaded(first, last - first + 1) if last >= first else b""
+
+    def _save_body(self, resp: http.client.HTTPResponse) -> None:
+        import tempfile
+
+        from . import cache
+
+        limit = max_download()
+        length = resp.getheader("Content-Length")
+        size = int(length) if length and length.isdigit() else None
+        etag = resp.getheader("ETag")
+        if size is not None and size > limit:
+            resp.close()
+            raise self._fail(
+                f"the server does not support range requests and the file is {size:,} bytes, "
+                f"more than the {limit:,} bytes --download fetches (MSCOPE_MAX_DOWNLOAD)",
+                "raise it, or download the file yourself",
+            )
+        if self.size >= 0 and size is not None and size != self.size:
+            resp.close()
+            raise self._changed(f"its size went from {self.size:,} to {size:,} bytes")
+        folder = cache.cache_dir().parent / "downloads"
+        folder.mkdir(parents=True, exist_ok=True)
+        import hashlib
+
+        final = folder / hashlib.sha256(self.url.encode()).hexdigest()[:40]
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-")
+        got = 0
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                while block := resp.read(1 << 20):
+                    got += len(block)
+                    if got > limit:
+                        resp.close()
+                        raise self._fail(
+                            f"the server does not support range requests and sent more than the "
+                            f"{limit:,} bytes --download fetches (MSCOPE_MAX_DOWNLOAD)",
+                            "raise it, or download the file yourself",
+                        )
+                    fh.write(block)
+            if size is not None and got != size:
+                raise self._fail(f"the response was cut short ({got:,} of {size:,} bytes)", "try again")
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        self.size, self.etag, self.downloaded = got, etag, str(final)
+        self.count(got)
+
+    def _read_downloaded(self, offset: int, length: int) -> bytes:
+        assert self.downloaded is not None
+        with open(self.downloaded, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(length)
+        if len(data) != length:
+            raise self._fail(f"the downloaded copy at {self.downloaded} is shorter than the file", "open it again")
+        return data
 
     # -- several -------------------------------------------------------------------------------
     def _fetch(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        if self.downloaded is not None:
+            return [self._read_downloaded(o, n) for o, n in ranges]
         if len(ranges) == 1:
             o, n = ranges[0]
             return [self._get(o, o + n - 1)]
