@@ -90,3 +90,15 @@ def test_cache_size_bound(tmp_path, monkeypatch):
     kept = list((tmp_path / "mscope" / "remote").glob("*.ranges"))
     assert 1 <= len(kept) <= 2
     assert remote_cache.load("https://h/3.pt") is not None
+
+
+def test_line_switches_last_only_for_their_command(tmp_path, monkeypatch, capsys):
+    """main() runs in-process too (tests, the explorer): `--no-cache` and `--download` used to stay
+    set for the rest of the process, so a later open in it skipped the cache."""
+    from modelscope_tui.cli import main
+    from modelscope_tui.readers.sources import http
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    sample = Path(__file__).resolve().parents[2] / "sample_models" / "transformer.safetensors"
+    assert main(["summary", "--no-cache", "--download", str(sample)]) == 0
+    assert remote_cache.enabled() and not http.DOWNLOAD

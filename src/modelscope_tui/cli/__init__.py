@@ -80,19 +80,30 @@ def entry() -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    no_cache = "--no-cache" in argv  # any command, anywhere on the line: metadata is re-fetched
-    if no_cache or "modelscope_tui.readers.sources.cache" in sys.modules:
+    # Line-wide switches, for this call only (main() also runs in-process: tests, the
+    # explorer's own commands): set here, put back when the command ends.
+    switches = []
+    if "--no-cache" in argv:  # any command, anywhere on the line: metadata is re-fetched
         from ..readers.sources import cache
 
         argv = [a for a in argv if a != "--no-cache"]
-        cache.ENABLED = not no_cache
+        switches.append((cache, "ENABLED", False))
     if "--download" in argv:  # any command: a server without range support sends the file whole
         from ..readers.sources import http
 
         argv = [a for a in argv if a != "--download"]
-        http.DOWNLOAD = True
-    elif "modelscope_tui.readers.sources.http" in sys.modules:
-        sys.modules["modelscope_tui.readers.sources.http"].DOWNLOAD = False
+        switches.append((http, "DOWNLOAD", True))
+    before = [(module, name, getattr(module, name)) for module, name, _ in switches]
+    for module, name, value in switches:
+        setattr(module, name, value)
+    try:
+        return _main(argv, debug)
+    finally:
+        for module, name, value in before:
+            setattr(module, name, value)
+
+
+def _main(argv: list[str], debug: bool) -> int:
     # `mscope FILE` opens the explorer, or prints the summary without a terminal on both
     # stdin and stdout (a pipe, </dev/null, cron): the explorer would run blind there.
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ENABLED = True  # `--no-cache` (cli) turns it off for the process
+ENABLED = True  # `--no-cache` (cli) turns it off while its command runs
 MAGIC = b"MSCOPE-RANGES-1\n"
 MAX_ENTRY_BYTES = 64 << 20
 

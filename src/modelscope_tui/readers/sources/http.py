@@ -28,7 +28,7 @@ _RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _UNSATISFIED = re.compile(r"^bytes \*/(\d+)$")
 
 
-DOWNLOAD = False  # `--download` (cli): a server without range support sends the file whole
+DOWNLOAD = False  # `--download` (cli): a server without range support sends the file whole (set while its command runs)
 DEFAULT_MAX_DOWNLOAD = 2 << 30
 
 
