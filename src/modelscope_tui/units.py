@@ -74,7 +74,7 @@ def shorten(name: str, width: int, siblings: Iterable[str] = ()) -> str:
     # For each other long sibling: how many leading and trailing characters it shares with
     # `name`. A cut keeping h leading and t trailing ones reads the same as that sibling's
     # cut with the same split exactly when h <= prefix and t <= suffix.
-    shared = [(_common_prefix(name, o), _common_prefix(name[::-1], o[::-1])) for o in others]
+    shared = [(common_prefix(name, o), common_prefix(name[::-1], o[::-1])) for o in others]
     head0 = keep // 2  # the tail gets the extra cell: weight/bias, mean/var differ at the end
     for h in sorted(range(keep + 1), key=lambda h: (abs(h - head0), -h)):
         t = keep - h
@@ -94,7 +94,8 @@ def shorten(name: str, width: int, siblings: Iterable[str] = ()) -> str:
     return name[:head0] + "…" + name[-(keep - head0) :]
 
 
-def _common_prefix(a: str, b: str) -> int:
+def common_prefix(a: str, b: str) -> int:
+    """How many leading characters `a` and `b` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

@@ -21,7 +21,7 @@ from ..summary import (
     optimizer_summaries,
     totals_line,
 )
-from ..units import fmt_bytes, fmt_count, safe_text
+from ..units import common_prefix, fmt_bytes, fmt_count, safe_text
 from . import common
 
 
@@ -529,19 +529,11 @@ def _tell_siblings_apart(rows: list[_Row], fitted: list) -> None:
             name = rows[i].parts[0][0]
             shown, style = fitted[i][1][0]
             width = len(shown)
-            start = max(_common_prefix(name, rows[j].parts[0][0]) for j in same if rows[j].parts[0][0] != name)
+            start = max(common_prefix(name, rows[j].parts[0][0]) for j in same if rows[j].parts[0][0] != name)
             window = name[start:]
             text = "…" + (window if len(window) <= width - 1 else window[: width - 2] + "…")
             fitted[i] = (fitted[i][0], ((text, style), *fitted[i][1][1:]))
 
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _middle_ellipsis(text: str, width: int) -> str:

@@ -63,6 +63,17 @@ def sibling_path(source: Path, tag: str, suffix: str | None = None) -> Path:
     return next_free_path(source.with_name(f"{stem}.{tag}{suffix}"))
 
 
+def check_destination(dest: Path, overwrite: bool) -> None:
+    """What a save refuses before writing anything: a directory, a symbolic link (the write
+    would replace the link, not its target), an existing file without `overwrite`."""
+    if dest.is_dir():
+        raise SaveError("destination is a directory", dest, "choose a file name")
+    if dest.is_symlink():
+        raise SaveError("destination is a symbolic link", dest, "save to the link's target or a new name")
+    if dest.exists() and not overwrite:
+        raise SaveError("destination exists", dest, "choose a new name or confirm overwriting")
+
+
 def atomic_write(
     dest: str | os.PathLike, write: Callable[[BinaryIO], None], *, overwrite: bool = False
 ) -> Path:
@@ -75,14 +86,7 @@ def atomic_write(
     save into the same directory.
     """
     dest = Path(dest)
-    if dest.is_dir():
-        raise SaveError("destination is a directory", dest, "choose a file name")
-    if dest.is_symlink():
-        raise SaveError(
-            "destination is a symbolic link", dest, "save to the link's target or a new name"
-        )
-    if dest.exists() and not overwrite:
-        raise SaveError("destination exists", dest, "choose a new name or confirm overwriting")
+    check_destination(dest, overwrite)
     directory = dest.parent if str(dest.parent) else Path(".")
     remove_stale_temps(directory)
     try:
@@ -125,14 +129,7 @@ def atomic_write_set(
     `overwrite`, each replaced file is kept as `.bak`."""
     dests = [Path(d) for d, _ in files]
     for dest in dests:
-        if dest.is_dir():
-            raise SaveError("destination is a directory", dest, "choose a file name")
-        if dest.is_symlink():
-            raise SaveError(
-                "destination is a symbolic link", dest, "save to the link's target or a new name"
-            )
-        if dest.exists() and not overwrite:
-            raise SaveError("destination exists", dest, "choose a new name or confirm overwriting")
+        check_destination(dest, overwrite)
     temps: list[Path] = []
     try:
         for dest, write in zip(dests, (w for _, w in files)):
