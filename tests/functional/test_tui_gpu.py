@@ -389,3 +389,17 @@ def test_first_move_imports_torch_off_the_ui_thread():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "notified True" in run.stdout and "devices True" in run.stdout, run.stdout + run.stderr[-2000:]
+
+
+def test_a_panel_with_no_width_repaints_whole_instead_of_wrapping_into_zero_columns():
+    """A sample can arrive while the panel is hidden for room (80 columns): width 0. Measuring a
+    long line's wrapped height at width 0 raised inside rich (range() arg 3 must not be zero)."""
+    from rich.text import Text
+
+    from modelscope_tui.tui.widgets.gpu_panel import GpuPanel
+
+    panel = GpuPanel()  # not mounted: size 0 x 0, as a hidden panel
+    panel._shown = (0, Text("short\n" + "a long line " * 10))
+    before = Text("short\n" + "a long line " * 10 + "\nold")
+    after = Text("short\n" + "a long line " * 10 + "\nnew")
+    assert panel._changed_lines(before, after) == []

@@ -175,6 +175,8 @@ class GpuPanel(Widget):
         if len(old) != len(new):
             return []
         width, height, top = self.size.width, self.size.height, self.scroll_offset.y
+        if width <= 0 or height <= 0:  # hidden or not laid out yet: nothing on screen to spare
+            return []
         regions: list[Region] = []
         y = -top
         for a, b in zip(old, new):
