@@ -1,5 +1,5 @@
 """Chunk ranges, the basis of `--dask`'s equality with a local run: `chunk_count` (metadata
-only) says how many chunks `Source.chunks()` yields, `chunks(first, stop)` yields exactly those
+only) says how many chunks `TensorChunks.chunks()` yields, `chunks(first, stop)` yields exactly those
 chunks of the full sequence, and `plan_jobs` covers every chunk once, in order, by file."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from modelscope_tui.readers import open_checkpoint
-from modelscope_tui.values.chunks import Source, chunk_count
+from modelscope_tui.values.chunks import TensorChunks, chunk_count
 from modelscope_tui.values.cluster import plan_jobs
 from modelscope_tui.values.data import TensorData
 
@@ -45,14 +45,14 @@ def _bytes(comps) -> bytes:
 def test_ranges_are_slices_of_the_full_sequence(ckpt, ordered, chunk_bytes):
     with TensorData() as data:
         for t in ckpt.tensors:
-            full = [(n, _bytes(c)) for n, c in Source(data, t, chunk_bytes, ordered=ordered, native=not ordered).chunks()]
+            full = [(n, _bytes(c)) for n, c in TensorChunks(data, t, chunk_bytes, ordered=ordered, native=not ordered).chunks()]
             count = chunk_count(t, chunk_bytes, ordered)
             assert count == len(full), t.name
             assert sum(n for n, _ in full) == t.nbytes
             for step in (1, 2, 3, 7):
                 got = []
                 for first in range(0, max(count, 1), step):
-                    src = Source(data, t, chunk_bytes, ordered=ordered, native=not ordered)
+                    src = TensorChunks(data, t, chunk_bytes, ordered=ordered, native=not ordered)
                     got += [(n, _bytes(c)) for n, c in src.chunks(first, first + step)]
                 assert got == full, (t.name, step)
 

@@ -26,7 +26,7 @@ from modelscope_tui.errors import TensorDataError  # noqa: E402
 from modelscope_tui.readers import open_checkpoint, sniff  # noqa: E402
 from modelscope_tui.readers.gguf import GGML_PLAIN_NAMES, fact_lines, ggml_type_name  # noqa: E402
 from modelscope_tui.summary import summary_dict, summary_json  # noqa: E402
-from modelscope_tui.values.chunks import Source  # noqa: E402
+from modelscope_tui.values.chunks import TensorChunks  # noqa: E402
 from modelscope_tui.values.data import TensorData  # noqa: E402
 from modelscope_tui.values.kernels import as_float  # noqa: E402
 from modelscope_tui.values.stream import tensor_stats  # noqa: E402
@@ -175,7 +175,7 @@ def test_values_equal_gguf_dequantize(gguf_file, chunk):
     ref = {t.name: t for t in GGUFReader(gguf_file).tensors}
     with TensorData() as data:
         for r in ckpt.tensors:
-            src = Source(data, r, chunk, ordered=True)
+            src = TensorChunks(data, r, chunk, ordered=True)
             pieces = [(n, as_float(c, src.chunk_kernel)) for n, c in src.chunks()]
             got = np.concatenate([np.asarray(c, dtype=np.float32) for _, c in pieces])
             want = reference_values(ref[r.name])
@@ -209,7 +209,7 @@ def test_big_endian_file(tmp_path):
         norm = ckpt.tensor("blk.0.attn_norm.weight")
         assert data.tensor(norm).tolist() == pytest.approx(np.linspace(0.5, 1.5, 256).tolist())
         with pytest.raises(TensorDataError, match="big-endian"):
-            list(Source(data, ckpt.tensor("blk.0.attn_q.weight"), 1 << 16).chunks())
+            list(TensorChunks(data, ckpt.tensor("blk.0.attn_q.weight"), 1 << 16).chunks())
 
 
 def test_sniffed_by_magic_even_with_a_brace_at_byte_8(tmp_path):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..checkpoint import TensorRecord
 from ..errors import Cancelled
-from ..values.chunks import LAYOUT, Source, chunk_count
+from ..values.chunks import LAYOUT, TensorChunks, chunk_count
 from ..values.kernels import as_float, chunk_part, numpy_module
 from .report import CHANGED, CLOSE, DTYPE_CHANGED, IDENTICAL, TensorDiff
 
@@ -130,12 +130,12 @@ def head_group(a: TensorRecord, unpermute: Unpermute) -> int:
 def chunk_sources(
     da: TensorData, db: TensorData, a: TensorRecord, b: TensorRecord, chunk_bytes: int,
     unpermute: Unpermute = None, align: int = 0,
-) -> tuple[Source, Source]:
+) -> tuple[TensorChunks, TensorChunks]:
     """Both tensors cut into the same number of chunks of the same elements (row-major)."""
     elems = pair_elements(a, b, chunk_bytes, unpermute, align)
     return (
-        Source(da, a, elems * a.itemsize, ordered=True),
-        Source(db, b, elems * b.itemsize, ordered=True),
+        TensorChunks(da, a, elems * a.itemsize, ordered=True),
+        TensorChunks(db, b, elems * b.itemsize, ordered=True),
     )
 
 
@@ -271,7 +271,7 @@ def _dequant_sums(da, db, a, b, atol, rtol, chunk_bytes, dq: Dequant, cancel, on
     np = numpy_module()
     quantized = a if dq.side == "a" else b
     data = da if dq.side == "a" else db
-    scale_src = Source(data, dq.scale, max(1, dq.scale.nbytes), ordered=True)
+    scale_src = TensorChunks(data, dq.scale, max(1, dq.scale.nbytes), ordered=True)
     parts = [_to_f64(c, scale_src.chunk_kernel) for _, c in scale_src.chunks()]
     rows, cols = quantized.shape
     grid = np.concatenate(parts).reshape(-(-rows // dq.block[0]), -(-cols // dq.block[1]))

@@ -3,7 +3,7 @@ norm profile, the explorer) imports from these modules and from nowhere else for
 
 - data.py: `TensorData` maps each file once (mmap) and hands out storages, addresses and tensors
   (the only place torch is imported for data); `check_view` guards every use of file numbers.
-- chunks.py: `LAYOUT` (how each dtype is read) and `Source`, a record cut into chunks.
+- chunks.py: `LAYOUT` (how each dtype is read) and `TensorChunks`, a record cut into chunks.
 - kernels.py: one chunk's statistics as a `Part`: the compiled kernel (statkernel.py binding
   statkernel.c), else numpy; half-precision widening and moments.
 - stats.py: `TensorStats` and its flags, `Histogram`, `Progress`: plain records, no numpy.

@@ -1,6 +1,6 @@
 """A tensor's elements in chunks, straight from the mapped file: memory is bounded by the chunk
 size whatever the tensor. `LAYOUT` says how each dtype is read (numpy components and the kernel
-that reduces them); `Source` cuts a record into chunks, as numpy arrays, or as raw address ranges
+that reduces them); `TensorChunks` cuts a record into chunks, as numpy arrays, or as raw address ranges
 for the compiled kernel when the tensor is contiguous (then numpy is not imported at all).
 
 Every number the file controls (offset, shape, stride) is checked here, where the bytes are used:
@@ -117,7 +117,7 @@ def slab_elements(shape: tuple[int, ...], idx: tuple) -> int:
 
 
 def chunk_count(record: TensorRecord, chunk_bytes: int, ordered: bool = False) -> int:
-    """How many chunks `Source(..., record, chunk_bytes, ordered).chunks()` yields, from the
+    """How many chunks `TensorChunks(..., record, chunk_bytes, ordered).chunks()` yields, from the
     metadata alone (no bytes, no mapping): a Dask client splits tensors by chunk index with it,
     so the chunks a worker reads are the ones a local run reads."""
     if record.numel == 0:
@@ -131,7 +131,7 @@ def chunk_count(record: TensorRecord, chunk_bytes: int, ordered: bool = False) -
 _NATIVE_KIND = {("f16", "int16"): 0, ("bf16", "int16"): 1, ("float", "float32"): 2}
 
 
-class Source:
+class TensorChunks:
     """A tensor's elements as chunks of numpy components, straight from the mmap.
 
     With `native` (statistics only) a contiguous fp16 / bf16 / float32 tensor comes as

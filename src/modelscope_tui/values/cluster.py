@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from ..checkpoint import Checkpoint, TensorRecord
 from ..errors import Cancelled, MscopeError, TensorDataError
 from ..readers.sources.location import redact
-from .chunks import Source, chunk_count
+from .chunks import TensorChunks, chunk_count
 from .stats import Progress, ProgressFn, TensorStats
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ def stats_task(location: str, token: str, pieces: list[tuple], chunk_bytes: int)
         for index, sig, first, stop in pieces:
             try:
                 r = worker_record(location, token, index, sig)
-                src = Source(data, r, chunk_bytes, native=True)
+                src = TensorChunks(data, r, chunk_bytes, native=True)
                 kernel = src.chunk_kernel
                 parts = [chunk_part(c, kernel) for _, c in src.chunks(first, stop)]
             except TensorDataError as exc:
@@ -238,7 +238,7 @@ def digest_task(location: str, token: str, pieces: list[tuple], chunk_bytes: int
         for index, sig, first, stop in pieces:
             try:
                 r = worker_record(location, token, index, sig)
-                src = Source(data, r, chunk_bytes, ordered=True)
+                src = TensorChunks(data, r, chunk_bytes, ordered=True)
                 hashes = [
                     hashlib.blake2b(np.ascontiguousarray(c).view(np.uint8).data, digest_size=16).digest()
                     for _, c in src.chunks(first, stop)

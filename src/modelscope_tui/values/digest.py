@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..checkpoint import TensorRecord
-from .chunks import Source
+from .chunks import TensorChunks
 from .kernels import numpy_module
 
 if TYPE_CHECKING:
@@ -18,8 +18,8 @@ def same_bytes(data: TensorData, a: TensorRecord, b: TensorRecord, chunk_bytes: 
     shape assumed); stops at the first chunk that differs."""
     np = numpy_module()
     sa, sb = (
-        Source(data, a, chunk_bytes, ordered=True),
-        Source(data, b, chunk_bytes, ordered=True),
+        TensorChunks(data, a, chunk_bytes, ordered=True),
+        TensorChunks(data, b, chunk_bytes, ordered=True),
     )
     for (_, ca), (_, cb) in zip(sa.chunks(), sb.chunks()):
         if not np.array_equal(ca.view(np.uint8), cb.view(np.uint8)):
@@ -34,7 +34,7 @@ def digest(data: TensorData, t: TensorRecord, chunk_bytes: int) -> bytes:
 
     np = numpy_module()
     h = hashlib.blake2b(digest_size=16)
-    for _, c in Source(data, t, chunk_bytes, ordered=True).chunks():
+    for _, c in TensorChunks(data, t, chunk_bytes, ordered=True).chunks():
         h.update(np.ascontiguousarray(c).view(np.uint8).data)
     return h.digest()
 
@@ -43,7 +43,7 @@ def is_constant(data: TensorData, t: TensorRecord, chunk_bytes: int) -> bool:
     """Every element equals the first (a zero bias, a unit norm weight)."""
     np = numpy_module()
     first = None
-    for _, c in Source(data, t, chunk_bytes, ordered=True).chunks():
+    for _, c in TensorChunks(data, t, chunk_bytes, ordered=True).chunks():
         if first is None:
             first = c[:1].copy()
         if not np.all(c == first[0]):

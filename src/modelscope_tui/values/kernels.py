@@ -1,6 +1,6 @@
 """Statistics of one chunk: the compiled one-pass kernel (statkernel.c through statkernel.py), else
 numpy. A chunk is a contiguous array of components (see chunks.LAYOUT), or an (address, count,
-kind, lo, hi) range that chunks.Source hands out for the compiled loop; either way the result is
+kind, lo, hi) range that chunks.TensorChunks hands out for the compiled loop; either way the result is
 a `Part` that merges with Chan's formula, so chunks and threads combine in any grouping.
 
 Statistics, exactly:
@@ -332,7 +332,7 @@ def _native_call(nk, address: int, count: int, kind: int, lo: int | None = None,
 
 def chunk_part(chunk, kernel: str) -> Part:
     """Statistics of one contiguous chunk of components (see chunks.LAYOUT), or of an
-    (address, count, kind, lo, hi) chunk from a chunks.Source made for the compiled kernel."""
+    (address, count, kind, lo, hi) chunk from a chunks.TensorChunks made for the compiled kernel."""
     if type(chunk) is tuple:
         return _native_call(compiled_kernel(), *chunk)
     part = _native_part(chunk, kernel)

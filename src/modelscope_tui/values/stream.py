@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import TensorRecord
 from ..errors import Cancelled, MscopeError, TensorDataError
-from .chunks import LAYOUT, Source
+from .chunks import LAYOUT, TensorChunks
 from .kernels import Part, as_float, chunk_part, numpy_module
 from .stats import DEFAULT_CHUNK_BYTES, Histogram, Progress, ProgressFn, TensorStats, stat_flags
 
@@ -65,7 +65,7 @@ def tensor_stats(
     """
     if record.dtype not in LAYOUT:
         raise MscopeError(f"no statistics for dtype {record.dtype}")
-    src = Source(data, record, chunk_bytes, native=True)
+    src = TensorChunks(data, record, chunk_bytes, native=True)
     total = Part()
     kernel = src.chunk_kernel
     for _, comps in src.chunks():
@@ -97,7 +97,7 @@ def tensor_histogram(
     if hi <= lo:
         hi = lo + (abs(lo) or 1.0) * 1e-6
     counts = np.zeros(bins, dtype=np.int64)
-    src = Source(data, record, chunk_bytes)
+    src = TensorChunks(data, record, chunk_bytes)
     for _, comps in src.chunks():
         if cancel is not None and cancel.is_set():
             raise Cancelled()
@@ -112,7 +112,7 @@ def tensor_histogram(
 def _finite_range(data, record, chunk_bytes, cancel) -> tuple[float | None, float | None]:
     np = numpy_module()
     lo = hi = None
-    src = Source(data, record, chunk_bytes)
+    src = TensorChunks(data, record, chunk_bytes)
     for _, comps in src.chunks():
         if cancel is not None and cancel.is_set():
             raise Cancelled()
@@ -189,7 +189,7 @@ def stream_stats(
         for r in records:
             check_cancel()
             try:
-                src = Source(data, r, chunk_bytes, native=True)
+                src = TensorChunks(data, r, chunk_bytes, native=True)
                 part = Part()
                 kernel = src.chunk_kernel
                 for nbytes, comps in src.chunks():
@@ -244,7 +244,7 @@ def stream_stats(
             check_cancel()
             start = len(items)
             try:
-                src = Source(data, r, chunk_bytes, native=True)
+                src = TensorChunks(data, r, chunk_bytes, native=True)
                 kernel = src.chunk_kernel
                 copies = src.copies
                 for nbytes, comps in src.chunks():

@@ -316,7 +316,7 @@ class _Copier:
             self.progress(Progress(self.done, self.total, now - self.t0, name))
 
     def write(self, fh: BinaryIO, t: OutTensor) -> None:
-        from ..values.chunks import LAYOUT, Source
+        from ..values.chunks import LAYOUT, TensorChunks
         from ..values.data import check_view
 
         r = t.record
@@ -348,7 +348,7 @@ class _Copier:
                 self._tick(n, t.name)
         elif LAYOUT.get(r.dtype, (None, None, "torch"))[2] not in ("torch", "ggml"):
             # components in row-major order, byte-swapped when the file is big-endian
-            for _, comps in Source(self.data, r, CHUNK_BYTES, ordered=True).chunks():
+            for _, comps in TensorChunks(self.data, r, CHUNK_BYTES, ordered=True).chunks():
                 sink(memoryview(comps).cast("B"))
         else:  # a gather numpy cannot do (float8 views): torch, one chunk at a time
             write_block(sink, self.data, CastBlock(r, r.dtype, r.dtype, r.numel))
